@@ -1,0 +1,465 @@
+"""The composer: preset / spec / YAML + overrides -> a validated, resolved spec -> a model.
+
+Three steps, each usable alone:
+
+1. :func:`load_spec` turns a preset name, a YAML path, a mapping or a :class:`ModelSpec` into the
+   raw mapping form; :func:`apply_overrides` applies ``key=value`` overrides to it. A dotted key
+   walks component params without writing ``params`` (``backbone.router.k=2``). Assigning a name
+   to a component key swaps the component and *resets its params* to the new one's defaults.
+2. :func:`resolve` validates the whole tree against each component's ``Params`` and reports every
+   problem at once (:class:`ConfigError`), each with its dotted key.
+3. :func:`build_model` builds the parts bottom-up, injecting sizes the composer knows and
+   :class:`Builder` callables for child components, under a fixed seed.
+
+The resolved spec (every default filled in) is stored on the model as ``model.spec``; composing
+from it rebuilds the same architecture and, with the same seed, the same parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
+from .registry import ComponentEntry, Registry, get_registry
+from .specs import ComponentSpec, ModelSpec, Params, slot_fields
+
+SpecSource = Union[str, os.PathLike, Mapping[str, Any], ModelSpec]
+
+
+# -- step 1: raw spec + overrides -------------------------------------------------------------
+
+
+def load_spec(source: SpecSource, registry: Optional[Registry] = None) -> tuple[dict[str, Any], str]:
+    """Return ``(raw mapping, label)`` for a preset name, YAML path, mapping or ModelSpec."""
+    registry = registry or get_registry()
+    if isinstance(source, ModelSpec):
+        return source.model_dump(mode="json"), "spec"
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source)), "spec"
+    text = os.fspath(source)
+    path = Path(text)
+    if text.endswith((".yaml", ".yml")) or (path.suffix and path.exists()):
+        if not path.is_file():
+            raise AudioMoEError(f"config file '{text}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise AudioMoEError(f"config file '{text}' is not valid YAML: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise AudioMoEError(f"config file '{text}' must hold a mapping (d_model, encoder, tasks, ...)")
+        if "preset" in data:  # a YAML may start from a preset and change some keys
+            base, _ = load_spec(str(data["preset"]), registry)
+            rest = {k: v for k, v in data.items() if k != "preset"}
+            return _deep_merge(base, rest), f"'{text}'"
+        return dict(data), f"'{text}'"
+    return copy.deepcopy(dict(registry.get_preset(text).spec)), f"preset '{text}'"
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``"a.b=value"``; the value is read as a YAML scalar/list (``0.6``, ``true``, ``[1, 2]``)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise AudioMoEError(f"override {text!r} must look like key=value (e.g. backbone.router.k=2)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def _as_component(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {"name": None, "params": {}}
+    if isinstance(value, str):
+        return {"name": value, "params": {}}
+    if isinstance(value, Mapping):
+        out = dict(value)
+        out.setdefault("params", {})
+        return out
+    return value  # validation reports the bad type
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: Iterable[str], registry: Optional[Registry] = None
+) -> tuple[dict[str, Any], list[ConfigProblem]]:
+    """Apply ``key=value`` overrides in order; return the new mapping and any problems found."""
+    registry = registry or get_registry()
+    raw = copy.deepcopy(raw)
+    problems: list[ConfigProblem] = []
+    for text in overrides:
+        key, value = parse_override(text)
+        err = _apply_one(raw, key.split("."), value, registry)
+        if err:
+            problems.append(ConfigProblem(key, err + " (from override)", value, True))
+    return raw, problems
+
+
+def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Registry) -> Optional[str]:
+    params_cls: type[BaseModel] = ModelSpec
+    container: dict[str, Any] = raw
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        last = i == len(parts) - 1
+        slots = slot_fields(params_cls)
+        fields = params_cls.model_fields
+        if part not in fields:
+            return f"unknown key '{part}'.{did_you_mean(part, fields)} Valid keys here: {', '.join(fields)}"
+        if part not in slots:
+            if not last:
+                return f"'{part}' is a plain value, it has no key '{parts[i + 1]}'"
+            container[part] = value
+            return None
+        kind, how = slots[part]
+        if how == "one":
+            if last:  # swap: new name, params back to the new component's defaults
+                container[part] = None if value is None else _as_component(value)
+                return None
+            if container.get(part) is None and fields[part].default is None and fields[part].default_factory is None:
+                return f"'{part}' is not set; set it first with {'.'.join(parts[: i + 1])}=<{kind} name>"
+            node = container.setdefault(part, {})
+            node = container[part] = _as_component(node if node is not None else {})
+            i += 1
+        else:
+            coll = container.setdefault(part, {} if how == "dict" else [])
+            if last:
+                container[part] = value
+                return None
+            sub = parts[i + 1]
+            if how == "dict":
+                if not isinstance(coll, dict):
+                    return f"'{part}' must be a mapping"
+                if i + 1 == len(parts) - 1:
+                    coll[sub] = _as_component(value)
+                    return None
+                if sub not in coll:
+                    return f"no {kind} '{sub}' under '{part}'.{did_you_mean(sub, coll)} Add it with {'.'.join(parts[: i + 2])}=<{kind} name>"
+                node = coll[sub] = _as_component(coll[sub])
+            else:
+                try:
+                    idx = int(sub)
+                    node = coll[idx] = _as_component(coll[idx])
+                except (ValueError, IndexError):
+                    return f"'{part}' is a list of {len(coll)}; '{sub}' is not a valid index"
+                if i + 1 == len(parts) - 1:
+                    coll[idx] = _as_component(value)
+                    return None
+            i += 1
+        # now at a component node: continue into its params
+        if not isinstance(node, dict) or not isinstance(node.get("params", {}), dict):
+            return f"'{'.'.join(parts[: i + 1])}' is not a component mapping"
+        try:
+            entry = registry.get_component(kind, node.get("name"))
+            cls = entry.load()
+        except AudioMoEError as exc:
+            return str(exc)
+        params_cls = getattr(cls, "Params", Params)
+        container = node.setdefault("params", {})
+        i += 1
+    return None
+
+
+# -- step 2: resolve and validate -------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """A resolved component: its registry entry, class, validated params and resolved children."""
+
+    kind: str
+    name: str
+    entry: ComponentEntry
+    cls: type
+    params: Params
+    children: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec of this component: ``{name, params}`` with every default filled in."""
+        return {"name": self.name, "params": _params_dict(self.params, self.children)}
+
+
+def _params_dict(params: BaseModel, children: Mapping[str, Any]) -> dict[str, Any]:
+    out = params.model_dump(mode="json", exclude=set(children))
+    for slot, child in children.items():
+        if isinstance(child, Node):
+            out[slot] = child.to_dict()
+        elif isinstance(child, list):
+            out[slot] = [c.to_dict() for c in child]
+        elif isinstance(child, dict):
+            out[slot] = {k: c.to_dict() for k, c in child.items()}
+        else:
+            out[slot] = None
+    return out
+
+
+@dataclass
+class ResolvedSpec:
+    """The validated model spec: root params (a :class:`ModelSpec`) and resolved children."""
+
+    params: ModelSpec
+    children: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole resolved spec as a plain mapping (what ``audiomoe validate`` prints)."""
+        return _params_dict(self.params, self.children)
+
+
+def _join(path: str, *parts: Any) -> str:
+    out = path
+    for p in parts:
+        out = f"{out}.{p}" if out else str(p)
+    return out
+
+
+def _validation_problems(exc: ValidationError, path: str, params_cls: type[BaseModel]) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        key = _join(path, *loc)
+        if err["type"] == "extra_forbidden":
+            bad = loc[-1] if loc else "?"
+            fields = list(params_cls.model_fields)
+            msg = f"unknown key '{bad}'.{did_you_mean(bad, fields)} Valid keys: {', '.join(fields) or '(none)'}"
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+        has_value = err["type"] != "missing"
+        out.append(ConfigProblem(key or "<root>", msg, err.get("input"), has_value))
+    return out
+
+
+def _resolve_params(
+    params_cls: type[BaseModel], raw: Any, path: str, registry: Registry, problems: list[ConfigProblem]
+) -> tuple[Optional[BaseModel], dict[str, Any]]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.append(ConfigProblem(path or "<root>", "must be a mapping of params", raw, True))
+        return None, {}
+    validated: Optional[BaseModel] = None
+    try:
+        validated = params_cls.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, path, params_cls))
+
+    children: dict[str, Any] = {}
+    for slot, (kind, how) in slot_fields(params_cls).items():
+        if validated is not None:
+            value = getattr(validated, slot)
+        elif slot in raw:
+            value = raw[slot]
+        else:
+            f = params_cls.model_fields[slot]
+            value = f.default_factory() if f.default_factory is not None else f.default
+        slot_path = _join(path, slot)
+        if how == "one":
+            children[slot] = None if value is None else _resolve_component(kind, value, slot_path, registry, problems)
+        elif how == "list":
+            items = value if isinstance(value, list) else []
+            children[slot] = [
+                _resolve_component(kind, v, _join(slot_path, i), registry, problems) for i, v in enumerate(items)
+            ]
+        else:
+            items = value if isinstance(value, Mapping) else {}
+            children[slot] = {
+                k: _resolve_component(kind, v, _join(slot_path, k), registry, problems) for k, v in items.items()
+            }
+    return validated, children
+
+
+def _resolve_component(
+    kind: str, value: Any, path: str, registry: Registry, problems: list[ConfigProblem]
+) -> Optional[Node]:
+    if isinstance(value, ComponentSpec):
+        spec = value
+    else:
+        try:
+            spec = ComponentSpec.model_validate(value)
+        except ValidationError as exc:
+            problems.extend(_validation_problems(exc, path, ComponentSpec))
+            return None
+    try:
+        entry = registry.get_component(kind, spec.name)
+    except AudioMoEError as exc:
+        problems.append(ConfigProblem(path, str(exc), spec.name, True))
+        return None
+    try:
+        cls = entry.load()
+    except AudioMoEError as exc:
+        problems.append(ConfigProblem(path, str(exc)))
+        return None
+    from .interfaces import BASES  # torch: only once something is actually resolved
+
+    base = BASES.get(kind)
+    if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
+        problems.append(
+            ConfigProblem(path, f"{entry.target} (plugin '{entry.plugin}') is registered as a {kind} but does not subclass audiomoe.{base.__name__}")
+        )
+        return None
+    params_cls = getattr(cls, "Params", None)
+    if not (isinstance(params_cls, type) and issubclass(params_cls, BaseModel)):
+        problems.append(ConfigProblem(path, f"{entry.target} has no pydantic Params class"))
+        return None
+    validated, children = _resolve_params(params_cls, spec.params, path, registry, problems)
+    if validated is None:
+        return None
+    name = spec.name or entry.name
+    return Node(kind, name, entry, cls, validated, children, path)  # type: ignore[arg-type]
+
+
+def resolve(
+    source: SpecSource, overrides: Iterable[str] = (), registry: Optional[Registry] = None
+) -> ResolvedSpec:
+    """Validate ``source`` + ``overrides``; raise :class:`ConfigError` listing every problem."""
+    registry = registry or get_registry()
+    raw, label = load_spec(source, registry)
+    raw, problems = apply_overrides(raw, list(overrides), registry)
+    validated, children = _resolve_params(ModelSpec, raw, "", registry, problems)
+    if problems or validated is None:
+        raise ConfigError(problems, source=label)
+    return ResolvedSpec(validated, children)  # type: ignore[arg-type]
+
+
+# -- step 3: build ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """Where a built part came from: kind, registry name, plugin (and version), dotted path."""
+
+    kind: str
+    name: str
+    plugin: str
+    version: str
+    path: str
+
+
+class Builder:
+    """Builds a fresh instance of one resolved component; call it with the sizes it needs.
+
+    A parent receives one Builder per child slot and calls it as often as it needs instances
+    (an MoE layer builds ``num_experts`` experts from one expert Builder)::
+
+        self.router = router(d_model=d_model, num_experts=num_experts)
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.children = {slot: _builders(child) for slot, child in node.children.items()}
+
+    @property
+    def name(self) -> str:
+        """The component's registry name."""
+        return self.node.name
+
+    @property
+    def cls(self) -> type:
+        """The component's class."""
+        return self.node.cls
+
+    def __repr__(self) -> str:
+        return f"Builder({self.node.kind}:{self.node.name})"
+
+    def __call__(self, **context: Any) -> Any:
+        """Build the component; keyword arguments are the sizes its constructor may ask for."""
+        cls = self.node.cls
+        sig = inspect.signature(cls.__init__)
+        kwargs: dict[str, Any] = {}
+        takes_var_kw = False
+        for pname, p in list(sig.parameters.items())[2:]:  # self, params
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                takes_var_kw = True
+            elif pname in self.children:
+                kwargs[pname] = self.children[pname]
+            elif pname in context:
+                kwargs[pname] = context[pname]
+            elif p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_POSITIONAL:
+                raise AudioMoEError(
+                    f"{self.node.kind} '{self.node.name}' at '{self.node.path}' needs '{pname}', which its parent "
+                    f"does not provide (it provides: {', '.join(sorted(context)) or 'nothing'})"
+                )
+        if takes_var_kw:
+            kwargs.update({k: v for k, v in context.items() if k not in kwargs})
+        module = cls(self.node.params.model_copy(deep=True), **kwargs)
+        e = self.node.entry
+        module.audiomoe_component = ComponentInfo(e.kind, self.node.name, e.plugin, e.version, self.node.path)
+        return module
+
+
+def _builders(child: Any) -> Any:
+    if isinstance(child, Node):
+        return Builder(child)
+    if isinstance(child, list):
+        return [Builder(c) for c in child]
+    if isinstance(child, dict):
+        return {k: Builder(c) for k, c in child.items()}
+    return None
+
+
+def build_model(resolved: ResolvedSpec) -> Any:
+    """Build an :class:`audiomoe.model.AudioModel` from a resolved spec, seeded by ``spec.seed``."""
+    import torch
+
+    from audiomoe.model import AudioModel
+
+    children = {slot: _builders(child) for slot, child in resolved.children.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(resolved.params.seed)
+        model = AudioModel(resolved.params.model_copy(deep=True), **children)
+    model.spec = resolved.to_dict()
+    return model
+
+
+def compose(
+    source: SpecSource,
+    overrides: Iterable[str] = (),
+    *,
+    registry: Optional[Registry] = None,
+) -> Any:
+    """Build a model from a preset name, a YAML path, a mapping or a :class:`ModelSpec`.
+
+    ``overrides`` are ``key=value`` strings applied in order (``backbone.router=top_p``,
+    ``backbone.router.k=2``). Raises :class:`ConfigError` listing every problem at once.
+
+    >>> model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.num_experts=8"])
+    >>> model.spec["backbone"]["params"]["num_experts"]
+    8
+    """
+    return build_model(resolve(source, overrides, registry))
+
+
+def count_parameters(model: Any) -> tuple[int, float]:
+    """``(total, active per token)``. Parts with ``num_active_parameters()`` report their own active count."""
+    total = sum(p.numel() for p in model.parameters())
+
+    def active(module: Any) -> float:
+        fn = getattr(module, "num_active_parameters", None)
+        if callable(fn):
+            val = fn()
+            if val is not None:
+                return float(val)
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        return own + sum(active(c) for c in module.children())
+
+    return total, active(model)

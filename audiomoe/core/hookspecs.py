@@ -1,0 +1,84 @@
+"""The plugin hooks of audiomoe (pluggy project ``audiomoe``, entry-point group ``audiomoe``).
+
+A plugin is any importable object (usually a module) with functions marked ``@audiomoe.hookimpl``.
+Third-party packages expose it through an entry point::
+
+    [project.entry-points.audiomoe]
+    my_plugin = "my_package.plugin"
+
+The built-in components are registered by :mod:`audiomoe.plugins.builtin` through these same
+hooks. Plugins register *import strings*, never classes, so that listing components imports
+nothing heavy (no torch). Hooks receive a ``register`` callback rather than returning values:
+new keyword arguments can be added to the callback later without breaking existing plugins.
+
+Call order does not matter: audiomoe calls each plugin's implementation separately, in sorted
+plugin-name order, and records every registration with the plugin that made it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+import pluggy
+
+PROJECT = "audiomoe"
+ENTRY_POINT_GROUP = "audiomoe"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+class RegisterComponent(Protocol):
+    """The callback passed to :func:`audiomoe_register_components`."""
+
+    def __call__(self, kind: str, name: str, target: str, summary: str = "") -> None:
+        """Register component ``name`` of ``kind`` implemented by ``target`` (``"pkg.module:Class"``)."""
+
+
+class RegisterPreset(Protocol):
+    """The callback passed to :func:`audiomoe_register_presets`."""
+
+    def __call__(self, name: str, spec: Mapping[str, Any], summary: str = "") -> None:
+        """Register preset ``name``: a model spec as a plain mapping (the YAML form)."""
+
+
+@hookspec
+def audiomoe_register_components(register: RegisterComponent) -> None:
+    """Register components (encoders, routers, experts, tasks, backbones, ...).
+
+    :param register: call ``register(kind, name, target, summary)`` once per component.
+
+        - ``kind``: one of ``"encoder"``, ``"router"``, ``"expert"``, ``"task"``, ``"backbone"``
+          (or a new kind your own components use as a child slot).
+        - ``name``: the registry name used in configs (``[a-z0-9_.-]``). Prefix generic names with
+          your package (``acme_topk``); users can always write ``your_plugin:name``.
+        - ``target``: ``"package.module:ClassName"``. It is imported only when the component is
+          built or described, so listing stays fast. The class must subclass the base class of its
+          kind and define a nested pydantic ``Params`` model.
+        - ``summary``: one line shown by ``audiomoe list``.
+
+    Example::
+
+        import audiomoe
+
+        @audiomoe.hookimpl
+        def audiomoe_register_components(register):
+            register("router", "acme_topk", "acme_router.router:AcmeTopK", "Top-k with a twist")
+    """
+
+
+@hookspec
+def audiomoe_register_presets(register: RegisterPreset) -> None:
+    """Register presets: named model specs that ``audiomoe.compose(name)`` builds.
+
+    :param register: call ``register(name, spec, summary)`` once per preset. ``spec`` is the
+        mapping form of a model spec (what a YAML config holds); it is validated when used, so a
+        broken preset cannot break listing.
+
+    Example::
+
+        @audiomoe.hookimpl
+        def audiomoe_register_presets(register):
+            register("acme-tiny", {"d_model": 32, "encoder": {"name": "conv_frontend"},
+                                   "tasks": {"cls": {"name": "classification"}}},
+                     "A tiny model with the acme router")
+    """

@@ -1,0 +1,219 @@
+"""The base classes every component subclasses, and the records they exchange.
+
+Each base class is a ``torch.nn.Module`` with the smallest contract its kind needs. A concrete
+component defines a nested pydantic ``Params`` (its knobs) and a constructor
+``__init__(self, params, *, <injected sizes>, <child builders>)``: the composer passes only the
+keyword arguments the constructor names, so a component asks for exactly what it needs
+(``d_model``, ``num_experts``, ...). Child components (a mixture's router, an MoE layer's
+experts) arrive as :class:`audiomoe.core.composer.Builder` callables: call one with sizes to get
+a fresh module. Parts never import each other; that is what makes a swap a one-word change.
+
+Masks: ``padding_mask`` is ``True`` at padded positions (PyTorch's key-padding convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .specs import Params
+
+
+class Component(nn.Module):
+    """Common base: every component has a ``Params`` model and keeps its validated params."""
+
+    kind: ClassVar[str] = "component"
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Optional[Params] = None) -> None:
+        super().__init__()
+        if params is None:
+            params = self.Params()
+        if not isinstance(params, self.Params):
+            raise TypeError(
+                f"{type(self).__name__} expects {type(self).__name__}.Params, got {type(params).__name__}; "
+                f"build components with audiomoe.compose() or pass {type(self).__name__}.Params(...)"
+            )
+        self.params = params
+
+
+# -- encoders --------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder returns: ``features`` [B, N, D] and ``padding_mask`` [B, N] (True = padded).
+
+    ``aux_losses`` holds auxiliary losses (e.g. a mixture's router balance term, already weighted);
+    ``routing`` holds routing records by layer name for the routing trace.
+    """
+
+    features: torch.Tensor
+    padding_mask: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: dict[str, "Routing"] = field(default_factory=dict)
+
+
+class Encoder(Component):
+    """Audio encoder: waveforms [B, T] at ``sample_rate`` -> features [B, N, ``output_dim``].
+
+    Subclasses set ``sample_rate`` (Hz the waveforms must have), ``output_dim`` (feature width)
+    and ``frame_rate`` (output frames per second) in their constructor.
+    """
+
+    kind: ClassVar[str] = "encoder"
+    sample_rate: int
+    output_dim: int
+    frame_rate: float
+
+    def num_frames(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Number of valid output frames for input lengths in samples (override for exact conv maths)."""
+        return torch.ceil(lengths.to(torch.float64) * self.frame_rate / self.sample_rate).long()
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:  # pragma: no cover
+        """Encode ``waveforms`` [B, T] (float, mono) whose valid lengths are ``lengths`` [B]."""
+        raise NotImplementedError
+
+
+# -- routers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    """One router call's decision over ``E`` columns for ``N`` items (tokens or samples).
+
+    - ``logits`` [N, E]: raw scores.
+    - ``mask`` [N, E] bool: which columns each item selected.
+    - ``weights`` [N, E]: combine weights, zero where not selected (differentiable).
+    - ``indices`` [N, K] long: selected columns in descending weight order, ``-1`` padded
+      (K = the most any item picked; top-p picks a variable number).
+    - ``counts`` [E]: load per column over valid items.
+    - ``aux_losses``: named, already weighted losses to add to the training loss.
+    - ``item_mask`` [N] bool or None: True for valid (non-padded) items.
+    """
+
+    logits: torch.Tensor
+    mask: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
+    counts: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    item_mask: Optional[torch.Tensor] = None
+
+    @property
+    def num_columns(self) -> int:
+        """E, the number of columns (experts or encoders) routed over."""
+        return self.logits.shape[-1]
+
+    def summary(self) -> dict[str, float]:
+        """Cheap statistics: load max/mean, mean columns per item."""
+        counts = self.counts.detach().float()
+        valid = self.mask if self.item_mask is None else self.mask[self.item_mask]
+        per_item = valid.sum(-1).float()
+        return {
+            "load_max_over_mean": float(counts.max() / counts.mean().clamp_min(1e-9)),
+            "columns_per_item": float(per_item.mean()) if per_item.numel() else 0.0,
+        }
+
+
+class Router(Component):
+    """Routing policy: item representations [N, D] -> a :class:`Routing` over ``num_experts`` columns.
+
+    The composer injects ``num_experts`` (columns to score) and ``d_model`` (input width) when the
+    constructor asks for them. ``task_ids`` [N] lets a router condition on the task.
+    """
+
+    kind: ClassVar[str] = "router"
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        item_mask: Optional[torch.Tensor] = None,
+        task_ids: Optional[torch.Tensor] = None,
+    ) -> Routing:  # pragma: no cover
+        """Route ``inputs`` [N, D]; ``item_mask`` [N] is True for valid items (padded ones are ignored)."""
+        raise NotImplementedError
+
+
+# -- experts ---------------------------------------------------------------------------------
+
+
+class Expert(Component):
+    """A token FFN: [N, d_model] -> [N, d_model]. ``d_model`` is injected by the composer."""
+
+    kind: ClassVar[str] = "expert"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Apply the expert to tokens ``x`` [N, d_model]."""
+        raise NotImplementedError
+
+
+# -- backbones -------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneOutput:
+    """Hidden states [B, N, D] plus auxiliary losses and routing records by layer name."""
+
+    hidden: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: dict[str, Routing] = field(default_factory=dict)
+
+
+class Backbone(Component):
+    """A sequence model between the encoder and the heads: [B, N, d_model] -> [B, N, d_model]."""
+
+    kind: ClassVar[str] = "backbone"
+
+    def num_active_parameters(self) -> Optional[float]:
+        """Parameters used per token on average (None: all of them)."""
+        return None
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> BackboneOutput:  # pragma: no cover
+        """Transform ``x`` [B, N, D]; ``padding_mask`` [B, N] is True at padded frames."""
+        raise NotImplementedError
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+class Task(Component):
+    """A task head: features -> outputs, with its loss, predictions and metrics.
+
+    ``d_model`` (feature width) is injected. ``forward`` returns whatever the head's ``loss`` and
+    ``predict`` accept (usually logits). ``targets`` is the per-item target list the batch carries.
+    """
+
+    kind: ClassVar[str] = "task"
+
+    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor) -> Any:  # pragma: no cover
+        """Compute head outputs from ``features`` [B, N, D] (``padding_mask`` True = padded)."""
+        raise NotImplementedError
+
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:  # pragma: no cover
+        """Scalar training loss of ``outputs`` against ``targets``."""
+        raise NotImplementedError
+
+    def predict(self, outputs: Any) -> Any:  # pragma: no cover
+        """Predictions (one per item) from ``outputs``."""
+        raise NotImplementedError
+
+    def metrics(self, predictions: Any, targets: Any) -> Mapping[str, float]:  # pragma: no cover
+        """Named metrics of ``predictions`` against ``targets``."""
+        raise NotImplementedError
+
+    def make_targets(self, raw: list[Any], device: torch.device) -> Any:
+        """Turn the batch's per-item raw targets into what :meth:`loss` takes (default: a tensor)."""
+        return torch.as_tensor(raw, device=device)
+
+
+BASES: dict[str, type[Component]] = {
+    "encoder": Encoder,
+    "router": Router,
+    "expert": Expert,
+    "task": Task,
+    "backbone": Backbone,
+}

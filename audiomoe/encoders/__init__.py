@@ -1,0 +1,1 @@
+"""Audio encoders (each a plugin component registered by the built-in plugin)."""

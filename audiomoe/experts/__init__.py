@@ -1,0 +1,1 @@
+"""Expert FFNs, the MoE layer and the backbones built from it."""

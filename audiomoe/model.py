@@ -1,0 +1,155 @@
+"""The composed model: encoder -> (projection) -> optional backbone -> one head per task.
+
+:func:`audiomoe.compose` returns an :class:`AudioModel`. Its input is an :class:`AudioBatch` and its
+output a :class:`ModelOutput`; both are documented dataclasses so that training code written
+against them does not depend on which parts were plugged in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .core.errors import AudioMoEError
+from .core.interfaces import Routing
+from .core.specs import ModelSpec
+
+
+@dataclass
+class AudioBatch:
+    """What a user passes in.
+
+    - ``waveforms`` [B, T] float (mono; right-padded), at ``sample_rate`` Hz.
+    - ``lengths`` [B] valid samples per item (``None``: all of T).
+    - ``tasks``: the task name of each item (a key of the model's ``tasks``); one string means all.
+    - ``targets``: one target per item (class index, list of labels, transcript, ... as the task
+      head expects), or ``None`` for inference.
+    """
+
+    waveforms: torch.Tensor
+    sample_rate: int
+    tasks: Sequence[str] | str
+    lengths: Optional[torch.Tensor] = None
+    targets: Optional[Sequence[Any]] = None
+
+    def task_list(self) -> list[str]:
+        """The task name of every item."""
+        b = self.waveforms.shape[0]
+        if isinstance(self.tasks, str):
+            return [self.tasks] * b
+        if len(self.tasks) != b:
+            raise AudioMoEError(f"batch has {b} waveforms but {len(self.tasks)} task names; give one per item")
+        return list(self.tasks)
+
+
+@dataclass
+class ModelOutput:
+    """What comes out.
+
+    - ``loss``: the total training loss (task losses + auxiliary losses), or ``None`` without targets.
+    - ``losses``: every named term (``task/<name>``, ``aux/<name>``), for logging.
+    - ``outputs``: raw head outputs per task; ``indices``: which batch items each task got.
+    - ``predictions``: per task, one prediction per item of that task (in ``indices`` order).
+    - ``routing``: the routing trace, one :class:`Routing` record per routed layer.
+    """
+
+    loss: Optional[torch.Tensor]
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    indices: dict[str, torch.Tensor] = field(default_factory=dict)
+    predictions: dict[str, Any] = field(default_factory=dict)
+    routing: dict[str, Routing] = field(default_factory=dict)
+
+
+class AudioModel(nn.Module):
+    """Encoder + optional backbone + task heads, built by the composer from a :class:`ModelSpec`.
+
+    ``spec`` (set by the composer) is the resolved spec: ``audiomoe.compose(model.spec)`` rebuilds
+    the same architecture, and with the same ``seed`` the same parameters.
+    """
+
+    def __init__(self, params: ModelSpec, *, encoder: Any, backbone: Any = None, tasks: dict[str, Any]) -> None:
+        super().__init__()
+        self.params = params
+        self.spec: dict[str, Any] = {}
+        self.task_names = list(tasks)
+        d = params.d_model
+        self.encoder = encoder(d_model=d, task_names=self.task_names)
+        width = int(self.encoder.output_dim)
+        # Encoders have their own natural width (Whisper-large: 1280); the projection is the only
+        # place the model-wide width is imposed.
+        self.proj: nn.Module = nn.Identity() if width == d else nn.Linear(width, d)
+        self.backbone = backbone(d_model=d, task_names=self.task_names) if backbone is not None else None
+        self.heads = nn.ModuleDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()})
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.parameters()).device
+
+    def encode(
+        self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
+        """Waveforms -> (hidden [B, N, d_model], padding_mask [B, N], aux losses, routing records)."""
+        if waveforms.dim() != 2:
+            raise AudioMoEError(f"waveforms must be [batch, samples] (mono), got shape {tuple(waveforms.shape)}")
+        waveforms = waveforms.to(self.device, torch.float32)
+        if lengths is None:
+            lengths = torch.full((waveforms.shape[0],), waveforms.shape[1], dtype=torch.long)
+        lengths = lengths.to(self.device, torch.long)
+        if sample_rate != self.encoder.sample_rate:
+            import torchaudio.functional as AF
+
+            waveforms = AF.resample(waveforms, sample_rate, self.encoder.sample_rate)
+            lengths = torch.div(lengths * self.encoder.sample_rate, sample_rate, rounding_mode="floor")
+        kwargs = {"task_ids": task_ids} if getattr(self.encoder, "accepts_task_ids", False) else {}
+        enc = self.encoder(waveforms, lengths, **kwargs)
+        hidden = self.proj(enc.features)
+        aux = {f"encoder/{k}": v for k, v in enc.aux_losses.items()}
+        routing = {f"encoder/{k}": v for k, v in enc.routing.items()}
+        if self.backbone is not None:
+            out = self.backbone(hidden, enc.padding_mask)
+            hidden = out.hidden
+            aux.update({f"backbone/{k}": v for k, v in out.aux_losses.items()})
+            routing.update({f"backbone/{k}": v for k, v in out.routing.items()})
+        return hidden, enc.padding_mask, aux, routing
+
+    def forward(self, batch: AudioBatch) -> ModelOutput:
+        """Run every item through the encoder stack and its own task's head; add up the losses."""
+        tasks = batch.task_list()
+        unknown = sorted(set(tasks) - set(self.task_names))
+        if unknown:
+            raise AudioMoEError(
+                f"the batch names task(s) {unknown} but the model has heads only for {self.task_names}; "
+                "add a head under 'tasks' in the spec or fix the batch's task names"
+            )
+        if batch.targets is not None and len(batch.targets) != len(tasks):
+            raise AudioMoEError(f"batch has {len(tasks)} items but {len(batch.targets)} targets")
+        task_ids = torch.tensor([self.task_names.index(t) for t in tasks], device=self.device)
+        hidden, pad, aux, routing = self.encode(batch.waveforms, batch.lengths, batch.sample_rate, task_ids)
+        out = ModelOutput(loss=None, routing=routing)
+        total: Optional[torch.Tensor] = None
+        for name in self.task_names:
+            idx = [i for i, t in enumerate(tasks) if t == name]
+            if not idx:
+                continue
+            index = torch.tensor(idx, device=self.device)
+            head = self.heads[name]
+            outputs = head(hidden.index_select(0, index), pad.index_select(0, index))
+            out.outputs[name], out.indices[name] = outputs, index
+            with torch.no_grad():
+                out.predictions[name] = head.predict(outputs)
+            if batch.targets is not None:
+                targets = head.make_targets([batch.targets[i] for i in idx], self.device)
+                loss = head.loss(outputs, targets)
+                out.losses[f"task/{name}"] = loss
+                total = loss if total is None else total + loss
+        if batch.targets is not None:
+            for k, v in aux.items():
+                out.losses[f"aux/{k}"] = v
+                total = v if total is None else total + v
+        out.loss = total
+        return out

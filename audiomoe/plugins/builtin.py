@@ -1,0 +1,26 @@
+"""The built-in plugin: registers every component and preset listed in ``audiomoe/registry.yaml``.
+
+It uses exactly the hooks a third-party plugin uses (see ``examples/plugin-template``), so the
+plugin API is exercised by the kit itself. Only import strings are registered: nothing heavy is
+imported here.
+"""
+
+from __future__ import annotations
+
+from audiomoe.core.hookspecs import RegisterComponent, RegisterPreset, hookimpl
+from audiomoe.core.registry import load_registry_file
+
+
+@hookimpl
+def audiomoe_register_components(register: RegisterComponent) -> None:
+    """Register the components listed under ``components:`` in registry.yaml."""
+    for kind, entries in load_registry_file().components.items():
+        for name, line in entries.items():
+            register(kind, name, line.target, line.summary)
+
+
+@hookimpl
+def audiomoe_register_presets(register: RegisterPreset) -> None:
+    """Register the presets listed under ``presets:`` in registry.yaml."""
+    for name, line in load_registry_file().presets.items():
+        register(name, line.spec, line.summary)
