@@ -138,7 +138,6 @@ def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Regi
                 return f"'{part}' is not set; set it first with {'.'.join(parts[: i + 1])}=<{kind} name>"
             node = container.setdefault(part, {})
             node = container[part] = _as_component(node if node is not None else {})
-            i += 1
         else:
             coll = container.setdefault(part, {} if how == "dict" else [])
             if last:
@@ -170,12 +169,14 @@ def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Regi
         try:
             entry = registry.get_component(kind, node.get("name"))
             cls = entry.load()
-        except AudioMoEError as exc:
-            return str(exc)
+        except AudioMoEError:
+            # The unknown/ambiguous name itself is reported once, by validation.
+            return f"not applied: '{'.'.join(parts[: i + 1])}' does not name a usable {kind} ({node.get('name')!r})"
         params_cls = getattr(cls, "Params", Params)
         container = node.setdefault("params", {})
         i += 1
-    return None
+    # Only reachable when the path stops at a component's params; never a silent no-op.
+    return f"'{'.'.join(parts)}' names a component's params as a whole; set one param or swap the component"
 
 
 # -- step 2: resolve and validate -------------------------------------------------------------

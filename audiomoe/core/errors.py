@@ -12,9 +12,14 @@ from typing import Any, Iterable, Sequence
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """Return a ``" Did you mean 'x'?"`` suffix for ``word`` among ``choices``, or ``""``."""
-    close = difflib.get_close_matches(str(word), sorted(set(choices)), n=n, cutoff=0.5)
-    if not close:
+    word = str(word)
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in set(choices)), key=lambda t: (-t[0], t[1])
+    )
+    if not scored or scored[0][0] < 0.5:
         return ""
+    # Offer runners-up only when they are about as close as the best match.
+    close = [c for r, c in scored[:n] if r >= scored[0][0] - 0.04]
     if len(close) == 1:
         return f" Did you mean '{close[0]}'?"
     return " Did you mean one of " + ", ".join(f"'{c}'" for c in close) + "?"

@@ -93,6 +93,9 @@ class Routing:
     - ``counts`` [E]: load per column over valid items.
     - ``aux_losses``: named, already weighted losses to add to the training loss.
     - ``item_mask`` [N] bool or None: True for valid (non-padded) items.
+    - ``item_shape``: the leading shape the N items were flattened from (``(B, T)`` for token
+      routing, ``(B,)`` for per-sample routing), so a trace can map items back to samples.
+    - ``null_columns``: how many of the *last* columns are null experts (set by the MoE layer).
     """
 
     logits: torch.Tensor
@@ -102,6 +105,8 @@ class Routing:
     counts: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     item_mask: Optional[torch.Tensor] = None
+    item_shape: Optional[tuple[int, ...]] = None
+    null_columns: int = 0
 
     @property
     def num_columns(self) -> int:
@@ -208,6 +213,10 @@ class Task(Component):
     def make_targets(self, raw: list[Any], device: torch.device) -> Any:
         """Turn the batch's per-item raw targets into what :meth:`loss` takes (default: a tensor)."""
         return torch.as_tensor(raw, device=device)
+
+    def example_targets(self, n: int) -> list[Any]:
+        """``n`` valid raw targets (what a batch carries), used by the conformance check."""
+        raise NotImplementedError(f"{type(self).__name__} must implement example_targets(n) for audiomoe.testing")
 
 
 BASES: dict[str, type[Component]] = {

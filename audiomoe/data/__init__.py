@@ -1,0 +1,1 @@
+"""Data: synthetic audio generators (offline, numpy/torch only) and batching helpers."""
