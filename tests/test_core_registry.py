@@ -181,3 +181,19 @@ def test_registry_yaml_is_loaded_safely_and_validated():
         for name, line in entries.items():
             assert ":" in line.target, (kind, name)
     assert "tiny-moe-cls" in data.presets
+
+
+def test_every_hook_is_documented_with_typed_args_and_an_example():
+    import inspect
+    from pathlib import Path
+
+    from audiomoe.core import hookspecs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    hooks = [f for n, f in vars(hookspecs).items() if n.startswith("audiomoe_register_")]
+    assert len(hooks) == 2
+    for fn in hooks:
+        doc = inspect.getdoc(fn) or ""
+        assert ":param register:" in doc and "Example::" in doc, fn.__name__
+        assert all(p.annotation is not inspect.Parameter.empty for p in inspect.signature(fn).parameters.values())
+        assert fn.__name__ in readme, f"{fn.__name__} missing from the README's plugin section"
