@@ -1,7 +1,11 @@
-"""Shared routing maths (not components): building a Routing record, load counts, balance losses.
+"""Shared routing maths (not components): selection rules, balance losses, schedules, pooling.
 
 Kept as plain functions so every router, built-in or third-party, computes statistics the same
-way and padded items are excluded everywhere.
+way and padded items are excluded everywhere. Selection rules (DESIGN.md "Semantics that must be
+exact"): top-k; top-p as UniMoE-Audio's code (``k = 1 + #(cumsum(sorted softmax) < p)``, first
+column always kept) or Huang et al.'s strict ``cumsum > p``; SparseMixer multipliers.
+Losses: Switch ``E * sum f_i P_i``, UniMoE-Audio's aux loss (P renormalised over the selected
+set, null columns counted), router z-loss, router entropy.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
 
 
@@ -50,3 +55,175 @@ def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor, item_mask: Opti
     f = m.sum(0) / m.sum().clamp_min(1.0)
     p = probs.sum(0) / n
     return e * (f * p).sum()
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def check_logits(logits: torch.Tensor, num_columns: Optional[int] = None, where: str = "router") -> None:
+    """Raise :class:`AudioMoEError` if ``logits`` [N, E] has NaN/inf or the wrong number of columns."""
+    if logits.dim() != 2:
+        raise AudioMoEError(f"{where} logits must be [items, columns], got shape {tuple(logits.shape)}")
+    if num_columns is not None and logits.shape[-1] != num_columns:
+        raise AudioMoEError(f"{where} logits have {logits.shape[-1]} columns, expected num_experts={num_columns}")
+    bad = ~torch.isfinite(logits)
+    if bad.any():
+        n_nan = int(torch.isnan(logits).sum())
+        raise AudioMoEError(
+            f"{where} logits contain {n_nan} NaN and {int(bad.sum()) - n_nan} inf value(s) out of {logits.numel()}; "
+            "logits must be finite: check the inputs, the learning rate, or enable the scorer's fp32 option"
+        )
+
+
+def check_k(k: int, num_columns: int, what: str = "k") -> None:
+    """Raise if ``k`` is not in ``[1, num_columns]`` (naming the value and the limit)."""
+    if not 1 <= int(k) <= num_columns:
+        raise AudioMoEError(f"{what}={k} must be between 1 and the number of columns ({num_columns})")
+
+
+def check_p(p: float) -> None:
+    """Raise if the top-p threshold ``p`` is outside (0, 1]."""
+    if not (0.0 < float(p) <= 1.0):
+        raise AudioMoEError(f"top-p threshold p={p} must be in (0, 1] (UniMoE-Audio uses 0.7)")
+
+
+# -- selection --------------------------------------------------------------------------------
+
+
+def top_k_select(probs: torch.Tensor, k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k: keep the ``k`` largest probabilities; weights ``P_i / sum_{j in S} P_j`` (or raw ``P_i``).
+
+    Returns ``(mask [N, E] bool, weights [N, E])``. Ties go to the lower column index.
+    """
+    check_k(k, probs.shape[-1])
+    top_p, top_i = probs.topk(k, dim=-1)
+    if normalize:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_i, True)
+    return mask, weights
+
+
+def top_p_count(
+    probs: torch.Tensor,
+    p: float,
+    strict: bool = False,
+    min_k: int = 1,
+    max_k: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many columns top-p keeps per item, and the descending order of the columns.
+
+    UniMoE-Audio code: ``k = 1 + #(cumsum(sorted P) < p)``; ``strict`` is Huang et al.'s
+    ``cumsum > p`` rule: ``k = 1 + #(cumsum <= p)``. Both keep the first column, are clamped to
+    ``[min_k, max_k]`` and to the number of columns. Returns ``(k [N] long, order [N, E] long)``.
+    """
+    check_p(p)
+    e = probs.shape[-1]
+    max_k = e if max_k is None else max_k
+    check_k(max_k, e, "max_experts")
+    check_k(min_k, max_k, "min_experts")
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    c = sorted_p.cumsum(-1)
+    below = (c <= p) if strict else (c < p)
+    k = (1 + below.sum(-1)).clamp(min_k, max_k)
+    return k, order
+
+
+def rank_mask(order: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Mask [N, E] selecting the first ``k[n]`` columns of ``order[n]``."""
+    keep = torch.arange(order.shape[-1], device=order.device)[None, :] < k[:, None]
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def sparse_mixer_weights(logits: torch.Tensor, order: torch.Tensor, k: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+    """UniMoE-Audio's deterministic SparseMixer multipliers over the selected columns, renormalised.
+
+    For the r-th pick ``s`` (descending logits), the candidates are the not-yet-picked columns
+    whose relative gap to ``l_s`` is within ``2 eps``: ``(l_s - l_j) / max(|l_j|, |l_s|) <= 2 eps``;
+    the multiplier is ``softmax over candidates`` at ``s`` (1.0 for a clear winner). Weights are
+    ``mult / (sum mult + 1e-6)`` (papers.md §2.3 step 3, ``ignore_differentiable_router=True``).
+    """
+    n, e = logits.shape
+    kmax = int(k.max()) if n else 0
+    mult = torch.zeros_like(logits)
+    taken = torch.zeros_like(logits, dtype=torch.bool)
+    absl = logits.detach().abs()
+    for r in range(kmax):
+        sel = order[:, r : r + 1]
+        with torch.no_grad():
+            m = logits.detach().gather(-1, sel)
+            factor = absl.clamp(min=m.abs()).clamp_min(1e-12)
+            near = ((m - logits.detach()) / factor <= 2 * eps) & ~taken
+            near.scatter_(-1, sel, True)
+        gate = logits.masked_fill(~near, float("-inf")).softmax(-1).gather(-1, sel)
+        active = (k > r).to(logits.dtype)[:, None]
+        mult = mult + torch.zeros_like(logits).scatter(-1, sel, gate * active)
+        taken = taken.scatter(-1, sel, True)
+    return mult / (mult.sum(-1, keepdim=True) + 1e-6)
+
+
+# -- losses -----------------------------------------------------------------------------------
+
+
+def _valid_weights(n: int, item_mask: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if item_mask is None:
+        keep = torch.ones(n, 1, dtype=like.dtype, device=like.device)
+    else:
+        keep = item_mask.to(like.dtype)[:, None]
+    return keep, keep.sum().clamp_min(1.0)
+
+
+def unimoe_aux_loss(logits: torch.Tensor, mask: torch.Tensor, item_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """UniMoE-Audio aux loss ``E * sum_i f_i * P_i`` over the given columns (routed + null).
+
+    ``P~ = softmax(logits restricted to the selected set)``, ``f_i`` = mean over valid items of
+    ``mask[:, i]`` (sums to the mean number of picks), ``P_i`` = mean of ``P~[:, i]`` (papers.md §2.4).
+    """
+    e = logits.shape[-1]
+    lg = logits.float()
+    restricted = lg.masked_fill(~mask, torch.finfo(lg.dtype).min).softmax(-1)
+    keep, n = _valid_weights(lg.shape[0], item_mask, lg)
+    f = (mask.to(lg.dtype) * keep).sum(0) / n
+    p = (restricted * keep).sum(0) / n
+    return e * (f * p).sum()
+
+
+def z_loss(logits: torch.Tensor, item_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): ``mean over valid items of logsumexp(logits)^2``."""
+    lg = logits.float()
+    keep, n = _valid_weights(lg.shape[0], item_mask, lg)
+    return (lg.logsumexp(-1, keepdim=True).pow(2) * keep).sum() / n
+
+
+def entropy_loss(probs: torch.Tensor, item_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean per-item router entropy ``-sum_i P_i log P_i`` over valid items (Huang et al.'s dynamic loss)."""
+    keep, n = _valid_weights(probs.shape[0], item_mask, probs)
+    h = -(probs * probs.clamp_min(1e-12).log()).sum(-1, keepdim=True)
+    return (h * keep).sum() / n
+
+
+def scheduled_weight(start: float, end: Optional[float], steps: int, step: torch.Tensor, kind: str = "linear") -> torch.Tensor:
+    """Loss weight at ``step``: ``start`` -> ``end`` over ``steps`` (``linear`` or ``cosine``), then ``end``.
+
+    ``end=None`` means constant ``start``. Computed as a tensor so no device sync is needed.
+    UniMoE-Audio: linear 0.025 -> 0.001 over 10,000 steps.
+    """
+    if end is None or steps <= 0:
+        return torch.tensor(float(start), device=step.device)
+    t = (step.float() / steps).clamp(0.0, 1.0)
+    if kind == "cosine":
+        t = 0.5 * (1.0 - torch.cos(torch.pi * t))
+    elif kind != "linear":
+        raise AudioMoEError(f"schedule kind '{kind}' is not one of: linear, cosine")
+    return start + (end - start) * t
+
+
+# -- pooling ----------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``x`` [B, T, D] over valid frames (``valid`` [B, T] True = valid); all-padded rows give 0."""
+    if valid is None:
+        return x.mean(1)
+    w = valid.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)

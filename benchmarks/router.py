@@ -1,0 +1,147 @@
+"""Router cost as a fraction of the MoE layer it serves: forward+backward time, side by side.
+
+Point (issue 3/4, fine-grained): d=1024, 32 routed experts (SwiGLU, width 128), 16k tokens;
+routers ``top_k`` (k=2), ``top_p`` (p=0.7, renormalised weights, UniMoE aux loss), ``top_p`` with
+UniMoE code's SparseMixer weights, and the ``linear_topk`` baseline. For each router the MoE layer
+(``audiomoe.experts.moe_layer.MoELayer``, the registered ``swiglu`` expert) is timed whole
+(router + dispatch + experts + combine, forward+backward) and the router alone (forward+backward
+through its combine weights and aux losses); the ratio router/layer is the figure (target < 10%).
+
+A freshly initialised gate gives near-uniform probabilities, for which top-p keeps ~ceil(0.7*32)=23
+experts per token; a trained router is far peakier. So the top-p gate is scaled until tokens pick
+about 2 experts on average (reported as ``experts_per_token``), which makes the layer comparable
+with top-2 and the ratio a fair (pessimistic) one.
+
+Usage: python benchmarks/router.py [--quick] [--json FILE] [--reps N] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import audiomoe
+from audiomoe.core.composer import Builder, _resolve_component
+from audiomoe.experts.moe_layer import MoELayer
+
+BENCH = "router"
+
+
+def builder(kind: str, name: str, **params) -> Builder:
+    """A Builder for a registered component (what the composer would inject)."""
+    problems: list = []
+    node = _resolve_component(kind, {"name": name, "params": params}, kind, audiomoe.get_registry(), problems)
+    if problems:
+        raise SystemExit(f"cannot build {kind} {name}: {problems}")
+    return Builder(node)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(cases: dict, reps: int, device: torch.device) -> dict:
+    """Median seconds per case; repetitions round-robin interleaved across cases (one warm-up each)."""
+    for fn in cases.values():
+        fn()
+    samples: dict = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def calibrate_top_p(layer: MoELayer, x: torch.Tensor, target: float = 2.0) -> float:
+    """Scale the gate until tokens pick ~``target`` columns on average; return the scale."""
+    w = layer.router.scorer.layers[0].weight
+    base = w.detach().clone()
+    lo, hi = 1.0, 256.0
+    with torch.no_grad():
+        for _ in range(20):
+            mid = (lo * hi) ** 0.5
+            w.copy_(base * mid)
+            k = float(layer.router(x[:2048]).mask.sum(-1).float().mean())
+            lo, hi = (mid, hi) if k > target else (lo, mid)
+        w.copy_(base * hi)
+    return hi
+
+
+def run_point(name: str, router_params: dict, d: int, e: int, f: int, t: int, reps: int, device: torch.device, emit) -> None:
+    torch.manual_seed(0)
+    rname = router_params.pop("_name")
+    layer = MoELayer(d_model=d, num_experts=e, router=builder("router", rname, **router_params), expert=builder("expert", "swiglu", d_ff=f))
+    layer = layer.to(device).train()
+    x = torch.randn(t, d, device=device)
+    if rname == "top_p":
+        calibrate_top_p(layer, x)
+    coeff = torch.randn(t, e, device=device)
+
+    def whole() -> None:
+        xi = x.detach().requires_grad_(True)
+        y, r = layer(xi)
+        loss = y.float().pow(2).mean() + sum(r.aux_losses.values(), torch.zeros((), device=device))
+        loss.backward()
+
+    def router_only() -> None:
+        xi = x.detach().requires_grad_(True)
+        r = layer.router(xi)
+        loss = (r.weights * coeff).sum() + sum(r.aux_losses.values(), torch.zeros((), device=device))
+        loss.backward()
+
+    with torch.no_grad():
+        k_mean = float(layer.router(x).mask.sum(-1).float().mean())
+    times = measure({"layer": whole, "router": router_only}, reps, device)
+    layer.zero_grad(set_to_none=True)
+    ratio = times["router"] / times["layer"]
+    emit(name, "layer_fwd_bwd", times["layer"] * 1e3, "ms")
+    emit(name, "router_fwd_bwd", times["router"] * 1e3, "ms")
+    emit(name, "router_share", ratio, "x")
+    emit(name, "experts_per_token", k_mean, "experts")
+    print(f"{name:<24} {t:>6} {k_mean:>8.2f} {times['layer'] * 1e3:>10.1f} {times['router'] * 1e3:>10.1f} {100 * ratio:>8.1f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2k tokens, 3 repetitions (same code paths)")
+    ap.add_argument("--json", metavar="FILE", help="also write JSON lines here")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per case (median reported)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    t = 2048 if args.quick else 16384
+    reps = args.reps or (3 if args.quick else 5)
+    d, e, f = 1024, 32, 128
+    lines: list = [{"bench": BENCH, "header": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "quick": args.quick}]
+
+    def emit(case: str, metric: str, value: float, unit: str) -> None:
+        lines.append({"bench": BENCH, "case": case, "metric": metric, "value": value, "unit": unit})
+
+    print(f"router cost vs MoE layer: d={d}, {e} experts (swiglu {f}), fwd+bwd, median of {reps}, {lines[0]['device']}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'case':<24} {'tokens':>6} {'k/token':>8} {'layer ms':>10} {'router ms':>10} {'share':>9}")
+    cases = {
+        "top_k(k=2)": {"_name": "top_k", "k": 2},
+        "top_p(p=0.7)": {"_name": "top_p", "p": 0.7},
+        "top_p(p=0.7,unimoe_code)": {"_name": "top_p", "selector": {"name": "top_p", "params": {"p": 0.7, "weights": "unimoe_code"}}},
+        "linear_topk(k=2)": {"_name": "linear_topk", "k": 2},
+    }
+    for name, params in cases.items():
+        run_point(name, dict(params), d, e, f, t, reps, device, emit)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
