@@ -26,9 +26,11 @@ class MLPExpert(Expert):
         activation: Literal["gelu", "relu", "silu"] = Field("gelu", description="hidden activation")
         bias: bool = Field(True, description="use biases")
 
-    def __init__(self, params: Params, *, d_model: int) -> None:
+    def __init__(self, params: Params, *, d_model: int, d_ff: Optional[int] = None) -> None:
         super().__init__(params)
-        d_ff = self.params.d_ff or 4 * d_model
+        # a parent may inject d_ff (e.g. shared experts with their own width); it wins over the param
+        d_ff = d_ff or self.params.d_ff or 4 * d_model
+        self.d_ff = d_ff
         self.fc1 = nn.Linear(d_model, d_ff, bias=self.params.bias)
         self.act = _ACTS[self.params.activation]()
         self.fc2 = nn.Linear(d_ff, d_model, bias=self.params.bias)

@@ -1,50 +1,214 @@
-"""Mixture-of-experts FFN layer: a router picks experts per token, outputs are combined by weight.
+"""Mixture-of-experts FFN layer: routed, shared and null experts with sorted dropless dispatch.
 
-``y_t = sum_{e in S(t)} w_{t,e} FFN_e(x_t)`` (Shazeer et al. 2017). Dispatch is dropless: the
-(token, expert) pairs are sorted by expert and each expert runs once on its contiguous slice;
-the weighted outputs are scattered back with ``index_add``. Padded tokens are neither routed
-nor counted. The router and the experts are injected (built by the composer from the registry).
+``y_t = sum_{e in S(t), e routed} w_{t,e} FFN_e(x_t) + sum_s v_{t,s} Shared_s(x_t)``
+(Shazeer et al. 2017; shared experts: DeepSeekMoE, Dai et al. 2024; null experts and dynamic
+capacity: UniMoE-Audio, arXiv 2510.13344). The router scores ``num_experts + num_null`` columns;
+null columns are never computed (their weight multiplies a zero output), so a token's cost follows
+its *real* picks and a token that picks only null experts gets the shared-only output.
+
+Shared weights ``v``: ``shared_mode="unit"`` adds each shared expert with weight 1 (DeepSeekMoE);
+``"gated"`` follows UniMoE-Audio's code (``calculate_audio_global_routing_weight``): a bias-free gate
+owned by this layer scores the shared columns, ``g = softmax([logits masked to the selected routed
+and null columns, shared logits])``, routed weights become ``w * sum_{dynamic} g`` and shared
+expert ``s`` gets ``g_s``.
+
+Dispatch (``dispatch.py``): pairs sorted by expert, one GEMM per expert on a contiguous slice (or
+torch's grouped matmul), one weighted ``index_add`` back. Dropless by default; with a
+``capacity_factor`` each expert keeps at most ``C`` pairs (by position or by router logit) and the
+drops are counted in ``last_stats``. Padded tokens are neither routed, computed nor counted; their
+output is zero.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
+from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
+from audiomoe.experts.backends import resolve_backend
+from audiomoe.experts.dispatch import (
+    FusedSwiGLUMoE,
+    capacity_of,
+    drop_over_capacity,
+    fused_swiglu_usable,
+    grouped_mm_usable,
+    run_sorted,
+    sorted_pairs,
+)
 
 
 class MoELayer(nn.Module):
-    """Router + ``num_experts`` experts over tokens [B, N, D] (or [N, D])."""
+    """Router + ``num_experts`` routed experts (+ ``num_shared`` shared, + ``num_null`` null columns).
 
-    def __init__(self, *, d_model: int, num_experts: int, router: Any, expert: Any) -> None:
+    Args:
+        d_model: token width.
+        num_experts: routed (computed) experts.
+        router: Builder of the router; it is asked for ``num_experts + num_null`` columns, null last.
+        expert: Builder of the routed experts (called ``num_experts`` times).
+        num_null: null columns (never computed).
+        num_shared: always-on shared experts.
+        shared_expert: Builder of the shared experts (default: the ``expert`` Builder).
+        shared_d_ff: width injected into each shared expert (``d_ff`` keyword; default: its own).
+        shared_mode: ``"gated"`` (UniMoE-Audio) or ``"unit"`` (DeepSeekMoE).
+        capacity_factor: ``None`` = dropless; else per-expert capacity ``ceil(cf * mean column load)``.
+        min_capacity: lower bound of the capacity.
+        drop_policy: ``"position"`` (keep first tokens) or ``"probs"`` (keep largest router logits).
+        backend: ``"auto"``, ``"torch"`` or ``"xformers"`` (CUDA only; falls back to torch with a log line).
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_experts: int,
+        router: Any,
+        expert: Any,
+        num_null: int = 0,
+        num_shared: int = 0,
+        shared_expert: Any = None,
+        shared_d_ff: Optional[int] = None,
+        shared_mode: Literal["gated", "unit"] = "gated",
+        capacity_factor: Optional[float] = None,
+        min_capacity: int = 1,
+        drop_policy: Literal["position", "probs"] = "position",
+        backend: Literal["auto", "torch", "xformers"] = "auto",
+    ) -> None:
         super().__init__()
-        self.d_model, self.num_experts = d_model, num_experts
-        self.router = router(d_model=d_model, num_experts=num_experts)
+        if num_experts < 1 or num_null < 0 or num_shared < 0:
+            raise AudioMoEError(
+                f"MoE layer needs num_experts >= 1, num_null >= 0, num_shared >= 0 (got {num_experts}, {num_null}, {num_shared})"
+            )
+        if shared_mode not in ("gated", "unit"):
+            raise AudioMoEError(f"shared_mode {shared_mode!r} is not one of 'gated', 'unit'")
+        if drop_policy not in ("position", "probs"):
+            raise AudioMoEError(f"drop_policy {drop_policy!r} is not one of 'position', 'probs'")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise AudioMoEError(f"capacity_factor={capacity_factor} must be > 0 (or None for dropless)")
+        self.d_model, self.num_experts, self.num_null, self.num_shared = d_model, num_experts, num_null, num_shared
+        self.shared_mode, self.capacity_factor, self.min_capacity = shared_mode, capacity_factor, min_capacity
+        self.drop_policy, self.backend = drop_policy, backend
+        self.router = router(d_model=d_model, num_experts=num_experts + num_null)
         self.experts = nn.ModuleList([expert(d_model=d_model) for _ in range(num_experts)])
+        shared_builder = shared_expert or expert
+        extra = {} if shared_d_ff is None else {"d_ff": shared_d_ff}
+        self.shared = nn.ModuleList([shared_builder(d_model=d_model, **extra) for _ in range(num_shared)])
+        self.shared_gate = nn.Linear(d_model, num_shared, bias=False) if num_shared and shared_mode == "gated" else None
+        self.last_stats: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
-        """Return the layer output (same shape as ``x``) and the routing record."""
+        """Route and combine ``x`` [B, N, D] (or [N, D]); ``padding_mask`` True = padded. Returns ``(y, routing)``."""
         shape = x.shape
+        if shape[-1] != self.d_model:
+            raise AudioMoEError(f"MoE layer expects width d_model={self.d_model}, got input of shape {tuple(shape)}")
         tokens = x.reshape(-1, shape[-1])
-        item_mask = None if padding_mask is None else ~padding_mask.reshape(-1)
+        item_mask = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
         routing = self.router(tokens, item_mask=item_mask)
-        tok, exp = routing.mask.nonzero(as_tuple=True)
-        order = torch.argsort(exp, stable=True)
-        tok, exp = tok[order], exp[order]
-        counts = torch.bincount(exp, minlength=self.num_experts).tolist()
-        chunks = tokens.index_select(0, tok).split(counts)
-        outs = [self.experts[e](c) for e, c in enumerate(chunks) if counts[e] > 0]
-        y = torch.cat(outs) if outs else tokens.new_zeros(0, shape[-1])
-        y = y * routing.weights[tok, exp].unsqueeze(-1).to(y.dtype)
-        out = torch.zeros_like(tokens).index_add(0, tok, y)
-        return out.reshape(shape), routing
+        routing.null_columns = self.num_null
+        routing.item_shape = tuple(shape[:-1])
+        if routing.item_mask is None:
+            routing.item_mask = item_mask
+        return self.combine(tokens, routing).reshape(shape), routing
+
+    def combine(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Compute the layer output [N, D] for ``tokens`` [N, D] under a given routing decision.
+
+        Public so that a routing can be fixed (benchmarks) or written by hand (tests).
+        """
+        n_cols = self.num_experts + self.num_null
+        if routing.mask.shape != (tokens.shape[0], n_cols):
+            raise AudioMoEError(
+                f"routing mask has shape {tuple(routing.mask.shape)}, expected ({tokens.shape[0]}, {n_cols}) "
+                f"= (tokens, num_experts + num_null)"
+            )
+        item_mask = routing.item_mask
+        mask = routing.mask if item_mask is None else routing.mask & item_mask[:, None]
+        weights = routing.weights
+        shared_w = None
+        if self.shared_gate is not None:
+            ct = torch.promote_types(routing.logits.dtype, torch.float32)  # softmax in fp32 at least
+            shared_logits = self.shared_gate(tokens).to(ct)
+            dyn = routing.logits.to(ct).masked_fill(~mask, float("-inf"))
+            joint = torch.cat([dyn, shared_logits], -1).softmax(-1)
+            weights = weights * joint[:, :n_cols].sum(-1, keepdim=True).to(weights.dtype)
+            shared_w = joint[:, n_cols:].to(tokens.dtype)
+
+        exp, tok, counts = sorted_pairs(mask, self.num_experts)
+        dropped, capacity = 0, None
+        if self.capacity_factor is not None:
+            capacity = capacity_of(int(mask.sum()), n_cols, self.capacity_factor, self.min_capacity)
+            scores = routing.logits.detach()[tok, exp] if self.drop_policy == "probs" else None
+            exp, tok, counts, dropped = drop_over_capacity(exp, tok, counts, capacity, self.drop_policy, scores)
+        counts_list = counts.tolist()
+
+        out, owned = self._shared_output(tokens, item_mask, shared_w)
+        if exp.numel():
+            backend = resolve_backend(self.backend, tokens.device)
+            gemm = "loop"
+            if backend == "xformers" and self.experts and grouped_mm_usable(self.d_model, getattr(self.experts[0], "d_ff", 1), tokens.dtype):
+                gemm = "grouped"
+            w_pairs = weights[tok, exp]
+            if gemm == "loop" and fused_swiglu_usable(self.experts):
+                ws = [w for m in self.experts for w in m.swiglu_weights()]
+                out = FusedSwiGLUMoE.apply(tokens, None if out is None else out, tok, w_pairs, counts_list, *ws)
+            else:
+                ys = run_sorted(tokens.index_select(0, tok), counts_list, self.experts, gemm=gemm)
+                ys = ys * w_pairs.to(ys.dtype).unsqueeze(-1)
+                if out is None:
+                    out = tokens.new_zeros(tokens.shape)
+                    owned = True
+                # in place only into a tensor this layer made (an expert's output may be saved by autograd)
+                out = out.index_add_(0, tok, ys) if owned else out.index_add(0, tok, ys)
+        if out is None:
+            out = tokens.new_zeros(tokens.shape)
+        n_valid = int(mask.shape[0] if item_mask is None else item_mask.sum())
+        self.last_stats = {
+            "tokens": n_valid,
+            "routed_pairs": int(exp.numel()),
+            "dropped_pairs": dropped,
+            "capacity": -1 if capacity is None else capacity,
+            "routed_per_token": exp.numel() / max(n_valid, 1),
+        }
+        return out
+
+    def _shared_output(
+        self, tokens: torch.Tensor, item_mask: Optional[torch.Tensor], shared_w: Optional[torch.Tensor]
+    ) -> tuple[Optional[torch.Tensor], bool]:
+        """Shared experts' output [N, D] (None without shared experts) and whether it is this layer's own."""
+        if not self.num_shared:
+            return None, True
+        idx = None
+        if item_mask is not None and not bool(item_mask.all()):
+            idx = item_mask.nonzero(as_tuple=True)[0]
+            xv = tokens.index_select(0, idx)
+            shared_w = None if shared_w is None else shared_w.index_select(0, idx)
+        else:
+            xv = tokens
+        ys = None
+        for s, expert in enumerate(self.shared):
+            y = expert(xv)
+            if shared_w is not None:
+                y = y * shared_w[:, s : s + 1]
+            ys = y if ys is None else ys + y
+        if idx is None:
+            return ys, shared_w is not None or self.num_shared > 1
+        return tokens.new_zeros(tokens.shape).index_add_(0, idx, ys), True
 
     def num_active_parameters(self) -> float:
-        """Router + the experts an average valid token uses (measured from the last routing if any)."""
-        router = sum(p.numel() for p in self.router.parameters())
-        per_expert = sum(p.numel() for p in self.experts[0].parameters()) if len(self.experts) else 0
-        k = getattr(self.router.params, "k", 1) if hasattr(self.router, "params") else 1
-        return router + per_expert * min(k, self.num_experts)
+        """Router + shared experts (+ their gate) + the routed experts an average valid token uses.
+
+        The average is measured from the last forward (top-p picks vary per token; null picks cost
+        nothing); before any forward it is the router's ``k`` if it has one, else every routed expert
+        (an upper bound).
+        """
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        fixed = count(self.router) + count(self.shared) + (count(self.shared_gate) if self.shared_gate is not None else 0)
+        per_expert = count(self.experts) / max(len(self.experts), 1)
+        if "routed_per_token" in self.last_stats:
+            k = self.last_stats["routed_per_token"]
+        else:
+            k = getattr(self.router, "k", None) or getattr(getattr(self.router, "params", None), "k", None) or self.num_experts
+            k = min(float(k), float(self.num_experts))
+        return fixed + per_expert * k

@@ -1,0 +1,281 @@
+"""MoE dispatch maths (plain functions, not components): pair lists, capacity, expert compute.
+
+The layout every function here shares: the (token, expert) pairs of a routing decision, sorted by
+expert, so that expert ``e`` owns the contiguous slice ``[starts[e], starts[e] + counts[e])`` of
+the gathered rows ``xs``. Reading the dense ``mask`` column-major (``mask.t().nonzero()``) gives
+that order directly (token ascending inside each expert), with no argsort.
+
+CPU pitfalls designed around (see ``shared/reference/moe-compute.md`` §4): slicing a tensor or a
+weight stack under autograd once per expert materialises a full-size zero gradient per expert, so
+the generic path uses ``split`` and the SwiGLU path a custom autograd function that writes each
+expert's GEMM into one preallocated buffer with ``torch.mm(out=)`` and has a hand-written backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sorted_pairs(mask: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(expert_idx, token_idx, counts)`` of the selected pairs over the first ``num_routed`` columns.
+
+    Pairs are ordered by expert, then token; ``counts`` [num_routed] is each expert's load. Null
+    columns (after ``num_routed``) are never listed: they cost nothing.
+    """
+    exp, tok = mask[:, :num_routed].t().nonzero(as_tuple=True)
+    counts = torch.bincount(exp, minlength=num_routed)
+    return exp, tok, counts
+
+
+def capacity_of(num_selected: int, num_columns: int, capacity_factor: float, min_capacity: int) -> int:
+    """Per-expert capacity ``max(min_capacity, ceil(factor * selected pairs / columns))``.
+
+    This is GShard's ``factor * T * k / E`` with the mean load measured, so it also holds for top-p's
+    variable k; null columns count in ``num_columns`` (UniMoE-Audio's ``E_dyn``).
+    """
+    return max(int(min_capacity), math.ceil(capacity_factor * num_selected / max(num_columns, 1)))
+
+
+def drop_over_capacity(
+    exp: torch.Tensor,
+    tok: torch.Tensor,
+    counts: torch.Tensor,
+    capacity: int,
+    policy: str = "position",
+    scores: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Keep at most ``capacity`` pairs per expert; return the kept ``(exp, tok, counts)`` and the drop count.
+
+    ``policy="position"`` keeps each expert's first tokens in sequence order (GShard/Switch);
+    ``policy="probs"`` keeps the pairs with the largest ``scores`` [S] (router logits, as UniMoE-Audio's
+    ``_audio_expert_capacity``). Input pairs must be sorted by expert (see :func:`sorted_pairs`).
+    """
+    if policy == "probs":
+        if scores is None:
+            raise ValueError("drop policy 'probs' needs the pair scores")
+        order = torch.argsort(scores, descending=True, stable=True)
+        order = order[torch.argsort(exp[order], stable=True)]
+        exp, tok = exp[order], tok[order]
+    elif policy != "position":
+        raise ValueError(f"drop policy {policy!r} is not one of 'position', 'probs'")
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(exp.numel(), device=exp.device) - starts[exp]
+    keep = rank < capacity
+    dropped = int(exp.numel() - keep.sum())
+    if dropped == 0:
+        return exp, tok, counts, 0
+    return exp[keep], tok[keep], counts.clamp(max=capacity), dropped
+
+
+class SortedSwiGLU(torch.autograd.Function):
+    """All SwiGLU experts on expert-sorted rows: ``Y[s:t] = (silu(xs W_g^T) * xs W_u^T) W_d^T`` per slice.
+
+    Inputs: ``xs`` [S, d], ``counts`` (python ints, one per expert), then ``w_in_0, w_out_0, w_in_1,
+    ...`` (``w_in`` [2f, d] = gate|up rows, ``w_out`` [d, f]). Saves ``xs`` and the pre-activation
+    ``H`` [S, 2f]; the activation is recomputed in backward (elementwise, cheap) instead of stored.
+    Experts with no rows get no gradient (``None``), as in a plain loop that never calls them.
+    """
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, counts: Sequence[int], *weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w_in, w_out = weights[0::2], weights[1::2]
+        f = w_in[0].shape[0] // 2
+        s_total, d = xs.shape
+        h = xs.new_empty(s_total, 2 * f)
+        y = xs.new_empty(s_total, w_out[0].shape[0])
+        bounds = _bounds(counts)
+        for e, s, t in bounds:
+            torch.mm(xs[s:t], w_in[e].t(), out=h[s:t])
+        act = F.silu(h[:, :f]).mul_(h[:, f:])
+        for e, s, t in bounds:
+            torch.mm(act[s:t], w_out[e].t(), out=y[s:t])
+        ctx.save_for_backward(xs, h, *weights)
+        ctx.bounds, ctx.f, ctx.num_experts = bounds, f, len(w_in)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        xs, h, *weights = ctx.saved_tensors
+        w_in, w_out = weights[0::2], weights[1::2]
+        f, bounds = ctx.f, ctx.bounds
+        dy = dy.contiguous()
+        g, u = h[:, :f], h[:, f:]
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        act = silu * u
+        need_w = any(ctx.needs_input_grad[2:])
+        grads: list[Optional[torch.Tensor]] = [None] * (2 * ctx.num_experts)
+        d_act = torch.empty_like(act)
+        for e, s, t in bounds:
+            torch.mm(dy[s:t], w_out[e], out=d_act[s:t])
+            if need_w:
+                grads[2 * e + 1] = dy[s:t].t() @ act[s:t]
+        dh = torch.empty_like(h)
+        torch.mul(d_act, silu, out=dh[:, f:])
+        # d silu(g)/dg = sig + silu * (1 - sig)
+        torch.mul(d_act.mul_(u), silu.mul_(sig.neg().add_(1)).add_(sig), out=dh[:, :f])
+        dxs = None
+        if ctx.needs_input_grad[0]:
+            dxs = torch.empty_like(xs)
+            for e, s, t in bounds:
+                torch.mm(dh[s:t], w_in[e], out=dxs[s:t])
+        if need_w:
+            for e, s, t in bounds:
+                grads[2 * e] = dh[s:t].t() @ xs[s:t]
+        return (dxs, None, *grads)
+
+
+_WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A reusable [rows, cols] scratch tensor on CPU (fresh elsewhere).
+
+    Large fresh CPU allocations are page-faulted on every call with glibc malloc (~0.35 ms/MB here);
+    scratch never escapes the function that asks for it, so one grow-only buffer per name is safe.
+    """
+    n = rows * cols
+    if like.device.type != "cpu" or n < (1 << 18):
+        return like.new_empty(rows, cols)
+    key = (name, like.dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _WORKSPACE[key] = like.new_empty(n)
+    return buf[:n].view(rows, cols)
+
+
+def release_workspace() -> None:
+    """Free the CPU scratch buffers the fused dispatch keeps between calls."""
+    _WORKSPACE.clear()
+
+
+class FusedSwiGLUMoE(torch.autograd.Function):
+    """Gather, all SwiGLU experts, weighting and scatter in one autograd node.
+
+    ``out = base + sum_p w_p * SwiGLU_{e_p}(tokens[tok_p])`` with pairs sorted by expert. Forward
+    saves the gathered rows, the pre-activations ``H`` [S, 2f] and the pair weights; the expert output
+    ``Y`` is never stored (``dL/dw_p = <dL/dact_p, act_p>``, computed from the f-wide activation), so the
+    [S, d] buffers live in reusable scratch. ``base`` (shared-expert output) may be ``None`` (zeros).
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, base, tok, w, counts, *weights):  # type: ignore[override]
+        w_in, w_out = weights[0::2], weights[1::2]
+        f = w_in[0].shape[0] // 2
+        s_total, d = tok.numel(), tokens.shape[1]
+        xs = tokens.index_select(0, tok)
+        h = xs.new_empty(s_total, 2 * f)
+        bounds = _bounds(counts)
+        for e, s, t in bounds:
+            torch.mm(xs[s:t], w_in[e].t(), out=h[s:t])
+        act = F.silu(h[:, :f]).mul_(h[:, f:])
+        y = _scratch("y", s_total, d, xs)
+        for e, s, t in bounds:
+            torch.mm(act[s:t], w_out[e].t(), out=y[s:t])
+        y.mul_(w.to(y.dtype).unsqueeze(-1))
+        out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
+        out.index_add_(0, tok, y)
+        ctx.save_for_backward(xs, h, w, tok, *weights)
+        ctx.bounds, ctx.f, ctx.num_experts, ctx.n_tokens = bounds, f, len(w_in), tokens.shape[0]
+        ctx.has_base = base is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        xs, h, w, tok, *weights = ctx.saved_tensors
+        w_in, w_out = weights[0::2], weights[1::2]
+        f, bounds = ctx.f, ctx.bounds
+        s_total, d = xs.shape
+        dy = torch.index_select(dout, 0, tok, out=_scratch("dy", s_total, d, xs))
+        g, u = h[:, :f], h[:, f:]
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        act = silu * u
+        wc = w.to(act.dtype).unsqueeze(-1)
+        d_act = torch.empty_like(act)
+        for e, s, t in bounds:
+            torch.mm(dy[s:t], w_out[e], out=d_act[s:t])
+        dw = (d_act * act).sum(-1).to(w.dtype) if ctx.needs_input_grad[3] else None
+        need_w = any(ctx.needs_input_grad[5:])
+        grads: list[Optional[torch.Tensor]] = [None] * (2 * ctx.num_experts)
+        if need_w:
+            act.mul_(wc)
+            for e, s, t in bounds:
+                grads[2 * e + 1] = dy[s:t].t() @ act[s:t]
+        d_act.mul_(wc)
+        dh = torch.empty_like(h)
+        torch.mul(d_act, silu, out=dh[:, f:])
+        # d silu(g)/dg = sig + silu * (1 - sig)
+        torch.mul(d_act.mul_(u), silu.mul_(sig.neg().add_(1)).add_(sig), out=dh[:, :f])
+        dtokens = None
+        if ctx.needs_input_grad[0]:
+            dxs = _scratch("dxs", s_total, d, xs)
+            for e, s, t in bounds:
+                torch.mm(dh[s:t], w_in[e], out=dxs[s:t])
+            dtokens = dout.new_zeros(ctx.n_tokens, d).index_add_(0, tok, dxs)
+        if need_w:
+            for e, s, t in bounds:
+                grads[2 * e] = dh[s:t].t() @ xs[s:t]
+        dbase = dout if ctx.has_base and ctx.needs_input_grad[1] else None
+        return (dtokens, dbase, None, dw, None, *grads)
+
+
+def fused_swiglu_usable(experts: nn.ModuleList) -> bool:
+    """All experts expose ``swiglu_weights`` with one common shape (what :class:`FusedSwiGLUMoE` needs)."""
+    if not len(experts) or not all(hasattr(m, "swiglu_weights") for m in experts):
+        return False
+    return len({tuple(w.shape) for m in experts for w in m.swiglu_weights()[:1]}) == 1
+
+
+def _bounds(counts: Sequence[int]) -> list[tuple[int, int, int]]:
+    out, s = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, s, s + c))
+            s += c
+    return out
+
+
+def run_sorted(
+    xs: torch.Tensor, counts: Sequence[int], experts: nn.ModuleList, gemm: str = "loop"
+) -> torch.Tensor:
+    """Apply expert ``e`` to its slice of the expert-sorted rows ``xs`` [S, d]; return [S, d].
+
+    ``gemm``: ``"loop"`` = one GEMM per expert (custom autograd for SwiGLU experts, ``split`` +
+    module calls for any other expert kind); ``"grouped"`` = ``torch.nn.functional.grouped_mm`` over
+    stacked SwiGLU weights (the fast path on CUDA Hopper; on CPU it is the same loop in C++).
+    """
+    fused = all(hasattr(m, "swiglu_weights") for m in experts)
+    if fused and gemm == "grouped" and hasattr(F, "grouped_mm"):
+        return _grouped_swiglu(xs, counts, experts)
+    if fused:
+        weights = [w for m in experts for w in m.swiglu_weights()]
+        if len({w.shape for w in weights[0::2]}) == 1:
+            return SortedSwiGLU.apply(xs, list(counts), *weights)
+    chunks = xs.split(list(counts))
+    outs = [experts[e](c) for e, c in enumerate(chunks) if counts[e]]
+    return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+
+def _grouped_swiglu(xs: torch.Tensor, counts: Sequence[int], experts: nn.ModuleList) -> torch.Tensor:
+    w_in = torch.stack([m.swiglu_weights()[0].t() for m in experts])  # [E, d, 2f]
+    w_out = torch.stack([m.swiglu_weights()[1].t() for m in experts])  # [E, f, d]
+    offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+    h = F.grouped_mm(xs, w_in, offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    # grouped_mm needs 16-byte aligned, non-expanded operands (its backward checks strides too)
+    act = (F.silu(g) * u).contiguous()
+    return F.grouped_mm(act, w_out, offs=offs)
+
+
+def grouped_mm_usable(d_model: int, d_ff: int, dtype: torch.dtype) -> bool:
+    """Whether ``F.grouped_mm`` exists and the shapes meet its 16-byte stride rule."""
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    size = torch.empty((), dtype=dtype).element_size()
+    return (d_model * size) % 16 == 0 and (d_ff * size) % 16 == 0

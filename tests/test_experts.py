@@ -1,0 +1,92 @@
+"""Expert kinds and the MoE backbones (moe_transformer, unimoe_transformer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import audiomoe
+from audiomoe.testing import check_component
+
+
+def build(kind, name, **ctx):
+    from audiomoe.core.composer import Builder, _resolve_component
+
+    problems: list = []
+    node = _resolve_component(kind, {"name": name}, kind, audiomoe.get_registry(), problems)
+    return Builder(node)(**ctx)
+
+
+def test_swiglu_is_the_default_expert_and_computes_the_formula():
+    assert audiomoe.get_registry().get_component("expert", None).name == "swiglu"
+    e = build("expert", "swiglu", d_model=8)
+    assert e.d_ff == 32 and all(m.bias is None for m in (e.w_in, e.w_out))
+    x = torch.randn(5, 8)
+    g, u = e.w_in.weight[:32], e.w_in.weight[32:]
+    torch.testing.assert_close(e(x), (F.silu(x @ g.t()) * (x @ u.t())) @ e.w_out.weight.t())
+    assert build("expert", "swiglu", d_model=8, d_ff=12).d_ff == 12  # parent-injected width wins
+    assert build("expert", "mlp", d_model=8, d_ff=12).fc1.out_features == 12
+    check_component("expert", "swiglu")
+
+
+@pytest.mark.parametrize("name", ["moe_transformer", "unimoe_transformer"])
+def test_backbones_ignore_padding_and_report_routing(name):
+    torch.manual_seed(0)
+    bb = build("backbone", name, d_model=16)
+    x = torch.randn(2, 6, 16)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    out = bb(x, pad)
+    assert out.hidden.shape == x.shape and set(out.routing) == {"layer0", "layer1"}
+    x2 = x.clone()
+    x2[0, 4:] = 50.0
+    torch.testing.assert_close(bb(x2, pad).hidden[~pad], out.hidden[~pad])
+    r = out.routing["layer0"]
+    assert r.mask.reshape(2, 6, -1)[0, 4:].sum() == 0 and r.item_shape == (2, 6)
+    assert out.aux_losses and all(torch.isfinite(v) for v in out.aux_losses.values())
+    out.hidden[~pad].sum().backward()
+
+
+def test_unimoe_layout_and_active_parameters():
+    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone=unimoe_transformer", "backbone.num_experts=6"])
+    moe = model.backbone.blocks[0].moe
+    assert (moe.num_experts, moe.num_null, moe.num_shared, moe.shared_mode) == (6, 1, 2, "gated")
+    assert moe.router(torch.randn(3, 32)).mask.shape == (3, 7)  # routed + null columns
+    total, _ = audiomoe.count_parameters(model)
+    bb = model.backbone
+    bb(torch.randn(2, 10, 32), torch.zeros(2, 10, dtype=torch.bool))
+    per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+    picks = moe.last_stats["routed_per_token"]
+    assert 0 <= picks <= 6
+    _, active = audiomoe.count_parameters(model)
+    expected_cut = sum((6 - b.moe.last_stats["routed_per_token"]) * per_expert for b in bb.blocks)
+    assert active == pytest.approx(total - expected_cut)
+
+
+def test_moe_transformer_options_reach_every_layer():
+    model = audiomoe.compose(
+        "tiny-moe-cls",
+        overrides=["backbone.num_null=2", "backbone.num_shared=1", "backbone.shared_mode=unit", "backbone.capacity_factor=1.0", "backbone.expert=swiglu"],
+    )
+    for b in model.backbone.blocks:
+        assert (b.moe.num_null, b.moe.num_shared, b.moe.shared_mode, b.moe.capacity_factor) == (2, 1, "unit", 1.0)
+    bb = model.backbone
+    out = bb(torch.randn(3, 20, 32), torch.zeros(3, 20, dtype=torch.bool))
+    assert out.routing["layer0"].null_columns == 2
+    assert bb.blocks[0].moe.last_stats["capacity"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_xformers_packed_attention_matches_torch():
+    from audiomoe.experts.backends import attention, xformers_available
+
+    if not xformers_available():
+        pytest.skip("xformers not installed")
+    q, k, v = (torch.randn(2, 9, 2, 16, device="cuda") for _ in range(3))
+    pad = torch.zeros(2, 9, dtype=torch.bool, device="cuda")
+    pad[1, 5:] = True
+    a = attention(q, k, v, pad, "torch")
+    b = attention(q, k, v, pad, "xformers")
+    torch.testing.assert_close(a[~pad], b[~pad], rtol=2e-3, atol=2e-3)

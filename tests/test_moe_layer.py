@@ -1,0 +1,253 @@
+"""The MoE layer's sorted dispatch against a plain per-token reference loop (outputs and gradients).
+
+Routing records are written by hand (top-k and top-p-like variable picks, null-only tokens, padded
+tokens), so the check covers the layer alone, whatever routers exist.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import audiomoe
+from audiomoe.core.composer import Builder, _resolve_component
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.interfaces import Routing
+from audiomoe.experts.moe_layer import MoELayer
+
+D, E, NULL = 16, 5, 2
+
+
+def builder(kind: str, name: str, **params) -> Builder:
+    problems: list = []
+    node = _resolve_component(kind, {"name": name, "params": params}, kind, audiomoe.get_registry(), problems)
+    assert not problems, problems
+    return Builder(node)
+
+
+def make_layer(expert="swiglu", **kw) -> MoELayer:
+    torch.manual_seed(0)
+    eb = builder("expert", expert, d_ff=8)
+    layer = MoELayer(d_model=D, num_experts=E, router=builder("router", "linear_topk", k=2), expert=eb, num_null=NULL, **kw)
+    return layer.double()
+
+
+def hand_routing(n: int, kind: str, item_mask=None, seed: int = 1) -> Routing:
+    """A routing over E + NULL columns: top-2, or top-p-like (1..4 picks, some tokens null-only)."""
+    g = torch.Generator().manual_seed(seed)
+    cols = E + NULL
+    logits = torch.randn(n, cols, generator=g, dtype=torch.float64)
+    if kind == "topk":
+        k = torch.full((n,), 2)
+    else:
+        k = torch.randint(1, 5, (n,), generator=g)
+    order = logits.argsort(-1, descending=True)
+    mask = torch.zeros(n, cols, dtype=torch.bool)
+    for t in range(n):
+        mask[t, order[t, : k[t]]] = True
+    if kind == "topp":
+        mask[0] = False
+        mask[0, E:] = True  # token 0 picks only null experts
+        mask[1] = False
+        mask[1, E] = True
+    logits.requires_grad_(True)
+    probs = logits.softmax(-1) * mask
+    weights = probs / probs.sum(-1, keepdim=True)
+    if item_mask is not None:
+        mask = mask & item_mask[:, None]
+    return Routing(logits, mask, weights, torch.zeros(n, 1, dtype=torch.long), mask.sum(0), {}, item_mask)
+
+
+def reference(layer: MoELayer, tokens: torch.Tensor, r: Routing) -> torch.Tensor:
+    """Per-token loop: the definition the fast path must reproduce."""
+    n, cols = r.mask.shape
+    valid = torch.ones(n, dtype=torch.bool) if r.item_mask is None else r.item_mask
+    mask = r.mask & valid[:, None]
+    w = r.weights
+    shared_w = None
+    if layer.shared_gate is not None:
+        joint = torch.cat([r.logits.masked_fill(~mask, -math.inf), layer.shared_gate(tokens)], -1).softmax(-1)
+        w = w * joint[:, :cols].sum(-1, keepdim=True)
+        shared_w = joint[:, cols:]
+    kept = mask[:, : layer.num_experts].clone()
+    if layer.capacity_factor is not None:
+        cap = max(layer.min_capacity, math.ceil(layer.capacity_factor * int(mask.sum()) / cols))
+        for e in range(layer.num_experts):
+            toks = [t for t in range(n) if kept[t, e]]
+            if layer.drop_policy == "probs":
+                toks.sort(key=lambda t: -float(r.logits[t, e].detach()))
+            for t in toks[cap:]:
+                kept[t, e] = False
+    rows = []
+    for t in range(n):
+        y = torch.zeros(tokens.shape[1], dtype=tokens.dtype)
+        if valid[t]:
+            x = tokens[t : t + 1]
+            for e in range(layer.num_experts):
+                if kept[t, e]:
+                    y = y + w[t, e] * layer.experts[e](x)[0]
+            for s, sh in enumerate(layer.shared):
+                y = y + (1.0 if shared_w is None else shared_w[t, s]) * sh(x)[0]
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def grads(layer, tokens, r, out):
+    torch.manual_seed(7)
+    params = [tokens, r.logits] + [p for p in layer.parameters() if p.requires_grad]
+    g = torch.autograd.grad(out, params, torch.randn_like(out), allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(p) if x is None else x for p, x in zip(params, g)]
+
+
+CASES = [
+    dict(),
+    dict(num_shared=2, shared_mode="gated"),
+    dict(num_shared=1, shared_mode="unit"),
+    dict(num_shared=2, shared_mode="unit", shared_d_ff=12),
+    dict(capacity_factor=0.8),
+    dict(capacity_factor=0.8, drop_policy="probs", num_shared=1),
+]
+
+
+@pytest.mark.parametrize("kind", ["topk", "topp"])
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+@pytest.mark.parametrize("expert", ["swiglu", "mlp"])
+def test_fast_dispatch_matches_reference_loop(kind, kw, expert):
+    layer = make_layer(expert, **kw)
+    n = 24
+    item_mask = torch.ones(n, dtype=torch.bool)
+    item_mask[-3:] = False
+    r = hand_routing(n, kind, item_mask)
+    tokens = torch.randn(n, D, dtype=torch.float64, requires_grad=True)
+    fast = layer.combine(tokens, r)
+    ref = reference(layer, tokens, r)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads(layer, tokens, r, fast), grads(layer, tokens, r, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert torch.all(fast[-3:] == 0), "padded tokens must get a zero output"
+    if kw.get("capacity_factor"):
+        assert layer.last_stats["dropped_pairs"] > 0
+    else:
+        assert layer.last_stats["dropped_pairs"] == 0
+
+
+def test_grouped_mm_path_matches_loop():
+    layer = make_layer("swiglu", num_shared=1).float()
+    r = hand_routing(40, "topp")
+    r.logits, r.weights = r.logits.detach().float().requires_grad_(), r.weights.detach().float()
+    x = torch.randn(40, D, requires_grad=True)
+    from audiomoe.experts import dispatch
+
+    exp, tok, counts = dispatch.sorted_pairs(r.mask, E)
+    xs = x.index_select(0, tok)
+    a = dispatch.run_sorted(xs, counts.tolist(), layer.experts, gemm="loop")
+    b = dispatch.run_sorted(xs, counts.tolist(), layer.experts, gemm="grouped")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, [x, *layer.experts.parameters()], g, retain_graph=True)
+    gb = torch.autograd.grad(b, [x, *layer.experts.parameters()], g)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["gated", "unit"])
+def test_null_only_token_gets_shared_only_output(mode):
+    layer = make_layer(num_shared=2, shared_mode=mode)
+    r = hand_routing(8, "topp")
+    tokens = torch.randn(8, D, dtype=torch.float64)
+    out = layer.combine(tokens, r)
+    x = tokens[:2]
+    if mode == "unit":
+        expected = sum(sh(x) for sh in layer.shared)
+    else:  # only shared columns compete with null mass; shared weights are their joint probability
+        cols = E + NULL
+        joint = torch.cat([r.logits[:2].masked_fill(~r.mask[:2], -math.inf), layer.shared_gate(x)], -1).softmax(-1)
+        expected = sum(joint[:, cols + s, None] * sh(x) for s, sh in enumerate(layer.shared))
+    torch.testing.assert_close(out[:2], expected)
+    assert layer.last_stats["routed_pairs"] == int(r.mask[:, :E].sum())
+
+
+def test_null_only_without_shared_is_zero_and_costs_no_pairs():
+    layer = make_layer()
+    n = 6
+    logits = torch.randn(n, E + NULL, dtype=torch.float64)
+    mask = torch.zeros(n, E + NULL, dtype=torch.bool)
+    mask[:, E] = True
+    r = Routing(logits, mask, mask.double(), torch.zeros(n, 1, dtype=torch.long), mask.sum(0))
+    out = layer.combine(torch.randn(n, D, dtype=torch.float64), r)
+    assert torch.all(out == 0) and layer.last_stats["routed_pairs"] == 0
+
+
+def test_forward_bnd_with_padding_ignores_padded_tokens():
+    layer = make_layer(num_shared=1).float()
+    x = torch.randn(2, 7, D)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    y, routing = layer(x, pad)
+    assert y.shape == x.shape and torch.all(y[1, 4:] == 0)
+    assert routing.null_columns == NULL and routing.item_shape == (2, 7)
+    assert int(routing.mask.reshape(2, 7, -1)[1, 4:].sum()) == 0
+    assert int(routing.counts.sum()) == int(routing.mask.sum())
+    # changing padded content changes nothing at valid positions
+    x2 = x.clone()
+    x2[1, 4:] = 100.0
+    y2, _ = layer(x2, pad)
+    torch.testing.assert_close(y2[~pad], y[~pad])
+    assert layer.last_stats["tokens"] == 11
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.router.parameters())
+
+
+def test_active_parameters_follow_measured_picks():
+    layer = make_layer(num_shared=1)
+    per_expert = sum(p.numel() for p in layer.experts[0].parameters())
+    fixed = sum(p.numel() for p in layer.router.parameters()) + sum(p.numel() for p in layer.shared.parameters())
+    fixed += layer.shared_gate.weight.numel()
+    assert layer.num_active_parameters() == fixed + 2 * per_expert  # router k before any forward
+    r = hand_routing(24, "topp")
+    layer.combine(torch.randn(24, D, dtype=torch.float64), r)
+    measured = int(r.mask[:, :E].sum()) / 24
+    assert layer.num_active_parameters() == pytest.approx(fixed + measured * per_expert)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(AudioMoEError, match="shared_mode"):
+        make_layer(num_shared=1, shared_mode="sum")
+    with pytest.raises(AudioMoEError, match="capacity_factor"):
+        make_layer(capacity_factor=0.0)
+    layer = make_layer()
+    with pytest.raises(AudioMoEError, match="d_model=16"):
+        layer(torch.randn(3, 5).double())
+
+
+def test_backend_auto_falls_back_to_torch_on_cpu_with_one_log_line(caplog):
+    from audiomoe.experts import backends
+
+    backends._LOGGED.clear()
+    with caplog.at_level("INFO", logger="audiomoe.experts"):
+        assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+        assert backends.resolve_backend("xformers", torch.device("cpu")) == "torch"
+        assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    lines = [r.getMessage() for r in caplog.records if "MoE backend" in r.getMessage()]
+    assert len(lines) == 2 and all("torch" in line for line in lines)
+    with pytest.raises(AudioMoEError, match="triton"):
+        backends.resolve_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backends_agree():
+    from audiomoe.experts.backends import xformers_available
+
+    torch.manual_seed(0)
+    out = {}
+    for backend in ["torch", "xformers"] if xformers_available() else ["torch"]:
+        torch.manual_seed(0)
+        eb = builder("expert", "swiglu", d_ff=64)
+        layer = MoELayer(d_model=64, num_experts=8, router=builder("router", "linear_topk", k=2), expert=eb, num_shared=1, backend=backend).cuda()
+        x = torch.randn(4, 33, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        out[backend] = layer(x)[0]
+    if len(out) == 2:
+        torch.testing.assert_close(out["torch"], out["xformers"], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,77 @@
+"""Upcycling a tiny random transformers causal LM (Llama / Qwen2) into MoE layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.experts.upcycle import UpcycledMLP, moe_aux_losses, upcycle_causal_lm
+
+KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+
+
+def tiny(kind: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**KW) if kind == "llama" else transformers.Qwen2Config(**KW)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_copy_upcycled_model_matches_dense_and_trains(kind):
+    model = tiny(kind)
+    ids = torch.randint(0, 97, (2, 9))
+    dense = model(ids).logits
+    upcycle_causal_lm(model, num_experts=4, router={"name": "linear_topk", "params": {"k": 2}})
+    assert all(isinstance(layer.mlp, UpcycledMLP) for layer in model.model.layers)
+    out = model(ids).logits
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    model.train()
+    loss = model(ids, labels=ids).loss + sum(moe_aux_losses(model).values())
+    loss.backward()
+    moe = model.model.layers[0].mlp.moe
+    assert moe.router.gate.weight.grad is not None and moe.router.gate.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None for p in moe.experts.parameters())
+    assert set(moe_aux_losses(model)) == {"model.layers.0.mlp/balance", "model.layers.1.mlp/balance"}
+
+
+def test_each_expert_from_its_own_checkpoint(tmp_path):
+    a, b = tiny(seed=1), tiny(seed=2)
+    a.save_pretrained(tmp_path / "a")
+    base = tiny(seed=3)
+    upcycle_causal_lm(base, num_experts=3, sources=[tmp_path / "a", b, tmp_path / "a"], num_shared=1, num_null=1, average_non_mlp=True)
+    for i, layer in enumerate(base.model.layers):
+        moe = layer.mlp.moe
+        for e, src in enumerate([a, b, a]):
+            mlp = src.model.layers[i].mlp
+            w_in, w_out = moe.experts[e].swiglu_weights()
+            torch.testing.assert_close(w_in, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            torch.testing.assert_close(w_out, mlp.down_proj.weight)
+        assert moe.num_null == 1 and len(moe.shared) == 1
+    mean = (2 * a.model.layers[0].self_attn.q_proj.weight + b.model.layers[0].self_attn.q_proj.weight) / 3
+    torch.testing.assert_close(base.model.layers[0].self_attn.q_proj.weight, mean)
+    ids = torch.randint(0, 97, (1, 5))
+    base(ids, labels=ids).loss.backward()
+
+
+def test_slice_init_gives_fine_grained_experts_that_sum_to_dense():
+    model = tiny()
+    dense_mlp = model.model.layers[0].mlp
+    x = torch.randn(5, 32)
+    want = dense_mlp(x)
+    upcycle_causal_lm(model, num_experts=4, init="slice", router={"name": "linear_topk", "params": {"k": 4, "normalize": False}})
+    moe = model.model.layers[0].mlp.moe
+    assert moe.experts[0].d_ff == 16
+    # the slices partition the intermediate dimension: the unweighted sum of all experts is the dense MLP
+    torch.testing.assert_close(sum(e(x) for e in moe.experts), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_upcycling_inputs_are_named(tmp_path):
+    with pytest.raises(AudioMoEError, match="one per routed expert"):
+        upcycle_causal_lm(tiny(), num_experts=2, sources=[tiny()])
+    with pytest.raises(AudioMoEError, match="not a local directory"):
+        upcycle_causal_lm(tiny(), num_experts=1, sources=[tmp_path / "missing"])
+    gelu = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**KW, hidden_act="gelu"))
+    with pytest.raises(AudioMoEError, match="SiLU"):
+        upcycle_causal_lm(gelu, num_experts=2)
