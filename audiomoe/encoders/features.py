@@ -1,0 +1,134 @@
+"""On-device audio front-end maths shared by the encoders (plain functions, no components).
+
+- :func:`prepare_waveforms`: the one place raw input is checked and made canonical: a float32
+  ``[B, T]`` mono tensor on the model's device plus ``lengths`` [B]. Integer PCM (int16/int32,
+  numpy or torch) is scaled to [-1, 1); a channel axis ``[B, C, T]`` is down-mixed to mono by
+  averaging the channels; an empty batch and NaN/inf samples are refused, naming the items.
+- :func:`whisper_log_mel`: Whisper's log-mel spectrogram in torch, batched, matching
+  ``transformers.WhisperFeatureExtractor`` (STFT n_fft=400, hop=160, Hann, Slaney mel filters,
+  ``log10(max(mel, 1e-10))``, clamp to ``max - 8``, then ``(x + 4) / 4``).
+- :func:`normalize_waveforms`: zero-mean unit-variance per utterance over its valid samples,
+  as ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`` does (eps 1e-7, padding kept at 0).
+- :func:`frames_mask`: valid frame counts -> a padding mask (True = padded).
+- :func:`resample`: torchaudio resampling of a padded batch with its lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from audiomoe.core.errors import AudioMoEError
+
+
+def prepare_waveforms(
+    waveforms: Any, lengths: Optional[Any] = None, device: Optional[torch.device] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check and canonicalise input audio -> (float32 [B, T] mono, lengths long [B]).
+
+    Accepts torch tensors or numpy arrays shaped [T] (one clip), [B, T] or [B, C, T] (channels
+    are averaged: the mono down-mix happens here, in every encoder's forward). Integer dtypes are
+    PCM: divided by 2**(bits-1). ``lengths`` default to the full T and are clamped to [0, T].
+    """
+    if isinstance(waveforms, np.ndarray):
+        waveforms = torch.from_numpy(np.ascontiguousarray(waveforms))
+    if not isinstance(waveforms, torch.Tensor):
+        raise AudioMoEError(f"waveforms must be a torch.Tensor or numpy array, got {type(waveforms).__name__}")
+    x = waveforms
+    if x.dtype == torch.bool or x.is_complex():
+        raise AudioMoEError(f"waveforms must be real audio samples, got dtype {x.dtype}")
+    if not x.is_floating_point():
+        if x.dtype not in (torch.int16, torch.int32, torch.int8, torch.uint8):
+            raise AudioMoEError(f"integer waveforms must be PCM int8/int16/int32, got {x.dtype}")
+        if x.dtype == torch.uint8:  # 8-bit PCM is offset binary
+            x = (x.to(torch.float32) - 128.0) / 128.0
+        else:
+            x = x.to(torch.float32) / float(2 ** (torch.iinfo(x.dtype).bits - 1))
+    if x.dim() == 1:
+        x = x[None]
+    if x.dim() == 3:
+        x = x.to(torch.float32).mean(1)
+    if x.dim() != 2:
+        raise AudioMoEError(
+            f"waveforms must be [samples], [batch, samples] or [batch, channels, samples]; got shape {tuple(waveforms.shape)}"
+        )
+    if device is not None:
+        x = x.to(device)
+    x = x.to(torch.float32)
+    b, t = x.shape
+    if b == 0 or t == 0:
+        raise AudioMoEError(f"empty waveform batch (shape {tuple(x.shape)}): give at least one item with at least one sample")
+    if lengths is None:
+        lengths = torch.full((b,), t, dtype=torch.long, device=x.device)
+    else:
+        lengths = torch.as_tensor(lengths, device=x.device).long().reshape(-1)
+        if lengths.numel() != b:
+            raise AudioMoEError(f"lengths has {lengths.numel()} entries for {b} waveforms; give one per item")
+        if bool((lengths < 0).any()):
+            raise AudioMoEError(f"lengths must be >= 0, got {lengths.tolist()}")
+        lengths = lengths.clamp_max(t)
+    valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
+    bad = (~torch.isfinite(x) & valid).any(1)
+    if bool(bad.any()):
+        items = bad.nonzero().flatten().tolist()
+        raise AudioMoEError(f"waveforms contain NaN or inf samples in item(s) {items}; clean or drop those clips")
+    return x.masked_fill(~valid, 0.0), lengths
+
+
+def frames_mask(num_frames: torch.Tensor, total: int) -> torch.Tensor:
+    """Padding mask [B, total] (True = padded) for ``num_frames`` [B] valid frames per item."""
+    return torch.arange(total, device=num_frames.device)[None, :] >= num_frames[:, None]
+
+
+def normalize_waveforms(x: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Zero-mean unit-variance per item over its first ``lengths`` samples; padding stays 0."""
+    valid = frames_mask(lengths, x.shape[1]).logical_not()
+    n = lengths.clamp_min(1)[:, None].to(x.dtype)
+    xm = x * valid
+    mean = xm.sum(1, keepdim=True) / n
+    var = ((xm - mean) * valid).pow(2).sum(1, keepdim=True) / n
+    return ((x - mean) / torch.sqrt(var + eps)) * valid
+
+
+_MEL_CACHE: dict[tuple[int, int, int, str, str], torch.Tensor] = {}
+
+
+def mel_filters(n_mels: int, n_fft: int, sample_rate: int, device: torch.device) -> torch.Tensor:
+    """Slaney-scale, Slaney-normalised mel filterbank [n_fft//2 + 1, n_mels] (Whisper's), cached."""
+    key = (n_mels, n_fft, sample_rate, str(device), "slaney")
+    fb = _MEL_CACHE.get(key)
+    if fb is None:
+        import torchaudio.functional as AF
+
+        fb = AF.melscale_fbanks(
+            n_fft // 2 + 1, 0.0, sample_rate / 2.0, n_mels, sample_rate, norm="slaney", mel_scale="slaney"
+        ).to(device)
+        _MEL_CACHE[key] = fb
+    return fb
+
+
+def whisper_log_mel(
+    x: torch.Tensor, n_mels: int = 80, n_fft: int = 400, hop: int = 160, sample_rate: int = 16000
+) -> torch.Tensor:
+    """Whisper log-mel of a batch ``x`` [B, T] -> [B, n_mels, T // hop] (per-item max clamp)."""
+    window = torch.hann_window(n_fft, device=x.device, dtype=torch.float32)
+    stft = torch.stft(x.float(), n_fft, hop, window=window, return_complex=True)
+    power = stft[..., :-1].abs().pow(2)
+    mel = mel_filters(n_mels, n_fft, sample_rate, x.device).T @ power
+    log_spec = mel.clamp_min(1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def resample(x: torch.Tensor, lengths: torch.Tensor, orig: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample a padded batch [B, T] from ``orig`` to ``new`` Hz with torchaudio; lengths follow."""
+    if orig == new:
+        return x, lengths
+    import torchaudio.functional as AF
+
+    y = AF.resample(x, orig, new)
+    new_lengths = torch.div(lengths * new, orig, rounding_mode="floor").clamp_max(y.shape[1])
+    return y * frames_mask(new_lengths, y.shape[1]).logical_not(), new_lengths

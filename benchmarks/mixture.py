@@ -1,0 +1,145 @@
+"""MoWE mixture cost: sparse weak-encoder execution, and Whisper's ``trim`` window saving.
+
+Part 1 (sparse): a ``mowe_mixture`` with a Whisper base (d 384, 4 layers) and 4 equal weak encoders (HuBERT-shaped: d 384, 4 layers,
+random init), routed top-1 by a seeded random router (balanced groups: the worst case for the
+batch split). Forward time (no grad) of, side by side, interleaved, medians:
+``base`` (the base encoder alone), ``one_weak`` (one weak encoder on the whole batch),
+``all_weak`` (every weak encoder on the whole batch: dense MoWE), and ``mixture`` (the whole
+mixture: base + router + the selected weak encoders on their groups + align + adapter).
+Target: ``mixture <= base + 1.1 * one_weak``, i.e. ``(mixture - base) / one_weak <= 1.1``.
+
+Part 2 (trim): Whisper-tiny-shaped encoder (d 384, 4 layers, random init) on 5 s clips, window
+``pad30`` (1500 positions, the original) vs ``trim`` (250 positions).
+
+Usage: python benchmarks/mixture.py [--quick] [--json FILE] [--reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import audiomoe
+from audiomoe.core.composer import Builder, _resolve_component
+
+BENCH = "mixture"
+SR = 16000
+WEAK = {"hidden_size": 384, "num_hidden_layers": 4, "num_attention_heads": 6, "intermediate_size": 1536, "conv_dim": [128, 128, 128]}
+
+
+def build(kind: str, name: str, params: dict, **context) -> torch.nn.Module:
+    """Build a registered component as the composer would."""
+    problems: list = []
+    node = _resolve_component(kind, {"name": name, "params": params}, kind, audiomoe.get_registry(), problems)
+    if problems:
+        raise SystemExit(f"cannot build {kind} {name}: {problems}")
+    return Builder(node)(**context)
+
+
+def measure(cases: dict, reps: int) -> dict:
+    """Median seconds per case; repetitions interleaved round-robin (one warm-up each)."""
+    with torch.no_grad():
+        for fn in cases.values():
+            fn()
+        samples: dict = {n: [] for n in cases}
+        for _ in range(reps):
+            for n, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def sparse_part(batch: int, seconds: float, window_positions: int, reps: int, emit) -> None:
+    torch.manual_seed(0)
+    weak = [{"name": "hubert", "params": {"config": WEAK}} for _ in range(4)]
+    mix = build(
+        "encoder",
+        "mowe_mixture",
+        {
+            "base": {"name": "whisper", "params": {"config": {"d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536, "max_source_positions": window_positions}}},
+            "weak": weak,
+            "router": {"name": "random", "params": {"k": 1}},
+        },
+        d_model=256,
+        task_names=["a"],
+    ).eval()
+    t = int(seconds * SR)
+    x = torch.randn(batch, t) * 0.1
+    lengths = torch.full((batch,), t)
+    groups = mix(x, lengths).routing["mowe"].counts.tolist()
+    cases = {
+        "base": lambda: mix.base(x, lengths),
+        "one_weak": lambda: mix.weak[0](x, lengths),
+        "all_weak": lambda: [w(x, lengths) for w in mix.weak],
+        "mixture": lambda: mix(x, lengths),
+    }
+    med = measure(cases, reps)
+    case = f"B={batch},{seconds:g}s,top1of4"
+    print(f"\n[sparse] {case}; samples per weak encoder in one call: {groups}")
+    print(f"{'part':<12}{'ms':>10}")
+    for n, v in med.items():
+        print(f"{n:<12}{v * 1e3:>10.1f}")
+        emit(case, f"{n}_ms", v * 1e3, "ms")
+    extra = (med["mixture"] - med["base"]) / med["one_weak"]
+    dense = med["base"] + med["all_weak"]
+    print(f"(mixture - base) / one_weak = {extra:.2f}x   (target <= 1.1x)")
+    print(f"mixture / (base + all_weak)  = {med['mixture'] / dense:.2f}x")
+    emit(case, "extra_over_one_weak", extra, "x")
+    emit(case, "mixture_over_dense", med["mixture"] / dense, "x")
+
+
+def trim_part(batch: int, seconds: float, reps: int, emit) -> None:
+    torch.manual_seed(0)
+    cfg = {"d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536}
+    pad = build("encoder", "whisper", {"config": cfg}).eval()
+    trim = build("encoder", "whisper", {"config": cfg, "window": "trim"}).eval()
+    trim.load_state_dict(pad.state_dict())
+    t = int(seconds * SR)
+    x = torch.randn(batch, t) * 0.1
+    med = measure({"pad30": lambda: pad(x), "trim": lambda: trim(x)}, reps)
+    case = f"whisper-tiny-shape,B={batch},{seconds:g}s"
+    print(f"\n[trim] {case}")
+    for n, v in med.items():
+        print(f"{n:<12}{v * 1e3:>10.1f} ms")
+        emit(case, f"{n}_ms", v * 1e3, "ms")
+    print(f"pad30 / trim = {med['pad30'] / med['trim']:.2f}x")
+    emit(case, "pad30_over_trim", med["pad30"] / med["trim"], "x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sizes, same code paths (< 1 min)")
+    ap.add_argument("--json", help="write JSON lines here")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+
+    def emit(case: str, metric: str, value: float, unit: str) -> None:
+        rows.append({"bench": BENCH, "case": case, "metric": metric, "value": round(float(value), 4), "unit": unit})
+
+    header = {"bench": BENCH, "header": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu", "quick": args.quick}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu{' (quick)' if args.quick else ''}")
+    if args.quick:
+        reps = args.reps or 3
+        sparse_part(batch=8, seconds=2.0, window_positions=100, reps=reps, emit=emit)
+        trim_part(batch=2, seconds=5.0, reps=reps, emit=emit)
+    else:
+        reps = args.reps or 7
+        sparse_part(batch=16, seconds=5.0, window_positions=250, reps=reps, emit=emit)
+        trim_part(batch=4, seconds=5.0, reps=reps, emit=emit)
+    if args.json:
+        with open(args.json, "w") as f:
+            for row in [header, *rows]:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
