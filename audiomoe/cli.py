@@ -60,8 +60,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([e.__dict__ for e in entries], indent=2))
         return 0
-    names = [e.name for e in entries]
-    rows = [[e.kind, e.qualified_name if names.count(e.name) > 1 else e.name, e.plugin, e.summary] for e in entries]
+    keys = [(e.kind, e.name) for e in entries]
+    rows = [[e.kind, e.qualified_name if keys.count((e.kind, e.name)) > 1 else e.name, e.plugin, e.summary] for e in entries]
     print(_table(rows, ["kind", "name", "plugin", "summary"]))
     if args.kind is None and args.pattern == "*":
         print(f"\npresets: {', '.join(p.name for p in reg.list_presets())}  (audiomoe list preset)")

@@ -27,6 +27,12 @@ class AudioBatch:
     - ``tasks``: the task name of each item (a key of the model's ``tasks``); one string means all.
     - ``targets``: one target per item (class index, list of labels, transcript, ... as the task
       head expects), or ``None`` for inference.
+    - ``prompts``: optional per-item text inputs for heads that read text (``accepts_prompts``;
+      e.g. the AudioLLM's template fields ``{"mode": "qa", "question": ...}``); ``None`` elsewhere.
+
+    Targets per head: ``classification``: a class index or label name (multi-label: a list of
+    them); ``ctc_asr``: a transcript string; ``audiollm``: an answer string or
+    ``{"answer": ..., <template fields>}``; ``codec_generation``: codes ``[num_codebooks, frames]``.
     """
 
     waveforms: torch.Tensor
@@ -34,6 +40,7 @@ class AudioBatch:
     tasks: Sequence[str] | str
     lengths: Optional[torch.Tensor] = None
     targets: Optional[Sequence[Any]] = None
+    prompts: Optional[Sequence[Any]] = None
 
     def task_list(self) -> list[str]:
         """The task name of every item."""
@@ -49,10 +56,13 @@ class AudioBatch:
 class ModelOutput:
     """What comes out.
 
-    - ``loss``: the total training loss (task losses + auxiliary losses), or ``None`` without targets.
-    - ``losses``: every named term (``task/<name>``, ``aux/<name>``), for logging.
+    - ``loss``: the total training loss (task losses, each times its head's ``loss_weight``, +
+      auxiliary losses), or ``None`` without targets.
+    - ``losses``: every named term (``task/<name>`` unweighted, ``aux/<name>``), for logging.
     - ``outputs``: raw head outputs per task; ``indices``: which batch items each task got.
-    - ``predictions``: per task, one prediction per item of that task (in ``indices`` order).
+    - ``predictions``: per task, one prediction per item of that task (in ``indices`` order);
+      ``forward(batch, predict=False)`` skips heads whose prediction is costly (``predicts_cheaply
+      = False``: generation heads), e.g. during training.
     - ``routing``: the routing trace, one :class:`Routing` record per routed layer.
     """
 
@@ -94,12 +104,9 @@ class AudioModel(nn.Module):
         self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
         """Waveforms -> (hidden [B, N, d_model], padding_mask [B, N], aux losses, routing records)."""
-        if waveforms.dim() != 2:
-            raise AudioMoEError(f"waveforms must be [batch, samples] (mono), got shape {tuple(waveforms.shape)}")
-        waveforms = waveforms.to(self.device, torch.float32)
-        if lengths is None:
-            lengths = torch.full((waveforms.shape[0],), waveforms.shape[1], dtype=torch.long)
-        lengths = lengths.to(self.device, torch.long)
+        from .encoders.features import prepare_waveforms  # int PCM scaling, stereo down-mix, checks
+
+        waveforms, lengths = prepare_waveforms(waveforms, lengths, self.device)
         if sample_rate != self.encoder.sample_rate:
             import torchaudio.functional as AF
 
@@ -117,8 +124,12 @@ class AudioModel(nn.Module):
             routing.update({f"backbone/{k}": v for k, v in out.routing.items()})
         return hidden, enc.padding_mask, aux, routing
 
-    def forward(self, batch: AudioBatch) -> ModelOutput:
-        """Run every item through the encoder stack and its own task's head; add up the losses."""
+    def forward(self, batch: AudioBatch, predict: bool = True) -> ModelOutput:
+        """Run every item through the encoder stack and its own task's head; add up the weighted losses.
+
+        With ``predict=False``, heads marked ``predicts_cheaply = False`` (autoregressive generation)
+        give no predictions; the others still do.
+        """
         tasks = batch.task_list()
         unknown = sorted(set(tasks) - set(self.task_names))
         if unknown:
@@ -128,6 +139,8 @@ class AudioModel(nn.Module):
             )
         if batch.targets is not None and len(batch.targets) != len(tasks):
             raise AudioMoEError(f"batch has {len(tasks)} items but {len(batch.targets)} targets")
+        if batch.prompts is not None and len(batch.prompts) != len(tasks):
+            raise AudioMoEError(f"batch has {len(tasks)} items but {len(batch.prompts)} prompts")
         task_ids = torch.tensor([self.task_names.index(t) for t in tasks], device=self.device)
         hidden, pad, aux, routing = self.encode(batch.waveforms, batch.lengths, batch.sample_rate, task_ids)
         out = ModelOutput(loss=None, routing=routing)
@@ -138,15 +151,20 @@ class AudioModel(nn.Module):
                 continue
             index = torch.tensor(idx, device=self.device)
             head = self.heads[name]
-            outputs = head(hidden.index_select(0, index), pad.index_select(0, index))
+            kwargs = {}
+            if getattr(head, "accepts_prompts", False):
+                kwargs["prompts"] = None if batch.prompts is None else [batch.prompts[i] for i in idx]
+            outputs = head(hidden.index_select(0, index), pad.index_select(0, index), **kwargs)
             out.outputs[name], out.indices[name] = outputs, index
-            with torch.no_grad():
-                out.predictions[name] = head.predict(outputs)
+            if predict or getattr(head, "predicts_cheaply", True):
+                with torch.no_grad():
+                    out.predictions[name] = head.predict(outputs)
             if batch.targets is not None:
                 targets = head.make_targets([batch.targets[i] for i in idx], self.device)
                 loss = head.loss(outputs, targets)
                 out.losses[f"task/{name}"] = loss
-                total = loss if total is None else total + loss
+                weighted = loss * float(getattr(head, "loss_weight", 1.0))
+                total = weighted if total is None else total + weighted
         if batch.targets is not None:
             for k, v in aux.items():
                 out.losses[f"aux/{k}"] = v

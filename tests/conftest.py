@@ -53,3 +53,14 @@ def install_dist(tmp_path, monkeypatch) -> Callable[..., Path]:
     for mod in added:
         for name in [m for m in sys.modules if m == mod or m.startswith(mod + ".")]:
             del sys.modules[name]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny tensors: one intra-op thread avoids thread hand-off costs on a 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -137,3 +137,10 @@ def test_parameter_counts_total_and_active():
     assert total == sum(p.numel() for p in model.parameters())
     # Two MoE layers, each running 1 of 4 experts per token.
     assert total - active == pytest.approx(2 * 3 * expert)
+
+
+def test_override_into_an_unwritten_slot_starts_from_that_slot_default():
+    # top_p's selector slot defaults to the top_p selector, not to the registry's default selector.
+    spec = resolve("tiny-moe-cls", ["backbone.router=top_p", "backbone.router.selector.p=0.5"]).to_dict()
+    selector = spec["backbone"]["params"]["router"]["params"]["selector"]
+    assert selector["name"] == "top_p" and selector["params"]["p"] == 0.5

@@ -23,7 +23,12 @@ def test_component_conforms(kind, name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_trains_a_step_and_rebuilds(name):
-    report = check_preset(name)
+    from audiomoe.encoders.hf_common import MissingPretrainedError
+
+    try:
+        report = check_preset(name)
+    except MissingPretrainedError as exc:  # presets of real checkpoints (mowe-audio) need local weights
+        pytest.skip(f"local weights missing: {str(exc).splitlines()[0]}")
     assert "compose(model.spec) rebuilds identical parameters" in report.checks
 
 

@@ -136,8 +136,12 @@ def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Regi
                 return None
             if container.get(part) is None and fields[part].default is None and fields[part].default_factory is None:
                 return f"'{part}' is not set; set it first with {'.'.join(parts[: i + 1])}=<{kind} name>"
-            node = container.setdefault(part, {})
-            node = container[part] = _as_component(node if node is not None else {})
+            node = container.get(part)
+            if node is None:  # not written in the config: start from the field's own default
+                f = fields[part]
+                default = f.default_factory() if f.default_factory is not None else f.default
+                node = default.model_dump() if isinstance(default, BaseModel) else {}
+            node = container[part] = _as_component(node)
         else:
             coll = container.setdefault(part, {} if how == "dict" else [])
             if last:
