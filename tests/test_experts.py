@@ -90,3 +90,29 @@ def test_xformers_packed_attention_matches_torch():
     a = attention(q, k, v, pad, "torch")
     b = attention(q, k, v, pad, "xformers")
     torch.testing.assert_close(a[~pad], b[~pad], rtol=2e-3, atol=2e-3)
+
+
+def test_moe_backbone_runs_causally_and_serves_as_the_codec_decoder():
+    import audiomoe
+    from audiomoe.testing import build_component
+
+    torch.manual_seed(0)
+    bb = build_component("backbone", "unimoe_transformer", {"num_layers": 2, "num_heads": 2}, {"d_model": 16})
+    bb.eval()
+    x = torch.randn(2, 7, 16)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    full = bb(x, pad, causal=True).hidden
+    changed = x.clone()
+    changed[:, 4:] = torch.randn(2, 3, 16)
+    # Positions before the change cannot see it; the non-causal stack does.
+    assert torch.allclose(bb(changed, pad, causal=True).hidden[:, :4], full[:, :4], atol=1e-5)
+    assert not torch.allclose(bb(changed, pad).hidden[:, :4], bb(x, pad).hidden[:, :4], atol=1e-5)
+    # The codec head accepts the MoE stack (top-p, shared and null experts) as its decoder.
+    model = audiomoe.compose("tiny-codec", ["tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2"])
+    from audiomoe.testing import check_preset
+
+    assert "compose(model.spec) rebuilds identical parameters" in check_preset(
+        "tiny-codec", ("tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2")
+    ).checks
+    assert any(k.startswith("layer") for k in model.heads["codec"].decoder(torch.randn(1, 3, model.params.d_model), torch.zeros(1, 3, dtype=torch.bool), causal=True).routing)

@@ -55,37 +55,50 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: Optional[torch.Tensor], backend: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    padding_mask: Optional[torch.Tensor],
+    backend: str,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Multi-head self-attention of ``q, k, v`` [B, N, H, Dh] with key padding; returns [B, N, H, Dh].
 
+    ``causal`` lets position t attend only to positions <= t (decoders, e.g. the codec head).
     The xformers path packs the valid tokens of all sequences into one row and uses a
     block-diagonal mask, so padded frames cost nothing; padded output rows are zero.
     """
     if backend == "xformers" and padding_mask is not None:
-        return _xformers_packed(q, k, v, padding_mask)
+        return _xformers_packed(q, k, v, padding_mask, causal)
     if backend == "xformers":
         import xformers.ops as xops
+        from xformers.ops.fmha.attn_bias import LowerTriangularMask
 
-        return xops.memory_efficient_attention(q, k, v)
+        return xops.memory_efficient_attention(q, k, v, attn_bias=LowerTriangularMask() if causal else None)
     mask = None
+    n = q.shape[1]
     if padding_mask is not None:
         # a sequence with no valid frame would softmax over nothing (NaN): let it attend to itself
         keep = ~padding_mask | padding_mask.all(-1, keepdim=True)
         mask = keep[:, None, None, :]
+    if causal:
+        tri = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        mask = tri if mask is None else (mask & tri) | torch.eye(n, dtype=torch.bool, device=q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 
-def _xformers_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+def _xformers_packed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor, causal: bool = False
+) -> torch.Tensor:
     import xformers.ops as xops
-    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask, BlockDiagonalMask
 
     b, n, h, dh = q.shape
     valid = ~padding_mask
     lens = valid.sum(-1).tolist()
     flat = valid.reshape(-1).nonzero(as_tuple=True)[0]
     pack = lambda t: t.reshape(b * n, h, dh).index_select(0, flat).unsqueeze(0)  # noqa: E731
-    bias = BlockDiagonalMask.from_seqlens([int(x) for x in lens if x > 0])
+    bias = (BlockDiagonalCausalMask if causal else BlockDiagonalMask).from_seqlens([int(x) for x in lens if x > 0])
     out = xops.memory_efficient_attention(pack(q), pack(k), pack(v), attn_bias=bias)[0]
     return q.new_zeros(b * n, h, dh).index_copy(0, flat, out).reshape(b, n, h, dh)

@@ -55,11 +55,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x`` [B, N, D]; ``padding_mask`` [B, N] True = padded."""
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], causal: bool = False) -> torch.Tensor:
+        """``x`` [B, N, D]; ``padding_mask`` [B, N] True = padded; ``causal`` masks future positions."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).unbind(2)
-        out = attention(q, k, v, padding_mask, resolve_backend(self.backend, x.device))
+        out = attention(q, k, v, padding_mask, resolve_backend(self.backend, x.device), causal)
         return self.out(out.reshape(b, n, d))
 
 
@@ -74,9 +74,9 @@ class MoEBlock(nn.Module):
         self.moe = moe
         self.drop = nn.Dropout(p.dropout)
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], causal: bool = False):
         """``x`` [B, N, D] -> ``(x', routing)``."""
-        x = x + self.drop(self.attn(self.norm1(x), padding_mask))
+        x = x + self.drop(self.attn(self.norm1(x), padding_mask, causal))
         y, routing = self.moe(self.norm2(x), padding_mask)
         return x + self.drop(y), routing
 
@@ -119,11 +119,15 @@ class MoEStackBackbone(Backbone):
         moe_total = sum(p.numel() for m in moe for p in m.parameters())
         return sum(p.numel() for p in self.parameters()) - moe_total + sum(m.num_active_parameters() for m in moe)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> BackboneOutput:
-        """Run the blocks on ``x`` [B, N, D]; collect each layer's routing (``layer<i>``) and aux losses."""
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor, causal: bool = False) -> BackboneOutput:
+        """Run the blocks on ``x`` [B, N, D]; collect each layer's routing (``layer<i>``) and aux losses.
+
+        ``causal=True`` makes every block's attention causal, so the stack can serve as a decoder
+        (the codec head's MoE decoder).
+        """
         out = BackboneOutput(x)
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, padding_mask)
+            x, routing = block(x, padding_mask, causal)
             out.routing[f"layer{i}"] = routing
             for k, v in routing.aux_losses.items():
                 out.aux_losses[f"layer{i}/{k}"] = v
