@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import venv
@@ -18,8 +19,13 @@ TEMPLATE = ROOT / "examples" / "plugin-template"
 def plugin_python(tmp_path_factory) -> str:
     """A venv that sees this environment's packages (torch, audiomoe) plus the pip-installed plugin."""
     env_dir = tmp_path_factory.mktemp("venv")
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     py = str(env_dir / "bin" / "python")
+    # See this interpreter's packages (torch, the editable audiomoe) whether or not it is itself a
+    # venv: addsitedir also processes their .pth files, which a plain path line would not.
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    Path(purelib, "_audiomoe_parent.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
     # pip from this interpreter, installing into the venv (no network needed: no build isolation).
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-build-isolation", "-q", str(TEMPLATE)],
