@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-EXE = shutil.which("audiomoe") or ""
+# The console script installed next to this interpreter (not whichever `audiomoe` is first on PATH).
+_HERE = Path(sys.executable).parent / "audiomoe"
+EXE = str(_HERE) if _HERE.exists() else ""
 
 
 def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
