@@ -45,6 +45,7 @@ _LAZY = {
     "AudioBatch": "audiomoe.model",
     "ModelOutput": "audiomoe.model",
     "Builder": "audiomoe.core.composer",
+    "component_builder": "audiomoe.core.composer",
     "compose": "audiomoe.core.composer",
     "resolve": "audiomoe.core.composer",
     "count_parameters": "audiomoe.core.composer",

@@ -21,10 +21,10 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .core.composer import Builder, _resolve_component, compose
-from .core.errors import AudioMoEError, ConfigError
+from .core.composer import component_builder, compose
+from .core.errors import AudioMoEError
 from .core.interfaces import BASES, BackboneOutput, EncoderOutput, Routing
-from .core.registry import Registry, get_registry
+from .core.registry import Registry
 
 #: Sizes injected when a component is built alone (override with ``context=``).
 DEFAULT_CONTEXT: dict[str, Any] = {"d_model": 16, "num_experts": 4, "task_names": ["a", "b"], "task_name": "a"}
@@ -78,11 +78,8 @@ def build_component(
     registry: Optional[Registry] = None,
 ) -> torch.nn.Module:
     """Build one registered component alone, with ``params`` and the injected ``context``."""
-    problems: list = []
-    node = _resolve_component(kind, {"name": name, "params": dict(params or {})}, kind, registry or get_registry(), problems)
-    if problems or node is None:
-        raise ConfigError(problems, source=f"{kind} '{name}'")
-    return Builder(node)(**{**DEFAULT_CONTEXT, **(context or {})})
+    builder = component_builder(kind, {"name": name, "params": dict(params or {})}, registry)
+    return builder(**{**DEFAULT_CONTEXT, **(context or {})})
 
 
 def _check_encoder(report: ConformanceReport, enc: Any) -> None:

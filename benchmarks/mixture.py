@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-import audiomoe
-from audiomoe.core.composer import Builder, _resolve_component
+
+from _common import builder, measure
 
 BENCH = "mixture"
 SR = 16000
@@ -33,25 +31,7 @@ WEAK = {"hidden_size": 384, "num_hidden_layers": 4, "num_attention_heads": 6, "i
 
 def build(kind: str, name: str, params: dict, **context) -> torch.nn.Module:
     """Build a registered component as the composer would."""
-    problems: list = []
-    node = _resolve_component(kind, {"name": name, "params": params}, kind, audiomoe.get_registry(), problems)
-    if problems:
-        raise SystemExit(f"cannot build {kind} {name}: {problems}")
-    return Builder(node)(**context)
-
-
-def measure(cases: dict, reps: int) -> dict:
-    """Median seconds per case; repetitions interleaved round-robin (one warm-up each)."""
-    with torch.no_grad():
-        for fn in cases.values():
-            fn()
-        samples: dict = {n: [] for n in cases}
-        for _ in range(reps):
-            for n, fn in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                samples[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return builder(kind, name, **params)(**context)
 
 
 def sparse_part(batch: int, seconds: float, window_positions: int, reps: int, emit) -> None:
@@ -78,7 +58,8 @@ def sparse_part(batch: int, seconds: float, window_positions: int, reps: int, em
         "all_weak": lambda: [w(x, lengths) for w in mix.weak],
         "mixture": lambda: mix(x, lengths),
     }
-    med = measure(cases, reps)
+    with torch.no_grad():
+        med = measure(cases, reps)
     case = f"B={batch},{seconds:g}s,top1of4"
     print(f"\n[sparse] {case}; samples per weak encoder in one call: {groups}")
     print(f"{'part':<12}{'ms':>10}")
@@ -101,7 +82,8 @@ def trim_part(batch: int, seconds: float, reps: int, emit) -> None:
     trim.load_state_dict(pad.state_dict())
     t = int(seconds * SR)
     x = torch.randn(batch, t) * 0.1
-    med = measure({"pad30": lambda: pad(x), "trim": lambda: trim(x)}, reps)
+    with torch.no_grad():
+        med = measure({"pad30": lambda: pad(x), "trim": lambda: trim(x)}, reps)
     case = f"whisper-tiny-shape,B={batch},{seconds:g}s"
     print(f"\n[trim] {case}")
     for n, v in med.items():

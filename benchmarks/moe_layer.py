@@ -26,21 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-import audiomoe
-from audiomoe.core.composer import Builder, _resolve_component
 from audiomoe.core.interfaces import Routing
 from audiomoe.experts.moe_layer import MoELayer
 
+from _common import builder
+
 BENCH = "moe_layer"
-
-
-def builder(kind: str, name: str, **params) -> Builder:
-    """A Builder for a registered component (what the composer would inject)."""
-    problems: list = []
-    node = _resolve_component(kind, {"name": name, "params": params}, kind, audiomoe.get_registry(), problems)
-    if problems:
-        raise SystemExit(f"cannot build {kind} {name}: {problems}")
-    return Builder(node)
 
 
 def fixed_topk_routing(x: torch.Tensor, num_columns: int, k: int) -> Routing:

@@ -19,45 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-import audiomoe
-from audiomoe.core.composer import Builder, _resolve_component
 from audiomoe.experts.moe_layer import MoELayer
 
+from _common import builder, measure
+
 BENCH = "router"
-
-
-def builder(kind: str, name: str, **params) -> Builder:
-    """A Builder for a registered component (what the composer would inject)."""
-    problems: list = []
-    node = _resolve_component(kind, {"name": name, "params": params}, kind, audiomoe.get_registry(), problems)
-    if problems:
-        raise SystemExit(f"cannot build {kind} {name}: {problems}")
-    return Builder(node)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(cases: dict, reps: int, device: torch.device) -> dict:
-    """Median seconds per case; repetitions round-robin interleaved across cases (one warm-up each)."""
-    for fn in cases.values():
-        fn()
-    samples: dict = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def calibrate_top_p(layer: MoELayer, x: torch.Tensor, target: float = 2.0) -> float:

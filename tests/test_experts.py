@@ -11,11 +11,7 @@ from audiomoe.testing import check_component
 
 
 def build(kind, name, **ctx):
-    from audiomoe.core.composer import Builder, _resolve_component
-
-    problems: list = []
-    node = _resolve_component(kind, {"name": name}, kind, audiomoe.get_registry(), problems)
-    return Builder(node)(**ctx)
+    return audiomoe.component_builder(kind, name)(**ctx)
 
 
 def test_swiglu_is_the_default_expert_and_computes_the_formula():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.core.composer import Builder, _resolve_component
+from audiomoe.core.composer import Builder
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
 from audiomoe.experts.moe_layer import MoELayer
@@ -21,10 +21,7 @@ D, E, NULL = 16, 5, 2
 
 
 def builder(kind: str, name: str, **params) -> Builder:
-    problems: list = []
-    node = _resolve_component(kind, {"name": name, "params": params}, kind, audiomoe.get_registry(), problems)
-    assert not problems, problems
-    return Builder(node)
+    return audiomoe.component_builder(kind, {"name": name, "params": params})
 
 
 def make_layer(expert="swiglu", **kw) -> MoELayer:

@@ -412,6 +412,19 @@ class Builder:
         return module
 
 
+def component_builder(kind: str, spec: Any, registry: Optional[Registry] = None) -> Builder:
+    """A :class:`Builder` for one registered component, from a name or ``{name, params}``.
+
+    What the composer injects into a parent, for code that builds a part on its own (tests,
+    benchmarks, upcycling). Raises :class:`ConfigError` listing every problem of ``spec``.
+    """
+    problems: list[ConfigProblem] = []
+    node = _resolve_component(kind, spec, kind, registry or get_registry(), problems)
+    if problems or node is None:
+        raise ConfigError(problems, source=f"{kind} {spec!r}")
+    return Builder(node)
+
+
 def _builders(child: Any) -> Any:
     if isinstance(child, Node):
         return Builder(child)

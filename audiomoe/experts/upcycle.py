@@ -55,14 +55,9 @@ def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _registry_builder(kind: str, spec: Any):
-    from audiomoe.core.composer import Builder, _resolve_component
-    from audiomoe.core.registry import get_registry
+    from audiomoe.core.composer import component_builder
 
-    problems: list = []
-    node = _resolve_component(kind, spec, kind, get_registry(), problems)
-    if problems or node is None:
-        raise AudioMoEError(f"cannot build {kind} {spec!r}: " + "; ".join(str(p) for p in problems))
-    return Builder(node)
+    return component_builder(kind, spec)
 
 
 def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
