@@ -149,6 +149,51 @@ def test_grouped_mm_path_matches_loop():
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_autograd():
+    """Sizes above the workspace threshold: two layers in one graph share the CPU scratch buffers.
+
+    The fused node keeps no [S, d] tensor between forward and backward (it gathers the rows again),
+    so the second layer reusing the first layer's buffers must not change any output or gradient.
+    """
+    from audiomoe.experts import dispatch
+
+    n, d, e, f = 2100, 64, 8, 64  # S * d and S * f above 2**18 elements: the scratch path
+    assert 2 * n * f >= 1 << 18
+    torch.manual_seed(0)
+    layers = [
+        MoELayer(d_model=d, num_experts=e, router=builder("router", "linear_topk", k=2), expert=builder("expert", "swiglu", d_ff=f)).double()
+        for _ in range(2)
+    ]
+    g = torch.Generator().manual_seed(3)
+    routings = []
+    for _ in layers:
+        top = torch.randn(n, e, generator=g, dtype=torch.float64).topk(2, -1).indices
+        mask = torch.zeros(n, e, dtype=torch.bool).scatter(-1, top, True)
+        w = torch.rand(n, e, generator=g, dtype=torch.float64).mul(mask).requires_grad_(True)
+        routings.append(Routing(torch.zeros(n, e, dtype=torch.float64), mask, w, top, mask.sum(0)))
+
+    def plain(layer, x, r):
+        exp, tok, counts = dispatch.sorted_pairs(r.mask, e)
+        chunks = x.index_select(0, tok).split(counts.tolist())
+        ys = torch.cat([layer.experts[i](c) for i, c in enumerate(chunks)]) * r.weights[tok, exp].unsqueeze(-1)
+        return torch.zeros_like(x).index_add(0, tok, ys)
+
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    params = [x] + [r.weights for r in routings] + [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    outs = []
+    for combine in (lambda layer, h, r: layer.combine(h, r), plain):
+        h = x
+        for layer, r in zip(layers, routings):
+            h = torch.tanh(combine(layer, h, r)) + h
+        gr = torch.autograd.grad(h, params, torch.randn(n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64), allow_unused=True)
+        outs.append((h.detach(), [torch.zeros_like(p) if v is None else v for p, v in zip(params, gr)]))
+    (h_fast, g_fast), (h_ref, g_ref) = outs
+    torch.testing.assert_close(h_fast, h_ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    dispatch.release_workspace()
+
+
 @pytest.mark.parametrize("mode", ["gated", "unit"])
 def test_null_only_token_gets_shared_only_output(mode):
     layer = make_layer(num_shared=2, shared_mode=mode)
