@@ -31,7 +31,8 @@ class LayerTrace:
     """One routed layer: ``ids``/``weights`` [B, K] or [B, T, K] (ids -1 = no pick), ``valid`` [B] or [B, T].
 
     ``counts`` [E] is the load per column over valid items; ``entropy_sum`` the summed per-item
-    router entropy (nats) over valid items; ``null_columns`` how many of the last columns are null.
+    router entropy (nats) over valid items; ``null_columns`` how many of the last columns are null;
+    ``dropped`` [B] or [B, T] the pairs each item lost to expert capacity (None when dropless).
     """
 
     ids: torch.Tensor
@@ -40,6 +41,7 @@ class LayerTrace:
     counts: torch.Tensor
     entropy_sum: float
     null_columns: int = 0
+    dropped: Optional[torch.Tensor] = None
 
     @property
     def num_columns(self) -> int:
@@ -56,7 +58,7 @@ class LayerTrace:
         load_entropy = float(-(share * share.clamp_min(1e-12).log()).sum()) / math.log(e) if e > 1 else 1.0
         picks = (self.ids >= 0) & self.valid[..., None]
         null = (self.ids >= e - self.null_columns) & picks if self.null_columns else torch.zeros_like(picks)
-        return {
+        out = {
             "load_max_over_mean": float(counts.max() / counts.mean().clamp_min(1e-12)) if e else 0.0,
             "load_entropy": load_entropy,
             "router_entropy": self.entropy_sum / max(n_items, 1),
@@ -65,6 +67,9 @@ class LayerTrace:
             "real_experts_per_item": float((picks & ~null).sum()) / max(n_items, 1),
             "items": float(n_items),
         }
+        if self.dropped is not None:  # share of the selected pairs that capacity removed
+            out["dropped_share"] = float(self.dropped[self.valid].sum()) / max(float(picks.sum()), 1.0)
+        return out
 
 
 def _layer_from_routing(r: Routing, batch_size: Optional[int]) -> LayerTrace:
@@ -90,6 +95,7 @@ def _layer_from_routing(r: Routing, batch_size: Optional[int]) -> LayerTrace:
         counts=counts,
         entropy_sum=entropy_sum,
         null_columns=int(r.null_columns),
+        dropped=None if r.dropped is None else r.dropped.detach().cpu().reshape(shape),
     )
 
 
@@ -116,10 +122,15 @@ class RoutingTrace:
         return next((int(t.ids.shape[0]) for t in self.layers.values()), 0)
 
     def sample(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Sample ``i``'s picks per layer: ``{"ids", "weights", "valid"}`` ([T, K] / [T], or [K] / [])."""
+        """Sample ``i``'s picks per layer: ``{"ids", "weights", "valid"}`` ([T, K] / [T], or [K] / []), plus ``dropped`` under capacity."""
         if not 0 <= i < self.batch_size:
             raise AudioMoEError(f"sample index {i} is out of range for a trace of {self.batch_size} samples")
-        return {name: {"ids": t.ids[i], "weights": t.weights[i], "valid": t.valid[i]} for name, t in self.layers.items()}
+        out = {}
+        for name, t in self.layers.items():
+            out[name] = {"ids": t.ids[i], "weights": t.weights[i], "valid": t.valid[i]}
+            if t.dropped is not None:
+                out[name]["dropped"] = t.dropped[i]
+        return out
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per layer: load max/mean, load and router entropy, null share, experts per item."""
@@ -153,5 +164,8 @@ class RoutingTrace:
                 counts=sum((p.counts for p in parts), torch.zeros_like(parts[0].counts)),
                 entropy_sum=sum(p.entropy_sum for p in parts),
                 null_columns=parts[0].null_columns,
+                dropped=None
+                if any(p.dropped is None for p in parts)
+                else torch.cat([pad(p.dropped, 0, last=False) for p in parts]),
             )
         return cls(out)

@@ -73,6 +73,35 @@ def test_moe_transformer_options_reach_every_layer():
     assert bb.blocks[0].moe.last_stats["capacity"] > 0
 
 
+def test_capacity_options_reach_every_layer_and_drops_show_in_the_trace():
+    from audiomoe.trace import RoutingTrace
+
+    model = audiomoe.compose(
+        "tiny-moe-cls",
+        overrides=[
+            "backbone.capacity_factor=0.3",
+            "backbone.capacity_basis=tokens",
+            "backbone.renormalize_drops=true",
+            "backbone.min_capacity=2",
+            "backbone.drop_policy=probs",
+        ],
+    )
+    for b in model.backbone.blocks:
+        m = b.moe
+        assert (m.capacity_basis, m.renormalize_drops, m.min_capacity, m.drop_policy) == ("tokens", True, 2, "probs")
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[2, 12:] = True
+    out = model.backbone(torch.randn(3, 20, 32), pad)
+    trace = RoutingTrace.from_routing(out.routing, 3)
+    layer0 = model.backbone.blocks[0].moe
+    assert layer0.last_stats["capacity"] == max(2, -(-0.3 * 52 // (layer0.num_experts + layer0.num_null)))
+    summary = trace.summary()["layer0"]
+    assert summary["dropped_share"] > 0
+    assert int(trace.layers["layer0"].dropped.sum()) == layer0.last_stats["dropped_pairs"]
+    assert trace.sample(2)["layer0"]["dropped"][12:].sum() == 0  # padding is never routed, so never dropped
+    assert RoutingTrace.cat([trace, trace]).layers["layer0"].dropped.shape == (6, 20)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_xformers_packed_attention_matches_torch():

@@ -62,21 +62,30 @@ def reference(layer: MoELayer, tokens: torch.Tensor, r: Routing) -> torch.Tensor
     n, cols = r.mask.shape
     valid = torch.ones(n, dtype=torch.bool) if r.item_mask is None else r.item_mask
     mask = r.mask & valid[:, None]
-    w = r.weights
-    shared_w = None
-    if layer.shared_gate is not None:
-        joint = torch.cat([r.logits.masked_fill(~mask, -math.inf), layer.shared_gate(tokens)], -1).softmax(-1)
-        w = w * joint[:, :cols].sum(-1, keepdim=True)
-        shared_w = joint[:, cols:]
-    kept = mask[:, : layer.num_experts].clone()
+    kept = mask.clone()
     if layer.capacity_factor is not None:
-        cap = max(layer.min_capacity, math.ceil(layer.capacity_factor * int(mask.sum()) / cols))
+        basis = int(mask.sum()) if layer.capacity_basis == "pairs" else int(valid.sum())
+        cap = max(layer.min_capacity, math.ceil(layer.capacity_factor * basis / cols))
         for e in range(layer.num_experts):
             toks = [t for t in range(n) if kept[t, e]]
             if layer.drop_policy == "probs":
                 toks.sort(key=lambda t: -float(r.logits[t, e].detach()))
             for t in toks[cap:]:
                 kept[t, e] = False
+    w = r.weights
+    gate_mask = mask
+    if layer.renormalize_drops:  # UniMoE-Audio: kept weights rescaled per token, gate over kept columns
+        gate_mask = kept
+        rows = []
+        for t in range(n):
+            after = (w[t] * kept[t]).sum()
+            rows.append(w[t] * kept[t] * ((w[t] * mask[t]).sum() / after) if after != 0 else w[t] * 0)
+        w = torch.stack(rows)
+    shared_w = None
+    if layer.shared_gate is not None:
+        joint = torch.cat([r.logits.masked_fill(~gate_mask, -math.inf), layer.shared_gate(tokens)], -1).softmax(-1)
+        w = w * joint[:, :cols].sum(-1, keepdim=True)
+        shared_w = joint[:, cols:]
     rows = []
     for t in range(n):
         y = torch.zeros(tokens.shape[1], dtype=tokens.dtype)
@@ -105,6 +114,8 @@ CASES = [
     dict(num_shared=2, shared_mode="unit", shared_d_ff=12),
     dict(capacity_factor=0.8),
     dict(capacity_factor=0.8, drop_policy="probs", num_shared=1),
+    dict(capacity_factor=0.5, capacity_basis="tokens", renormalize_drops=True, num_shared=2, shared_mode="gated"),
+    dict(capacity_factor=0.6, drop_policy="probs", renormalize_drops=True),
 ]
 
 
@@ -126,8 +137,26 @@ def test_fast_dispatch_matches_reference_loop(kind, kw, expert):
     assert torch.all(fast[-3:] == 0), "padded tokens must get a zero output"
     if kw.get("capacity_factor"):
         assert layer.last_stats["dropped_pairs"] > 0
+        assert int(r.dropped.sum()) == layer.last_stats["dropped_pairs"] and r.dropped[-3:].sum() == 0
+        assert "dropped_share" in r.summary()
     else:
-        assert layer.last_stats["dropped_pairs"] == 0
+        assert layer.last_stats["dropped_pairs"] == 0 and r.dropped is None
+
+
+def test_token_that_loses_every_pick_gets_zero_and_finite_gradients():
+    layer = make_layer(capacity_factor=1e-3, renormalize_drops=True)  # capacity = min_capacity = 1
+    n = 6
+    logits = torch.randn(n, E + NULL, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(n, E + NULL, dtype=torch.bool)
+    mask[:, :2] = True  # everyone wants experts 0 and 1: only token 0 fits
+    weights = logits.softmax(-1) * mask
+    r = Routing(logits, mask, weights, torch.zeros(n, 1, dtype=torch.long), mask.sum(0))
+    tokens = torch.randn(n, D, dtype=torch.float64, requires_grad=True)
+    out = layer.combine(tokens, r)
+    assert r.dropped.tolist() == [0] + [2] * (n - 1) and layer.last_stats["capacity"] == 1
+    assert torch.all(out[1:] == 0) and torch.any(out[0] != 0)
+    out.square().sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(tokens.grad).all()
 
 
 def test_grouped_mm_path_matches_loop():

@@ -96,6 +96,8 @@ class Routing:
     - ``item_shape``: the leading shape the N items were flattened from (``(B, T)`` for token
       routing, ``(B,)`` for per-sample routing), so a trace can map items back to samples.
     - ``null_columns``: how many of the *last* columns are null experts (set by the MoE layer).
+    - ``dropped`` [N] long or None: selected pairs of each item removed by expert capacity (set by
+      an MoE layer with a capacity factor; None when dispatch is dropless).
     """
 
     logits: torch.Tensor
@@ -107,6 +109,7 @@ class Routing:
     item_mask: Optional[torch.Tensor] = None
     item_shape: Optional[tuple[int, ...]] = None
     null_columns: int = 0
+    dropped: Optional[torch.Tensor] = None
 
     @property
     def num_columns(self) -> int:
@@ -118,10 +121,14 @@ class Routing:
         counts = self.counts.detach().float()
         valid = self.mask if self.item_mask is None else self.mask[self.item_mask]
         per_item = valid.sum(-1).float()
-        return {
+        out = {
             "load_max_over_mean": float(counts.max() / counts.mean().clamp_min(1e-9)),
             "columns_per_item": float(per_item.mean()) if per_item.numel() else 0.0,
         }
+        if self.dropped is not None:
+            total = valid.sum()
+            out["dropped_share"] = float(self.dropped.sum() / total.clamp_min(1)) if total.numel() else 0.0
+        return out
 
 
 class Router(Component):

@@ -51,12 +51,13 @@ def drop_over_capacity(
     capacity: int,
     policy: str = "position",
     scores: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Keep at most ``capacity`` pairs per expert; return the kept ``(exp, tok, counts)`` and the drop count.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep at most ``capacity`` pairs per expert: ``(exp, tok, counts)`` kept, then ``(exp, tok)`` dropped.
 
     ``policy="position"`` keeps each expert's first tokens in sequence order (GShard/Switch);
     ``policy="probs"`` keeps the pairs with the largest ``scores`` [S] (router logits, as UniMoE-Audio's
-    ``_audio_expert_capacity``). Input pairs must be sorted by expert (see :func:`sorted_pairs`).
+    ``drop_policy="probs"``). Input pairs must be sorted by expert (see :func:`sorted_pairs`); the
+    kept pairs stay grouped by expert.
     """
     if policy == "probs":
         if scores is None:
@@ -69,10 +70,9 @@ def drop_over_capacity(
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(exp.numel(), device=exp.device) - starts[exp]
     keep = rank < capacity
-    dropped = int(exp.numel() - keep.sum())
-    if dropped == 0:
-        return exp, tok, counts, 0
-    return exp[keep], tok[keep], counts.clamp(max=capacity), dropped
+    if bool(keep.all()):
+        return exp, tok, counts, exp[:0], tok[:0]
+    return exp[keep], tok[keep], counts.clamp(max=capacity), exp[~keep], tok[~keep]
 
 
 class SortedSwiGLU(torch.autograd.Function):

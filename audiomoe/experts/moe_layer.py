@@ -14,8 +14,13 @@ expert ``s`` gets ``g_s``.
 
 Dispatch (``dispatch.py``): pairs sorted by expert, one GEMM per expert on a contiguous slice (or
 torch's grouped matmul), one weighted ``index_add`` back. Dropless by default; with a
-``capacity_factor`` each expert keeps at most ``C`` pairs (by position or by router logit) and the
-drops are counted in ``last_stats``. Padded tokens are neither routed, computed nor counted; their
+``capacity_factor`` each expert keeps at most ``C`` pairs (by position or by router logit), and the
+drops are counted per token on the routing record (``routing.dropped``) and in ``last_stats``.
+``C = max(min_capacity, ceil(cf * B / columns))`` with ``B`` the selected pairs (GShard's
+``cf * k * T / E``, ``capacity_basis="pairs"``) or the valid tokens (UniMoE-Audio's
+``_capacity``, ``"tokens"``). ``renormalize_drops=True`` follows UniMoE-Audio after a drop: the
+kept routed and null weights are rescaled to the token's selected mass, and the shared gate's joint
+softmax sees only the kept columns. Padded tokens are neither routed, computed nor counted; their
 output is zero.
 """
 
@@ -56,6 +61,8 @@ class MoELayer(nn.Module):
         capacity_factor: ``None`` = dropless; else per-expert capacity ``ceil(cf * mean column load)``.
         min_capacity: lower bound of the capacity.
         drop_policy: ``"position"`` (keep first tokens) or ``"probs"`` (keep largest router logits).
+        capacity_basis: ``"pairs"`` (capacity from selected pairs, GShard) or ``"tokens"`` (UniMoE-Audio).
+        renormalize_drops: rescale each token's kept weights to its selected mass after drops (UniMoE-Audio).
         backend: ``"auto"``, ``"torch"`` or ``"xformers"`` (CUDA only; falls back to torch with a log line).
     """
 
@@ -74,6 +81,8 @@ class MoELayer(nn.Module):
         capacity_factor: Optional[float] = None,
         min_capacity: int = 1,
         drop_policy: Literal["position", "probs"] = "position",
+        capacity_basis: Literal["pairs", "tokens"] = "pairs",
+        renormalize_drops: bool = False,
         backend: Literal["auto", "torch", "xformers"] = "auto",
     ) -> None:
         super().__init__()
@@ -85,11 +94,14 @@ class MoELayer(nn.Module):
             raise AudioMoEError(f"shared_mode {shared_mode!r} is not one of 'gated', 'unit'")
         if drop_policy not in ("position", "probs"):
             raise AudioMoEError(f"drop_policy {drop_policy!r} is not one of 'position', 'probs'")
+        if capacity_basis not in ("pairs", "tokens"):
+            raise AudioMoEError(f"capacity_basis {capacity_basis!r} is not one of 'pairs', 'tokens'")
         if capacity_factor is not None and capacity_factor <= 0:
             raise AudioMoEError(f"capacity_factor={capacity_factor} must be > 0 (or None for dropless)")
         self.d_model, self.num_experts, self.num_null, self.num_shared = d_model, num_experts, num_null, num_shared
         self.shared_mode, self.capacity_factor, self.min_capacity = shared_mode, capacity_factor, min_capacity
         self.drop_policy, self.backend = drop_policy, backend
+        self.capacity_basis, self.renormalize_drops = capacity_basis, renormalize_drops
         self.router = router(d_model=d_model, num_experts=num_experts + num_null)
         self.experts = nn.ModuleList([expert(d_model=d_model) for _ in range(num_experts)])
         shared_builder = shared_expert or expert
@@ -125,22 +137,36 @@ class MoELayer(nn.Module):
             )
         item_mask = routing.item_mask
         mask = routing.mask if item_mask is None else routing.mask & item_mask[:, None]
-        weights = routing.weights
+        n_valid = int(mask.shape[0] if item_mask is None else item_mask.sum())
+        exp, tok, counts = sorted_pairs(mask, self.num_experts)
+        weights, gate_mask = routing.weights, mask
+        dropped, capacity = 0, None
+        routing.dropped = None
+        if self.capacity_factor is not None:
+            basis = int(mask.sum()) if self.capacity_basis == "pairs" else n_valid
+            capacity = capacity_of(basis, n_cols, self.capacity_factor, self.min_capacity)
+            scores = routing.logits.detach()[tok, exp] if self.drop_policy == "probs" else None
+            exp, tok, counts, d_exp, d_tok = drop_over_capacity(exp, tok, counts, capacity, self.drop_policy, scores)
+            dropped = int(d_tok.numel())
+            routing.dropped = torch.bincount(d_tok, minlength=mask.shape[0])
+            if dropped and self.renormalize_drops:
+                gate_mask = mask.clone()
+                gate_mask[d_tok, d_exp] = False
+                selected = (weights * mask).sum(-1, keepdim=True)
+                weights = weights * gate_mask
+                kept = weights.sum(-1, keepdim=True)
+                # a token that lost every pick keeps zero weight (UniMoE: +1e-6); the double where
+                # keeps the unused branch finite so no NaN reaches the gradient
+                has = kept != 0
+                weights = weights * torch.where(has, selected / torch.where(has, kept, torch.ones_like(kept)), torch.zeros_like(kept))
         shared_w = None
         if self.shared_gate is not None:
             ct = torch.promote_types(routing.logits.dtype, torch.float32)  # softmax in fp32 at least
             shared_logits = self.shared_gate(tokens).to(ct)
-            dyn = routing.logits.to(ct).masked_fill(~mask, float("-inf"))
+            dyn = routing.logits.to(ct).masked_fill(~gate_mask, float("-inf"))
             joint = torch.cat([dyn, shared_logits], -1).softmax(-1)
             weights = weights * joint[:, :n_cols].sum(-1, keepdim=True).to(weights.dtype)
             shared_w = joint[:, n_cols:].to(tokens.dtype)
-
-        exp, tok, counts = sorted_pairs(mask, self.num_experts)
-        dropped, capacity = 0, None
-        if self.capacity_factor is not None:
-            capacity = capacity_of(int(mask.sum()), n_cols, self.capacity_factor, self.min_capacity)
-            scores = routing.logits.detach()[tok, exp] if self.drop_policy == "probs" else None
-            exp, tok, counts, dropped = drop_over_capacity(exp, tok, counts, capacity, self.drop_policy, scores)
         counts_list = counts.tolist()
 
         out, owned = self._shared_output(tokens, item_mask, shared_w)
@@ -163,7 +189,6 @@ class MoELayer(nn.Module):
                 out = out.index_add_(0, tok, ys) if owned else out.index_add(0, tok, ys)
         if out is None:
             out = tokens.new_zeros(tokens.shape)
-        n_valid = int(mask.shape[0] if item_mask is None else item_mask.sum())
         self.last_stats = {
             "tokens": n_valid,
             "routed_pairs": int(exp.numel()),

@@ -35,6 +35,13 @@ class MoEBackboneParams(Params):
     shared_d_ff: Optional[int] = Field(None, ge=1, le=1_048_576, description="width of each shared expert (None: the expert's own)")
     capacity_factor: Optional[float] = Field(None, gt=0.0, le=64.0, description="per-expert capacity factor; None = dropless")
     drop_policy: Literal["position", "probs"] = Field("position", description="which pairs survive over capacity")
+    min_capacity: int = Field(1, ge=1, description="lower bound of the per-expert capacity")
+    capacity_basis: Literal["pairs", "tokens"] = Field(
+        "pairs", description="capacity from selected pairs (GShard cf*k*T/E) or from valid tokens (UniMoE-Audio cf*T/E)"
+    )
+    renormalize_drops: bool = Field(
+        False, description="after drops, rescale kept weights to the token's selected mass and gate shared experts over kept columns (UniMoE-Audio)"
+    )
     norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="block normalisation")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention and FFN outputs")
     backend: Literal["auto", "torch", "xformers"] = Field("auto", description="compute backend (xformers: CUDA only)")
@@ -106,6 +113,9 @@ class MoEStackBackbone(Backbone):
                     shared_mode=p.shared_mode,
                     capacity_factor=p.capacity_factor,
                     drop_policy=p.drop_policy,
+                    min_capacity=p.min_capacity,
+                    capacity_basis=p.capacity_basis,
+                    renormalize_drops=p.renormalize_drops,
                     backend=p.backend,
                 ),
             )
