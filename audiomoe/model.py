@@ -118,7 +118,8 @@ class AudioModel(nn.Module):
         aux = {f"encoder/{k}": v for k, v in enc.aux_losses.items()}
         routing = {f"encoder/{k}": v for k, v in enc.routing.items()}
         if self.backbone is not None:
-            out = self.backbone(hidden, enc.padding_mask)
+            kwargs = {"task_ids": task_ids} if task_ids is not None and getattr(self.backbone, "accepts_task_ids", False) else {}
+            out = self.backbone(hidden, enc.padding_mask, **kwargs)
             hidden = out.hidden
             aux.update({f"backbone/{k}": v for k, v in out.aux_losses.items()})
             routing.update({f"backbone/{k}": v for k, v in out.routing.items()})

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import audiomoe
+from audiomoe.core.errors import AudioMoEError
 from audiomoe.testing import check_component
 
 
@@ -141,3 +142,27 @@ def test_moe_backbone_runs_causally_and_serves_as_the_codec_decoder():
         "tiny-codec", ("tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2")
     ).checks
     assert any(k.startswith("layer") for k in model.heads["codec"].decoder(torch.randn(1, 3, model.params.d_model), torch.zeros(1, 3, dtype=torch.bool), causal=True).routing)
+
+
+def test_task_ids_reach_the_backbone_routers(recwarn):
+    """Token-level oracle routing: every valid token of a sample goes to its task's expert, no warning."""
+    from audiomoe.data.synthetic import tone_batch
+    from audiomoe.trace import RoutingTrace
+
+    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.router=oracle"])
+    model.eval()
+    batch = tone_batch({"emotion": 4, "speaker": 8}, 6, generator=torch.Generator().manual_seed(3))
+    assert len(set(batch.tasks)) == 2
+    out = model(batch)
+    assert not [w for w in recwarn if "task ids" in str(w.message)]
+    trace = RoutingTrace.from_output(out)
+    for i, task in enumerate(batch.tasks):
+        column = model.task_names.index(task)  # oracle default: task t -> column t mod E
+        layer = trace.sample(i)["backbone/layer1"]
+        assert torch.all(layer["ids"][layer["valid"], 0] == column)
+    # a layer called directly with per-sample task ids gives the same routing as the model
+    x = torch.randn(2, 5, 32)
+    _, r = model.backbone.blocks[0].moe(x, None, torch.tensor([1, 0]))
+    assert r.indices[:5, 0].tolist() == [1] * 5 and r.indices[5:, 0].tolist() == [0] * 5
+    with pytest.raises(AudioMoEError, match="task_ids"):
+        model.backbone.blocks[0].moe(x, None, torch.tensor([1, 0, 1]))

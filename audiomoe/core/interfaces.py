@@ -176,16 +176,22 @@ class BackboneOutput:
 
 
 class Backbone(Component):
-    """A sequence model between the encoder and the heads: [B, N, d_model] -> [B, N, d_model]."""
+    """A sequence model between the encoder and the heads: [B, N, d_model] -> [B, N, d_model].
+
+    ``d_model`` and ``task_names`` are injected when the constructor names them. A backbone whose
+    class sets ``accepts_task_ids = True`` also gets ``task_ids`` [B] (index into ``task_names``),
+    so its routers can condition on the task.
+    """
 
     kind: ClassVar[str] = "backbone"
+    accepts_task_ids: ClassVar[bool] = False
 
     def num_active_parameters(self) -> Optional[float]:
         """Parameters used per token on average (None: all of them)."""
         return None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> BackboneOutput:  # pragma: no cover
-        """Transform ``x`` [B, N, D]; ``padding_mask`` [B, N] is True at padded frames."""
+        """Transform ``x`` [B, N, D]; ``padding_mask`` [B, N] is True at padded frames (see ``accepts_task_ids``)."""
         raise NotImplementedError
 
 

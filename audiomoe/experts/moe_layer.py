@@ -64,6 +64,7 @@ class MoELayer(nn.Module):
         capacity_basis: ``"pairs"`` (capacity from selected pairs, GShard) or ``"tokens"`` (UniMoE-Audio).
         renormalize_drops: rescale each token's kept weights to its selected mass after drops (UniMoE-Audio).
         backend: ``"auto"``, ``"torch"`` or ``"xformers"`` (CUDA only; falls back to torch with a log line).
+        task_names: the model's tasks, injected into the router (per-task tables, oracle routing).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class MoELayer(nn.Module):
         capacity_basis: Literal["pairs", "tokens"] = "pairs",
         renormalize_drops: bool = False,
         backend: Literal["auto", "torch", "xformers"] = "auto",
+        task_names: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         if num_experts < 1 or num_null < 0 or num_shared < 0:
@@ -102,7 +104,7 @@ class MoELayer(nn.Module):
         self.shared_mode, self.capacity_factor, self.min_capacity = shared_mode, capacity_factor, min_capacity
         self.drop_policy, self.backend = drop_policy, backend
         self.capacity_basis, self.renormalize_drops = capacity_basis, renormalize_drops
-        self.router = router(d_model=d_model, num_experts=num_experts + num_null)
+        self.router = router(d_model=d_model, num_experts=num_experts + num_null, task_names=task_names)
         self.experts = nn.ModuleList([expert(d_model=d_model) for _ in range(num_experts)])
         shared_builder = shared_expert or expert
         extra = {} if shared_d_ff is None else {"d_ff": shared_d_ff}
@@ -110,14 +112,30 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(d_model, num_shared, bias=False) if num_shared and shared_mode == "gated" else None
         self.last_stats: dict[str, float] = {}
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
-        """Route and combine ``x`` [B, N, D] (or [N, D]); ``padding_mask`` True = padded. Returns ``(y, routing)``."""
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Routing]:
+        """Route and combine ``x`` [B, N, D] (or [N, D]); ``padding_mask`` True = padded. Returns ``(y, routing)``.
+
+        ``task_ids``: [B] (one task per sequence, repeated over its tokens) or one per token, passed to
+        the router.
+        """
         shape = x.shape
         if shape[-1] != self.d_model:
             raise AudioMoEError(f"MoE layer expects width d_model={self.d_model}, got input of shape {tuple(shape)}")
         tokens = x.reshape(-1, shape[-1])
         item_mask = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
-        routing = self.router(tokens, item_mask=item_mask)
+        kwargs = {}
+        if task_ids is not None:
+            task_ids = task_ids.to(device=x.device, dtype=torch.long)
+            if x.dim() == 3 and tuple(task_ids.shape) == (shape[0],):
+                task_ids = task_ids[:, None].expand(shape[0], shape[1])
+            if task_ids.numel() != tokens.shape[0]:
+                raise AudioMoEError(
+                    f"task_ids of shape {tuple(task_ids.shape)} match neither the batch ({shape[0]},) nor the tokens {tuple(shape[:-1])}"
+                )
+            kwargs["task_ids"] = task_ids.reshape(-1)
+        routing = self.router(tokens, item_mask=item_mask, **kwargs)
         routing.null_columns = self.num_null
         routing.item_shape = tuple(shape[:-1])
         if routing.item_mask is None:

@@ -81,10 +81,10 @@ class MoEBlock(nn.Module):
         self.moe = moe
         self.drop = nn.Dropout(p.dropout)
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], causal: bool = False):
-        """``x`` [B, N, D] -> ``(x', routing)``."""
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], causal: bool = False, task_ids: Optional[torch.Tensor] = None):
+        """``x`` [B, N, D] -> ``(x', routing)``; ``task_ids`` [B] goes to the MoE router."""
         x = x + self.drop(self.attn(self.norm1(x), padding_mask, causal))
-        y, routing = self.moe(self.norm2(x), padding_mask)
+        y, routing = self.moe(self.norm2(x), padding_mask, task_ids)
         return x + self.drop(y), routing
 
 
@@ -92,8 +92,11 @@ class MoEStackBackbone(Backbone):
     """``num_layers`` MoE blocks + a final norm; every layer's routing and aux losses are reported."""
 
     Params = MoEBackboneParams
+    accepts_task_ids = True
 
-    def __init__(self, params: MoEBackboneParams, *, d_model: int, router: Any, expert: Any) -> None:
+    def __init__(
+        self, params: MoEBackboneParams, *, d_model: int, router: Any, expert: Any, task_names: Optional[list[str]] = None
+    ) -> None:
         super().__init__(params)
         p = self.params
         if d_model % p.num_heads:
@@ -117,6 +120,7 @@ class MoEStackBackbone(Backbone):
                     capacity_basis=p.capacity_basis,
                     renormalize_drops=p.renormalize_drops,
                     backend=p.backend,
+                    task_names=task_names,
                 ),
             )
             for _ in range(p.num_layers)
@@ -129,15 +133,18 @@ class MoEStackBackbone(Backbone):
         moe_total = sum(p.numel() for m in moe for p in m.parameters())
         return sum(p.numel() for p in self.parameters()) - moe_total + sum(m.num_active_parameters() for m in moe)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor, causal: bool = False) -> BackboneOutput:
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor, causal: bool = False, task_ids: Optional[torch.Tensor] = None
+    ) -> BackboneOutput:
         """Run the blocks on ``x`` [B, N, D]; collect each layer's routing (``layer<i>``) and aux losses.
 
         ``causal=True`` makes every block's attention causal, so the stack can serve as a decoder
-        (the codec head's MoE decoder).
+        (the codec head's MoE decoder). ``task_ids`` [B] reaches every layer's router (oracle and
+        per-task routing at token level).
         """
         out = BackboneOutput(x)
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, padding_mask, causal)
+            x, routing = block(x, padding_mask, causal, task_ids)
             out.routing[f"layer{i}"] = routing
             for k, v in routing.aux_losses.items():
                 out.aux_losses[f"layer{i}/{k}"] = v
