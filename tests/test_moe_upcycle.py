@@ -75,3 +75,26 @@ def test_bad_upcycling_inputs_are_named(tmp_path):
     gelu = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**KW, hidden_act="gelu"))
     with pytest.raises(AudioMoEError, match="SiLU"):
         upcycle_causal_lm(gelu, num_experts=2)
+
+
+def test_padded_tokens_are_not_routed_in_forward_or_generate():
+    model = tiny()
+    upcycle_causal_lm(model, num_experts=4, router={"name": "linear_topk", "params": {"k": 2}})
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0  # right padding
+    padded = model(ids, attention_mask=mask).logits
+    moe = model.model.layers[0].mlp.moe
+    assert moe.last_stats["tokens"] == 11 and int(moe.last_stats["routed_pairs"]) == 22
+    r = model.model.layers[1].mlp.routing
+    assert int(r.counts.sum()) == 22 and r.item_mask is not None and not r.item_mask[11:].any()
+    assert model.model.layers[0].mlp.attention_mask is None  # cleared after the call
+    short = model(ids[1:, :4]).logits  # the same sample without padding
+    torch.testing.assert_close(padded[1, :4], short[0], rtol=1e-5, atol=1e-5)
+    assert moe.last_stats["tokens"] == 4  # no mask given: every token routed
+    # left-padded generation with a KV cache: the per-step mask is the last columns of the full mask
+    left = torch.ones(2, 5, dtype=torch.long)
+    left[0, :2] = 0
+    gen = model.generate(ids[:, :5], attention_mask=left, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert gen.shape == (2, 8)
+    assert moe.last_stats["tokens"] == 2  # the last step routes one new token per sample

@@ -30,18 +30,51 @@ class UpcycledMLP(nn.Module):
     """Drop-in replacement of a decoder layer's ``mlp``: [B, T, D] -> [B, T, D] through an MoE layer.
 
     The last routing record is kept in ``routing`` (its ``aux_losses`` are what training adds; see
-    :func:`moe_aux_losses`). Hugging Face calls the MLP without a padding mask, so every token is routed.
+    :func:`moe_aux_losses`). Hugging Face calls the MLP without a padding mask, so
+    :func:`upcycle_causal_lm` hooks the model's forward to hand the 2-D ``attention_mask`` to every
+    upcycled MLP for the duration of the call (``attention_mask``): padded tokens are then neither
+    routed, computed nor counted in the balance loss.
     """
 
     def __init__(self, moe: MoELayer) -> None:
         super().__init__()
         self.moe = moe
         self.routing: Optional[Routing] = None
+        self.attention_mask: Optional[torch.Tensor] = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Apply the MoE FFN to ``hidden_states`` [..., D]."""
-        y, self.routing = self.moe(hidden_states)
+        """Apply the MoE FFN to ``hidden_states`` [B, T, D] (padding from the hooked ``attention_mask``)."""
+        pad = None
+        mask = self.attention_mask
+        if mask is not None and mask.dim() == 2 and hidden_states.dim() == 3 and mask.shape[0] == hidden_states.shape[0]:
+            t = hidden_states.shape[1]
+            if mask.shape[1] >= t:  # with a KV cache the mask covers past + current: the current are last
+                pad = mask[:, -t:].to(hidden_states.device) == 0
+        y, self.routing = self.moe(hidden_states, pad)
         return y
+
+
+def _install_mask_hook(model: nn.Module) -> None:
+    """Give every :class:`UpcycledMLP` the 2-D ``attention_mask`` of each ``model(...)`` call (once per model)."""
+    if getattr(model, "_audiomoe_mask_hooks", None):
+        return
+
+    # the hooks use the module they are called with (not a closure), so a deep copy stays separate
+    def before(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        for m in module.modules():
+            if isinstance(m, UpcycledMLP):
+                m.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+
+    def after(module, _args, _kwargs, _output):
+        for m in module.modules():
+            if isinstance(m, UpcycledMLP):
+                m.attention_mask = None
+
+    model._audiomoe_mask_hooks = (
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True, always_call=True),
+    )
 
 
 def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -141,7 +174,8 @@ def upcycle_causal_lm(
         average_non_mlp: set every non-MLP parameter to the mean over ``sources`` (UniMoE stage 2).
         layers: indices of the decoder layers to upcycle (default: all).
 
-    Returns ``model`` (its ``mlp`` modules are now :class:`UpcycledMLP`).
+    Returns ``model`` (its ``mlp`` modules are now :class:`UpcycledMLP`; a forward hook passes the
+    ``attention_mask`` of each call to them, so padded tokens are not routed).
     """
     decoder = _decoder_layers(model)
     srcs = [_load(s) for s in sources] if sources is not None else None
@@ -184,4 +218,5 @@ def upcycle_causal_lm(
         for shared in moe.shared:
             _fill(shared, dense, 0)
         decoder[i].mlp = UpcycledMLP(moe.to(device=ref.device, dtype=ref.dtype))
+    _install_mask_hook(model)
     return model
