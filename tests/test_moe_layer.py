@@ -121,9 +121,9 @@ CASES = [
 
 @pytest.mark.parametrize("kind", ["topk", "topp"])
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
-@pytest.mark.parametrize("expert", ["swiglu", "mlp"])
-def test_fast_dispatch_matches_reference_loop(kind, kw, expert):
-    layer = make_layer(expert, **kw)
+@pytest.mark.parametrize("expert,dispatch", [("swiglu", "auto"), ("swiglu", "loop"), ("swiglu", "slots"), ("mlp", "auto"), ("mlp", "slots")])
+def test_fast_dispatch_matches_reference_loop(kind, kw, expert, dispatch):
+    layer = make_layer(expert, dispatch=dispatch, **kw)
     n = 24
     item_mask = torch.ones(n, dtype=torch.bool)
     item_mask[-3:] = False
@@ -135,6 +135,7 @@ def test_fast_dispatch_matches_reference_loop(kind, kw, expert):
     for a, b in zip(grads(layer, tokens, r, fast), grads(layer, tokens, r, ref)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     assert torch.all(fast[-3:] == 0), "padded tokens must get a zero output"
+    assert layer.last_plan == ({"swiglu": "fused", "mlp": "loop"}[expert] if dispatch == "auto" else dispatch)
     if kw.get("capacity_factor"):
         assert layer.last_stats["dropped_pairs"] > 0
         assert int(r.dropped.sum()) == layer.last_stats["dropped_pairs"] and r.dropped[-3:].sum() == 0
@@ -157,6 +158,46 @@ def test_token_that_loses_every_pick_gets_zero_and_finite_gradients():
     assert torch.all(out[1:] == 0) and torch.any(out[0] != 0)
     out.square().sum().backward()
     assert torch.isfinite(logits.grad).all() and torch.isfinite(tokens.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["topk", "topp"])
+def test_slot_order_gives_unique_tokens_per_slot_sorted_by_expert(kind):
+    from audiomoe.experts import dispatch
+
+    r = hand_routing(40, kind)
+    exp, tok, _ = dispatch.sorted_pairs(r.mask, E)
+    order, sizes, groups = dispatch.slot_order(exp, tok, E)
+    assert sorted(order.tolist()) == list(range(exp.numel()))
+    per_token = r.mask[:, :E].sum(-1)
+    assert len(sizes) == int(per_token.max()) and sizes == sorted(sizes, reverse=True)
+    if kind == "topk":
+        assert len(sizes) <= 2
+    for j, (slot_exp, slot_tok) in enumerate(zip(exp[order].split(sizes), tok[order].split(sizes))):
+        assert slot_tok.unique().numel() == slot_tok.numel(), "a slot must not repeat a token"
+        assert torch.all(slot_exp[1:] >= slot_exp[:-1]) and torch.bincount(slot_exp, minlength=E).tolist() == groups[j]
+        assert int((per_token > j).sum()) == slot_tok.numel()
+
+
+def test_choose_plan_times_once_caches_and_skips_a_failing_plan(caplog):
+    from audiomoe.experts import dispatch
+
+    calls = {"a": 0, "b": 0}
+
+    def run(plan):
+        if plan == "broken":
+            raise RuntimeError("no kernel for this GPU")
+        calls[plan] += 1
+        torch.randn(200, 200) @ torch.randn(200, 200 if plan == "a" else 800)
+
+    key = ("test-key", torch.device("cpu"), 1)
+    dispatch._CHOICES.pop(key, None)
+    with caplog.at_level("INFO", logger="audiomoe.experts"):
+        assert dispatch.choose_plan(key, ["a", "broken", "b"], run) == "a"
+        assert dispatch.choose_plan(key, ["a", "broken", "b"], run) == "a"
+    assert calls == {"a": 4, "b": 4}  # warm-up + 3 timed, once
+    assert any("failed" in r.getMessage() and "broken" in r.getMessage() for r in caplog.records)
+    assert dispatch.chosen_plans()[key] == "a"
+    dispatch._CHOICES.pop(key)
 
 
 def test_grouped_mm_path_matches_loop():
@@ -305,6 +346,30 @@ def test_backend_auto_falls_back_to_torch_on_cpu_with_one_log_line(caplog):
     assert len(lines) == 2 and all("torch" in line for line in lines)
     with pytest.raises(AudioMoEError, match="triton"):
         backends.resolve_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("plan", ["fused", "grouped", "slots", "auto"])
+def test_cuda_dispatch_plans_match_the_loop(plan):
+    """Every plan (slots with xformers' Triton gather/scatter when installed) equals the loop on the GPU."""
+    from audiomoe.experts.backends import xformers_available
+
+    backend = "xformers" if plan == "slots" and xformers_available() else "torch"
+    x = torch.randn(512, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    results = {}
+    for p in ("loop", plan):
+        torch.manual_seed(0)
+        layer = MoELayer(
+            d_model=64, num_experts=8, router=builder("router", "linear_topk", k=2), expert=builder("expert", "swiglu", d_ff=64),
+            num_shared=1, backend=backend, dispatch=p,
+        ).cuda()
+        xi = x.clone().requires_grad_(True)
+        y, _ = layer(xi)
+        y.square().sum().backward()
+        results[p] = (y.detach(), xi.grad, layer.experts[0].w_in.weight.grad)
+    for a, b in zip(results["loop"], results[plan]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda

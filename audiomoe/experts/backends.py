@@ -4,8 +4,11 @@
   attention through ``F.scaled_dot_product_attention`` with a key-padding mask.
 - ``xformers`` (CUDA only, optional extra ``audiomoe[gpu]``): attention through
   ``xformers.ops.memory_efficient_attention`` on packed variable-length sequences with a
-  block-diagonal mask (no padding computed); expert GEMMs through torch's grouped matmul. xformers
-  has no CPU kernels and, since 0.0.34, no fused SwiGLU, so nothing else of it is used.
+  block-diagonal mask (no padding computed); the MoE layer may also dispatch through xformers'
+  Triton ``index_select_cat`` / ``scaled_index_add`` (the ``slots`` plan of ``dispatch.py``, one
+  call per top-k slot so indices are unique), and the expert GEMMs through torch's grouped matmul.
+  On CUDA the layer times its usable plans once per shape and keeps the fastest. xformers has no
+  CPU kernels and, since 0.0.34, no fused SwiGLU, so nothing else of it is used.
 
 ``resolve_backend`` decides once per (request, device) and logs one line saying which and why.
 """

@@ -15,13 +15,17 @@ Fresh large CPU allocations are page-faulted on every call, so the fused node ke
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger("audiomoe.experts")
 
 
 def sorted_pairs(mask: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,3 +294,147 @@ def grouped_mm_usable(d_model: int, d_ff: int, dtype: torch.dtype) -> bool:
         return False
     size = torch.empty((), dtype=dtype).element_size()
     return (d_model * size) % 16 == 0 and (d_ff * size) % 16 == 0
+
+
+# -- slot dispatch: unique token indices per call (xformers' Triton gather / scatter) -------------
+
+
+def slot_order(exp: torch.Tensor, tok: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+    """Reorder expert-sorted pairs into *slots*: slot ``j`` holds every token's ``j``-th pick.
+
+    Within a slot each token appears at most once (what xformers' ``index_select_cat`` and
+    ``scaled_index_add`` require: unique indices per call), and the pairs stay sorted by expert, so
+    each slot is a sorted dispatch of its own. Top-k gives ``k`` equal slots; top-p gives as many
+    slots as the most picks of any token, shrinking. Returns ``(order, slot_sizes, group_counts)``
+    with ``group_counts[j][e]`` the pairs of expert ``e`` in slot ``j``.
+    """
+    s = tok.numel()
+    if s == 0:
+        return tok.new_zeros(0), [], []
+    by_tok = torch.argsort(tok, stable=True)
+    per_tok = torch.bincount(tok)
+    first = torch.cumsum(per_tok, 0) - per_tok
+    rank = torch.empty_like(tok)
+    rank[by_tok] = torch.arange(s, device=tok.device) - first[tok[by_tok]]
+    key = rank * num_experts + exp
+    order = torch.argsort(key, stable=True)
+    n_slots = int(rank.max()) + 1
+    groups = torch.bincount(key, minlength=n_slots * num_experts).view(n_slots, num_experts)
+    return order, groups.sum(-1).tolist(), groups.tolist()
+
+
+def _xformers_ops():
+    import xformers.ops as xops
+
+    return xops.index_select_cat, xops.scaled_index_add
+
+
+def slot_gather(tokens: torch.Tensor, slots: Sequence[torch.Tensor], use_xformers: bool) -> torch.Tensor:
+    """Rows ``tokens[cat(slots)]`` [S, d]; one xformers ``index_select_cat`` call over all slots when asked."""
+    if use_xformers:
+        index_select_cat, _ = _xformers_ops()
+        return index_select_cat([tokens] * len(slots), list(slots)).view(-1, tokens.shape[1])
+    return tokens.index_select(0, torch.cat(list(slots)))
+
+
+def slot_scatter_(out: torch.Tensor, slots: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], use_xformers: bool) -> torch.Tensor:
+    """``out[slot] += rows`` for each slot (unique indices per slot), in place; returns ``out``.
+
+    With xformers, one ``scaled_index_add`` per slot (its Triton kernel needs unique indices and a
+    [B, M, D] layout, hence the [N, 1, d] views); no atomics, so the combine is deterministic.
+    """
+    if use_xformers:
+        _, scaled_index_add = _xformers_ops()
+        n, d = out.shape
+        view = out.view(n, 1, d)
+        for idx, r in zip(slots, rows):
+            view = scaled_index_add(view, idx, r.reshape(-1, 1, d))
+        return view.view(n, d)
+    for idx, r in zip(slots, rows):
+        out.index_add_(0, idx, r)
+    return out
+
+
+PLANS = ("fused", "loop", "grouped", "slots")
+
+
+def combine_pairs(
+    plan: str,
+    tokens: torch.Tensor,
+    base: Optional[torch.Tensor],
+    exp: torch.Tensor,
+    tok: torch.Tensor,
+    counts: Sequence[int],
+    w_pairs: torch.Tensor,
+    experts: nn.ModuleList,
+    use_xformers: bool = False,
+) -> torch.Tensor:
+    """``base + sum_p w_p * expert_{e_p}(tokens[tok_p])`` [N, d] for expert-sorted pairs, by one of :data:`PLANS`.
+
+    - ``fused``: :class:`FusedSwiGLUMoE` (one autograd node, scratch buffers; SwiGLU experts of one width);
+    - ``loop``: gather, one module call per expert (``split``), weighted ``index_add``; any expert kind;
+    - ``grouped``: as ``loop`` with ``F.grouped_mm`` over the stacked SwiGLU weights;
+    - ``slots``: :func:`slot_order` + per-slot grouped/loop compute, gather and scatter through
+      xformers' Triton ops when ``use_xformers`` (else the same maths in torch ops).
+    ``base`` (the shared experts' output, or None for zeros) is never modified.
+    """
+    if plan == "fused":
+        ws = [w for m in experts for w in m.swiglu_weights()]
+        return FusedSwiGLUMoE.apply(tokens, base, tok, w_pairs, list(counts), *ws)
+    out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
+    if plan in ("loop", "grouped"):
+        ys = run_sorted(tokens.index_select(0, tok), counts, experts, gemm=plan)
+        return out.index_add_(0, tok, ys * w_pairs.to(ys.dtype).unsqueeze(-1))
+    if plan != "slots":
+        raise ValueError(f"dispatch plan {plan!r} is not one of {PLANS}")
+    order, sizes, groups = slot_order(exp, tok, len(experts))
+    slots = tok[order].split(sizes)
+    xs = slot_gather(tokens, slots, use_xformers)
+    d_ff = getattr(experts[0], "d_ff", 1) if len(experts) else 1
+    on_gpu = tokens.device.type == "cuda" and fused_swiglu_usable(experts)
+    gemm = "grouped" if on_gpu and grouped_mm_usable(tokens.shape[1], d_ff, tokens.dtype) else "loop"
+    ys = torch.cat([run_sorted(chunk, g, experts, gemm=gemm) for chunk, g in zip(xs.split(sizes), groups)])
+    ys = ys * w_pairs[order].to(ys.dtype).unsqueeze(-1)
+    return slot_scatter_(out, slots, ys.split(sizes), use_xformers)
+
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def choose_plan(key: tuple, candidates: Sequence[str], run: Callable[[str], object], reps: int = 3) -> str:
+    """The fastest of ``candidates`` for this shape ``key``, timed once on the real inputs and cached.
+
+    ``run(plan)`` computes the layer's expert part with that plan (called under ``no_grad``: a
+    forward-time proxy). A plan that raises (a kernel missing on this GPU) is skipped with a
+    warning. One log line per key gives every candidate's time and the choice.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    if key in _CHOICES:
+        return _CHOICES[key]
+    cuda = any(isinstance(k, torch.device) and k.type == "cuda" for k in key)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times: dict[str, float] = {}
+    for plan in candidates:
+        try:
+            with torch.no_grad():
+                run(plan)  # warm-up: Triton compilation, cuBLAS heuristics
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    run(plan)
+                sync()
+            times[plan] = (time.perf_counter() - t0) / reps
+        except Exception as exc:  # noqa: BLE001 - any kernel failure just removes that candidate
+            log.warning("audiomoe MoE dispatch plan %r failed for %s and is not used: %s", plan, key, exc)
+    if not times:
+        raise RuntimeError(f"no MoE dispatch plan ran for {key}: tried {list(candidates)}")
+    best = min(times, key=times.__getitem__)
+    _CHOICES[key] = best
+    log.info("audiomoe MoE dispatch for %s: %s (%s)", key, best, ", ".join(f"{p} {t * 1e3:.3f} ms" for p, t in times.items()))
+    return best
+
+
+def chosen_plans() -> dict[tuple, str]:
+    """The dispatch plans picked so far by :func:`choose_plan`, by shape key (for logs and benchmarks)."""
+    return dict(_CHOICES)

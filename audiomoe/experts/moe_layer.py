@@ -13,7 +13,8 @@ and null columns, shared logits])``, routed weights become ``w * sum_{dynamic} g
 expert ``s`` gets ``g_s``.
 
 Dispatch (``dispatch.py``): pairs sorted by expert, one GEMM per expert on a contiguous slice (or
-torch's grouped matmul), one weighted ``index_add`` back. Dropless by default; with a
+torch's grouped matmul), one weighted ``index_add`` back; on CUDA the fastest of the usable plans
+(fused loop, grouped matmul, xformers slot gather/scatter) is measured once per shape and kept. Dropless by default; with a
 ``capacity_factor`` each expert keeps at most ``C`` pairs (by position or by router logit), and the
 drops are counted per token on the routing record (``routing.dropped``) and in ``last_stats``.
 ``C = max(min_capacity, ceil(cf * B / columns))`` with ``B`` the selected pairs (GShard's
@@ -35,12 +36,13 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
 from audiomoe.experts.backends import resolve_backend
 from audiomoe.experts.dispatch import (
-    FusedSwiGLUMoE,
+    PLANS,
     capacity_of,
+    choose_plan,
+    combine_pairs,
     drop_over_capacity,
     fused_swiglu_usable,
     grouped_mm_usable,
-    run_sorted,
     sorted_pairs,
 )
 
@@ -65,6 +67,11 @@ class MoELayer(nn.Module):
         renormalize_drops: rescale each token's kept weights to its selected mass after drops (UniMoE-Audio).
         backend: ``"auto"``, ``"torch"`` or ``"xformers"`` (CUDA only; falls back to torch with a log line).
         task_names: the model's tasks, injected into the router (per-task tables, oracle routing).
+        dispatch: ``"auto"`` or one plan of :func:`audiomoe.experts.dispatch.combine_pairs`
+            (``fused``, ``loop``, ``grouped``, ``slots``). Auto: on CPU ``fused`` for SwiGLU experts of
+            one width, else ``loop``; on CUDA the fastest of the usable plans (``grouped`` where
+            torch's grouped matmul takes the shapes, ``slots`` with xformers' Triton gather/scatter
+            when the backend is xformers), timed once per shape and logged.
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class MoELayer(nn.Module):
         renormalize_drops: bool = False,
         backend: Literal["auto", "torch", "xformers"] = "auto",
         task_names: Optional[list[str]] = None,
+        dispatch: Literal["auto", "fused", "loop", "grouped", "slots"] = "auto",
     ) -> None:
         super().__init__()
         if num_experts < 1 or num_null < 0 or num_shared < 0:
@@ -96,6 +104,8 @@ class MoELayer(nn.Module):
             raise AudioMoEError(f"shared_mode {shared_mode!r} is not one of 'gated', 'unit'")
         if drop_policy not in ("position", "probs"):
             raise AudioMoEError(f"drop_policy {drop_policy!r} is not one of 'position', 'probs'")
+        if dispatch != "auto" and dispatch not in PLANS:
+            raise AudioMoEError(f"dispatch {dispatch!r} is not one of 'auto', {', '.join(repr(p) for p in PLANS)}")
         if capacity_basis not in ("pairs", "tokens"):
             raise AudioMoEError(f"capacity_basis {capacity_basis!r} is not one of 'pairs', 'tokens'")
         if capacity_factor is not None and capacity_factor <= 0:
@@ -104,6 +114,8 @@ class MoELayer(nn.Module):
         self.shared_mode, self.capacity_factor, self.min_capacity = shared_mode, capacity_factor, min_capacity
         self.drop_policy, self.backend = drop_policy, backend
         self.capacity_basis, self.renormalize_drops = capacity_basis, renormalize_drops
+        self.dispatch = dispatch
+        self.last_plan: Optional[str] = None
         self.router = router(d_model=d_model, num_experts=num_experts + num_null, task_names=task_names)
         self.experts = nn.ModuleList([expert(d_model=d_model) for _ in range(num_experts)])
         shared_builder = shared_expert or expert
@@ -111,6 +123,8 @@ class MoELayer(nn.Module):
         self.shared = nn.ModuleList([shared_builder(d_model=d_model, **extra) for _ in range(num_shared)])
         self.shared_gate = nn.Linear(d_model, num_shared, bias=False) if num_shared and shared_mode == "gated" else None
         self.last_stats: dict[str, float] = {}
+        if dispatch in ("fused", "grouped") and not fused_swiglu_usable(self.experts):
+            raise AudioMoEError(f"dispatch={dispatch!r} needs SwiGLU experts of one width (expert kind here: {type(self.experts[0]).__name__}); use 'loop' or 'auto'")
 
     def forward(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
@@ -187,24 +201,11 @@ class MoELayer(nn.Module):
             shared_w = joint[:, n_cols:].to(tokens.dtype)
         counts_list = counts.tolist()
 
-        out, owned = self._shared_output(tokens, item_mask, shared_w)
+        out = self._shared_output(tokens, item_mask, shared_w)
         if exp.numel():
-            backend = resolve_backend(self.backend, tokens.device)
-            gemm = "loop"
-            if backend == "xformers" and self.experts and grouped_mm_usable(self.d_model, getattr(self.experts[0], "d_ff", 1), tokens.dtype):
-                gemm = "grouped"
             w_pairs = weights[tok, exp]
-            if gemm == "loop" and fused_swiglu_usable(self.experts):
-                ws = [w for m in self.experts for w in m.swiglu_weights()]
-                out = FusedSwiGLUMoE.apply(tokens, None if out is None else out, tok, w_pairs, counts_list, *ws)
-            else:
-                ys = run_sorted(tokens.index_select(0, tok), counts_list, self.experts, gemm=gemm)
-                ys = ys * w_pairs.to(ys.dtype).unsqueeze(-1)
-                if out is None:
-                    out = tokens.new_zeros(tokens.shape)
-                    owned = True
-                # in place only into a tensor this layer made (an expert's output may be saved by autograd)
-                out = out.index_add_(0, tok, ys) if owned else out.index_add(0, tok, ys)
+            plan, use_x = self._plan(tokens, exp, tok, counts_list, w_pairs)
+            out = combine_pairs(plan, tokens, out, exp, tok, counts_list, w_pairs, self.experts, use_x)
         if out is None:
             out = tokens.new_zeros(tokens.shape)
         self.last_stats = {
@@ -216,12 +217,35 @@ class MoELayer(nn.Module):
         }
         return out
 
+    def _plan(self, tokens: torch.Tensor, exp: torch.Tensor, tok: torch.Tensor, counts: list[int], w_pairs: torch.Tensor) -> tuple[str, bool]:
+        """(dispatch plan, whether the slot plan uses xformers' Triton ops) for this call."""
+        use_x = resolve_backend(self.backend, tokens.device) == "xformers"
+        fused_ok = fused_swiglu_usable(self.experts)
+        if self.dispatch != "auto":
+            plan = self.dispatch
+        elif tokens.device.type != "cuda":
+            plan = "fused" if fused_ok else "loop"
+        else:
+            d_ff = getattr(self.experts[0], "d_ff", 0)
+            candidates = ["fused" if fused_ok else "loop"]
+            if fused_ok and grouped_mm_usable(self.d_model, d_ff, tokens.dtype):
+                candidates.append("grouped")
+            if use_x:
+                candidates.append("slots")
+            bucket = 1 << max(int(exp.numel()) - 1, 0).bit_length()  # pairs rounded up to a power of 2
+            key = (tokens.device, tokens.dtype, self.d_model, d_ff, self.num_experts, use_x, bucket)
+            plan = choose_plan(
+                key, candidates, lambda p: combine_pairs(p, tokens, None, exp, tok, counts, w_pairs, self.experts, use_x)
+            )
+        self.last_plan = plan
+        return plan, use_x
+
     def _shared_output(
         self, tokens: torch.Tensor, item_mask: Optional[torch.Tensor], shared_w: Optional[torch.Tensor]
-    ) -> tuple[Optional[torch.Tensor], bool]:
-        """Shared experts' output [N, D] (None without shared experts) and whether it is this layer's own."""
+    ) -> Optional[torch.Tensor]:
+        """Shared experts' output [N, D] (None without shared experts); padded rows are zero."""
         if not self.num_shared:
-            return None, True
+            return None
         idx = None
         if item_mask is not None and not bool(item_mask.all()):
             idx = item_mask.nonzero(as_tuple=True)[0]
@@ -236,8 +260,8 @@ class MoELayer(nn.Module):
                 y = y * shared_w[:, s : s + 1]
             ys = y if ys is None else ys + y
         if idx is None:
-            return ys, shared_w is not None or self.num_shared > 1
-        return tokens.new_zeros(tokens.shape).index_add_(0, idx, ys), True
+            return ys
+        return tokens.new_zeros(tokens.shape).index_add_(0, idx, ys)
 
     def num_active_parameters(self) -> float:
         """Router + shared experts (+ their gate) + the routed experts an average valid token uses.
