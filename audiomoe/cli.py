@@ -132,8 +132,12 @@ def cmd_compose(args: argparse.Namespace) -> int:
         seen.add(key)
         uniq.append(r)
     print(_table(uniq, ["part", "component", "plugin", "parameters"]))
+    note = ""
+    if not args.no_probe and any(hasattr(m, "last_stats") for m in model.modules()):
+        model.probe()  # top-p picks vary per token: count what a forward actually used
+        note = "  (MoE picks measured on 2 noise clips; --no-probe for the static count)"
     total, active = count_parameters(model)
-    print(f"\nparameters: total {total:,}  active per token {active:,.0f} ({active / max(total, 1):.1%})")
+    print(f"\nparameters: total {total:,}  active per token {active:,.0f} ({active / max(total, 1):.1%}){note}")
     if args.save_spec:
         import yaml
 
@@ -185,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. backbone.router.k=1 (repeatable)")
         if name == "compose":
             p.add_argument("--save-spec", metavar="FILE", help="write the resolved spec as YAML")
+            p.add_argument("--no-probe", action="store_true", help="count active parameters without a forward on noise")
         p.set_defaults(func=func)
 
     p = sub.add_parser("train", help="train a preset on the synthetic audio task, with checkpoints")

@@ -100,6 +100,26 @@ class AudioModel(nn.Module):
         """Device of the model's parameters."""
         return next(self.parameters()).device
 
+    @torch.no_grad()
+    def probe(self, seconds: float = 1.0, batch_size: int = 2, seed: int = 0) -> None:
+        """Run the encoder stack once on seeded noise (eval mode), so data-dependent statistics exist.
+
+        Top-p routing uses a variable number of experts per token; after a probe, MoE layers report
+        their measured average in ``num_active_parameters`` (what ``audiomoe compose`` prints).
+        The training mode is restored afterwards.
+        """
+        sr = int(self.encoder.sample_rate)
+        n = max(int(seconds * sr), 1)
+        g = torch.Generator().manual_seed(seed)
+        wav = 0.1 * torch.randn(batch_size, n, generator=g)
+        lengths = torch.tensor([n - (i * n) // (2 * batch_size) for i in range(batch_size)])
+        was_training = self.training
+        self.eval()
+        try:
+            self.encode(wav, lengths, sr)
+        finally:
+            self.train(was_training)
+
     def encode(
         self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:

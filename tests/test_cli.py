@@ -71,3 +71,24 @@ def test_compose_prints_parts_plugins_and_parameter_counts(tmp_path):
     active = int(line.split("active per token ")[1].split()[0].replace(",", ""))
     assert 0 < active < total
     assert yaml.safe_load(spec_file.read_text())["backbone"]["params"]["router"]["params"]["k"] == 1
+
+
+def test_compose_measures_top_p_active_parameters_with_a_probe():
+    def counts(*extra):
+        line = next(l for l in run("compose", "tiny-unimoe", *extra).stdout.splitlines() if l.startswith("parameters:"))
+        total = int(line.split("total ")[1].split()[0].replace(",", ""))
+        return total, int(line.split("active per token ")[1].split()[0].replace(",", "")), line
+
+    total, static, line = counts("--no-probe")
+    assert static == total and "measured" not in line  # top-p before any forward: the upper bound
+    total2, measured, line = counts()
+    assert total2 == total and measured < total and "measured on 2 noise clips" in line
+    import audiomoe
+
+    model = audiomoe.compose("tiny-unimoe")
+    model.train()
+    model.probe()
+    assert model.training  # the probe restores the mode
+    per_layer = [b.moe.last_stats["routed_per_token"] for b in model.backbone.blocks]
+    assert all(1 <= k <= 8 for k in per_layer)
+    assert audiomoe.count_parameters(model)[1] == pytest.approx(measured, abs=1)
