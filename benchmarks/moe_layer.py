@@ -10,7 +10,8 @@ The routing is fixed: a linear top-k gate is computed once and its record reused
 not pollute the layer timing (the ratios are dispatch + experts + combine only; no router in any).
 Points: fine-grained d=1024, 32 experts of width 128, top-2, 16k tokens; coarse d=512, 8 experts of
 width 2048, top-2, 4k tokens. Then time vs null share: a fraction of the picks is moved to null
-columns, and the time falls with the real picks. On a CUDA machine a last section times every
+columns, and the time falls with the real picks. Then every dispatch plan on CPU at the fine point
+(why ``auto`` takes ``fused`` there). On a CUDA machine a last section times every
 dispatch plan (loop, fused, grouped matmul, slots with torch ops, slots with xformers' Triton
 gather/scatter) in bf16 and prints each one's speed relative to the loop, its largest difference
 from it, and what ``dispatch="auto"`` picked.
@@ -209,24 +210,22 @@ def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(
         print(f"{s:>10.2f} {real:>10} {res_f[s] * 1e3:>8.1f} {res_f[s] / res_f[shares[0]]:>5.2f}x {res_b[s] * 1e3:>8.1f} {res_b[s] / res_b[shares[0]]:>5.2f}x")
 
 
-def gpu_plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, dtype=torch.bfloat16) -> None:
-    """CUDA only: every dispatch plan (torch ops vs xformers' Triton gather/scatter) side by side.
+def plan_table(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, dev: torch.device, dtype: torch.dtype) -> None:
+    """Every dispatch plan side by side (on CUDA also the slots plan through xformers' Triton ops).
 
     Prints fwd and fwd+bwd time relative to the ``loop`` plan and the largest absolute difference of
     the output from it, plus what ``dispatch="auto"`` picked for this shape.
     """
     from _common import measure as cuda_measure
 
-    from audiomoe.experts import dispatch
     from audiomoe.experts.backends import xformers_available
 
-    dev = torch.device("cuda")
     torch.manual_seed(0)
     x = torch.randn(t, d, device=dev, dtype=dtype)
     routing = fixed_topk_routing(x.float().cpu(), e, k)
     routing = Routing(*(v.to(dev) for v in (routing.logits, routing.mask, routing.weights, routing.indices, routing.counts)))
     plans = [("loop", "torch"), ("fused", "torch"), ("grouped", "torch"), ("slots", "torch")]
-    if xformers_available():
+    if dev.type == "cuda" and xformers_available():
         plans.append(("slots", "xformers"))
     layers, outs = {}, {}
     for plan, backend in plans:
@@ -256,17 +255,19 @@ def gpu_plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emi
             layer.combine(xg, routing).backward(g)
         return run
 
-    res_f = cuda_measure({key: fwd(m) for key, m in layers.items()}, reps, dev)
-    res_b = cuda_measure({key: fwd_bwd(m) for key, m in layers.items()}, reps, dev)
+    timer = (lambda cases: cuda_measure(cases, reps, dev)) if dev.type == "cuda" else (lambda cases: measure(cases, reps))
+    res_f = timer({key: fwd(m) for key, m in layers.items()})
+    res_b = timer({key: fwd_bwd(m) for key, m in layers.items()})
     ref = ("loop", "torch")
-    print(f"\nGPU {torch.cuda.get_device_name()} {label} {dtype}: time relative to loop/torch, max |diff| vs loop")
+    where = f"GPU {torch.cuda.get_device_name()}" if dev.type == "cuda" else "CPU"
+    print(f"\n{where} dispatch plans, {label}, {dtype}: time relative to loop/torch, max |diff| vs loop")
     for key in layers:
         name = "/".join(key)
         diff = float((outs[key] - outs[ref]).abs().max())
         print(f"  {name:<16} fwd {res_f[key] * 1e3:8.3f} ms {res_f[key] / res_f[ref]:5.2f}x | f+b {res_b[key] * 1e3:8.3f} ms {res_b[key] / res_b[ref]:5.2f}x | max diff {diff:.2e}")
-        emit(f"gpu {label}", f"fwd_{name}_over_loop", res_f[key] / res_f[ref], "x")
-        emit(f"gpu {label}", f"fwd+bwd_{name}_over_loop", res_b[key] / res_b[ref], "x")
-        emit(f"gpu {label}", f"max_abs_diff_{name}", diff, "abs")
+        emit(f"plans {dev.type} {label}", f"fwd_{name}_over_loop", res_f[key] / res_f[ref], "x")
+        emit(f"plans {dev.type} {label}", f"fwd+bwd_{name}_over_loop", res_b[key] / res_b[ref], "x")
+        emit(f"plans {dev.type} {label}", f"max_abs_diff_{name}", diff, "abs")
     auto = MoELayer(
         d_model=d, num_experts=e, router=builder("router", "linear_topk", k=k), expert=builder("expert", "swiglu", d_ff=f),
         backend="auto",
@@ -298,9 +299,10 @@ def main() -> None:
     point(f"fine d=1024 E=32 f=128 k=2 T={fine_t}", 1024, 32, 128, 2, fine_t, reps, emit)
     point(f"coarse d=512 E=8 f=2048 k=2 T={coarse_t}", 512, 8, 2048, 2, coarse_t, reps, emit)
     null_sweep(1024, 32, 128, 2, sweep_t, reps, emit)
+    plan_table(f"fine T={fine_t}", 1024, 32, 128, 2, fine_t, reps, emit, torch.device("cpu"), torch.float32)
     if torch.cuda.is_available():
         for label, d, e, f, t in (("fine", 1024, 32, 128, fine_t), ("coarse", 512, 8, 2048, coarse_t)):
-            gpu_plans(label, d, e, f, 2, t, max(reps, 10), emit)
+            plan_table(label, d, e, f, 2, t, max(reps, 10), emit, torch.device("cuda"), torch.bfloat16)
     else:
         print("\nno CUDA device: GPU section (dispatch plans, xformers vs torch) skipped")
     print(f"\nclean repetitions (no other CPU use): {STATS['clean']}/{STATS['reps']}")
