@@ -204,3 +204,38 @@ def test_nan_logits_are_an_error():
     bad = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(AudioMoEError, match="1 NaN"):
         F.check_logits(bad)
+
+
+def test_sparse_mixer_weights_match_the_all_rows_definition_with_gradients():
+    """The shrinking-rows implementation equals computing every rank on every row (masked)."""
+    import math
+
+    from audiomoe.routers.functional import sparse_mixer_weights, top_p_count
+
+    def definition(logits, order, k, eps):
+        mult = torch.zeros_like(logits)
+        taken = torch.zeros_like(logits, dtype=torch.bool)
+        for r in range(int(k.max())):
+            sel = order[:, r : r + 1]
+            with torch.no_grad():
+                m = logits.detach().gather(-1, sel)
+                factor = logits.detach().abs().clamp(min=m.abs()).clamp_min(1e-12)
+                near = ((m - logits.detach()) / factor <= 2 * eps) & ~taken
+                near.scatter_(-1, sel, True)
+            gate = logits.masked_fill(~near, -math.inf).softmax(-1).gather(-1, sel)
+            mult = mult + torch.zeros_like(logits).scatter(-1, sel, gate * (k > r).to(logits.dtype)[:, None])
+            taken = taken.scatter(-1, sel, True)
+        return mult / (mult.sum(-1, keepdim=True) + 1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(300, 9, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    logits.data[:20, 1] = logits.data[:20, 0] * 0.995  # near ties
+    k, order = top_p_count(logits.softmax(-1), 0.7)
+    assert k.min() < k.max()
+    a = sparse_mixer_weights(logits, order, k, 0.01)
+    b = definition(logits, order, k, 0.01)
+    torch.testing.assert_close(a, b)
+    c = torch.randn(300, 9, generator=g, dtype=torch.float64)
+    ga, = torch.autograd.grad((a * c).sum(), logits)
+    gb, = torch.autograd.grad((b * c).sum(), logits)
+    torch.testing.assert_close(ga, gb)

@@ -145,20 +145,24 @@ def sparse_mixer_weights(logits: torch.Tensor, order: torch.Tensor, k: torch.Ten
     """
     n, e = logits.shape
     kmax = int(k.max()) if n else 0
-    mult = torch.zeros_like(logits)
-    taken = torch.zeros_like(logits, dtype=torch.bool)
-    absl = logits.detach().abs()
+    # pick r's multiplier sits at column order[:, r]: gather them into [N, kmax] and scatter once
+    picked = logits.new_zeros(n, kmax)
+    detached = logits.detach()
     for r in range(kmax):
-        sel = order[:, r : r + 1]
+        # only the items that still pick at rank r (top-p: a shrinking set) are computed
+        rows = (k > r).nonzero(as_tuple=True)[0]
+        lr = logits.index_select(0, rows)
+        sel = order.index_select(0, rows)[:, r : r + 1]
         with torch.no_grad():
-            m = logits.detach().gather(-1, sel)
-            factor = absl.clamp(min=m.abs()).clamp_min(1e-12)
-            near = ((m - logits.detach()) / factor <= 2 * eps) & ~taken
+            dr = detached.index_select(0, rows)
+            m = dr.gather(-1, sel)
+            factor = dr.abs().clamp(min=m.abs()).clamp_min(1e-12)
+            taken = torch.zeros_like(dr, dtype=torch.bool).scatter_(-1, order.index_select(0, rows)[:, :r], True)
+            near = ((m - dr) / factor <= 2 * eps) & ~taken
             near.scatter_(-1, sel, True)
-        gate = logits.masked_fill(~near, float("-inf")).softmax(-1).gather(-1, sel)
-        active = (k > r).to(logits.dtype)[:, None]
-        mult = mult + torch.zeros_like(logits).scatter(-1, sel, gate * active)
-        taken = taken.scatter(-1, sel, True)
+        gate = lr.masked_fill(~near, float("-inf")).softmax(-1).gather(-1, sel)
+        picked = picked.index_put((rows, torch.full_like(rows, r)), gate[:, 0])
+    mult = torch.zeros_like(logits).scatter(-1, order[:, :kmax], picked)
     return mult / (mult.sum(-1, keepdim=True) + 1e-6)
 
 
