@@ -404,8 +404,8 @@ _CHOICES: dict[tuple, str] = {}
 def choose_plan(key: tuple, candidates: Sequence[str], run: Callable[[str], object], reps: int = 3) -> str:
     """The fastest of ``candidates`` for this shape ``key``, timed once on the real inputs and cached.
 
-    ``run(plan)`` computes the layer's expert part with that plan (called under ``no_grad``: a
-    forward-time proxy). A plan that raises (a kernel missing on this GPU) is skipped with a
+    ``run(plan)`` computes the piece with that plan (called under ``no_grad``: a forward-time
+    proxy); the MoE layer's expert part and the MoE blocks' attention kernel are chosen this way. A plan that raises (a kernel missing on this GPU) is skipped with a
     warning. One log line per key gives every candidate's time and the choice.
     """
     if len(candidates) == 1:

@@ -18,6 +18,7 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Backbone, BackboneOutput
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.experts.backends import attention, resolve_backend
+from audiomoe.experts.dispatch import choose_plan
 from audiomoe.experts.moe_layer import MoELayer
 
 
@@ -69,7 +70,13 @@ class SelfAttention(nn.Module):
         """``x`` [B, N, D]; ``padding_mask`` [B, N] True = padded; ``causal`` masks future positions."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).unbind(2)
-        out = attention(q, k, v, padding_mask, resolve_backend(self.backend, x.device), causal)
+        kernel = resolve_backend(self.backend, x.device)
+        if self.backend == "auto" and kernel == "xformers":
+            # auto: keep xformers' packed attention only where it beats SDPA for this shape
+            bucket = 1 << max(n - 1, 0).bit_length()
+            key = ("attention", x.device, x.dtype, b, bucket, self.h, d // self.h, causal, padding_mask is not None)
+            kernel = choose_plan(key, ["torch", "xformers"], lambda kind: attention(q, k, v, padding_mask, kind, causal))
+        out = attention(q, k, v, padding_mask, kernel, causal)
         return self.out(out.reshape(b, n, d))
 
 
