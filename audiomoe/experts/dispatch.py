@@ -173,7 +173,8 @@ class FusedSwiGLUMoE(torch.autograd.Function):
     the traffic when f = d/8). Forward saves only the pre-activations ``H`` [S, 2f], the pair weights
     and the indices: the gathered rows ``xs`` [S, d] are gathered again in backward (one warm copy)
     rather than stored, so every [S, d] and [S, f] temporary of both passes lives in reusable
-    scratch and the layer's saved activations are ``2f/d`` of what storing ``xs`` would take.
+    scratch and the node saves ``S * 2f`` values instead of ``S * (d + 2f)`` (at d=1024, f=128,
+    top-2 of 16k tokens: 32 MB instead of 160 MB per layer).
     ``base`` (shared-expert output) may be ``None`` (zeros).
     """
 
