@@ -332,6 +332,14 @@ def test_bad_options_are_named():
     layer = make_layer()
     with pytest.raises(AudioMoEError, match="d_model=16"):
         layer(torch.randn(3, 5).double())
+    with pytest.raises(AudioMoEError, match="dispatch"):
+        make_layer(dispatch="fast")
+    with pytest.raises(AudioMoEError, match="SwiGLU experts of one width"):
+        make_layer("mlp", dispatch="fused")
+    with pytest.raises(AudioMoEError, match="grouped_mm.*float64"):
+        make_layer(dispatch="grouped")(torch.randn(3, D, dtype=torch.float64))
+    with pytest.raises(AudioMoEError, match="capacity_basis"):
+        make_layer(capacity_basis="experts")
 
 
 def test_backend_auto_falls_back_to_torch_on_cpu_with_one_log_line(caplog):

@@ -223,6 +223,11 @@ class MoELayer(nn.Module):
         fused_ok = fused_swiglu_usable(self.experts)
         if self.dispatch != "auto":
             plan = self.dispatch
+            if plan == "grouped" and not grouped_mm_usable(self.d_model, getattr(self.experts[0], "d_ff", 0), tokens.dtype):
+                raise AudioMoEError(
+                    f"dispatch='grouped' needs torch's F.grouped_mm, float32/bfloat16/float16 and widths whose rows are "
+                    f"multiples of 16 bytes (d_model={self.d_model}, dtype {tokens.dtype}); use 'auto', 'fused' or 'loop'"
+                )
         elif tokens.device.type != "cuda":
             plan = "fused" if fused_ok else "loop"
         else:
