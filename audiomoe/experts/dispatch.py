@@ -92,15 +92,11 @@ class SortedSwiGLU(torch.autograd.Function):
     def forward(ctx, xs: torch.Tensor, counts: Sequence[int], *weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         w_in, w_out = weights[0::2], weights[1::2]
         f = w_in[0].shape[0] // 2
-        s_total, d = xs.shape
-        h = xs.new_empty(s_total, 2 * f)
-        y = xs.new_empty(s_total, w_out[0].shape[0])
+        s_total = xs.shape[0]
         bounds = _bounds(counts)
-        for e, s, t in bounds:
-            torch.mm(xs[s:t], w_in[e].t(), out=h[s:t])
+        h = _expert_mm(xs, w_in, bounds, xs.new_empty(s_total, 2 * f))
         act = F.silu(h[:, :f]).mul_(h[:, f:])
-        for e, s, t in bounds:
-            torch.mm(act[s:t], w_out[e].t(), out=y[s:t])
+        y = _expert_mm(act, w_out, bounds, xs.new_empty(s_total, w_out[0].shape[0]))
         ctx.save_for_backward(xs, h, *weights)
         ctx.bounds, ctx.f, ctx.num_experts = bounds, f, len(w_in)
         return y
@@ -111,30 +107,37 @@ class SortedSwiGLU(torch.autograd.Function):
         w_in, w_out = weights[0::2], weights[1::2]
         f, bounds = ctx.f, ctx.bounds
         dy = dy.contiguous()
-        g, u = h[:, :f], h[:, f:]
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        act = silu * u
-        need_w = any(ctx.needs_input_grad[2:])
+        silu = F.silu(h[:, :f])
+        act = silu * h[:, f:]
+        d_act = _expert_mm(dy, w_out, bounds, torch.empty_like(act), transpose=False)
+        dh = _swiglu_input_grad(d_act, h, silu, torch.empty_like(h), torch.empty_like(act))
         grads: list[Optional[torch.Tensor]] = [None] * (2 * ctx.num_experts)
-        d_act = torch.empty_like(act)
-        for e, s, t in bounds:
-            torch.mm(dy[s:t], w_out[e], out=d_act[s:t])
-            if need_w:
-                grads[2 * e + 1] = dy[s:t].t() @ act[s:t]
-        dh = torch.empty_like(h)
-        torch.mul(d_act, silu, out=dh[:, f:])
-        # d silu(g)/dg = sig + silu * (1 - sig)
-        torch.mul(d_act.mul_(u), silu.mul_(sig.neg().add_(1)).add_(sig), out=dh[:, :f])
-        dxs = None
-        if ctx.needs_input_grad[0]:
-            dxs = torch.empty_like(xs)
-            for e, s, t in bounds:
-                torch.mm(dh[s:t], w_in[e], out=dxs[s:t])
-        if need_w:
-            for e, s, t in bounds:
-                grads[2 * e] = dh[s:t].t() @ xs[s:t]
+        if any(ctx.needs_input_grad[2:]):
+            _weight_grads(grads, 1, dy, act, bounds)
+            _weight_grads(grads, 0, dh, xs, bounds)
+        dxs = _expert_mm(dh, w_in, bounds, torch.empty_like(xs), transpose=False) if ctx.needs_input_grad[0] else None
         return (dxs, None, *grads)
+
+
+def _expert_mm(a: torch.Tensor, weights: Sequence[torch.Tensor], bounds, out: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+    """``out[s:t] = a[s:t] @ W_e^T`` (or ``@ W_e``) for each expert's slice, written in place; returns ``out``."""
+    for e, s, t in bounds:
+        torch.mm(a[s:t], weights[e].t() if transpose else weights[e], out=out[s:t])
+    return out
+
+
+def _weight_grads(grads: list, which: int, left: torch.Tensor, right: torch.Tensor, bounds) -> None:
+    """``grads[2e + which] = left[s:t]^T @ right[s:t]`` per expert (which 0: ``w_in``, 1: ``w_out``)."""
+    for e, s, t in bounds:
+        grads[2 * e + which] = left[s:t].t() @ right[s:t]
+
+
+def _swiglu_input_grad(d_act: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """dL/dH [S, 2f] from dL/dact for ``act = silu(g) * u``: up half ``d_act * silu(g)``, gate half ``silu'(g) * d_act * u``."""
+    f = silu.shape[1]
+    torch.mul(d_act, silu, out=out[:, f:])
+    torch.ops.aten.silu_backward.grad_input(torch.mul(d_act, h[:, f:], out=tmp), h[:, :f], grad_input=out[:, :f])
+    return out
 
 
 _LOCAL = threading.local()
@@ -185,14 +188,11 @@ class FusedSwiGLUMoE(torch.autograd.Function):
         s_total, d = tok.numel(), tokens.shape[1]
         bounds = _bounds(counts)
         rows = torch.index_select(tokens, 0, tok, out=_scratch("rows", s_total, d, tokens))
-        h = tokens.new_empty(s_total, 2 * f)
-        for e, s, t in bounds:
-            torch.mm(rows[s:t], w_in[e].t(), out=h[s:t])
+        h = _expert_mm(rows, w_in, bounds, tokens.new_empty(s_total, 2 * f))
         act = _scratch("act", s_total, f, tokens)
         torch.ops.aten.silu.out(h[:, :f], out=act)
         act.mul_(h[:, f:]).mul_(w.to(act.dtype).unsqueeze(-1))
-        for e, s, t in bounds:  # the gathered rows are dead: the expert outputs reuse their buffer
-            torch.mm(act[s:t], w_out[e].t(), out=rows[s:t])
+        _expert_mm(act, w_out, bounds, rows)  # the gathered rows are dead: the expert outputs reuse their buffer
         out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
         out.index_add_(0, tok, rows)
         ctx.save_for_backward(tokens, h, w, tok, *weights)
@@ -208,12 +208,9 @@ class FusedSwiGLUMoE(torch.autograd.Function):
         s_total, d = tok.numel(), tokens.shape[1]
         # one [S, d] buffer serves dy, then dxs, then the re-gathered xs
         rows = torch.index_select(dout.contiguous(), 0, tok, out=_scratch("rows", s_total, d, h))
-        g, u = h[:, :f], h[:, f:]
-        silu = torch.ops.aten.silu.out(g, out=_scratch("silu", s_total, f, h))
-        act = torch.mul(silu, u, out=_scratch("act", s_total, f, h))
-        d_act = _scratch("d_act", s_total, f, h)
-        for e, s, t in bounds:
-            torch.mm(rows[s:t], w_out[e], out=d_act[s:t])
+        silu = torch.ops.aten.silu.out(h[:, :f], out=_scratch("silu", s_total, f, h))
+        act = torch.mul(silu, h[:, f:], out=_scratch("act", s_total, f, h))
+        d_act = _expert_mm(rows, w_out, bounds, _scratch("d_act", s_total, f, h), transpose=False)
         tmp = _scratch("tmp", s_total, f, h)
         # dL/dw_p = <dL/dact_p, act_p> (w_p scales the activation in forward)
         dw = torch.mul(d_act, act, out=tmp).sum(-1).to(w.dtype) if ctx.needs_input_grad[3] else None
@@ -221,22 +218,13 @@ class FusedSwiGLUMoE(torch.autograd.Function):
         need_w = any(ctx.needs_input_grad[5:])
         grads: list[Optional[torch.Tensor]] = [None] * (2 * ctx.num_experts)
         if need_w:
-            act.mul_(wc)
-            for e, s, t in bounds:
-                grads[2 * e + 1] = rows[s:t].t() @ act[s:t]
-        d_act.mul_(wc)
-        dh = _scratch("dh", s_total, 2 * f, h)
-        torch.mul(d_act, silu, out=dh[:, f:])
-        torch.ops.aten.silu_backward.grad_input(torch.mul(d_act, u, out=tmp), g, grad_input=dh[:, :f])
+            _weight_grads(grads, 1, rows, act.mul_(wc), bounds)
+        dh = _swiglu_input_grad(d_act.mul_(wc), h, silu, _scratch("dh", s_total, 2 * f, h), tmp)
         dtokens = None
         if ctx.needs_input_grad[0]:
-            for e, s, t in bounds:
-                torch.mm(dh[s:t], w_in[e], out=rows[s:t])
-            dtokens = dout.new_zeros(tokens.shape).index_add_(0, tok, rows)
+            dtokens = dout.new_zeros(tokens.shape).index_add_(0, tok, _expert_mm(dh, w_in, bounds, rows, transpose=False))
         if need_w:
-            torch.index_select(tokens, 0, tok, out=rows)
-            for e, s, t in bounds:
-                grads[2 * e] = dh[s:t].t() @ rows[s:t]
+            _weight_grads(grads, 0, dh, torch.index_select(tokens, 0, tok, out=rows), bounds)
         dbase = dout if ctx.has_base and ctx.needs_input_grad[1] else None
         return (dtokens, dbase, None, dw, None, *grads)
 
