@@ -1,10 +1,13 @@
-"""Helpers shared by the benchmark scripts: component builders and interleaved timing."""
+"""Helpers shared by the benchmark scripts: component builders, interleaved timing (with an optional
+CPU contention guard), fwd / fwd+bwd case builders, and the JSON-lines report of the convention."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -16,19 +19,116 @@ def builder(kind: str, name: str, **params) -> "audiomoe.Builder":
     return audiomoe.component_builder(kind, {"name": name, "params": params})
 
 
-def measure(cases: dict[str, Callable[[], object]], reps: int, device: Optional[torch.device] = None) -> dict[str, float]:
-    """Median seconds per case; repetitions round-robin interleaved across cases (one warm-up each)."""
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy jiffies of the whole machine incl. steal, this process's user+system jiffies)."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    busy = sum(v) - v[3] - v[4]  # minus idle and iowait; steal counts as busy
+    with open("/proc/self/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
+    return busy, int(f[11]) + int(f[12])
+
+
+def other_load(seconds: float = 0.2) -> float:
+    """CPUs' worth of work done by other processes (and the hypervisor) over ``seconds``."""
+    b0, s0 = _cpu_jiffies()
+    time.sleep(seconds)
+    b1, s1 = _cpu_jiffies()
+    return ((b1 - b0) - (s1 - s0)) / (seconds * os.sysconf("SC_CLK_TCK"))
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, bool]:
+    """(seconds, clean): clean when other processes used < 0.25 CPU meanwhile (contention guard)."""
+    b0, s0 = _cpu_jiffies()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    b1, s1 = _cpu_jiffies()
+    other = ((b1 - b0) - (s1 - s0)) / os.sysconf("SC_CLK_TCK")
+    return dt, other < 0.25 * dt + 0.02
+
+
+GUARD_STATS = {"reps": 0, "clean": 0}
+
+
+def measure(
+    cases: dict[Any, Callable[[], object]], reps: int, device: Optional[torch.device] = None, guard: bool = False
+) -> dict[Any, float]:
+    """Median seconds per case; repetitions round-robin interleaved across cases (one warm-up each).
+
+    ``guard`` (CPU, Linux): before each round wait (up to 10 s) for the machine to be quiet, and drop
+    repetitions during which other processes used CPU when at least 3 clean ones remain (counted in
+    ``GUARD_STATS``). On CUDA every repetition is synchronised.
+    """
     cuda = device is not None and device.type == "cuda"
     for fn in cases.values():
         fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+    samples: dict[Any, list[tuple[float, bool]]] = {name: [] for name in cases}
     for _ in range(reps):
+        if guard:
+            deadline = time.time() + 10
+            while other_load() > 0.1 and time.time() < deadline:
+                pass
         for name, fn in cases.items():
             if cuda:
                 torch.cuda.synchronize()
+            if guard:
+                samples[name].append(_timed(fn))
+                continue
             t0 = time.perf_counter()
             fn()
             if cuda:
                 torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
+            samples[name].append((time.perf_counter() - t0, True))
+    out = {}
+    for name, v in samples.items():
+        clean = [t for t, ok in v if ok]
+        if guard:
+            GUARD_STATS["reps"] += len(v)
+            GUARD_STATS["clean"] += len(clean)
+        out[name] = statistics.median(clean if len(clean) >= 3 else [t for t, _ in v])
+    return out
+
+
+def fwd_case(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    """A timed case: ``fn(x)`` under ``no_grad``."""
+
+    def run() -> None:
+        with torch.no_grad():
+            fn(x)
+
+    return run
+
+
+def fwd_bwd_case(fn: Callable[[torch.Tensor], torch.Tensor], xg: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """A timed case: ``fn(xg)`` then backward of ``g`` into ``xg`` and the parameters."""
+
+    def run() -> None:
+        xg.grad = None
+        out = fn(xg)
+        if out.requires_grad:  # e.g. all picks null and no shared expert: a constant zero output
+            out.backward(g)
+
+    return run
+
+
+class Report:
+    """The benchmark JSON-lines convention: a header line, then one line per ``emit``."""
+
+    def __init__(self, bench: str, quick: bool, device: str = "cpu", digits: Optional[int] = 4) -> None:
+        self.bench, self.digits = bench, digits
+        self.lines: list[dict] = [
+            {"bench": bench, "header": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "quick": quick}
+        ]
+
+    def emit(self, case: str, metric: str, value: float, unit: str) -> None:
+        """Record one figure (ratios with ``unit="x"``)."""
+        value = round(float(value), self.digits) if self.digits is not None else value
+        self.lines.append({"bench": self.bench, "case": case, "metric": metric, "value": value, "unit": unit})
+
+    def write(self, path: Optional[str]) -> None:
+        """Write the lines to ``path`` (nothing when ``path`` is empty)."""
+        if path:
+            with open(path, "w", encoding="utf-8") as fh:
+                for line in self.lines:
+                    fh.write(json.dumps(line) + "\n")

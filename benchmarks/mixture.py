@@ -17,12 +17,11 @@ Usage: python benchmarks/mixture.py [--quick] [--json FILE] [--reps N]
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 
-from _common import builder, measure
+from _common import Report, builder, measure
 
 BENCH = "mixture"
 SR = 16000
@@ -102,12 +101,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows: list[dict] = []
-
-    def emit(case: str, metric: str, value: float, unit: str) -> None:
-        rows.append({"bench": BENCH, "case": case, "metric": metric, "value": round(float(value), 4), "unit": unit})
-
-    header = {"bench": BENCH, "header": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu", "quick": args.quick}
+    report = Report(BENCH, args.quick)
+    emit = report.emit
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu{' (quick)' if args.quick else ''}")
     if args.quick:
         reps = args.reps or 3
@@ -117,10 +112,7 @@ def main() -> None:
         reps = args.reps or 7
         sparse_part(batch=16, seconds=5.0, window_positions=250, reps=reps, emit=emit)
         trim_part(batch=4, seconds=5.0, reps=reps, emit=emit)
-    if args.json:
-        with open(args.json, "w") as f:
-            for row in [header, *rows]:
-                f.write(json.dumps(row) + "\n")
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,6 @@ Usage: python benchmarks/moe_layer.py [--quick] [--json FILE] [--reps N]
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +29,7 @@ import torch.nn.functional as F
 from audiomoe.core.interfaces import Routing
 from audiomoe.experts.moe_layer import MoELayer
 
-from _common import builder
+from _common import GUARD_STATS, Report, builder, fwd_bwd_case, fwd_case, measure
 
 BENCH = "moe_layer"
 
@@ -62,62 +58,6 @@ def hf_loop(x: torch.Tensor, experts, top_i: torch.Tensor, top_w: torch.Tensor) 
     return final
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the whole machine incl. steal, this process's user+system jiffies)."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    busy = sum(v) - v[3] - v[4]  # minus idle and iowait; steal counts as busy
-    with open("/proc/self/stat") as fh:
-        f = fh.read().rsplit(")", 1)[1].split()
-    return busy, int(f[11]) + int(f[12])
-
-
-def other_load(seconds: float = 0.2) -> float:
-    """CPUs' worth of work done by other processes (and the hypervisor) over ``seconds``."""
-    b0, s0 = _cpu_jiffies()
-    time.sleep(seconds)
-    b1, s1 = _cpu_jiffies()
-    return ((b1 - b0) - (s1 - s0)) / (seconds * os.sysconf("SC_CLK_TCK"))
-
-
-def timed(fn) -> tuple[float, bool]:
-    """(seconds, clean): clean when other processes used < 0.25 CPU meanwhile (contention guard)."""
-    b0, s0 = _cpu_jiffies()
-    t0 = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t0
-    b1, s1 = _cpu_jiffies()
-    other = ((b1 - b0) - (s1 - s0)) / os.sysconf("SC_CLK_TCK")
-    return dt, other < 0.25 * dt + 0.02
-
-
-STATS = {"reps": 0, "clean": 0}
-
-
-def measure(cases: dict, reps: int) -> dict:
-    """Median seconds per case; repetitions round-robin interleaved across cases (one warm-up each).
-
-    Before each round the script waits (up to 10 s) for the machine to be quiet; repetitions during
-    which other processes used CPU are dropped when at least 3 clean ones remain.
-    """
-    for fn in cases.values():
-        fn()
-    samples = {name: [] for name in cases}
-    for _ in range(reps):
-        deadline = time.time() + 10
-        while other_load() > 0.1 and time.time() < deadline:
-            pass
-        for name, fn in cases.items():
-            samples[name].append(timed(fn))
-    out = {}
-    for name, v in samples.items():
-        clean = [t for t, ok in v if ok]
-        STATS["reps"] += len(v)
-        STATS["clean"] += len(clean)
-        out[name] = statistics.median(clean if len(clean) >= 3 else [t for t, _ in v])
-    return out
-
-
 def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit) -> None:
     torch.manual_seed(0)
     layer = MoELayer(d_model=d, num_experts=e, router=builder("router", "linear_topk", k=k), expert=builder("expert", "swiglu", d_ff=f))
@@ -128,25 +68,13 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit) -
     xg = x.clone().requires_grad_(True)
     g = torch.randn(t, d)
 
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                fn(x)
-        return run
-
-    def fwd_bwd(fn):
-        def run():
-            xg.grad = None
-            fn(xg).backward(g)
-        return run
-
     impls = {
         "moe": lambda inp: layer.combine(inp, routing),
         "dense": dense,
         "hf_loop": lambda inp: hf_loop(inp, layer.experts, routing.indices, top_w),
     }
-    res_f = measure({n: fwd(fn) for n, fn in impls.items()}, reps)
-    res_b = measure({n: fwd_bwd(fn) for n, fn in impls.items()}, reps)
+    res_f = measure({n: fwd_case(fn, x) for n, fn in impls.items()}, reps, guard=True)
+    res_b = measure({n: fwd_bwd_case(fn, xg, g) for n, fn in impls.items()}, reps, guard=True)
     row = [label]
     for phase, res in (("fwd", res_f), ("fwd+bwd", res_b)):
         for name, sec in res.items():
@@ -182,22 +110,9 @@ def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(
         w = mask.float() / mask.sum(-1, keepdim=True)
         routings[share] = Routing(logits, mask, w, idx, mask.sum(0))
 
-    def fwd(r):
-        def run():
-            with torch.no_grad():
-                layer.combine(x, r)
-        return run
-
-    def fwd_bwd(r):
-        def run():
-            xg.grad = None
-            out = layer.combine(xg, r)
-            if out.requires_grad:  # all picks null and no shared expert: a constant zero output
-                out.backward(g)
-        return run
-
-    res_f = measure({s: fwd(r) for s, r in routings.items()}, reps)
-    res_b = measure({s: fwd_bwd(r) for s, r in routings.items()}, reps)
+    cases = {s: (lambda inp, r=r: layer.combine(inp, r)) for s, r in routings.items()}
+    res_f = measure({s: fwd_case(fn, x) for s, fn in cases.items()}, reps, guard=True)
+    res_b = measure({s: fwd_bwd_case(fn, xg, g) for s, fn in cases.items()}, reps, guard=True)
     case = f"null_sweep d={d} E={e} f={f} k={k} T={t}"
     print(f"\n{case}  (time relative to no null picks)")
     print(f"{'null share':>10} {'real pairs':>10} {'fwd ms':>8} {'rel':>6} {'f+b ms':>8} {'rel':>6}")
@@ -216,8 +131,6 @@ def plan_table(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, em
     Prints fwd and fwd+bwd time relative to the ``loop`` plan and the largest absolute difference of
     the output from it, plus what ``dispatch="auto"`` picked for this shape.
     """
-    from _common import measure as cuda_measure
-
     from audiomoe.experts.backends import xformers_available
 
     torch.manual_seed(0)
@@ -243,21 +156,9 @@ def plan_table(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, em
     xg = x.clone().requires_grad_(True)
     g = torch.randn_like(x)
 
-    def fwd(layer):
-        def run():
-            with torch.no_grad():
-                layer.combine(x, routing)
-        return run
-
-    def fwd_bwd(layer):
-        def run():
-            xg.grad = None
-            layer.combine(xg, routing).backward(g)
-        return run
-
-    timer = (lambda cases: cuda_measure(cases, reps, dev)) if dev.type == "cuda" else (lambda cases: measure(cases, reps))
-    res_f = timer({key: fwd(m) for key, m in layers.items()})
-    res_b = timer({key: fwd_bwd(m) for key, m in layers.items()})
+    cases = {key: (lambda inp, m=m: m.combine(inp, routing)) for key, m in layers.items()}
+    res_f = measure({key: fwd_case(fn, x) for key, fn in cases.items()}, reps, dev, guard=dev.type == "cpu")
+    res_b = measure({key: fwd_bwd_case(fn, xg, g) for key, fn in cases.items()}, reps, dev, guard=dev.type == "cpu")
     ref = ("loop", "torch")
     where = f"GPU {torch.cuda.get_device_name()}" if dev.type == "cuda" else "CPU"
     print(f"\n{where} dispatch plans, {label}, {dtype}: time relative to loop/torch, max |diff| vs loop")
@@ -283,12 +184,8 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="also write JSON lines here")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
     args = ap.parse_args()
-    lines = []
-    header = {"bench": BENCH, "header": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu", "quick": args.quick}
-    lines.append(header)
-
-    def emit(case, metric, value, unit):
-        lines.append({"bench": BENCH, "case": case, "metric": metric, "value": round(float(value), 4), "unit": unit})
+    report = Report(BENCH, args.quick)
+    emit = report.emit
 
     reps = args.reps or (3 if args.quick else 7)
     fine_t, coarse_t, sweep_t = (2048, 1024, 2048) if args.quick else (16384, 4096, 8192)
@@ -305,13 +202,10 @@ def main() -> None:
             plan_table(label, d, e, f, 2, t, max(reps, 10), emit, torch.device("cuda"), torch.bfloat16)
     else:
         print("\nno CUDA device: GPU section (dispatch plans, xformers vs torch) skipped")
-    print(f"\nclean repetitions (no other CPU use): {STATS['clean']}/{STATS['reps']}")
-    emit("all", "clean_repetitions_share", STATS["clean"] / max(STATS["reps"], 1), "fraction")
+    print(f"\nclean repetitions (no other CPU use): {GUARD_STATS['clean']}/{GUARD_STATS['reps']}")
+    emit("all", "clean_repetitions_share", GUARD_STATS["clean"] / max(GUARD_STATS["reps"], 1), "fraction")
     print("\ntargets: fwd+bwd moe/dense <= 1.3x (fine), <= 1.1x (coarse); hf_loop/moe >= 2x (fine)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(json.dumps(line) + "\n")
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ Usage: python benchmarks/router.py [--quick] [--json FILE] [--reps N] [--device 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from audiomoe.experts.moe_layer import MoELayer
 
-from _common import builder, measure
+from _common import Report, builder, measure
 
 BENCH = "router"
 
@@ -89,13 +88,11 @@ def main() -> None:
     t = 2048 if args.quick else 16384
     reps = args.reps or (3 if args.quick else 5)
     d, e, f = 1024, 32, 128
-    lines: list = [{"bench": BENCH, "header": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "quick": args.quick}]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = Report(BENCH, args.quick, where, digits=None)
+    emit = report.emit
 
-    def emit(case: str, metric: str, value: float, unit: str) -> None:
-        lines.append({"bench": BENCH, "case": case, "metric": metric, "value": value, "unit": unit})
-
-    print(f"router cost vs MoE layer: d={d}, {e} experts (swiglu {f}), fwd+bwd, median of {reps}, {lines[0]['device']}, "
+    print(f"router cost vs MoE layer: d={d}, {e} experts (swiglu {f}), fwd+bwd, median of {reps}, {where}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'case':<24} {'tokens':>6} {'k/token':>8} {'layer ms':>10} {'router ms':>10} {'share':>9}")
     cases = {
@@ -106,10 +103,7 @@ def main() -> None:
     }
     for name, params in cases.items():
         run_point(name, dict(params), d, e, f, t, reps, device, emit)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(json.dumps(line) + "\n")
+    report.write(args.json)
 
 
 if __name__ == "__main__":
