@@ -123,7 +123,9 @@ class MoELayer(nn.Module):
         self.shared = nn.ModuleList([shared_builder(d_model=d_model, **extra) for _ in range(num_shared)])
         self.shared_gate = nn.Linear(d_model, num_shared, bias=False) if num_shared and shared_mode == "gated" else None
         self.last_stats: dict[str, float] = {}
-        if dispatch in ("fused", "grouped") and not fused_swiglu_usable(self.experts):
+        # experts are fixed after construction: decide once whether the fused SwiGLU node can take them
+        self._fused_ok = fused_swiglu_usable(self.experts)
+        if dispatch in ("fused", "grouped") and not self._fused_ok:
             raise AudioMoEError(f"dispatch={dispatch!r} needs SwiGLU experts of one width (expert kind here: {type(self.experts[0]).__name__}); use 'loop' or 'auto'")
 
     def forward(
@@ -220,7 +222,7 @@ class MoELayer(nn.Module):
     def _plan(self, tokens: torch.Tensor, exp: torch.Tensor, tok: torch.Tensor, counts: list[int], w_pairs: torch.Tensor) -> tuple[str, bool]:
         """(dispatch plan, whether the slot plan uses xformers' Triton ops) for this call."""
         use_x = resolve_backend(self.backend, tokens.device) == "xformers"
-        fused_ok = fused_swiglu_usable(self.experts)
+        fused_ok = self._fused_ok
         if self.dispatch != "auto":
             plan = self.dispatch
             if plan == "grouped" and not grouped_mm_usable(self.d_model, getattr(self.experts[0], "d_ff", 0), tokens.dtype):
