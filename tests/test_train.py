@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe import train as train_mod
+from audiomoe.train import checkpoint as train_mod
 from audiomoe.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 
