@@ -6,8 +6,11 @@ This module imports nothing heavy: the registry and the CLI raise these before t
 from __future__ import annotations
 
 import difflib
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+from .limits import MAX_QUOTED_VALUE
 
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
@@ -25,6 +28,14 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     return " Did you mean one of " + ", ".join(f"'{c}'" for c in close) + "?"
 
 
+def short_repr(value: Any, limit: int = MAX_QUOTED_VALUE) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages quote user values, which may be huge."""
+    r = reprlib.Repr()  # keyword arguments to Repr() need Python 3.12
+    r.maxlevel, r.maxstring, r.maxother = 3, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class AudioMoEError(Exception):
     """Base class of every error audiomoe raises on purpose."""
 
@@ -38,7 +49,10 @@ class UnknownComponentError(AudioMoEError, KeyError):
         msg += " Available: " + (", ".join(sorted(available)) if available else "(none)") + "."
         if failed_plugins:
             msg += " Plugins that failed to load (run `audiomoe plugins`): " + ", ".join(failed_plugins) + "."
-        msg += " A plugin must be installed in this Python environment to be found."
+        if kind == "kind":  # a typo is not a new kind: kinds are declared by plugins
+            msg += " A plugin adds a kind with the audiomoe_register_kinds hook."
+        else:
+            msg += " A plugin must be installed in this Python environment to be found."
         self.message = msg
         super().__init__(msg)
 
@@ -49,12 +63,14 @@ class UnknownComponentError(AudioMoEError, KeyError):
 class AmbiguousComponentError(AudioMoEError, KeyError):
     """A component name that two or more plugins registered; it must be qualified as ``plugin:name``."""
 
-    def __init__(self, kind: str, name: str, providers: Sequence[str]):
+    def __init__(self, kind: str, name: str, providers: Sequence[str], versions: Sequence[str] = ()):
+        # ``providers`` are plugin names only: each suggestion must work when pasted back.
         self.kind, self.name, self.providers = kind, name, list(providers)
-        choices = " or ".join(f"'{p}:{name}'" for p in providers)
+        labels = [f"{p} {v}".strip() for p, v in zip(self.providers, list(versions) + [""] * len(self.providers))]
+        choices = " or ".join(f"'{p}:{name}'" for p in self.providers)
         self.message = (
             f"{kind} '{name}' is registered by more than one plugin: "
-            + ", ".join(providers)
+            + ", ".join(labels)
             + f". Pick one by qualifying the name: {choices}."
         )
         super().__init__(self.message)
@@ -79,7 +95,7 @@ class ConfigProblem:
     def __str__(self) -> str:
         where = self.key or "<root>"
         if self.has_value:
-            return f"{where} = {self.value!r}: {self.message}"
+            return f"{where} = {short_repr(self.value)}: {self.message}"
         return f"{where}: {self.message}"
 
 
@@ -89,5 +105,8 @@ class ConfigError(AudioMoEError, ValueError):
     def __init__(self, problems: Sequence[ConfigProblem], source: str = "config"):
         self.problems = list(problems)
         n = len(self.problems)
-        head = f"{source} has {n} problem{'s' if n != 1 else ''}:"
+        if n == 1:  # one problem reads best on one line (what a CLI user sees)
+            super().__init__(f"{source}: {self.problems[0]}")
+            return
+        head = f"{source} has {n} problems:"
         super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))

@@ -12,11 +12,14 @@ No torch here: specs are validated (``audiomoe validate``) without building anyt
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from .limits import MAX_D_MODEL, MAX_SEED
 
 
 class Params(BaseModel):
@@ -27,6 +30,32 @@ class Params(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads True as 1, and YAML reads `yes`/`on` as True: `num_experts=yes`
+        # would quietly become 1 expert. A number field takes numbers only.
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _wants_number(field.annotation):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, bool) for v in items):
+                raise ValueError(f"expected a number, got a boolean ({value!r}; YAML reads yes/no/on/off as booleans)")
+        return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """True for int / float annotations, also inside Optional[...], list[...] and tuple[...]."""
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _wants_number(args[0])
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        inner = [a for a in args if a is not type(None) and a is not Ellipsis]
+        return bool(inner) and all(_wants_number(a) for a in inner)
+    return False
 
 
 class ComponentSpec(BaseModel):
@@ -95,8 +124,11 @@ class ModelSpec(Params):
           emotion: {name: classification, params: {num_classes: 4}}
     """
 
-    d_model: int = Field(256, ge=1, description="width of the shared representation after the encoder")
-    seed: int = Field(0, description="seed used to initialise parameters: same spec + seed = same model")
+    d_model: int = Field(256, ge=1, le=MAX_D_MODEL, description="width of the shared representation after the encoder")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED,
+        description="fixes the initial parameters (same spec + seed = same model); `train --seed` fixes the data order and dropout",
+    )
     encoder: Annotated[ComponentSpec, Slot("encoder")] = Field(
         default_factory=ComponentSpec, description="the audio encoder (or mixture of encoders)"
     )

@@ -10,7 +10,12 @@
 - :func:`normalize_waveforms`: zero-mean unit-variance per utterance over its valid samples,
   as ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`` does (eps 1e-7, padding kept at 0).
 - :func:`frames_mask`: valid frame counts -> a padding mask (True = padded).
-- :func:`resample`: torchaudio resampling of a padded batch with its lengths.
+- :func:`resample`: torchaudio resampling of a padded batch with its lengths; a ratio whose
+  reduced terms are large (48001 -> 16000 Hz) goes through a close rational approximation.
+- :func:`check_sample_rate`, :func:`check_min_length`: a bad rate or a clip shorter than the
+  encoder's receptive field is an :class:`AudioMoEError` saying what to do, not a torch error.
+
+Bounds (rates, channels, resampling terms) live in :mod:`audiomoe.core.limits`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,30 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError, short_repr
+from audiomoe.core.limits import (
+    MAX_CHANNELS,
+    MAX_RESAMPLE_RATE_ERROR,
+    MAX_RESAMPLE_TERM,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+)
+
+
+def check_sample_rate(sample_rate: Any) -> int:
+    """Return ``sample_rate`` as an int, or raise: it must be a whole number of Hz within the limits."""
+    sr = sample_rate
+    if isinstance(sr, torch.Tensor) and sr.numel() == 1:
+        sr = sr.item()
+    if isinstance(sr, (np.integer, np.floating)):
+        sr = sr.item()
+    if isinstance(sr, float) and sr.is_integer():
+        sr = int(sr)
+    if isinstance(sr, bool) or not isinstance(sr, int):
+        raise AudioMoEError(f"sample_rate must be a whole number of Hz (e.g. 16000), got {short_repr(sample_rate)}")
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise AudioMoEError(f"sample_rate {sr} Hz is outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]; give the clip's real rate in Hz")
+    return sr
 
 
 def prepare_waveforms(
@@ -35,7 +63,10 @@ def prepare_waveforms(
     if isinstance(waveforms, np.ndarray):
         waveforms = torch.from_numpy(np.ascontiguousarray(waveforms))
     if not isinstance(waveforms, torch.Tensor):
-        raise AudioMoEError(f"waveforms must be a torch.Tensor or numpy array, got {type(waveforms).__name__}")
+        raise AudioMoEError(
+            f"waveforms must be a torch.Tensor or numpy array, got {type(waveforms).__name__}; "
+            "convert it first, e.g. torch.tensor(samples, dtype=torch.float32)"
+        )
     x = waveforms
     if x.dtype == torch.bool or x.is_complex():
         raise AudioMoEError(f"waveforms must be real audio samples, got dtype {x.dtype}")
@@ -48,6 +79,16 @@ def prepare_waveforms(
             x = x.to(torch.float32) / float(2 ** (torch.iinfo(x.dtype).bits - 1))
     if x.dim() == 1:
         x = x[None]
+    if x.dim() == 3 and x.shape[2] <= MAX_CHANNELS < x.shape[1]:  # [B, T, C] (soundfile's layout)
+        raise AudioMoEError(
+            f"waveforms of shape {tuple(x.shape)} look like [batch, samples, channels]; audiomoe takes "
+            "[batch, channels, samples]: pass waveforms.transpose(1, 2) (or down-mix with .mean(-1))"
+        )
+    if x.dim() == 2 and x.shape[1] <= MAX_CHANNELS < x.shape[0]:  # [T, C]: one multichannel clip
+        raise AudioMoEError(
+            f"waveforms of shape {tuple(x.shape)} look like [samples, channels] of one clip; "
+            "pass waveforms.T[None] ([1, channels, samples]) or waveforms.mean(-1)"
+        )
     if x.dim() == 3:
         x = x.to(torch.float32).mean(1)
     if x.dim() != 2:
@@ -74,7 +115,38 @@ def prepare_waveforms(
     if bool(bad.any()):
         items = bad.nonzero().flatten().tolist()
         raise AudioMoEError(f"waveforms contain NaN or inf samples in item(s) {items}; clean or drop those clips")
-    return x.masked_fill(~valid, 0.0), lengths
+    x = x.masked_fill(~valid, 0.0)
+    # Per-item energy: the statistic every normaliser builds on. If it overflows float32 (samples
+    # near 1e19 and up) the normalised clip would silently read as silence.
+    loud = ~torch.isfinite(x.pow(2).sum(1))
+    if bool(loud.any()):
+        items = loud.nonzero().flatten().tolist()
+        peak = float(x[loud].abs().max())
+        raise AudioMoEError(
+            f"waveform item(s) {items} are too loud to process (peak {peak:.3g}; their energy overflows float32); "
+            "float audio should lie in [-1, 1]: divide by the peak or by 2**(bits-1)"
+        )
+    return x, lengths
+
+
+def check_min_length(encoder: Any, lengths: torch.Tensor) -> None:
+    """Raise when an item is shorter than ``encoder``'s receptive field (it would give no frame)."""
+    frames = encoder.num_frames(lengths)
+    short = (frames < 1).nonzero().flatten().tolist()
+    if not short:
+        return
+    n = 1  # smallest length with one frame: double, then bisect (num_frames is monotone)
+    while int(encoder.num_frames(torch.tensor([n]))[0]) < 1 and n < 2**31:
+        n *= 2
+    lo, hi = n // 2 + 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if int(encoder.num_frames(torch.tensor([mid]))[0]) >= 1 else (mid + 1, hi)
+    have = lengths[short].tolist()
+    raise AudioMoEError(
+        f"item(s) {short[:20]} have {have[:20]} samples, shorter than the encoder's receptive field: it needs at least "
+        f"{lo} samples ({lo / encoder.sample_rate * 1000:.1f} ms at {encoder.sample_rate} Hz); pad those clips or drop them"
+    )
 
 
 def frames_mask(num_frames: torch.Tensor, total: int) -> torch.Tensor:
@@ -89,6 +161,9 @@ def normalize_waveforms(x: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-
     xm = x * valid
     mean = xm.sum(1, keepdim=True) / n
     var = ((xm - mean) * valid).pow(2).sum(1, keepdim=True) / n
+    bad = ~torch.isfinite(var.flatten())
+    if bool(bad.any()):
+        raise AudioMoEError(f"the variance of waveform item(s) {bad.nonzero().flatten().tolist()} overflows float32; scale them into [-1, 1]")
     return ((x - mean) / torch.sqrt(var + eps)) * valid
 
 
@@ -123,12 +198,38 @@ def whisper_log_mel(
     return (log_spec + 4.0) / 4.0
 
 
+def resample_ratio(orig: int, new: int) -> tuple[int, int]:
+    """``(orig', new')`` with ``new'/orig'`` = ``new/orig`` reduced, both terms <= ``MAX_RESAMPLE_TERM``.
+
+    torchaudio's polyphase kernel has ``orig' * new'``-ish taps: 48001 -> 16000 Hz unreduced asks for
+    gigabytes. Such a ratio is replaced by its closest fraction with small terms when that changes
+    the rate by less than ``MAX_RESAMPLE_RATE_ERROR``; otherwise the rate is refused.
+    """
+    from fractions import Fraction
+
+    exact = Fraction(new, orig)
+    if exact.numerator <= MAX_RESAMPLE_TERM and exact.denominator <= MAX_RESAMPLE_TERM:
+        return exact.denominator, exact.numerator
+    approx = exact.limit_denominator(MAX_RESAMPLE_TERM)
+    err = abs(float(approx / exact) - 1.0)
+    if approx.numerator > MAX_RESAMPLE_TERM or err > MAX_RESAMPLE_RATE_ERROR:
+        raise AudioMoEError(
+            f"cannot resample {orig} Hz to {new} Hz: the ratio has no close fraction with terms <= {MAX_RESAMPLE_TERM}; "
+            f"resample the audio to a standard rate (e.g. {new} Hz) beforehand"
+        )
+    return approx.denominator, approx.numerator
+
+
 def resample(x: torch.Tensor, lengths: torch.Tensor, orig: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample a padded batch [B, T] from ``orig`` to ``new`` Hz with torchaudio; lengths follow."""
+    """Resample a padded batch [B, T] from ``orig`` to ``new`` Hz with torchaudio; lengths follow.
+
+    An odd ratio goes through :func:`resample_ratio` (a relative rate error below 1e-3).
+    """
     if orig == new:
         return x, lengths
     import torchaudio.functional as AF
 
+    orig, new = resample_ratio(orig, new)
     y = AF.resample(x, orig, new)
     new_lengths = torch.div(lengths * new, orig, rounding_mode="floor").clamp_max(y.shape[1])
     return y * frames_mask(new_lengths, y.shape[1]).logical_not(), new_lengths

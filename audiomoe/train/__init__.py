@@ -1,6 +1,18 @@
-"""Training: the loop (``loop.py``) and atomic checkpoints (``checkpoint.py``)."""
+"""Training: the loop (``loop.py``), atomic checkpoints (``checkpoint.py``), locked run directories (``rundir.py``)."""
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .loop import TrainConfig, evaluate, train
+from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
+from .loop import TrainConfig, TrainingInterrupted, evaluate, train
+from .rundir import RunDirError, open_run_dir
 
-__all__ = ["TrainConfig", "evaluate", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = [
+    "CheckpointError",
+    "RunDirError",
+    "TrainConfig",
+    "TrainingInterrupted",
+    "evaluate",
+    "load_checkpoint",
+    "load_trainer_state",
+    "open_run_dir",
+    "save_checkpoint",
+    "train",
+]

@@ -1,19 +1,34 @@
-"""Atomic checkpoints: ``step-000100/`` directories and the ``latest`` pointer.
+"""Atomic checkpoints: ``step-000100/`` directories and the ``latest`` pointer. No pickle anywhere.
 
-Checkpoints are directories ``step-000100/`` holding ``model.safetensors`` (weights, via
-safetensors), ``spec.yaml`` (the resolved spec: ``audiomoe.compose`` rebuilds the model from it)
-and ``trainer.pt`` (optimizer state and step). A directory is written under a temporary name and
-renamed only when complete, and the ``latest`` pointer file is replaced atomically afterwards, so a
-crash mid-write leaves the previous checkpoint intact and ``latest`` pointing at it.
+A checkpoint directory holds ``model.safetensors`` (weights), ``spec.yaml`` (the resolved spec:
+``audiomoe.compose`` rebuilds the model from it), and the trainer state as ``trainer.json``
+(step, optimizer hyper-parameters and structure, extra fields) + ``trainer.safetensors``
+(optimizer moments, RNG states). Loading never calls ``torch.load``.
+
+Write protocol (a ``kill -9`` at any instant leaves ``latest`` naming a complete checkpoint):
+
+1. files are written and fsynced into ``.step-N.<pid>.<rand>/``;
+2. a re-saved step moves the old directory aside (``.old-step-N.*``) *before* the new one is moved
+   in, and removes it only after; a kill between the two renames is repaired on the next save
+   (the aside copy is moved back), and :func:`resolve_checkpoint` reads the aside copy meanwhile;
+3. ``latest`` is replaced atomically (temp file + ``os.replace``);
+4. old checkpoints are pruned by step *number*, never the newest and never the one ``latest`` names.
+
+Leftover temp directories of dead writers are removed by the next save. ``latest`` is trusted
+only when it names a ``step-N`` directory directly inside the run directory.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -21,43 +36,317 @@ from safetensors.torch import load_file, save_file
 
 from ..core.composer import compose
 from ..core.errors import AudioMoEError
+from ..core.limits import MAX_STEPS
+from ..core.safe_yaml import load_yaml_file
+
+LATEST = "latest"
+STEP_RE = re.compile(r"^step-(\d+)$")
+# Temp names carry their writer's pid: `.step-N.<pid>.x`, `.old-step-N.<pid>.x` (a re-save's old
+# copy), `.del-step-N.<pid>.x` (being pruned), `.latest.<pid>.x`, `.run.json.<pid>`, `.summary.json.<pid>`.
+_TEMP_RE = re.compile(r"^\.(?:(?:old-|del-)?step-\d+|latest|run\.json|summary\.json)\.(\d+)(?:\.|$)")
+REQUIRED = ("model.safetensors", "spec.yaml")
+FORMAT = 1
 
 
-def save_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, step: int, optimizer: Optional[torch.optim.Optimizer] = None, keep: int = 2) -> Path:
-    """Write ``out_dir/step-XXXXXX`` atomically and point ``out_dir/latest`` at it; prune old ones."""
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+class CheckpointError(AudioMoEError):
+    """A checkpoint could not be written or read; the message says which file and what is intact."""
+
+
+def step_of(path: Path) -> Optional[int]:
+    """The step number of a ``step-N`` directory name, else ``None``."""
+    m = STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete ``step-N`` checkpoints in ``root`` as ``(step, path)``, by step *number*."""
+    out = []
+    for p in Path(root).glob("step-*"):
+        n = step_of(p)
+        if n is not None and p.is_dir() and not p.is_symlink() and all((p / f).is_file() for f in REQUIRED):
+            out.append((n, p))
+    return sorted(out)
+
+
+def read_latest(root: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint ``root/latest`` names, or ``None`` when there is no pointer.
+
+    Raises :class:`CheckpointError` when the pointer names anything but a complete ``step-N``
+    directory directly inside ``root`` (``../other-run``, an absolute path, a symlink out).
+    """
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "spec.yaml").write_text(yaml.safe_dump(getattr(model, "spec", {}), sort_keys=False), encoding="utf-8")
-        torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None}, tmp / "trainer.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read '{pointer}': {exc.strerror or exc}") from None
+    if not STEP_RE.match(name):
+        raise CheckpointError(
+            f"'{pointer}' names {name[:80]!r}; it may only name a step-N directory of this run. "
+            f"Fix or delete the file (checkpoints here: {', '.join(p.name for _, p in list_checkpoints(root)) or 'none'})"
+        )
+    target = root / name
+    if not target.is_dir():
+        aside = _aside_copies(root, name)
+        if aside:  # killed between the two renames of a re-save: the old copy is still whole
+            return aside[0]
+        raise CheckpointError(f"'{pointer}' names {name}, which does not exist in '{root}'")
+    if target.is_symlink() or target.resolve().parent != root.resolve():
+        raise CheckpointError(f"'{target}' points outside the run directory '{root}'; refusing to follow it")
+    missing = [f for f in REQUIRED if not (target / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint '{target}' is incomplete (missing {', '.join(missing)})")
+    return target
+
+
+def _aside_copies(root: Path, name: str) -> list[Path]:
+    return [p for p in sorted(root.glob(f".old-{name}.*")) if all((p / f).is_file() for f in REQUIRED)]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a writer with ``pid`` may still be at work (run directories are local: pids are this host's)."""
+    if pid == os.getpid():
+        return False  # our own leftovers: no save of ours is in progress while we clean
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_run_dir(root: str | os.PathLike) -> None:
+    """Repair an interrupted re-save and remove temp files of writers that are gone."""
+    root = Path(root)
+    for p in root.glob(".*"):
+        m = _TEMP_RE.match(p.name)
+        pid = int(m.group(1)) if m else None
+        if pid is None or _pid_alive(pid):
+            continue
+        if p.name.startswith(".old-"):
+            final = root / p.name[len(".old-"):].split(".")[0]
+            if not final.exists() and p.is_dir():
+                os.replace(p, final)  # the re-save died between its renames: keep the old copy
+                continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    named = (root / LATEST).read_text(errors="replace").strip() if (root / LATEST).is_file() else None
+    for p in root.glob("step-*"):  # incomplete step-N dirs only come from an rmtree cut short
+        if STEP_RE.match(p.name) and p.is_dir() and p.name != named and not all((p / f).is_file() for f in REQUIRED):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# -- trainer state as safetensors + JSON (no pickle) --------------------------------------------
+
+
+def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().contiguous().cpu()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):  # keys may be ints (optimizer state): keep them typed
+        return {"__dict__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"trainer state at '{key}' holds a {type(obj).__name__}, which checkpoints cannot store")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_dir(tmp: Path, model: torch.nn.Module, step: int, optimizer: Any, extra: dict[str, Any]) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    _fsync_write(tmp / "spec.yaml", yaml.safe_dump(getattr(model, "spec", {}), sort_keys=False).encode("utf-8"))
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
+        "rng": _encode({"torch": torch.get_rng_state()}, "rng", tensors),
+        "extra": _encode(extra, "extra", tensors),
+    }
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    _fsync_write(tmp / "trainer.json", json.dumps(meta).encode("utf-8"))
+    for name in ("model.safetensors", "trainer.safetensors"):
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    # mkdtemp makes 0700 directories: give the checkpoint the permissions of any file the user creates
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left", "StorageFull", "file write failed", "Disk quota"))
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    step: int,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    keep: int = 2,
+    extra: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write ``out_dir/step-N`` atomically, point ``out_dir/latest`` at it, prune old ones; see the module doc.
+
+    ``keep`` checkpoints are kept (``<= 0``: all). ``extra`` (JSON values and tensors) is stored
+    with the trainer state and returned by :func:`load_trainer_state`. A failed write raises
+    :class:`CheckpointError` saying which checkpoint is still intact.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEPS:
+        raise CheckpointError(f"checkpoint step must be an integer in [0, {MAX_STEPS}], got {step!r}")
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"checkpoint directory '{root}' is a file; give a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    clean_run_dir(root)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=root))
+    try:
+        _write_dir(tmp, model, step, optimizer, extra or {})
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pointer = root / "latest"
-    fd, ptmp = tempfile.mkstemp(prefix=".latest.", dir=root)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt / SystemExit: the caller says what is intact
+        intact = _intact(root)
+        what = "disk full" if _is_disk_full(exc) else f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise CheckpointError(f"{what} while writing step {step} in '{root}'; {intact}") from None
+    if final.exists():  # move the old copy aside first, then move the new one in, then remove
+        aside = root / f".old-{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fd, ptmp = tempfile.mkstemp(prefix=f".latest.{os.getpid()}.", dir=root)
+    os.chmod(ptmp, 0o666 & ~_umask())
     with os.fdopen(fd, "w") as fh:
         fh.write(final.name + "\n")
-    os.replace(ptmp, pointer)
-    ckpts = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(ptmp, root / LATEST)
+    _prune(root, keep, final)
     return final
+
+
+def _intact(root: Path) -> str:
+    try:
+        good = read_latest(root)
+    except CheckpointError:
+        good = None
+    return f"the previous checkpoint {good.name} is intact" if good else "no earlier checkpoint exists in this run"
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    if keep <= 0:
+        return
+    ckpts = list_checkpoints(root)
+    protect = {newest.name, ckpts[-1][1].name if ckpts else ""}
+    for _, old in ckpts[:-keep]:
+        if old.name not in protect:  # rename first: a kill mid-rmtree must not leave a half step-N
+            doomed = root / f".del-{old.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from ``path``: itself, or what a run directory's ``latest`` names."""
+    p = Path(path)
+    if (p / LATEST).exists():
+        target = read_latest(p)
+        assert target is not None
+        return target
+    if p.is_dir() and all((p / f).is_file() for f in REQUIRED):
+        return p
+    if p.is_dir() and STEP_RE.match(p.name) is None and list_checkpoints(p):
+        raise CheckpointError(f"run directory '{p}' has checkpoints but no 'latest' pointer; load one of them: {list_checkpoints(p)[-1][1]}")
+    raise CheckpointError(f"'{p}' is not an audiomoe checkpoint (needs spec.yaml and model.safetensors)")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(
+            f"'{path}' is damaged ({size:,} bytes; {' '.join(str(exc).split())[:120]}); "
+            "load an earlier checkpoint of the run (step-N directories beside it)"
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> torch.nn.Module:
     """Rebuild a model from a checkpoint directory (or a run directory with a ``latest`` pointer)."""
-    p = Path(path)
-    if (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
-    if not (p / "spec.yaml").is_file() or not (p / "model.safetensors").is_file():
-        raise AudioMoEError(f"'{p}' is not an audiomoe checkpoint (needs spec.yaml and model.safetensors)")
-    model = compose(yaml.safe_load((p / "spec.yaml").read_text(encoding="utf-8")))
-    model.load_state_dict(load_file(str(p / "model.safetensors")))
+    p = resolve_checkpoint(path)
+    spec = load_yaml_file(p / "spec.yaml", "checkpoint spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"'{p / 'spec.yaml'}' must hold a model spec mapping, not {type(spec).__name__}")
+    state = _read_tensors(p / "model.safetensors")
+    model = compose(spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"'{p / 'model.safetensors'}' does not match '{p / 'spec.yaml'}': {first}") from None
     return model
+
+
+def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+    """Read a checkpoint's trainer state; load it into ``optimizer``; return ``{step, rng, extra}``."""
+    p = resolve_checkpoint(path)
+    meta_path = p / "trainer.json"
+    if not meta_path.is_file() or not (p / "trainer.safetensors").is_file():
+        raise CheckpointError(f"checkpoint '{p}' has no trainer state (trainer.json + trainer.safetensors); it cannot be resumed")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"'{meta_path}' is damaged: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{meta_path}' is not an audiomoe trainer state of format {FORMAT}")
+    tensors = _read_tensors(p / "trainer.safetensors")
+    if optimizer is not None and meta.get("optimizer") is not None:
+        try:
+            optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"optimizer state in '{p}' does not fit this model: {exc}") from None
+    return {"step": int(meta["step"]), "rng": _decode(meta["rng"], tensors), "extra": _decode(meta["extra"], tensors), "path": p}
