@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -17,10 +18,26 @@ from .core.errors import AudioMoEError
 EPILOG = """examples:
   audiomoe list router                      routers from every installed plugin
   audiomoe describe router/linear_topk      params with types, defaults, limits, an example
-  audiomoe validate my.yaml --set backbone.router.k=1
-  audiomoe compose tiny-moe-cls --set backbone.router=linear_topk --set backbone.num_experts=8
+  audiomoe validate my.yaml --set backbone.moe.router.k=1
+  audiomoe compose tiny-moe-cls --set backbone.moe.router=linear_topk --set backbone.moe.num_experts=8
   audiomoe train tiny-moe-cls --steps 200 --out runs/tiny
 """
+
+
+DEBUG_ENV = "AUDIOMOE_DEBUG"
+
+TRAIN_DESCRIPTION = """Train a preset (or YAML spec) on the built-in synthetic audio task: tones whose pitch
+encodes the class, one base frequency per task. It feeds single-label classification heads only;
+a model with other heads is refused (drop them with --set tasks.NAME=null, or train from Python
+with your own batches: audiomoe.train.train(..., data=...)).
+
+seeds: the spec's `seed` fixes the initial parameters (same spec + seed = same model);
+--seed fixes what the run draws (data order, eval batches, dropout and router noise).
+
+run directory (--out DIR): created and locked before training starts; a DIR that holds another
+run is refused unless --resume (continue from its last good checkpoint: model, optimizer, step,
+RNG) or --overwrite. Ctrl-C stops cleanly and names the last good checkpoint (exit code 130).
+Off a terminal, progress is one line every --log-every steps."""
 
 
 def _registry() -> Any:
@@ -50,34 +67,60 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """List components (optionally one kind, glob-filtered) or presets."""
+    """List components of one kind, of the kinds a glob matches (``'*'``: every kind, presets too) or presets."""
+    import fnmatch
+
+    from .core.registry import RESERVED_KINDS
+
     reg = _registry()
-    if args.kind in ("preset", "presets"):
-        presets = reg.list_presets(args.pattern)
-        print(_table([[p.name, p.plugin, p.summary] for p in presets], ["preset", "plugin", "summary"]))
-        return 0
-    entries = reg.list_components(args.kind, args.pattern)
+    kind = args.kind
+    # A kind glob ('*', 'pre*') searches presets too: they are what `describe preset/NAME` shows.
+    with_presets = kind is not None and any(fnmatch.fnmatchcase(r, kind) for r in RESERVED_KINDS)
+    entries = [] if kind in RESERVED_KINDS else reg.list_components(kind, args.pattern)
+    presets = reg.list_presets(args.pattern) if with_presets else []
     if args.json:
-        print(json.dumps([e.__dict__ for e in entries], indent=2))
+        rows_json = [e.__dict__ for e in entries] + [{"kind": "preset", **p.__dict__} for p in presets]
+        print(json.dumps(rows_json, indent=2, default=str))
+        return 0
+    pnames = [p.name for p in presets]
+    if kind in RESERVED_KINDS:
+        rows = [[f"{p.plugin}:{p.name}" if pnames.count(p.name) > 1 else p.name, p.plugin, p.summary] for p in presets]
+        print(_table(rows, ["preset", "plugin", "summary"]))
         return 0
     keys = [(e.kind, e.name) for e in entries]
     rows = [[e.kind, e.qualified_name if keys.count((e.kind, e.name)) > 1 else e.name, e.plugin, e.summary] for e in entries]
+    rows += [["preset", f"{p.plugin}:{p.name}" if pnames.count(p.name) > 1 else p.name, p.plugin, p.summary] for p in presets]
     print(_table(rows, ["kind", "name", "plugin", "summary"]))
-    if args.kind is None and args.pattern == "*":
+    if not rows:
+        print(f"(nothing matches {args.pattern!r}; `audiomoe list '*'` lists every kind)")
+    if kind is None and args.pattern == "*":
         print(f"\npresets: {', '.join(p.name for p in reg.list_presets())}  (audiomoe list preset)")
     return 0
 
 
+def _print_preset(info: dict[str, Any]) -> None:
+    import yaml
+
+    print(f"preset/{info['name']}  (plugin {info['plugin']} {info['version']})".replace(" )", ")"))
+    print(f"  {info['summary']}\n")
+    print("spec:\n" + "\n".join("  " + line for line in yaml.safe_dump(info["spec"], sort_keys=False).splitlines()))
+    name = info["use_as"]
+    print(f"\nuse it: audiomoe compose {name} [--set KEY=VALUE]; every default filled in: audiomoe validate {name}")
+
+
 def cmd_describe(args: argparse.Namespace) -> int:
-    """Describe ``KIND/NAME``: params with types, defaults, limits, descriptions, and an example."""
+    """Describe ``KIND/NAME``: params with types, defaults, limits, descriptions, and an example; or ``preset/NAME``."""
     from .core.describe import describe
 
     kind, sep, name = args.component.partition("/")
     if not sep or not name:
-        raise AudioMoEError(f"describe takes KIND/NAME (e.g. router/linear_topk), got '{args.component}'")
+        raise AudioMoEError(f"describe takes KIND/NAME (e.g. router/linear_topk, preset/tiny-cls), got '{args.component}'")
     info = describe(kind, name)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
+        return 0
+    if info["kind"] == "preset":
+        _print_preset(info)
         return 0
     print(f"{info['kind']}/{info['name']}  (plugin {info['plugin']} {info['version']}, {info['target']})")
     print(f"  {info['summary']}\n")
@@ -90,6 +133,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
     print(_table(rows, ["param", "type", "default", "limits", "description"]) if rows else "  (no params)")
     if info["injected"]:
         print(f"\ninjected by the composer (not params): {', '.join(info['injected'])}")
+    if info.get("grouped"):
+        print(f"grouped form: {info['grouped']}")
     print("\nexample:\n" + "\n".join("  " + line for line in info["example"].splitlines()))
     return 0
 
@@ -98,11 +143,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a config (preset, YAML path) with overrides; print the resolved spec."""
     import yaml
 
-    from .core.composer import resolve
+    from .core.composer import validate
 
-    resolved = resolve(args.config, args.set)
+    resolved, n_params = validate(args.config, args.set)  # every constructor check, on the meta device
     print(yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip())
-    print(f"\nOK: {args.config} is valid", file=sys.stderr)
+    print(f"\nOK: {args.config} is valid and composes ({n_params:,} parameters)", file=sys.stderr)
     return 0
 
 
@@ -121,6 +166,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     """Build a model; print its parts, where each came from, and total/active parameters."""
     from .core.composer import compose, count_parameters
 
+    if args.save_spec:
+        _check_writable_file(args.save_spec, "--save-spec")  # before the build, not after it
     model = compose(args.preset, args.set)
     rows = _parts(model)
     seen: set[str] = set()
@@ -133,17 +180,61 @@ def cmd_compose(args: argparse.Namespace) -> int:
         uniq.append(r)
     print(_table(uniq, ["part", "component", "plugin", "parameters"]))
     note = ""
-    if not args.no_probe and any(hasattr(m, "last_stats") for m in model.modules()):
-        model.probe()  # top-p picks vary per token: count what a forward actually used
-        note = "  (MoE picks measured on 2 noise clips; --no-probe for the static count)"
+    if not args.no_probe and any(callable(getattr(m, "num_active_parameters", None)) for m in model.modules()):
+        model.probe()  # top-p picks and weak-encoder selections vary per input: count what a forward used
+        note = "  (routed picks measured on 2 noise clips; --no-probe for the static count)"
     total, active = count_parameters(model)
     print(f"\nparameters: total {total:,}  active per token {active:,.0f} ({active / max(total, 1):.1%}){note}")
     if args.save_spec:
         import yaml
 
-        with open(args.save_spec, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(model.spec, fh, sort_keys=False)
+        _write_text(args.save_spec, yaml.safe_dump(model.spec, sort_keys=False), "--save-spec")
         print(f"resolved spec written to {args.save_spec}")
+    return 0
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """Refuse a file path that is a directory or whose parent directory does not exist."""
+    if os.path.isdir(path):
+        raise AudioMoEError(f"{flag} '{path}' is a directory; give a file name, e.g. {os.path.join(path, 'spec.yaml')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise AudioMoEError(f"{flag} '{path}': directory '{parent}' does not exist; create it first")
+
+
+def _write_text(path: str, text: str, flag: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename); errors name the flag."""
+    import tempfile
+
+    _check_writable_file(path, flag)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".spec.", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise AudioMoEError(f"cannot write {flag} '{path}': {exc.strerror or exc}") from None
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    """Write the built-in offline corpus (wavs + manifest.jsonl + corpus.json) into DIR."""
+    import time
+
+    from .data.corpus.make import make_corpus
+
+    t0 = time.perf_counter()
+    manifest = make_corpus(args.dir, args.size, args.seed, workers=args.workers)
+    info = json.loads((manifest.parent / "corpus.json").read_text(encoding="utf-8"))
+    print(f"{manifest}: {info['clips']} clips, {info['lines']} lines, {info['hours'] * 60:.1f} min of audio in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_data_from_csv(args: argparse.Namespace) -> int:
+    """Turn a CSV of labels (+ a folder of audio files) into a JSONL manifest."""
+    from .data.manifest import manifest_from_csv
+
+    out = manifest_from_csv(args.csv, args.out, audio_dir=args.audio_dir, task=args.task, audio_column=args.audio_column, target_column=args.target_column)
+    print(f"wrote {out} ({sum(1 for _ in open(out, encoding='utf-8'))} items)")
     return 0
 
 
@@ -151,9 +242,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a preset on the built-in synthetic audio task (the main job); see audiomoe.train."""
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, out_dir=args.out, seed=args.seed, eval_every=args.eval_every)
+    out = args.out
+    if isinstance(args.resume, str):  # --resume DIR
+        if out is not None and os.path.abspath(out) != os.path.abspath(args.resume):
+            raise AudioMoEError(f"--resume '{args.resume}' and --out '{out}' name different directories; give one")
+        out = args.resume
+    if args.preset is None and not args.resume:
+        raise AudioMoEError("give a PRESET (or YAML path) to train, or --resume DIR to continue a run")
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, out_dir=out, keep=args.keep, seed=args.seed,
+        progress=not args.quiet, save_every=args.save_every, log_every=args.log_every,
+        resume=bool(args.resume), overwrite=args.overwrite,
+    )
     result = train(args.preset, args.set, cfg)
-    print(json.dumps(result, indent=2))
+    if not args.quiet:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -172,35 +276,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("list", help="list components: [KIND] [GLOB]; KIND 'preset' lists presets")
-    p.add_argument("kind", nargs="?", default=None, help="encoder, router, expert, task, backbone, preset, ...")
-    p.add_argument("pattern", nargs="?", default="*", help="glob on the name, e.g. '*top*'")
+    p = sub.add_parser("list", help="list components: [KIND] [GLOB]; KIND 'preset' lists presets, '*' every kind")
+    p.add_argument("kind", nargs="?", default=None, help="encoder, router, expert, task, backbone, preset, ...; a glob: '*' searches every kind and presets")
+    p.add_argument("pattern", nargs="?", default="*", help="glob on the name or plugin:name, e.g. '*top*'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("describe", help="params, defaults, limits and an example for KIND/NAME")
-    p.add_argument("component", metavar="KIND/NAME")
+    p = sub.add_parser("describe", help="params, defaults, limits and an example for KIND/NAME; preset/NAME shows a preset's spec")
+    p.add_argument("component", metavar="KIND/NAME", help="e.g. router/top_p, router/builtin:top_p, preset/tiny-unimoe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_describe)
 
     for name, func, what in (("validate", cmd_validate, "CONFIG"), ("compose", cmd_compose, "PRESET")):
         p = sub.add_parser(name, help=f"{'validate a config and print the resolved spec' if name == 'validate' else 'build a model and print its parts and parameter counts'}")
         p.add_argument("config" if name == "validate" else "preset", metavar=what, help="preset name or YAML path")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. backbone.router.k=1 (repeatable)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. backbone.moe.router.k=1 (repeatable)")
         if name == "compose":
             p.add_argument("--save-spec", metavar="FILE", help="write the resolved spec as YAML")
             p.add_argument("--no-probe", action="store_true", help="count active parameters without a forward on noise")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("train", help="train a preset on the synthetic audio task, with checkpoints")
-    p.add_argument("preset", help="preset name or YAML path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for checkpoints (model.safetensors + spec.yaml)")
+    p = sub.add_parser("data", help="data tools: make the built-in corpus, CSV -> manifest")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    q = data_sub.add_parser("make", help="write the built-in offline corpus (speech, events, music, mixtures, QA)")
+    q.add_argument("dir", metavar="DIR")
+    q.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="small: about 1 hour; medium: about 10")
+    q.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    q.add_argument("--workers", type=int, default=2, help="processes")
+    q.set_defaults(func=cmd_data_make)
+    q = data_sub.add_parser("from-csv", help="CSV of labels (+ folder of audio) -> JSONL manifest")
+    q.add_argument("csv", metavar="CSV")
+    q.add_argument("out", metavar="OUT.jsonl")
+    q.add_argument("--task", required=True, help="task name of every item")
+    q.add_argument("--audio-dir", default=None, help="folder the file names are relative to (default: the CSV's)")
+    q.add_argument("--audio-column", default="file")
+    q.add_argument("--target-column", default="label")
+    q.set_defaults(func=cmd_data_from_csv)
+
+    p = sub.add_parser(
+        "train",
+        help="train a preset on the synthetic audio task, with checkpoints",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("preset", nargs="?", default=None, metavar="PRESET", help="preset name or YAML path (optional with --resume)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override, e.g. backbone.moe.router.k=1 (repeatable)")
+    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (a resumed run continues up to this) [200]")
+    p.add_argument("--batch-size", type=int, default=16, help="items per step [16]")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, > 0 [0.003]")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, >= 0 [0.01]")
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate (and checkpoint, with --out) every N steps, >= 1 [50]")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation [4]")
+    p.add_argument("--seed", type=int, default=0, help="fixes the data stream, eval batches and training randomness; the spec's seed fixes the initial weights [0]")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory: checkpoints step-N/ (model.safetensors, spec.yaml, trainer state), latest, summary.json")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="also checkpoint every N steps (0: at evaluations and the end) [0]")
+    p.add_argument("--keep", type=int, default=2, metavar="N", help="checkpoints kept in --out, newest by step (0: all) [2]")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR", help="continue the run in DIR (default: --out) from its last good checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes its checkpoints)")
+    p.add_argument("--log-every", type=int, default=0, metavar="N", help="off a terminal, print a progress line every N steps (0: ~10 lines per run) [0]")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (the summary is still written to --out)")
     p.set_defaults(func=cmd_train)
     return parser
 
@@ -217,6 +351,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except AudioMoEError as exc:
         print(f"audiomoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: training says which checkpoint is the last good one
+        print(f"audiomoe {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input: one line, traceback on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        print(
+            f"audiomoe {args.command}: unexpected error: {type(exc).__name__}: {text} "
+            f"(set {DEBUG_ENV}=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

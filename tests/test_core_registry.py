@@ -159,9 +159,9 @@ def test_same_name_from_two_plugins_is_an_error_only_when_used():
 
 def test_ambiguous_name_in_a_spec_names_both_providers_and_qualified_name_builds():
     reg = Registry.isolated(_router_plugin("plugin_a", "dup"), _router_plugin("plugin_b", "dup"))
-    with pytest.raises(audiomoe.ConfigError, match=r"backbone.router.*more than one plugin.*plugin_a:dup"):
-        audiomoe.compose("tiny-moe-cls", ["backbone.router=dup"], registry=reg)
-    model = audiomoe.compose("tiny-moe-cls", ["backbone.router=plugin_a:dup"], registry=reg)
+    with pytest.raises(audiomoe.ConfigError, match=r"backbone.moe.router.*more than one plugin.*plugin_a:dup"):
+        audiomoe.compose("tiny-moe-cls", ["backbone.moe.router=dup"], registry=reg)
+    model = audiomoe.compose("tiny-moe-cls", ["backbone.moe.router=plugin_a:dup"], registry=reg)
     assert model.backbone.blocks[0].moe.router.audiomoe_component.plugin == "plugin_a"
 
 
@@ -191,7 +191,7 @@ def test_every_hook_is_documented_with_typed_args_and_an_example():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     hooks = [f for n, f in vars(hookspecs).items() if n.startswith("audiomoe_register_")]
-    assert len(hooks) == 2
+    assert len(hooks) == 3  # components, presets, kinds
     for fn in hooks:
         doc = inspect.getdoc(fn) or ""
         assert ":param register:" in doc and "Example::" in doc, fn.__name__

@@ -4,7 +4,7 @@ Three steps, each usable alone:
 
 1. :func:`load_spec` turns a preset name, a YAML path, a mapping or a :class:`ModelSpec` into the
    raw mapping form; :func:`apply_overrides` applies ``key=value`` overrides to it. A dotted key
-   walks component params without writing ``params`` (``backbone.router.k=2``). Assigning a name
+   walks component params without writing ``params`` (``backbone.moe.router.k=2``). Assigning a name
    to a component key swaps the component and *resets its params* to the new one's defaults.
 2. :func:`resolve` validates the whole tree against each component's ``Params`` and reports every
    problem at once (:class:`ConfigError`), each with its dotted key.
@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
+from .errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean, short_repr
+from .limits import MAX_PARAMETERS, MAX_PRESET_CHAIN, MAX_QUOTED_VALUE
+from .names import USER, Origin, author, field_default, mark_typed, recorded_name, source_origin
 from .registry import ComponentEntry, Registry, get_registry
+from .safe_yaml import YAMLSyntaxError, load_yaml_file, load_yaml_text
 from .specs import ComponentSpec, ModelSpec, Params, slot_fields
 
 SpecSource = Union[str, os.PathLike, Mapping[str, Any], ModelSpec]
@@ -37,26 +39,36 @@ SpecSource = Union[str, os.PathLike, Mapping[str, Any], ModelSpec]
 # -- step 1: raw spec + overrides -------------------------------------------------------------
 
 
-def load_spec(source: SpecSource, registry: Optional[Registry] = None) -> tuple[dict[str, Any], str]:
-    """Return ``(raw mapping, label)`` for a preset name, YAML path, mapping or ModelSpec."""
+def load_spec(
+    source: SpecSource, registry: Optional[Registry] = None, _chain: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], str]:
+    """Return ``(raw mapping, label)`` for a preset name, YAML path, mapping or ModelSpec.
+
+    YAML is read strictly (:mod:`.safe_yaml`: no duplicate keys, bounded depth and size); a file's
+    ``preset:`` include chain is followed at most ``MAX_PRESET_CHAIN`` deep and never in a loop.
+    """
     registry = registry or get_registry()
     if isinstance(source, ModelSpec):
         return source.model_dump(mode="json"), "spec"
     if isinstance(source, Mapping):
         return copy.deepcopy(dict(source)), "spec"
+    if not isinstance(source, (str, os.PathLike)):
+        raise AudioMoEError(f"a model spec is a preset name, a YAML path or a mapping, not {type(source).__name__}")
     text = os.fspath(source)
     path = Path(text)
     if text.endswith((".yaml", ".yml")) or (path.suffix and path.exists()):
-        if not path.is_file():
-            raise AudioMoEError(f"config file '{text}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise AudioMoEError(f"config file '{text}' is not valid YAML: {exc}") from exc
+        key = os.path.realpath(text)
+        if key in _chain:
+            raise AudioMoEError(f"config file '{text}' includes itself through 'preset:' ({' -> '.join(_chain + (key,))})")
+        if len(_chain) >= MAX_PRESET_CHAIN:
+            raise AudioMoEError(f"config file '{text}': more than {MAX_PRESET_CHAIN} nested 'preset:' includes")
+        data = load_yaml_file(text)
         if not isinstance(data, Mapping):
-            raise AudioMoEError(f"config file '{text}' must hold a mapping (d_model, encoder, tasks, ...)")
+            raise AudioMoEError(f"config file '{text}' must hold a mapping (d_model, encoder, tasks, ...), not {type(data).__name__}")
         if "preset" in data:  # a YAML may start from a preset and change some keys
-            base, _ = load_spec(str(data["preset"]), registry)
+            if not isinstance(data["preset"], str):
+                raise AudioMoEError(f"config file '{text}': 'preset' must be a preset name or YAML path, got {short_repr(data['preset'])}")
+            base, _ = load_spec(data["preset"], registry, _chain + (key,))
             rest = {k: v for k, v in data.items() if k != "preset"}
             return _deep_merge(base, rest), f"'{text}'"
         return dict(data), f"'{text}'"
@@ -78,11 +90,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise AudioMoEError(f"override {text!r} must look like key=value (e.g. backbone.router.k=2)")
+        raise AudioMoEError(f"override {text!r} must look like key=value (e.g. backbone.moe.router.k=2)")
+    if len(value) > MAX_QUOTED_VALUE * 50:
+        raise AudioMoEError(f"override '{key}' has a {len(value):,}-character value; put large values in a YAML file")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
+        parsed = load_yaml_text(value, f"override '{key}'") if value.strip() else ""
+    except YAMLSyntaxError:
+        parsed = value  # not YAML: the plain string (validation says if a string is wrong here)
     return key, parsed
 
 
@@ -99,21 +113,36 @@ def _as_component(value: Any) -> dict[str, Any]:
 
 
 def apply_overrides(
-    raw: dict[str, Any], overrides: Iterable[str], registry: Optional[Registry] = None
+    raw: dict[str, Any],
+    overrides: Iterable[str],
+    registry: Optional[Registry] = None,
+    *,
+    origin: Origin = USER,
+    typed: Optional[set[str]] = None,
 ) -> tuple[dict[str, Any], list[ConfigProblem]]:
-    """Apply ``key=value`` overrides in order; return the new mapping and any problems found."""
+    """Apply ``key=value`` overrides in order; return the new mapping and any problems found.
+
+    ``origin`` says who wrote ``raw`` (a preset's plugin); the paths whose component names the
+    overrides assign are added to ``typed``: those names are the user's (see core/names.py).
+    """
     registry = registry or get_registry()
+    typed = set() if typed is None else typed
     raw = copy.deepcopy(raw)
     problems: list[ConfigProblem] = []
     for text in overrides:
         key, value = parse_override(text)
-        err = _apply_one(raw, key.split("."), value, registry)
+        err = _apply_one(raw, key.split("."), value, registry, origin, typed)
         if err:
             problems.append(ConfigProblem(key, err + " (from override)", value, True))
     return raw, problems
 
 
-def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Registry) -> Optional[str]:
+def _apply_one(
+    raw: dict[str, Any], parts: list[str], value: Any, registry: Registry, origin: Origin = USER, typed: Optional[set[str]] = None
+) -> Optional[str]:
+    # origin / typed / owner: whose names the walked nodes hold (see core/names.py).
+    typed = set() if typed is None else typed
+    owner: Optional[str] = None
     params_cls: type[BaseModel] = ModelSpec
     container: dict[str, Any] = raw
     i = 0
@@ -130,10 +159,13 @@ def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Regi
             container[part] = value
             return None
         kind, how = slots[part]
+        slot_origin = origin.slot(part, owner, field_default(fields[part]))
         if how == "one":
             if last:  # swap: new name, params back to the new component's defaults
                 container[part] = None if value is None else _as_component(value)
+                mark_typed(typed, ".".join(parts))
                 return None
+            node_origin = slot_origin
             if container.get(part) is None and fields[part].default is None and fields[part].default_factory is None:
                 return f"'{part}' is not set; set it first with {'.'.join(parts[: i + 1])}=<{kind} name>"
             node = container.get(part)
@@ -146,13 +178,21 @@ def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Regi
             coll = container.setdefault(part, {} if how == "dict" else [])
             if last:
                 container[part] = value
+                mark_typed(typed, ".".join(parts), container=True)
                 return None
             sub = parts[i + 1]
+            node_origin = slot_origin.item(sub)
             if how == "dict":
                 if not isinstance(coll, dict):
                     return f"'{part}' must be a mapping"
                 if i + 1 == len(parts) - 1:
+                    if value is None:  # null removes the entry, as backbone=null removes the backbone
+                        if sub not in coll:
+                            return f"no {kind} '{sub}' under '{part}' to remove.{did_you_mean(sub, coll)}"
+                        del coll[sub]
+                        return None
                     coll[sub] = _as_component(value)
+                    mark_typed(typed, ".".join(parts))
                     return None
                 if sub not in coll:
                     return f"no {kind} '{sub}' under '{part}'.{did_you_mean(sub, coll)} Add it with {'.'.join(parts[: i + 2])}=<{kind} name>"
@@ -163,16 +203,22 @@ def _apply_one(raw: dict[str, Any], parts: list[str], value: Any, registry: Regi
                     node = coll[idx] = _as_component(coll[idx])
                 except (ValueError, IndexError):
                     return f"'{part}' is a list of {len(coll)}; '{sub}' is not a valid index"
+                node_origin = slot_origin.item(idx)
                 if i + 1 == len(parts) - 1:
+                    if value is None:
+                        return f"'{part}' entries cannot be null; set the whole list ({part}=[...]) to drop one"
                     coll[idx] = _as_component(value)
+                    mark_typed(typed, ".".join(parts))
                     return None
             i += 1
         # now at a component node: continue into its params
         if not isinstance(node, dict) or not isinstance(node.get("params", {}), dict):
             return f"'{'.'.join(parts[: i + 1])}' is not a component mapping"
+        prefer, origin = author(node_origin, node.get("name"), ".".join(parts[: i + 1]), typed)
         try:
-            entry = registry.get_component(kind, node.get("name"))
+            entry = registry.get_component(kind, node.get("name"), prefer=prefer)
             cls = entry.load()
+            owner = entry.plugin
         except AudioMoEError:
             # The unknown/ambiguous name itself is reported once, by validation.
             return f"not applied: '{'.'.join(parts[: i + 1])}' does not name a usable {kind} ({node.get('name')!r})"
@@ -255,8 +301,17 @@ def _validation_problems(exc: ValidationError, path: str, params_cls: type[BaseM
 
 
 def _resolve_params(
-    params_cls: type[BaseModel], raw: Any, path: str, registry: Registry, problems: list[ConfigProblem]
+    params_cls: type[BaseModel],
+    raw: Any,
+    path: str,
+    registry: Registry,
+    problems: list[ConfigProblem],
+    origin: Origin = USER,
+    owner: Optional[str] = None,
+    typed: frozenset[str] = frozenset(),
 ) -> tuple[Optional[BaseModel], dict[str, Any]]:
+    # origin: who wrote ``raw``; owner: the plugin of the component these params belong to, the
+    # author of its Params defaults; typed: paths whose names overrides assigned (core/names.py).
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -278,23 +333,30 @@ def _resolve_params(
             f = params_cls.model_fields[slot]
             value = f.default_factory() if f.default_factory is not None else f.default
         slot_path = _join(path, slot)
+        so = origin.slot(slot, owner, field_default(params_cls.model_fields[slot]))
         if how == "one":
-            children[slot] = None if value is None else _resolve_component(kind, value, slot_path, registry, problems)
+            children[slot] = None if value is None else _resolve_component(kind, value, slot_path, registry, problems, so, typed)
         elif how == "list":
             items = value if isinstance(value, list) else []
             children[slot] = [
-                _resolve_component(kind, v, _join(slot_path, i), registry, problems) for i, v in enumerate(items)
+                _resolve_component(kind, v, _join(slot_path, i), registry, problems, so.item(i), typed) for i, v in enumerate(items)
             ]
         else:
             items = value if isinstance(value, Mapping) else {}
             children[slot] = {
-                k: _resolve_component(kind, v, _join(slot_path, k), registry, problems) for k, v in items.items()
+                k: _resolve_component(kind, v, _join(slot_path, k), registry, problems, so.item(k), typed) for k, v in items.items()
             }
     return validated, children
 
 
 def _resolve_component(
-    kind: str, value: Any, path: str, registry: Registry, problems: list[ConfigProblem]
+    kind: str,
+    value: Any,
+    path: str,
+    registry: Registry,
+    problems: list[ConfigProblem],
+    origin: Origin = USER,
+    typed: frozenset[str] = frozenset(),
 ) -> Optional[Node]:
     if isinstance(value, ComponentSpec):
         spec = value
@@ -304,8 +366,9 @@ def _resolve_component(
         except ValidationError as exc:
             problems.extend(_validation_problems(exc, path, ComponentSpec))
             return None
+    prefer, params_origin = author(origin, spec.name, path, typed)
     try:
-        entry = registry.get_component(kind, spec.name)
+        entry = registry.get_component(kind, spec.name, prefer=prefer)
     except AudioMoEError as exc:
         problems.append(ConfigProblem(path, str(exc), spec.name, True))
         return None
@@ -326,10 +389,10 @@ def _resolve_component(
     if not (isinstance(params_cls, type) and issubclass(params_cls, BaseModel)):
         problems.append(ConfigProblem(path, f"{entry.target} has no pydantic Params class"))
         return None
-    validated, children = _resolve_params(params_cls, spec.params, path, registry, problems)
+    validated, children = _resolve_params(params_cls, spec.params, path, registry, problems, params_origin, entry.plugin, typed)
     if validated is None:
         return None
-    name = spec.name or entry.name
+    name = recorded_name(registry, kind, spec.name, entry)
     return Node(kind, name, entry, cls, validated, children, path)  # type: ignore[arg-type]
 
 
@@ -339,8 +402,9 @@ def resolve(
     """Validate ``source`` + ``overrides``; raise :class:`ConfigError` listing every problem."""
     registry = registry or get_registry()
     raw, label = load_spec(source, registry)
-    raw, problems = apply_overrides(raw, list(overrides), registry)
-    validated, children = _resolve_params(ModelSpec, raw, "", registry, problems)
+    origin, typed = source_origin(source, registry), set[str]()
+    raw, problems = apply_overrides(raw, list(overrides), registry, origin=origin, typed=typed)
+    validated, children = _resolve_params(ModelSpec, raw, "", registry, problems, origin, None, frozenset(typed))
     if problems or validated is None:
         raise ConfigError(problems, source=label)
     return ResolvedSpec(validated, children)  # type: ignore[arg-type]
@@ -457,14 +521,47 @@ def compose(
 ) -> Any:
     """Build a model from a preset name, a YAML path, a mapping or a :class:`ModelSpec`.
 
-    ``overrides`` are ``key=value`` strings applied in order (``backbone.router=top_p``,
-    ``backbone.router.k=2``). Raises :class:`ConfigError` listing every problem at once.
+    ``overrides`` are ``key=value`` strings applied in order (``backbone.moe.router=top_p``,
+    ``backbone.moe.router.k=2``). Raises :class:`ConfigError` listing every problem at once.
 
-    >>> model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.num_experts=8"])
+    >>> model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.moe.num_experts=8"])
     >>> model.spec["backbone"]["params"]["num_experts"]
     8
     """
     return build_model(resolve(source, overrides, registry))
+
+
+def validate(
+    source: SpecSource, overrides: Iterable[str] = (), *, registry: Optional[Registry] = None
+) -> tuple[ResolvedSpec, int]:
+    """Check that ``source`` + ``overrides`` composes; return the resolved spec and its parameter count.
+
+    Beyond :func:`resolve` (types and limits of every param), the model is built on PyTorch's
+    ``meta`` device, so every constructor check runs (``k`` larger than the number of experts, a
+    missing pretrained directory, ...) while no parameter memory is allocated. A model of more
+    than ``MAX_PARAMETERS`` parameters is refused here, before anything would allocate it.
+    """
+    resolved = resolve(source, overrides, registry)
+    return resolved, check_size(build_meta(resolved))
+
+
+def build_meta(resolved: ResolvedSpec) -> Any:
+    """:func:`build_model` on PyTorch's ``meta`` device: every constructor check, no parameter memory."""
+    import torch
+
+    with torch.device("meta"):
+        return build_model(resolved)
+
+
+def check_size(model: Any) -> int:
+    """The parameter count of ``model`` (e.g. a meta model); over ``MAX_PARAMETERS`` is an error."""
+    total = sum(p.numel() for p in model.parameters())
+    if total > MAX_PARAMETERS:
+        raise AudioMoEError(
+            f"this spec builds {total:,} parameters ({total * 4 / 2**30:,.0f} GiB in float32), over the limit of "
+            f"{MAX_PARAMETERS:,}; check the sizes (d_model, d_ff, num_experts, num_layers)"
+        )
+    return total
 
 
 def count_parameters(model: Any) -> tuple[int, float]:

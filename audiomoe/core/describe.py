@@ -8,7 +8,7 @@ from typing import Any, Optional
 import yaml
 from pydantic.fields import FieldInfo
 
-from .registry import Registry, get_registry
+from .registry import RESERVED_KINDS, Registry, get_registry
 from .specs import slot_fields
 
 _LIMITS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "min length", "max_length": "max length"}
@@ -40,13 +40,40 @@ def _default(field: FieldInfo) -> Any:
     return value
 
 
+def describe_preset(name: str, *, registry: Optional[Registry] = None) -> dict[str, Any]:
+    """Return ``{kind: "preset", name, use_as, plugin, version, summary, spec}`` for a preset.
+
+    ``name`` may be qualified (``plugin:name``); ``use_as`` is the name to type (qualified when two
+    plugins register it).
+
+    ``spec`` is the preset's model spec as registered (what ``audiomoe validate NAME`` resolves);
+    nothing is imported.
+    """
+    reg = registry or get_registry()
+    entry = reg.get_preset(name)
+    clash = len(reg.list_presets(entry.name)) > 1
+    return {
+        "kind": "preset",
+        "name": entry.name,
+        "use_as": f"{entry.plugin}:{entry.name}" if clash else entry.name,
+        "plugin": entry.plugin,
+        "version": entry.version,
+        "summary": entry.summary,
+        "spec": dict(entry.spec),
+    }
+
+
 def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> dict[str, Any]:
     """Return ``{kind, name, plugin, version, target, summary, doc, params, example}`` for a component.
 
     ``params`` is a list of ``{name, type, default, limits, description, slot}``; ``example`` is a
     YAML snippet using the component with its defaults. Imports the component (and torch).
+    ``kind="preset"`` describes a preset instead (:func:`describe_preset`). An unknown kind is an
+    error with a "did you mean"; a name two plugins register must be qualified (``plugin:name``).
     """
     reg = registry or get_registry()
+    if kind in RESERVED_KINDS:
+        return describe_preset(name, registry=reg)
     entry = reg.get_component(kind, name)
     cls = entry.load()
     params_cls = cls.Params
@@ -68,7 +95,7 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
     injected = [
         p for p in list(inspect.signature(cls.__init__).parameters)[2:] if p not in slots and p not in ("args", "kwargs")
     ]
-    return {
+    info = {
         "kind": kind,
         "name": entry.name,
         "plugin": entry.plugin,
@@ -80,3 +107,16 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
         "injected": injected,
         "example": example,
     }
+    if kind == "expert":
+        info["grouped"] = _grouped_form(cls)
+    return info
+
+
+def _grouped_form(cls: type) -> str:
+    """How an MoE layer runs experts of this kind: a grouped module (stacked weights) or a per-expert loop."""
+    from .interfaces import Expert
+
+    grouped = getattr(cls, "grouped", None)
+    if grouped is None or getattr(grouped, "__func__", None) is Expert.grouped.__func__:
+        return "no: an MoE layer runs these experts with a per-expert loop (dispatch 'loop')"
+    return "yes: an MoE layer holds them as one stacked-weight module (fused / grouped_mm dispatch)"

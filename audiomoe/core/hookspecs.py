@@ -17,7 +17,7 @@ plugin-name order, and records every registration with the plugin that made it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Optional, Protocol
 
 import pluggy
 
@@ -34,6 +34,13 @@ class RegisterComponent(Protocol):
         """Register component ``name`` of ``kind`` implemented by ``target`` (``"pkg.module:Class"``)."""
 
 
+class RegisterKind(Protocol):
+    """The callback passed to :func:`audiomoe_register_kinds`."""
+
+    def __call__(self, kind: str, summary: str = "", default: Optional[str] = None) -> None:
+        """Declare ``kind`` (a new kind of component), optionally with the ``default`` component name."""
+
+
 class RegisterPreset(Protocol):
     """The callback passed to :func:`audiomoe_register_presets`."""
 
@@ -47,10 +54,14 @@ def audiomoe_register_components(register: RegisterComponent) -> None:
 
     :param register: call ``register(kind, name, target, summary)`` once per component.
 
-        - ``kind``: one of ``"encoder"``, ``"router"``, ``"expert"``, ``"task"``, ``"backbone"``
-          (or a new kind your own components use as a child slot).
+        - ``kind``: one of ``"encoder"``, ``"router"``, ``"expert"``, ``"task"``, ``"backbone"``,
+          a kind another plugin declares (the built-in ``"scorer"``, ``"selector"``), or a kind your
+          plugin declares in :func:`audiomoe_register_kinds`. An undeclared kind (a typo such as
+          ``"routr"``) is an error with a "did you mean", so the plugin is skipped.
         - ``name``: the registry name used in configs (``[a-z0-9_.-]``). Prefix generic names with
-          your package (``acme_topk``); users can always write ``your_plugin:name``.
+          your package (``acme_topk``); users can always write ``your_plugin:name``. A name another
+          plugin also registers never changes what the other plugin's presets and defaults build;
+          users who type the bare name get an error naming ``builtin:name`` and ``your_plugin:name``.
         - ``target``: ``"package.module:ClassName"``. It is imported only when the component is
           built or described, so listing stays fast. The class must subclass the base class of its
           kind and define a nested pydantic ``Params`` model.
@@ -81,4 +92,23 @@ def audiomoe_register_presets(register: RegisterPreset) -> None:
             register("acme-tiny", {"d_model": 32, "encoder": {"name": "conv_frontend"},
                                    "tasks": {"cls": {"name": "classification"}}},
                      "A tiny model with the acme router")
+    """
+
+
+@hookspec
+def audiomoe_register_kinds(register: RegisterKind) -> None:
+    """Declare new kinds of component (a new kind of child slot, e.g. ``Slot("decoder")``).
+
+    :param register: call ``register(kind, summary, default)`` once per kind. ``kind`` is a word
+        (``[a-z0-9_.-]``, not ``preset``); ``default`` optionally names the component used when a
+        ``kind`` slot names none (your plugin's component first). A kind may be declared by several
+        plugins; the built-in plugin's default wins, otherwise a default given by two plugins must
+        be chosen by naming a component. Kinds are collected from every plugin before any
+        component, so your components may use a kind another plugin declares.
+
+    Example::
+
+        @audiomoe.hookimpl
+        def audiomoe_register_kinds(register):
+            register("decoder", "Turns backbone states into audio", default="acme_decoder")
     """

@@ -1,16 +1,18 @@
-"""The component and preset registry, filled by pluggy plugins.
+"""The component and preset registry, filled by pluggy plugins (loading: :mod:`.plugin_loading`).
 
-Loading rules (from the plugin-design notes: llm #1280, pluggy #705, timm #1694):
-
-- Entry points of group ``audiomoe`` are loaded one at a time, sorted by distribution and
-  entry-point name. A plugin that fails to import or to register is skipped with a warning naming
-  it and its version; ``AUDIOMOE_STRICT_PLUGINS=1`` (or ``strict=True``) raises instead.
-- ``AUDIOMOE_DISABLE_PLUGINS=a,b`` disables plugins by entry-point or distribution name.
 - Each plugin's hook implementation is called on its own with a ``register`` callback bound to
   that plugin, so every registration knows its provider and results never depend on pluggy's
   last-registered-first call order. A plugin whose hook raises contributes nothing.
-- The same name from two plugins is recorded; it is an error only when the name is used, and the
-  message names both providers and how to pick one (``plugin:name``).
+- Kinds are declared: the core kinds (those with a base class) always exist, a plugin adds a kind
+  with ``audiomoe_register_kinds``. Registering under an undeclared kind (a typo such as
+  ``routr``) fails that plugin with a "did you mean".
+- The same name from two plugins is recorded; using it unqualified is an error that names both
+  providers and how to pick one (``plugin:name``), unless the caller says whose names it means
+  (``prefer``): the composer passes the author of a preset or of a Params default, so a plugin
+  registering ``top_p`` cannot change what the built-in presets build.
+- A kind's default (used when a spec names no component) comes from the plugins: the built-in
+  plugin's default wins, otherwise the one plugin giving a default; ``Registry.isolated(builtin=False)``
+  therefore has no built-in defaults, components or presets.
 
 Nothing here imports torch: components are import strings, loaded only when built or described.
 """
@@ -19,36 +21,43 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-import importlib.metadata as importlib_metadata
-import os
 import re
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-import pluggy
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import hookspecs
-from .errors import (
-    AmbiguousComponentError,
-    AudioMoEError,
-    PluginLoadError,
-    UnknownComponentError,
-    did_you_mean,
+from .errors import AmbiguousComponentError, AudioMoEError, UnknownComponentError, did_you_mean
+from .plugin_loading import (  # noqa: F401 - re-exported: the public names of the loading rules
+    BUILTIN_MODULE,
+    BUILTIN_PLUGIN,
+    DISABLE_ENV,
+    STRICT_ENV,
+    PluginHost,
+    PluginRecord,
 )
 
-STRICT_ENV = "AUDIOMOE_STRICT_PLUGINS"
-DISABLE_ENV = "AUDIOMOE_DISABLE_PLUGINS"
-BUILTIN_PLUGIN = "builtin"
-
-#: Kinds with a base class in :mod:`audiomoe.core.interfaces`; a plugin may add other kinds.
-KNOWN_KINDS = ("encoder", "router", "expert", "task", "backbone")
+#: Kinds with a base class in :mod:`audiomoe.core.interfaces`: known even without any plugin.
+CORE_KINDS = ("encoder", "router", "expert", "moe", "task", "backbone")
+KNOWN_KINDS = CORE_KINDS  # the name used before kinds could be declared
+#: Not component kinds: ``audiomoe list`` / ``describe`` use them for presets.
+RESERVED_KINDS = ("preset", "presets")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class KindEntry:
+    """A declared kind: ``plugin`` says the kind exists and may give its ``default`` component."""
+
+    kind: str
+    summary: str
+    plugin: str
+    default: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -94,21 +103,6 @@ class PresetEntry:
     version: str = ""
 
 
-@dataclass
-class PluginRecord:
-    """What happened to one plugin: ``loaded``, ``failed`` or ``disabled``."""
-
-    name: str
-    dist: str
-    version: str
-    status: str
-    source: str = ""
-    error: str = ""
-    hooks: list[str] = field(default_factory=list)
-    components: int = 0
-    presets: int = 0
-
-
 class _RegistryFile(BaseModel):
     """Schema of ``audiomoe/registry.yaml``."""
 
@@ -145,19 +139,8 @@ def load_registry_file() -> _RegistryFile:
         raise AudioMoEError(f"audiomoe/registry.yaml is invalid:\n{exc}") from exc
 
 
-def _audiomoe_version() -> str:
-    try:
-        return importlib_metadata.version("audiomoe")
-    except importlib_metadata.PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-class Registry:
-    """Components and presets contributed by a set of plugins.
+class Registry(PluginHost):
+    """Components, presets and kinds contributed by a set of plugins.
 
     ``Registry()`` loads the built-in plugin and every installed entry point. For tests and
     notebooks, :meth:`isolated` loads only the plugins you give it::
@@ -173,133 +156,86 @@ class Registry:
         builtin: bool = True,
         entry_points: bool = True,
         strict: Optional[bool] = None,
-        disabled: Optional[Iterable[str]] = None,
+        disabled: Optional[Sequence[str]] = None,
     ) -> None:
-        self.strict = _env_flag(STRICT_ENV) if strict is None else strict
-        env_disabled = [s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()]
-        self.disabled = set(env_disabled if disabled is None else disabled)
-        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self._pm.add_hookspecs(hookspecs)
-        self.plugins: dict[str, PluginRecord] = {}
+        super().__init__(strict=strict, disabled=disabled)
+        self._kinds: dict[str, list[KindEntry]] = {k: [] for k in CORE_KINDS}
         self._components: dict[tuple[str, str], list[ComponentEntry]] = {}
         self._presets: dict[str, list[PresetEntry]] = {}
-        self.defaults: dict[str, str] = dict(load_registry_file().defaults)
-
-        if builtin:
-            from audiomoe.plugins import builtin as builtin_module
-
-            self._add_plugin(builtin_module, BUILTIN_PLUGIN, "audiomoe", _audiomoe_version(), "audiomoe.plugins.builtin")
-        for plugin in plugins:
-            name = getattr(plugin, "__audiomoe_plugin_name__", None) or getattr(plugin, "__name__", None) or type(plugin).__name__
-            self._add_plugin(plugin, str(name), str(name), "", repr(plugin))
-        if entry_points:
-            self._load_entry_points()
-        self._check_pending()
+        self._load_plugins(plugins, builtin, entry_points)
         self._collect()
-
-    # -- construction -------------------------------------------------------------------------
+        self._check_empty()
 
     @classmethod
     def isolated(cls, *plugins: object, builtin: bool = True, strict: bool = True) -> "Registry":
         """A registry holding only ``plugins`` (and the built-ins unless ``builtin=False``).
 
-        Installed entry points are ignored, so results do not depend on the environment.
+        Installed entry points are ignored, so results do not depend on the environment. With
+        ``builtin=False`` nothing built-in remains: no components, presets or kind defaults.
         """
         return cls(plugins, builtin=builtin, entry_points=False, strict=strict, disabled=())
 
-    def _fail(self, record: PluginRecord, exc: BaseException, what: str) -> None:
-        record.status = "failed"
-        record.error = f"{type(exc).__name__}: {exc}"
-        label = f"'{record.name}' ({record.dist} {record.version})".replace(" )", ")")
-        msg = f"audiomoe: plugin {label} failed to {what} and was skipped: {record.error}"
-        if self.strict:
-            raise PluginLoadError(msg + f" (strict mode: unset {STRICT_ENV} to skip broken plugins)") from exc
-        warnings.warn(msg + f". Set {DISABLE_ENV}={record.name} to silence this.", RuntimeWarning, stacklevel=3)
-
-    def _add_plugin(self, obj: object, name: str, dist: str, version: str, source: str) -> None:
-        record = PluginRecord(name=name, dist=dist, version=version, status="loaded", source=source)
-        if name in self.plugins:
-            record.name = name = f"{name}#{len(self.plugins)}"
-        self.plugins[name] = record
-        try:
-            self._pm.register(obj, name=name)
-        except Exception as exc:  # noqa: BLE001 - pluggy validation errors name the bad hookimpl
-            self._fail(record, exc, "register")
-            return
-        record.hooks = sorted(h.name for h in (self._pm.get_hookcallers(obj) or []))
-
-    def _load_entry_points(self) -> None:
-        eps = importlib_metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)
-        for ep in sorted(eps, key=lambda e: ((e.dist.name if e.dist else ""), e.name)):
-            dist = ep.dist.name if ep.dist else "?"
-            version = ep.dist.version if ep.dist else "?"
-            if ep.name in self.disabled or dist in self.disabled:
-                self.plugins[ep.name] = PluginRecord(ep.name, dist, version, "disabled", ep.value)
-                continue
-            try:
-                obj = ep.load()
-            except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the kit
-                record = PluginRecord(ep.name, dist, version, "failed", ep.value)
-                self.plugins[ep.name] = record
-                self._fail(record, exc, "import")
-                continue
-            self._add_plugin(obj, ep.name, dist, version, ep.value)
-
-    def _check_pending(self) -> None:
-        known = {"audiomoe_register_components", "audiomoe_register_presets"}
-        for pname, record in self.plugins.items():
-            plugin = self._pm.get_plugin(pname)
-            if plugin is None:
-                continue
-            for attr in dir(plugin):
-                if not attr.startswith("audiomoe_") or attr in known:
-                    continue
-                if self._pm.parse_hookimpl_opts(plugin, attr) is not None:
-                    exc = AudioMoEError(f"unknown hook '{attr}'.{did_you_mean(attr, known)}")
-                    self._pm.unregister(name=pname)
-                    self._fail(record, exc, "register")
-                    break
+    def _impls(self, hook: str, pname: str) -> list[Any]:
+        return [i for i in getattr(self._pm.hook, hook).get_hookimpls() if i.plugin_name == pname]
 
     def _collect(self) -> None:
-        """Call each plugin's hooks separately, in plugin-name order; keep only complete plugins."""
-        hooks = self._pm.hook
-        impls = {
-            "components": hooks.audiomoe_register_components.get_hookimpls(),
-            "presets": hooks.audiomoe_register_presets.get_hookimpls(),
-        }
-        for pname in sorted(self.plugins):
-            record = self.plugins[pname]
-            if record.status != "loaded":
-                continue
-            comps: list[ComponentEntry] = []
-            presets: list[PresetEntry] = []
+        """Call each plugin's hooks separately, in plugin-name order; keep only complete plugins.
 
-            def reg_component(kind: str, name: str, target: str, summary: str = "", _r=record, _out=comps) -> None:
-                _check_registration(kind, name, target)
-                _out.append(ComponentEntry(kind, name, target, str(summary).strip(), _r.name, _r.version))
+        Kinds first, from every plugin, so that a component may use a kind another plugin declares.
+        """
+        loaded = lambda: [n for n in sorted(self.plugins) if self.plugins[n].status == "loaded"]  # noqa: E731
+        for pname in loaded():
+            kinds: list[KindEntry] = []
 
-            def reg_preset(name: str, spec: Mapping[str, Any], summary: str = "", _r=record, _out=presets) -> None:
-                if not isinstance(name, str) or not _NAME_RE.match(name):
-                    raise ValueError(f"preset name {name!r} must match {_NAME_RE.pattern}")
-                if not isinstance(spec, Mapping):
-                    raise TypeError(f"preset '{name}': spec must be a mapping, got {type(spec).__name__}")
-                _out.append(PresetEntry(name, dict(spec), str(summary).strip(), _r.name, _r.version))
+            def reg_kind(kind: str, summary: str = "", default: Optional[str] = None, _p=pname, _out=kinds) -> None:
+                if not isinstance(kind, str) or not _NAME_RE.match(kind) or kind in RESERVED_KINDS:
+                    raise ValueError(f"kind {kind!r} must be a word like 'scorer' (not {', '.join(RESERVED_KINDS)})")
+                if default is not None and (not isinstance(default, str) or not _NAME_RE.match(default)):
+                    raise ValueError(f"kind '{kind}': default {default!r} must be a component name")
+                _out.append(KindEntry(kind, str(summary).strip(), _p, default))
 
             try:
-                for impl in impls["components"]:
-                    if impl.plugin_name == pname:
-                        impl.function(register=reg_component)
-                for impl in impls["presets"]:
-                    if impl.plugin_name == pname:
-                        impl.function(register=reg_preset)
+                for impl in self._impls("audiomoe_register_kinds", pname):
+                    impl.function(register=reg_kind)
             except Exception as exc:  # noqa: BLE001 - a plugin that fails contributes nothing
-                self._fail(record, exc, "register its components")
+                self._fail(self.plugins[pname], exc, "register its kinds")
                 continue
-            record.components, record.presets = len(comps), len(presets)
-            for c in comps:
-                self._components.setdefault((c.kind, c.name), []).append(c)
-            for p in presets:
-                self._presets.setdefault(p.name, []).append(p)
+            self.plugins[pname].kinds = len(kinds)
+            for k in kinds:
+                self._kinds.setdefault(k.kind, []).append(k)
+        for pname in loaded():
+            self._collect_one(self.plugins[pname])
+
+    def _collect_one(self, record: PluginRecord) -> None:
+        comps: list[ComponentEntry] = []
+        presets: list[PresetEntry] = []
+        known = self.kinds()
+
+        def reg_component(kind: str, name: str, target: str, summary: str = "") -> None:
+            _check_registration(kind, name, target, known)
+            comps.append(ComponentEntry(kind, name, target, str(summary).strip(), record.name, record.version))
+
+        def reg_preset(name: str, spec: Mapping[str, Any], summary: str = "") -> None:
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise ValueError(f"preset name {name!r} must match {_NAME_RE.pattern}")
+            if not isinstance(spec, Mapping):
+                raise TypeError(f"preset '{name}': spec must be a mapping, got {type(spec).__name__}")
+            presets.append(PresetEntry(name, dict(spec), str(summary).strip(), record.name, record.version))
+
+        try:
+            for impl in self._impls("audiomoe_register_components", record.name):
+                impl.function(register=reg_component)
+            for impl in self._impls("audiomoe_register_presets", record.name):
+                impl.function(register=reg_preset)
+        except Exception as exc:  # noqa: BLE001 - a plugin that fails contributes no component or preset
+            # Its kinds stay declared: other plugins' components were already checked against them.
+            self._fail(record, exc, "register its components")
+            return
+        record.components, record.presets = len(comps), len(presets)
+        for c in comps:
+            self._components.setdefault((c.kind, c.name), []).append(c)
+        for p in presets:
+            self._presets.setdefault(p.name, []).append(p)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -309,46 +245,99 @@ class Registry:
         return [f"{r.name} ({r.dist} {r.version})" for r in self.plugins.values() if r.status == "failed"]
 
     def kinds(self) -> list[str]:
-        """Every kind with at least one registered component."""
-        return sorted({k for k, _ in self._components})
+        """Every known kind: the core kinds plus those declared by plugins (with or without components)."""
+        return sorted(self._kinds)
+
+    def check_kind(self, kind: str) -> str:
+        """Return ``kind`` if known; else raise :class:`UnknownComponentError` with a "did you mean"."""
+        if kind in RESERVED_KINDS:
+            raise AudioMoEError(f"'{kind}' is not a component kind: presets are found with get_preset / list_presets")
+        if kind not in self._kinds:
+            # 'preset' is offered too: `list` and `describe` accept it where a kind goes.
+            raise UnknownComponentError("kind", kind, self.kinds() + ["preset"])
+        return kind
+
+    def default_for(self, kind: str) -> tuple[str, str]:
+        """``(name, plugin)`` of the component used when a ``kind`` slot names none."""
+        givers = [k for k in self._kinds.get(self.check_kind(kind), []) if k.default]
+        builtin = [k for k in givers if k.plugin == BUILTIN_PLUGIN]
+        # The built-in default wins so that no plugin can change what built-in presets build.
+        if builtin or len(givers) == 1:
+            k = (builtin or givers)[0]
+            return k.default, k.plugin  # type: ignore[return-value]
+        if not givers:
+            raise AudioMoEError(f"no {kind} named and no loaded plugin gives a default {kind}: name one (audiomoe list {kind})")
+        choices = " or ".join(f"'{k.plugin}:{k.default}'" for k in givers)
+        raise AudioMoEError(f"no {kind} named and plugins give different defaults: name one, e.g. {choices}")
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """``{kind: default component name}`` for every kind that has a usable default."""
+        out = {}
+        for kind in self._kinds:
+            try:
+                out[kind] = self.default_for(kind)[0]
+            except AudioMoEError:
+                pass
+        return out
 
     def list_components(self, kind: Optional[str] = None, pattern: str = "*") -> list[ComponentEntry]:
-        """Registered components, sorted, optionally filtered by kind and a glob on the name."""
-        if kind is not None and kind not in self.kinds():
-            raise UnknownComponentError("kind", kind, self.kinds())
+        """Registered components, sorted, optionally filtered by kind (a name or a glob) and a glob on the name."""
+        if kind is None:
+            kinds = set(self._kinds)
+        elif _GLOB_CHARS & set(kind):
+            kinds = {k for k in self._kinds if fnmatch.fnmatchcase(k, kind)}
+            if not kinds and not any(fnmatch.fnmatchcase(r, kind) for r in RESERVED_KINDS):
+                raise UnknownComponentError("kind", kind, self.kinds() + ["preset"])
+        else:
+            kinds = {self.check_kind(kind)}
         out = [
             e
             for (k, n), entries in self._components.items()
             for e in entries
-            if (kind is None or k == kind) and (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(e.qualified_name, pattern))
+            if k in kinds and (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(e.qualified_name, pattern))
         ]
         return sorted(out, key=lambda e: (e.kind, e.name, e.plugin))
 
-    def get_component(self, kind: str, name: Optional[str]) -> ComponentEntry:
-        """Resolve ``name`` (or ``plugin:name``; ``None`` means the kind's default) to one entry."""
+    def providers(self, kind: str, name: str) -> list[str]:
+        """The plugins registering ``kind/name`` (bare name), sorted; two or more means a clash."""
+        return sorted(e.plugin for e in self._components.get((kind, name.rpartition(":")[2]), []))
+
+    def get_component(self, kind: str, name: Optional[str], *, prefer: Optional[str] = None) -> ComponentEntry:
+        """Resolve ``name`` (or ``plugin:name``; ``None``: the kind's default) to one entry.
+
+        When plugins clash on an unqualified name, ``prefer`` (a plugin name) picks that plugin's
+        entry: the composer passes the author of the name (a preset's plugin, the plugin whose
+        Params default wrote it). Without it, or when ``prefer`` is not a provider, a clash raises
+        :class:`AmbiguousComponentError` listing the valid qualified names.
+        """
+        self.check_kind(kind)
         if name is None:
-            if kind not in self.defaults:
-                raise AudioMoEError(f"no {kind} named and registry.yaml has no default {kind}: give a name")
-            name = self.defaults[kind]
+            name, prefer = self.default_for(kind)
         plugin, sep, bare = name.rpartition(":")
         entries = self._components.get((kind, bare), [])
         if sep:
             entries = [e for e in entries if e.plugin == plugin]
+        elif len(entries) > 1 and prefer is not None:
+            entries = [e for e in entries if e.plugin == prefer] or entries
         if not entries:
             available = sorted({n for (k, n) in self._components if k == kind})
             if sep and self._components.get((kind, bare)):
-                providers = [e.plugin for e in self._components[(kind, bare)]]
-                available = [f"{p}:{bare}" for p in providers]
+                available = [f"{p}:{bare}" for p in self.providers(kind, bare)]
             raise UnknownComponentError(kind, name, available, self.failed_plugins)
         if len(entries) > 1:
-            raise AmbiguousComponentError(
-                kind, bare, [f"{e.plugin} ({e.version})" if e.version else e.plugin for e in entries]
-            )
+            entries = sorted(entries, key=lambda e: e.plugin)
+            raise AmbiguousComponentError(kind, bare, [e.plugin for e in entries], [e.version for e in entries])
         return entries[0]
 
     def list_presets(self, pattern: str = "*") -> list[PresetEntry]:
-        """Registered presets, sorted by name, filtered by a glob."""
-        out = [p for name, ps in self._presets.items() for p in ps if fnmatch.fnmatchcase(name, pattern)]
+        """Registered presets, sorted by name, filtered by a glob on the name or ``plugin:name``."""
+        out = [
+            p
+            for name, ps in self._presets.items()
+            for p in ps
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(f"{p.plugin}:{name}", pattern)
+        ]
         return sorted(out, key=lambda p: (p.name, p.plugin))
 
     def has_preset(self, name: str) -> bool:
@@ -364,13 +353,18 @@ class Registry:
         if not entries:
             raise UnknownComponentError("preset", name, sorted(self._presets), self.failed_plugins)
         if len(entries) > 1:
-            raise AmbiguousComponentError("preset", bare, [p.plugin for p in entries])
+            entries = sorted(entries, key=lambda p: p.plugin)
+            raise AmbiguousComponentError("preset", bare, [p.plugin for p in entries], [p.version for p in entries])
         return entries[0]
 
 
-def _check_registration(kind: Any, name: Any, target: Any) -> None:
-    if not isinstance(kind, str) or not _NAME_RE.match(kind):
-        raise ValueError(f"component kind {kind!r} must be a word like 'router'")
+def _check_registration(kind: Any, name: Any, target: Any, known: Sequence[str]) -> None:
+    if not isinstance(kind, str) or kind not in known:
+        # A typo must not create a new kind that nothing uses: new kinds are declared.
+        raise ValueError(
+            f"unknown kind {kind!r}.{did_you_mean(str(kind), known)} Known kinds: {', '.join(known)}. "
+            "A plugin adding a kind declares it in audiomoe_register_kinds"
+        )
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"{kind} name {name!r} must match {_NAME_RE.pattern} (no ':' - that qualifies by plugin)")
     if not isinstance(target, str) or not _TARGET_RE.match(target):

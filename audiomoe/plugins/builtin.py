@@ -7,8 +7,16 @@ imported here.
 
 from __future__ import annotations
 
-from audiomoe.core.hookspecs import RegisterComponent, RegisterPreset, hookimpl
+from audiomoe.core.hookspecs import RegisterComponent, RegisterKind, RegisterPreset, hookimpl
 from audiomoe.core.registry import load_registry_file
+
+
+@hookimpl
+def audiomoe_register_kinds(register: RegisterKind) -> None:
+    """Declare the kinds used under ``components:`` in registry.yaml, with the ``defaults:`` there."""
+    data = load_registry_file()
+    for kind in sorted(set(data.components) | set(data.defaults)):
+        register(kind, default=data.defaults.get(kind))
 
 
 @hookimpl
