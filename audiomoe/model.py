@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .core.errors import AudioMoEError
-from .core.interfaces import Routing
+from .core.interfaces import Component, Routing, Task, TaskLoss
 from .core.specs import ModelSpec
 
 
@@ -58,12 +58,14 @@ class ModelOutput:
 
     - ``loss``: the total training loss (task losses, each times its head's ``loss_weight``, +
       auxiliary losses), or ``None`` without targets.
-    - ``losses``: every named term (``task/<name>`` unweighted, ``aux/<name>``), for logging.
+    - ``losses``: every named term (``task/<name>`` unweighted, ``aux/<name>``), for logging;
+      a head's routed decoder adds ``aux/heads/<task>/...`` (not scaled by the head's weight).
     - ``outputs``: raw head outputs per task; ``indices``: which batch items each task got.
     - ``predictions``: per task, one prediction per item of that task (in ``indices`` order);
       ``forward(batch, predict=False)`` skips heads whose prediction is costly (``predicts_cheaply
       = False``: generation heads), e.g. during training.
-    - ``routing``: the routing trace, one :class:`Routing` record per routed layer.
+    - ``routing``: the routing trace, one :class:`Routing` record per routed layer anywhere in
+      the model (``encoder/...``, ``backbone/...``, ``heads/<task>/...``).
     """
 
     loss: Optional[torch.Tensor]
@@ -100,6 +102,16 @@ class AudioModel(nn.Module):
         """Device of the model's parameters."""
         return next(self.parameters()).device
 
+    def advance_schedules(self) -> None:
+        """One optimizer step passed: move every component's schedules (aux weights, noise) on by one.
+
+        Call it once per optimizer step (after ``optimizer.step()``), never per forward; the
+        trainer does. Eval, generation and gradient accumulation leave the schedules where they are.
+        """
+        for module in self.modules():
+            if isinstance(module, Component):
+                module.advance_schedule()
+
     @torch.no_grad()
     def probe(self, seconds: float = 1.0, batch_size: int = 2, seed: int = 0) -> None:
         """Run the encoder stack once on seeded noise (eval mode), so data-dependent statistics exist.
@@ -124,16 +136,16 @@ class AudioModel(nn.Module):
         self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
         """Waveforms -> (hidden [B, N, d_model], padding_mask [B, N], aux losses, routing records)."""
-        from .encoders.features import prepare_waveforms  # int PCM scaling, stereo down-mix, checks
+        from .encoders.features import check_min_length, check_sample_rate, prepare_waveforms, resample
 
-        waveforms, lengths = prepare_waveforms(waveforms, lengths, self.device)
+        sample_rate = check_sample_rate(sample_rate)  # before any allocation depends on it
+        waveforms, lengths = prepare_waveforms(waveforms, lengths, self.device)  # PCM scaling, down-mix, checks
         if sample_rate != self.encoder.sample_rate:
-            import torchaudio.functional as AF
-
-            waveforms = AF.resample(waveforms, sample_rate, self.encoder.sample_rate)
-            lengths = torch.div(lengths * self.encoder.sample_rate, sample_rate, rounding_mode="floor")
+            waveforms, lengths = resample(waveforms, lengths, sample_rate, int(self.encoder.sample_rate))
+        check_min_length(self.encoder, lengths)
         kwargs = {"task_ids": task_ids} if getattr(self.encoder, "accepts_task_ids", False) else {}
         enc = self.encoder(waveforms, lengths, **kwargs)
+        _check_encoder_output(self.encoder, enc, waveforms.shape[0])
         hidden = self.proj(enc.features)
         aux = {f"encoder/{k}": v for k, v in enc.aux_losses.items()}
         routing = {f"encoder/{k}": v for k, v in enc.routing.items()}
@@ -151,6 +163,10 @@ class AudioModel(nn.Module):
         With ``predict=False``, heads marked ``predicts_cheaply = False`` (autoregressive generation)
         give no predictions; the others still do.
         """
+        if not hasattr(batch.waveforms, "shape"):  # a Python list: say what to pass before indexing it
+            from .encoders.features import prepare_waveforms
+
+            prepare_waveforms(batch.waveforms)
         tasks = batch.task_list()
         unknown = sorted(set(tasks) - set(self.task_names))
         if unknown:
@@ -176,13 +192,17 @@ class AudioModel(nn.Module):
             if getattr(head, "accepts_prompts", False):
                 kwargs["prompts"] = None if batch.prompts is None else [batch.prompts[i] for i in idx]
             outputs = head(hidden.index_select(0, index), pad.index_select(0, index), **kwargs)
+            _check_head_output(name, head, outputs, len(idx))
             out.outputs[name], out.indices[name] = outputs, index
             if predict or getattr(head, "predicts_cheaply", True):
                 with torch.no_grad():
                     out.predictions[name] = head.predict(outputs)
             if batch.targets is not None:
                 targets = head.make_targets([batch.targets[i] for i in idx], self.device)
-                loss = head.loss(outputs, targets)
+                terms = head.loss_terms(outputs, targets) if isinstance(head, Task) else TaskLoss(head.loss(outputs, targets))
+                aux.update({f"heads/{name}/{k}": v for k, v in terms.aux_losses.items()})
+                out.routing.update({f"heads/{name}/{k}": v for k, v in terms.routing.items()})
+                loss = terms.loss
                 out.losses[f"task/{name}"] = loss
                 weighted = loss * float(getattr(head, "loss_weight", 1.0))
                 total = weighted if total is None else total + weighted
@@ -192,3 +212,23 @@ class AudioModel(nn.Module):
                 total = v if total is None else total + v
         out.loss = total
         return out
+
+
+def _check_encoder_output(encoder: Any, enc: Any, batch_size: int) -> None:
+    """Name the encoder, the expected and the actual shape when its output breaks the contract."""
+    name = type(encoder).__name__
+    f, m = enc.features, enc.padding_mask
+    want = f"[B={batch_size}, N, output_dim={int(encoder.output_dim)}]"
+    if f.dim() != 3 or f.shape[0] != batch_size or f.shape[2] != int(encoder.output_dim):
+        raise AudioMoEError(f"encoder {name} returned features of shape {tuple(f.shape)}, expected {want}")
+    if tuple(m.shape) != tuple(f.shape[:2]) or m.dtype != torch.bool:
+        raise AudioMoEError(f"encoder {name} returned a padding_mask {m.dtype} {tuple(m.shape)}, expected bool {tuple(f.shape[:2])}")
+
+
+def _check_head_output(task: str, head: Any, outputs: Any, n_items: int) -> None:
+    """A head's tensor output must have one row per item of its task."""
+    if isinstance(outputs, torch.Tensor) and (outputs.dim() == 0 or outputs.shape[0] != n_items):
+        raise AudioMoEError(
+            f"head '{task}' ({type(head).__name__}) returned outputs of shape {tuple(outputs.shape)}, "
+            f"expected [{n_items}, ...] (one row per item of the task)"
+        )

@@ -16,6 +16,7 @@ over every registered component and every preset, so a new plugin is tested for 
 from __future__ import annotations
 
 import inspect
+from fnmatch import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -56,18 +57,75 @@ def _finite(report: ConformanceReport, t: torch.Tensor, what: str) -> None:
         _fail(report, f"{what} contains NaN or inf")
 
 
-def _grads(report: ConformanceReport, module: torch.nn.Module, what: str) -> None:
+#: A gradient whose largest entry is below this is float noise, not learning (a P/P weight gives ~1e-7 in float32).
+GRAD_TOL = 1e-6
+
+
+def _exempt(module: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """``(prefixes, globs)`` of parameter names exempt from the gradient rule.
+
+    Prefixes: children the last forward routed nothing to (``Component.idle_children``); globs:
+    tensors without a task gradient by construction (``Component.gradient_exempt``).
+    """
+    prefixes, globs = [], []
+    for path, m in module.named_modules():
+        pre = f"{path}." if path else ""
+        idle = getattr(m, "idle_children", None)  # MoE layers are plain modules inside backbones
+        if callable(idle):
+            prefixes += [f"{pre}{c}." for c in idle()]
+        globs += [f"{pre}{g}" for g in getattr(m, "gradient_exempt", ())]
+    return prefixes, globs
+
+
+def _grads(report: ConformanceReport, module: torch.nn.Module, loss: torch.Tensor, what: str, aux: Optional[torch.Tensor] = None) -> None:
+    """Every trainable tensor gets a non-negligible gradient from ``loss`` alone (timm's num_params == num_grad).
+
+    Tensors of routed children no item selected are exempt (named in the report). ``aux`` (the aux
+    losses, checked separately) must reach at least one tensor when it has a graph.
+    """
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not trainable:
         report.ok("no trainable parameters (nothing to check)")
         return
-    reached = [n for n, p in trainable if p.grad is not None and torch.count_nonzero(p.grad) > 0]
-    if not reached:
-        _fail(report, f"backward from {what} gave no gradient to any of its {len(trainable)} trainable parameters")
-    for n, p in trainable:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+    idle, globs = _exempt(module)
+    checked = [(n, p) for n, p in trainable if not any(n.startswith(i) for i in idle) and not any(fnmatch(n, g) for g in globs)]
+    params = [p for _, p in checked]
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=aux is not None) if loss.requires_grad else [None] * len(params)
+    for (n, _), g in zip(checked, grads):
+        if g is not None and not torch.isfinite(g).all():
             _fail(report, f"gradient of '{n}' contains NaN or inf")
-    report.ok(f"gradients reach {len(reached)}/{len(trainable)} parameter tensors")
+    dead = [n for (n, _), g in zip(checked, grads) if g is None or float(g.abs().max()) <= GRAD_TOL]
+    if dead:
+        shown = ", ".join(dead[:6]) + (f" and {len(dead) - 6} more" if len(dead) > 6 else "")
+        _fail(
+            report,
+            f"{len(dead)} of {len(checked)} trainable tensors get no gradient (max |g| <= {GRAD_TOL:g}) from {what} alone, "
+            f"aux losses off: {shown}. A top-1 router with renormalised weights (p/p = 1) is the usual cause: "
+            "weight by the raw probability or a straight-through estimator",
+        )
+    skipped = f"; {len(trainable) - len(checked)} exempt (idle routed children, declared gradient_exempt)" if len(checked) < len(trainable) else ""
+    report.ok(f"task-loss gradients reach {len(checked)}/{len(checked)} checked parameter tensors{skipped}")
+    if aux is not None and aux.requires_grad:
+        ga = torch.autograd.grad(aux, params, allow_unused=True)
+        reached = sum(1 for g in ga if g is not None and float(g.abs().max()) > GRAD_TOL)
+        if not reached:
+            _fail(report, "the aux losses give no gradient to any parameter")
+        report.ok(f"aux-loss gradients reach {reached} parameter tensors")
+
+
+def _probe_loss(y: torch.Tensor) -> torch.Tensor:
+    """A loss along a fixed random direction: unlike ``y.pow(2).mean()`` it is not constant under a final LayerNorm.
+
+    A sum, not a mean: gradients stay O(1) whatever the output size, so one absolute tolerance
+    (:data:`GRAD_TOL`) separates learning from float noise.
+    """
+    g = torch.Generator().manual_seed(1234)
+    return (y * torch.randn(y.shape, generator=g).to(y)).sum()
+
+
+def _aux_sum(aux: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """Sum of the aux losses, or None without any."""
+    return sum(aux.values(), torch.zeros(())) if aux else None
 
 
 def build_component(
@@ -82,7 +140,7 @@ def build_component(
     return builder(**{**DEFAULT_CONTEXT, **(context or {})})
 
 
-def _check_encoder(report: ConformanceReport, enc: Any) -> None:
+def _check_encoder(report: ConformanceReport, enc: Any, context: Mapping[str, Any]) -> None:
     for attr in ("sample_rate", "output_dim", "frame_rate"):
         if not hasattr(enc, attr):
             _fail(report, f"encoders must set '{attr}' in __init__")
@@ -90,7 +148,9 @@ def _check_encoder(report: ConformanceReport, enc: Any) -> None:
     t = max(sr // 2, 1600)
     wav = torch.randn(2, t) * 0.1
     lengths = torch.tensor([t, t // 2])
-    out = enc(wav, lengths)
+    n_tasks = max(len(context.get("task_names", [])), 1)
+    kwargs = {"task_ids": torch.arange(2) % n_tasks} if getattr(enc, "accepts_task_ids", False) else {}
+    out = enc(wav, lengths, **kwargs)
     if not isinstance(out, EncoderOutput):
         _fail(report, f"forward must return EncoderOutput, got {type(out).__name__}")
     f, m = out.features, out.padding_mask
@@ -104,9 +164,7 @@ def _check_encoder(report: ConformanceReport, enc: Any) -> None:
         _fail(report, "the half-length item must have more padded frames than the full-length one")
     _finite(report, f, "features")
     report.ok(f"features {tuple(f.shape)}, padding mask consistent with lengths")
-    loss = f[~m].pow(2).mean() + sum((v for v in out.aux_losses.values()), torch.zeros(()))
-    loss.backward()
-    _grads(report, enc, "the valid features")
+    _grads(report, enc, _probe_loss(f[~m]), "the valid features", _aux_sum(out.aux_losses))
 
 
 def _check_router(report: ConformanceReport, router: Any, context: Mapping[str, Any]) -> None:
@@ -128,16 +186,11 @@ def _check_router(report: ConformanceReport, router: Any, context: Mapping[str, 
         _fail(report, "padded items must select nothing and get zero weight")
     if (r.weights[~r.mask] != 0).any():
         _fail(report, "weights must be zero where mask is False")
-    if not r.mask[item_mask].any(-1).all():
-        _fail(report, "every valid item must select at least one column")
     if not torch.equal(r.counts.long(), r.mask.sum(0).long()):
         _fail(report, "routing.counts must equal mask.sum(0) over valid items")
     _finite(report, r.weights, "weights")
     report.ok(f"routing over {e} columns, padded items ignored")
-    loss = (r.weights * torch.randn_like(r.weights)).sum() + sum((v for v in r.aux_losses.values()), torch.zeros(()))
-    if loss.requires_grad:
-        loss.backward()
-    _grads(report, router, "the combine weights and aux losses")
+    _grads(report, router, (r.weights * torch.randn_like(r.weights)).sum(), "a loss on the combine weights", _aux_sum(r.aux_losses))
 
 
 def _check_expert(report: ConformanceReport, expert: Any, context: Mapping[str, Any]) -> None:
@@ -145,28 +198,45 @@ def _check_expert(report: ConformanceReport, expert: Any, context: Mapping[str, 
     x = torch.randn(7, d)
     y = expert(x)
     if tuple(y.shape) != (7, d) or y.dtype != x.dtype:
-        _fail(report, f"expert must map [7, {d}] float32 -> [7, {d}] float32, got {y.dtype} {tuple(y.shape)}")
+        _fail(report, f"output shape/dtype: expected float32 [7, {d}] for input [7, {d}], got {y.dtype} {tuple(y.shape)}")
     _finite(report, y, "output")
     if expert(x[:0]).shape != (0, d):
         _fail(report, "expert must accept an empty batch of tokens (an expert nobody picked)")
     report.ok("token FFN shape and dtype")
-    y.pow(2).mean().backward()
-    _grads(report, expert, "the output")
+    _grads(report, expert, _probe_loss(y), "the output")
+
+
+def _padded_sequences(context: Mapping[str, Any]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(d, x [2, 6, d], padding_mask)`` with the second sequence padded after 4 frames."""
+    d = int(context["d_model"])
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    return d, torch.randn(2, 6, d), pad
+
+
+def _check_moe(report: ConformanceReport, layer: Any, context: Mapping[str, Any]) -> None:
+    d, x, pad = _padded_sequences(context)
+    out = layer(x, pad)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Routing)):
+        _fail(report, "forward must return (y, Routing)")
+    y, routing = out
+    if tuple(y.shape) != (2, 6, d):
+        _fail(report, f"output shape: expected [2, 6, {d}] for input [2, 6, {d}], got {tuple(y.shape)}")
+    if (y[pad] != 0).any():
+        _fail(report, "padded tokens must get a zero output")
+    _finite(report, y, "output")
+    report.ok("token shape preserved, padded tokens zero")
+    _grads(report, layer, _probe_loss(y[~pad]), "the valid outputs", _aux_sum(routing.aux_losses))
 
 
 def _check_backbone(report: ConformanceReport, backbone: Any, context: Mapping[str, Any]) -> None:
-    d = int(context["d_model"])
-    x = torch.randn(2, 6, d)
-    pad = torch.zeros(2, 6, dtype=torch.bool)
-    pad[1, 4:] = True
+    d, x, pad = _padded_sequences(context)
     out = backbone(x, pad)
     if not isinstance(out, BackboneOutput) or tuple(out.hidden.shape) != (2, 6, d):
         _fail(report, f"forward must return BackboneOutput with hidden [2, 6, {d}]")
     _finite(report, out.hidden, "hidden")
     report.ok("hidden shape preserved")
-    loss = out.hidden[~pad].pow(2).mean() + sum((v for v in out.aux_losses.values()), torch.zeros(()))
-    loss.backward()
-    _grads(report, backbone, "the valid hidden states")
+    _grads(report, backbone, _probe_loss(out.hidden[~pad]), "the valid hidden states", _aux_sum(out.aux_losses))
 
 
 def _check_task(report: ConformanceReport, task: Any, context: Mapping[str, Any]) -> None:
@@ -179,7 +249,10 @@ def _check_task(report: ConformanceReport, task: Any, context: Mapping[str, Any]
         _fail(report, "tasks must implement example_targets(n) so they can be checked")
     targets = task.make_targets(example(3), feats.device)
     outputs = task(feats, pad)
-    loss = task.loss(outputs, targets)
+    if isinstance(outputs, torch.Tensor) and (outputs.dim() == 0 or outputs.shape[0] != 3):
+        _fail(report, f"output shape: expected [3, ...] (one row per item) for features [3, 8, {d}], got {tuple(outputs.shape)}")
+    terms = task.loss_terms(outputs, targets)
+    loss = terms.loss
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         _fail(report, "loss must be a scalar tensor")
     _finite(report, loss, "loss")
@@ -188,16 +261,17 @@ def _check_task(report: ConformanceReport, task: Any, context: Mapping[str, Any]
     if not isinstance(metrics, Mapping) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         _fail(report, "metrics must be a mapping of name -> float")
     report.ok(f"loss {float(loss.detach()):.3f}, metrics {sorted(metrics)}")
-    loss.backward()
-    _grads(report, task, "the loss")
-    if feats.grad is None:
+    (gf,) = torch.autograd.grad(loss, feats, retain_graph=True, allow_unused=True)
+    if gf is None or float(gf.abs().max()) <= GRAD_TOL:
         _fail(report, "the loss must depend on the features")
+    _grads(report, task, loss, "the task loss", _aux_sum(terms.aux_losses))
 
 
 _CHECKS: dict[str, Callable[..., None]] = {
-    "encoder": lambda r, m, c: _check_encoder(r, m),
+    "encoder": lambda r, m, c: _check_encoder(r, m, c),
     "router": _check_router,
     "expert": _check_expert,
+    "moe": _check_moe,
     "backbone": _check_backbone,
     "task": _check_task,
 }
@@ -265,8 +339,9 @@ def check_preset(name: str, overrides: tuple[str, ...] = (), registry: Optional[
         _fail(report, f"loss is not finite: {out.loss}")
     if set(out.predictions) != set(item_tasks):
         _fail(report, f"predictions for {sorted(out.predictions)}, expected {sorted(set(item_tasks))}")
-    out.loss.backward()
-    _grads(report, model, "the total loss")
+    task_loss = sum(float(model.heads[t].loss_weight if hasattr(model.heads[t], "loss_weight") else 1.0) * out.losses[f"task/{t}"] for t in set(item_tasks))
+    aux = {k: v for k, v in out.losses.items() if k.startswith("aux/")}
+    _grads(report, model, task_loss, "the task losses", _aux_sum(aux))
     again = compose(model.spec, registry=registry)
     sa, sb = initial, again.state_dict()
     if list(sa) != list(sb) or any(sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k]) for k in sa):

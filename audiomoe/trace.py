@@ -33,6 +33,9 @@ class LayerTrace:
     ``counts`` [E] is the load per column over valid items; ``entropy_sum`` the summed per-item
     router entropy (nats) over valid items; ``null_columns`` how many of the last columns are null;
     ``dropped`` [B] or [B, T] the pairs each item lost to expert capacity (None when dropless).
+    ``weights`` are the weights finally applied (``Routing.applied`` when an MoE layer set it:
+    after drops, renormalisation and the gated shared experts' share); ``shared`` [B(, T), S] the
+    shared experts' weights (None without shared experts).
     """
 
     ids: torch.Tensor
@@ -42,6 +45,7 @@ class LayerTrace:
     entropy_sum: float
     null_columns: int = 0
     dropped: Optional[torch.Tensor] = None
+    shared: Optional[torch.Tensor] = None
 
     @property
     def num_columns(self) -> int:
@@ -76,7 +80,8 @@ def _layer_from_routing(r: Routing, batch_size: Optional[int]) -> LayerTrace:
     n = r.mask.shape[0]
     with torch.no_grad():
         ids = r.indices.detach()
-        w = r.weights.detach().float().gather(-1, ids.clamp_min(0)) * (ids >= 0)
+        applied = r.weights if r.applied is None else r.applied
+        w = applied.detach().float().gather(-1, ids.clamp_min(0)) * (ids >= 0)
         valid = torch.ones(n, dtype=torch.bool, device=ids.device) if r.item_mask is None else r.item_mask.detach().bool()
         logp = r.logits.detach().float().log_softmax(-1)
         ent = -(logp.exp() * logp).sum(-1)
@@ -96,7 +101,17 @@ def _layer_from_routing(r: Routing, batch_size: Optional[int]) -> LayerTrace:
         entropy_sum=entropy_sum,
         null_columns=int(r.null_columns),
         dropped=None if r.dropped is None else r.dropped.detach().cpu().reshape(shape),
+        shared=None if r.shared_weights is None else r.shared_weights.detach().float().cpu().reshape(*shape, -1),
     )
+
+
+def _pad_shared(x: torch.Tensor, tmax: int) -> torch.Tensor:
+    """Pad shared weights [B, T, S] to ``tmax`` frames (sample-level [B, S] unchanged)."""
+    if x.dim() != 3:
+        return x
+    y = x.new_zeros(x.shape[0], tmax, x.shape[2])
+    y[:, : x.shape[1]] = x
+    return y
 
 
 @dataclass
@@ -122,7 +137,7 @@ class RoutingTrace:
         return next((int(t.ids.shape[0]) for t in self.layers.values()), 0)
 
     def sample(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Sample ``i``'s picks per layer: ``{"ids", "weights", "valid"}`` ([T, K] / [T], or [K] / []), plus ``dropped`` under capacity."""
+        """Sample ``i``'s picks per layer: ``{"ids", "weights", "valid"}`` ([T, K] / [T], or [K] / []), plus ``dropped`` / ``shared``."""
         if not 0 <= i < self.batch_size:
             raise AudioMoEError(f"sample index {i} is out of range for a trace of {self.batch_size} samples")
         out = {}
@@ -130,6 +145,8 @@ class RoutingTrace:
             out[name] = {"ids": t.ids[i], "weights": t.weights[i], "valid": t.valid[i]}
             if t.dropped is not None:
                 out[name]["dropped"] = t.dropped[i]
+            if t.shared is not None:
+                out[name]["shared"] = t.shared[i]
         return out
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -167,5 +184,6 @@ class RoutingTrace:
                 dropped=None
                 if any(p.dropped is None for p in parts)
                 else torch.cat([pad(p.dropped, 0, last=False) for p in parts]),
+                shared=None if any(p.shared is None for p in parts) else torch.cat([_pad_shared(p.shared, tmax) for p in parts]),
             )
         return cls(out)

@@ -151,7 +151,7 @@ def test_decoder_hook_uses_a_causal_backbone_and_adds_its_aux_losses():
     x, pad = torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.bool)
     targets = head.make_targets(head.example_targets(2), torch.device("cpu"))
     loss = head.loss(head(x, pad), targets)
-    logits, aux = head._decode(head(x, pad), targets.inputs, targets.padding_mask)
+    logits, aux, _ = head._decode(head(x, pad), targets.inputs, targets.padding_mask)
     assert set(aux) == {"balance"}
     assert loss.item() == pytest.approx(
         sum(

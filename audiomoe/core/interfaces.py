@@ -27,6 +27,10 @@ class Component(nn.Module):
 
     kind: ClassVar[str] = "component"
     Params: ClassVar[type[Params]] = Params
+    #: Glob patterns (``fnmatch``, on parameter names relative to the component) of tensors that get
+    #: no task gradient by construction, each justified where it is declared (a key-projection bias
+    #: under softmax, LoRA's A while B is zero). The conformance check exempts and lists them.
+    gradient_exempt: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Optional[Params] = None) -> None:
         super().__init__()
@@ -38,6 +42,23 @@ class Component(nn.Module):
                 f"build components with audiomoe.compose() or pass {type(self).__name__}.Params(...)"
             )
         self.params = params
+
+    def advance_schedule(self) -> None:
+        """Move this component's schedules (aux-loss weights, noise) on by one optimizer step.
+
+        The trainer calls it through :meth:`audiomoe.model.AudioModel.advance_schedules` once per
+        optimizer step; a forward never moves a schedule (eval, generation and gradient
+        accumulation would). Keep the position in a persistent buffer so checkpoints resume it.
+        Default: no schedule.
+        """
+
+    def idle_children(self) -> list[str]:
+        """Names of child modules (``named_modules`` paths relative to this one) the last forward routed nothing to.
+
+        A routed expert or weak encoder no item selected gets no gradient, legitimately; the
+        conformance check exempts these from its every-tensor gradient rule. Default: none.
+        """
+        return []
 
 
 # -- encoders --------------------------------------------------------------------------------
@@ -98,6 +119,11 @@ class Routing:
     - ``null_columns``: how many of the *last* columns are null experts (set by the MoE layer).
     - ``dropped`` [N] long or None: selected pairs of each item removed by expert capacity (set by
       an MoE layer with a capacity factor; None when dispatch is dropless).
+    - ``inputs`` [N, D] or None: what the scorer scored (after training jitter and any fp32
+      cast); an MoE layer's gated shared experts score the same (one gate, as UniMoE-Audio).
+    - ``applied`` [N, E] or None: the weights an MoE layer finally applied (after drops, drop
+      renormalisation and the gated shared experts' share; None: ``weights`` were applied as is).
+    - ``shared_weights`` [N, S] or None: each shared expert's weight per item (1 in unit mode).
     """
 
     logits: torch.Tensor
@@ -110,6 +136,9 @@ class Routing:
     item_shape: Optional[tuple[int, ...]] = None
     null_columns: int = 0
     dropped: Optional[torch.Tensor] = None
+    inputs: Optional[torch.Tensor] = None
+    applied: Optional[torch.Tensor] = None
+    shared_weights: Optional[torch.Tensor] = None
 
     @property
     def num_columns(self) -> int:
@@ -158,8 +187,32 @@ class Expert(Component):
 
     kind: ClassVar[str] = "expert"
 
+    @classmethod
+    def grouped(cls, params: Params, *, num_experts: int, d_model: int, d_ff: Optional[int] = None) -> Optional[nn.Module]:
+        """``num_experts`` experts of this kind as one stacked-weight module, or None (a per-expert loop runs them).
+
+        A grouped module implements ``forward_sorted(xs, counts)`` (expert-sorted rows) and
+        ``expert_forward(e, x)``; see :mod:`audiomoe.experts.grouped` (``swiglu`` has one).
+        """
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """Apply the expert to tokens ``x`` [N, d_model]."""
+        raise NotImplementedError
+
+
+class MoE(Component):
+    """A mixture-of-experts FFN: tokens [B, N, d_model] (or [N, d_model]) -> same shape, plus its :class:`Routing`.
+
+    ``d_model`` and ``task_names`` are injected; router and expert are slots of its params.
+    """
+
+    kind: ClassVar[str] = "moe"
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Routing]:  # pragma: no cover
+        """Route and combine ``x``; ``padding_mask`` True = padded (zero output, not routed)."""
         raise NotImplementedError
 
 
@@ -198,6 +251,21 @@ class Backbone(Component):
 # -- tasks -----------------------------------------------------------------------------------
 
 
+@dataclass
+class TaskLoss:
+    """A head's loss split by :meth:`Task.loss_terms`: the task term and a routed decoder's side results.
+
+    ``loss`` is the task term (scaled by the head's ``loss_weight``); ``aux_losses`` (already
+    weighted router losses) are added unscaled under ``aux/heads/<task>/...`` and ``routing``
+    records join ``ModelOutput.routing`` under ``heads/<task>/...``, so every routed layer of the
+    model is visible.
+    """
+
+    loss: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: dict[str, "Routing"] = field(default_factory=dict)
+
+
 class Task(Component):
     """A task head: features -> outputs, with its loss, predictions and metrics.
 
@@ -212,8 +280,17 @@ class Task(Component):
         raise NotImplementedError
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:  # pragma: no cover
-        """Scalar training loss of ``outputs`` against ``targets``."""
+        """Scalar training loss of ``outputs`` against ``targets`` (a routed head: its aux losses included)."""
         raise NotImplementedError
+
+    def loss_terms(self, outputs: Any, targets: Any) -> TaskLoss:
+        """The loss split into the task term, the aux losses and routing records of a routed part.
+
+        :class:`audiomoe.model.AudioModel` calls this, so a head's router losses are reported under
+        ``aux/`` (not scaled by ``loss_weight``) and its routing joins the trace. Default: ``loss``
+        with no side terms; a head with a routed decoder overrides it.
+        """
+        return TaskLoss(self.loss(outputs, targets))
 
     def predict(self, outputs: Any) -> Any:  # pragma: no cover
         """Predictions (one per item) from ``outputs``."""
@@ -232,10 +309,31 @@ class Task(Component):
         raise NotImplementedError(f"{type(self).__name__} must implement example_targets(n) for audiomoe.testing")
 
 
+class Codec(Component):
+    """Audio <-> discrete tokens (generation targets): ``encode`` [B, T] -> codes [B, Q, F], ``decode`` back.
+
+    Sets ``sample_rate``, ``num_codebooks``, ``codebook_size`` and ``frame_rate`` (frames per second).
+    A codec that learns its codebooks from data (``mel_rvq``) implements ``fit``; DAC / EnCodec
+    plugins load local weights instead.
+    """
+
+    kind = "codec"
+
+    def encode(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """``(codes [B, Q, F] long, frame lengths [B])`` of ``waveforms`` [B, T] at ``sample_rate``."""
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Waveforms [B, T] from ``codes`` [B, Q, F]."""
+        raise NotImplementedError
+
+
 BASES: dict[str, type[Component]] = {
     "encoder": Encoder,
     "router": Router,
     "expert": Expert,
+    "moe": MoE,
     "task": Task,
     "backbone": Backbone,
+    "codec": Codec,
 }

@@ -109,6 +109,27 @@ class MoWEMixture(Encoder):
         self.sample_rate = int(self.base.sample_rate)
         self.frame_rate = float(self.base.frame_rate) / p.stack
         self.output_dim = out_dim
+        self._last_selected: Optional[list[int]] = None
+        self._last_use: Optional[list[float]] = None  # share of valid samples that ran each weak encoder
+
+    def idle_children(self) -> list[str]:
+        """Weak encoders (and their projections) no sample selected in the last forward."""
+        if self._last_selected is None:
+            return []
+        return [f"{part}.{k}" for k in range(len(self.weak)) if k not in self._last_selected for part in ("weak", "proj")]
+
+    def num_active_parameters(self) -> float:
+        """Base + router + fusion + adapter, plus the weak encoders an average sample ran (measured last forward).
+
+        Before any forward: the router's ``k`` weak encoders of average size (or all of them).
+        """
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        weak = [count(e) + count(p) for e, p in zip(self.weak, self.proj)]
+        fixed = count(self) - sum(weak)
+        if self._last_use is not None:
+            return fixed + sum(w * u for w, u in zip(weak, self._last_use))
+        k = getattr(self.router, "k", None) or len(self.weak)
+        return fixed + sum(weak) * min(float(k), len(self.weak)) / len(self.weak)
 
     def num_frames(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid output frames: the base encoder's, divided by the stack factor (rounded up)."""
@@ -135,6 +156,9 @@ class MoWEMixture(Encoder):
         records = {"mowe": routing, **{f"base/{k}": v for k, v in base.routing.items()}}
         z = hb.new_zeros(b, n, self.proj[0].out_features)
         selected = routing.mask.any(0).nonzero().flatten().tolist()
+        self._last_selected = selected
+        n_items = max(int(valid.any(1).sum()), 1)
+        self._last_use = [float(routing.mask[:, k].sum()) / n_items for k in range(len(self.weak))]
         for k in selected:
             enc = self.weak[k]
             idx = routing.mask[:, k].nonzero().flatten()

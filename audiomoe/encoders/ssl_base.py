@@ -30,8 +30,9 @@ from audiomoe.encoders.hf_common import LayerSelect, MissingPretrainedError, che
 TINY_SSL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
     conv_dim=(32, 32, 32), conv_stride=(5, 4, 16), conv_kernel=(10, 8, 16),
-    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-)  # fmt: skip  (320 samples per frame, like the real models, at a fraction of the cost)
+    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.0,
+)  # fmt: skip  (320 samples per frame, like the real models, at a fraction of the cost; no random
+#   layer skipping in the random-init twins, so a training step is reproducible and reaches every layer)
 
 
 class SSLParams(Params):
@@ -58,6 +59,9 @@ class SSLEncoder(Encoder):
 
     family: ClassVar[str] = "ssl"
     Params = SSLParams
+    # masked_spec_embed only enters with SpecAugment time masking; a key bias shifts every logit of a
+    # query equally, which softmax cancels, so its gradient is zero by construction
+    gradient_exempt: ClassVar[tuple[str, ...]] = ("model.masked_spec_embed", "*.k_proj.bias")
 
     @classmethod
     def hf_classes(cls) -> tuple[type, type]:  # pragma: no cover - subclasses override

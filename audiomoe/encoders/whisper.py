@@ -23,7 +23,7 @@ longest clip's valid frames; padded frames are zeroed and marked in ``padding_ma
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 from pydantic import Field
@@ -43,6 +43,9 @@ TINY_WHISPER = dict(
 
 class Whisper(Encoder):
     """Whisper encoder: waveforms [B, T] at 16 kHz -> [B, N, d_model] at 50 frames/s."""
+
+    # softmax cancels a key bias (every logit of a query moves equally): zero gradient by construction
+    gradient_exempt: ClassVar[tuple[str, ...]] = ("*.k_proj.bias",)
 
     class Params(Params):
         pretrained: Optional[str] = Field(

@@ -1,7 +1,7 @@
 """Base classes of a router's two halves: what it looks at (``Scorer``) and how many it picks (``Selector``).
 
 A composite router (``scored`` and the named routers built on it) holds one of each as slots, so
-an ablation crosses them by config: ``--set backbone.router.scorer=mlp --set backbone.router.selector=top_p``.
+an ablation crosses them by config: ``--set backbone.moe.router.scorer=mlp --set backbone.moe.router.selector=top_p``.
 
 - ``Scorer``: inputs [N, D] (tokens or samples; ``item_mask`` [N]) or sequences [N, T, D]
   (``item_mask`` [N, T] True = valid frame, for per-sample encoder routing: a data-dependent
@@ -35,6 +35,14 @@ class Scorer(Component):
     """What a router looks at: item representations (or the task) -> logits over E columns."""
 
     kind: ClassVar[str] = "scorer"
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype this scorer computes in for inputs of ``dtype`` (an fp32 gate: float32).
+
+        The composite router casts its input to it *before* the training jitter, as UniMoE-Audio's
+        code does (``h = x.float()`` then ``h *= U(1 - eps, 1 + eps)``). Default: the input's dtype.
+        """
+        return dtype
 
     def forward(
         self,

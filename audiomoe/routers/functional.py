@@ -90,18 +90,50 @@ def check_p(p: float) -> None:
 # -- selection --------------------------------------------------------------------------------
 
 
-def top_k_select(probs: torch.Tensor, k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k: keep the ``k`` largest probabilities; weights ``P_i / sum_{j in S} P_j`` (or raw ``P_i``).
+def top_k_select(
+    logits: torch.Tensor, k: int, normalize: bool = True, top1: str = "raw"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k: keep the ``k`` largest logits; weights ``P_i / sum_{j in S} P_j`` (or raw ``P_i``).
 
-    Returns ``(mask [N, E] bool, weights [N, E])``. Ties go to the lower column index.
+    Columns are ranked by logit, as ``torch.topk`` on the logits (UniMoE-Audio's code ranks by
+    ``torch.max`` of the logits): logits one float step apart can round to the same probability.
+    With ``k == 1`` the renormalised weight is ``P/P = 1``, a constant that sends the task loss no
+    gradient; ``top1`` then chooses ``"raw"`` (``w = P``, Switch Transformer) or
+    ``"straight_through"`` (``w = 1 + P - sg(P)``: value 1, gradient of ``P``).
+    Returns ``(mask [N, E] bool, weights [N, E], probs [N, E])``.
     """
-    check_k(k, probs.shape[-1])
-    top_p, top_i = probs.topk(k, dim=-1)
-    if normalize:
-        top_p = top_p / top_p.sum(-1, keepdim=True)
-    weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
+    check_k(k, logits.shape[-1])
+    probs = logits.softmax(-1)
+    # stable sort: an exact tie goes to the lower column index, as torch.max in the released code
+    top_i = logits.sort(dim=-1, descending=True, stable=True).indices[:, :k]
     mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_i, True)
-    return mask, weights
+    weights = probs * mask
+    if normalize and k == 1:
+        weights = _top1_weights(weights, mask, top1)
+    elif normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return mask, weights, probs
+
+
+def _top1_weights(weights: torch.Tensor, mask: torch.Tensor, top1: str) -> torch.Tensor:
+    """Weights of single picks that still carry a gradient (see :func:`top_k_select`)."""
+    if top1 == "raw":
+        return weights
+    if top1 == "straight_through":
+        return weights + (mask.to(weights.dtype) - weights.detach()) * mask
+    raise AudioMoEError(f"top1={top1!r} is not one of 'raw', 'straight_through'")
+
+
+def single_pick_weights(weights: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor, top1: str) -> torch.Tensor:
+    """Give items with exactly one pick a task gradient when renormalisation made their weight 1.
+
+    Used by top-p with renormalised weights: a token whose first column already reaches ``p`` gets
+    ``P/P = 1``; ``top1`` (``"renorm"`` keeps the constant, ``"raw"``, ``"straight_through"``).
+    """
+    if top1 == "renorm":
+        return weights
+    single = (mask.sum(-1, keepdim=True) == 1) & mask
+    return torch.where(single, _top1_weights(probs * mask, mask, top1), weights)
 
 
 def top_p_count(
@@ -110,20 +142,24 @@ def top_p_count(
     strict: bool = False,
     min_k: int = 1,
     max_k: Optional[int] = None,
+    logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How many columns top-p keeps per item, and the descending order of the columns.
 
     UniMoE-Audio code: ``k = 1 + #(cumsum(sorted P) < p)``; ``strict`` is Huang et al.'s
     ``cumsum > p`` rule: ``k = 1 + #(cumsum <= p)``. Both keep the first column, are clamped to
-    ``[min_k, max_k]`` and to the number of columns. Returns ``(k [N] long, order [N, E] long)``.
+    ``[min_k, max_k]`` and to the number of columns. Columns are ordered by ``logits`` when given
+    (the released code ranks by logit: near-equal logits can share one float probability, and the
+    probability order would then pick another set); ``k`` comes from the probabilities taken in
+    that order. Returns ``(k [N] long, order [N, E] long)``.
     """
     check_p(p)
     e = probs.shape[-1]
     max_k = e if max_k is None else max_k
     check_k(max_k, e, "max_experts")
     check_k(min_k, max_k, "min_experts")
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    c = sorted_p.cumsum(-1)
+    order = (probs if logits is None else logits).sort(dim=-1, descending=True, stable=True).indices
+    c = probs.gather(-1, order).cumsum(-1)
     below = (c <= p) if strict else (c < p)
     k = (1 + below.sum(-1)).clamp(min_k, max_k)
     return k, order
@@ -139,7 +175,8 @@ def sparse_mixer_weights(logits: torch.Tensor, order: torch.Tensor, k: torch.Ten
     """UniMoE-Audio's deterministic SparseMixer multipliers over the selected columns, renormalised.
 
     For the r-th pick ``s`` (descending logits), the candidates are the not-yet-picked columns
-    whose relative gap to ``l_s`` is within ``2 eps``: ``(l_s - l_j) / max(|l_j|, |l_s|) <= 2 eps``;
+    whose relative gap to ``l_s`` is not above ``2 eps``: ``not (l_s - l_j) / max(|l_j|, |l_s|) > 2 eps``
+    (no clamp: a 0/0 gap is NaN and keeps the column, as the released code);
     the multiplier is ``softmax over candidates`` at ``s`` (1.0 for a clear winner). Weights are
     ``mult / (sum mult + 1e-6)`` (papers.md §2.3 step 3, ``ignore_differentiable_router=True``).
     """
@@ -156,9 +193,11 @@ def sparse_mixer_weights(logits: torch.Tensor, order: torch.Tensor, k: torch.Ten
         with torch.no_grad():
             dr = detached.index_select(0, rows)
             m = dr.gather(-1, sel)
-            factor = dr.abs().clamp(min=m.abs()).clamp_min(1e-12)
+            # as released: no clamp on the denominator; a 0/0 gap (both logits 0) is NaN, and
+            # NaN > 2 eps is False, so that column stays a candidate
+            factor = dr.abs().clamp(min=m.abs())
             taken = torch.zeros_like(dr, dtype=torch.bool).scatter_(-1, order.index_select(0, rows)[:, :r], True)
-            near = ((m - dr) / factor <= 2 * eps) & ~taken
+            near = ~((m - dr) / factor > 2 * eps) & ~taken
             near.scatter_(-1, sel, True)
         gate = lr.masked_fill(~near, float("-inf")).softmax(-1).gather(-1, sel)
         picked = picked.index_put((rows, torch.full_like(rows, r)), gate[:, 0])

@@ -1,13 +1,14 @@
 """Linear top-k router (Shazeer et al. 2017 / Switch / Mixtral): ``p = softmax(x W)``, keep the k largest.
 
 Equation: ``w_i = p_i / sum_{j in topk} p_j`` for the k selected columns when ``normalize`` (Mixtral),
-else ``w_i = p_i``. Aux loss: Switch load balance ``E * sum_i f_i P_i`` times ``aux_loss_weight``.
+else ``w_i = p_i``; for k = 1 the renormalised weight is the constant 1, so ``top1`` gives ``P``
+(Switch) or a straight-through ``1 + P - sg(P)`` instead (the router must learn from the task). Aux loss: Switch load balance ``E * sum_i f_i P_i`` times ``aux_loss_weight``.
 The simplest learned router; kept as a baseline for ablations.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -16,7 +17,7 @@ from torch import nn
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Router, Routing
 from audiomoe.core.specs import Params
-from audiomoe.routers.functional import make_routing, switch_balance_loss
+from audiomoe.routers.functional import make_routing, switch_balance_loss, top_k_select
 
 
 class LinearTopK(Router):
@@ -25,6 +26,9 @@ class LinearTopK(Router):
     class Params(Params):
         k: int = Field(2, ge=1, description="columns selected per item")
         normalize: bool = Field(True, description="renormalise the k selected probabilities to sum to 1")
+        top1: Literal["raw", "straight_through"] = Field(
+            "raw", description="k=1 with normalize: weight P (Switch) or straight-through 1 + P - sg(P); both give the router a task gradient"
+        )
         aux_loss_weight: float = Field(0.01, ge=0.0, description="weight of the Switch load-balance loss")
 
     def __init__(self, params: Params, *, d_model: int, num_experts: int) -> None:
@@ -39,12 +43,7 @@ class LinearTopK(Router):
         logits = self.gate(inputs)
         if not torch.isfinite(logits).all():
             raise AudioMoEError("router logits contain NaN or inf: check the inputs (and the learning rate)")
-        probs = logits.float().softmax(-1)
-        top_p, top_i = probs.topk(self.params.k, dim=-1)
-        if self.params.normalize:
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_i, True)
+        mask, weights, probs = top_k_select(logits.float(), self.params.k, self.params.normalize, self.params.top1)
         aux = {}
         if self.params.aux_loss_weight > 0:
             aux["balance"] = self.params.aux_loss_weight * switch_balance_loss(probs, mask, item_mask)

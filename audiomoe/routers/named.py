@@ -1,15 +1,17 @@
 """Named routers: the composite ``scored`` router with different scorer/selector defaults.
 
-Each is a one-word swap (``--set backbone.router=top_p``) and still exposes both slots, so
-``--set backbone.router.scorer=mlp`` crosses it with another scorer. Selector knobs used in
-everyday ablations have shortcuts on the router (``backbone.router.k=1``, ``backbone.router.p=0.6``)
+Each is a one-word swap (``--set backbone.moe.router=top_p``) and still exposes both slots, so
+``--set backbone.moe.router.scorer=mlp`` crosses it with another scorer. Selector knobs used in
+everyday ablations have shortcuts on the router (``backbone.moe.router.k=1``, ``backbone.moe.router.p=0.6``)
 that are written into the selector's params at validation, so the resolved spec stays consistent.
 
 - ``top_k``: linear gate + top-k (k=2), Switch balance 0.01.
 - ``top_p``: linear gate + top-p (p=0.7), UniMoE aux loss scheduled 0.025 -> 0.001 over 10k steps.
 - ``dense``: linear gate + dense softmax (soft MoE / MoWE soft weighting).
-- ``mowe``: data-independent + data-dependent (combined) scorer + top-1 (MoWE-Audio encoder
-  routing; L = L_task + 0.1 L_MoWE with L_MoWE = Switch balance, the paper's form being unknown).
+- ``mowe``: data-independent + data-dependent (combined) scorer + top-1 weighted by the raw
+  probability, so the task loss trains the router (MoWE-Audio encoder routing; L = L_task + 0.1
+  L_MoWE with L_MoWE = Switch balance, the paper's form being unknown). ``top_k`` with ``k=1``
+  does the same; ``selector.top1=straight_through`` keeps the weight at 1 with P's gradient.
 - Ablation baselines without learned routing: ``uniform`` (dense, equal weights), ``random``
   (seeded random top-2), ``oracle`` (top-1 fixed by task id), ``hash`` (top-1 by a fixed LSH).
 """
@@ -87,11 +89,12 @@ class DenseRouter(ScoredRouter):
 
 
 class MoWERouter(ScoredRouter):
-    """MoWE-Audio encoder routing: data-independent + data-dependent (pooled) scorer, top-1."""
+    """MoWE-Audio encoder routing: data-independent + data-dependent (pooled) scorer, top-1 weighted by P (task gradient)."""
 
     class Params(_KShortcut):
         scorer: Annotated[ComponentSpec, Slot("scorer")] = _scorer("combined")
-        selector: Annotated[ComponentSpec, Slot("selector")] = _selector("top_k", k=1)
+        # top-1 weighted by the raw probability: a renormalised P/P = 1 would send no task gradient
+        selector: Annotated[ComponentSpec, Slot("selector")] = _selector("top_k", k=1, top1="raw")
         balance_weight: float = Field(0.1, ge=0.0, le=100.0, description="weight of the balance loss (MoWE: 0.1 x L_MoWE)")
 
 

@@ -8,12 +8,15 @@ decision is made per sample. Losses, each with its weight, over valid items only
 - Switch load balance ``E * sum_i f_i P_i`` (Fedus et al. 2021), ``balance_weight``;
 - UniMoE-Audio aux ``E * sum_i f_i P~_i`` with ``P~`` renormalised over the selected set, null
   columns counted; weight scheduled ``unimoe_aux_weight -> unimoe_aux_weight_end`` over
-  ``unimoe_aux_steps`` training forwards (linear or cosine; UniMoE: 0.025 -> 0.001 over 10k);
+  ``unimoe_aux_steps`` optimizer steps (linear or cosine; UniMoE: 0.025 -> 0.001 over 10k), moved
+  by the trainer through ``advance_schedule`` (never by a forward, so eval and generation leave it);
 - router z-loss ``mean logsumexp(logits)^2`` (ST-MoE), ``z_loss_weight``;
 - router entropy ``mean -sum P log P`` (Huang et al.'s dynamic loss), ``entropy_weight``.
 
 Training noise: ``input_jitter`` multiplies the scorer's input by ``U(1 - eps, 1 + eps)``
-(UniMoE-Audio: 0.01), ``logit_noise`` adds ``N(0, sigma^2)`` to the logits before selection.
+(UniMoE-Audio: 0.01; after the cast to the scorer's compute dtype, as the released code), and the
+jittered input is handed on (``Routing.inputs``) so an MoE layer's gated shared experts score it
+too; ``logit_noise`` adds ``N(0, sigma^2)`` to the logits before selection.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class ScoredRouter(Router):
         unimoe_aux_weight_end: Optional[float] = Field(
             None, ge=0.0, le=100.0, description="weight after unimoe_aux_steps (None: constant weight)"
         )
-        unimoe_aux_steps: int = Field(10000, ge=1, description="training forwards over which the weight moves")
+        unimoe_aux_steps: int = Field(10000, ge=1, le=10**9, description="optimizer steps over which the weight moves")
         unimoe_aux_schedule: Literal["linear", "cosine"] = Field("linear", description="shape of the weight schedule")
         z_loss_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of the router z-loss (ST-MoE: 1e-3)")
         entropy_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of the router entropy (Huang et al.: 1e-4)")
@@ -73,8 +76,9 @@ class ScoredRouter(Router):
         self.num_experts = num_experts
         self.scorer = scorer(d_model=d_model, num_experts=num_experts, task_names=task_names)
         self.selector = selector(num_experts=num_experts)
-        # Counts training forwards for the aux-weight schedule; persistent so a checkpoint resumes
-        # the schedule where it stopped.
+        # Optimizer steps seen by the aux-weight schedule. Only the trainer moves it (through
+        # advance_schedule, once per optimizer step), never a forward: generation, eval and
+        # gradient accumulation would otherwise advance it. Persistent, so checkpoints resume it.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @property
@@ -87,8 +91,12 @@ class ScoredRouter(Router):
         return int(k) if isinstance(k, int) else None
 
     def set_step(self, step: int) -> None:
-        """Set the schedule position (training forwards seen), e.g. when resuming a run."""
+        """Set the schedule position (optimizer steps seen), e.g. when resuming a run."""
         self.step.fill_(int(step))
+
+    def advance_schedule(self) -> None:
+        """One optimizer step passed: move the aux-weight schedule on (called by the trainer)."""
+        self.step += 1
 
     def aux_weight(self) -> torch.Tensor:
         """The UniMoE aux-loss weight at the current step."""
@@ -109,8 +117,9 @@ class ScoredRouter(Router):
             frame_mask = valid = item_mask
         else:
             raise AudioMoEError(f"router inputs must be [N, D] tokens or [B, T, D] sequences, got shape {tuple(inputs.shape)}")
-        x = inputs
         p = self.params
+        cast = getattr(self.scorer, "compute_dtype", None)  # a scorer not built on Scorer keeps the dtype
+        x = inputs if cast is None else inputs.to(cast(inputs.dtype))
         if self.training and p.input_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - p.input_jitter, 1.0 + p.input_jitter)
         logits = self.scorer(x, frame_mask, task_ids)
@@ -128,8 +137,7 @@ class ScoredRouter(Router):
             aux["z_loss"] = p.z_loss_weight * z_loss(logits, valid)
         if p.entropy_weight > 0:
             aux["entropy"] = p.entropy_weight * entropy_loss(sel.probs, valid)
-        if self.training:
-            self.step += 1
         routing = make_routing(logits, sel.mask, sel.weights.to(inputs.dtype), valid, aux)
+        routing.inputs = x if x.dim() == 2 else None  # what was scored: a shared gate scores the same
         routing.item_shape = tuple(inputs.shape[:-2]) if inputs.dim() == 3 else tuple(inputs.shape[:-1])
         return routing

@@ -32,7 +32,7 @@ from torch import nn
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Task
 from audiomoe.core.specs import Params
-from audiomoe.tasks.functional import normalize_text
+from audiomoe.tasks.functional import generation, normalize_text
 from audiomoe.tasks.llm_utils import SoftPrompt, assemble_soft_prompt, byte_tokenizer
 
 _TINY_LM = {
@@ -86,6 +86,8 @@ class AudioLLM(Task):
 
     accepts_prompts = True  # AudioModel passes AudioBatch.prompts to forward()
     predicts_cheaply = False  # predictions run generate(): AudioModel.forward(predict=False) skips them
+    # peft starts LoRA's B at zero, so A's gradient (B^T dL/dy) is zero until B has moved one step
+    gradient_exempt = ("*lora_A*",)
 
     class Params(Params):
         pretrained: Optional[str] = Field(None, description="local directory holding the LM and its tokenizer (HF layout)")
@@ -281,7 +283,7 @@ class AudioLLM(Task):
         )
         return out.loss.float()
 
-    @torch.no_grad()
+    @generation
     def generate(self, outputs: AudioLLMOutput, **kwargs: Any) -> list[str]:
         """Generate an answer per item through ``lm.generate(inputs_embeds=...)``; kwargs go to generate."""
         batch = self.build_inputs(outputs)

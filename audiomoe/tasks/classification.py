@@ -54,7 +54,8 @@ class Classification(Task):
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
         self.loss_weight = self.params.loss_weight
-        self.attn = nn.Linear(d_model, 1) if self.params.pooling == "attention" else None
+        # no bias: a constant added to every frame's score cancels in the softmax (it could never learn)
+        self.attn = nn.Linear(d_model, 1, bias=False) if self.params.pooling == "attention" else None
         self.head = nn.Linear(d_model, self.params.num_classes)
         self._index = {name: i for i, name in enumerate(self.params.labels or [])}
 

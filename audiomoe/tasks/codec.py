@@ -15,7 +15,10 @@ Sequence: ``[cond-bos] [features of valid frames] [bos frame] [delayed frames ..
 causal mask, with positions counted over real tokens. The decoder is a built-in pre-norm causal
 Transformer, or any registered backbone (``decoder: moe_transformer`` for MoE FFNs, top-p with
 shared and null experts) whose ``forward(x, padding_mask, causal=True)`` accepts ``causal``; the
-decoder's auxiliary (router) losses are added to this head's loss. No KV cache: generation re-runs
+decoder's auxiliary (router) losses and routing records come back beside the task loss (a
+:class:`~audiomoe.core.interfaces.TaskLoss`), so the model reports them under ``aux/heads/...``
+and ``heads/<task>/...`` unscaled by ``loss_weight``. Generation runs in eval mode (no router
+jitter, no dropout) and never moves a schedule. No KV cache: generation re-runs
 the decoder on the prefix each frame (fine for short clips; a cache is future work).
 
 Targets, per item: codes ``[K, T]`` (nested lists or a long tensor), ``T >= 1``, each code below
@@ -33,9 +36,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.interfaces import Task
+from audiomoe.core.interfaces import Task, TaskLoss
 from audiomoe.core.specs import ComponentSpec, Params, Slot
-from audiomoe.tasks.functional import apply_delay_pattern, revert_delay_pattern, sample_logits
+from audiomoe.tasks.functional import apply_delay_pattern, generation, revert_delay_pattern, sample_logits
 
 
 @dataclass
@@ -135,8 +138,8 @@ class CodecGeneration(Task):
 
     # -- decoder --------------------------------------------------------------------------------
 
-    def _decode(self, cond: CodecCondition, frames: torch.Tensor, frame_pad: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Logits [B, S, K, V] for codec input frames [B, S, K] after the conditioning prefix."""
+    def _decode(self, cond: CodecCondition, frames: torch.Tensor, frame_pad: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """Logits [B, S, K, V] for codec input frames [B, S, K] after the prefix, aux losses, routing records."""
         x = torch.cat([cond.memory, sum(e(frames[..., i]) for i, e in enumerate(self.embed))], 1)
         pad = torch.cat([cond.padding_mask, frame_pad], 1)
         if x.shape[1] > self.params.max_positions:
@@ -147,15 +150,16 @@ class CodecGeneration(Task):
         pos = ((~pad).long().cumsum(1) - 1).clamp_min(0)
         x = x + self.pos(pos)
         aux: dict = {}
+        routing: dict = {}
         if isinstance(self.decoder, nn.TransformerEncoder):
             causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
             h = self.decoder(x, mask=causal, src_key_padding_mask=pad, is_causal=True)
         else:
             out = self.decoder(x, pad, causal=True)
-            h, aux = out.hidden, out.aux_losses
+            h, aux, routing = out.hidden, out.aux_losses, out.routing
         h = h[:, cond.memory.shape[1] :]
         logits = self.out(h).view(*h.shape[:2], len(self.sizes), self.vocab)
-        return logits.masked_fill(~self.allowed, float("-inf")), aux
+        return logits.masked_fill(~self.allowed, float("-inf")), aux, routing
 
     # -- Task -----------------------------------------------------------------------------------
 
@@ -204,17 +208,21 @@ class CodecGeneration(Task):
 
     def loss(self, outputs: CodecCondition, targets: CodecTargets) -> torch.Tensor:
         """Sum over codebooks of the cross-entropy over that codebook's scored frames (+ decoder aux losses)."""
-        logits, aux = self._decode(outputs, targets.inputs, targets.padding_mask)
+        terms = self.loss_terms(outputs, targets)
+        return terms.loss + sum(terms.aux_losses.values(), terms.loss.new_zeros(()))
+
+    def loss_terms(self, outputs: CodecCondition, targets: CodecTargets) -> TaskLoss:
+        """The cross-entropy term, and the decoder's aux losses and routing records beside it."""
+        logits, aux, routing = self._decode(outputs, targets.inputs, targets.padding_mask)
         total = logits.new_zeros(())
         for j in range(len(self.sizes)):
             lab = targets.labels[..., j]
             if (lab != -100).any():  # a codebook with nothing to score (all delayed past the end) is skipped
                 total = total + nn.functional.cross_entropy(logits[..., j, :].reshape(-1, self.vocab), lab.reshape(-1), ignore_index=-100)
-        for v in aux.values():
-            total = total + v
-        return total
+        # the decoder's router losses are not task loss: they must not be scaled by loss_weight
+        return TaskLoss(total, {f"decoder/{k}": v for k, v in aux.items()}, {f"decoder/{k}": v for k, v in routing.items()})
 
-    @torch.no_grad()
+    @generation
     def generate(
         self, outputs: CodecCondition, *, temperature: Optional[float] = None, top_k: Optional[int] = None,
         top_p: Optional[float] = None, max_frames: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -231,7 +239,7 @@ class CodecGeneration(Task):
         ends = torch.full((b,), -1, dtype=torch.long, device=dev)  # clip length T once the lead codebook emits eos
         out_frames = []
         for step in range(max_frames + max(self.delays) + 1):
-            logits, _ = self._decode(outputs, frames, torch.zeros(frames.shape[:2], dtype=torch.bool, device=dev))
+            logits, _, _ = self._decode(outputs, frames, torch.zeros(frames.shape[:2], dtype=torch.bool, device=dev))
             last = logits[:, -1].clone()  # [B, K, V]
             t = step - d  # the real frame index each codebook is at
             if step - self.delays[self.lead] < p.min_frames:

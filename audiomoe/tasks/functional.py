@@ -9,17 +9,39 @@
   MusicGen and UniMoE-Audio (codebook ``k`` shifted right by ``delays[k]`` steps).
 - :func:`sample_logits`: temperature / top-k / top-p sampling through transformers' logits warpers.
 - :func:`normalize_text`: the text normalisation used before WER / exact-match scoring.
+- :func:`generation`: the decorator of every head's ``generate`` (no grad, eval mode).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+
+def generation(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a head's ``generate``: no gradients, and eval mode while it runs (mode restored).
+
+    Generation is inference even when called on a model in training mode: router jitter, logit
+    noise and dropout must not shape the sampled tokens.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return fn(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+
+    return wrapper
 
 # -- pooling ----------------------------------------------------------------------------------
 

@@ -5,13 +5,14 @@ Token routing (Shazeer et al. 2017; UniMoE-Audio's ``gate = Linear(d, E, bias=Fa
 ``Linear(D, 8E) -> Tanh -> Linear(8E, E)``). Encoder routing (MoWE-Audio's data-dependent router):
 a sequence [B, T, D] is first pooled over its valid frames, by mean (MoWE: "the time-average of
 the base-encoder features") or attention pooling (a learned query, ``softmax(q.x_t / sqrt(D))``).
-``fp32`` computes the gate in float32 (UniMoE-Audio's ``fp32_gate``).
+``fp32`` computes the gate in float32: ``True`` always, ``"train"`` in training only (UniMoE-Audio's
+``fp32_gate``, which the released code applies when ``self.training``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,9 @@ class MLPScorer(Scorer):
         activation: Literal["tanh", "gelu", "relu", "silu"] = Field("tanh", description="hidden activation")
         bias: bool = Field(False, description="bias on the output layer (hidden layers always have one)")
         input_norm: Literal["none", "layernorm", "rmsnorm"] = Field("none", description="normalise the input first")
-        fp32: bool = Field(False, description="compute the scorer in float32 whatever the model dtype")
+        fp32: Union[bool, Literal["train"]] = Field(
+            False, description="compute the scorer in float32: true = always, 'train' = in training only (UniMoE-Audio's fp32_gate)"
+        )
         pooling: Literal["mean", "attention"] = Field("mean", description="how a [B, T, D] sequence is pooled over valid frames")
 
     def __init__(self, params: Params, *, d_model: int, num_experts: int) -> None:
@@ -63,9 +66,14 @@ class MLPScorer(Scorer):
             scores = torch.where(valid.any(-1, keepdim=True), scores, torch.zeros_like(scores))
         return (scores.softmax(-1)[..., None] * x).sum(1)
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """float32 when the fp32 gate is on (``"train"``: only in training), else ``dtype``."""
+        fp32 = self.params.fp32
+        return torch.float32 if fp32 is True or (fp32 == "train" and self.training) else dtype
+
     def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [N, E] from tokens [N, D] or pooled sequences [N, T, D]."""
-        dtype = torch.float32 if self.params.fp32 else inputs.dtype
+        dtype = self.compute_dtype(inputs.dtype)
         h = inputs.to(dtype)
         if h.dim() == 3:
             h = self.pool(h, item_mask)

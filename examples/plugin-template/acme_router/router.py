@@ -14,7 +14,7 @@ from audiomoe import Params, Router, Routing
 
 
 class TemperatureTopK(Router):
-    """Linear gate, per-expert learned temperature, top-k, renormalised weights."""
+    """Linear gate, per-expert learned temperature, top-k; weights renormalised for k > 1, raw P for k = 1."""
 
     class Params(Params):
         k: int = Field(1, ge=1, description="experts per token")
@@ -31,7 +31,9 @@ class TemperatureTopK(Router):
         logits = self.gate(inputs) / (nn.functional.softplus(self.tau) + 0.1)
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(self.params.k, dim=-1)
-        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        if self.params.k > 1:  # a single pick keeps its raw P: P/P = 1 would give the router no task gradient
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_i, True)
         if item_mask is not None:
             mask, weights = mask & item_mask[:, None], weights * item_mask[:, None]
