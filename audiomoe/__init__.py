@@ -3,7 +3,7 @@
 Public surface::
 
     import audiomoe
-    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.router.k=1"])
+    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.moe.router.k=1"])
     audiomoe.list_components("router")          # no torch import
     audiomoe.describe("router", "linear_topk")  # params, defaults, limits, an example
     audiomoe.hookimpl                           # for plugin authors

@@ -50,27 +50,30 @@ def test_describe_shows_types_defaults_limits_and_example():
     assert "example:" in out and "name: linear_topk" in out
     info = json.loads(run("describe", "backbone/moe_transformer", "--json").stdout)
     slots = {p["name"]: p["slot"] for p in info["params"]}
+    assert slots["moe"] == "moe"
+    info = json.loads(run("describe", "moe/moe", "--json").stdout)
+    slots = {p["name"]: p["slot"] for p in info["params"]}
     assert slots["router"] == "router" and slots["expert"] == "expert"
 
 
 def test_validate_prints_resolved_spec_and_reports_all_problems(tmp_path):
-    out = run("validate", "tiny-moe-cls", "--set", "backbone.router.k=1")
+    out = run("validate", "tiny-moe-cls", "--set", "backbone.moe.router.k=1")
     spec = yaml.safe_load(out.stdout)
-    assert spec["backbone"]["params"]["router"]["params"]["k"] == 1
-    bad = run("validate", "tiny-moe-cls", "--set", "backbone.router.k=0", "--set", "backbone.num_layerz=2", ok=False)
+    assert spec["backbone"]["params"]["moe"]["params"]["router"]["params"]["k"] == 1
+    bad = run("validate", "tiny-moe-cls", "--set", "backbone.moe.router.k=0", "--set", "backbone.num_layerz=2", ok=False)
     assert bad.returncode == 2
-    assert "has 2 problems" in bad.stderr and "backbone.router.k = 0" in bad.stderr and "Did you mean 'num_layers'?" in bad.stderr
+    assert "has 2 problems" in bad.stderr and "backbone.moe.router.k = 0" in bad.stderr and "Did you mean 'num_layers'?" in bad.stderr
 
 
 def test_compose_prints_parts_plugins_and_parameter_counts(tmp_path):
     spec_file = tmp_path / "spec.yaml"
-    out = run("compose", "tiny-moe-cls", "--set", "backbone.router.k=1", "--save-spec", str(spec_file)).stdout
+    out = run("compose", "tiny-moe-cls", "--set", "backbone.moe.router.k=1", "--save-spec", str(spec_file)).stdout
     assert "router/linear_topk" in out and "builtin" in out and "expert/mlp" in out
     line = next(l for l in out.splitlines() if l.startswith("parameters:"))
     total = int(line.split("total ")[1].split()[0].replace(",", ""))
     active = int(line.split("active per token ")[1].split()[0].replace(",", ""))
     assert 0 < active < total
-    assert yaml.safe_load(spec_file.read_text())["backbone"]["params"]["router"]["params"]["k"] == 1
+    assert yaml.safe_load(spec_file.read_text())["backbone"]["params"]["moe"]["params"]["router"]["params"]["k"] == 1
 
 
 def test_compose_measures_top_p_active_parameters_with_a_probe():

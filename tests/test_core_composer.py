@@ -18,28 +18,28 @@ def _problems(source, overrides=()):
 
 
 def test_unknown_component_in_a_spec_has_did_you_mean_and_available_names():
-    _, msg = _problems("tiny-moe-cls", ["backbone.router=linear_topq"])
-    assert "backbone.router = 'linear_topq': unknown router 'linear_topq'. Did you mean " in msg
+    _, msg = _problems("tiny-moe-cls", ["backbone.moe.router=linear_topq"])
+    assert "backbone.moe.router = 'linear_topq': unknown router 'linear_topq'. Did you mean " in msg
     assert "'linear_topk'" in msg.split("Did you mean")[1]
     assert "Available: " in msg and "linear_topk" in msg
 
 
 def test_unknown_override_key_is_an_error_with_did_you_mean():
-    _, msg = _problems("tiny-moe-cls", ["backbone.router.kk=1"])
-    assert "backbone.router.kk" in msg and "unknown key 'kk'" in msg and "Did you mean 'k'?" in msg
+    _, msg = _problems("tiny-moe-cls", ["backbone.moe.router.kk=1"])
+    assert "backbone.moe.router.kk" in msg and "unknown key 'kk'" in msg and "Did you mean 'k'?" in msg
     _, msg = _problems("tiny-moe-cls", ["bakbone.num_layers=1"])
     assert "unknown key 'bakbone'. Did you mean 'backbone'?" in msg
 
 
 def test_bad_param_value_names_dotted_key_value_and_limit():
-    _, msg = _problems("tiny-moe-cls", ["backbone.router.k=0"])
-    assert "backbone.router.k = 0: Input should be greater than or equal to 1" in msg
+    _, msg = _problems("tiny-moe-cls", ["backbone.moe.router.k=0"])
+    assert "backbone.moe.router.k = 0: Input should be greater than or equal to 1" in msg
 
 
 def test_every_problem_is_reported_at_once():
-    err, msg = _problems("tiny-moe-cls", ["backbone.router.k=0", "tasks.emotion.num_classes=1", "d_model=-3"])
+    err, msg = _problems("tiny-moe-cls", ["backbone.moe.router.k=0", "tasks.emotion.num_classes=1", "d_model=-3"])
     assert "has 3 problems" in msg
-    assert {p.key for p in err.problems} == {"backbone.router.k", "tasks.emotion.num_classes", "d_model"}
+    assert {p.key for p in err.problems} == {"backbone.moe.router.k", "tasks.emotion.num_classes", "d_model"}
 
 
 def test_problems_in_a_yaml_file_and_in_a_mapping(tmp_path):
@@ -59,12 +59,12 @@ def test_yaml_cannot_run_code(tmp_path):
 
 
 def test_overrides_change_params_and_swapping_resets_params():
-    spec = resolve("tiny-moe-cls", ["backbone.expert.d_ff=48", "backbone.router.k=1"]).to_dict()
-    assert spec["backbone"]["params"]["expert"] == {"name": "mlp", "params": {"d_ff": 48, "activation": "gelu", "bias": True}}
-    assert spec["backbone"]["params"]["router"]["params"]["k"] == 1
+    spec = resolve("tiny-moe-cls", ["backbone.moe.expert.d_ff=48", "backbone.moe.router.k=1"]).to_dict()
+    assert spec["backbone"]["params"]["moe"]["params"]["expert"] == {"name": "mlp", "params": {"d_ff": 48, "activation": "gelu", "bias": True}}
+    assert spec["backbone"]["params"]["moe"]["params"]["router"]["params"]["k"] == 1
     # Naming the component again swaps it in with the new component's defaults: no stale kwargs.
-    spec = resolve("tiny-moe-cls", ["backbone.expert.d_ff=48", "backbone.expert=mlp"]).to_dict()
-    assert spec["backbone"]["params"]["expert"]["params"]["d_ff"] is None
+    spec = resolve("tiny-moe-cls", ["backbone.moe.expert.d_ff=48", "backbone.moe.expert=mlp"]).to_dict()
+    assert spec["backbone"]["params"]["moe"]["params"]["expert"]["params"]["d_ff"] is None
 
 
 def test_overrides_add_a_task_and_parse_yaml_values():
@@ -79,7 +79,7 @@ def test_malformed_override_is_refused():
 
 
 def test_compose_resolved_spec_rebuilds_the_same_model(tmp_path):
-    model = audiomoe.compose("tiny-moe-cls", ["backbone.num_experts=6", "seed=7"])
+    model = audiomoe.compose("tiny-moe-cls", ["backbone.moe.num_experts=6", "seed=7"])
     again = audiomoe.compose(model.spec)
     assert again.spec == model.spec
     a, b = model.state_dict(), again.state_dict()
@@ -103,7 +103,7 @@ def test_composing_does_not_touch_the_global_rng():
 
 
 def test_sizes_are_injected_not_configured():
-    model = audiomoe.compose("tiny-moe-cls", ["d_model=48", "backbone.num_experts=3"])
+    model = audiomoe.compose("tiny-moe-cls", ["d_model=48", "backbone.moe.num_experts=3"])
     moe = model.backbone.blocks[0].moe
     assert moe.router.gate.in_features == 48 and moe.router.gate.out_features == 3
     assert len(moe.experts) == 3 and moe.experts[0].fc1.in_features == 48
@@ -113,14 +113,14 @@ def test_sizes_are_injected_not_configured():
 def test_component_provenance_is_recorded():
     model = audiomoe.compose("tiny-moe-cls")
     info = model.backbone.blocks[1].moe.router.audiomoe_component
-    assert (info.kind, info.name, info.plugin, info.path) == ("router", "linear_topk", "builtin", "backbone.router")
+    assert (info.kind, info.name, info.plugin, info.path) == ("router", "linear_topk", "builtin", "backbone.moe.router")
 
 
 def test_a_yaml_can_start_from_a_preset(tmp_path):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("preset: tiny-moe-cls\nbackbone:\n  params:\n    num_layers: 1\n")
     model = audiomoe.compose(str(cfg))
-    assert len(model.backbone.blocks) == 1 and model.spec["backbone"]["params"]["num_experts"] == 4
+    assert len(model.backbone.blocks) == 1 and model.spec["backbone"]["params"]["moe"]["params"]["num_experts"] == 4
 
 
 def test_model_refuses_a_task_it_has_no_head_for():
@@ -131,9 +131,9 @@ def test_model_refuses_a_task_it_has_no_head_for():
 
 
 def test_parameter_counts_total_and_active():
-    model = audiomoe.compose("tiny-moe-cls", ["backbone.router.k=1", "backbone.num_experts=4"])
+    model = audiomoe.compose("tiny-moe-cls", ["backbone.moe.router.k=1", "backbone.moe.num_experts=4"])
     total, active = audiomoe.count_parameters(model)
-    expert = sum(p.numel() for p in model.backbone.blocks[0].moe.experts[0].parameters())
+    expert = sum(p.numel() for p in model.backbone.blocks[0].moe.experts[0].parameters())  # mlp experts: a per-expert loop
     assert total == sum(p.numel() for p in model.parameters())
     # Two MoE layers, each running 1 of 4 experts per token.
     assert total - active == pytest.approx(2 * 3 * expert)
@@ -141,6 +141,6 @@ def test_parameter_counts_total_and_active():
 
 def test_override_into_an_unwritten_slot_starts_from_that_slot_default():
     # top_p's selector slot defaults to the top_p selector, not to the registry's default selector.
-    spec = resolve("tiny-moe-cls", ["backbone.router=top_p", "backbone.router.selector.p=0.5"]).to_dict()
-    selector = spec["backbone"]["params"]["router"]["params"]["selector"]
+    spec = resolve("tiny-moe-cls", ["backbone.moe.router=top_p", "backbone.moe.router.selector.p=0.5"]).to_dict()
+    selector = spec["backbone"]["params"]["moe"]["params"]["router"]["params"]["selector"]
     assert selector["name"] == "top_p" and selector["params"]["p"] == 0.5

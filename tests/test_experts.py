@@ -46,14 +46,14 @@ def test_backbones_ignore_padding_and_report_routing(name):
 
 
 def test_unimoe_layout_and_active_parameters():
-    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone=unimoe_transformer", "backbone.num_experts=6"])
+    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone=unimoe_transformer", "backbone.moe.num_experts=6"])
     moe = model.backbone.blocks[0].moe
-    assert (moe.num_experts, moe.num_null, moe.num_shared, moe.shared_mode) == (6, 1, 2, "gated")
+    assert (moe.num_experts, moe.num_null, moe.num_shared, moe.params.shared_mode) == (6, 1, 2, "gated")
     assert moe.router(torch.randn(3, 32)).mask.shape == (3, 7)  # routed + null columns
     total, _ = audiomoe.count_parameters(model)
     bb = model.backbone
     bb(torch.randn(2, 10, 32), torch.zeros(2, 10, dtype=torch.bool))
-    per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+    per_expert = sum(p.numel() for p in moe.experts.parameters()) / 6  # grouped: one stacked tensor pair
     picks = moe.last_stats["routed_per_token"]
     assert 0 <= picks <= 6
     _, active = audiomoe.count_parameters(model)
@@ -64,10 +64,10 @@ def test_unimoe_layout_and_active_parameters():
 def test_moe_transformer_options_reach_every_layer():
     model = audiomoe.compose(
         "tiny-moe-cls",
-        overrides=["backbone.num_null=2", "backbone.num_shared=1", "backbone.shared_mode=unit", "backbone.capacity_factor=1.0", "backbone.expert=swiglu"],
+        overrides=["backbone.moe.num_null=2", "backbone.moe.num_shared=1", "backbone.moe.shared_mode=unit", "backbone.moe.capacity_factor=1.0", "backbone.moe.expert=swiglu"],
     )
     for b in model.backbone.blocks:
-        assert (b.moe.num_null, b.moe.num_shared, b.moe.shared_mode, b.moe.capacity_factor) == (2, 1, "unit", 1.0)
+        assert (b.moe.num_null, b.moe.num_shared, b.moe.params.shared_mode, b.moe.params.capacity_factor) == (2, 1, "unit", 1.0)
     bb = model.backbone
     out = bb(torch.randn(3, 20, 32), torch.zeros(3, 20, dtype=torch.bool))
     assert out.routing["layer0"].null_columns == 2
@@ -80,15 +80,15 @@ def test_capacity_options_reach_every_layer_and_drops_show_in_the_trace():
     model = audiomoe.compose(
         "tiny-moe-cls",
         overrides=[
-            "backbone.capacity_factor=0.3",
-            "backbone.capacity_basis=tokens",
-            "backbone.renormalize_drops=true",
-            "backbone.min_capacity=2",
-            "backbone.drop_policy=probs",
+            "backbone.moe.capacity_factor=0.3",
+            "backbone.moe.capacity_basis=tokens",
+            "backbone.moe.renormalize_drops=true",
+            "backbone.moe.min_capacity=2",
+            "backbone.moe.drop_policy=probs",
         ],
     )
     for b in model.backbone.blocks:
-        m = b.moe
+        m = b.moe.params
         assert (m.capacity_basis, m.renormalize_drops, m.min_capacity, m.drop_policy) == ("tokens", True, 2, "probs")
     pad = torch.zeros(3, 20, dtype=torch.bool)
     pad[2, 12:] = True
@@ -149,7 +149,7 @@ def test_task_ids_reach_the_backbone_routers(recwarn):
     from audiomoe.data.synthetic import tone_batch
     from audiomoe.trace import RoutingTrace
 
-    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.router=oracle"])
+    model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.moe.router=oracle"])
     model.eval()
     batch = tone_batch({"emotion": 4, "speaker": 8}, 6, generator=torch.Generator().manual_seed(3))
     assert len(set(batch.tasks)) == 2

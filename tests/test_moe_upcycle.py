@@ -6,6 +6,8 @@ import pytest
 import torch
 import transformers
 
+import audiomoe
+
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.experts.upcycle import UpcycledMLP, moe_aux_losses, upcycle_causal_lm
 
@@ -23,7 +25,7 @@ def test_copy_upcycled_model_matches_dense_and_trains(kind):
     model = tiny(kind)
     ids = torch.randint(0, 97, (2, 9))
     dense = model(ids).logits
-    upcycle_causal_lm(model, num_experts=4, router={"name": "linear_topk", "params": {"k": 2}})
+    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "linear_topk", "params": {"k": 2}}})
     assert all(isinstance(layer.mlp, UpcycledMLP) for layer in model.model.layers)
     out = model(ids).logits
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
@@ -40,12 +42,12 @@ def test_each_expert_from_its_own_checkpoint(tmp_path):
     a, b = tiny(seed=1), tiny(seed=2)
     a.save_pretrained(tmp_path / "a")
     base = tiny(seed=3)
-    upcycle_causal_lm(base, num_experts=3, sources=[tmp_path / "a", b, tmp_path / "a"], num_shared=1, num_null=1, average_non_mlp=True)
+    upcycle_causal_lm(base, {"num_experts": 3, "num_shared": 1, "num_null": 1}, sources=[tmp_path / "a", b, tmp_path / "a"], average_non_mlp=True)
     for i, layer in enumerate(base.model.layers):
         moe = layer.mlp.moe
         for e, src in enumerate([a, b, a]):
             mlp = src.model.layers[i].mlp
-            w_in, w_out = moe.experts[e].swiglu_weights()
+            w_in, w_out = moe.experts.gate_up_proj[e], moe.experts.down_proj[e]
             torch.testing.assert_close(w_in, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
             torch.testing.assert_close(w_out, mlp.down_proj.weight)
         assert moe.num_null == 1 and len(moe.shared) == 1
@@ -60,26 +62,26 @@ def test_slice_init_gives_fine_grained_experts_that_sum_to_dense():
     dense_mlp = model.model.layers[0].mlp
     x = torch.randn(5, 32)
     want = dense_mlp(x)
-    upcycle_causal_lm(model, num_experts=4, init="slice", router={"name": "linear_topk", "params": {"k": 4, "normalize": False}})
+    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "linear_topk", "params": {"k": 4, "normalize": False}}}, init="slice")
     moe = model.model.layers[0].mlp.moe
-    assert moe.experts[0].d_ff == 16
+    assert moe.experts.d_ff == 16
     # the slices partition the intermediate dimension: the unweighted sum of all experts is the dense MLP
-    torch.testing.assert_close(sum(e(x) for e in moe.experts), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe.experts.forward_all(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_upcycling_inputs_are_named(tmp_path):
     with pytest.raises(AudioMoEError, match="one per routed expert"):
-        upcycle_causal_lm(tiny(), num_experts=2, sources=[tiny()])
+        upcycle_causal_lm(tiny(), {"num_experts": 2}, sources=[tiny()])
     with pytest.raises(AudioMoEError, match="not a local directory"):
-        upcycle_causal_lm(tiny(), num_experts=1, sources=[tmp_path / "missing"])
+        upcycle_causal_lm(tiny(), {"num_experts": 1}, sources=[tmp_path / "missing"])
     gelu = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**KW, hidden_act="gelu"))
     with pytest.raises(AudioMoEError, match="SiLU"):
-        upcycle_causal_lm(gelu, num_experts=2)
+        upcycle_causal_lm(gelu, {"num_experts": 2})
 
 
 def test_padded_tokens_are_not_routed_in_forward_or_generate():
     model = tiny()
-    upcycle_causal_lm(model, num_experts=4, router={"name": "linear_topk", "params": {"k": 2}})
+    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "linear_topk", "params": {"k": 2}}})
     ids = torch.randint(1, 97, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 4:] = 0  # right padding
@@ -98,3 +100,27 @@ def test_padded_tokens_are_not_routed_in_forward_or_generate():
     gen = model.generate(ids[:, :5], attention_mask=left, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert gen.shape == (2, 8)
     assert moe.last_stats["tokens"] == 2  # the last step routes one new token per sample
+
+
+def test_upcycling_keeps_every_moe_option():
+    """No silent defaults: the upcycled layers carry exactly the options of the moe spec given."""
+    spec = {
+        "num_experts": 4, "num_null": 1, "num_shared": 1, "shared_mode": "unit", "router": {"name": "top_p", "params": {"p": 0.6}},
+        "capacity_factor": 1.5, "drop_policy": "probs", "min_capacity": 3, "capacity_basis": "tokens",
+        "renormalize_drops": True, "null_capacity": True, "dispatch": "loop",
+    }  # fmt: skip
+    model = tiny()
+    upcycle_causal_lm(model, spec)
+    moe = model.model.layers[1].mlp.moe
+    got = moe.params.model_dump()
+    for key, value in spec.items():
+        if key != "router":
+            assert got[key] == value, key
+    assert type(moe.router).__name__ == "TopPRouter" and moe.router.selector.params.p == 0.6
+    assert moe.shared.d_ff == 64 and moe.experts.d_ff == 64  # dense width for copies and the shared expert
+    ids = torch.randint(0, 97, (2, 9))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert moe.last_plan == "loop" and moe.last_stats["capacity"] >= 3
+    with pytest.raises(audiomoe.ConfigError, match="capacity_factor"):
+        upcycle_causal_lm(tiny(), {"num_experts": 2, "capacity_factor": -1})

@@ -65,8 +65,8 @@ def test_plugin_router_swaps_into_a_builtin_preset_and_conforms(plugin_python):
         plugin_python,
         "import audiomoe\n"
         "from audiomoe.testing import check_component\n"
-        "m = audiomoe.compose('tiny-moe-cls', ['backbone.router=acme_temperature', 'backbone.router.k=2'])\n"
-        "print(m.spec['backbone']['params']['router'])\n"
+        "m = audiomoe.compose('tiny-moe-cls', ['backbone.moe.router=acme_temperature', 'backbone.moe.router.k=2'])\n"
+        "print(m.spec['backbone']['params']['moe']['params']['router'])\n"
         "print(check_component('router', 'acme_temperature').checks[-1])\n",
     )
     assert "{'name': 'acme_temperature', 'params': {'k': 2}}" in out

@@ -1,14 +1,13 @@
 """Compute backends for the MoE layer and the MoE transformer (plain functions, not components).
 
-- ``torch`` (every device): sorted dispatch with per-expert contiguous GEMMs (``dispatch.py``);
-  attention through ``F.scaled_dot_product_attention`` with a key-padding mask.
+- ``torch`` (every device): attention through ``F.scaled_dot_product_attention`` with a
+  key-padding mask; the MoE dispatcher's torch plans (``dispatcher.py``).
 - ``xformers`` (CUDA only, optional extra ``audiomoe[gpu]``): attention through
   ``xformers.ops.memory_efficient_attention`` on packed variable-length sequences with a
-  block-diagonal mask (no padding computed); the MoE layer may also dispatch through xformers'
-  Triton ``index_select_cat`` / ``scaled_index_add`` (the ``slots`` plan of ``dispatch.py``, one
-  call per top-k slot so indices are unique), and the expert GEMMs through torch's grouped matmul.
-  On CUDA the layer times its usable plans once per shape and keeps the fastest. xformers has no
-  CPU kernels and, since 0.0.34, no fused SwiGLU, so nothing else of it is used.
+  block-diagonal mask (no padding computed); the dispatcher's ``xformers`` plan gathers and
+  combines through xformers' Triton ``index_select_cat`` / ``scaled_index_add`` (one call per top-k
+  slot so indices are unique). Nothing is timed at run time: the choice is configuration. xformers
+  has no CPU kernels and, since 0.0.34, no fused SwiGLU, so nothing else of it is used.
 
 ``resolve_backend`` decides once per (request, device) and logs one line saying which and why.
 """

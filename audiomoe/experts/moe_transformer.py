@@ -1,8 +1,9 @@
 """A pre-norm Transformer encoder whose FFNs are MoE layers (Switch Transformer / GShard layout).
 
-Block: ``h = x + MHA(LN(x)); y = h + MoE(LN(h))``. The router and expert kinds are slots, so
-``--set backbone.router=<name>`` swaps the routing policy of every layer at once; shared and null
-experts, capacity and the backend are options of every layer (defaults: none, dropless, auto).
+Block: ``h = x + MHA(LN(x)); y = h + MoE(LN(h))``. The MoE FFN is a slot (``moe``, kind ``moe``), so
+``--set backbone.moe.router=<name>`` swaps the routing policy of every layer at once; experts,
+shared and null experts, capacity and dispatch are its options (defaults: 4 SwiGLU experts, linear
+top-2, none shared or null, dropless, auto).
 Each layer's routing record goes into the model's routing trace as ``layer<i>``.
 """
 

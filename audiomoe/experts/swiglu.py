@@ -1,8 +1,10 @@
 """SwiGLU expert (Shazeer 2020, "GLU Variants Improve Transformer"; the FFN of LLaMA, Qwen, DeepSeekMoE).
 
 ``FFN(x) = W_down (silu(W_gate x) * W_up x)``, no biases. ``W_gate`` and ``W_up`` are stored as
-one fused ``w_in`` [2 * d_ff, d_model] (rows ``[0, d_ff)`` gate, ``[d_ff, 2 d_ff)`` up) so the MoE
-layer's sorted dispatch runs one GEMM per expert for both. Any width: a fine-grained expert
+one fused ``w_in`` [2 * d_ff, d_model] (rows ``[0, d_ff)`` gate, ``[d_ff, 2 d_ff)`` up). Inside an
+MoE layer the experts of this kind are one grouped module with stacked weights
+(:class:`audiomoe.experts.grouped.GroupedSwiGLU`, the transformers v5 layout), see
+:meth:`SwiGLUExpert.grouped`. Any width: a fine-grained expert
 (DeepSeekMoE) is the same with ``d_ff = d_ff_dense / m``. A parent may inject ``d_ff`` (the MoE layer
 does for shared experts with their own width); the injected value wins over the param.
 """
@@ -18,6 +20,7 @@ from torch import nn
 
 from audiomoe.core.interfaces import Expert
 from audiomoe.core.specs import Params
+from audiomoe.experts.grouped import GroupedSwiGLU
 
 
 class SwiGLUExpert(Expert):
@@ -33,8 +36,13 @@ class SwiGLUExpert(Expert):
         self.w_in = nn.Linear(d_model, 2 * self.d_ff, bias=False)
         self.w_out = nn.Linear(self.d_ff, d_model, bias=False)
 
+    @classmethod
+    def grouped(cls, params: Params, *, num_experts: int, d_model: int, d_ff: Optional[int] = None) -> GroupedSwiGLU:
+        """``num_experts`` SwiGLU experts with stacked weights (what the MoE layer holds and the fused dispatch runs)."""
+        return GroupedSwiGLU(num_experts, d_model, d_ff or params.d_ff or 4 * d_model)
+
     def swiglu_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_in [2 d_ff, d_model], w_out [d_model, d_ff])``: what the fused sorted dispatch uses."""
+        """``(w_in [2 d_ff, d_model], w_out [d_model, d_ff])``: one expert's slice of the grouped layout."""
         return self.w_in.weight, self.w_out.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,15 +17,16 @@ from pydantic import Field
 from audiomoe.core.specs import ComponentSpec, Slot
 from audiomoe.experts.transformer import MoEBackboneParams, MoEStackBackbone
 
+#: UniMoE-Audio's MoE block (Table II): top-p 0.7 over 8 routed + 1 null columns, 2 gated shared experts.
+UNIMOE_MOE = {"router": {"name": "top_p"}, "num_experts": 8, "num_null": 1, "num_shared": 2, "shared_mode": "gated"}
+
 
 class UniMoETransformer(MoEStackBackbone):
     """MoE Transformer with UniMoE-Audio's defaults: top-p, 8 routed + 1 null + 2 gated shared experts."""
 
     class Params(MoEBackboneParams):
-        num_experts: int = Field(8, ge=1, le=4096, description="routed experts per MoE layer")
-        num_null: int = Field(1, ge=0, le=4096, description="null experts (router columns with zero output, never computed)")
-        num_shared: int = Field(2, ge=0, le=64, description="shared experts (always run)")
         norm: Literal["layernorm", "rmsnorm"] = Field("rmsnorm", description="block normalisation")
-        router: Annotated[ComponentSpec, Slot("router")] = Field(
-            default_factory=lambda: ComponentSpec(name="top_p"), description="routing policy of every layer (top-p, UniMoE)"
+        moe: Annotated[ComponentSpec, Slot("moe")] = Field(
+            default_factory=lambda: ComponentSpec(name="moe", params=dict(UNIMOE_MOE)),
+            description="the MoE FFN of every block (UniMoE-Audio: top-p, 8 routed + 1 null + 2 gated shared)",
         )

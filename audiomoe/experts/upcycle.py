@@ -7,8 +7,11 @@ stage 2 builds the MoE from several dense *specialists*: expert ``e`` comes from
 dimension (``init="slice"``). Works for models whose decoder layers hold ``mlp.gate_proj``,
 ``mlp.up_proj``, ``mlp.down_proj`` with a SiLU activation (Llama, Qwen2, Qwen2.5, Mistral, ...).
 
-With ``init="copy"``, no null experts, no shared experts and a router whose weights sum to 1 over the
-picks (e.g. ``linear_topk`` with ``normalize``), the upcycled model computes exactly the dense model.
+The MoE layers are built from one ``moe`` spec (the ``moe`` component's params: router, experts,
+null and shared experts, capacity, dispatch), exactly as a backbone builds them, so no option is
+lost or given another default here. With ``init="copy"``, no null experts, no shared experts and a
+router whose weights sum to 1 over the picks (e.g. ``linear_topk`` with ``normalize`` and k > 1),
+the upcycled model computes exactly the dense model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
+from audiomoe.experts.grouped import GroupedSwiGLU
 from audiomoe.experts.moe_layer import MoELayer
 
 Source = Union[nn.Module, str, os.PathLike]
@@ -87,12 +91,6 @@ def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _registry_builder(kind: str, spec: Any):
-    from audiomoe.core.composer import component_builder
-
-    return component_builder(kind, spec)
-
-
 def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
@@ -127,49 +125,56 @@ def _load(source: Source) -> nn.Module:
 
 
 @torch.no_grad()
-def _fill(expert: nn.Module, mlp: nn.Module, offset: int) -> None:
-    """Copy rows ``[offset, offset + d_ff)`` (cyclic) of the dense intermediate dimension into ``expert``."""
-    w_in, w_out = expert.swiglu_weights()
-    f = w_out.shape[1]
+def _fill(experts: GroupedSwiGLU, e: int, mlp: nn.Module, offset: int) -> None:
+    """Copy rows ``[offset, offset + d_ff)`` (cyclic) of the dense intermediate dimension into expert ``e``."""
+    f = experts.d_ff
     inter = mlp.gate_proj.weight.shape[0]
     rows = (torch.arange(f) + offset) % inter
-    w_in[:f].copy_(mlp.gate_proj.weight[rows])
-    w_in[f:].copy_(mlp.up_proj.weight[rows])
-    w_out.copy_(mlp.down_proj.weight[:, rows])
+    w_in = torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows]])
+    experts.load_expert(e, w_in, mlp.down_proj.weight[:, rows])
+
+
+def _moe_spec(moe: Any, width: int, inter: int) -> dict[str, Any]:
+    """The ``moe`` spec with SwiGLU experts of ``width`` and shared experts of the dense width unless given."""
+    spec = {"name": "moe", "params": {}} if moe is None else (moe.model_dump() if hasattr(moe, "model_dump") else dict(moe))
+    if "name" not in spec:
+        spec = {"name": "moe", "params": spec}
+    params = dict(spec.get("params") or {})
+    expert = params.get("expert", "swiglu")
+    expert = {"name": expert, "params": {}} if isinstance(expert, str) else {"name": expert.get("name", "swiglu"), "params": dict(expert.get("params") or {})}
+    if expert["name"] != "swiglu":
+        raise AudioMoEError(f"upcycling copies dense SwiGLU MLPs into experts: moe.expert must be 'swiglu', got '{expert['name']}'")
+    expert["params"].setdefault("d_ff", width)
+    params["expert"] = expert
+    params.setdefault("shared_d_ff", inter)
+    return {"name": spec["name"], "params": params}
 
 
 @torch.no_grad()
 def upcycle_causal_lm(
     model: nn.Module,
+    moe: Any = None,
     *,
-    num_experts: int,
-    router: Any = "linear_topk",
     sources: Optional[Sequence[Source]] = None,
     init: Literal["copy", "slice"] = "copy",
-    expert_d_ff: Optional[int] = None,
-    num_null: int = 0,
-    num_shared: int = 0,
-    shared_mode: Literal["gated", "unit"] = "unit",
-    shared_d_ff: Optional[int] = None,
     average_non_mlp: bool = False,
-    capacity_factor: Optional[float] = None,
-    backend: Literal["auto", "torch", "xformers"] = "auto",
     layers: Optional[Sequence[int]] = None,
 ) -> nn.Module:
     """Replace the dense MLPs of ``model`` (in place) by MoE layers initialised from dense weights.
 
     Args:
         model: a transformers causal LM with Llama/Qwen2-style decoder layers.
-        num_experts: routed experts per layer.
-        router: a router Builder, a registry name or a ``{name, params}`` spec (built for
-            ``num_experts + num_null`` columns; new and randomly initialised, as in UniMoE).
+        moe: the ``moe`` component's spec (``{"num_experts": 8, "router": "top_p", "num_null": 1, ...}``
+            or ``{"name": "moe", "params": {...}}``), validated like any config: every MoE option
+            (capacity, drops, shared mode, dispatch) applies as in a backbone. Experts must be
+            ``swiglu``; their width defaults to the dense intermediate size (``copy``) or
+            ``intermediate // num_experts`` (``slice``); shared experts default to the dense width.
+            Routers are new and randomly initialised, as in UniMoE.
         sources: one dense checkpoint per routed expert (in-memory models or local directories in
             Hugging Face layout); expert ``e`` is initialised from ``sources[e]``. Default: ``model``.
-        init: ``"copy"`` = each expert is the whole dense MLP (width = intermediate size);
-            ``"slice"`` = fine-grained experts, expert ``e`` takes the ``e``-th consecutive slice of the
-            intermediate dimension (DCMoE ``--moe_copy``), width ``intermediate // num_experts``.
-        expert_d_ff: expert width override (slices are taken cyclically).
-        num_null, num_shared, shared_mode, shared_d_ff, capacity_factor, backend: as :class:`MoELayer`.
+        init: ``"copy"`` = each expert is the whole dense MLP (slices taken cyclically when an
+            explicit ``d_ff`` is narrower); ``"slice"`` = fine-grained experts, expert ``e`` takes the
+            ``e``-th consecutive slice of the intermediate dimension (DCMoE ``--moe_copy``).
             Shared experts are initialised from ``model``'s own MLP (slice at offset 0 when narrower).
         average_non_mlp: set every non-MLP parameter to the mean over ``sources`` (UniMoE stage 2).
         layers: indices of the decoder layers to upcycle (default: all).
@@ -177,20 +182,22 @@ def upcycle_causal_lm(
     Returns ``model`` (its ``mlp`` modules are now :class:`UpcycledMLP`; a forward hook passes the
     ``attention_mask`` of each call to them, so padded tokens are not routed).
     """
+    from audiomoe.core.composer import component_builder
+
     decoder = _decoder_layers(model)
+    first = _dense_mlp(decoder[0], "layer 0")
+    d_model, inter = first.gate_proj.weight.shape[1], first.gate_proj.weight.shape[0]
+    num_experts = component_builder("moe", _moe_spec(moe, 1, inter)).node.params.num_experts  # validates every option
+    width = inter if init == "copy" else inter // num_experts
+    if width < 1:
+        raise AudioMoEError(f"expert width {width} < 1: intermediate size {inter} split into {num_experts} experts")
+    builder = component_builder("moe", _moe_spec(moe, width, inter))
     srcs = [_load(s) for s in sources] if sources is not None else None
     if srcs is not None and len(srcs) != num_experts:
         raise AudioMoEError(f"sources has {len(srcs)} checkpoints; need one per routed expert (num_experts={num_experts})")
     src_layers = [_decoder_layers(s) for s in srcs] if srcs else None
     if src_layers and any(len(sl) != len(decoder) for sl in src_layers):
         raise AudioMoEError("every source checkpoint must have as many decoder layers as the model")
-    router_b = router if callable(router) and not isinstance(router, str) else _registry_builder("router", router)
-    expert_b = _registry_builder("expert", "swiglu")
-    first = _dense_mlp(decoder[0], "layer 0")
-    d_model, inter = first.gate_proj.weight.shape[1], first.gate_proj.weight.shape[0]
-    width = expert_d_ff or (inter if init == "copy" else inter // num_experts)
-    if width < 1:
-        raise AudioMoEError(f"expert width {width} < 1: intermediate size {inter} split into {num_experts} experts")
     if average_non_mlp and srcs:
         own = dict(model.named_parameters())
         for name, p in own.items():
@@ -199,24 +206,12 @@ def upcycle_causal_lm(
     ref = next(model.parameters())
     for i in layers if layers is not None else range(len(decoder)):
         dense = _dense_mlp(decoder[i], f"layer {i}")
-        moe = MoELayer(
-            d_model=d_model,
-            num_experts=num_experts,
-            router=router_b,
-            expert=lambda **kw: expert_b(**{**kw, "d_ff": width}),
-            num_null=num_null,
-            num_shared=num_shared,
-            shared_expert=expert_b,
-            shared_d_ff=shared_d_ff or inter,
-            shared_mode=shared_mode,
-            capacity_factor=capacity_factor,
-            backend=backend,
-        )
-        for e, expert in enumerate(moe.experts):
+        layer = builder(d_model=d_model)
+        for e in range(num_experts):
             mlp = _dense_mlp(src_layers[e][i], f"source {e} layer {i}") if src_layers else dense
-            _fill(expert, mlp, e * width if init == "slice" else 0)
-        for shared in moe.shared:
-            _fill(shared, dense, 0)
-        decoder[i].mlp = UpcycledMLP(moe.to(device=ref.device, dtype=ref.dtype))
+            _fill(layer.experts, e, mlp, e * layer.experts.d_ff if init == "slice" else 0)
+        for s in range(layer.num_shared):
+            _fill(layer.shared, s, dense, 0)
+        decoder[i].mlp = UpcycledMLP(layer.to(device=ref.device, dtype=ref.dtype))
     _install_mask_hook(model)
     return model

@@ -23,7 +23,10 @@ def audiomoe_register_presets(register):
             "encoder": {"name": "conv_frontend", "params": {"dim": 32, "channels": 32}},
             "backbone": {
                 "name": "moe_transformer",
-                "params": {"num_layers": 1, "num_experts": 4, "router": {"name": "acme_temperature", "params": {"k": 1}}},
+                "params": {
+                    "num_layers": 1,
+                    "moe": {"name": "moe", "params": {"num_experts": 4, "router": {"name": "acme_temperature", "params": {"k": 1}}}},
+                },
             },
             "tasks": {"cls": {"name": "classification", "params": {"num_classes": 3}}},
         },
