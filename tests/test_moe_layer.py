@@ -19,10 +19,6 @@ from audiomoe.experts.moe_layer import MoELayer
 D, E, NULL = 16, 5, 2
 
 
-def builder(kind: str, name: str, **params) -> Builder:
-    return audiomoe.component_builder(kind, {"name": name, "params": params})
-
-
 def moe(d_model: int = D, router=None, expert=None, **params) -> MoELayer:
     """An MoE layer built through the registry, as a backbone builds it."""
     spec = {"router": router or {"name": "linear_topk", "params": {"k": 2}}, "expert": expert or {"name": "swiglu"}, **params}
