@@ -7,9 +7,11 @@ Compared at each point (float32, same weights, same tokens, same fixed routing; 
     ``experts_implementation`` ``"eager"`` and ``"grouped_mm"``, loaded with the same stacked weights;
     outputs are checked equal to audiomoe's before anything is timed.
 Points: fine-grained d=1024, 32 experts of width 128, top-2, 16k tokens; coarse d=512, 8 experts of
-width 2048, top-2, 4k tokens. Activation memory at the fine point: the bytes autograd keeps from
-forward to backward per layer (saved-tensor hooks, parameters excluded, output included), audiomoe
-vs the dense layer, plus the fused path's scratch workspace (per thread, shared by all layers). Then time vs null share, and every dispatch plan at the fine point. On CUDA the plans are timed
+width 2048, top-2, 4k tokens. Memory at the fine point, audiomoe vs the dense layer: the bytes
+autograd keeps from forward to backward per layer (saved-tensor hooks, parameters excluded, output
+included; the fused path's scratch workspace, per thread and shared by all layers, apart), and the
+peak of one fwd+bwd (resident high-water mark in a fresh process, weights frozen so the E/k times
+larger MoE weight gradients do not count). Then time vs null share, and every dispatch plan at the fine point. On CUDA the plans are timed
 in bf16 at both points (speed vs loop and largest difference).
 
 ``--tune FILE`` writes the fastest plan per shape of this run as a plan table (JSON) that
@@ -85,6 +87,38 @@ def saved_bytes(fn, x: torch.Tensor, params) -> int:
     return sum(seen.values())
 
 
+def peak_child(name: str, t: int) -> None:
+    """In a fresh process: the resident-memory high-water mark added by one fwd+bwd of ``name`` (printed in bytes).
+
+    Weights are frozen (so only activations, the input gradient and scratch count, not the E/k
+    times larger MoE weight gradients); everything the step needs is built before the mark is read.
+    """
+    def hwm() -> int:  # VmHWM is this process's own mm: ru_maxrss would inherit the parent's peak across exec
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) * 1024
+
+    torch.manual_seed(0)
+    layer = moe_layer(1024, 32, 128, 2) if name == "moe" else builder("expert", "swiglu", d_ff=256)(d_model=1024)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(t, 1024)
+    routing = fixed_topk_routing(x, 32, 2)
+    xg, g = x.clone().requires_grad_(True), torch.randn(t, 1024)
+    fn = (lambda inp: layer.combine(inp, routing)) if name == "moe" else layer
+    before = hwm()
+    fn(xg).backward(g)
+    print(hwm() - before)
+
+
+def peak_rss(name: str, t: int) -> int:
+    """:func:`peak_child` in a subprocess (a process's high-water mark never goes down)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, __file__, "--peak-child", name, "--peak-tokens", str(t)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def workspace_bytes() -> int:
     """Bytes of the fused dispatch's per-thread scratch buffers (grow-only, shared by every layer)."""
     from audiomoe.experts import fused
@@ -132,6 +166,12 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         emit(label, "fused_workspace_mb", workspace_bytes() / 2**20, "MB")
         print(f"{'saved MB':>9} {saved['dense'] / 2**20:8.1f} {saved['moe'] / 2**20:8.1f} {'':>18} | {saved['moe'] / saved['dense']:8.2f}x  "
               f"(kept for backward per layer; + {workspace_bytes() / 2**20:.0f} MB fused scratch shared by all layers)")  # fmt: skip
+        peak = {name: peak_rss(name, t) for name in ("moe", "dense")}
+        for name, b in peak.items():
+            emit(label, f"fwd+bwd_peak_rss_mb_{name}", b / 2**20, "MB")
+        emit(label, "fwd+bwd_peak_rss_moe_over_dense", peak["moe"] / max(peak["dense"], 1), "x")
+        print(f"{'peak MB':>9} {peak['dense'] / 2**20:8.1f} {peak['moe'] / 2**20:8.1f} {'':>18} | {peak['moe'] / max(peak['dense'], 1):8.2f}x  "
+              "(fwd+bwd resident high-water mark in a fresh process, weights frozen, scratch included)")  # fmt: skip
 
 
 def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(0.0, 0.25, 0.5, 0.75, 1.0)) -> None:
@@ -203,7 +243,11 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="also write JSON lines here")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
     ap.add_argument("--tune", metavar="FILE", help="write the fastest plan per shape as a plan table (moe.plan_table)")
+    ap.add_argument("--peak-child", choices=("moe", "dense"), help=argparse.SUPPRESS)
+    ap.add_argument("--peak-tokens", type=int, default=16384, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peak_child:
+        return peak_child(args.peak_child, args.peak_tokens)
     report = Report(BENCH, args.quick)
     emit = report.emit
     reps = args.reps or (3 if args.quick else 7)

@@ -4,17 +4,18 @@
 over the stacked weights of :class:`audiomoe.experts.grouped.GroupedSwiGLU` (``gate_up`` [E, 2F, D],
 ``down`` [E, D, F]): one GEMM per expert on its contiguous slice, as MegaBlocks' dropless MoE
 (Gale et al. 2023) does with block-sparse kernels. Memory: forward saves only the pre-activations
-``H`` [S, 2F], the pair weights and the indices; the gathered rows [S, D] are gathered again in
-backward (one warm copy) instead of stored, and every [S, D] / [S, F] temporary of both passes lives
-in per-thread scratch buffers that are reused (a fresh 128 MB gather is page-faulted at ~0.35 ms/MB
-here; a warm one costs a fifth). The pair weight scales the F-wide activation before the down
-projection (linear, so the same result at F/D of the traffic).
+``H`` [S, 2F], the pair weights and the indices. Both passes stream over a few blocks of
+consecutive experts through one buffer of about S/4 rows, so no [S, D] tensor of all pairs exists
+at any time (the dense layer's peak is the bar); the buffers are per-thread scratch reused across
+calls (a fresh large buffer is page-faulted at ~0.35 ms/MB here; a warm one costs a fifth). The pair weight
+scales the F-wide activation before the down projection (linear, so the same result at F/D of the
+traffic).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -54,21 +55,6 @@ def bounds_of(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _mm(a: torch.Tensor, w: torch.Tensor, bounds, out: torch.Tensor, transpose: bool = True) -> torch.Tensor:
-    """``out[s:t] = a[s:t] @ w[e]^T`` (or ``@ w[e]``) per expert slice, in place; returns ``out``."""
-    for e, s, t in bounds:
-        torch.mm(a[s:t], w[e].t() if transpose else w[e], out=out[s:t])
-    return out
-
-
-def _weight_grad(left: torch.Tensor, right: torch.Tensor, like: torch.Tensor, bounds) -> torch.Tensor:
-    """Stacked gradient ``g[e] = left[s:t]^T @ right[s:t]`` (zero for experts with no rows)."""
-    g = torch.zeros_like(like)
-    for e, s, t in bounds:
-        torch.mm(left[s:t].t(), right[s:t], out=g[e])
-    return g
-
-
 def _swiglu_input_grad(d_act: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     """dL/dH [S, 2F] from dL/dact for ``act = silu(g) * u``: up half ``d_act * silu(g)``, gate half ``silu'(g) * d_act * u``."""
     f = silu.shape[1]
@@ -77,48 +63,102 @@ def _swiglu_input_grad(d_act: torch.Tensor, h: torch.Tensor, silu: torch.Tensor,
     return out
 
 
+#: Pairs are processed in this many blocks of consecutive experts: few enough calls that 2-thread
+#: elementwise ops and scatters stay efficient, small enough that no [S, D] buffer of all pairs exists.
+BLOCKS = 4
+
+
+def blocks_of(bounds: list[tuple[int, int, int]], total: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Group consecutive expert slices into blocks of about ``total / BLOCKS`` rows: ``(start, stop, slices)``."""
+    size = max(-(-total // BLOCKS), max((t - s for _, s, t in bounds), default=0))
+    out: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    for e, s, t in bounds:
+        if out and t - out[-1][0] <= size:
+            out[-1] = (out[-1][0], t, out[-1][2] + [(e, s, t)])
+        else:
+            out.append((s, t, [(e, s, t)]))
+    return out
+
+
+def _weight_grad_buffer(weight: torch.Tensor, blocks) -> torch.Tensor:
+    """A stacked gradient buffer: every used expert's slice is written by a GEMM, so only idle experts are zeroed."""
+    g = torch.empty_like(weight)
+    used = {e for _, _, slices in blocks for e, _, _ in slices}
+    for e in range(weight.shape[0]):
+        if e not in used:
+            g[e].zero_()
+    return g
+
+
 class FusedSwiGLUMoE(torch.autograd.Function):
-    """One autograd node for the expert part of a layer (see the module docstring). ``base`` may be None (zeros)."""
+    """One autograd node for the expert part of a layer (see the module docstring). ``base`` may be None (zeros).
+
+    Both passes stream over blocks of consecutive experts (:func:`blocks_of`): each block's rows
+    are gathered into one buffer (reused by every block, warm across calls), computed and
+    scattered back, so no [S, D] tensor of all pairs ever exists; only ``H`` [S, 2F] is kept.
+    """
 
     @staticmethod
     def forward(ctx, tokens, base, tok, w, counts, gate_up, down):  # type: ignore[override]
         f = gate_up.shape[1] // 2
-        s_total, d = tok.numel(), tokens.shape[1]
-        bounds = bounds_of(counts)
-        rows = torch.index_select(tokens, 0, tok, out=_scratch("rows", s_total, d, tokens))
-        h = _mm(rows, gate_up, bounds, tokens.new_empty(s_total, 2 * f))
-        act = _scratch("act", s_total, f, tokens)
-        torch.ops.aten.silu.out(h[:, :f], out=act)
-        act.mul_(h[:, f:]).mul_(w.to(act.dtype).unsqueeze(-1))
-        _mm(act, down, bounds, rows)  # the gathered rows are dead: the expert outputs reuse their buffer
+        d, n_pairs = tokens.shape[1], tok.numel()
+        blocks = blocks_of(bounds_of(counts), n_pairs)
+        bmax = max((t - s for s, t, _ in blocks), default=0)
+        h = tokens.new_empty(n_pairs, 2 * f)
+        rows, act = _scratch("rows", bmax, d, tokens), _scratch("act", bmax, f, tokens)
         out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
-        out.index_add_(0, tok, rows)
+        wa = w.to(tokens.dtype).unsqueeze(-1)
+        for s0, t0, slices in blocks:
+            c, idx = t0 - s0, tok[s0:t0]
+            xs = torch.index_select(tokens, 0, idx, out=rows[:c])
+            for e, s, t in slices:
+                torch.mm(xs[s - s0 : t - s0], gate_up[e].t(), out=h[s:t])
+            hb = h[s0:t0]
+            a = torch.ops.aten.silu.out(hb[:, :f], out=act[:c]).mul_(hb[:, f:]).mul_(wa[s0:t0])
+            for e, s, t in slices:  # the gathered rows are dead: the expert outputs reuse their buffer
+                torch.mm(a[s - s0 : t - s0], down[e].t(), out=rows[s - s0 : t - s0])
+            out.index_add_(0, idx, rows[:c])
         ctx.save_for_backward(tokens, h, w, tok, gate_up, down)
-        ctx.bounds, ctx.f, ctx.has_base = bounds, f, base is not None
+        ctx.blocks, ctx.f, ctx.bmax, ctx.has_base = blocks, f, bmax, base is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         tokens, h, w, tok, gate_up, down = ctx.saved_tensors
-        f, bounds = ctx.f, ctx.bounds
-        s_total, d = tok.numel(), tokens.shape[1]
-        # one [S, D] buffer serves dy, then dxs, then the re-gathered xs
-        rows = torch.index_select(dout.contiguous(), 0, tok, out=_scratch("rows", s_total, d, h))
-        silu = torch.ops.aten.silu.out(h[:, :f], out=_scratch("silu", s_total, f, h))
-        act = torch.mul(silu, h[:, f:], out=_scratch("act", s_total, f, h))
-        d_act = _mm(rows, down, bounds, _scratch("d_act", s_total, f, h), transpose=False)
-        tmp = _scratch("tmp", s_total, f, h)
-        # dL/dw_p = <dL/dact_p, act_p> (w_p scales the activation in forward)
-        dw = torch.mul(d_act, act, out=tmp).sum(-1).to(w.dtype) if ctx.needs_input_grad[3] else None
-        wc = w.to(act.dtype).unsqueeze(-1)
-        need_w = ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
-        d_down: Optional[torch.Tensor] = _weight_grad(rows, act.mul_(wc), down, bounds) if need_w else None
-        dh = _swiglu_input_grad(d_act.mul_(wc), h, silu, _scratch("dh", s_total, 2 * f, h), tmp)
-        dtokens = None
-        if ctx.needs_input_grad[0]:
-            dtokens = dout.new_zeros(tokens.shape).index_add_(0, tok, _mm(dh, gate_up, bounds, rows, transpose=False))
-        d_gate_up = None
-        if need_w:
-            d_gate_up = _weight_grad(dh, torch.index_select(tokens, 0, tok, out=rows), gate_up, bounds)
+        f, blocks, bmax = ctx.f, ctx.blocks, ctx.bmax
+        d = tokens.shape[1]
+        dout = dout.contiguous()
+        need_x, need_w, need_pw = ctx.needs_input_grad[0], ctx.needs_input_grad[5] or ctx.needs_input_grad[6], ctx.needs_input_grad[3]
+        dtokens = dout.new_zeros(tokens.shape) if need_x else None
+        d_gate_up = _weight_grad_buffer(gate_up, blocks) if need_w else None
+        d_down = _weight_grad_buffer(down, blocks) if need_w else None
+        dw = torch.zeros_like(w) if need_pw else None
+        rows = _scratch("rows", bmax, d, h)
+        silu, act, d_act, tmp = (_scratch(n, bmax, f, h) for n in ("silu", "act", "d_act", "tmp"))
+        dh = _scratch("dh", bmax, 2 * f, h)
+        wa = w.to(h.dtype).unsqueeze(-1)
+        for s0, t0, slices in blocks:
+            c, idx, hb, wb = t0 - s0, tok[s0:t0], h[s0:t0], wa[s0:t0]
+            dy = torch.index_select(dout, 0, idx, out=rows[:c])
+            si = torch.ops.aten.silu.out(hb[:, :f], out=silu[:c])
+            a = torch.mul(si, hb[:, f:], out=act[:c])
+            da = d_act[:c]
+            for e, s, t in slices:
+                torch.mm(dy[s - s0 : t - s0], down[e], out=da[s - s0 : t - s0])
+            if need_pw:  # dL/dw_p = <dL/dact_p, act_p> (w_p scales the activation in forward)
+                dw[s0:t0] = torch.mul(da, a, out=tmp[:c]).sum(-1).to(w.dtype)
+            if need_w:
+                a.mul_(wb)
+                for e, s, t in slices:
+                    torch.mm(dy[s - s0 : t - s0].t(), a[s - s0 : t - s0], out=d_down[e])
+            g = _swiglu_input_grad(da.mul_(wb), hb, si, dh[:c], tmp[:c])
+            if need_x:
+                for e, s, t in slices:
+                    torch.mm(g[s - s0 : t - s0], gate_up[e], out=rows[s - s0 : t - s0])
+                dtokens.index_add_(0, idx, rows[:c])
+            if need_w:
+                xs = torch.index_select(tokens, 0, idx, out=rows[:c])
+                for e, s, t in slices:
+                    torch.mm(g[s - s0 : t - s0].t(), xs[s - s0 : t - s0], out=d_gate_up[e])
         dbase = dout if ctx.has_base and ctx.needs_input_grad[1] else None
         return (dtokens, dbase, None, dw, None, d_gate_up, d_down)
