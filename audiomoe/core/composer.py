@@ -299,12 +299,18 @@ def _builders(child: Any) -> Any:
     return None
 
 
+#: The model class, named by import string as the registry names components: core imports nothing above it.
+MODEL_TARGET = "audiomoe.model:AudioModel"
+
+
 def build_model(resolved: ResolvedSpec) -> Any:
     """Build an :class:`audiomoe.model.AudioModel` from a resolved spec, seeded by ``spec.seed``."""
+    import importlib
+
     import torch
 
-    from audiomoe.model import AudioModel
-
+    module, _, name = MODEL_TARGET.partition(":")
+    AudioModel = getattr(importlib.import_module(module), name)
     children = {slot: _builders(child) for slot, child in resolved.children.items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(resolved.params.seed)

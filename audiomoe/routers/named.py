@@ -5,6 +5,8 @@ Each is a one-word swap (``--set backbone.moe.router=top_p``) and still exposes 
 everyday ablations have shortcuts on the router (``backbone.moe.router.k=1``, ``backbone.moe.router.p=0.6``)
 that are written into the selector's params at validation, so the resolved spec stays consistent.
 
+- ``scored``: the composite itself (:mod:`audiomoe.routers.scored`, a shared base, not a part):
+  linear gate + top-k, every knob at its plain default.
 - ``top_k``: linear gate + top-k (k=2), Switch balance 0.01.
 - ``top_p``: linear gate + top-p (p=0.7), UniMoE aux loss scheduled 0.025 -> 0.001 over 10k steps.
 - ``dense``: linear gate + dense softmax (soft MoE / MoWE soft weighting).
@@ -53,6 +55,10 @@ class _KShortcut(ScoredRouter.Params):
     @model_validator(mode="after")
     def _push_k(self) -> Any:
         return _push(self, "k")
+
+
+class Scored(ScoredRouter):
+    """Any scorer x any selector with the composite router's plain defaults (linear scorer, top-k)."""
 
 
 class TopKRouter(ScoredRouter):

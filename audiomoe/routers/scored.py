@@ -1,5 +1,8 @@
 """Composite router: a scorer (what it looks at) x a selector (how many it picks) + balance losses.
 
+The shared base of the named routers (:mod:`audiomoe.routers.named`, where ``scored`` itself is
+registered), not a registered part, so parts import it as they import ``audiomoe.Router``.
+
 ``logits = scorer(x)`` -> optional training noise -> ``selection = selector(logits)``. Routes
 tokens [N, D] (``item_mask`` [N]) or, for encoder-level routing, samples given as sequences
 [B, T, D] (``item_mask`` [B, T] True = valid frame): the scorer pools valid frames and one
