@@ -16,12 +16,15 @@ SR = 16000
 WIN = {"config": {"max_source_positions": 50}}  # 1 s Whisper window: fast
 
 
-def _mixture(**params):
+def _mixture(combine: str = "concat", router=None, router_input: str = "pooled", **params):
+    """A mixture of tiny encoders; ``combine`` names the fusion, ``router`` its router (one-router fusions)."""
+    fusion = {"router_input": router_input}
+    if combine != "mowe":
+        fusion["router"] = router or {"name": "linear_topk", "params": {"k": 1}}
     spec = {
         "base": {"name": "whisper", "params": WIN},
         "weak": [{"name": "whisper", "params": {"window": "trim"}}, {"name": "hubert"}, {"name": "wavlm"}, {"name": "hubert"}],
-        "router": {"name": "linear_topk", "params": {"k": 1}},
-        "router_input": "pooled",
+        "fusion": {"name": combine, "params": fusion},
     }
     spec.update(params)
     return build_component("encoder", "mowe_mixture", spec, {"d_model": 16, "task_names": ["a"]})
@@ -43,9 +46,9 @@ def test_only_selected_weak_encoders_run_on_their_samples():
     mix = _mixture().eval()
     calls, sizes = _count_calls(mix)
     with torch.no_grad():  # force a known routing: samples 0, 2 -> weak 1; sample 1 -> weak 3
-        mix.router.gate.weight.zero_()
-        mix.router.gate.weight[1, 0] = 10.0
-        mix.router.gate.weight[3, 0] = -10.0
+        mix.fusion.router.gate.weight.zero_()
+        mix.fusion.router.gate.weight[1, 0] = 10.0
+        mix.fusion.router.gate.weight[3, 0] = -10.0
         x = torch.randn(3, SR) * 0.1
         x[1] *= -1
         out = mix(x)
@@ -87,17 +90,25 @@ def test_unselected_contribution_is_zero_and_selected_is_weighted():
         torch.testing.assert_close(base_only, mix.adapter(s), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("combine", ["concat", "sum", "gated_sum"])
+@pytest.mark.parametrize("combine", ["concat", "sum", "gated_sum", "mowe"])
 @pytest.mark.parametrize("align", ["interpolate", "pool"])
 def test_combine_and_align_modes_train(combine, align):
     mix = _mixture(combine=combine, align=align, stack=3).train()
-    out = mix(torch.randn(2, SR) * 0.1, torch.tensor([SR, SR // 3]))
+    out = mix(torch.randn(2, SR) * 0.1, torch.tensor([SR, SR // 3]), task_ids=torch.tensor([0, 0]))
     assert out.features.shape == (2, 17, 16)  # ceil(50 / 3)
     assert (~out.padding_mask).sum(1).tolist() == mix.num_frames(torch.tensor([SR, SR // 3])).tolist()
+    d_base = mix.base.output_dim
+    assert mix.fusion.output_dim == {"concat": 2 * d_base, "mowe": 3 * d_base}.get(combine, d_base)
     loss = out.features.pow(2).mean() + sum(out.aux_losses.values())
     loss.backward()
-    assert "router/balance" in out.aux_losses
-    assert mix.router.gate.weight.grad is not None
+    if combine == "mowe":  # two routers, two records, two balance terms; both routers learn
+        assert {"mowe/independent", "mowe/dependent"} <= set(out.routing)
+        assert {"router/independent/balance", "router/dependent/balance"} <= set(out.aux_losses)
+        assert mix.fusion.independent.scorer.table.grad.abs().max() > 0
+        assert mix.fusion.dependent.scorer.layers[0].weight.grad.abs().max() > 0
+    else:
+        assert "router/balance" in out.aux_losses
+        assert mix.fusion.router.gate.weight.grad is not None
 
 
 def test_router_aux_loss_is_weighted_by_the_mixture():
@@ -142,6 +153,24 @@ def test_stack_frames_masks():
 def test_sum_with_other_width_is_refused():
     with pytest.raises(AudioMoEError, match="proj_dim"):
         _mixture(combine="sum", proj_dim=7)
+
+
+def test_two_router_fusion_in_yaml_only_and_swapped_by_one_override(tmp_path):
+    """The paper's [z_base ; z_indep ; z_dep] written in config alone; --set encoder.fusion=sum swaps it."""
+    cfg = tmp_path / "mowe2.yaml"
+    cfg.write_text(
+        "preset: mowe-tiny\n"
+        "encoder:\n  params:\n    fusion:\n      name: mowe\n      params:\n"
+        "        dependent: {name: scored, params: {scorer: {name: mlp, params: {depth: 1}}, selector: {name: top_k, params: {k: 2}}}}\n"
+    )
+    model = audiomoe.compose(str(cfg))
+    assert type(model.encoder.fusion).__name__ == "MoWETwoRouters" and model.encoder.fusion.dependent.k == 2
+    batch = AudioBatch(torch.randn(2, SR) * 0.1, SR, ["emotion", "speaker"], targets=[0, 1])
+    out = model(batch)
+    assert {"encoder/mowe/independent", "encoder/mowe/dependent"} <= set(out.routing)
+    swapped = audiomoe.compose(str(cfg), ["encoder.fusion=sum"])
+    assert type(swapped.encoder.fusion).__name__ == "Sum"
+    assert swapped.spec["encoder"]["params"]["fusion"]["name"] == "sum"
 
 
 def test_mowe_router_with_sequence_inputs_and_task_ids():

@@ -99,6 +99,31 @@ class Encoder(Component):
         raise NotImplementedError
 
 
+# -- fusion ----------------------------------------------------------------------------------
+
+
+class Fusion(Component):
+    """How a mixture's weak-encoder features join its base features; owns the routers that pick them.
+
+    Injected: ``d_base`` (base width), ``weak_dim`` (the projected weak width C), ``num_weak`` (M)
+    and ``task_names``. Sets ``output_dim``. ``route(base [B, N, D_b], valid [B, N], task_ids)``
+    returns named per-sample :class:`Routing` records (the mixture runs each weak encoder only on
+    the samples any record selects); ``forward(base, weak, routing)`` combines, where ``weak`` maps
+    encoder ``k`` to ``(sample indices, projected aligned features [b_k, N, C])``.
+    """
+
+    kind: ClassVar[str] = "fusion"
+    output_dim: int
+
+    def route(self, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> dict[str, "Routing"]:  # pragma: no cover
+        """Routing records by name (``""`` for a fusion with one router)."""
+        raise NotImplementedError
+
+    def forward(self, base: torch.Tensor, weak: Mapping[int, tuple[torch.Tensor, torch.Tensor]], routing: dict[str, "Routing"]) -> torch.Tensor:  # pragma: no cover
+        """The fused features [B, N, ``output_dim``]."""
+        raise NotImplementedError
+
+
 # -- routers ---------------------------------------------------------------------------------
 
 
@@ -330,6 +355,7 @@ class Codec(Component):
 
 BASES: dict[str, type[Component]] = {
     "encoder": Encoder,
+    "fusion": Fusion,
     "router": Router,
     "expert": Expert,
     "moe": MoE,

@@ -62,9 +62,13 @@ def load_spec(
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """A config on top of its preset: mappings merge key by key, except that naming another component
+    replaces the node (its params start from the new component's defaults, as an override swap does)."""
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+        old = out.get(k)
+        swapped = isinstance(v, Mapping) and isinstance(old, Mapping) and "name" in v and v.get("name") != old.get("name")
+        if isinstance(v, Mapping) and isinstance(old, Mapping) and not swapped:
             out[k] = _deep_merge(dict(out[k]), v)
         else:
             out[k] = v

@@ -1,38 +1,40 @@
 """Mixture of Weak Encoders (MoWE-Audio; Zhang et al., ICASSP 2025, arXiv 2409.06635).
 
-A strong base encoder ``E_b`` plus a pool of M light weak encoders ``E_1..E_M``; a router looks at
-the base features (and the task) and picks weak encoders per sample:
+A strong base encoder ``E_b`` plus a pool of M light weak encoders ``E_1..E_M``; the fusion's
+router(s) look at the base features (and the task) and pick weak encoders per sample:
 
     h_b = E_b(a)                                  [N, D_b] at the base frame rate
-    r   = router(h_b)                             weights over M weak encoders, zero if unselected
-    z   = sum_{k selected} r_k * P_k(align(E_k(a)))   [N, C]   (z = sum_k r_k E_k(a), the paper's form)
-    h   = [h_b ; z]  (concat, default)  |  h_b + z  (sum)  |  h_b + sigmoid(W [h_b ; z]) * z  (gated_sum)
+    r   = fusion.route(h_b)                       weights over M weak encoders, zero if unselected
+    z_k = P_k(align(E_k(a)))                      [N, C]   for the selected k only
+    h   = fusion(h_b, z, r)                       concat [h_b ; sum r_k z_k] (default) | sum | gated_sum |
+                                                  MoWE's two routers [h_b ; z_indep ; z_dep]
     out = MLP(stack_k(h))                         [ceil(N/k), d_model]
     L   = L_task + aux_loss_weight * L_router     (MoWE: 0.1 x L_MoWE)
 
-Only the selected weak encoders run, each only on the samples that selected it (the batch is
-grouped by selection and each group is cut to its longest clip); a sample's unselected encoders
-contribute nothing (zeros in ``z``). ``align`` resamples a weak encoder's frames in time onto the
+The fusion is a component (kind ``fusion``, :mod:`audiomoe.fusion`) holding the routers as slots,
+so ``--set encoder.fusion=sum`` or the two-router form is one word. Only the selected weak encoders
+run, each only on the samples that selected it (the batch is grouped by selection and each group
+is cut to its longest clip); a sample's unselected encoders contribute nothing. ``align`` resamples a weak encoder's frames in time onto the
 base frames (linear interpolation or mean pooling, per item, by frame rate, see
 :mod:`audiomoe.encoders.align`); ``P_k`` is a linear map to the common width ``C``. Weak encoders
 whose sample rate differs from the base's get their audio resampled with torchaudio here.
 
-Details the paper leaves open are params with documented defaults (router: the ``mowe`` router,
-combined data-independent + data-dependent scorer, top-1, balance loss weight 1 so that the
-mixture's ``aux_loss_weight`` 0.1 is the whole MoWE weight; feature-axis concatenation; adapter =
-stack 2 frames + 2-layer MLP). The routing record (``routing["mowe"]``: per sample, which weak
-encoders ran and their weights) goes into the encoder output.
+Details the paper leaves open are params with documented defaults (fusion ``concat`` with the
+``mowe`` router: combined data-independent + data-dependent scorer, top-1 weighted by P, balance
+loss weight 1 so that the mixture's ``aux_loss_weight`` 0.1 is the whole MoWE weight; adapter =
+stack 2 frames + 2-layer MLP). The routing records (``routing["mowe"]`` for a one-router fusion,
+``mowe/<router>`` for several: per sample, which weak encoders ran and their weights) go into the
+encoder output.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Encoder, EncoderOutput
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.encoders.align import align_time, stack_frames
@@ -54,22 +56,18 @@ class MoWEMixture(Encoder):
             min_length=1,
             description="the pool of weak encoders the router picks from",
         )
-        router: Annotated[ComponentSpec, Slot("router")] = Field(
-            default_factory=lambda: ComponentSpec(name="mowe", params={"balance_weight": 1.0}),
-            description="picks weak encoders per sample from the base features (and task)",
-        )
-        router_input: Literal["sequence", "pooled"] = Field(
-            "sequence", description="give the router base features [B, N, D] + frame mask, or their mean over valid frames [B, D]"
+        fusion: Annotated[ComponentSpec, Slot("fusion")] = Field(
+            default_factory=lambda: ComponentSpec(name="concat", params={"router": {"name": "mowe", "params": {"balance_weight": 1.0}}}),
+            description="how weak features join the base features; holds the router(s) that pick them",
         )
         align: Literal["interpolate", "pool"] = Field("interpolate", description="how weak frames are resampled to the base frame rate")
         proj_dim: Optional[int] = Field(None, ge=1, le=65536, description="common width C of projected weak features (None = base width)")
-        combine: Literal["concat", "sum", "gated_sum"] = Field("concat", description="how weak features join the base features")
         stack: int = Field(2, ge=1, le=64, description="adapter: frames stacked along the feature axis (time downsampling)")
         adapter_layers: int = Field(2, ge=1, le=8, description="adapter MLP depth (1 = a single linear map)")
         adapter_hidden: Optional[int] = Field(None, ge=1, le=65536, description="adapter hidden width (None = d_model)")
         aux_loss_weight: float = Field(0.1, ge=0.0, le=100.0, description="multiplies the router's aux losses (MoWE: 0.1)")
 
-    def __init__(self, params: Params, *, base, weak, router, d_model: Optional[int] = None, task_names: Optional[list[str]] = None) -> None:
+    def __init__(self, params: Params, *, base: Any, weak: Any, fusion: Any, d_model: Optional[int] = None, task_names: Optional[list[str]] = None) -> None:
         super().__init__(params)
         p = self.params
         missing: list[str] = []
@@ -89,14 +87,9 @@ class MoWEMixture(Encoder):
         self.weak = nn.ModuleList(built[1:])
         d_base = int(self.base.output_dim)
         c = p.proj_dim or d_base
-        if p.combine != "concat" and c != d_base:
-            raise AudioMoEError(
-                f"combine='{p.combine}' adds weak features to the base features, so proj_dim ({c}) must equal the base width ({d_base}); leave it unset"
-            )
-        self.router = router(d_model=d_base, num_experts=len(self.weak), task_names=list(task_names or []))
+        self.fusion = fusion(d_base=d_base, weak_dim=c, num_weak=len(self.weak), task_names=list(task_names or []))
         self.proj = nn.ModuleList(nn.Linear(int(e.output_dim), c) for e in self.weak)
-        self.gate = nn.Linear(d_base + c, c) if p.combine == "gated_sum" else None
-        width = (d_base + c if p.combine == "concat" else d_base) * p.stack
+        width = int(self.fusion.output_dim) * p.stack
         out_dim = d_model or width
         hidden = p.adapter_hidden or out_dim
         layers: list[nn.Module] = []
@@ -145,40 +138,33 @@ class MoWEMixture(Encoder):
         hb, pad = base.features, base.padding_mask
         b, n, _ = hb.shape
         valid = ~pad
-        if p.router_input == "sequence":
-            routing = self.router(hb, valid, task_ids)
-        else:
-            pooled = (hb * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
-            routing = self.router(pooled, valid.any(1), task_ids)
-        routing.item_shape = (b,)
-        aux = {f"router/{k}": p.aux_loss_weight * v for k, v in routing.aux_losses.items()}
+        routings = self.fusion.route(hb, valid, task_ids)
+        aux: dict = {}
+        records: dict = {}
+        for name, r in routings.items():
+            records["mowe" + (f"/{name}" if name else "")] = r
+            aux.update({"router/" + (f"{name}/" if name else "") + k: p.aux_loss_weight * v for k, v in r.aux_losses.items()})
         aux.update({f"base/{k}": v for k, v in base.aux_losses.items()})
-        records = {"mowe": routing, **{f"base/{k}": v for k, v in base.routing.items()}}
-        z = hb.new_zeros(b, n, self.proj[0].out_features)
-        selected = routing.mask.any(0).nonzero().flatten().tolist()
+        records.update({f"base/{k}": v for k, v in base.routing.items()})
+        mask = torch.stack([r.mask for r in routings.values()]).any(0)  # run the union of every router's picks
+        selected = mask.any(0).nonzero().flatten().tolist()
         self._last_selected = selected
         n_items = max(int(valid.any(1).sum()), 1)
-        self._last_use = [float(routing.mask[:, k].sum()) / n_items for k in range(len(self.weak))]
+        self._last_use = [float(mask[:, k].sum()) / n_items for k in range(len(self.weak))]
+        weak_feats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for k in selected:
             enc = self.weak[k]
-            idx = routing.mask[:, k].nonzero().flatten()
+            idx = mask[:, k].nonzero().flatten()
             lk = lengths[idx]
             wav = x[idx, : max(int(lk.max()), 1)]
             if enc.sample_rate != self.sample_rate:
                 wav, lk = resample(wav, lk, self.sample_rate, int(enc.sample_rate))
             out = enc(wav, lk)
             feats = align_time(out.features, (~out.padding_mask).sum(1), enc.frame_rate, self.base.frame_rate, n, p.align)
-            contrib = self.proj[k](feats) * routing.weights[idx, k].to(feats.dtype)[:, None, None]
-            z = z.index_add(0, idx, contrib)
+            weak_feats[k] = (idx, self.proj[k](feats) * valid[idx, :, None])
             aux.update({f"weak{k}/{name}": v for name, v in out.aux_losses.items()})
             records.update({f"weak{k}/{name}": v for name, v in out.routing.items()})
-        z = z * valid[..., None]
-        if p.combine == "concat":
-            h = torch.cat([hb, z], -1)
-        elif p.combine == "sum":
-            h = hb + z
-        else:
-            h = hb + torch.sigmoid(self.gate(torch.cat([hb, z], -1))) * z
+        h = self.fusion(hb, weak_feats, routings)
         h, pad = stack_frames(h, pad, p.stack)
         h = self.adapter(h).masked_fill(pad[..., None], 0.0)
         return EncoderOutput(h, pad, aux, records)

@@ -1,0 +1,1 @@
+"""Fusion components: how a mixture's weak-encoder features join the base features (MoWE-Audio)."""
