@@ -40,6 +40,7 @@ _LAZY = {
     "Expert": "audiomoe.core.interfaces",
     "MoE": "audiomoe.core.interfaces",
     "Fusion": "audiomoe.core.interfaces",
+    "Adapter": "audiomoe.core.interfaces",
     "TaskLoss": "audiomoe.core.interfaces",
     "Task": "audiomoe.core.interfaces",
     "Backbone": "audiomoe.core.interfaces",

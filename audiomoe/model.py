@@ -1,4 +1,4 @@
-"""The composed model: encoder -> (projection) -> optional backbone -> one head per task.
+"""The composed model: encoder -> adapter -> optional backbone -> one head per task.
 
 :func:`audiomoe.compose` returns an :class:`AudioModel`. Its input is an :class:`AudioBatch` and its
 output a :class:`ModelOutput`; both are documented dataclasses so that training code written
@@ -77,23 +77,28 @@ class ModelOutput:
 
 
 class AudioModel(nn.Module):
-    """Encoder + optional backbone + task heads, built by the composer from a :class:`ModelSpec`.
+    """Encoder + adapter + optional backbone + task heads, built by the composer from a :class:`ModelSpec`.
 
     ``spec`` (set by the composer) is the resolved spec: ``audiomoe.compose(model.spec)`` rebuilds
     the same architecture, and with the same ``seed`` the same parameters.
     """
 
-    def __init__(self, params: ModelSpec, *, encoder: Any, backbone: Any = None, tasks: dict[str, Any]) -> None:
+    def __init__(self, params: ModelSpec, *, encoder: Any, adapter: Any = None, backbone: Any = None, tasks: dict[str, Any]) -> None:
         super().__init__()
         self.params = params
         self.spec: dict[str, Any] = {}
         self.task_names = list(tasks)
         d = params.d_model
         self.encoder = encoder(d_model=d, task_names=self.task_names)
+        # Encoders have their own natural width (Whisper-large: 1280); the adapter is the only place
+        # the model-wide width (and the backbone's frame rate) is imposed.
         width = int(self.encoder.output_dim)
-        # Encoders have their own natural width (Whisper-large: 1280); the projection is the only
-        # place the model-wide width is imposed.
-        self.proj: nn.Module = nn.Identity() if width == d else nn.Linear(width, d)
+        if adapter is None:  # no adapter named: the plain linear one (identity when the widths match)
+            from .adapters.linear import LinearAdapter
+
+            self.adapter = LinearAdapter(LinearAdapter.Params(), in_dim=width, d_model=d)
+        else:
+            self.adapter = adapter(in_dim=width, d_model=d)
         self.backbone = backbone(d_model=d, task_names=self.task_names) if backbone is not None else None
         self.heads = nn.ModuleDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()})
 
@@ -146,7 +151,7 @@ class AudioModel(nn.Module):
         kwargs = {"task_ids": task_ids} if getattr(self.encoder, "accepts_task_ids", False) else {}
         enc = self.encoder(waveforms, lengths, **kwargs)
         _check_encoder_output(self.encoder, enc, waveforms.shape[0])
-        hidden = self.proj(enc.features)
+        hidden, enc.padding_mask = self.adapter(enc.features, enc.padding_mask)
         aux = {f"encoder/{k}": v for k, v in enc.aux_losses.items()}
         routing = {f"encoder/{k}": v for k, v in enc.routing.items()}
         if self.backbone is not None:

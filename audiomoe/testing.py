@@ -29,7 +29,7 @@ from .core.registry import Registry
 
 #: Sizes injected when a component is built alone (override with ``context=``).
 DEFAULT_CONTEXT: dict[str, Any] = {
-    "d_model": 16, "num_experts": 4, "task_names": ["a", "b"], "task_name": "a", "d_base": 16, "weak_dim": 16, "num_weak": 3,
+    "d_model": 16, "num_experts": 4, "task_names": ["a", "b"], "task_name": "a", "d_base": 16, "weak_dim": 16, "num_weak": 3, "in_dim": 12,
 }  # fmt: skip
 
 
@@ -209,6 +209,24 @@ def _check_expert(report: ConformanceReport, expert: Any, context: Mapping[str, 
     _grads(report, expert, _probe_loss(y), "the output")
 
 
+def _check_adapter(report: ConformanceReport, adapter: Any, context: Mapping[str, Any]) -> None:
+    d, c = int(context["d_model"]), int(context["in_dim"])
+    x = torch.randn(2, 10, c)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 4:] = True
+    y, p = adapter(x, pad)
+    n_out = -(-10 // int(adapter.stride))
+    if tuple(y.shape) != (2, n_out, d) or tuple(p.shape) != (2, n_out):
+        _fail(report, f"output shape: expected [2, {n_out}, d_model={d}] for [2, 10, {c}] at stride {adapter.stride}, got {tuple(y.shape)}")
+    x2 = x.clone()
+    x2[1, 4:] = 100.0
+    if not torch.allclose(adapter(x2, pad)[0][~p], y[~p], atol=1e-5):
+        _fail(report, "padded input frames must not change valid outputs")
+    _finite(report, y, "output")
+    report.ok(f"[2, 10, {c}] -> {tuple(y.shape)}, padding kept out")
+    _grads(report, adapter, _probe_loss(y[~p]), "the valid outputs")
+
+
 def _check_fusion(report: ConformanceReport, fusion: Any, context: Mapping[str, Any]) -> None:
     d, c, m = int(context["d_base"]), int(context["weak_dim"]), int(context["num_weak"])
     base = torch.randn(3, 5, d, requires_grad=True)
@@ -295,6 +313,7 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "expert": _check_expert,
     "moe": _check_moe,
     "fusion": _check_fusion,
+    "adapter": _check_adapter,
     "backbone": _check_backbone,
     "task": _check_task,
 }

@@ -7,7 +7,7 @@ import torch
 
 import audiomoe
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.encoders.align import align_time, stack_frames
+from audiomoe.encoders.align import align_time, stack_frames  # noqa: F401 - stack_frames tested below
 from audiomoe.encoders.hf_common import MissingPretrainedError
 from audiomoe.model import AudioBatch
 from audiomoe.testing import build_component
@@ -59,7 +59,7 @@ def test_only_selected_weak_encoders_run_on_their_samples():
         if k in chosen:
             assert sizes[k] == [chosen.count(k)]  # each encoder saw only the samples that chose it
     assert r.mask.sum(1).tolist() == [1, 1, 1] and r.item_shape == (3,)
-    assert out.features.shape == (3, 25, 16)
+    assert out.features.shape == (3, 50, 2 * mix.base.output_dim)  # fused [h_b ; z] at the base frame rate
 
 
 def test_zero_length_item_runs_no_weak_encoder_and_stays_padded():
@@ -85,20 +85,18 @@ def test_unselected_contribution_is_zero_and_selected_is_weighted():
         base_only = mix(x).features
     assert not torch.allclose(full, base_only)
     with torch.no_grad():
-        h = mix.base(x).features
-        s, _ = stack_frames(h, torch.zeros(h.shape[:2], dtype=torch.bool), 2)
-        torch.testing.assert_close(base_only, mix.adapter(s), atol=1e-6, rtol=0)
+        torch.testing.assert_close(base_only, mix.base(x).features, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("combine", ["concat", "sum", "gated_sum", "mowe"])
 @pytest.mark.parametrize("align", ["interpolate", "pool"])
 def test_combine_and_align_modes_train(combine, align):
-    mix = _mixture(combine=combine, align=align, stack=3).train()
+    mix = _mixture(combine=combine, align=align).train()
     out = mix(torch.randn(2, SR) * 0.1, torch.tensor([SR, SR // 3]), task_ids=torch.tensor([0, 0]))
-    assert out.features.shape == (2, 17, 16)  # ceil(50 / 3)
-    assert (~out.padding_mask).sum(1).tolist() == mix.num_frames(torch.tensor([SR, SR // 3])).tolist()
     d_base = mix.base.output_dim
-    assert mix.fusion.output_dim == {"concat": 2 * d_base, "mowe": 3 * d_base}.get(combine, d_base)
+    assert mix.fusion.output_dim == mix.output_dim == {"concat": 2 * d_base, "mowe": 3 * d_base}.get(combine, d_base)
+    assert out.features.shape == (2, 50, mix.output_dim)
+    assert (~out.padding_mask).sum(1).tolist() == mix.num_frames(torch.tensor([SR, SR // 3])).tolist()
     loss = out.features.pow(2).mean() + sum(out.aux_losses.values())
     loss.backward()
     if combine == "mowe":  # two routers, two records, two balance terms; both routers learn
@@ -197,7 +195,7 @@ def test_mowe_tiny_composes_and_trains_a_step():
     out.loss.backward()
     opt.step()
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
-    assert any(n.startswith("encoder.adapter") for n in changed)
+    assert any(n.startswith("adapter.") for n in changed) and type(model.adapter).__name__ == "StackMLPAdapter"
     r = out.routing["encoder/mowe"]
     assert r.mask.shape == (4, 4) and r.mask.sum(1).tolist() == [1, 1, 1, 1]
 
@@ -227,3 +225,30 @@ def test_mowe_audio_partial_cache_names_only_the_missing(tmp_path):
     with pytest.raises(MissingPretrainedError, match="3 of 5 encoders") as info:
         audiomoe.compose("mowe-audio", overrides)
     assert "hubert-base" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, params, stride", [("linear", {}, 1), ("stack_mlp", {"stack": 3}, 3), ("conv", {"stride": 2, "kernel": 4}, 2)])
+def test_adapters_map_width_and_rate_and_keep_padding(name, params, stride):
+    torch.manual_seed(0)
+    ad = build_component("adapter", name, params, {"in_dim": 12, "d_model": 8})
+    assert ad.stride == stride
+    x = torch.randn(2, 10, 12)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 4:] = True
+    y, p = ad(x, pad)
+    n_out = -(-10 // stride)
+    assert y.shape == (2, n_out, 8) and p.shape == (2, n_out)
+    assert (~p[1]).sum() == -(-4 // stride) and not p[0].any()  # valid frames follow the rate
+    assert (y[p] == 0).all()
+    x2 = x.clone()
+    x2[1, 4:] = 50.0  # padded content never leaks into valid outputs
+    torch.testing.assert_close(ad(x2, pad)[0][~p], y[~p])
+
+
+def test_adapter_is_one_swap_in_a_preset():
+    model = audiomoe.compose("mowe-tiny", ["adapter=conv", "adapter.stride=4", "adapter.kernel=4"])
+    assert type(model.adapter).__name__ == "ConvAdapter"
+    out = model(AudioBatch(torch.randn(2, SR) * 0.1, SR, ["emotion", "speaker"], targets=[0, 1]))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(audiomoe.ConfigError, match="kernel=2 must be >= stride=4"):
+        audiomoe.compose("mowe-tiny", ["adapter=conv", "adapter.stride=4", "adapter.kernel=2"])

@@ -284,7 +284,7 @@ def test_a_declared_kind_and_its_default_work_without_the_builtins():
 def test_an_isolated_registry_without_builtins_has_no_builtin_defaults_components_or_presets():
     reg = Registry.isolated(builtin=False)
     assert reg.defaults == {} and reg.list_components() == [] and reg.list_presets() == []
-    assert reg.kinds() == ["backbone", "encoder", "expert", "fusion", "moe", "router", "task"]  # the core kinds only
+    assert reg.kinds() == ["adapter", "backbone", "encoder", "expert", "fusion", "moe", "router", "task"]  # the core kinds only
     with pytest.raises(AudioMoEError, match="no encoder named and no loaded plugin gives a default encoder"):
         reg.get_component("encoder", None)
     with pytest.raises(ConfigError, match=r"encoder.*no loaded plugin gives a default encoder"):

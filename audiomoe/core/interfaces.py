@@ -99,6 +99,24 @@ class Encoder(Component):
         raise NotImplementedError
 
 
+# -- adapters --------------------------------------------------------------------------------
+
+
+class Adapter(Component):
+    """Audio frames [B, N, ``in_dim``] -> the model width [B, N', ``d_model``], between encoder and backbone.
+
+    ``in_dim`` (the encoder's ``output_dim``) and ``d_model`` are injected. Sets ``stride``: input
+    frames per output frame (1 keeps the rate). Returns the features and the new padding mask.
+    """
+
+    kind: ClassVar[str] = "adapter"
+    stride: int
+
+    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """Adapt ``features`` (``padding_mask`` True = padded)."""
+        raise NotImplementedError
+
+
 # -- fusion ----------------------------------------------------------------------------------
 
 
@@ -355,6 +373,7 @@ class Codec(Component):
 
 BASES: dict[str, type[Component]] = {
     "encoder": Encoder,
+    "adapter": Adapter,
     "fusion": Fusion,
     "router": Router,
     "expert": Expert,

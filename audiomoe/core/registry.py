@@ -41,7 +41,7 @@ from .plugin_loading import (  # noqa: F401 - re-exported: the public names of t
 )
 
 #: Kinds with a base class in :mod:`audiomoe.core.interfaces`: known even without any plugin.
-CORE_KINDS = ("encoder", "fusion", "router", "expert", "moe", "task", "backbone")
+CORE_KINDS = ("encoder", "fusion", "adapter", "router", "expert", "moe", "task", "backbone")
 KNOWN_KINDS = CORE_KINDS  # the name used before kinds could be declared
 #: Not component kinds: ``audiomoe list`` / ``describe`` use them for presets.
 RESERVED_KINDS = ("preset", "presets")

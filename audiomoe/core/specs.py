@@ -113,7 +113,7 @@ def slot_fields(params_cls: type[BaseModel]) -> dict[str, tuple[str, str]]:
 
 
 class ModelSpec(Params):
-    """A whole model: an encoder (a single one or a mixture), an optional backbone, task heads.
+    """A whole model: an encoder (a single one or a mixture), an adapter, an optional backbone, task heads.
 
     Example (YAML)::
 
@@ -131,6 +131,9 @@ class ModelSpec(Params):
     )
     encoder: Annotated[ComponentSpec, Slot("encoder")] = Field(
         default_factory=ComponentSpec, description="the audio encoder (or mixture of encoders)"
+    )
+    adapter: Annotated[Optional[ComponentSpec], Slot("adapter")] = Field(
+        None, description="encoder frames -> d_model (linear, stack_mlp, conv); None: a linear map, identity when the widths match"
     )
     backbone: Annotated[Optional[ComponentSpec], Slot("backbone")] = Field(
         None, description="optional sequence model between encoder and heads (e.g. an MoE transformer)"

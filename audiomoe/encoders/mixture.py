@@ -8,8 +8,10 @@ router(s) look at the base features (and the task) and pick weak encoders per sa
     z_k = P_k(align(E_k(a)))                      [N, C]   for the selected k only
     h   = fusion(h_b, z, r)                       concat [h_b ; sum r_k z_k] (default) | sum | gated_sum |
                                                   MoWE's two routers [h_b ; z_indep ; z_dep]
-    out = MLP(stack_k(h))                         [ceil(N/k), d_model]
     L   = L_task + aux_loss_weight * L_router     (MoWE: 0.1 x L_MoWE)
+
+The model's adapter (``stack_mlp`` in the MoWE presets: stack 2 frames + 2-layer MLP) then maps
+``h`` to ``d_model``: the mixture outputs fused features at the base frame rate.
 
 The fusion is a component (kind ``fusion``, :mod:`audiomoe.fusion`) holding the routers as slots,
 so ``--set encoder.fusion=sum`` or the two-router form is one word. Only the selected weak encoders
@@ -21,8 +23,7 @@ whose sample rate differs from the base's get their audio resampled with torchau
 
 Details the paper leaves open are params with documented defaults (fusion ``concat`` with the
 ``mowe`` router: combined data-independent + data-dependent scorer, top-1 weighted by P, balance
-loss weight 1 so that the mixture's ``aux_loss_weight`` 0.1 is the whole MoWE weight; adapter =
-stack 2 frames + 2-layer MLP). The routing records (``routing["mowe"]`` for a one-router fusion,
+loss weight 1 so that the mixture's ``aux_loss_weight`` 0.1 is the whole MoWE weight). The routing records (``routing["mowe"]`` for a one-router fusion,
 ``mowe/<router>`` for several: per sample, which weak encoders ran and their weights) go into the
 encoder output.
 """
@@ -37,13 +38,13 @@ from torch import nn
 
 from audiomoe.core.interfaces import Encoder, EncoderOutput
 from audiomoe.core.specs import ComponentSpec, Params, Slot
-from audiomoe.encoders.align import align_time, stack_frames
+from audiomoe.encoders.align import align_time
 from audiomoe.encoders.features import prepare_waveforms, resample
 from audiomoe.encoders.hf_common import MissingPretrainedError
 
 
 class MoWEMixture(Encoder):
-    """Base encoder + sparsely routed weak encoders, combined and adapted to ``d_model``."""
+    """Base encoder + sparsely routed weak encoders, fused by the fusion component."""
 
     accepts_task_ids = True
 
@@ -62,12 +63,9 @@ class MoWEMixture(Encoder):
         )
         align: Literal["interpolate", "pool"] = Field("interpolate", description="how weak frames are resampled to the base frame rate")
         proj_dim: Optional[int] = Field(None, ge=1, le=65536, description="common width C of projected weak features (None = base width)")
-        stack: int = Field(2, ge=1, le=64, description="adapter: frames stacked along the feature axis (time downsampling)")
-        adapter_layers: int = Field(2, ge=1, le=8, description="adapter MLP depth (1 = a single linear map)")
-        adapter_hidden: Optional[int] = Field(None, ge=1, le=65536, description="adapter hidden width (None = d_model)")
         aux_loss_weight: float = Field(0.1, ge=0.0, le=100.0, description="multiplies the router's aux losses (MoWE: 0.1)")
 
-    def __init__(self, params: Params, *, base: Any, weak: Any, fusion: Any, d_model: Optional[int] = None, task_names: Optional[list[str]] = None) -> None:
+    def __init__(self, params: Params, *, base: Any, weak: Any, fusion: Any, task_names: Optional[list[str]] = None) -> None:
         super().__init__(params)
         p = self.params
         missing: list[str] = []
@@ -89,19 +87,9 @@ class MoWEMixture(Encoder):
         c = p.proj_dim or d_base
         self.fusion = fusion(d_base=d_base, weak_dim=c, num_weak=len(self.weak), task_names=list(task_names or []))
         self.proj = nn.ModuleList(nn.Linear(int(e.output_dim), c) for e in self.weak)
-        width = int(self.fusion.output_dim) * p.stack
-        out_dim = d_model or width
-        hidden = p.adapter_hidden or out_dim
-        layers: list[nn.Module] = []
-        for i in range(p.adapter_layers):
-            last = i == p.adapter_layers - 1
-            layers.append(nn.Linear(width if i == 0 else hidden, out_dim if last else hidden))
-            if not last:
-                layers.append(nn.GELU())
-        self.adapter = nn.Sequential(*layers)
         self.sample_rate = int(self.base.sample_rate)
-        self.frame_rate = float(self.base.frame_rate) / p.stack
-        self.output_dim = out_dim
+        self.frame_rate = float(self.base.frame_rate)
+        self.output_dim = int(self.fusion.output_dim)
         self._last_selected: Optional[list[int]] = None
         self._last_use: Optional[list[float]] = None  # share of valid samples that ran each weak encoder
 
@@ -112,7 +100,7 @@ class MoWEMixture(Encoder):
         return [f"{part}.{k}" for k in range(len(self.weak)) if k not in self._last_selected for part in ("weak", "proj")]
 
     def num_active_parameters(self) -> float:
-        """Base + router + fusion + adapter, plus the weak encoders an average sample ran (measured last forward).
+        """Base + fusion (with its routers) + projections, plus the weak encoders an average sample ran (measured last forward).
 
         Before any forward: the router's ``k`` weak encoders of average size (or all of them).
         """
@@ -125,14 +113,13 @@ class MoWEMixture(Encoder):
         return fixed + sum(weak) * min(float(k), len(self.weak)) / len(self.weak)
 
     def num_frames(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid output frames: the base encoder's, divided by the stack factor (rounded up)."""
-        n = self.base.num_frames(lengths)
-        return torch.div(n + self.params.stack - 1, self.params.stack, rounding_mode="floor")
+        """Valid output frames: the base encoder's (fused features stay at the base frame rate)."""
+        return self.base.num_frames(lengths)
 
     def forward(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> EncoderOutput:
         """Encode ``waveforms`` [B, T] at the base sample rate; ``task_ids`` [B] go to the router."""
         p = self.params
-        dev = self.adapter[0].weight.device
+        dev = self.proj[0].weight.device
         x, lengths = prepare_waveforms(waveforms, lengths, dev)
         base = self.base(x, lengths)
         hb, pad = base.features, base.padding_mask
@@ -164,7 +151,5 @@ class MoWEMixture(Encoder):
             weak_feats[k] = (idx, self.proj[k](feats) * valid[idx, :, None])
             aux.update({f"weak{k}/{name}": v for name, v in out.aux_losses.items()})
             records.update({f"weak{k}/{name}": v for name, v in out.routing.items()})
-        h = self.fusion(hb, weak_feats, routings)
-        h, pad = stack_frames(h, pad, p.stack)
-        h = self.adapter(h).masked_fill(pad[..., None], 0.0)
+        h = self.fusion(hb, weak_feats, routings).masked_fill(pad[..., None], 0.0)
         return EncoderOutput(h, pad, aux, records)

@@ -1,0 +1,1 @@
+"""Adapters: audio frames -> the backbone's width (and frame rate), between the encoder and the backbone."""
