@@ -1,0 +1,1 @@
+"""Codecs: audio <-> discrete tokens for generation targets (built-in ``mel_rvq``; DAC / EnCodec as plugins)."""

@@ -1,0 +1,207 @@
+"""JSONL manifests: one audio item per line, validated with the file and line of every problem.
+
+The format follows SpeechBrain's JSON manifests and lhotse's cuts, reduced to what a multi-task
+audio model needs::
+
+    {"audio": "wav/utt1.wav", "task": "asr", "target": "turn the light on", "split": "train"}
+    {"audio": "wav/long.flac", "offset": 2.5, "duration": 1.0, "task": "event", "target": "siren",
+     "dataset": "mycorpus", "meta": {"snr": 10}}
+
+``audio`` is a path relative to the manifest (wav/flac/ogg, read with soundfile); ``offset`` and
+``duration`` (seconds) select a segment; ``target`` is a class label, a transcript, an answer or
+``{"codes": "codes/x.npy"}`` (codec codes [num_codebooks, frames], loaded in the workers); ``prompt`` an optional text input; ``dataset``/``split`` free strings and
+``meta`` free metadata. Any other key is an error (a typo must not silently drop a field).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..core.errors import AudioMoEError, did_you_mean
+
+FIELDS = ("audio", "offset", "duration", "task", "target", "prompt", "dataset", "split", "meta")
+
+
+@dataclass
+class Item:
+    """One audio item: where its samples are, what task it serves, and where it was declared.
+
+    ``audio`` is an absolute path, or ``None`` when ``blob`` holds the encoded file (HF datasets).
+    ``origin`` is ``"file:line"`` (or ``"dataset[row]"``): every error about the item names it.
+    ``duration`` is the segment length in seconds (read from the file header when not given).
+    """
+
+    audio: Optional[str]
+    task: str
+    target: Any = None
+    offset: float = 0.0
+    duration: float = 0.0
+    prompt: Any = None
+    dataset: str = ""
+    split: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""
+    blob: Optional[bytes] = None
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        """The manifest line of this item, with ``audio`` relative to ``root``."""
+        out = {k: v for k, v in asdict(self).items() if k in FIELDS}
+        out["audio"] = os.path.relpath(self.audio, root) if self.audio else None
+        if not out["offset"]:
+            del out["offset"]
+        return {k: v for k, v in out.items() if v not in (None, "", {})}
+
+
+def audio_info(path: str, origin: str) -> float:
+    """Duration in seconds from the file header; a missing or unreadable file is a named error."""
+    import soundfile as sf
+
+    if not os.path.exists(path):
+        raise AudioMoEError(f"{origin}: audio file '{path}' does not exist")
+    try:
+        info = sf.info(path)
+    except Exception as exc:  # noqa: BLE001 - soundfile raises several types for bad headers
+        raise AudioMoEError(f"{origin}: cannot read audio file '{path}' (corrupt or unsupported format): {exc}") from exc
+    return info.frames / float(info.samplerate)
+
+
+def _item(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_files: bool) -> Item:
+    if not isinstance(raw, dict):
+        raise AudioMoEError(f"{origin}: each line must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        hint = did_you_mean(unknown[0], FIELDS)
+        raise AudioMoEError(f"{origin}: unknown column(s) {unknown}.{hint} Allowed: {', '.join(FIELDS)} (free fields go under 'meta')")
+    if not isinstance(raw.get("audio"), str) or not raw["audio"]:
+        raise AudioMoEError(f"{origin}: 'audio' (a path relative to the manifest) is required")
+    task = raw.get("task")
+    if not isinstance(task, str) or not task:
+        raise AudioMoEError(f"{origin}: 'task' is required (or set a task for the whole source in the data config)")
+    if tasks is not None and task not in tasks:
+        raise AudioMoEError(f"{origin}: unknown task '{task}'.{did_you_mean(task, tasks)} Known tasks: {', '.join(sorted(tasks))}")
+    path = str((root / raw["audio"]).resolve())
+    offset = raw.get("offset", 0.0) or 0.0
+    duration = raw.get("duration")
+    for key, v in (("offset", offset), ("duration", duration)):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0):
+            raise AudioMoEError(f"{origin}: '{key}' must be a finite number of seconds >= 0, got {v!r}")
+    if check_files and not os.path.exists(path):
+        raise AudioMoEError(f"{origin}: audio file '{path}' does not exist")
+    if duration is None:
+        duration = audio_info(path, origin) - float(offset)
+    if duration <= 0:
+        raise AudioMoEError(f"{origin}: zero-length clip '{path}' (duration {duration} s)")
+    target = raw.get("target")
+    if isinstance(target, dict) and isinstance(target.get("codes"), str):  # codec codes: a .npy path
+        target = {**target, "codes": str((root / target["codes"]).resolve())}
+    meta = raw.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise AudioMoEError(f"{origin}: 'meta' must be an object, got {type(meta).__name__}")
+    return Item(
+        audio=path, task=task, target=target, offset=float(offset), duration=float(duration),
+        prompt=raw.get("prompt"), dataset=str(raw.get("dataset") or ""), split=str(raw.get("split") or ""),
+        meta=meta, origin=origin,
+    )
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    *,
+    task: Optional[str] = None,
+    tasks: Optional[Iterable[str]] = None,
+    split: Optional[str] = None,
+    only_tasks: Optional[Iterable[str]] = None,
+    skip_bad: bool = False,
+    check_files: bool = True,
+) -> tuple[list[Item], list[str]]:
+    """Read a JSONL manifest into items; return ``(items, problems skipped)``.
+
+    ``task`` fills (and overrides) every line's task; ``tasks`` is the set of known task names (an
+    unknown one is an error); ``split`` keeps only lines of that split, ``only_tasks`` only lines of
+    those tasks. Every problem names the
+    manifest file and line; with ``skip_bad`` the line is skipped and its problem returned.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioMoEError(f"manifest '{path}' does not exist")
+    root = path.parent
+    known = set(tasks) if tasks is not None else None
+    only = set(only_tasks or ())
+    items: list[Item] = []
+    bad: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            try:
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise AudioMoEError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if isinstance(raw, dict) and (split is not None and raw.get("split") != split or only and raw.get("task") not in only):
+                    continue
+                if task is not None and isinstance(raw, dict):
+                    raw["task"] = task
+                items.append(_item(raw, root, origin, known, check_files))
+            except AudioMoEError as exc:
+                if not skip_bad:
+                    raise
+                bad.append(str(exc))
+    if not items:
+        what = f" with split '{split}'" if split is not None else ""
+        raise AudioMoEError(f"manifest '{path}' is empty: no usable items{what} ({len(bad)} bad lines skipped)")
+    return items, bad
+
+
+def write_manifest(items: Iterable[Item], path: str | os.PathLike) -> Path:
+    """Write items as JSONL with ``audio`` relative to the manifest's folder (sorted keys: stable bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = path.parent.resolve()
+    with open(path, "w", encoding="utf-8") as fh:
+        for it in items:
+            fh.write(json.dumps(it.to_json(root), sort_keys=True, ensure_ascii=False) + "\n")
+    return path
+
+
+def manifest_from_csv(
+    csv_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    audio_dir: Optional[str | os.PathLike] = None,
+    task: str,
+    audio_column: str = "file",
+    target_column: str = "label",
+) -> Path:
+    """Turn a folder of audio files + a CSV of labels into a JSONL manifest (the "own data" path).
+
+    The CSV has a header; ``audio_column`` holds file names relative to ``audio_dir`` (default: the
+    CSV's folder), ``target_column`` the label or transcript. Columns ``split``, ``prompt``,
+    ``dataset``, ``offset`` and ``duration`` are copied when present; any other column goes to ``meta``.
+    """
+    csv_path, out = Path(csv_path), Path(out)
+    base = Path(audio_dir) if audio_dir is not None else csv_path.parent
+    items = []
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        for col in (audio_column, target_column):
+            if col not in (reader.fieldnames or []):
+                raise AudioMoEError(f"{csv_path}: no column '{col}' (columns: {reader.fieldnames})")
+        for lineno, row in enumerate(reader, 2):
+            origin = f"{csv_path}:{lineno}"
+            path = str((base / row.pop(audio_column)).resolve())
+            target = row.pop(target_column)
+            fields: dict[str, Any] = {k: row.pop(k) for k in ("split", "prompt", "dataset") if row.get(k)}
+            seg = {k: float(row.pop(k)) for k in ("offset", "duration") if row.get(k)}
+            duration = seg.get("duration") or audio_info(path, origin) - seg.get("offset", 0.0)
+            items.append(Item(path, task, target, seg.get("offset", 0.0), duration, meta={k: v for k, v in row.items() if v}, **fields))
+    if not items:
+        raise AudioMoEError(f"{csv_path}: no rows")
+    return write_manifest(items, out)
