@@ -191,7 +191,8 @@ def make_corpus(out_dir: str | os.PathLike, size: str = "small", seed: int = 0, 
     for kind in COUNTS:
         (root / "wav" / kind).mkdir(parents=True, exist_ok=True)
     jobs = [(k, i, seed, str(root)) for k, n in COUNTS.items() for i in range(max(int(n * SIZES[size]), 11))]
-    bar = tqdm(total=len(jobs), desc=f"corpus {size}", unit="clip", disable=not progress, dynamic_ncols=True)
+    # off a terminal (CI logs, pipes) a carriage-return bar is a flood: tqdm's disable=None turns it off there
+    bar = tqdm(total=len(jobs), desc=f"corpus {size}", unit="clip", disable=None if progress else True, dynamic_ncols=True)
     results: list[list[dict[str, Any]]] = []
     if workers > 1:
         import multiprocessing as mp
