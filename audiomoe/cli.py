@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         eval_every=args.eval_every, eval_batches=args.eval_batches, out_dir=out, keep=args.keep, seed=args.seed,
         progress=not args.quiet, save_every=args.save_every, log_every=args.log_every,
-        resume=bool(args.resume), overwrite=args.overwrite,
+        resume=bool(args.resume), overwrite=args.overwrite, data=args.data,
     )
     result = train(args.preset, args.set, cfg)
     if not args.quiet:
@@ -335,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes its checkpoints)")
     p.add_argument("--log-every", type=int, default=0, metavar="N", help="off a terminal, print a progress line every N steps (0: ~10 lines per run) [0]")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (the summary is still written to --out)")
+    p.add_argument(
+        "--data", default="auto", metavar="auto|builtin|tones|MANIFEST",
+        help="training data: the built-in corpus (made once into the cache, AUDIOMOE_CACHE), synthetic tones, or a JSONL "
+        "manifest; auto = the corpus when every head is named after one of its tasks, else tones [auto]",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
     return parser
 

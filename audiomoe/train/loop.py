@@ -13,6 +13,7 @@ data cannot feed is refused instead of training a subset of its heads.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -61,6 +62,7 @@ class TrainConfig:
     log_every: int = 0
     resume: bool = False
     overwrite: bool = False
+    data: str = "auto"
 
     _INT_RANGES = {
         "steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH_SIZE), "eval_every": (1, MAX_STEPS),
@@ -132,6 +134,38 @@ def _head_kind(model: Any, name: str) -> str:
     return kind + (", multi-label" if getattr(getattr(model.heads[name], "params", None), "multi_label", False) else "")
 
 
+def _default_data(model: Any, cfg: TrainConfig) -> tuple[Iterator[AudioBatch], list[AudioBatch]]:
+    """The data used when none is passed, by ``cfg.data``: ``builtin`` (the built-in corpus, made once
+    into the cache), ``tones`` (synthetic pitch classes), a manifest path, or ``auto``: the corpus
+    when every head is named after one of its tasks, else tones."""
+    from ..data.corpus.make import UNDERSTANDING_TASKS
+
+    choice = cfg.data
+    if choice == "auto":
+        choice = "builtin" if set(model.task_names) <= set(UNDERSTANDING_TASKS) else "tones"
+    if choice == "tones":
+        return _synthetic(model, cfg)
+    if choice != "builtin" and not os.path.isfile(choice):
+        raise AudioMoEError(f"--data {choice!r} is not 'auto', 'builtin', 'tones' or an existing manifest (.jsonl) file")
+    return _manifest_data(model, cfg, None if choice == "builtin" else choice)
+
+
+def _manifest_data(model: Any, cfg: TrainConfig, manifest: Optional[str]) -> tuple[Iterator[AudioBatch], list[AudioBatch]]:
+    """Train split as an endless stream, ``eval_batches`` of the test split, for the model's tasks only."""
+    from ..data import build_loader, builtin_corpus
+
+    path = str(manifest or builtin_corpus(progress=cfg.progress))
+    tasks = list(model.task_names)
+
+    def spec(split: str, workers: int) -> dict[str, Any]:
+        source = {"path": path, "split": split, "only_tasks": tasks}
+        return {"sources": {"data": source}, "max_seconds": 3.0 * cfg.batch_size, "max_items": cfg.batch_size,
+                "max_clip_seconds": 5.0, "num_workers": workers, "seed": cfg.seed, "sample_rate": int(model.encoder.sample_rate)}  # fmt: skip
+
+    eval_data = list(itertools.islice(iter(build_loader(spec("test", 0))), cfg.eval_batches))
+    return build_loader(spec("train", 1)).stream(), eval_data
+
+
 def _synthetic(model: Any, cfg: TrainConfig) -> tuple[Iterator[AudioBatch], list[AudioBatch]]:
     tasks = classification_tasks(model, model.task_names)
     unfed = [n for n in model.task_names if n not in tasks]
@@ -162,7 +196,7 @@ def _build(preset: Any, overrides: Sequence[str], run: Optional[RunDir], cfg: Tr
                 f"'{run.path}' was trained from a different spec than {preset!r} with these --set overrides; "
                 "resume without PRESET/--set to continue it, or use --overwrite to start over"
             )
-        return model, _synthetic(model, cfg) if synthetic else None
+        return model, _default_data(model, cfg) if synthetic else None
     if preset is None:
         preset = (run.info.get("spec") if run is not None else None)
         if preset is None:
@@ -171,7 +205,7 @@ def _build(preset: Any, overrides: Sequence[str], run: Optional[RunDir], cfg: Tr
     resolved = resolve(preset, overrides)
     meta = build_meta(resolved)
     _memory_check(check_size(meta))
-    streams = _synthetic(meta, cfg) if synthetic else None  # refuses heads it cannot feed
+    streams = _default_data(meta, cfg) if synthetic else None  # refuses heads it cannot feed
     return build_model(resolved), streams
 
 
@@ -182,7 +216,7 @@ def train(
     data: Optional[Iterator[AudioBatch]] = None,
     eval_data: Optional[Sequence[AudioBatch]] = None,
 ) -> dict[str, Any]:
-    """Compose ``preset`` and train it; without ``data``, on synthetic tones (classification heads).
+    """Compose ``preset`` and train it; without ``data``, on ``config.data`` (auto: the built-in corpus or tones).
 
     With ``config.out_dir`` the run directory is locked for the run and must not hold another run
     unless ``config.resume`` (continue from its last good checkpoint: model, optimizer, step, RNG)

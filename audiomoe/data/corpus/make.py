@@ -36,6 +36,9 @@ SPEAKER_VARIANTS = ["m1", "f2", "m3", "f4", "m5"]
 # Clips per kind for "small" (about one hour); "medium" is ten times as many.
 COUNTS = {"asr": 360, "language": 288, "speaker": 280, "style": 220, "event": 280, "music": 200, "mix": 132}
 SIZES = {"small": 1, "medium": 10, "tiny": 0.05}
+#: The understanding tasks a corpus holds (names of corpus.json's classification and ASR tasks): a
+#: model whose heads all carry these names trains on the corpus by default (``audiomoe train``).
+UNDERSTANDING_TASKS = ("asr", "language", "speaker", "style", "event", "instrument", "tempo", "mode", "mix_background")
 KIND_IDS = {k: i for i, k in enumerate(COUNTS)}
 BACKGROUNDS = sounds.EVENTS + ["music"]
 # Four keys, not twelve: with every key, major vs minor is a relative-interval judgement that a tiny
