@@ -46,3 +46,4 @@ def test_training_on_a_manifest_runs_and_evaluates_its_heads(tiny_corpus):
     result = train("tiny-corpus", [], TrainConfig(steps=6, batch_size=8, eval_every=6, eval_batches=2, progress=False, data=str(tiny_corpus)))
     assert result["steps"] == 6 and result["final_loss"] == result["final_loss"]  # finite
     assert {"language/accuracy", "speaker/accuracy"} <= set(result["eval_after"])
+    assert result["data"]["items"] > 0 and result["data"]["bad_items"] == 0  # the loader's counts reach the summary

@@ -163,7 +163,24 @@ def _manifest_data(model: Any, cfg: TrainConfig, manifest: Optional[str]) -> tup
                 "max_clip_seconds": 5.0, "num_workers": workers, "seed": cfg.seed, "sample_rate": int(model.encoder.sample_rate)}  # fmt: skip
 
     eval_data = list(itertools.islice(iter(build_loader(spec("test", 0))), cfg.eval_batches))
-    return build_loader(spec("train", 1)).stream(), eval_data
+    return _LoaderStream(build_loader(spec("train", 1))), eval_data
+
+
+class _LoaderStream:
+    """Endless batches of a loader that can still report its :meth:`summary` (for the run's summary)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self._it = loader, loader.stream()
+
+    def __iter__(self) -> "_LoaderStream":
+        return self
+
+    def __next__(self) -> AudioBatch:
+        return next(self._it)
+
+    def summary(self) -> dict[str, Any]:
+        """The loader's counts: items, hours, bad items skipped."""
+        return self.loader.summary()
 
 
 def _synthetic(model: Any, cfg: TrainConfig) -> tuple[Iterator[AudioBatch], list[AudioBatch]]:
@@ -318,6 +335,8 @@ def _run(model: Any, cfg: TrainConfig, run: Optional[RunDir], data: Any, eval_da
         "seconds": round(time.perf_counter() - t0, 2),
         "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
     }
+    if callable(getattr(data, "summary", None)):  # a loader stream: items, hours, bad items skipped
+        result["data"] = data.summary()
     if run is not None:
         tmp = run.path / f".summary.json.{os.getpid()}"
         tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
