@@ -47,3 +47,21 @@ def test_training_on_a_manifest_runs_and_evaluates_its_heads(tiny_corpus):
     assert result["steps"] == 6 and result["final_loss"] == result["final_loss"]  # finite
     assert {"language/accuracy", "speaker/accuracy"} <= set(result["eval_after"])
     assert result["data"]["items"] > 0 and result["data"]["bad_items"] == 0  # the loader's counts reach the summary
+
+
+def test_resume_on_the_corpus_restores_the_sampler_and_ends_bit_identical(tiny_corpus, tmp_path):
+    """3 steps + resume to 6 == 6 in one go: the checkpoint holds the loader's position (no replay)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def cfg(out, steps, **kw):
+        return TrainConfig(steps=steps, batch_size=4, eval_every=100, eval_batches=1, progress=False, data=str(tiny_corpus), out_dir=str(out), **kw)
+
+    train("tiny-corpus", [], cfg(tmp_path / "whole", 6))
+    train("tiny-corpus", [], cfg(tmp_path / "split", 3))
+    meta = json.loads(next((tmp_path / "split" / "step-000003").glob("trainer.json")).read_text())
+    assert "data" in json.dumps(meta["extra"])  # the sampler state is in the checkpoint
+    train("tiny-corpus", [], cfg(tmp_path / "split", 6, resume=True))
+    a = load_file(str(tmp_path / "whole" / "step-000006" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "step-000006" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

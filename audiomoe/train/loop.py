@@ -182,6 +182,14 @@ class _LoaderStream:
         """The loader's counts: items, hours, bad items skipped."""
         return self.loader.summary()
 
+    def state_dict(self) -> dict[str, int]:
+        """The sampler position (what a checkpoint saves, so a resumed run sees the same batches)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position (before the first batch is drawn)."""
+        self.loader.load_state_dict(state)
+
 
 def _synthetic(model: Any, cfg: TrainConfig) -> tuple[Iterator[AudioBatch], list[AudioBatch]]:
     tasks = classification_tasks(model, model.task_names)
@@ -276,7 +284,10 @@ def _run(model: Any, cfg: TrainConfig, run: Optional[RunDir], data: Any, eval_da
         for group in opt.param_groups:  # the options given now win over those the state was saved with
             group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
         torch.set_rng_state(state["rng"]["torch"])
-        if synthetic:  # replay the seeded stream to where the run stopped: same batches as an unbroken run
+        saved = (state.get("extra") or {}).get("data")
+        if saved is not None and callable(getattr(data, "load_state_dict", None)):
+            data.load_state_dict(saved)  # a loader stream resumes from its saved position: no replay
+        elif synthetic:  # replay the seeded stream to where the run stopped: same batches as an unbroken run
             for _ in range(start):
                 next(data)
     bar = Progress(cfg.steps, start, "auto" if cfg.progress else "off", cfg.log_every)
@@ -310,7 +321,8 @@ def _run(model: Any, cfg: TrainConfig, run: Optional[RunDir], data: Any, eval_da
             if at_eval:
                 history.append({"step": step, "loss": loss_value, **evaluate(model, eval_data)})
             if run is not None and (at_eval or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
-                ckpt = save_checkpoint(model, run.path, step, opt, cfg.keep)
+                extra = {"data": data.state_dict()} if callable(getattr(data, "state_dict", None)) else None
+                ckpt = save_checkpoint(model, run.path, step, opt, cfg.keep, extra=extra)
     except KeyboardInterrupt:
         bar.close()
         if run is not None:  # the interrupt may land inside a save, after `latest` moved on
