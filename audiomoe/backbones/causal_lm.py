@@ -1,0 +1,118 @@
+"""A transformers causal LM as the shared backbone: adapted audio frames in as soft tokens, hidden states out.
+
+The decoder both seed designs share across tasks (MoWE-Audio: one LLM behind the adapter;
+UniMoE-Audio: Qwen2.5 upcycled into a top-p MoE). The LM comes from a local directory (Hugging Face
+layout, ``pretrained``) or a random ``config`` (a tiny Llama by default, its width = ``d_model``);
+a pretrained LM of another width gets linear maps in and out. Options: LoRA through peft (the LM
+is then frozen), and a ``moe`` block that upcycles its dense MLPs into audiomoe MoE layers with any
+router and expert layout (``audiomoe.experts.upcycle``; every routed layer's record and aux losses
+are reported as ``layer<i>``). Attention is causal, with the padding mask as the attention mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.interfaces import Backbone, BackboneOutput
+from audiomoe.core.specs import Params
+from audiomoe.experts.upcycle import UpcycledMLP, upcycle_causal_lm
+
+TINY_LM = {"model_type": "llama", "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 8}
+
+
+class LoRA(Params):
+    """LoRA on the backbone LM (peft ``LoraConfig``)."""
+
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="scaling numerator (scale = alpha / r)")
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LM module names LoRA wraps")
+
+
+class CausalLMBackbone(Backbone):
+    """transformers causal LM (local or random), optional LoRA and MoE upcycling; [B, N, d_model] -> [B, N, d_model]."""
+
+    # peft starts LoRA's B at zero, so A's gradient is zero until B has moved one step
+    gradient_exempt = ("*lora_A*",)
+
+    class Params(Params):
+        pretrained: Optional[str] = Field(None, max_length=4096, description="local directory of the LM (HF layout); None: a random config")
+        config: Optional[dict[str, Any]] = Field(None, description="transformers config of a random LM (model_type needed); default: a tiny Llama of width d_model")
+        lora: Optional[LoRA] = Field(None, description="LoRA adapters (the LM is then frozen); null = train the LM itself")
+        moe: Optional[dict[str, Any]] = Field(None, description="upcycle the dense MLPs into MoE layers: the moe component's params (num_experts, router, ...)")
+        moe_init: Literal["copy", "slice"] = Field("copy", description="experts copy the dense MLP, or take consecutive slices of it")
+
+        @model_validator(mode="after")
+        def _one_source(self) -> "CausalLMBackbone.Params":
+            if self.pretrained is not None and self.config is not None:
+                raise ValueError("give either 'pretrained' (a local LM directory) or 'config' (a random LM), not both")
+            return self
+
+    def __init__(self, params: Params, *, d_model: int) -> None:
+        super().__init__(params)
+        p = self.params
+        self.lm = self._build(d_model)
+        if p.moe is not None:
+            upcycle_causal_lm(self.lm, p.moe, init=p.moe_init)
+        if p.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            self.lm = get_peft_model(self.lm, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, target_modules=list(p.lora.targets)))
+        # the backbone feeds inputs_embeds and reads hidden states: the token embedding and LM head are
+        # not on its path (a text head reads them), so they are frozen rather than left never learning
+        for emb in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
+            if emb is not None:
+                emb.requires_grad_(False)
+        width = self.lm.config.get_text_config().hidden_size
+        self.into = nn.Identity() if width == d_model else nn.Linear(d_model, width)
+        self.out = nn.Identity() if width == d_model else nn.Linear(width, d_model)
+
+    def _build(self, d_model: int) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        p = self.params
+        if p.pretrained is not None:
+            path = Path(p.pretrained).expanduser()
+            if not path.is_dir():
+                raise AudioMoEError(f"pretrained LM directory '{p.pretrained}' does not exist (only local paths are read)")
+            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        raw = dict(p.config or {**TINY_LM, "hidden_size": d_model})
+        model_type = raw.pop("model_type", None)
+        if not model_type:
+            raise AudioMoEError("backbone config needs 'model_type' (e.g. llama, qwen2)")
+        try:
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **raw))
+        except (ValueError, TypeError) as exc:
+            raise AudioMoEError(f"cannot build a causal LM of type '{model_type}' from {raw}: {exc}") from exc
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> BackboneOutput:
+        """Run the LM's decoder on ``x`` [B, N, D] as ``inputs_embeds`` (causal; padding masked out of attention)."""
+        decoder = self.lm.get_decoder()
+        mask = (~padding_mask).long()
+        upcycled = [m for m in self.lm.modules() if isinstance(m, UpcycledMLP)]
+        for m in upcycled:  # the decoder is called directly, past upcycling's hook on the LM: hand the mask over here
+            m.attention_mask = mask
+        try:
+            h = decoder(inputs_embeds=self.into(x), attention_mask=mask).last_hidden_state
+        finally:
+            for m in upcycled:
+                m.attention_mask = None
+        out = BackboneOutput(self.out(h).masked_fill(padding_mask[..., None], 0.0))
+        for i, mlp in enumerate(upcycled):
+            if mlp.routing is not None:
+                out.routing[f"layer{i}"] = mlp.routing
+                out.aux_losses.update({f"layer{i}/{k}": v for k, v in mlp.routing.aux_losses.items()})
+        return out
+
+    def num_active_parameters(self) -> Optional[float]:
+        """All parameters, with each upcycled MoE layer counted by its measured active share."""
+        moe = [m.moe for m in self.lm.modules() if isinstance(m, UpcycledMLP)]
+        if not moe:
+            return None
+        total = sum(q.numel() for q in self.parameters())
+        return total - sum(q.numel() for m in moe for q in m.parameters()) + sum(m.num_active_parameters() for m in moe)
