@@ -11,27 +11,18 @@ are reported as ``layer<i>``). Attention is causal, with the padding mask as the
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Backbone, BackboneOutput
 from audiomoe.core.specs import Params
 from audiomoe.experts.upcycle import UpcycledMLP, upcycle_causal_lm
+from audiomoe.tasks.llm_utils import LoRAParams, apply_lora, check_one_source, load_lm
 
 TINY_LM = {"model_type": "llama", "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 8}
-
-
-class LoRA(Params):
-    """LoRA on the backbone LM (peft ``LoraConfig``)."""
-
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
-    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="scaling numerator (scale = alpha / r)")
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LM module names LoRA wraps")
 
 
 class CausalLMBackbone(Backbone):
@@ -43,26 +34,23 @@ class CausalLMBackbone(Backbone):
     class Params(Params):
         pretrained: Optional[str] = Field(None, max_length=4096, description="local directory of the LM (HF layout); None: a random config")
         config: Optional[dict[str, Any]] = Field(None, description="transformers config of a random LM (model_type needed); default: a tiny Llama of width d_model")
-        lora: Optional[LoRA] = Field(None, description="LoRA adapters (the LM is then frozen); null = train the LM itself")
+        lora: Optional[LoRAParams] = Field(None, description="LoRA adapters (the LM is then frozen); null = train the LM itself")
         moe: Optional[dict[str, Any]] = Field(None, description="upcycle the dense MLPs into MoE layers: the moe component's params (num_experts, router, ...)")
         moe_init: Literal["copy", "slice"] = Field("copy", description="experts copy the dense MLP, or take consecutive slices of it")
 
         @model_validator(mode="after")
         def _one_source(self) -> "CausalLMBackbone.Params":
-            if self.pretrained is not None and self.config is not None:
-                raise ValueError("give either 'pretrained' (a local LM directory) or 'config' (a random LM), not both")
+            check_one_source(self.pretrained, self.config)
             return self
 
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
         p = self.params
-        self.lm = self._build(d_model)
+        self.lm = load_lm(p.pretrained, p.config or {**TINY_LM, "hidden_size": d_model})
         if p.moe is not None:
             upcycle_causal_lm(self.lm, p.moe, init=p.moe_init)
         if p.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            self.lm = get_peft_model(self.lm, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, target_modules=list(p.lora.targets)))
+            self.lm = apply_lora(self.lm, p.lora)
         # the backbone feeds inputs_embeds and reads hidden states: the token embedding and LM head are
         # not on its path (a text head reads them), so they are frozen rather than left never learning
         for emb in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
@@ -71,24 +59,6 @@ class CausalLMBackbone(Backbone):
         width = self.lm.config.get_text_config().hidden_size
         self.into = nn.Identity() if width == d_model else nn.Linear(d_model, width)
         self.out = nn.Identity() if width == d_model else nn.Linear(width, d_model)
-
-    def _build(self, d_model: int) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        p = self.params
-        if p.pretrained is not None:
-            path = Path(p.pretrained).expanduser()
-            if not path.is_dir():
-                raise AudioMoEError(f"pretrained LM directory '{p.pretrained}' does not exist (only local paths are read)")
-            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        raw = dict(p.config or {**TINY_LM, "hidden_size": d_model})
-        model_type = raw.pop("model_type", None)
-        if not model_type:
-            raise AudioMoEError("backbone config needs 'model_type' (e.g. llama, qwen2)")
-        try:
-            return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **raw))
-        except (ValueError, TypeError) as exc:
-            raise AudioMoEError(f"cannot build a causal LM of type '{model_type}' from {raw}: {exc}") from exc
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> BackboneOutput:
         """Run the LM's decoder on ``x`` [B, N, D] as ``inputs_embeds`` (causal; padding masked out of attention)."""

@@ -33,7 +33,7 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Task
 from audiomoe.core.specs import Params
 from audiomoe.tasks.functional import generation, normalize_text
-from audiomoe.tasks.llm_utils import SoftPrompt, assemble_soft_prompt, byte_tokenizer
+from audiomoe.tasks.llm_utils import LoRAParams, SoftPrompt, apply_lora, assemble_soft_prompt, byte_tokenizer, check_one_source, load_lm
 
 _TINY_LM = {
     "model_type": "llama",
@@ -68,17 +68,6 @@ class LLMTarget:
 
     answer: str
     fields: dict[str, Any] = field(default_factory=dict)
-
-
-class LoRAParams(Params):
-    """LoRA settings of the AudioLLM head (peft ``LoraConfig``)."""
-
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
-    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
-    targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LM module names LoRA wraps"
-    )
 
 
 class AudioLLM(Task):
@@ -118,8 +107,7 @@ class AudioLLM(Task):
         def _known_mode(self) -> "AudioLLM.Params":
             if self.mode not in self.templates:
                 raise ValueError(f"mode '{self.mode}' has no template; templates: {sorted(self.templates)}")
-            if self.pretrained is not None and self.config is not None:
-                raise ValueError("give either 'pretrained' (a local LM directory) or 'config' (a random LM), not both")
+            check_one_source(self.pretrained, self.config)
             return self
 
     def __init__(self, params: Params, *, d_model: int) -> None:
@@ -146,37 +134,18 @@ class AudioLLM(Task):
         return getattr(torch, self.params.dtype)
 
     def _build_lm(self) -> tuple[nn.Module, Any]:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         p = self.params
         if p.pretrained is not None:
-            path = Path(p.pretrained).expanduser()
-            if not path.is_dir():
-                raise AudioMoEError(f"pretrained LM directory '{p.pretrained}' does not exist (only local paths are read)")
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=self._lm_dtype)
+            lm = load_lm(p.pretrained, {}, self._lm_dtype)  # names a missing directory first
+            tok = AutoTokenizer.from_pretrained(Path(p.pretrained).expanduser(), local_files_only=True)
         else:
             tok = byte_tokenizer()
-            raw = dict(p.config or _TINY_LM)
-            model_type = raw.pop("model_type", None)
-            if not model_type:
-                raise AudioMoEError("config needs 'model_type' (e.g. llama, qwen2, gemma)")
             ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-            try:
-                cfg = AutoConfig.for_model(model_type, **{**raw, **ids})
-            except (ValueError, TypeError) as exc:
-                raise AudioMoEError(f"cannot build an LM config of type '{model_type}' from {raw}: {exc}") from exc
-            lm = AutoModelForCausalLM.from_config(cfg).to(self._lm_dtype)
+            lm = load_lm(None, p.config or _TINY_LM, self._lm_dtype, **ids)
         if p.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
-            missing = [t for t in p.lora.targets if t not in names]
-            if missing:
-                raise AudioMoEError(f"LoRA targets {missing} are not modules of this LM; candidates include {sorted(names)[:20]}")
-            lm = get_peft_model(
-                lm, LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout, target_modules=list(p.lora.targets))
-            )
+            lm = apply_lora(lm, p.lora)
         elif not p.train_lm:
             lm.requires_grad_(False)
         return lm, tok

@@ -7,14 +7,22 @@
   ``[bos] prefix-text <audio soft tokens> suffix-text [answer eos]``, LEFT-padded (so generation
   continues every row right after its prompt), with the attention mask, position ids counted over
   real tokens only, and labels (-100 everywhere except the answer and eos).
+- :func:`load_lm`, :func:`apply_lora`, :class:`LoRAParams`, :func:`check_one_source`: how the
+  AudioLLM head and the ``causal_lm`` backbone get a transformers causal LM (local directory or
+  random config) and its LoRA adapters, written once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+from pydantic import Field
+
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.specs import Params
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -85,3 +93,54 @@ def assemble_soft_prompt(
     embeds = torch.where(is_audio.unsqueeze(-1), soft, text)
     positions = (real.long().cumsum(-1) - 1).clamp_min(0)
     return SoftPrompt(embeds, real.long(), positions, labels, is_audio)
+
+
+class LoRAParams(Params):
+    """LoRA settings (peft ``LoraConfig``)."""
+
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LM module names LoRA wraps"
+    )
+
+
+def check_one_source(pretrained: Optional[str], config: Optional[Mapping[str, Any]]) -> None:
+    """A params validator's rule: an LM comes from a local directory or a random config, not both."""
+    if pretrained is not None and config is not None:
+        raise ValueError("give either 'pretrained' (a local LM directory) or 'config' (a random LM), not both")
+
+
+def load_lm(pretrained: Optional[str], config: Mapping[str, Any], dtype: torch.dtype = torch.float32, **overrides: Any) -> torch.nn.Module:
+    """A causal LM from a local directory (only local files are read) or from ``config`` (needs ``model_type``).
+
+    ``overrides`` (e.g. the tokenizer's ids) are added to a random config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if pretrained is not None:
+        path = Path(pretrained).expanduser()
+        if not path.is_dir():
+            raise AudioMoEError(f"pretrained LM directory '{pretrained}' does not exist (only local paths are read)")
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    raw = dict(config)
+    model_type = raw.pop("model_type", None)
+    if not model_type:
+        raise AudioMoEError("config needs 'model_type' (e.g. llama, qwen2, gemma)")
+    try:
+        cfg = AutoConfig.for_model(model_type, **{**raw, **overrides})
+    except (ValueError, TypeError) as exc:
+        raise AudioMoEError(f"cannot build an LM config of type '{model_type}' from {raw}: {exc}") from exc
+    return AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
+def apply_lora(lm: torch.nn.Module, lora: LoRAParams) -> torch.nn.Module:
+    """Wrap ``lm`` with peft LoRA adapters on ``lora.targets`` (named if missing); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
+    missing = [t for t in lora.targets if t not in names]
+    if missing:
+        raise AudioMoEError(f"LoRA targets {missing} are not modules of this LM; candidates include {sorted(names)[:20]}")
+    return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets)))
