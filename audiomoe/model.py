@@ -1,4 +1,10 @@
-"""The composed model: encoder -> adapter -> optional backbone -> one head per task.
+"""The composed model: encoder -> adapter -> backbone (the one decoder every task shares) -> one head per task.
+
+Heads read the backbone in one of two ways. Heads of audio understanding (classification, CTC)
+read ``backbone(audio)``, the adapted audio's states. Heads that write (``text``, ``codec``: their
+class sets ``reads_decoder``) get the adapted audio and the backbone itself, and run their own
+interleaved sequence ``[prompt tokens | audio soft tokens | codec frames]`` through
+``backbone.decode`` (KV-cached at generation). Either way there is one decoder in the model.
 
 :func:`audiomoe.compose` returns an :class:`AudioModel`. Its input is an :class:`AudioBatch` and its
 output a :class:`ModelOutput`; both are documented dataclasses so that training code written
@@ -13,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .core.errors import AudioMoEError
+from .core.errors import AudioMoEError, MissingPretrainedError
 from .core.interfaces import Component, Routing, Task, TaskLoss
 from .core.specs import ModelSpec
 
@@ -89,7 +95,11 @@ class AudioModel(nn.Module):
         self.spec: dict[str, Any] = {}
         self.task_names = list(tasks)
         d = params.d_model
-        self.encoder = encoder(d_model=d, task_names=self.task_names)
+        missing: list[str] = []  # every part is tried, so one error names every missing checkpoint
+        self.encoder = _built("encoder", lambda: encoder(d_model=d, task_names=self.task_names), missing)
+        self.backbone = _built("backbone", lambda: backbone(d_model=d, task_names=self.task_names), missing) if backbone is not None else None
+        if missing:
+            raise MissingPretrainedError("\n".join(missing))
         # Encoders have their own natural width (Whisper-large: 1280); the adapter is the only place
         # the model-wide width (and the backbone's frame rate) is imposed.
         width = int(self.encoder.output_dim)
@@ -99,8 +109,14 @@ class AudioModel(nn.Module):
             self.adapter = LinearAdapter(LinearAdapter.Params(), in_dim=width, d_model=d)
         else:
             self.adapter = adapter(in_dim=width, d_model=d)
-        self.backbone = backbone(d_model=d, task_names=self.task_names) if backbone is not None else None
         self.heads = nn.ModuleDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()})
+        for name, head in self.heads.items():
+            if getattr(head, "reads_decoder", False) and not getattr(self.backbone, "supports_decoding", False):
+                got = "no backbone" if self.backbone is None else f"backbone {type(self.backbone).__name__}, which cannot decode"
+                raise AudioMoEError(
+                    f"head '{name}' ({type(head).__name__}) writes through the model's shared decoder but the spec has {got}; "
+                    "add a backbone (causal_lm, moe_transformer or unimoe_transformer) to the spec"
+                )
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +156,23 @@ class AudioModel(nn.Module):
     def encode(
         self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
-        """Waveforms -> (hidden [B, N, d_model], padding_mask [B, N], aux losses, routing records)."""
+        """Waveforms -> (backbone states [B, N, d_model], padding_mask [B, N], aux losses, routing records)."""
+        hidden, pad, aux, routing = self.adapt(waveforms, lengths, sample_rate, task_ids)
+        if self.backbone is not None:
+            hidden = self._backbone(hidden, pad, task_ids, aux, routing)
+        return hidden, pad, aux, routing
+
+    def _backbone(self, hidden: torch.Tensor, pad: torch.Tensor, task_ids: Optional[torch.Tensor], aux: dict, routing: dict) -> torch.Tensor:
+        kwargs = {"task_ids": task_ids} if task_ids is not None and getattr(self.backbone, "accepts_task_ids", False) else {}
+        out = self.backbone(hidden, pad, **kwargs)
+        aux.update({f"backbone/{k}": v for k, v in out.aux_losses.items()})
+        routing.update({f"backbone/{k}": v for k, v in out.routing.items()})
+        return out.hidden
+
+    def adapt(
+        self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
+        """Waveforms -> (adapted audio [B, N, d_model] before the backbone, padding_mask, aux losses, routing records)."""
         from .encoders.features import check_min_length, check_sample_rate, prepare_waveforms, resample
 
         sample_rate = check_sample_rate(sample_rate)  # before any allocation depends on it
@@ -154,12 +186,6 @@ class AudioModel(nn.Module):
         hidden, enc.padding_mask = self.adapter(enc.features, enc.padding_mask)
         aux = {f"encoder/{k}": v for k, v in enc.aux_losses.items()}
         routing = {f"encoder/{k}": v for k, v in enc.routing.items()}
-        if self.backbone is not None:
-            kwargs = {"task_ids": task_ids} if task_ids is not None and getattr(self.backbone, "accepts_task_ids", False) else {}
-            out = self.backbone(hidden, enc.padding_mask, **kwargs)
-            hidden = out.hidden
-            aux.update({f"backbone/{k}": v for k, v in out.aux_losses.items()})
-            routing.update({f"backbone/{k}": v for k, v in out.routing.items()})
         return hidden, enc.padding_mask, aux, routing
 
     def forward(self, batch: AudioBatch, predict: bool = True) -> ModelOutput:
@@ -184,7 +210,16 @@ class AudioModel(nn.Module):
         if batch.prompts is not None and len(batch.prompts) != len(tasks):
             raise AudioMoEError(f"batch has {len(tasks)} items but {len(batch.prompts)} prompts")
         task_ids = torch.tensor([self.task_names.index(t) for t in tasks], device=self.device)
-        hidden, pad, aux, routing = self.encode(batch.waveforms, batch.lengths, batch.sample_rate, task_ids)
+        audio, pad, aux, routing = self.adapt(batch.waveforms, batch.lengths, batch.sample_rate, task_ids)
+        readers = {n for n in self.task_names if n in tasks and getattr(self.heads[n], "reads_decoder", False)}
+        hidden = audio
+        if self.backbone is not None and not readers:
+            hidden = self._backbone(audio, pad, task_ids, aux, routing)
+        elif self.backbone is not None and any(t not in readers for t in tasks):
+            # the audio-only pass runs on the items whose heads read states; writing heads decode their own sequences
+            keep = torch.tensor([i for i, t in enumerate(tasks) if t not in readers], device=self.device)
+            states = self._backbone(audio.index_select(0, keep), pad.index_select(0, keep), task_ids.index_select(0, keep), aux, routing)
+            hidden = audio.new_zeros(audio.shape[0], audio.shape[1], states.shape[-1]).index_copy(0, keep, states)
         out = ModelOutput(loss=None, routing=routing)
         total: Optional[torch.Tensor] = None
         for name in self.task_names:
@@ -193,10 +228,13 @@ class AudioModel(nn.Module):
                 continue
             index = torch.tensor(idx, device=self.device)
             head = self.heads[name]
-            kwargs = {}
+            kwargs: dict[str, Any] = {}
             if getattr(head, "accepts_prompts", False):
                 kwargs["prompts"] = None if batch.prompts is None else [batch.prompts[i] for i in idx]
-            outputs = head(hidden.index_select(0, index), pad.index_select(0, index), **kwargs)
+            source = hidden
+            if name in readers:
+                kwargs["decoder"], source = self.backbone, audio
+            outputs = head(source.index_select(0, index), pad.index_select(0, index), **kwargs)
             _check_head_output(name, head, outputs, len(idx))
             out.outputs[name], out.indices[name] = outputs, index
             if predict or getattr(head, "predicts_cheaply", True):
@@ -217,6 +255,15 @@ class AudioModel(nn.Module):
                 total = v if total is None else total + v
         out.loss = total
         return out
+
+
+def _built(what: str, build: Any, missing: list[str]) -> Any:
+    """``build()``, or None with the missing checkpoint recorded under ``what``."""
+    try:
+        return build()
+    except MissingPretrainedError as exc:
+        missing.append(f"{what}: {exc}")
+        return None
 
 
 def _check_encoder_output(encoder: Any, enc: Any, batch_size: int) -> None:

@@ -288,7 +288,9 @@ def _check_task(report: ConformanceReport, task: Any, context: Mapping[str, Any]
     if not callable(example):
         _fail(report, "tasks must implement example_targets(n) so they can be checked")
     targets = task.make_targets(example(3), feats.device)
-    outputs = task(feats, pad)
+    # a head that writes through the shared decoder is checked on a tiny random causal LM of width d
+    extra = {"decoder": build_component("backbone", "causal_lm", {}, {"d_model": d})} if getattr(task, "reads_decoder", False) else {}
+    outputs = task(feats, pad, **extra)
     if isinstance(outputs, torch.Tensor) and (outputs.dim() == 0 or outputs.shape[0] != 3):
         _fail(report, f"output shape: expected [3, ...] (one row per item) for features [3, 8, {d}], got {tuple(outputs.shape)}")
     terms = task.loss_terms(outputs, targets)
@@ -371,11 +373,11 @@ def check_preset(name: str, overrides: tuple[str, ...] = (), registry: Optional[
     sr = int(model.encoder.sample_rate)
     t = sr // 2
     item_tasks = [tasks[i % len(tasks)] for i in range(b)]
-    targets = []
-    for i, tname in enumerate(item_tasks):
-        targets.append(model.heads[tname].example_targets(1)[0])
+    targets = [model.heads[tname].example_targets(1)[0] for tname in item_tasks]
+    # a target's template fields (a question) are also what the head needs to predict without targets
+    prompts = [{k: v for k, v in x.items() if k != "answer"} if isinstance(x, Mapping) else None for x in targets]
     torch.manual_seed(0)
-    batch = AudioBatch(torch.randn(b, t) * 0.1, sr, item_tasks, torch.tensor([t - 97 * i for i in range(b)]), targets)
+    batch = AudioBatch(torch.randn(b, t) * 0.1, sr, item_tasks, torch.tensor([t - 97 * i for i in range(b)]), targets, prompts)
     out = model(batch)
     if out.loss is None or not torch.isfinite(out.loss):
         _fail(report, f"loss is not finite: {out.loss}")

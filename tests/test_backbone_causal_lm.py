@@ -43,7 +43,7 @@ def test_dense_lm_backbone_trains_in_a_preset_and_ignores_padding():
 
 def test_copy_upcycled_lm_equals_the_dense_lm_and_reports_routing():
     dense = backbone()
-    moe = backbone(moe={"num_experts": 3, "router": {"name": "linear_topk", "params": {"k": 2}}})
+    moe = backbone(moe={"name": "moe", "params": {"num_experts": 3, "router": {"name": "linear_topk", "params": {"k": 2}}}})
     x, pad = padded()
     a, b = dense(x, pad), moe(x, pad)
     torch.testing.assert_close(b.hidden, a.hidden, rtol=1e-5, atol=1e-5)  # every expert is a copy, weights sum to 1

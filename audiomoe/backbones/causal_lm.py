@@ -7,22 +7,30 @@ a pretrained LM of another width gets linear maps in and out. Options: LoRA thro
 is then frozen), and a ``moe`` block that upcycles its dense MLPs into audiomoe MoE layers with any
 router and expert layout (``audiomoe.experts.upcycle``; every routed layer's record and aux losses
 are reported as ``layer<i>``). Attention is causal, with the padding mask as the attention mask.
+
+Decoding (``supports_decoding``): :meth:`CausalLMBackbone.decode` runs an interleaved sequence
+``[prompt tokens | audio soft tokens | codec embeddings]`` through the LM's decoder with its own
+KV cache (transformers' ``DynamicCache``); the text head reads the LM's tokenizer, token
+embeddings and LM head through :meth:`embed_tokens` / :meth:`text_logits`. Those two tables stay
+frozen (as in MoWE-Audio and SALMONN: the LLM's vocabulary is not retrained); decoding and
+reading text need the LM's width to be ``d_model``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from audiomoe.core.interfaces import Backbone, BackboneOutput
-from audiomoe.core.specs import Params
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.interfaces import Backbone, BackboneOutput, DecoderState
+from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.experts.upcycle import UpcycledMLP, upcycle_causal_lm
-from audiomoe.tasks.llm_utils import LoRAParams, apply_lora, check_one_source, load_lm
+from audiomoe.tasks.llm_utils import LoRAParams, apply_lora, check_one_source, lm_and_tokenizer
 
-TINY_LM = {"model_type": "llama", "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 8}
+TINY_LM = {"model_type": "llama", "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
 class CausalLMBackbone(Backbone):
@@ -30,12 +38,15 @@ class CausalLMBackbone(Backbone):
 
     # peft starts LoRA's B at zero, so A's gradient is zero until B has moved one step
     gradient_exempt = ("*lora_A*",)
+    supports_decoding = True
 
     class Params(Params):
         pretrained: Optional[str] = Field(None, max_length=4096, description="local directory of the LM (HF layout); None: a random config")
         config: Optional[dict[str, Any]] = Field(None, description="transformers config of a random LM (model_type needed); default: a tiny Llama of width d_model")
         lora: Optional[LoRAParams] = Field(None, description="LoRA adapters (the LM is then frozen); null = train the LM itself")
-        moe: Optional[dict[str, Any]] = Field(None, description="upcycle the dense MLPs into MoE layers: the moe component's params (num_experts, router, ...)")
+        moe: Annotated[Optional[ComponentSpec], Slot("moe")] = Field(
+            None, description="upcycle the dense MLPs into MoE layers: the moe component (num_experts, router, shared, null, ...)"
+        )
         moe_init: Literal["copy", "slice"] = Field("copy", description="experts copy the dense MLP, or take consecutive slices of it")
 
         @model_validator(mode="after")
@@ -46,9 +57,9 @@ class CausalLMBackbone(Backbone):
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
         p = self.params
-        self.lm = load_lm(p.pretrained, p.config or {**TINY_LM, "hidden_size": d_model})
+        self.lm, self.tokenizer = lm_and_tokenizer(p.pretrained, p.config, {**TINY_LM, "hidden_size": d_model})
         if p.moe is not None:
-            upcycle_causal_lm(self.lm, p.moe, init=p.moe_init)
+            upcycle_causal_lm(self.lm, p.moe.model_dump(), init=p.moe_init)
         if p.lora is not None:
             self.lm = apply_lora(self.lm, p.lora)
         # the backbone feeds inputs_embeds and reads hidden states: the token embedding and LM head are
@@ -56,7 +67,8 @@ class CausalLMBackbone(Backbone):
         for emb in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
             if emb is not None:
                 emb.requires_grad_(False)
-        width = self.lm.config.get_text_config().hidden_size
+        width = self.width = self.lm.config.get_text_config().hidden_size
+        self.d_model = d_model
         self.into = nn.Identity() if width == d_model else nn.Linear(d_model, width)
         self.out = nn.Identity() if width == d_model else nn.Linear(width, d_model)
 
@@ -72,12 +84,49 @@ class CausalLMBackbone(Backbone):
         finally:
             for m in upcycled:
                 m.attention_mask = None
-        out = BackboneOutput(self.out(h).masked_fill(padding_mask[..., None], 0.0))
+        return self._routed(upcycled, BackboneOutput(self.out(h).masked_fill(padding_mask[..., None], 0.0)))
+
+    def _routed(self, upcycled: list[UpcycledMLP], out: Any) -> Any:
         for i, mlp in enumerate(upcycled):
             if mlp.routing is not None:
                 out.routing[f"layer{i}"] = mlp.routing
                 out.aux_losses.update({f"layer{i}/{k}": v for k, v in mlp.routing.aux_losses.items()})
         return out
+
+    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None) -> DecoderState:
+        """Causal pass of new positions through the LM's decoder with a KV cache (see :mod:`audiomoe.core.decoding`)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache() if cache is None else cache
+        mask = attention_mask.long()
+        upcycled = [m for m in self.lm.modules() if isinstance(m, UpcycledMLP)]
+        for m in upcycled:  # the new positions are the mask's last columns (UpcycledMLP takes them)
+            m.attention_mask = mask
+        try:
+            out = self.lm.get_decoder()(
+                inputs_embeds=self.into(embeds), attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+            )
+        finally:
+            for m in upcycled:
+                m.attention_mask = None
+        return self._routed(upcycled, DecoderState(self.out(out.last_hidden_state), out.cache))
+
+    def _check_text_width(self) -> None:
+        if self.width != self.d_model:
+            raise AudioMoEError(
+                f"the LM's width is {self.width} but d_model is {self.d_model}: a text head reads the LM's own embeddings "
+                f"and LM head, so set d_model: {self.width} in the spec"
+            )
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LM's (frozen) token embeddings of ``ids``."""
+        self._check_text_width()
+        return self.lm.get_input_embeddings()(ids)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's next-token logits of ``hidden`` [.., D]."""
+        self._check_text_width()
+        return self.lm.get_output_embeddings()(hidden)
 
     def num_active_parameters(self) -> Optional[float]:
         """All parameters, with each upcycled MoE layer counted by its measured active share."""

@@ -40,6 +40,10 @@ class AudioMoEError(Exception):
     """Base class of every error audiomoe raises on purpose."""
 
 
+class MissingPretrainedError(AudioMoEError):
+    """Pretrained weights named in a spec are neither a local directory nor in the local HF cache."""
+
+
 class UnknownComponentError(AudioMoEError, KeyError):
     """A component name that no loaded plugin registered."""
 

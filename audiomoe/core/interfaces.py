@@ -86,6 +86,8 @@ class Encoder(Component):
     """
 
     kind: ClassVar[str] = "encoder"
+    #: True: ``forward`` also takes ``task_ids`` [B] (a mixture whose router conditions on the task)
+    accepts_task_ids: ClassVar[bool] = False
     sample_rate: int
     output_dim: int
     frame_rate: float
@@ -259,38 +261,6 @@ class MoE(Component):
         raise NotImplementedError
 
 
-# -- backbones -------------------------------------------------------------------------------
-
-
-@dataclass
-class BackboneOutput:
-    """Hidden states [B, N, D] plus auxiliary losses and routing records by layer name."""
-
-    hidden: torch.Tensor
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    routing: dict[str, Routing] = field(default_factory=dict)
-
-
-class Backbone(Component):
-    """A sequence model between the encoder and the heads: [B, N, d_model] -> [B, N, d_model].
-
-    ``d_model`` and ``task_names`` are injected when the constructor names them. A backbone whose
-    class sets ``accepts_task_ids = True`` also gets ``task_ids`` [B] (index into ``task_names``),
-    so its routers can condition on the task.
-    """
-
-    kind: ClassVar[str] = "backbone"
-    accepts_task_ids: ClassVar[bool] = False
-
-    def num_active_parameters(self) -> Optional[float]:
-        """Parameters used per token on average (None: all of them)."""
-        return None
-
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> BackboneOutput:  # pragma: no cover
-        """Transform ``x`` [B, N, D]; ``padding_mask`` [B, N] is True at padded frames (see ``accepts_task_ids``)."""
-        raise NotImplementedError
-
-
 # -- tasks -----------------------------------------------------------------------------------
 
 
@@ -317,6 +287,15 @@ class Task(Component):
     """
 
     kind: ClassVar[str] = "task"
+    #: True: ``forward`` also gets ``prompts`` (the batch's per-item text fields)
+    accepts_prompts: ClassVar[bool] = False
+    #: False: ``predict`` is costly (autoregressive); ``AudioModel.forward(predict=False)`` skips it
+    predicts_cheaply: ClassVar[bool] = True
+    #: True: the head reads the shared backbone's decoder; ``forward`` gets the adapted audio (not the
+    #: backbone's states) and ``decoder=`` the backbone, and builds its own interleaved sequence
+    reads_decoder: ClassVar[bool] = False
+    #: weight of the task term in the model's total loss (heads set it from their params)
+    loss_weight: float = 1.0
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor) -> Any:  # pragma: no cover
         """Compute head outputs from ``features`` [B, N, D] (``padding_mask`` True = padded)."""
@@ -370,6 +349,9 @@ class Codec(Component):
         """Waveforms [B, T] from ``codes`` [B, Q, F]."""
         raise NotImplementedError
 
+
+# the backbone contract lives beside the decoding records; imported here so every base is in one place
+from .decoding import Backbone, BackboneOutput, DecoderState  # noqa: E402,F401
 
 BASES: dict[str, type[Component]] = {
     "encoder": Encoder,

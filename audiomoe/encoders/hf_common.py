@@ -21,13 +21,10 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError, MissingPretrainedError  # noqa: F401 (re-exported)
 
 LayerChoice = Union[str, int]
 
-
-class MissingPretrainedError(AudioMoEError):
-    """Pretrained weights named in a spec are neither a local directory nor in the local HF cache."""
 
 
 def resolve_pretrained(pretrained: str, what: str) -> Path:

@@ -4,6 +4,12 @@ Not a component: ``moe_transformer.py`` and ``unimoe_transformer.py`` subclass :
 with their own ``Params`` defaults. Block (pre-norm): ``h = x + Attn(N1(x)); y = h + MoE(N2(h))``.
 Attention goes through ``backends.attention`` (SDPA with a key-padding mask on torch; xformers'
 memory-efficient attention on packed sequences with a block-diagonal mask on CUDA).
+
+Decoding (``supports_decoding``): :meth:`MoEStackBackbone.decode` runs new positions of an
+interleaved sequence causally against a KV cache (one ``(k, v)`` pair per block, torch SDPA), so
+text and codec heads generate one step per call. Positions: none by default (the encoder's states
+carry them), or rotary embeddings (``positions: rope``, RoFormer, on the real-token positions) for a
+stack used as a decoder.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.interfaces import Backbone, BackboneOutput
+from audiomoe.core.interfaces import Backbone, BackboneOutput, DecoderState
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.experts.backends import attention, resolve_backend
 
@@ -30,28 +37,67 @@ class MoEBackboneParams(Params):
     attention: Literal["auto", "torch", "xformers"] = Field(
         "auto", description="attention kernel: torch SDPA, or xformers' packed attention (CUDA; auto = torch)"
     )
+    positions: Literal["none", "rope"] = Field("none", description="rotary position embeddings on q and k (rope), or none")
     moe: Annotated[ComponentSpec, Slot("moe")] = Field(
         default_factory=lambda: ComponentSpec(name="moe"), description="the MoE FFN of every block (router, experts, shared, null, capacity)"
     )
 
 
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, N, H, Dh] by its ``positions`` [B, N] (RoFormer, base 10000, rotate-half layout)."""
+    half = x.shape[-1] // 2
+    freq = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = positions.to(torch.float32)[..., None, None] * freq  # [B, N, 1, half]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    a, b = x[..., :half], x[..., half : 2 * half]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, x[..., 2 * half :]], -1)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a key-padding mask; the backend decides the kernel."""
 
-    def __init__(self, d_model: int, num_heads: int, backend: str) -> None:
+    def __init__(self, d_model: int, num_heads: int, backend: str, rope: bool = False) -> None:
         super().__init__()
         # auto = torch SDPA: decided once, never timed per call, so every rank runs the same kernel
-        self.h, self.backend = num_heads, "torch" if backend == "auto" else backend
+        self.h, self.backend, self.rope = num_heads, "torch" if backend == "auto" else backend, rope
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
+
+    def _qkv(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).unbind(2)
+        if self.rope:
+            q, k = rotary(q, positions), rotary(k, positions)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], causal: bool = False) -> torch.Tensor:
         """``x`` [B, N, D]; ``padding_mask`` [B, N] True = padded; ``causal`` masks future positions."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).unbind(2)
+        positions = None
+        if self.rope:
+            real = torch.ones(b, n, dtype=torch.long, device=x.device) if padding_mask is None else (~padding_mask).long()
+            positions = (real.cumsum(1) - 1).clamp_min(0)
+        q, k, v = self._qkv(x, positions)
         kernel = resolve_backend(self.backend, x.device)
         out = attention(q, k, v, padding_mask, kernel, causal)
         return self.out(out.reshape(b, n, d))
+
+    def cached(self, x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, past: Optional[tuple]) -> tuple[torch.Tensor, tuple]:
+        """Causal attention of new positions ``x`` [B, L, D] over ``past`` keys/values and their own.
+
+        ``keep`` [B, past + L] is True at real tokens. A query attends to real keys at or before its
+        column, and always to itself (a left-pad query would otherwise softmax over nothing).
+        """
+        b, n, d = x.shape
+        q, k, v = self._qkv(x, positions)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+        total = k.shape[1]
+        cols = torch.arange(total, device=x.device)
+        rows = cols[total - n :, None]
+        mask = (keep[:, None, :] & (cols[None, None, :] <= rows[None])) | (cols[None, None, :] == rows[None])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
+        return self.out(out.transpose(1, 2).reshape(b, n, d)), (k, v)
 
 
 class MoEBlock(nn.Module):
@@ -61,7 +107,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         norm = nn.RMSNorm if p.norm == "rmsnorm" else nn.LayerNorm
         self.norm1, self.norm2 = norm(d_model), norm(d_model)
-        self.attn = SelfAttention(d_model, p.num_heads, p.attention)
+        self.attn = SelfAttention(d_model, p.num_heads, p.attention, rope=p.positions == "rope")
         self.moe = moe
         self.drop = nn.Dropout(p.dropout)
 
@@ -71,12 +117,20 @@ class MoEBlock(nn.Module):
         y, routing = self.moe(self.norm2(x), padding_mask, task_ids)
         return x + self.drop(y), routing
 
+    def cached(self, x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, past: Optional[tuple]):
+        """One decoding call: ``(x', routing, (k, v))``; the new positions' padding comes from ``keep``."""
+        a, kv = self.attn.cached(self.norm1(x), keep, positions, past)
+        x = x + self.drop(a)
+        y, routing = self.moe(self.norm2(x), ~keep[:, -x.shape[1] :])
+        return x + self.drop(y), routing, kv
+
 
 class MoEStackBackbone(Backbone):
     """``num_layers`` MoE blocks + a final norm; every layer's routing and aux losses are reported."""
 
     Params = MoEBackboneParams
     accepts_task_ids = True
+    supports_decoding = True
 
     def __init__(self, params: MoEBackboneParams, *, d_model: int, moe: Any, task_names: Optional[list[str]] = None) -> None:
         super().__init__(params)
@@ -108,4 +162,17 @@ class MoEStackBackbone(Backbone):
             for k, v in routing.aux_losses.items():
                 out.aux_losses[f"layer{i}/{k}"] = v
         out.hidden = self.norm(x)
+        return out
+
+    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None) -> DecoderState:
+        """Causal pass of new positions against the KV ``cache`` (a list of per-block ``(k, v)``; None: empty)."""
+        keep = attention_mask.bool()
+        x, new = embeds, []
+        out = DecoderState(embeds)
+        for i, block in enumerate(self.blocks):
+            x, routing, kv = block.cached(x, keep, position_ids, None if cache is None else cache[i])
+            new.append(kv)
+            out.routing[f"layer{i}"] = routing
+            out.aux_losses.update({f"layer{i}/{k}": v for k, v in routing.aux_losses.items()})
+        out.hidden, out.cache = self.norm(x), new
         return out

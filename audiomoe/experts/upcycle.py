@@ -144,9 +144,12 @@ def _moe_spec(moe: Any, width: int, inter: int) -> dict[str, Any]:
     expert = {"name": expert, "params": {}} if isinstance(expert, str) else {"name": expert.get("name", "swiglu"), "params": dict(expert.get("params") or {})}
     if expert["name"] != "swiglu":
         raise AudioMoEError(f"upcycling copies dense SwiGLU MLPs into experts: moe.expert must be 'swiglu', got '{expert['name']}'")
-    expert["params"].setdefault("d_ff", width)
+    # None is "unset" too: a spec resolved by the composer carries every default, d_ff=None included
+    if expert["params"].get("d_ff") is None:
+        expert["params"]["d_ff"] = width
     params["expert"] = expert
-    params.setdefault("shared_d_ff", inter)
+    if params.get("shared_d_ff") is None:
+        params["shared_d_ff"] = inter
     return {"name": spec["name"], "params": params}
 
 

@@ -8,8 +8,10 @@ style), loaded from a local directory (``pretrained``) or built at random from `
 file-free byte tokenizer. LoRA (peft) adapts the LM; ``save_adapters`` / ``load_adapters`` store
 only the LoRA weights and the audio adapter. Training loss: next-token cross-entropy on the answer
 tokens only, ``L = -sum_t log p(y_t | prompt, audio, y_<t)`` (mean over answer tokens).
-Generation goes through ``generate(inputs_embeds=...)``. Metrics: WER, CER (jiwer), BLEU
-(sacrebleu) and exact-match accuracy (after text normalisation) for closed questions.
+Generation goes through ``generate(inputs_embeds=...)``. Templates, targets and metrics (WER, CER,
+BLEU, exact match) are :mod:`audiomoe.tasks.prompting`'s, shared with the ``text`` head. This head
+holds its own LM: for a model whose tasks share one decoder, use the ``text`` head on a
+``causal_lm`` backbone instead.
 
 Per-item text, from :class:`audiomoe.model.AudioBatch`: ``prompts[i]`` (a mapping of template
 fields, e.g. ``{"mode": "qa", "question": "..."}``, or a string used as ``question``) and
@@ -20,20 +22,19 @@ template (default ``params.mode``). Predictions: one generated string per item.
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Task
-from audiomoe.core.specs import Params
-from audiomoe.tasks.functional import generation, normalize_text
-from audiomoe.tasks.llm_utils import LoRAParams, SoftPrompt, apply_lora, assemble_soft_prompt, byte_tokenizer, check_one_source, load_lm
+from audiomoe.tasks.functional import generation
+from audiomoe.tasks.prompting import LLMTarget, PromptParams, item_fields, prompt_parts, text_metrics, text_targets, token_ids
+from audiomoe.tasks.llm_utils import LoRAParams, SoftPrompt, apply_lora, assemble_soft_prompt, check_one_source, lm_and_tokenizer
 
 _TINY_LM = {
     "model_type": "llama",
@@ -46,13 +47,6 @@ _TINY_LM = {
     # A random LM with the usual 0.02 init has near-uniform outputs that a low-rank update barely moves.
     "initializer_range": 0.2,
 }
-_TEMPLATES = {
-    "asr": "Transcribe the audio.\n{audio}\nTranscript:",
-    "qa": "Listen.\n{audio}\nQuestion: {question}\nAnswer:",
-    "caption": "Describe the audio.\n{audio}\nCaption:",
-}
-
-
 @dataclass
 class AudioLLMOutput:
     """Adapted audio ``soft_tokens`` [B, M, H], ``lengths`` [B] valid ones, and per-item prompt fields."""
@@ -60,14 +54,6 @@ class AudioLLMOutput:
     soft_tokens: torch.Tensor
     lengths: torch.Tensor
     prompts: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class LLMTarget:
-    """One item's answer text and the template fields it carries (``mode``, ``question``, ...)."""
-
-    answer: str
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
 class AudioLLM(Task):
@@ -78,7 +64,7 @@ class AudioLLM(Task):
     # peft starts LoRA's B at zero, so A's gradient (B^T dL/dy) is zero until B has moved one step
     gradient_exempt = ("*lora_A*",)
 
-    class Params(Params):
+    class Params(PromptParams):
         pretrained: Optional[str] = Field(None, description="local directory holding the LM and its tokenizer (HF layout)")
         config: Optional[dict[str, Any]] = Field(
             None, description="transformers config of a randomly initialised LM (needs model_type); default: a tiny Llama"
@@ -88,25 +74,10 @@ class AudioLLM(Task):
         train_lm: bool = Field(False, description="without LoRA: fine-tune all LM weights (else the LM is frozen)")
         downsample: int = Field(1, ge=1, le=64, description="audio frames stacked into one soft token")
         adapter_hidden: int = Field(0, ge=0, le=65536, description="hidden width of the adapter MLP (0: one linear layer)")
-        templates: dict[str, str] = Field(default_factory=lambda: dict(_TEMPLATES), description="prompt template per mode; '{audio}' once")
-        mode: str = Field("asr", min_length=1, description="template used when an item names no mode")
-        max_new_tokens: int = Field(32, ge=1, le=8192, description="generation length limit")
         num_beams: int = Field(1, ge=1, le=64, description="beam search width for generation (1: greedy)")
-        loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="weight of this head's loss in the total loss")
-
-        @field_validator("templates")
-        @classmethod
-        def _one_audio_slot(cls, templates: dict[str, str]) -> dict[str, str]:
-            for mode, text in templates.items():
-                names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
-                if names.count("audio") != 1:
-                    raise ValueError(f"template '{mode}' must contain '{{audio}}' exactly once: {text!r}")
-            return templates
 
         @model_validator(mode="after")
-        def _known_mode(self) -> "AudioLLM.Params":
-            if self.mode not in self.templates:
-                raise ValueError(f"mode '{self.mode}' has no template; templates: {sorted(self.templates)}")
+        def _one_source(self) -> "AudioLLM.Params":
             check_one_source(self.pretrained, self.config)
             return self
 
@@ -127,23 +98,16 @@ class AudioLLM(Task):
         if self.tokenizer.eos_token_id is None:
             raise AudioMoEError("the LM's tokenizer has no eos token; answers need one to stop generation")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self._split = {m: t.split("{audio}") for m, t in p.templates.items()}
 
     @property
     def _lm_dtype(self) -> torch.dtype:
         return getattr(torch, self.params.dtype)
 
     def _build_lm(self) -> tuple[nn.Module, Any]:
-        from transformers import AutoTokenizer
-
         p = self.params
-        if p.pretrained is not None:
-            lm = load_lm(p.pretrained, {}, self._lm_dtype)  # names a missing directory first
-            tok = AutoTokenizer.from_pretrained(Path(p.pretrained).expanduser(), local_files_only=True)
-        else:
-            tok = byte_tokenizer()
-            ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-            lm = load_lm(None, p.config or _TINY_LM, self._lm_dtype, **ids)
+        lm, tok = lm_and_tokenizer(p.pretrained, p.config, _TINY_LM, self._lm_dtype)
+        if tok is None:
+            raise AudioMoEError(f"'{p.pretrained}' holds no tokenizer files; the AudioLLM head needs the LM's tokenizer beside it")
         if p.lora is not None:
             lm = apply_lora(lm, p.lora)
         elif not p.train_lm:
@@ -151,22 +115,6 @@ class AudioLLM(Task):
         return lm, tok
 
     # -- prompts --------------------------------------------------------------------------------
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    def _prompt_parts(self, fields: Mapping[str, Any]) -> tuple[list[int], list[int]]:
-        fields = dict(fields)
-        mode = fields.pop("mode", self.params.mode)
-        if mode not in self._split:
-            raise AudioMoEError(f"prompt mode '{mode}' has no template; templates: {sorted(self._split)}")
-        before, after = self._split[mode]
-        try:
-            pre, post = before.format(**fields), after.format(**fields)
-        except KeyError as exc:
-            raise AudioMoEError(f"template '{mode}' needs the field {exc} (give it in the item's prompt or target)") from None
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self._ids(pre), self._ids(post)
 
     def build_inputs(self, outputs: AudioLLMOutput, targets: Optional[list[LLMTarget]] = None) -> SoftPrompt:
         """The LM batch for ``outputs`` (with answers as labels when ``targets`` is given)."""
@@ -176,12 +124,12 @@ class AudioLLM(Task):
             fields = dict(outputs.prompts[i]) if i < len(outputs.prompts) else {}
             if targets is not None:
                 fields.update(targets[i].fields)
-            a, s = self._prompt_parts(fields)
+            a, s = prompt_parts(self.tokenizer, self.params, fields)
             pre.append(a)
             post.append(s)
             audio.append(outputs.soft_tokens[i, : int(outputs.lengths[i])])
             if targets is not None:
-                answers.append(self._ids(targets[i].answer) + [self.tokenizer.eos_token_id])
+                answers.append(token_ids(self.tokenizer, targets[i].answer) + [self.tokenizer.eos_token_id])
             extra = len(answers[i]) if targets is not None else self.params.max_new_tokens
             total = len(a) + audio[i].shape[0] + len(s) + extra
             if self.context is not None and total > self.context:
@@ -208,33 +156,11 @@ class AudioLLM(Task):
             features = nn.functional.pad(features, (0, 0, 0, k - n % k))
         stacked = features.reshape(b, -1, k * d)
         soft = self.adapter(stacked.to(self._lm_dtype))
-        items = []
-        for i, pr in enumerate(prompts or [None] * b):
-            if pr is None:
-                items.append({})
-            elif isinstance(pr, str):
-                items.append({"question": pr})
-            elif isinstance(pr, Mapping):
-                items.append(dict(pr))
-            else:
-                raise AudioMoEError(f"prompt of item {i} must be a mapping of template fields or a string, got {type(pr).__name__}")
-        return AudioLLMOutput(soft, torch.div(valid + k - 1, k, rounding_mode="floor"), items)
+        return AudioLLMOutput(soft, torch.div(valid + k - 1, k, rounding_mode="floor"), item_fields(prompts, b))
 
     def make_targets(self, raw: list[Any], device: torch.device) -> list[LLMTarget]:
         """Answer strings (or ``{"answer": ..., <template fields>}``); an empty answer is an error."""
-        out = []
-        for i, item in enumerate(raw):
-            if isinstance(item, str):
-                answer, fields = item, {}
-            elif isinstance(item, Mapping) and "answer" in item:
-                fields = {k: v for k, v in item.items() if k != "answer"}
-                answer = item["answer"]
-            else:
-                raise AudioMoEError(f"AudioLLM target of item {i} must be a string or a mapping with 'answer', got {item!r}")
-            if not isinstance(answer, str) or not answer.strip():
-                raise AudioMoEError(f"AudioLLM target of item {i} has an empty answer/transcript {answer!r}")
-            out.append(LLMTarget(answer, fields))
-        return out
+        return text_targets(raw)
 
     def example_targets(self, n: int) -> list[str]:
         """``n`` short answers."""
@@ -273,19 +199,7 @@ class AudioLLM(Task):
 
     def metrics(self, predictions: list[str], targets: list[LLMTarget]) -> Mapping[str, float]:
         """WER and CER (jiwer), corpus BLEU (sacrebleu) and exact-match accuracy, on normalised text."""
-        import jiwer
-        import sacrebleu
-
-        refs = [normalize_text(t.answer) for t in targets]
-        hyps = [normalize_text(h) for h in predictions]
-        keep = [i for i, r in enumerate(refs) if r]
-        r, h = [refs[i] for i in keep], [hyps[i] for i in keep]
-        out = {"exact_match": sum(a == b for a, b in zip(refs, hyps)) / max(len(refs), 1)}
-        if r:
-            out["wer"] = float(jiwer.wer(r, h))
-            out["cer"] = float(jiwer.cer(r, h))
-        out["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [[t.answer for t in targets]]).score)
-        return out
+        return text_metrics(predictions, targets)
 
     # -- adapters -------------------------------------------------------------------------------
 

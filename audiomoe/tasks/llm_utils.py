@@ -7,7 +7,7 @@
   ``[bos] prefix-text <audio soft tokens> suffix-text [answer eos]``, LEFT-padded (so generation
   continues every row right after its prompt), with the attention mask, position ids counted over
   real tokens only, and labels (-100 everywhere except the answer and eos).
-- :func:`load_lm`, :func:`apply_lora`, :class:`LoRAParams`, :func:`check_one_source`: how the
+- :func:`load_lm`, :func:`lm_and_tokenizer`, :func:`apply_lora`, :class:`LoRAParams`, :func:`check_one_source`: how the
   AudioLLM head and the ``causal_lm`` backbone get a transformers causal LM (local directory or
   random config) and its LoRA adapters, written once.
 """
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from pydantic import Field
 
-from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError, MissingPretrainedError
 from audiomoe.core.specs import Params
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -122,7 +122,9 @@ def load_lm(pretrained: Optional[str], config: Mapping[str, Any], dtype: torch.d
     if pretrained is not None:
         path = Path(pretrained).expanduser()
         if not path.is_dir():
-            raise AudioMoEError(f"pretrained LM directory '{pretrained}' does not exist (only local paths are read)")
+            raise MissingPretrainedError(
+                f"pretrained LM directory '{pretrained}' does not exist (only local paths are read: download it and give its path)"
+            )
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     raw = dict(config)
     model_type = raw.pop("model_type", None)
@@ -133,6 +135,25 @@ def load_lm(pretrained: Optional[str], config: Mapping[str, Any], dtype: torch.d
     except (ValueError, TypeError) as exc:
         raise AudioMoEError(f"cannot build an LM config of type '{model_type}' from {raw}: {exc}") from exc
     return AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
+def lm_and_tokenizer(pretrained: Optional[str], config: Optional[Mapping[str, Any]], default: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """An LM and its tokenizer: both from a local directory, or a random ``config`` (else ``default``) with the byte tokenizer.
+
+    A random LM gets the byte tokenizer's vocabulary size and special ids, so any text round-trips.
+    A directory without tokenizer files gives ``None`` (the LM can still read audio; text heads refuse it).
+    """
+    from transformers import AutoTokenizer
+
+    if pretrained is not None:
+        lm = load_lm(pretrained, {}, dtype)  # names a missing directory first
+        path = Path(pretrained).expanduser()
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+            return lm, None
+        return lm, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = byte_tokenizer()
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return load_lm(None, config or default, dtype, **ids), tok
 
 
 def apply_lora(lm: torch.nn.Module, lora: LoRAParams) -> torch.nn.Module:

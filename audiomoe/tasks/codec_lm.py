@@ -1,0 +1,126 @@
+"""Codec head: a thin reader of the shared backbone writing multi-codebook codec tokens (UniMoE-Audio's output).
+
+UniMoE-Audio generates speech and music with its one MoE language model: the conditioning (text
+prompt tokens, then the adapted audio as soft tokens) and the delayed codec frames form one causal
+sequence ``[prompt tokens | audio soft tokens | bos frame | delayed frames ...]``, and a frame's
+codebooks are predicted at once from its hidden state (:mod:`audiomoe.tasks.codec_frames`: summed
+per-codebook embeddings in, one ``K x V`` linear out, ``L = sum_k CE_k``). The head owns only
+those embeddings and that output layer; the decoder is the model's backbone (``causal_lm``, or an
+MoE transformer with rotary positions), shared with every other task.
+
+Generation samples frame by frame with the backbone's KV cache: the prefix runs once, then one
+frame per decoder call (``use_cache=False`` re-runs the whole sequence each frame, for checks and
+the benchmark). An optional ``prompt`` template (``"Say: {text}"``) puts the item's text
+(``AudioBatch.prompts``: a string, or a mapping of the template's fields) before the audio; it
+needs a backbone with a tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from pydantic import Field
+
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.interfaces import Task, TaskLoss
+from audiomoe.tasks.codec_frames import CodecFrameParams, CodecFrames, CodecTargets
+from audiomoe.tasks.functional import generation
+from audiomoe.tasks.prompting import check_decoder, inference, item_fields, token_ids
+
+
+@dataclass
+class CodecPrefix:
+    """The left-padded conditioning of every item: ``embeds`` [B, P, D], ``real`` [B, P] (1 = token), and the ``decoder``."""
+
+    embeds: torch.Tensor
+    real: torch.Tensor
+    decoder: Any = None
+
+
+class CodecHead(CodecFrames, Task):
+    """Delayed multi-codebook codec frames written by the shared decoder; KV-cached sampling."""
+
+    accepts_prompts = True
+    predicts_cheaply = False
+    reads_decoder = True
+
+    class Params(CodecFrameParams):
+        prompt: Optional[str] = Field(None, max_length=4096, description="text template before the audio ('{text}' etc.; needs a tokenizer)")
+
+    def __init__(self, params: Params, *, d_model: int) -> None:
+        super().__init__(params)
+        self._setup_frames(self.params, d_model)
+
+    def _prompt_embeds(self, decoder: Any, fields: dict[str, Any], i: int) -> torch.Tensor:
+        tok = decoder.tokenizer
+        if tok is None:
+            raise AudioMoEError(f"codec head prompt {self.params.prompt!r} needs a backbone with a tokenizer (causal_lm)")
+        fields = {"text": fields.get("question", "")} | fields
+        try:
+            text = self.params.prompt.format(**fields)
+        except KeyError as exc:
+            raise AudioMoEError(f"codec prompt template needs the field {exc} in item {i}'s prompt") from None
+        ids = torch.tensor(token_ids(tok, text), dtype=torch.long, device=self.out.weight.device)
+        return decoder.embed_tokens(ids)
+
+    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, prompts: Optional[list[Any]] = None, decoder: Any = None) -> CodecPrefix:
+        """The conditioning: each item's prompt tokens (if a template is set) then its valid audio frames, left-padded."""
+        check_decoder("codec", decoder)
+        fields = item_fields(prompts, features.shape[0])
+        rows = []
+        for i in range(features.shape[0]):
+            audio = features[i][~padding_mask[i]]
+            if self.params.prompt is not None:
+                audio = torch.cat([self._prompt_embeds(decoder, fields[i], i).to(audio.dtype), audio])
+            rows.append(audio)
+        length = max(r.shape[0] for r in rows)
+        embeds = features.new_zeros(len(rows), length, features.shape[-1])
+        real = torch.zeros(len(rows), length, dtype=torch.long, device=features.device)
+        for i, r in enumerate(rows):
+            embeds[i, length - r.shape[0] :] = r
+            real[i, length - r.shape[0] :] = 1
+        return CodecPrefix(embeds, real, decoder)
+
+    def loss(self, outputs: CodecPrefix, targets: CodecTargets) -> torch.Tensor:
+        """Sum over codebooks of the cross-entropy over scored frames (+ the decoder's router losses)."""
+        terms = self.loss_terms(outputs, targets)
+        return terms.loss + sum(terms.aux_losses.values(), terms.loss.new_zeros(()))
+
+    def loss_terms(self, outputs: CodecPrefix, targets: CodecTargets) -> TaskLoss:
+        """Teacher-forced frames after the prefix through the decoder once; aux losses and routing beside the loss."""
+        embeds = torch.cat([outputs.embeds, self.embed_frames(targets.inputs).to(outputs.embeds.dtype)], 1)
+        mask = torch.cat([outputs.real, (~targets.padding_mask).long()], 1)
+        state = outputs.decoder.decode(embeds, mask, (mask.cumsum(1) - 1).clamp_min(0))
+        logits = self.frame_logits(state.hidden[:, outputs.embeds.shape[1] :].float())
+        aux = {f"decoder/{k}": v for k, v in state.aux_losses.items()}
+        return TaskLoss(self.frames_loss(logits, targets), aux, {f"decoder/{k}": v for k, v in state.routing.items()})
+
+    @generation
+    def generate(self, outputs: CodecPrefix, *, use_cache: bool = True, **sampling: Any) -> list[torch.Tensor]:
+        """Sample codes [K, T_i] per item; ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``max_frames``, ``generator``."""
+        dec = outputs.decoder
+        b = outputs.embeds.shape[0]
+        seq = {"embeds": outputs.embeds, "mask": outputs.real, "state": None, "fed": 0}
+
+        def step(frames: torch.Tensor) -> torch.Tensor:
+            new = self.embed_frames(frames[:, seq["fed"] :]).to(outputs.embeds.dtype)
+            seq["fed"] = frames.shape[1]
+            mask = seq["mask"] = torch.cat([seq["mask"], seq["mask"].new_ones(b, new.shape[1])], 1)
+            pos = (mask.cumsum(1) - 1).clamp_min(0)
+            if use_cache:
+                first = seq["state"] is None
+                x = torch.cat([seq["embeds"], new], 1) if first else new
+                seq["state"] = dec.decode(x, mask, pos[:, -x.shape[1] :], None if first else seq["state"].cache)
+            else:  # the whole sequence again each frame: what the cache must reproduce
+                seq["embeds"] = torch.cat([seq["embeds"], new], 1)
+                seq["state"] = dec.decode(seq["embeds"], mask, pos)
+            return self.frame_logits(seq["state"].hidden[:, -1:].float())[:, 0]
+
+        with inference(dec):
+            return self.sample_frames(step, b, outputs.embeds.device, self.params, **sampling)
+
+    def predict(self, outputs: CodecPrefix) -> list[torch.Tensor]:
+        """Sampled codes [K, T_i] per item (temperature / top-k / top-p from params)."""
+        return self.generate(outputs)
