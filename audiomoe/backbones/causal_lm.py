@@ -67,6 +67,8 @@ class CausalLMBackbone(Backbone):
         for emb in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
             if emb is not None:
                 emb.requires_grad_(False)
+        # found once: a decoding step is a few hundred microseconds, a module walk is not free
+        self._upcycled = [m for m in self.lm.modules() if isinstance(m, UpcycledMLP)]
         width = self.width = self.lm.config.get_text_config().hidden_size
         self.d_model = d_model
         self.into = nn.Identity() if width == d_model else nn.Linear(d_model, width)
@@ -76,7 +78,7 @@ class CausalLMBackbone(Backbone):
         """Run the LM's decoder on ``x`` [B, N, D] as ``inputs_embeds`` (causal; padding masked out of attention)."""
         decoder = self.lm.get_decoder()
         mask = (~padding_mask).long()
-        upcycled = [m for m in self.lm.modules() if isinstance(m, UpcycledMLP)]
+        upcycled = self._upcycled
         for m in upcycled:  # the decoder is called directly, past upcycling's hook on the LM: hand the mask over here
             m.attention_mask = mask
         try:
@@ -99,7 +101,7 @@ class CausalLMBackbone(Backbone):
 
         cache = DynamicCache() if cache is None else cache
         mask = attention_mask.long()
-        upcycled = [m for m in self.lm.modules() if isinstance(m, UpcycledMLP)]
+        upcycled = self._upcycled
         for m in upcycled:  # the new positions are the mask's last columns (UpcycledMLP takes them)
             m.attention_mask = mask
         try:

@@ -32,10 +32,10 @@ class DecoderState:
     routing: dict[str, Routing] = field(default_factory=dict)
 
 
-def positions_from_mask(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
-    """Position ids [B, new] of the last ``new`` columns of ``attention_mask`` [B, L] (real tokens counted from 0)."""
-    pos = attention_mask.long().cumsum(1) - 1
-    return pos[:, -new:].clamp_min(0)
+def positions_from_mask(attention_mask: torch.Tensor, new: Optional[int] = None) -> torch.Tensor:
+    """Position ids of the last ``new`` columns (default: all) of ``attention_mask`` [B, L], real tokens counted from 0."""
+    pos = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    return pos if new is None else pos[:, pos.shape[1] - new :]
 
 
 

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.decoding import positions_from_mask
 from audiomoe.core.interfaces import Task, TaskLoss
 from audiomoe.tasks.codec_frames import CodecFrameParams, CodecFrames, CodecTargets
 from audiomoe.tasks.functional import generation
@@ -92,7 +93,7 @@ class CodecHead(CodecFrames, Task):
         """Teacher-forced frames after the prefix through the decoder once; aux losses and routing beside the loss."""
         embeds = torch.cat([outputs.embeds, self.embed_frames(targets.inputs).to(outputs.embeds.dtype)], 1)
         mask = torch.cat([outputs.real, (~targets.padding_mask).long()], 1)
-        state = outputs.decoder.decode(embeds, mask, (mask.cumsum(1) - 1).clamp_min(0))
+        state = outputs.decoder.decode(embeds, mask, positions_from_mask(mask))
         logits = self.frame_logits(state.hidden[:, outputs.embeds.shape[1] :].float())
         aux = {f"decoder/{k}": v for k, v in state.aux_losses.items()}
         return TaskLoss(self.frames_loss(logits, targets), aux, {f"decoder/{k}": v for k, v in state.routing.items()})
@@ -108,7 +109,7 @@ class CodecHead(CodecFrames, Task):
             new = self.embed_frames(frames[:, seq["fed"] :]).to(outputs.embeds.dtype)
             seq["fed"] = frames.shape[1]
             mask = seq["mask"] = torch.cat([seq["mask"], seq["mask"].new_ones(b, new.shape[1])], 1)
-            pos = (mask.cumsum(1) - 1).clamp_min(0)
+            pos = positions_from_mask(mask)
             if use_cache:
                 first = seq["state"] is None
                 x = torch.cat([seq["embeds"], new], 1) if first else new

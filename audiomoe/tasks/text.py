@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 import torch
 from pydantic import Field
 
+from audiomoe.core.decoding import positions_from_mask
 from audiomoe.core.interfaces import Task, TaskLoss
 from audiomoe.tasks.functional import generation, sample_logits
 from audiomoe.tasks.llm_utils import SoftPrompt, assemble_soft_prompt
@@ -128,7 +129,7 @@ class TextHead(Task):
                     state = dec.decode(new, mask, last_pos, state.cache)
                 else:  # the whole sequence again: what the cache must reproduce
                     embeds = torch.cat([embeds, new], 1)
-                    state = dec.decode(embeds, mask, (mask.long().cumsum(1) - 1).clamp_min(0))
+                    state = dec.decode(embeds, mask, positions_from_mask(mask))
         ids = torch.stack(out, 1).tolist() if out else [[] for _ in range(b)]
         texts = []
         for row in ids:
