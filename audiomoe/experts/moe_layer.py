@@ -20,6 +20,11 @@ saw (``Routing.inputs``: after the training jitter, in fp32 when the gate is, as
 gate over all columns) and a joint softmax splits the mass. The weights finally applied (after
 drops, renormalisation and the shared share) are ``routing.applied``, the shared experts'
 ``routing.shared_weights``; the routing trace reports those.
+
+Expert parallelism (``expert_parallel: N``, UniMoE-Audio's EP 4): after
+:func:`audiomoe.experts.expert_parallel.shard_experts` each rank holds ``num_experts / N`` routed
+experts and :func:`~audiomoe.experts.expert_parallel.ep_combine` replaces the local dispatch (routing,
+drops and shared experts stay local); unsharded, the layer is the full one-process layer.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import MoE, Routing
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.experts.dispatcher import PLANS, Dispatcher, check_plan, load_plan_table, sorted_pairs
+from audiomoe.experts.expert_parallel import check_divisible, ep_combine, warn_unsharded
 from audiomoe.experts.grouped import LoopExperts, build_experts
 from audiomoe.experts.moe_functional import capacity_of, drop_over_capacity, gate_shared, null_drops, renormalize_after_drops
 
@@ -69,6 +75,9 @@ class MoELayer(MoE):
             "auto", description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, or the plan table's entry)"
         )
         plan_table: Optional[str] = Field(None, max_length=4096, description="JSON plan table written by benchmarks/moe_layer.py --tune")
+        expert_parallel: int = Field(
+            1, ge=1, le=4096, description="expert-parallel ranks N: each holds num_experts / N routed experts after expert_parallel.shard_experts (1 = off)"
+        )
 
     def __init__(self, params: Params, *, d_model: int, router: Any, expert: Any, task_names: Optional[list[str]] = None) -> None:
         super().__init__(params)
@@ -80,6 +89,8 @@ class MoELayer(MoE):
         self.shared = build_experts(expert, p.num_shared, d_model, p.shared_d_ff) if p.num_shared else None
         self.shared_gate = nn.Linear(d_model, p.num_shared, bias=False) if p.num_shared and p.shared_mode == "gated" else None
         check_plan(p.dispatch, self.experts)
+        check_divisible(p.num_experts, p.expert_parallel)
+        self.ep_shard = None  # set by expert_parallel.shard_experts: this rank's block of experts and its groups
         self.dispatcher = Dispatcher(p.dispatch, load_plan_table(p.plan_table))
         self.last_stats: dict[str, Any] = {}
 
@@ -153,7 +164,11 @@ class MoELayer(MoE):
         self._record(routing, weights, kept, shared_w, tokens, item_mask)
         counts_list = counts.tolist()
         out = self._shared_output(tokens, item_mask, shared_w)
-        if exp.numel():
+        if self.ep_shard is not None:  # every rank joins the all-to-all, with or without pairs of its own
+            out = ep_combine(self, tokens, out, exp, tok, counts, weights[tok, exp])
+        elif exp.numel():
+            if p.expert_parallel > 1:
+                warn_unsharded(self)
             out = self.dispatcher(tokens, out, exp, tok, counts_list, weights[tok, exp], self.experts)
         if out is None:
             out = tokens.new_zeros(tokens.shape)
@@ -187,7 +202,7 @@ class MoELayer(MoE):
     def idle_children(self) -> list[str]:
         """Per-expert modules no token picked in the last forward (grouped experts are one tensor: none)."""
         loads = self.last_stats.get("expert_loads")
-        if loads is None or not isinstance(self.experts, LoopExperts):
+        if loads is None or not isinstance(self.experts, LoopExperts) or self.ep_shard is not None:  # EP: loads come from every rank
             return []
         return [f"experts.{e}" for e, n in enumerate(loads) if n == 0]
 
