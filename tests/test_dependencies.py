@@ -77,3 +77,26 @@ def test_the_import_reader_sees_relative_and_function_level_imports(tmp_path):
 def test_no_source_file_is_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
     assert not long, f"split these along their responsibilities: {long}"
+
+
+def test_every_core_and_part_module_imports_first():
+    """Each module imports on its own in a fresh interpreter state (no import-order cycles: core.decoding once had one)."""
+    import importlib
+    import sys
+
+    modules = sorted({_module(p) for p in (ROOT / "core").rglob("*.py")} | set(_part_modules()))
+    saved = {k: v for k, v in sys.modules.items() if k == "audiomoe" or k.startswith("audiomoe.")}
+    failed = {}
+    try:
+        for name in modules:
+            for k in [k for k in sys.modules if k == "audiomoe" or k.startswith("audiomoe.")]:
+                del sys.modules[k]
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported at once
+                failed[name] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for k in [k for k in sys.modules if k == "audiomoe" or k.startswith("audiomoe.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    assert not failed, failed

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 from torch import nn
 
+from .decoding import DecoderState, positions_from_mask  # noqa: F401 (re-exported)
+from .routing import Routing  # noqa: F401 (re-exported)
 from .specs import Params
 
 
@@ -147,64 +149,6 @@ class Fusion(Component):
 # -- routers ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Routing:
-    """One router call's decision over ``E`` columns for ``N`` items (tokens or samples).
-
-    - ``logits`` [N, E]: raw scores.
-    - ``mask`` [N, E] bool: which columns each item selected.
-    - ``weights`` [N, E]: combine weights, zero where not selected (differentiable).
-    - ``indices`` [N, K] long: selected columns in descending weight order, ``-1`` padded
-      (K = the most any item picked; top-p picks a variable number).
-    - ``counts`` [E]: load per column over valid items.
-    - ``aux_losses``: named, already weighted losses to add to the training loss.
-    - ``item_mask`` [N] bool or None: True for valid (non-padded) items.
-    - ``item_shape``: the leading shape the N items were flattened from (``(B, T)`` for token
-      routing, ``(B,)`` for per-sample routing), so a trace can map items back to samples.
-    - ``null_columns``: how many of the *last* columns are null experts (set by the MoE layer).
-    - ``dropped`` [N] long or None: selected pairs of each item removed by expert capacity (set by
-      an MoE layer with a capacity factor; None when dispatch is dropless).
-    - ``inputs`` [N, D] or None: what the scorer scored (after training jitter and any fp32
-      cast); an MoE layer's gated shared experts score the same (one gate, as UniMoE-Audio).
-    - ``applied`` [N, E] or None: the weights an MoE layer finally applied (after drops, drop
-      renormalisation and the gated shared experts' share; None: ``weights`` were applied as is).
-    - ``shared_weights`` [N, S] or None: each shared expert's weight per item (1 in unit mode).
-    """
-
-    logits: torch.Tensor
-    mask: torch.Tensor
-    weights: torch.Tensor
-    indices: torch.Tensor
-    counts: torch.Tensor
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    item_mask: Optional[torch.Tensor] = None
-    item_shape: Optional[tuple[int, ...]] = None
-    null_columns: int = 0
-    dropped: Optional[torch.Tensor] = None
-    inputs: Optional[torch.Tensor] = None
-    applied: Optional[torch.Tensor] = None
-    shared_weights: Optional[torch.Tensor] = None
-
-    @property
-    def num_columns(self) -> int:
-        """E, the number of columns (experts or encoders) routed over."""
-        return self.logits.shape[-1]
-
-    def summary(self) -> dict[str, float]:
-        """Cheap statistics: load max/mean, mean columns per item."""
-        counts = self.counts.detach().float()
-        valid = self.mask if self.item_mask is None else self.mask[self.item_mask]
-        per_item = valid.sum(-1).float()
-        out = {
-            "load_max_over_mean": float(counts.max() / counts.mean().clamp_min(1e-9)),
-            "columns_per_item": float(per_item.mean()) if per_item.numel() else 0.0,
-        }
-        if self.dropped is not None:
-            total = valid.sum()
-            out["dropped_share"] = float(self.dropped.sum() / total.clamp_min(1)) if total.numel() else 0.0
-        return out
-
-
 class Router(Component):
     """Routing policy: item representations [N, D] -> a :class:`Routing` over ``num_experts`` columns.
 
@@ -259,6 +203,62 @@ class MoE(Component):
     ) -> tuple[torch.Tensor, Routing]:  # pragma: no cover
         """Route and combine ``x``; ``padding_mask`` True = padded (zero output, not routed)."""
         raise NotImplementedError
+
+
+# -- backbones -------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneOutput:
+    """Hidden states [B, N, D] plus auxiliary losses and routing records by layer name."""
+
+    hidden: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: dict[str, Routing] = field(default_factory=dict)
+
+
+class Backbone(Component):
+    """The decoder every task shares: [B, N, d_model] -> [B, N, d_model], and (``supports_decoding``) a KV-cached decoder.
+
+    ``d_model`` and ``task_names`` are injected when the constructor names them. A backbone whose
+    class sets ``accepts_task_ids = True`` also gets ``task_ids`` [B] (index into ``task_names``),
+    so its routers can condition on the task. ``forward`` reads the audio alone (classification
+    and CTC heads); :meth:`decode` runs one interleaved sequence ``[prompt tokens | audio soft
+    tokens | codec embeddings]`` causally with a KV cache (text and codec heads, see
+    :mod:`audiomoe.core.decoding`). A backbone with a text vocabulary also sets ``tokenizer`` and
+    implements :meth:`embed_tokens` / :meth:`text_logits`.
+    """
+
+    kind: ClassVar[str] = "backbone"
+    accepts_task_ids: ClassVar[bool] = False
+    #: True when :meth:`decode` is implemented (heads with ``reads_decoder`` need it)
+    supports_decoding: ClassVar[bool] = False
+    #: the text tokenizer of a backbone with a vocabulary (a causal LM); None: no text in or out
+    tokenizer: Any = None
+
+    def num_active_parameters(self) -> Optional[float]:
+        """Parameters used per token on average (None: all of them)."""
+        return None
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> BackboneOutput:  # pragma: no cover
+        """Transform ``x`` [B, N, D]; ``padding_mask`` [B, N] is True at padded frames (see ``accepts_task_ids``)."""
+        raise NotImplementedError
+
+    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None) -> Any:
+        """Causal pass over new positions ``embeds`` [B, L, D] -> :class:`~audiomoe.core.decoding.DecoderState`.
+
+        ``attention_mask`` [B, past + L] (1 = real token) covers the cached positions and the new
+        ones; ``position_ids`` [B, L] count real tokens; ``cache`` is the previous state's cache.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot decode an interleaved sequence (supports_decoding = False)")
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text token ids [..] -> input embeddings [.., D] (backbones with a vocabulary)."""
+        raise NotImplementedError(f"{type(self).__name__} has no text vocabulary; text heads need a causal_lm backbone")
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [.., D] -> next-token logits [.., V] (the LM head of a backbone with a vocabulary)."""
+        raise NotImplementedError(f"{type(self).__name__} has no text vocabulary; text heads need a causal_lm backbone")
 
 
 # -- tasks -----------------------------------------------------------------------------------
@@ -349,9 +349,6 @@ class Codec(Component):
         """Waveforms [B, T] from ``codes`` [B, Q, F]."""
         raise NotImplementedError
 
-
-# the backbone contract lives beside the decoding records; imported here so every base is in one place
-from .decoding import Backbone, BackboneOutput, DecoderState  # noqa: E402,F401
 
 BASES: dict[str, type[Component]] = {
     "encoder": Encoder,
