@@ -26,20 +26,6 @@ EPILOG = """examples:
 
 DEBUG_ENV = "AUDIOMOE_DEBUG"
 
-TRAIN_DESCRIPTION = """Train a preset (or YAML spec) on the built-in synthetic audio task: tones whose pitch
-encodes the class, one base frequency per task. It feeds single-label classification heads only;
-a model with other heads is refused (drop them with --set tasks.NAME=null, or train from Python
-with your own batches: audiomoe.train.train(..., data=...)).
-
-seeds: the spec's `seed` fixes the initial parameters (same spec + seed = same model);
---seed fixes what the run draws (data order, eval batches, dropout and router noise).
-
-run directory (--out DIR): created and locked before training starts; a DIR that holds another
-run is refused unless --resume (continue from its last good checkpoint: model, optimizer, step,
-RNG) or --overwrite. Ctrl-C stops cleanly and names the last good checkpoint (exit code 130).
-Off a terminal, progress is one line every --log-every steps."""
-
-
 def _registry() -> Any:
     from .core.registry import get_registry
 
@@ -238,29 +224,6 @@ def cmd_data_from_csv(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train a preset on the built-in synthetic audio task (the main job); see audiomoe.train."""
-    from .train import TrainConfig, train
-
-    out = args.out
-    if isinstance(args.resume, str):  # --resume DIR
-        if out is not None and os.path.abspath(out) != os.path.abspath(args.resume):
-            raise AudioMoEError(f"--resume '{args.resume}' and --out '{out}' name different directories; give one")
-        out = args.resume
-    if args.preset is None and not args.resume:
-        raise AudioMoEError("give a PRESET (or YAML path) to train, or --resume DIR to continue a run")
-    cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, out_dir=out, keep=args.keep, seed=args.seed,
-        progress=not args.quiet, save_every=args.save_every, log_every=args.log_every,
-        resume=bool(args.resume), overwrite=args.overwrite, data=args.data,
-    )
-    result = train(args.preset, args.set, cfg)
-    if not args.quiet:
-        print(json.dumps(result, indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -313,34 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target-column", default="label")
     q.set_defaults(func=cmd_data_from_csv)
 
-    p = sub.add_parser(
-        "train",
-        help="train a preset on the synthetic audio task, with checkpoints",
-        description=TRAIN_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("preset", nargs="?", default=None, metavar="PRESET", help="preset name or YAML path (optional with --resume)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override, e.g. backbone.moe.router.k=1 (repeatable)")
-    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (a resumed run continues up to this) [200]")
-    p.add_argument("--batch-size", type=int, default=16, help="items per step [16]")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, > 0 [0.003]")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, >= 0 [0.01]")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate (and checkpoint, with --out) every N steps, >= 1 [50]")
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation [4]")
-    p.add_argument("--seed", type=int, default=0, help="fixes the data stream, eval batches and training randomness; the spec's seed fixes the initial weights [0]")
-    p.add_argument("--out", default=None, metavar="DIR", help="run directory: checkpoints step-N/ (model.safetensors, spec.yaml, trainer state), latest, summary.json")
-    p.add_argument("--save-every", type=int, default=0, metavar="N", help="also checkpoint every N steps (0: at evaluations and the end) [0]")
-    p.add_argument("--keep", type=int, default=2, metavar="N", help="checkpoints kept in --out, newest by step (0: all) [2]")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR", help="continue the run in DIR (default: --out) from its last good checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes its checkpoints)")
-    p.add_argument("--log-every", type=int, default=0, metavar="N", help="off a terminal, print a progress line every N steps (0: ~10 lines per run) [0]")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors (the summary is still written to --out)")
-    p.add_argument(
-        "--data", default="auto", metavar="auto|builtin|tones|MANIFEST",
-        help="training data: the built-in corpus (made once into the cache, AUDIOMOE_CACHE), synthetic tones, or a JSONL "
-        "manifest; auto = the corpus when every head is named after one of its tasks, else tones [auto]",
-    )  # fmt: skip
-    p.set_defaults(func=cmd_train)
+    from .train.cli import register as register_train  # train, eval (audiomoe/train/cli.py)
+
+    register_train(sub)
+
+    from .analysis.cli import register as register_analysis  # ablate, report, demo (audiomoe/analysis)
+
+    register_analysis(sub)
     return parser
 
 

@@ -1,18 +1,28 @@
-"""Training: the loop (``loop.py``), atomic checkpoints (``checkpoint.py``), locked run directories (``rundir.py``)."""
+"""Training: recipes and stages (``recipe.py``, ``stages.py``), the engine (``trainer.py``, ``steploop.py``),
+atomic checkpoints (``checkpoint.py``), locked run directories (``rundir.py``), logs (``runlog.py``),
+DDP under torchrun (``distributed.py``), evaluation (``evaluate.py``); ``loop.py`` is the flat-options API.
 
-from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
-from .loop import TrainConfig, TrainingInterrupted, evaluate, train
-from .rundir import RunDirError, open_run_dir
+Names are loaded on first use, so ``audiomoe --help`` (which registers the train command) does not import torch.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "RunDirError",
-    "TrainConfig",
-    "TrainingInterrupted",
-    "evaluate",
-    "load_checkpoint",
-    "load_trainer_state",
-    "open_run_dir",
-    "save_checkpoint",
-    "train",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "load_trainer_state": "checkpoint", "save_checkpoint": "checkpoint",
+    "evaluate": "evaluate", "evaluate_checkpoint": "evaluate", "format_report": "evaluate",
+    "TrainConfig": "loop", "TrainingInterrupted": "loop", "train": "loop",
+    "Recipe": "recipe", "list_recipes": "recipe", "load_recipe": "recipe",
+    "RunDirError": "rundir", "open_run_dir": "rundir",
+    "RunOptions": "trainer", "run_recipe": "trainer",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"audiomoe.train.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'audiomoe.train' has no attribute '{name}'")

@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover - Windows
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
-OWN_FILES = (RUN_FILE, LATEST, "summary.json")
+OWN_FILES = (RUN_FILE, LATEST, "summary.json", "log.jsonl")
+OWN_DIRS = ("tb", "specialists")  # TensorBoard events; the dense specialists of a UniMoE curriculum
 
 
 class RunDirError(CheckpointError):
@@ -102,6 +103,9 @@ def _lock(path: Path) -> Any:
 def _remove_own_files(path: Path) -> None:
     for name in OWN_FILES:
         (path / name).unlink(missing_ok=True)
+    for name in OWN_DIRS:
+        if (path / name).is_dir() and not (path / name).is_symlink():
+            shutil.rmtree(path / name)
     for p in list(path.glob("step-*")) + list(path.glob(".step-*")) + list(path.glob(".old-step-*")) + list(path.glob(".del-step-*")):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

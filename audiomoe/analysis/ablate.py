@@ -1,0 +1,128 @@
+"""An ablation end to end: plan -> runs (resumable, failures reported) -> results tables -> claims -> report.
+
+:func:`run_ablation` is what ``audiomoe ablate`` and ``audiomoe demo`` call. It writes ``plan.json``
+(configs, seeds, baselines, skipped arms) into the study directory, so ``audiomoe report STUDY_DIR``
+can redo the tables and plots later without training anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+from ..core.errors import AudioMoEError
+from .grid import Config, Plan
+from .results import collect, read_json, run_metrics
+
+PLAN_FILE = "plan.json"
+
+
+def save_plan(plan: Plan, root: Path, meta: dict[str, Any]) -> Path:
+    """Write the plan (and the study's title, description, claims) as ``root/plan.json``."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = {"configs": [asdict(c) for c in plan.configs], "seeds": plan.seeds, "baselines": plan.baselines, "skipped": plan.skipped,
+            "metric": plan.metric, "measure_batches": plan.measure_batches, "skipped_configs": plan.skipped_configs, **meta}  # fmt: skip
+    path = root / PLAN_FILE
+    path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    return path
+
+
+def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
+    """Read ``root/plan.json`` back: the plan and its meta (title, description, claims)."""
+    data = read_json(root / PLAN_FILE)
+    if data is None:
+        raise AudioMoEError(f"'{root}' has no {PLAN_FILE}: it is not a study directory written by audiomoe ablate / demo")
+    configs = []
+    for c in data["configs"]:
+        c = dict(c)
+        for key in ("overrides", "labels", "train"):
+            c[key] = tuple(tuple(x) if isinstance(x, list) else x for x in c.get(key, ()))
+        configs.append(Config(**c))
+    plan = Plan(configs, data["seeds"], data["baselines"], data["skipped"], data["metric"], data["measure_batches"], data.get("skipped_configs", {}))
+    meta = {k: v for k, v in data.items() if k in ("title", "description", "claims", "seconds")}
+    return plan, meta
+
+
+def _progress(total: int, metric: str, stream: TextIO) -> Any:
+    state = {"n": 0}
+
+    def done(run: Any, out: dict[str, Any]) -> None:
+        state["n"] += 1
+        head = f"[{state['n']}/{total}] {run.config.name} seed {run.seed}:"
+        if out.get("status") != "ok":
+            print(f"{head} FAILED in {out.get('stage')} (exit {out.get('returncode', '?')}): {out.get('error', '')[:200]}  -> {run.path}", file=stream, flush=True)
+            return
+        summary = read_json(run.path / "train" / "summary.json") or {}
+        value = run_metrics(summary).get(metric)
+        secs = out.get("wall_seconds")
+        where = "already finished" if out.get("skipped") else f"{secs:.1f} s" if isinstance(secs, (int, float)) else "measured now"
+        shown = f"{metric} {value:.3f}" if isinstance(value, float) else f"{metric} n/a"
+        print(f"{head} ok, {where}, {shown}", file=stream, flush=True)
+
+    return done
+
+
+def run_ablation(
+    plan: Plan, root: str | Path, *, title: str, description: str = "", claims: Sequence[Any] = (), jobs: int = 1, launcher: str = "local",
+    timeout: Optional[float] = None, submitit_cluster: Optional[str] = None, submitit_options: Optional[dict] = None,
+    stream: TextIO = sys.stdout,
+) -> dict[str, Any]:
+    """Run ``plan`` under ``root`` (finished runs skipped), then write the tables and the report; returns paths and counts."""
+    from .claims import evaluate_claims
+    from .launch import launch, run_state
+    from .report import study_report
+
+    root = Path(root)
+    runs = plan.runs(root)
+    claim_dicts = [c.model_dump() if hasattr(c, "model_dump") else dict(c) for c in claims]
+    save_plan(plan, root, {"title": title, "description": description, "claims": claim_dicts})
+    for arm, why in plan.skipped.items():
+        print(f"skipping arm '{arm}': {why}", file=stream, flush=True)
+    finished = sum(run_state(r) == "done" for r in runs)
+    print(f"{len(runs)} runs ({len(plan.configs)} configs x {len(plan.seeds)} seeds) in {root}; {finished} already finished, "
+          f"{len(runs) - finished} to run with {jobs} job(s) ({launcher})", file=stream, flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    outcomes = launch(runs, jobs=jobs, launcher=launcher, batches=plan.measure_batches, timeout=timeout, done=_progress(len(runs), plan.metric, stream),
+                      submitit_cluster=submitit_cluster, submitit_options=submitit_options)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    collected = collect(runs, plan.baselines, root)
+    claim_objs = [_Claim(**c) for c in claim_dicts]
+    verdicts = evaluate_claims(claim_objs, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
+    (root / "claims.json").write_text(json.dumps(verdicts, indent=1, default=str), encoding="utf-8")
+    md, page = study_report(root, title, description, plan, collected, verdicts, seconds)
+    failed = [o for o in outcomes if o.get("status") != "ok"]
+    return {"root": root, "report_md": md, "report_html": page, "runs": len(runs), "failed": len(failed), "seconds": seconds,
+            "claims": verdicts, "collected": collected}  # fmt: skip
+
+
+def rerender(root: str | Path) -> dict[str, Any]:
+    """Redo the tables, claims and report of a study directory from its runs (nothing is trained)."""
+    from .claims import evaluate_claims
+    from .report import study_report
+
+    root = Path(root)
+    plan, meta = load_plan(root)
+    runs = plan.runs(root)
+    collected = collect(runs, plan.baselines, root)
+    claims = [_Claim(**c) for c in meta.get("claims", [])]
+    verdicts = evaluate_claims(claims, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
+    md, page = study_report(root, meta.get("title", "ablation"), meta.get("description", ""), plan, collected, verdicts)
+    return {"root": root, "report_md": md, "report_html": page, "claims": verdicts, "collected": collected}
+
+
+def _Claim(**kw: Any) -> Any:  # noqa: N802 - a validated claim object from its dict (plan.json stores dicts)
+    from .study import ClaimSpec
+
+    return ClaimSpec(**kw)
+
+
+def print_claims(verdicts: Sequence[dict[str, Any]], stream: TextIO = sys.stdout) -> None:
+    """The claims table as plain text."""
+    for c in verdicts:
+        print(f"  ({c['id']}) {c['claim']}\n      -> {c['verdict'].upper()}: {c['plain']}", file=stream)
+        if c.get("differences"):
+            print(f"         {c['differences']}", file=stream)

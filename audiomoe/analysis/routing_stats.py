@@ -1,0 +1,187 @@
+"""Routing health from an eval pass: experts per token per layer, load per task, null share, weak-encoder picks, MoE FLOPs.
+
+:class:`RoutingStats` accumulates :class:`audiomoe.trace.RoutingTrace` records of several batches
+(``add``), keeping per layer and task the picks per column, the picks per item and the null picks:
+
+- token layers (``backbone/layer<i>``, MoE FFNs): ``real_experts_per_token`` = routed experts a valid
+  token ran (null picks excluded), ``null_share`` = null picks / all picks, ``load_by_task[t][e]`` =
+  picks of column ``e`` by the tokens of task ``t``;
+- sample layers (``encoder/mowe...``, the MoWE mixture's router(s)): ``selection_by_task[t][k]`` =
+  share of task ``t``'s samples whose router picked weak encoder ``k``.
+
+MoE FLOPs (:func:`moe_flop_hooks`): a forward hook on every MoE layer reads what it computed
+(``last_stats``: valid tokens, routed (token, expert) pairs). A weight used once per token costs a
+multiply and an add, so per layer ``FLOPs = 2 * (pairs * P_expert + tokens * (P_router + P_shared +
+P_shared_gate))`` with ``P_expert`` one routed expert's parameters; null picks cost nothing (they are
+never computed). Elementwise work (activations, softmax, weighting) is left out. Per audio second:
+summed over layers and batches, divided by the valid audio seconds of those batches.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Optional, Sequence
+
+
+class RoutingStats:
+    """Per-layer, per-task routing counts over the batches given to :meth:`add`."""
+
+    def __init__(self, column_labels: Optional[dict[str, list[str]]] = None) -> None:
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.column_labels = column_labels or {}
+
+    def add(self, trace: Any, tasks: Sequence[str]) -> None:
+        """Add one batch's trace; ``tasks`` is the task of every sample (trace sample ``i`` = batch item ``i``)."""
+        import torch
+
+        for name, lt in trace.layers.items():
+            e = lt.num_columns
+            rec = self.layers.setdefault(name, {
+                "kind": "token" if lt.ids.dim() == 3 else "sample", "columns": e, "null_columns": lt.null_columns,
+                "items": defaultdict(float), "picks": defaultdict(float), "null": defaultdict(float),
+                "load": defaultdict(lambda: [0.0] * e), "samples": defaultdict(float), "selected": defaultdict(lambda: [0.0] * e),
+            })  # fmt: skip
+            for t in sorted(set(tasks)):
+                idx = torch.tensor([i for i, x in enumerate(tasks) if x == t])
+                ids, valid = lt.ids[idx], lt.valid[idx]
+                picks = (ids >= 0) & valid[..., None]
+                chosen = ids[picks]
+                counts = torch.bincount(chosen, minlength=e).tolist() if chosen.numel() else [0] * e
+                rec["items"][t] += float(valid.sum())
+                rec["picks"][t] += float(picks.sum())
+                rec["null"][t] += float((chosen >= e - lt.null_columns).sum()) if lt.null_columns else 0.0
+                rec["load"][t] = [a + b for a, b in zip(rec["load"][t], counts)]
+                if rec["kind"] == "sample":  # which weak encoders each sample's router picked
+                    rec["samples"][t] += float(valid.sum())
+                    hit = torch.zeros(e)
+                    for k in range(e):
+                        hit[k] = float(((ids == k) & valid[..., None]).any(-1).sum())
+                    rec["selected"][t] = [a + float(b) for a, b in zip(rec["selected"][t], hit)]
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        """Plain JSON-able statistics per layer (see the module doc for each field)."""
+        out = {}
+        for name, r in self.layers.items():
+            tasks = sorted(r["items"])
+            items = sum(r["items"].values())
+            picks = sum(r["picks"].values())
+            null = sum(r["null"].values())
+            row: dict[str, Any] = {
+                "kind": r["kind"], "columns": r["columns"], "null_columns": r["null_columns"],
+                "column_labels": self.column_labels.get(name) or _labels(r["columns"], r["null_columns"], r["kind"]),
+                "items": items,
+                "experts_per_token": picks / max(items, 1.0),
+                "real_experts_per_token": (picks - null) / max(items, 1.0),
+                "null_share": null / max(picks, 1.0),
+                "load_by_task": {t: r["load"][t] for t in tasks},
+                "real_experts_per_token_by_task": {t: (r["picks"][t] - r["null"][t]) / max(r["items"][t], 1.0) for t in tasks},
+                "null_share_by_task": {t: r["null"][t] / max(r["picks"][t], 1.0) for t in tasks},
+            }  # fmt: skip
+            if r["kind"] == "sample":
+                row["selection_by_task"] = {t: [v / max(r["samples"][t], 1.0) for v in r["selected"][t]] for t in tasks}
+            out[name] = row
+        return out
+
+
+def _labels(columns: int, null: int, kind: str) -> list[str]:
+    if kind == "sample":
+        return [f"weak{k}" for k in range(columns)]
+    return [f"e{k}" for k in range(columns - null)] + [f"null{k}" for k in range(null)]
+
+
+def weak_encoder_labels(model: Any) -> list[str]:
+    """``weak0 whisper``, ``weak1 hubert``, ... for a MoWE mixture encoder (empty for any other encoder)."""
+    weak = getattr(model.encoder, "weak", None)
+    if weak is None:
+        return []
+    spec = (model.spec.get("encoder") or {}).get("params", {}).get("weak") or []
+    names = [s.get("name", "?") if isinstance(s, dict) else "?" for s in spec]
+    return [f"weak{k} {names[k] if k < len(names) else type(m).__name__}" for k, m in enumerate(weak)]
+
+
+class MoEFlops:
+    """Forward hooks on every MoE layer of a model, summing the FLOPs each forward computed (module doc)."""
+
+    def __init__(self, model: Any) -> None:
+        from audiomoe.core.interfaces import MoE
+
+        self.layers: dict[str, dict[str, float]] = {}
+        self._handles = []
+        count = lambda m: 0 if m is None else sum(q.numel() for q in m.parameters())  # noqa: E731
+        for path, module in model.named_modules():
+            if not isinstance(module, MoE) or not hasattr(module, "experts"):
+                continue
+            experts = module.experts
+            per_expert = float(experts.num_expert_parameters()) if hasattr(experts, "num_expert_parameters") else count(experts) / max(len(experts), 1)
+            fixed = count(getattr(module, "router", None)) + count(getattr(module, "shared", None)) + count(getattr(module, "shared_gate", None))
+            self.layers[path] = {"expert_params": per_expert, "fixed_params": float(fixed), "tokens": 0.0, "pairs": 0.0, "flops": 0.0}
+            self._handles.append(module.register_forward_hook(self._hook(path)))
+
+    def _hook(self, path: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            stats = getattr(module, "last_stats", None) or {}
+            rec = self.layers[path]
+            tokens, pairs = float(stats.get("tokens", 0)), float(stats.get("routed_pairs", 0))
+            rec["tokens"] += tokens
+            rec["pairs"] += pairs
+            rec["flops"] += 2.0 * (pairs * rec["expert_params"] + tokens * rec["fixed_params"])
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def result(self, audio_seconds: float) -> dict[str, Any]:
+        """Per layer and in total: MFLOPs per audio second, routed experts per token; plus the totals."""
+        per = {}
+        total = 0.0
+        for path, r in self.layers.items():
+            per[path] = {**r, "routed_per_token": r["pairs"] / max(r["tokens"], 1.0), "mflops_per_audio_s": r["flops"] / 1e6 / max(audio_seconds, 1e-9)}
+            total += r["flops"]
+        return {"moe_layers": per, "moe_mflops_per_audio_s": total / 1e6 / max(audio_seconds, 1e-9) if per else None}
+
+
+def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
+    """Run ``model`` (eval mode, no grad) on ``batches``; routing stats, MoE FLOPs, measured active parameters."""
+    import torch
+
+    from audiomoe.core.composer import count_parameters
+    from audiomoe.model import AudioBatch
+    from audiomoe.trace import RoutingTrace
+
+    labels = weak_encoder_labels(model)
+    stats = RoutingStats()
+    flops = MoEFlops(model)
+    was = model.training
+    model.eval()
+    audio_s, active_sum, n_items = 0.0, 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                tasks = batch.task_list()
+                out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, None), predict=True)
+                stats.add(RoutingTrace.from_routing(out.routing, len(tasks)), tasks)
+                lengths = batch.lengths if batch.lengths is not None else torch.full((len(tasks),), batch.waveforms.shape[-1])
+                audio_s += float(lengths.sum()) / float(batch.sample_rate)
+                active_sum += count_parameters(model)[1] * len(tasks)  # measured: what this batch's routing used
+                n_items += len(tasks)
+    finally:
+        flops.remove()
+        model.train(was)
+    if labels:
+        stats.column_labels = {n: labels for n, r in stats.layers.items() if r["kind"] == "sample" and r["columns"] == len(labels)}
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "params_total": int(total),
+        "params_active": active_sum / max(n_items, 1),
+        "audio_seconds": audio_s,
+        "items": n_items,
+        "batches": len(batches),
+        "tasks": list(model.task_names),
+        "weak_encoders": labels,
+        "routing": stats.result(),
+        **flops.result(audio_s),
+    }

@@ -1,0 +1,210 @@
+"""The ``audiomoe train`` and ``audiomoe eval`` commands (registered into the main parser by ``audiomoe.cli``).
+
+``train TARGET``: TARGET is a built-in recipe (``audiomoe train --list``), a recipe YAML (a mapping
+with ``stages:``), or a preset / model-spec YAML (a one-stage recipe). ``--nproc N`` re-runs the
+command under torchrun's launcher on this host; under ``torchrun`` itself it trains with DDP.
+``eval CHECKPOINT --data ...`` prints a table per task (and per dataset) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import AudioMoEError
+
+TRAIN_DESCRIPTION = """Train a recipe or a preset. A recipe (built-in: `audiomoe train --list`, or a YAML with
+`stages:`) names the model, the data, the optimizer, the schedule and the stages (what trains, on
+which data, from which init); a preset or model-spec YAML is a one-stage recipe trained with the
+options below. Data (--data): the built-in corpus when every head is one of its tasks (made once
+into the cache, AUDIOMOE_CACHE), else synthetic tones (single-label classification heads only).
+
+--set KEY=VALUE: keys starting with a recipe section (optim., schedule., stages., eval., log.,
+checkpoint., data, batch_size, precision, compile) change the recipe; other keys override the model
+(backbone.moe.router.k=1). Options given on the command line override the recipe's.
+
+seeds: the spec's `seed` fixes the initial parameters; --seed fixes what the run draws (data
+order, eval batches, dropout and router noise).
+
+run directory (--out DIR): created and locked before training starts; a DIR that holds another
+run is refused unless --resume (continue from its last good checkpoint: model, optimizer, step,
+RNG, data position; bit-identical to an unbroken run on CPU) or --overwrite. Logs: DIR/log.jsonl
+and DIR/tb (TensorBoard). Ctrl-C stops cleanly and names the last good checkpoint (exit code 130).
+
+processes: `--nproc N` starts N processes on this host (torchrun's launcher); `torchrun
+--nproc-per-node N [--nnodes M ...] -m audiomoe train ...` for more hosts. gloo on CPU, NCCL on
+CUDA; --batch-size is the global batch; rank 0 logs and checkpoints."""
+
+#: (flag dest, legacy default, recipe path) for options a recipe also has
+_FLAGS = [
+    ("steps", 200, None), ("batch_size", 16, "batch_size"), ("lr", 3e-3, "optim.lr"), ("weight_decay", 0.01, "optim.weight_decay"),
+    ("eval_every", 50, "eval.every"), ("eval_batches", 4, "eval.batches"), ("seed", 0, "seed"), ("save_every", 0, "checkpoint.every"),
+    ("keep", 2, "checkpoint.keep"), ("data", "auto", "data"), ("precision", "fp32", "precision"), ("grad_clip", None, "optim.grad_clip"),
+    ("accumulation", 1, "optim.accumulation"), ("warmup", 0, "schedule.warmup"), ("schedule", "constant", "schedule.kind"),
+]
+_PARSER: dict[str, argparse.ArgumentParser] = {}
+
+
+def _apply_flags(recipe: Any, args: argparse.Namespace) -> Any:
+    """The recipe with every option given on the command line written into it."""
+    from ..train.recipe import Recipe
+
+    raw = recipe.model_dump()
+    for dest, _, path in _FLAGS:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest == "steps":
+            main = [s for s in raw["stages"] if s.get("specialists") is None]
+            if len(raw["stages"]) != 1:
+                raise AudioMoEError(f"--steps sets the steps of a one-stage run; this recipe has {len(raw['stages'])} stages "
+                                    f"({', '.join(s['name'] for s in raw['stages'])}): use --set stages.NAME.steps=N")
+            main[0]["steps"] = value
+            continue
+        node = raw
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    if args.compile:
+        raw["compile"] = True
+    if args.no_logs:
+        raw["log"].update(jsonl=False, tensorboard=False)
+    return Recipe.model_validate(raw)
+
+
+def _is_recipe_run(out: str) -> bool:
+    info = Path(out) / "run.json"
+    if not info.is_file():
+        return False
+    try:
+        return bool((json.loads(info.read_text(encoding="utf-8")).get("recipe") or {}).get("name"))
+    except ValueError:
+        return False
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line of ``args`` again, without ``--nproc`` (what each torchrun worker runs)."""
+    p = _PARSER["train"]
+    out = ["train"] + ([args.target] if args.target else [])
+    for a in p._actions:  # noqa: SLF001 - argparse has no public list of actions
+        if not a.option_strings or a.dest in ("help", "nproc", "target"):
+            continue
+        v, flag = getattr(args, a.dest), a.option_strings[0]
+        if v == a.default or v is None:
+            continue
+        if isinstance(a, argparse._StoreTrueAction):  # noqa: SLF001
+            out.append(flag)
+        elif isinstance(v, list):
+            out += [x for item in v for x in (flag, str(item))]
+        elif v is True:
+            out.append(flag)
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a recipe or a preset (see ``audiomoe train --help``)."""
+    from ..train import TrainConfig, train
+    from ..train.distributed import launch
+    from ..train.recipe import find_recipe, list_recipes, load_recipe
+    from ..train.trainer import RunOptions, run_recipe
+
+    if args.list:
+        from ..train.recipe import RECIPE_DIR
+
+        for name in list_recipes():
+            rec = load_recipe(str(RECIPE_DIR / f"{name}.yaml"))
+            print(f"{name:28s} {rec.summary}")
+        return 0
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args.nproc, _argv(args))
+    out = args.out
+    if isinstance(args.resume, str):  # --resume DIR
+        if out is not None and os.path.abspath(out) != os.path.abspath(args.resume):
+            raise AudioMoEError(f"--resume '{args.resume}' and --out '{out}' name different directories; give one")
+        out = args.resume
+    if args.target is None and not args.resume:
+        raise AudioMoEError("give a PRESET (or YAML path) to train, or --resume DIR to continue a run; recipes: audiomoe train --list")
+    is_recipe = find_recipe(args.target) is not None if args.target else bool(out and _is_recipe_run(out))
+    main = int(os.environ.get("RANK", "0")) == 0
+    if is_recipe:
+        recipe = _apply_flags(load_recipe(args.target, args.set), args) if args.target else None
+        opts = RunOptions(out_dir=out, resume=bool(args.resume), overwrite=args.overwrite, device=args.device,
+                          progress=not args.quiet and main, print_every=args.log_every or 0, workers=args.workers,
+                          adjust=lambda r: _apply_flags(r, args))
+        result = run_recipe(recipe, opts)
+    else:
+        flags = {dest: (getattr(args, dest) if getattr(args, dest) is not None else default) for dest, default, _ in _FLAGS}
+        cfg = TrainConfig(**flags, out_dir=out, progress=not args.quiet and main, log_every=args.log_every or 0,
+                          resume=bool(args.resume), overwrite=args.overwrite, device=args.device, logs=not args.no_logs, compile=args.compile)
+        result = train(args.target, args.set, cfg)
+    if not args.quiet and main:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint per task and per dataset; print tables and write JSON."""
+    from ..train.checkpoint import resolve_checkpoint
+    from ..train.evaluate import evaluate_checkpoint, format_report, write_report
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    report = evaluate_checkpoint(str(ckpt), args.data, split=args.split, batch_size=args.batch_size, max_items=args.max_items, device=args.device)
+    path = args.json or str(ckpt.parent / f"eval-{args.split}.json")
+    write_report(report, path)
+    print(f"{ckpt} on {report['data']} ({args.split}):\n")
+    print(format_report(report))
+    print(f"\nwritten to {path}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the ``train`` and ``eval`` commands to the CLI's subparsers."""
+    p = sub.add_parser("train", help="train a recipe (stages, specialists, freezing) or a preset, with checkpoints and logs",
+                       description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _PARSER["train"] = p
+    p.add_argument("target", nargs="?", default=None, metavar="RECIPE|PRESET", help="recipe name, recipe YAML, preset name or spec YAML (optional with --resume)")
+    p.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe or model override, e.g. optim.lr=1e-3, backbone.moe.router.k=1 (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps of a one-stage run (a resumed run continues up to this) [200]")
+    p.add_argument("--batch-size", type=int, default=None, help="global items per forward [16]")
+    p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate, > 0 [0.003]")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay, >= 0 [0.01]")
+    p.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip the global gradient norm (default: no clipping)")
+    p.add_argument("--accumulation", type=int, default=None, metavar="N", help="micro-batches per optimizer step [1]")
+    p.add_argument("--warmup", type=int, default=None, metavar="N", help="linear lr warmup steps [0]")
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=None, help="lr decay after warmup [constant]")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: autocast forward (weights stay fp32) [fp32]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone and encoder")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="auto: CUDA when available [auto]")
+    p.add_argument("--nproc", type=int, default=None, metavar="N", help="train with N processes on this host (DDP through torchrun's launcher)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="data-loader worker processes per rank [1]")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate (and checkpoint, with --out) every N steps, >= 1 [50]")
+    p.add_argument("--eval-batches", type=int, default=None, help="held-out batches per evaluation [4]")
+    p.add_argument("--seed", type=int, default=None, help="fixes the data stream, eval batches and training randomness; the spec's seed fixes the initial weights [0]")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory: checkpoints step-N/, latest, log.jsonl, tb/, summary.json")
+    p.add_argument("--save-every", type=int, default=None, metavar="N", help="also checkpoint every N steps (0: at evaluations and stage ends) [0]")
+    p.add_argument("--keep", type=int, default=None, metavar="N", help="checkpoints kept in --out, newest by step (0: all) [2]")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR", help="continue the run in DIR (default: --out) from its last good checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes its checkpoints and logs)")
+    p.add_argument("--log-every", type=int, default=None, metavar="N", help="off a terminal, print a progress line every N steps (0: ~10 lines per run) [0]")
+    p.add_argument("--no-logs", action="store_true", help="write no log.jsonl / TensorBoard events")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (the summary is still written to --out)")
+    p.add_argument("--data", default=None, metavar="auto|builtin|tones|MANIFEST",
+                   help="training data: the built-in corpus, synthetic tones, or a JSONL manifest; auto = the corpus when every head is one of its tasks [auto]")
+    p.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("eval", help="evaluate a checkpoint per task and dataset (accuracy, macro-F1, mAP, WER/CER, BLEU, exact match)")
+    q.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a run directory (its latest)")
+    q.add_argument("--data", default="auto", metavar="auto|builtin|tones|MANIFEST|DATA.yaml", help="what to evaluate on [auto]")
+    q.add_argument("--split", default="test", help="manifest split [test]")
+    q.add_argument("--batch-size", type=int, default=16, help="items per forward [16]")
+    q.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items")
+    q.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    q.add_argument("--json", default=None, metavar="FILE", help="where to write the JSON report [RUN_DIR/eval-SPLIT.json]")
+    q.set_defaults(func=cmd_eval)

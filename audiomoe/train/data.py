@@ -1,0 +1,193 @@
+"""Training data for a run and for each stage: the built-in corpus, a manifest, a data spec, or tones.
+
+``recipe.data`` is ``auto`` (the built-in corpus when every head is one of its tasks, else tones),
+``builtin``, ``tones``, a manifest path, or a data spec mapping (the data layer's format). A
+stage's ``data:`` narrows or reweights it (:class:`~audiomoe.train.recipe.StageData`): ``tasks``
+keeps items of those tasks, ``weights`` draws tasks in fixed proportions (one source per task),
+``balanced: N`` is a fixed balanced subset of N items per task (UniMoE-Audio stage 2),
+``temperature`` is temperature sampling over tasks, ``spec`` replaces the data.
+
+Processes: each rank reads its own disjoint shard (the sampler's ``rank::world_size`` split; for
+tones, rank r takes its slice of the seeded global batch). ``batch_size`` is global.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..core.errors import AudioMoEError
+from ..data.synthetic import classification_tasks, tone_batch, tone_stream
+from ..model import AudioBatch
+from .recipe import StageData
+
+
+def _head_kind(model: Any, name: str) -> str:
+    info = getattr(model.heads[name], "audiomoe_component", None)
+    kind = info.name if info is not None else type(model.heads[name]).__name__
+    return kind + (", multi-label" if getattr(getattr(model.heads[name], "params", None), "multi_label", False) else "")
+
+
+def resolve_choice(model: Any, data: Any) -> Any:
+    """``auto`` -> ``builtin`` or ``tones``; a mapping / other string is checked and returned."""
+    from ..data.corpus.make import UNDERSTANDING_TASKS
+
+    if isinstance(data, dict):
+        return data
+    if data == "auto":
+        return "builtin" if set(model.task_names) <= set(UNDERSTANDING_TASKS) else "tones"
+    if data not in ("builtin", "tones") and not os.path.isfile(data):
+        raise AudioMoEError(f"--data {data!r} is not 'auto', 'builtin', 'tones' or an existing manifest (.jsonl) file")
+    return data
+
+
+class LoaderStream:
+    """Endless batches of a loader that can report its :meth:`summary` and save / restore its position."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self._it = loader, None
+
+    def __iter__(self) -> "LoaderStream":
+        return self
+
+    def __next__(self) -> AudioBatch:
+        if self._it is None:  # created lazily: a restored position must come first
+            self._it = self.loader.stream()
+        return next(self._it)
+
+    def summary(self) -> dict[str, Any]:
+        """The loader's counts: items, hours, bad items skipped."""
+        return self.loader.summary()
+
+    def state_dict(self) -> dict[str, int]:
+        """The sampler position (what a checkpoint saves, so a resumed run sees the same batches)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position (before the first batch is drawn)."""
+        self.loader.load_state_dict(state)
+
+
+class ToneStream:
+    """The seeded tone stream, this rank's slice of each global batch; its position is the batch count."""
+
+    def __init__(self, tasks: dict[str, int], batch_size: int, sr: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.args, self.rank, self.world, self.local = (tasks, batch_size, sr, seed), rank, world, batch_size // world
+        self.count, self._it = 0, tone_stream(tasks, batch_size, sr, seed=seed)
+
+    def __iter__(self) -> "ToneStream":
+        return self
+
+    def __next__(self) -> AudioBatch:
+        b = next(self._it)
+        self.count += 1
+        if self.world == 1:
+            return b
+        sl = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        return AudioBatch(b.waveforms[sl], b.sample_rate, list(b.tasks)[sl], b.lengths[sl], list(b.targets)[sl])
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": 0, "batch": n}``: batches drawn so far (same shape as a loader's state)."""
+        return {"epoch": 0, "batch": self.count, "seed": self.args[3]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Replay the seeded stream to ``state['batch']`` (the tones are cheap to regenerate)."""
+        self.count, self._it = 0, tone_stream(*self.args[:3], seed=self.args[3])
+        for _ in range(int(state["batch"])):
+            next(self._it)
+        self.count = int(state["batch"])
+
+
+def _tones(model: Any, tasks: Sequence[str], batch_size: int, seed: int, rank: int, world: int, eval_batches: int) -> tuple[Any, list[AudioBatch]]:
+    classes = classification_tasks(model, tasks)
+    unfed = [n for n in tasks if n not in classes]
+    if unfed:
+        heads = ", ".join(f"'{n}' ({_head_kind(model, n)})" for n in unfed)
+        drop = " ".join(f"--set tasks.{n}=null" for n in unfed)
+        raise AudioMoEError(
+            f"the built-in synthetic data feeds only single-label classification heads; head(s) {heads} "
+            f"would never train. Train this model on your own batches (audiomoe.train.train(..., data=...)), "
+            f"or drop those heads ({drop})"
+        )
+    sr = int(model.encoder.sample_rate)
+    g = torch.Generator().manual_seed(seed + 10_000)
+    eval_data = [tone_batch(classes, batch_size, sr, generator=g) for _ in range(eval_batches)]
+    return ToneStream(classes, batch_size, sr, seed, rank, world), eval_data
+
+
+def _manifest_spec(path: str, split: str, tasks: list[str], sd: Optional[StageData], local: int, seed: int, sr: int, workers: int) -> dict[str, Any]:
+    """A data spec over one manifest for ``tasks``, shaped by a stage's subset / weights / balance."""
+    sampling: dict[str, Any] = {}
+    sources: dict[str, Any] = {"data": {"path": path, "split": split, "only_tasks": tasks}}
+    if sd is not None and sd.weights is not None:
+        sources = {t: {"path": path, "split": split, "only_tasks": [t], "weight": float(sd.weights.get(t, 1.0))} for t in tasks}
+        sampling = {"mode": "weights", "group_by": "source", **({"epoch_items": sd.epoch_items} if sd.epoch_items else {})}
+    elif sd is not None and sd.balanced is not None:
+        sampling = {"mode": "balanced", "group_by": "task", "per_group": sd.balanced}
+    elif sd is not None and sd.temperature is not None:
+        sampling = {"mode": "temperature", "group_by": "task", "alpha": sd.temperature}
+    return {"sources": sources, "max_seconds": 3.0 * local, "max_items": local, "max_clip_seconds": 5.0,
+            "num_workers": workers, "seed": seed, "sample_rate": sr, **({"sampling": sampling} if sampling else {})}
+
+
+def _narrow(spec: dict[str, Any], tasks: list[str], sd: Optional[StageData], local: int, seed: int) -> dict[str, Any]:
+    """A user's data spec restricted to ``tasks``, with a stage's balance / temperature applied."""
+    spec = copy.deepcopy(spec)
+    for src in spec.get("sources", {}).values():
+        if isinstance(src, dict) and src.get("type", "manifest") == "manifest":
+            src["only_tasks"] = [t for t in (src.get("only_tasks") or tasks) if t in tasks]
+    spec.setdefault("max_items", local)
+    spec.setdefault("seed", seed)
+    if sd is not None and sd.weights is not None:
+        raise AudioMoEError("stage data 'weights' needs the recipe's data as a manifest path or 'builtin'; "
+                            "with a data spec, give the stage a whole 'spec' with source weights")
+    if sd is not None and (sd.balanced is not None or sd.temperature is not None):
+        mode = {"mode": "balanced", "per_group": sd.balanced} if sd.balanced is not None else {"mode": "temperature", "alpha": sd.temperature}
+        spec["sampling"] = {**spec.get("sampling", {}), "group_by": "task", **mode}
+    return spec
+
+
+def build_data(
+    model: Any, data: Any, stage: Optional[StageData], *, batch_size: int, seed: int, eval_batches: int,
+    rank: int = 0, world: int = 1, progress: bool = False, workers: int = 1, eval_tasks: Optional[Sequence[str]] = None,
+) -> tuple[Any, list[AudioBatch]]:
+    """``(endless train stream for this rank, eval batches)`` for ``model`` from the recipe's ``data`` and a stage's."""
+    from ..data import build_loader, builtin_corpus
+
+    if batch_size % world:
+        raise AudioMoEError(f"batch_size {batch_size} must be a multiple of the number of processes ({world}); it is the global batch")
+    local = batch_size // world
+    tasks = list(model.task_names)
+    if stage is not None and stage.tasks is not None:
+        bad = [t for t in stage.tasks if t not in tasks]
+        if bad:
+            raise AudioMoEError(f"stage data names task(s) {bad} but the model has heads only for {tasks}")
+        tasks = [t for t in tasks if t in stage.tasks]
+    choice = resolve_choice(model, data)
+    if stage is not None and stage.spec is not None:
+        choice = stage.spec
+    evaluate_on = [t for t in (eval_tasks or tasks)]
+    if choice == "tones":
+        if stage is not None and (stage.weights or stage.balanced or stage.temperature):
+            raise AudioMoEError("stage data weights / balanced / temperature need corpus or manifest data, not tones")
+        return _tones(model, tasks, batch_size, seed, rank, world, eval_batches)
+    sr = int(model.encoder.sample_rate)
+    if isinstance(choice, dict):
+        train_spec = _narrow(choice, tasks, stage, local, seed)
+        eval_spec = _narrow(choice, evaluate_on, None, local, seed)
+        eval_spec["num_workers"] = 0
+    else:
+        path = str(builtin_corpus(progress=progress) if choice == "builtin" else choice)
+        train_spec = _manifest_spec(path, "train", tasks, stage, local, seed, sr, workers)
+        eval_spec = _manifest_spec(path, "test", evaluate_on, None, local, seed, sr, 0)
+    eval_data = list(itertools.islice(iter(build_loader(eval_spec)), eval_batches)) if eval_batches else []
+    return LoaderStream(build_loader(train_spec, rank=rank, world_size=world)), eval_data
+
+
+def stage_tasks(model: Any, stage: Optional[StageData]) -> list[str]:
+    """The model's tasks a stage's data feeds (all of them without a ``tasks`` filter)."""
+    return [t for t in model.task_names if stage is None or stage.tasks is None or t in stage.tasks]

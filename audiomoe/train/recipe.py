@@ -1,0 +1,379 @@
+"""Training recipes: what a run trains, on which data, in which stages, with which optimizer.
+
+A recipe is a YAML mapping validated strictly (pydantic, ``extra="forbid"``); every problem is
+reported at once under its dotted key (``stages.1.optim.lr``). Built-in recipes live in
+``audiomoe/recipes/<name>.yaml`` and are found by name like presets; a plain preset is a one-stage
+recipe (:func:`recipe_for_preset`). Sketch (every section but ``model`` and ``stages`` optional)::
+
+    model: {preset: tiny-unimoe-corpus, overrides: [backbone.moe.router.p=0.6]}   # or spec: {...}
+    data: builtin                 # auto | builtin | tones | a manifest path | a data spec mapping
+    batch_size: 16                # global items per forward (split over processes)
+    optim: {lr: 3.0e-3, betas: [0.9, 0.999], weight_decay: 0.01, grad_clip: 1.0, accumulation: 1,
+            lr_mult: {router: 2.0}}
+    schedule: {warmup: 10, kind: cosine, min_lr_ratio: 0.1}     # constant | linear | cosine
+    precision: fp32               # or bf16 (autocast)
+    eval: {every: 50, batches: 4}
+    log: {every: 1, tensorboard: true, routing_every: 25}
+    stages:
+      - {name: specialists, steps: 100, specialists: {members: [{name: speech, data: {tasks: [language]}}, ...]}}
+      - {name: warmup, steps: 50, init: {from_specialists: ["stage:specialists"]},
+         train: [router, shared_experts], data: {balanced: 20}}
+      - {name: joint, steps: 200, aux_weight: {start: 0.025, end: 0.001}}
+
+Each stage has its own optimizer (rebuilt at the stage start over the tensors it trains: frozen
+tensors are not in it, so they get no update, no weight decay and no moments), its own schedule
+(``schedule`` / ``optim`` override the recipe's for that stage) and optionally an ``init`` run
+before its first step. The step counter runs across stages (checkpoint ``step-N`` is global).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
+from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+#: Top-level recipe keys that ``--set`` addresses; any other ``--set`` key is a model override.
+RECIPE_KEYS = ("data", "batch_size", "optim", "schedule", "precision", "eval", "log", "checkpoint", "stages", "compile", "device")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Strict):
+    """The model: a preset name (or model-spec YAML path) or an inline spec, plus ``key=value`` overrides."""
+
+    preset: Optional[str] = Field(None, description="preset name or spec YAML path")
+    spec: Optional[dict[str, Any]] = Field(None, description="an inline model spec (d_model, encoder, backbone, tasks)")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides, as the CLI's --set")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        if (self.preset is None) == (self.spec is None):
+            raise ValueError("give exactly one of 'preset' and 'spec'")
+        return self
+
+    def source(self) -> Any:
+        """What :func:`audiomoe.compose` takes."""
+        return self.preset if self.preset is not None else self.spec
+
+
+class OptimSpec(_Strict):
+    """AdamW (the only optimizer so far) with clipping, accumulation and per-group lr multipliers."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0.0, le=MAX_LR, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    grad_clip: Optional[float] = Field(None, gt=0.0, description="clip the global gradient norm to this (None: no clipping)")
+    accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    lr_mult: dict[str, float] = Field(default_factory=dict, description="group name or glob -> lr multiplier (last match wins)")
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimSpec":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must lie in [0, 1)")
+        if any(not 0.0 <= m <= 1000.0 for m in self.lr_mult.values()):
+            raise ValueError("lr_mult values must lie in [0, 1000]")
+        return self
+
+
+class OptimOverride(_Strict):
+    """A stage's changes to the recipe's ``optim`` (only the keys given, not null, change)."""
+
+    lr: Optional[float] = Field(None, gt=0.0, le=MAX_LR)
+    betas: Optional[tuple[float, float]] = None
+    eps: Optional[float] = Field(None, gt=0.0, le=1.0)
+    weight_decay: Optional[float] = Field(None, ge=0.0, le=1.0)
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    accumulation: Optional[int] = Field(None, ge=1, le=1024)
+    lr_mult: Optional[dict[str, float]] = None
+
+
+class ScheduleSpec(_Strict):
+    """Learning-rate schedule over a stage: linear warmup, then constant / linear / cosine decay."""
+
+    kind: Literal["constant", "linear", "cosine"] = "constant"
+    warmup: int = Field(0, ge=0, le=MAX_STEPS, description="linear warmup steps from 0")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="decay ends at lr * min_lr_ratio")
+
+
+class EvalSpec(_Strict):
+    """Periodic evaluation on held-out batches (rank 0)."""
+
+    every: int = Field(50, ge=1, le=MAX_STEPS)
+    batches: int = Field(4, ge=0, le=1000)
+
+
+class HealthSpec(_Strict):
+    """Routing health warnings (logged and printed once per layer and kind)."""
+
+    unused_steps: int = Field(100, ge=1, description="warn when an expert got no token for this many steps")
+    max_load_share: float = Field(0.75, gt=0.0, le=1.0, description="warn when one expert takes more than this share of the load")
+    uniform_tolerance: float = Field(0.02, ge=0.0, le=1.0, description="router 'stuck at uniform': mean top probability within this of 1/E")
+    uniform_checks: int = Field(3, ge=1, description="... for this many routing reports in a row")
+
+
+class LogSpec(_Strict):
+    """Logs in the run directory: ``log.jsonl`` (one JSON object per logged step) and TensorBoard ``tb/``."""
+
+    every: int = Field(1, ge=1, le=MAX_STEPS, description="log a step every N steps")
+    jsonl: bool = True
+    tensorboard: bool = True
+    routing_every: int = Field(25, ge=0, le=MAX_STEPS, description="routing statistics per layer every N steps (0: off)")
+    health: HealthSpec = Field(default_factory=HealthSpec)
+
+
+class CheckpointSpec(_Strict):
+    """When checkpoints are written (besides at every evaluation and at the end of each stage)."""
+
+    every: int = Field(0, ge=0, le=MAX_STEPS, description="also every N steps (0: only at evaluations and stage ends)")
+    keep: int = Field(2, ge=0, le=1000, description="checkpoints kept, newest by step (0: all)")
+
+
+class AuxWeightSpec(_Strict):
+    """The UniMoE aux-loss weight of every router that has one, scheduled over the stage."""
+
+    start: float = Field(ge=0.0, le=100.0)
+    end: Optional[float] = Field(None, ge=0.0, le=100.0, description="None: constant start")
+    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="steps from start to end (None: the stage's steps)")
+    kind: Literal["linear", "cosine"] = "linear"
+
+
+class InitSpec(_Strict):
+    """Weights to start a stage from: one checkpoint, or UniMoE's construction from dense specialists."""
+
+    from_checkpoint: Optional[str] = Field(None, description="a checkpoint or run directory (same architecture)")
+    from_specialists: Optional[list[str]] = Field(None, description="dense checkpoints / run dirs, or 'stage:NAME' for a specialists stage")
+    heads: Literal["owner", "average"] = Field("owner", description="heads from the specialist that trained the task, or averaged")
+    strict: bool = Field(True, description="from_checkpoint: every tensor must be present")
+
+    @model_validator(mode="after")
+    def _one(self) -> "InitSpec":
+        if (self.from_checkpoint is None) == (self.from_specialists is None):
+            raise ValueError("give exactly one of 'from_checkpoint' and 'from_specialists'")
+        if self.from_specialists is not None and not self.from_specialists:
+            raise ValueError("from_specialists needs at least one checkpoint")
+        return self
+
+
+class StageData(_Strict):
+    """A stage's data: a subset / reweighting of the recipe's data, or a data spec of its own."""
+
+    tasks: Optional[list[str]] = Field(None, description="only items of these tasks")
+    weights: Optional[dict[str, float]] = Field(None, description="task -> sampling weight (imbalanced or rebalanced mixes)")
+    epoch_items: Optional[int] = Field(None, ge=1, description="items per epoch with weights (default: all)")
+    balanced: Optional[int] = Field(None, ge=1, description="a fixed balanced subset: this many items per task")
+    temperature: Optional[float] = Field(None, ge=0.0, le=1.0, description="temperature sampling alpha over tasks")
+    spec: Optional[dict[str, Any]] = Field(None, description="a whole data spec (the data layer's format) instead")
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> "StageData":
+        modes = [m for m in ("weights", "balanced", "temperature") if getattr(self, m) is not None]
+        if len(modes) > 1:
+            raise ValueError(f"give at most one of weights, balanced, temperature (got {', '.join(modes)})")
+        if self.spec is not None and (modes or self.tasks):
+            raise ValueError("'spec' replaces the data: give it alone")
+        if self.weights is not None and any(w <= 0 for w in self.weights.values()):
+            raise ValueError("weights must be > 0")
+        return self
+
+
+class SpecialistMember(_Strict):
+    """One dense specialist of a specialists stage: its name (its run directory) and its data."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    data: StageData = Field(default_factory=StageData)
+
+
+class SpecialistsSpec(_Strict):
+    """UniMoE stage 1: train one dense specialist per member, each on its own data (``DIR/specialists/NAME``)."""
+
+    members: list[SpecialistMember] = Field(min_length=1)
+    overrides: Optional[list[str]] = Field(None, description="model overrides making the dense variant (None: derived, see specialists.py)")
+
+
+class StageSpec(_Strict):
+    """One stage: a name, its steps, its data, what trains, its optimizer/schedule/aux weight, its init."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    data: Optional[StageData] = None
+    train: list[str] = Field(default_factory=lambda: ["all"], description="groups or module globs that train")
+    freeze: list[str] = Field(default_factory=list, description="groups or globs removed from 'train'")
+    optim: Optional[OptimOverride] = Field(None, description="changes to the recipe's optim for this stage")
+    schedule: Optional[ScheduleSpec] = None
+    aux_weight: Optional[AuxWeightSpec] = None
+    init: Optional[InitSpec] = None
+    specialists: Optional[SpecialistsSpec] = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> "StageSpec":
+        if self.specialists is not None and self.init is not None:
+            raise ValueError("a specialists stage trains new dense models: it takes no 'init'")
+        return self
+
+
+class Recipe(_Strict):
+    """A whole recipe (see the module docstring)."""
+
+    name: Optional[str] = None
+    summary: str = ""
+    model: ModelSection
+    data: Union[str, dict[str, Any]] = "auto"
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE, description="global items per forward (split over processes)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="data order, eval batches, dropout and router noise")
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    log: LogSpec = Field(default_factory=LogSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    compile: bool = Field(False, description="torch.compile the backbone (and encoder) blocks")
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _stage_refs(self) -> "Recipe":
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique: {', '.join(dup)}")
+        for i, st in enumerate(self.stages):
+            for ref in (st.init.from_specialists or []) if st.init else []:
+                if ref.startswith("stage:"):
+                    target = ref[len("stage:"):]
+                    earlier = {s.name: s for s in self.stages[:i]}
+                    if target not in earlier or earlier[target].specialists is None:
+                        choices = [s.name for s in self.stages[:i] if s.specialists is not None]
+                        raise ValueError(f"stages.{i}.init: '{ref}' names no earlier specialists stage "
+                                         f"(earlier: {', '.join(choices) or 'none'}){did_you_mean(target, choices)}")
+        return self
+
+    def stage_optim(self, stage: StageSpec) -> OptimSpec:
+        """The optimizer options of ``stage``: the recipe's, updated by the stage's."""
+        changes = {k: v for k, v in stage.optim.model_dump().items() if v is not None} if stage.optim else {}
+        return OptimSpec.model_validate({**self.optim.model_dump(), **changes})
+
+    def main_stages(self) -> list[tuple[int, StageSpec, int]]:
+        """``(index, stage, first global step - 1)`` of the stages that train the main model."""
+        out, offset = [], 0
+        for i, st in enumerate(self.stages):
+            if st.specialists is None:
+                out.append((i, st, offset))
+                offset += st.steps
+        return out
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the main model over every stage."""
+        return sum(st.steps for _, st, _ in self.main_stages())
+
+
+def _problems(exc: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append(ConfigProblem(key, msg, err.get("input"), "input" in err and err["type"] not in ("missing", "value_error")))
+    return out
+
+
+def list_recipes() -> list[str]:
+    """Names of the built-in recipes."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def find_recipe(name: str) -> Optional[Path]:
+    """The YAML of a built-in recipe named ``name``, a recipe YAML path, or None when ``name`` is neither."""
+    if (RECIPE_DIR / f"{name}.yaml").is_file() and "/" not in name:
+        return RECIPE_DIR / f"{name}.yaml"
+    if name.endswith((".yaml", ".yml")) and os.path.isfile(name):
+        from ..core.safe_yaml import load_yaml_file
+
+        data = load_yaml_file(name, "recipe")
+        return Path(name) if isinstance(data, Mapping) and "stages" in data else None
+    return None
+
+
+def _set_key(raw: dict[str, Any], key: str, value: Any) -> Optional[str]:
+    """Set dotted ``key`` in ``raw`` (list items by index or by stage name); return a problem or None."""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            names = [s.get("name") if isinstance(s, Mapping) else None for s in node]
+            idx = int(part) if part.isdigit() else (names.index(part) if part in names else None)
+            if idx is None or idx >= len(node):
+                return f"no stage '{part}' (stages: {', '.join(map(str, names))})"
+            if last:
+                node[idx] = value
+            node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            return f"'{'.'.join(parts[:i])}' is not a section"
+    return None
+
+
+def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequence[str] = ()) -> Recipe:
+    """Validate a recipe (built-in name, YAML path or mapping) with ``--set`` overrides applied.
+
+    ``sets`` whose first key is a recipe section (:data:`RECIPE_KEYS`) change the recipe; the
+    others are appended to ``model.overrides``. Raises :class:`ConfigError` listing every problem.
+    """
+    from ..core.overrides import parse_override
+    from ..core.safe_yaml import load_yaml_file
+
+    if isinstance(source, Mapping):
+        raw, label = copy.deepcopy(dict(source)), "recipe"
+    else:
+        path = find_recipe(os.fspath(source))
+        if path is None:
+            known = list_recipes()
+            raise AudioMoEError(f"unknown recipe '{source}'.{did_you_mean(os.fspath(source), known)} Built-in recipes: {', '.join(known)}; "
+                                "or give a recipe YAML (a mapping with 'model' and 'stages')")
+        raw, label = load_yaml_file(path, "recipe"), f"recipe '{source}'"
+        if not isinstance(raw, Mapping):
+            raise AudioMoEError(f"{label} must hold a mapping (model, stages, ...), not {type(raw).__name__}")
+        raw = dict(raw)
+    problems: list[ConfigProblem] = []
+    for text in sets:
+        key, value = parse_override(text)
+        if key.split(".")[0] in RECIPE_KEYS:
+            err = _set_key(raw, key, value)
+            if err:
+                problems.append(ConfigProblem(key, err + " (from --set)", value, True))
+        else:
+            model = raw.setdefault("model", {})
+            if isinstance(model, dict):
+                model["overrides"] = list(model.get("overrides") or []) + [text]
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += _problems(exc)
+        recipe = None
+    if problems or recipe is None:
+        raise ConfigError(problems, source=label)
+    return recipe
+
+
+def recipe_for_preset(preset: Any, overrides: Sequence[str] = (), *, steps: int, **fields: Any) -> Recipe:
+    """A plain preset (or spec) as a one-stage recipe named ``train`` that trains everything."""
+    source = {"preset": preset} if isinstance(preset, (str, os.PathLike)) else {"spec": dict(preset)}
+    raw = {"model": {**{k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in source.items()}, "overrides": list(overrides)},
+           "stages": [{"name": "train", "steps": steps}], **fields}
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc), source="training options") from None

@@ -1,0 +1,227 @@
+"""One stage of a run, step by step: init, freezing, optimizer, data, and the optimizer-step loop.
+
+A step: ``accumulation`` micro-batches (forward under the precision's autocast, backward of
+``loss / accumulation``; under DDP only the last one all-reduces), the global gradient norm
+(clipped when ``grad_clip``), the lr of the stage's schedule at this step, ``optimizer.step()``,
+then ``model.advance_schedules()`` (aux weights and noise move once per optimizer step). Times are
+split into data / forward / backward / optimizer. Rank 0 logs, evaluates and writes checkpoints;
+every rank contributes its RNG state and sampler position to each checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..core.errors import AudioMoEError
+from .checkpoint import load_trainer_state, save_checkpoint
+from .data import build_data
+from .evaluate import evaluate
+from .groups import apply_trainable, lr_multipliers, trainable_names
+from .optim import autocast, build_optimizer, clip_and_norm, lr_factor, set_lr
+from .runlog import RoutingMonitor, RunLog
+from .stages import apply_aux_weight, apply_init
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``checkpoint`` is the last good checkpoint (``None`` if none was written)."""
+
+    def __init__(self, step: int, checkpoint: Optional[Path]) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
+        super().__init__(f"interrupted at step {step}; {where}")
+
+
+def restore_rng(state: dict[str, Any], dist: Any, seed: int) -> None:
+    """Every rank's RNG state from the checkpoint (this rank's own when the world size matches).
+
+    Called once when a run resumes, whatever the stage: a resume at a stage boundary needs the RNG
+    where the previous stage left it, as an unbroken run has it.
+    """
+    extra = state.get("extra") or {}
+    if int(extra.get("world", 1)) == dist.world and "rng_ranks" in extra:
+        torch.set_rng_state(extra["rng_ranks"][dist.rank].clone())
+        if "cuda_rng_ranks" in extra and dist.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["cuda_rng_ranks"][dist.rank].clone(), dist.device)
+    elif "rng_ranks" in extra:
+        warnings.warn(f"resuming a {int(extra['world'])}-process run with {dist.world} processes: the data order and random "
+                      "draws differ from an unbroken run (weights, optimizer and step are restored)", RuntimeWarning, stacklevel=2)
+        torch.manual_seed(seed + dist.rank + int(state["step"]))
+    else:  # a checkpoint of an older version: one process's RNG
+        torch.set_rng_state(state["rng"]["torch"])
+
+
+def _rng_devices(dist: Any) -> list[Any]:
+    return [dist.device] if dist.device.type == "cuda" else []
+
+
+class StageRun:
+    """Runs stage ``idx`` of ``recipe`` on ``model`` (``state``: the checkpoint to continue it from, or None)."""
+
+    def __init__(self, recipe: Any, idx: int, first: int, model: Any, built: set[str], dist: Any, run: Any, root: Optional[Path],
+                 opts: Any, bar: Any, shared: dict[str, Any], state: Optional[dict[str, Any]], start_run: Callable[[], None]) -> None:
+        self.recipe, self.idx, self.first, self.model, self.built, self.dist = recipe, idx, first, model, built, dist
+        self.run_dir, self.root, self.opts, self.bar, self.shared, self.state, self.start_run = run, root, opts, bar, shared, state, start_run
+        self.st = recipe.stages[idx]
+        self.where = f"stages.{idx}"
+
+    def _setup(self) -> None:
+        r, st, model, dist = self.recipe, self.st, self.model, self.dist
+        fresh = self.state is None
+        self.report: dict[str, Any] = {"name": st.name, "first_step": self.first + 1, "last_step": self.first + st.steps}
+        if fresh and st.init is not None:
+            self.report["init"] = apply_init(model, st.init, r, self.root, self.where)
+        names = trainable_names(model, st.train, st.freeze, self.built, self.where)
+        apply_trainable(model, names)
+        self.report["trainable_tensors"] = len(names)
+        self.report["trainable_parameters"] = sum(p.numel() for n, p in model.named_parameters() if n in names)
+        apply_aux_weight(model, st.aux_weight, st.steps, fresh, self.where)
+        self.ospec, self.sched = r.stage_optim(st), st.schedule or r.schedule
+        mults = lr_multipliers(model, self.ospec.lr_mult, f"{self.where}.optim" if st.optim else "optim")
+        self.params = [p for n, p in model.named_parameters() if n in names]
+        self.opt = build_optimizer([(n, p) for n, p in model.named_parameters() if n in names], self.ospec, mults)
+        if not fresh:
+            load_trainer_state(self.state["path"], self.opt)
+            for g in self.opt.param_groups:  # the options given now win over those the state was saved with
+                g.update(weight_decay=self.ospec.weight_decay, betas=tuple(self.ospec.betas), eps=self.ospec.eps)
+        if self.opts.data is not None:
+            self.data, eval_data = self.opts.data, list(self.opts.eval_data or [])
+        else:
+            self.data, eval_data = build_data(
+                model, r.data, st.data, batch_size=r.batch_size, seed=r.seed, eval_batches=r.eval.batches if dist.main else 0,
+                rank=dist.rank, world=dist.world, progress=self.opts.progress and dist.main, workers=self.opts.workers)
+        self.eval_data = eval_data if dist.main else []
+        self.has_eval = int(dist.gather(torch.tensor([len(self.eval_data)]))[0, 0]) > 0
+        self.start_run()
+        if "log" not in self.shared:
+            # one log per process; records after the step this process started from are dropped
+            self.shared["log"] = RunLog(self.root, r.log, self.shared["start"], active=dist.main and self.root is not None and (r.log.jsonl or r.log.tensorboard))
+        self.log: RunLog = self.shared["log"]
+        self.monitor = RoutingMonitor(r.log.health)
+        if not fresh:
+            self._restore(self.state)
+        if self.shared["before"] is None and self.eval_data:
+            self.shared["before"] = self._eval()
+        self.ddp = model
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            from ..core.interfaces import Router
+
+            ids = [dist.device] if dist.device.type == "cuda" else None
+            # routed experts (or weak encoders) a rank's batch never picks get no gradient there:
+            # DDP must then look for unused tensors; a model without routers has a static graph
+            routed = any(isinstance(m, Router) for m in model.modules())
+            self.ddp = DDP(model, device_ids=ids, find_unused_parameters=routed)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """This rank's data position from the checkpoint (its own when the world size matches)."""
+        extra, dist = state.get("extra") or {}, self.dist
+        loader_state = None
+        if int(extra.get("world", 1)) == dist.world and "data_ranks" in extra and extra.get("data") is not None:
+            e, b, s = (int(x) for x in extra["data_ranks"][dist.rank].tolist())
+            loader_state = {"epoch": e, "batch": b, "seed": s}
+        elif extra.get("data") is not None:
+            loader_state = extra["data"]
+        if loader_state is not None and callable(getattr(self.data, "load_state_dict", None)):
+            self.data.load_state_dict(loader_state)
+
+    def _eval(self) -> dict[str, float]:
+        with torch.random.fork_rng(devices=_rng_devices(self.dist)):  # eval never moves the training RNG
+            return evaluate(self.model, self.eval_data)
+
+    def _checkpoint(self, step: int, local: int) -> None:
+        dist = self.dist
+        state = self.data.state_dict() if callable(getattr(self.data, "state_dict", None)) else None
+        pos = torch.tensor([int(state["epoch"]), int(state["batch"]), int(state.get("seed", 0))] if state else [0, 0, 0], dtype=torch.long)
+        extra: dict[str, Any] = {
+            "stage": self.idx, "stage_name": self.st.name, "stage_step": local, "world": dist.world, "data": state,
+            "data_ranks": dist.gather(pos), "rng_ranks": dist.gather(torch.get_rng_state()), "tasks_seen": sorted(self.shared["fed"]),
+        }
+        if dist.device.type == "cuda":
+            extra["cuda_rng_ranks"] = dist.gather(torch.cuda.get_rng_state(dist.device))
+        if dist.main and self.run_dir is not None:
+            self.shared["ckpt"] = save_checkpoint(self.model, self.run_dir.path, step, self.opt, self.recipe.checkpoint.keep, extra=extra)
+
+    def run(self) -> dict[str, Any]:
+        """Run the stage to its last step; return its summary."""
+        self._setup()
+        r, st, dist, model = self.recipe, self.st, self.dist, self.model
+        acc, t_stage = self.ospec.accumulation, time.perf_counter()
+        local0 = int(self.state["step"]) - self.first if self.state is not None else 0
+        cuda = dist.device.type == "cuda"
+        sync = (lambda: torch.cuda.synchronize(dist.device)) if cuda else (lambda: None)
+        if len(r.stages) > 1:
+            self.bar.note(f"stage {self.idx} '{st.name}': steps {self.first + 1}..{self.first + st.steps}, "
+                          f"{self.report['trainable_parameters']:,} trainable parameters")
+        for local in range(local0 + 1, st.steps + 1):
+            step = self.first + local
+            self.shared["step"] = step
+            t0 = time.perf_counter()
+            batches = [next(self.data) for _ in range(acc)]
+            t_data, t_fwd, t_bwd = time.perf_counter() - t0, 0.0, 0.0
+            self.opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=dist.device)
+            terms: dict[str, float] = {}
+            for j, batch in enumerate(batches):
+                quiet = self.ddp.no_sync() if self.ddp is not model and j < acc - 1 else contextlib.nullcontext()
+                with quiet:
+                    t1 = time.perf_counter()
+                    with autocast(r.precision, dist.device):
+                        out = self.ddp(batch, predict=False)  # training never generates
+                    if out.loss is None:
+                        raise AudioMoEError("training batches must carry targets")
+                    sync()
+                    t2 = time.perf_counter()
+                    (out.loss.float() / acc).backward()
+                    sync()
+                    t_fwd, t_bwd = t_fwd + t2 - t1, t_bwd + time.perf_counter() - t2
+                self.shared["fed"].update(out.indices)
+                loss_sum += out.loss.detach().float()
+                for k, v in out.losses.items():
+                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / acc
+                if r.log.routing_every and dist.main:
+                    self.monitor.update(out.routing)
+            t3 = time.perf_counter()
+            gnorm = clip_and_norm(self.params, self.ospec.grad_clip)
+            lr = set_lr(self.opt, self.ospec.lr, lr_factor(local, st.steps, self.sched))
+            self.opt.step()
+            model.advance_schedules()  # aux-weight / noise schedules: once per optimizer step, never per forward
+            sync()
+            t_opt = time.perf_counter() - t3
+            loss = float(dist.mean(loss_sum / acc))
+            self.shared["loss"] = loss
+            if not math.isfinite(loss):
+                last = f"; the last good checkpoint is {self.shared['ckpt']}" if self.shared["ckpt"] else ""
+                raise AudioMoEError(f"loss became {loss} at step {step}; lower the learning rate (lr={self.ospec.lr}){last}")
+            self.bar.step(step, loss)
+            if step % r.log.every == 0 or local == st.steps:
+                self.log.step({"step": step, "stage": st.name, "stage_step": local, "loss": loss, "losses": terms, "lr": lr,
+                               "grad_norm": gnorm, "items": sum(len(b.task_list()) for b in batches) * dist.world,
+                               "time": {"data": round(t_data, 6), "forward": round(t_fwd, 6), "backward": round(t_bwd, 6),
+                                        "optimizer": round(t_opt, 6), "step": round(time.perf_counter() - t0, 6)}})
+            if r.log.routing_every and dist.main and step % r.log.routing_every == 0 and out.routing:
+                stats, warns = self.monitor.report(out.routing, batches[-1].task_list(), model.task_names)
+                self.log.routing(step, stats, warns)
+                for w in warns:
+                    self.bar.note(f"warning: {w}")
+                self.shared.setdefault("warnings", []).extend({"step": step, "warning": w} for w in warns)
+            at_eval = self.has_eval and (step % r.eval.every == 0 or local == st.steps)
+            if at_eval and dist.main:
+                metrics = self._eval()
+                self.shared["history"].append({"step": step, "loss": loss, **metrics})
+                self.report["eval"] = metrics
+                self.log.eval(step, metrics)
+            every = r.checkpoint.every
+            if self.root is not None and (at_eval or (every and step % every == 0) or local == st.steps):
+                self._checkpoint(step, local)
+        if callable(getattr(self.data, "summary", None)):
+            self.shared["data_summary"] = self.data.summary()
+        self.report.update(final_loss=self.shared["loss"], seconds=round(time.perf_counter() - t_stage, 2))
+        return self.report

@@ -1,0 +1,224 @@
+"""The engine behind ``audiomoe train``: a recipe's stages, one optimizer step at a time, resumable exactly.
+
+:func:`run_recipe` opens (rank 0) and locks the run directory, builds the model (or loads the
+last good checkpoint), then runs each stage (:mod:`.stages` for inits and specialists, the
+per-step work in :mod:`.steploop`). Everything a step depends on is in each checkpoint:
+weights (with the routers' schedule positions), the stage's AdamW state, the global and stage
+step (the lr is a function of it), every rank's RNG state and data-sampler position, and the tasks
+seen; nothing is pickled. So a run killed at any moment resumes from its last complete checkpoint
+and ends with the weights of an unbroken run (same number of processes; bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from ..core.composer import build_meta, build_model, check_size, resolve
+from ..core.errors import AudioMoEError
+from ..model import AudioBatch
+from .checkpoint import load_checkpoint, load_trainer_state, read_latest
+from .distributed import Dist, setup
+from .evaluate import evaluate
+from .progress import Progress
+from .recipe import ModelSection, Recipe
+from .rundir import RUN_FILE, RunDir, open_run_dir
+from .stages import run_specialists
+from .steploop import StageRun, TrainingInterrupted, restore_rng
+
+
+@dataclass
+class RunOptions:
+    """How to run a recipe (not what: that is the recipe)."""
+
+    out_dir: Optional[str] = None
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+    print_every: int = 0
+    workers: int = 1
+    data: Optional[Iterator[AudioBatch]] = None  # the caller's batches (one-stage runs)
+    eval_data: Optional[Sequence[AudioBatch]] = None
+    config: dict[str, Any] = field(default_factory=dict)  # recorded in run.json / the summary
+    adjust: Optional[Callable[[Recipe], Recipe]] = None  # applied to a recipe read back from run.json
+    spec_given: bool = True  # the recipe's model was given now (not read back): checked against the checkpoint
+
+
+def memory_check(n_params: int) -> None:
+    """Refuse a model whose weights + grads + AdamW moments exceed this machine's memory."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return
+    need = n_params * 4 * 4
+    if need > ram:
+        raise AudioMoEError(
+            f"training {n_params:,} parameters needs about {need / 2**30:,.1f} GiB (weights, gradients, AdamW state) "
+            f"but this machine has {ram / 2**30:,.1f} GiB; use a smaller spec"
+        )
+
+
+def _collective(dist: Dist, fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0 (others get None); if it fails there, every rank stops."""
+    result, error = None, None
+    if dist.main:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = exc
+    if not dist.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise AudioMoEError(f"rank 0 failed while {what}; its message says why")
+    return result
+
+
+def _recipe_from_run(path: Path, opts: RunOptions) -> Recipe:
+    info = json.loads((path / RUN_FILE).read_text(encoding="utf-8")) if (path / RUN_FILE).is_file() else {}
+    if "recipe" in info:
+        recipe = Recipe.model_validate(info["recipe"])
+    elif "spec" in info:  # a run of an older version: a one-stage recipe over its spec
+        from .recipe import recipe_for_preset
+
+        recipe = recipe_for_preset(info["spec"], (), steps=int((info.get("config") or {}).get("steps", 1)))
+    else:
+        raise AudioMoEError("give a preset or spec to train (or --resume a run directory that has one)")
+    return opts.adjust(recipe) if opts.adjust else recipe
+
+
+def _model(recipe: Recipe, resume_from: Optional[Path], opts: RunOptions, where: str) -> tuple[Any, Recipe]:
+    """The model (new, or the checkpoint's) and the recipe with its model pinned to the spec trained."""
+    if resume_from is not None:
+        model = load_checkpoint(resume_from)
+        if opts.spec_given and resolve(recipe.model.source(), recipe.model.overrides).to_dict() != model.spec:
+            raise AudioMoEError(
+                f"'{where}' was trained from a different spec than {recipe.model.preset or 'the given spec'!r} with these --set overrides; "
+                "resume without PRESET/--set to continue it, or use --overwrite to start over"
+            )
+    else:
+        resolved = resolve(recipe.model.source(), recipe.model.overrides)
+        memory_check(check_size(build_meta(resolved)))
+        model = build_model(resolved)
+    return model, recipe
+
+
+def run_recipe(recipe: Optional[Recipe], opts: RunOptions) -> dict[str, Any]:
+    """Run ``recipe`` (or the one recorded in ``opts.out_dir`` when resuming with ``recipe=None``); return the summary."""
+    dist = setup(opts.device)
+    run: Optional[RunDir] = None
+    try:
+        root = Path(opts.out_dir) if opts.out_dir else None
+        if root is not None:
+            run = _collective(dist, lambda: open_run_dir(root, resume=opts.resume, overwrite=opts.overwrite), "opening the run directory")
+        resume_from = run.resume_from if run is not None else None
+        if not dist.main and root is not None and opts.resume:
+            resume_from = read_latest(root)
+        if recipe is None:
+            if root is None:
+                raise AudioMoEError("give a recipe or preset to train (or --resume DIR)")
+            recipe = _recipe_from_run(root, opts)
+            opts.spec_given = False
+        with torch.random.fork_rng(devices=[]):  # the run's RNG use never leaks into the caller's
+            torch.manual_seed(recipe.seed + dist.rank)
+            return _run(recipe, opts, dist, run, root, resume_from)
+    finally:
+        if run is not None:
+            run.close()
+        dist.close()
+
+
+def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], root: Optional[Path], resume_from: Optional[Path]) -> dict[str, Any]:
+    model, recipe = _model(recipe, resume_from, opts, str(root))
+    spec = model.spec
+    recipe = recipe.model_copy(update={"model": ModelSection(spec=spec)})  # what resumes build: the spec trained
+    state = load_trainer_state(resume_from) if resume_from is not None else {"step": 0, "extra": {}}
+    start, total = int(state["step"]), recipe.total_steps()
+    if resume_from is not None and start >= total:
+        raise AudioMoEError(f"'{root}' is already at step {start}; ask for more --steps (total) to continue it, "
+                            "or give a stage more steps (--set stages.NAME.steps=N)")
+    built = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.to(dist.device)
+    if resume_from is not None:
+        restore_rng(state, dist, recipe.seed)
+    if recipe.compile:
+        for part in (model.backbone, model.encoder):
+            if part is not None:
+                part.compile(dynamic=True)
+    bar = Progress(total, start, ("auto" if opts.progress else "off") if dist.main else "off", opts.print_every)
+    if resume_from is not None:
+        bar.note(f"resuming {root} from {resume_from.name} (step {start})")
+    started = [run is None]
+
+    def start_run() -> None:  # the run really starts (model built, data checked): record it
+        if not started[0] and run is not None:
+            run.start(spec=spec, config=opts.config)
+            run.info["recipe"] = json.loads(recipe.model_dump_json())
+            run.write_info()
+        started[0] = True
+
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"recipe": recipe.name, "start_step": start, "stages": [], "warnings": []}
+    shared = {"start": start, "ckpt": resume_from, "fed": set((state["extra"] or {}).get("tasks_seen") or []), "before": None, "loss": float("nan"), "history": []}
+    try:
+        for idx, st in enumerate(recipe.stages):
+            if st.specialists is not None:
+                if int((state["extra"] or {}).get("stage", -1)) > idx or start > 0:
+                    continue  # the main model has trained past this stage: its specialists are done
+                start_run()
+
+                def one(sub: Recipe, d: Path, resume: bool) -> dict[str, Any]:
+                    o = RunOptions(out_dir=str(d), resume=resume, device=opts.device, progress=opts.progress, print_every=opts.print_every, workers=opts.workers)
+                    return run_recipe(sub, o)
+
+                summary["stages"].append({"name": st.name, "specialists": run_specialists(recipe, idx, root, spec, one)})
+                continue
+            first = next(off for i, s, off in recipe.main_stages() if i == idx)
+            if start >= first + st.steps:
+                continue
+            stage = StageRun(recipe, idx, first, model, built, dist, run, root, opts, bar, shared, state if start > first else None, start_run)
+            summary["stages"].append(stage.run())
+    except KeyboardInterrupt as exc:
+        bar.close()
+        ckpt = shared["ckpt"]
+        if run is not None:  # the interrupt may land inside a save, after `latest` moved on
+            try:
+                ckpt = read_latest(run.path) or ckpt
+            except AudioMoEError:
+                pass
+        raise TrainingInterrupted(getattr(exc, "step", shared.get("step", start)), ckpt) from None
+    finally:
+        bar.close()
+        if "log" in shared:
+            shared["log"].close()
+    dist.barrier()
+    unfed = [n for n in model.task_names if n not in shared["fed"]]
+    if unfed and opts.data is not None:  # the caller's data never named these heads: say so
+        warnings.warn(
+            f"the training data never had an item for head(s) {unfed}: they did not train; "
+            "give batches for every task or drop those heads (tasks.NAME=null)", RuntimeWarning, stacklevel=4
+        )
+    summary.update({
+        "untrained_heads": unfed, "steps": total, "final_loss": shared["loss"], "eval_before": shared["before"] or {},
+        "eval_after": shared["history"][-1] if shared["history"] else {}, "checkpoint": str(shared["ckpt"]) if shared["ckpt"] else None,
+        "seconds": round(time.perf_counter() - t0, 2), "processes": dist.world, "device": str(dist.device),
+        "config": opts.config,
+    })
+    summary["warnings"] = shared.get("warnings", [])
+    if shared.get("data_summary") is not None:
+        summary["data"] = shared["data_summary"]
+    if run is not None and dist.main:
+        tmp = run.path / f".summary.json.{os.getpid()}"
+        tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, run.path / "summary.json")
+    return summary
+
+
+__all__ = ["RunOptions", "TrainingInterrupted", "evaluate", "memory_check", "run_recipe"]

@@ -1,0 +1,117 @@
+"""Grid / variant expansion, study files and the built-in papers study (no training: fast)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from audiomoe.analysis.grid import expand, parse_grid, parse_variant, plan_runs, split_values
+from audiomoe.analysis.launch import train_command
+from audiomoe.analysis.study import STUDIES, builtin_studies, find_study, load_study, plan_study
+from audiomoe.core.errors import AudioMoEError
+
+
+def test_grid_values_split_outside_brackets_and_bad_grids_are_named():
+    assert split_values("top_k, top_p") == ["top_k", "top_p"]
+    assert split_values("[a,b],{x: 1, y: 2},'c,d'") == ["[a,b]", "{x: 1, y: 2}", "'c,d'"]
+    assert parse_grid("backbone.moe.router.p=0.5,0.7") == ("backbone.moe.router.p", ["0.5", "0.7"])
+    for bad, what in (("backbone.moe.router", "KEY=V1,V2"), ("=a,b", "KEY=V1,V2"), ("k=a,,b", "non-empty"), ("k=a,a", "twice")):
+        with pytest.raises(AudioMoEError, match=what):
+            parse_grid(bad)
+
+
+def test_variants_bundle_overrides_and_bad_variants_are_named():
+    assert parse_variant("naive=backbone.moe.router=top_k;backbone.moe.num_null=0") == ("naive", ["backbone.moe.router=top_k", "backbone.moe.num_null=0"])
+    assert parse_variant("plain=") == ("plain", [])
+    with pytest.raises(AudioMoEError, match="NAME=KEY=VALUE"):
+        parse_variant("bad name=x=1")
+    with pytest.raises(AudioMoEError, match="not KEY=VALUE"):
+        parse_variant("v=backbone.moe.router")
+
+
+def test_expand_is_the_product_of_variants_and_grid(tmp_path):
+    grids = [parse_grid("backbone.moe.router=top_k,top_p"), parse_grid("backbone.moe.num_experts=2,4")]
+    configs = expand("tiny-moe-cls", grids, overrides=["seed=1"], train={"lr": 0.01}, steps=5)
+    assert [c.name for c in configs] == ["router=top_k+num_experts=2", "router=top_k+num_experts=4", "router=top_p+num_experts=2", "router=top_p+num_experts=4"]
+    assert configs[1].overrides == ("seed=1", "backbone.moe.router=top_k", "backbone.moe.num_experts=4")
+    assert dict(configs[0].labels) == {"router": "top_k", "num_experts": "2"}
+    both = expand("t", [parse_grid("a.router=x,y"), parse_grid("b.router=z")])  # same last key part: full keys in names
+    assert both[0].name == "a.router=x+b.router=z"
+    with_variants = expand("t", [parse_grid("k=1,2")], [("v1", ["x=1"]), ("v2", [])])
+    assert [c.name for c in with_variants] == ["v1+k=1", "v1+k=2", "v2+k=1", "v2+k=2"]
+    runs = plan_runs(configs, [0, 1], tmp_path)
+    assert len(runs) == 8 and len({r.path for r in runs}) == 8
+    assert runs[0].path == tmp_path / "runs" / "router=top_k+num_experts=2" / "seed-0"
+    odd = expand("t", [parse_grid("tasks.x.labels=[a/b,c]")])[0]
+    assert "/" not in odd.dirname and odd.dirname != odd.name  # unsafe characters replaced, a hash keeps it unique
+    with pytest.raises(AudioMoEError, match="more than once"):
+        expand("t", [parse_grid("k=1"), parse_grid("k=2")])
+    with pytest.raises(AudioMoEError, match="unknown training option.*'lr'"):
+        expand("t", train={"lrr": 1})
+    with pytest.raises(AudioMoEError, match="at least one seed"):
+        plan_runs(configs, [], tmp_path)
+
+
+def test_train_command_passes_overrides_seed_steps_and_overwrites_an_unfinished_run(tmp_path):
+    (cfg,) = expand("tiny-moe-cls", [parse_grid("backbone.moe.router=top_p")], train={"batch_size": 4}, steps=50)
+    (run,) = plan_runs([cfg], [3], tmp_path)
+    cmd = train_command(run, python="python")
+    assert cmd[:5] == ["python", "-m", "audiomoe.cli", "train", "tiny-moe-cls"]
+    joined = " ".join(cmd)
+    assert "--set backbone.moe.router=top_p" in joined and "--seed 3" in joined and "--steps 50" in joined and "--batch-size 4" in joined
+    assert f"--out {run.path / 'train'}" in joined and "--overwrite" not in cmd
+    (run.path / "train").mkdir(parents=True)  # a killed run left its directory: start it over
+    assert train_command(run)[-1] == "--overwrite"
+
+
+def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(tmp_path):
+    assert "papers" in builtin_studies() and find_study("papers") == STUDIES / "papers.yaml"
+    spec = load_study(STUDIES / "papers.yaml")
+    plan = plan_study(spec, tmp_path, exists=lambda name: False)
+    assert [c.name for c in plan.configs] == ["top_k", "top_p", "top_p_null", "base_only", "mowe_independent", "mowe_dependent", "mowe_combined"]
+    assert plan.seeds == [0, 1, 2] and plan.baselines == {"routing": "top_k", "encoders": "base_only"}
+    assert "unimoe-curriculum-tiny" in plan.skipped["curriculum"] and "placeholder" in plan.skipped["curriculum"]
+    assert (tmp_path / "specs" / "unimoe-corpus.yaml").is_file() and plan.configs[0].target == str(tmp_path / "specs" / "unimoe-corpus.yaml")
+    compact = plan_study(spec, tmp_path, compact=True, exists=lambda name: False)
+    assert compact.seeds == [0, 1] and compact.configs[0].steps == spec.compact.steps < spec.steps
+    with_recipes = plan_study(spec, tmp_path, exists=lambda name: True)  # once issue 15's recipes exist, the arm runs them
+    cur = [c for c in with_recipes.configs if c.arm == "curriculum"]
+    assert [(c.name, c.target, c.steps) for c in cur] == [("curriculum", "unimoe-curriculum-tiny", None), ("naive", "unimoe-naive-tiny", None)]
+    assert with_recipes.skipped == {}
+
+
+def test_papers_study_variants_are_valid_model_specs(tmp_path):
+    """Every config of the built-in study resolves (the composer checks each override, on the meta device)."""
+    from audiomoe.core.composer import validate
+
+    plan = plan_study(load_study(STUDIES / "papers.yaml"), tmp_path, exists=lambda name: False)
+    for c in plan.configs:
+        validate(c.target, list(c.overrides))
+
+
+def test_bad_study_files_say_what_is_wrong(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("study: s\narms:\n  a:\n    target: tiny-cls\n    variants: {x: []}\n    baseline: y\n")
+    with pytest.raises(AudioMoEError, match="baseline 'y' is not one of its variants"):
+        load_study(p)
+    p.write_text("study: s\narms:\n  a:\n    target: tiny-cls\n    variants: {x: []}\n    colour: red\n")
+    with pytest.raises(AudioMoEError, match=r"arms\.a\.colour"):
+        load_study(p)
+    p.write_text("study: s\narms:\n  a: {target: tiny-cls, variants: {x: []}}\nclaims:\n  - {id: 1, text: t, kind: better, candidate: x, reference: [nope]}\n")
+    with pytest.raises(AudioMoEError, match="claim 1 names 'nope'"):
+        load_study(p)
+    assert find_study(str(p)) == p and find_study("tiny-cls") is None
+
+
+def test_ablate_refuses_bad_input_with_a_message():
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "audiomoe.cli", "ablate", *args], capture_output=True, text=True, timeout=120)
+
+    r = run("papers", "--grid", "k=1,2")
+    assert r.returncode == 2 and "is a study file" in r.stderr
+    r = run("tiny-cls", "--grid", "seed=1,2", "--baseline", "seed=3")
+    assert r.returncode == 2 and "--baseline 'seed=3' is not one of the configs" in r.stderr
+    r = run("tiny-cls", "--grid", "nokey")
+    assert r.returncode == 2 and "KEY=V1,V2" in r.stderr

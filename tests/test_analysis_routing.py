@@ -1,0 +1,124 @@
+"""Routing health, MoE FLOPs and plots from real (untrained) models on real batches (in process: fast)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from audiomoe.analysis.plots import metric_by_config, routing_figures, save_png, training_curves
+from audiomoe.analysis.routing_stats import measure_model
+from audiomoe.core.composer import compose
+from audiomoe.data.synthetic import classification_tasks, tone_batch
+from audiomoe.trace import RoutingTrace
+
+
+def _batches(model, n=2, bs=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tasks = classification_tasks(model, model.task_names)
+    return [tone_batch(tasks, bs, int(model.encoder.sample_rate), generator=g) for _ in range(n)]
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24]), len(data)
+
+
+@pytest.fixture(scope="module")
+def topk():
+    model = compose("tiny-moe-cls")
+    batches = _batches(model)
+    return model, batches, measure_model(model, batches)
+
+
+def test_top2_routing_counts_and_flops_by_hand(topk):
+    model, batches, m = topk
+    layers = [n for n, r in m["routing"].items() if r["kind"] == "token"]
+    assert layers == ["backbone/layer0", "backbone/layer1"]
+    for name in layers:
+        r = m["routing"][name]
+        assert r["real_experts_per_token"] == pytest.approx(2.0) and r["null_share"] == 0.0  # top-2, no null experts
+        assert sum(sum(v) for v in r["load_by_task"].values()) == pytest.approx(2 * r["items"])
+        assert set(r["load_by_task"]) == {"emotion", "speaker"} and r["column_labels"] == ["e0", "e1", "e2", "e3"]
+    # FLOPs by hand: 2 x (pairs x one expert's params + tokens x router params); top-2 -> pairs = 2 x tokens
+    moe = [mod for _, mod in model.named_modules() if type(mod).__name__ == "MoELayer"]
+    per_expert = sum(p.numel() for p in moe[0].experts.parameters()) / moe[0].num_experts
+    router = sum(p.numel() for p in moe[0].router.parameters())
+    tokens = m["routing"]["backbone/layer0"]["items"]
+    per_layer = 2 * (2 * tokens * per_expert + tokens * router)
+    seconds = sum(float(b.lengths.sum()) / b.sample_rate for b in batches)
+    assert m["audio_seconds"] == pytest.approx(seconds)
+    assert m["moe_mflops_per_audio_s"] == pytest.approx(2 * per_layer / 1e6 / seconds)
+    assert m["params_total"] == sum(p.numel() for p in model.parameters()) and m["params_active"] < m["params_total"]
+
+
+def test_top_p_null_stats_match_the_routing_trace():
+    model = compose("tiny-unimoe")
+    batches = _batches(model, n=1)
+    m = measure_model(model, batches)
+    with torch.no_grad():
+        model.eval()
+        b = batches[0]
+        out = model(type(b)(b.waveforms, b.sample_rate, b.tasks, b.lengths, None))
+    ref = RoutingTrace.from_output(out).summary()
+    for name in ("backbone/layer0", "backbone/layer1"):
+        r = m["routing"][name]
+        assert r["null_columns"] == 1 and r["column_labels"][-1] == "null0"
+        assert r["real_experts_per_token"] == pytest.approx(ref[name]["real_experts_per_item"])
+        assert r["null_share"] == pytest.approx(ref[name]["null_share"])
+        assert r["real_experts_per_token"] <= r["experts_per_token"]
+    layers = m["moe_layers"]
+    assert all(v["pairs"] <= v["tokens"] * 8 for v in layers.values())  # real picks only: at most all 8 routed experts
+
+
+@pytest.fixture(scope="module")
+def mowe():
+    model = compose("mowe-tiny")
+    return measure_model(model, _batches(model, n=1, bs=6))
+
+
+def test_mowe_weak_encoder_selection_per_task(mowe):
+    m = mowe
+    r = m["routing"]["encoder/mowe"]
+    assert r["kind"] == "sample" and m["weak_encoders"] == ["weak0 whisper", "weak1 whisper", "weak2 hubert", "weak3 hubert"]
+    assert r["column_labels"] == m["weak_encoders"]
+    for task, shares in r["selection_by_task"].items():  # top-1 router: every sample runs exactly one weak encoder
+        assert sum(shares) == pytest.approx(1.0), task
+    assert m["moe_mflops_per_audio_s"] is None  # no MoE FFN layer in this model
+
+
+def test_routing_plots_are_pngs_with_labelled_axes(topk, mowe, tmp_path):
+    _, _, m = topk
+    figs = routing_figures({"top2": [m, m], "mowe": [mowe]})
+    assert set(figs) == {"experts_per_layer", "expert_load", "weak_selection"}  # no null columns: no null-share plot
+    ax = figs["experts_per_layer"].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("MoE layer", "routed experts per token (null excluded)")
+    assert ax.get_title().startswith("experts per token per layer")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["top2"]
+    heat = figs["expert_load"].axes[0]
+    assert (heat.get_xlabel(), heat.get_ylabel()) == ("expert (null = computation skipped)", "task")
+    weak = figs["weak_selection"].axes[0]
+    assert weak.get_xlabel() == "weak encoder" and [t.get_text() for t in weak.get_yticklabels()] == ["emotion", "speaker"]
+    (w, h), size = _png_size(save_png(figs["experts_per_layer"], tmp_path / "plots" / "epl.png"))
+    assert w > 300 and h > 200 and size > 5000
+    _png_size(save_png(figs["weak_selection"], tmp_path / "plots" / "weak.png"))
+
+
+def test_metric_and_curve_plots_read_the_tables(tmp_path):
+    agg = [{"config": "a", "arm": "x", "acc/mean": 0.5, "acc/ci_low": 0.4, "acc/ci_high": 0.6},
+           {"config": "b", "arm": "x", "acc/mean": 0.7, "acc/ci_low": -3.0, "acc/ci_high": 4.0}]  # fmt: skip
+    rows = [{"config": "a", "status": "ok", "acc": 0.45}, {"config": "a", "status": "ok", "acc": 0.55}, {"config": "b", "status": "ok", "acc": 0.7}]
+    fig = metric_by_config(agg, rows, "acc", chance=0.25)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "acc" and ax.get_xlabel() == "config" and "95% CI" in ax.get_title()
+    assert ax.get_ylim()[0] >= 0.0 and ax.get_ylim()[1] <= 1.05  # a 2-seed interval does not flatten the bars
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    _png_size(save_png(fig, tmp_path / "m.png"))
+    fig = training_curves({"a": [([1, 2, 3], [3.0, 2.0, 1.5]), ([1, 2, 3], [3.2, 2.2, 1.4])]})
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel().startswith("training loss")
+    mean_line = [ln for ln in ax.get_lines() if ln.get_label() == "a"][0]
+    assert list(mean_line.get_ydata()) == pytest.approx([3.1, 2.1, 1.45])

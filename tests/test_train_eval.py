@@ -1,0 +1,81 @@
+"""`audiomoe eval CHECKPOINT --data ...`: corpus-level metrics per task and per dataset, a table and JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import audiomoe
+from audiomoe import cli
+from audiomoe.data import make_corpus
+from audiomoe.data.loader import ItemDataset, collate
+from audiomoe.data.manifest import read_manifest
+from audiomoe.train import evaluate_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    make_corpus(root, "tiny", 0, progress=False)
+    return root / "manifest.jsonl"
+
+
+def test_eval_prints_a_table_per_task_and_writes_json(corpus, tmp_path, capsys):
+    model = audiomoe.compose("tiny-corpus")
+    save_checkpoint(model, tmp_path / "run", 3)
+    report_path = tmp_path / "eval.json"
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(corpus), "--json", str(report_path)]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("task"))
+    assert header.split() == ["task", "items", "accuracy", "macro_f1"]
+    report = json.loads(report_path.read_text())
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    for task in model.task_names:
+        n = sum(1 for x in lines if x["task"] == task and x["split"] == "test")
+        assert report["items"][task] == n and f"\n{task} " in "\n" + text
+    assert report["datasets"] == {}  # one dataset per task in the corpus: no per-dataset table
+    # the accuracy is over all items at once, as a direct computation gives it
+    items, _ = read_manifest(corpus, split="test", only_tasks=["language"])
+    ds = ItemDataset(items, 16000, max_clip_seconds=30.0)
+    model.eval()
+    with torch.no_grad():
+        batch, _ = collate([(ds.load(i, 0), it) for i, it in enumerate(items)], 16000)
+        out = model(audiomoe.AudioBatch(batch.waveforms, 16000, batch.tasks, batch.lengths))
+    want = float((out.predictions["language"] == model.heads["language"].make_targets(batch.targets, torch.device("cpu"))).float().mean())
+    assert report["tasks"]["language"]["accuracy"] == pytest.approx(want, abs=1e-6)
+
+
+def test_per_dataset_rows_when_the_data_has_several(corpus, tmp_path):
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    for i, x in enumerate(lines):
+        x["audio"] = str(corpus.parent / x["audio"])
+        if x["task"] == "event" and i % 2:
+            x["dataset"] = "other-events"
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    model = audiomoe.compose("tiny-corpus")
+    save_checkpoint(model, tmp_path / "run", 1)
+    report = evaluate_checkpoint(str(tmp_path / "run"), str(two))
+    per = report["datasets"]["event"]
+    assert set(per) == {"builtin-event", "other-events"} and sum(d["items"] for d in per.values()) == report["items"]["event"]
+    assert "language" not in report["datasets"]
+
+
+def test_ctc_heads_report_wer_and_cer_and_tones_work(corpus, tmp_path):
+    save_checkpoint(audiomoe.compose("tiny-ctc"), tmp_path / "ctc", 1)
+    report = evaluate_checkpoint(str(tmp_path / "ctc"), str(corpus))
+    n = sum(1 for x in map(json.loads, corpus.read_text().splitlines()) if x["task"] == "asr" and x["split"] == "test")
+    assert set(report["tasks"]["asr"]) == {"wer", "cer"} and report["items"]["asr"] == n > 0
+    assert evaluate_checkpoint(str(tmp_path / "ctc"), str(corpus), max_items=1)["items"]["asr"] == 1
+    save_checkpoint(audiomoe.compose("tiny-cls"), tmp_path / "cls", 1)
+    tones = evaluate_checkpoint(str(tmp_path / "cls"), "tones", tone_batches=2, batch_size=8)
+    assert tones["items"]["cls"] == 16 and 0.0 <= tones["tasks"]["cls"]["accuracy"] <= 1.0
+
+
+def test_eval_of_a_missing_manifest_is_one_clear_line(tmp_path, capsys):
+    save_checkpoint(audiomoe.compose("tiny-corpus"), tmp_path / "run", 1)
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("audiomoe eval: error: --data") and "no such manifest" in err
