@@ -331,3 +331,13 @@ def test_list_star_searches_every_kind_and_presets(capsys):
         warnings.simplefilter("error")
         assert main(["list", "x*"]) == 2
     assert "unknown kind 'x*'" in capsys.readouterr().err
+
+
+def test_describe_renders_every_registered_component():
+    """Defaults nested in lists (a mixture's weak encoders) render as YAML too; one crash here broke `describe`."""
+    from audiomoe.core.describe import describe
+
+    for entry in audiomoe.list_components():
+        if entry.kind in ("encoder", "fusion", "adapter", "router", "expert", "moe", "task", "backbone"):
+            info = describe(entry.kind, entry.name)
+            assert info["example"].startswith(f"{entry.kind}:"), entry

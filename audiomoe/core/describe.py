@@ -35,8 +35,17 @@ def _default(field: FieldInfo) -> Any:
         value = field.default_factory()
     else:
         value = field.default
+    return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """Models inside lists and mappings too (a mixture's default weak list) become plain YAML-able data."""
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
