@@ -3,7 +3,9 @@
 A checkpoint directory holds ``model.safetensors`` (weights), ``spec.yaml`` (the resolved spec:
 ``audiomoe.compose`` rebuilds the model from it), and the trainer state as ``trainer.json``
 (step, optimizer hyper-parameters and structure, extra fields) + ``trainer.safetensors``
-(optimizer moments, RNG states). Loading never calls ``torch.load``.
+(optimizer moments, RNG states). Loading never calls ``torch.load``. A run with expert parallelism or
+FSDP writes the same files: the one-process tensors its ranks gathered (``model_state`` /
+``optimizer_state`` of :func:`save_checkpoint`), so every checkpoint loads in one process.
 
 Write protocol (a ``kill -9`` at any instant leaves ``latest`` naming a complete checkpoint):
 
@@ -28,13 +30,13 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..core.composer import compose
+from ..core.composer import compose, resolve
 from ..core.errors import AudioMoEError
 from ..core.limits import MAX_STEPS
 from ..core.safe_yaml import load_yaml_file
@@ -174,15 +176,19 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_dir(tmp: Path, model: torch.nn.Module, step: int, optimizer: Any, extra: dict[str, Any]) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def _write_dir(tmp: Path, model: torch.nn.Module, step: int, optimizer: Any, extra: dict[str, Any],
+               model_state: Optional[dict[str, torch.Tensor]], optimizer_state: Optional[dict[str, Any]]) -> None:  # fmt: skip
+    source = model.state_dict() if model_state is None else model_state
+    state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     save_file(state, str(tmp / "model.safetensors"))
     _fsync_write(tmp / "spec.yaml", yaml.safe_dump(getattr(model, "spec", {}), sort_keys=False).encode("utf-8"))
     tensors: dict[str, torch.Tensor] = {}
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     meta = {
         "format": FORMAT,
         "step": step,
-        "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
+        "optimizer": _encode(optimizer_state, "optimizer", tensors) if optimizer_state is not None else None,
         "rng": _encode({"torch": torch.get_rng_state()}, "rng", tensors),
         "extra": _encode(extra, "extra", tensors),
     }
@@ -224,12 +230,17 @@ def save_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     keep: int = 2,
     extra: Optional[dict[str, Any]] = None,
+    *,
+    model_state: Optional[dict[str, torch.Tensor]] = None,
+    optimizer_state: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write ``out_dir/step-N`` atomically, point ``out_dir/latest`` at it, prune old ones; see the module doc.
 
     ``keep`` checkpoints are kept (``<= 0``: all). ``extra`` (JSON values and tensors) is stored
     with the trainer state and returned by :func:`load_trainer_state`. A failed write raises
-    :class:`CheckpointError` saying which checkpoint is still intact.
+    :class:`CheckpointError` saying which checkpoint is still intact. ``model_state`` /
+    ``optimizer_state``: state dicts to write instead of ``model.state_dict()`` / ``optimizer.state_dict()``
+    (a sharded run's gathered one-process dicts, :func:`audiomoe.parallel.full_state_dict`).
     """
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEPS:
         raise CheckpointError(f"checkpoint step must be an integer in [0, {MAX_STEPS}], got {step!r}")
@@ -241,7 +252,7 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=root))
     try:
-        _write_dir(tmp, model, step, optimizer, extra or {})
+        _write_dir(tmp, model, step, optimizer, extra or {}, model_state, optimizer_state)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):
@@ -315,14 +326,20 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> torch.nn.Module:
-    """Rebuild a model from a checkpoint directory (or a run directory with a ``latest`` pointer)."""
+def load_checkpoint(path: str | os.PathLike, *, build_spec: Optional[Callable[[dict], dict]] = None) -> torch.nn.Module:
+    """Rebuild a model from a checkpoint directory (or a run directory with a ``latest`` pointer).
+
+    ``build_spec``: the spec to build instead, from the file's (the trainer sets its layout's
+    ``expert_parallel``); ``model.spec`` stays the file's. The weights are one-process tensors either way.
+    """
     p = resolve_checkpoint(path)
     spec = load_yaml_file(p / "spec.yaml", "checkpoint spec")
     if not isinstance(spec, dict):
         raise CheckpointError(f"'{p / 'spec.yaml'}' must hold a model spec mapping, not {type(spec).__name__}")
     state = _read_tensors(p / "model.safetensors")
-    model = compose(spec)
+    model = compose(spec if build_spec is None else build_spec(spec))
+    if build_spec is not None:
+        model.spec = resolve(spec).to_dict()
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -332,7 +349,11 @@ def load_checkpoint(path: str | os.PathLike) -> torch.nn.Module:
 
 
 def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
-    """Read a checkpoint's trainer state; load it into ``optimizer``; return ``{step, rng, extra}``."""
+    """Read a checkpoint's trainer state; load it into ``optimizer``; return ``{step, rng, extra, path, optimizer}``.
+
+    ``optimizer`` in the result is the saved one-process optimizer state (None when there is none), for a
+    sharded run to load at its layout (:func:`audiomoe.parallel.load_full_optimizer_state_dict`).
+    """
     p = resolve_checkpoint(path)
     meta_path = p / "trainer.json"
     if not meta_path.is_file() or not (p / "trainer.safetensors").is_file():
@@ -344,9 +365,10 @@ def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"'{meta_path}' is not an audiomoe trainer state of format {FORMAT}")
     tensors = _read_tensors(p / "trainer.safetensors")
-    if optimizer is not None and meta.get("optimizer") is not None:
+    saved = _decode(meta["optimizer"], tensors) if meta.get("optimizer") is not None else None
+    if optimizer is not None and saved is not None:
         try:
-            optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
+            optimizer.load_state_dict(saved)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"optimizer state in '{p}' does not fit this model: {exc}") from None
-    return {"step": int(meta["step"]), "rng": _decode(meta["rng"], tensors), "extra": _decode(meta["extra"], tensors), "path": p}
+    return {"step": int(meta["step"]), "rng": _decode(meta["rng"], tensors), "extra": _decode(meta["extra"], tensors), "path": p, "optimizer": saved}

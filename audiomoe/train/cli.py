@@ -36,7 +36,11 @@ and DIR/tb (TensorBoard). Ctrl-C stops cleanly and names the last good checkpoin
 
 processes: `--nproc N` starts N processes on this host (torchrun's launcher); `torchrun
 --nproc-per-node N [--nnodes M ...] -m audiomoe train ...` for more hosts. gloo on CPU, NCCL on
-CUDA; --batch-size is the global batch; rank 0 logs and checkpoints."""
+CUDA; --batch-size is the global batch; rank 0 logs and checkpoints. Large models (the recipe's
+`distributed:`, or these flags): --expert-parallel N spreads each MoE layer's routed experts over N
+ranks (all-to-all), --fsdp shards everything else with FSDP2; checkpoints stay one-process files
+(they load with load_checkpoint and resume at any layout), e.g.
+  audiomoe train RECIPE --nproc 2 --expert-parallel 2 [--fsdp] --out DIR"""
 
 #: (flag dest, legacy default, recipe path) for options a recipe also has
 _FLAGS = [
@@ -44,6 +48,7 @@ _FLAGS = [
     ("eval_every", 50, "eval.every"), ("eval_batches", 4, "eval.batches"), ("seed", 0, "seed"), ("save_every", 0, "checkpoint.every"),
     ("keep", 2, "checkpoint.keep"), ("data", "auto", "data"), ("precision", "fp32", "precision"), ("grad_clip", None, "optim.grad_clip"),
     ("accumulation", 1, "optim.accumulation"), ("warmup", 0, "schedule.warmup"), ("schedule", "constant", "schedule.kind"),
+    ("expert_parallel", None, "distributed.expert_parallel"), ("fsdp", False, "distributed.fsdp"),
 ]
 _PARSER: dict[str, argparse.ArgumentParser] = {}
 
@@ -98,6 +103,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
             continue
         if isinstance(a, argparse._StoreTrueAction):  # noqa: SLF001
             out.append(flag)
+        elif isinstance(a, argparse.BooleanOptionalAction):  # --fsdp / --no-fsdp
+            out.append(flag if v else "--no-" + flag[2:])
         elif isinstance(v, list):
             out += [x for item in v for x in (flag, str(item))]
         elif v is True:
@@ -183,6 +190,10 @@ def register(sub: Any) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and encoder")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="auto: CUDA when available [auto]")
     p.add_argument("--nproc", type=int, default=None, metavar="N", help="train with N processes on this host (DDP through torchrun's launcher)")
+    p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
+                   help="spread each MoE layer's routed experts over N ranks (distributed.expert_parallel; needs --nproc)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard the model with FSDP2 over every rank (distributed.fsdp; needs --nproc)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="data-loader worker processes per rank [1]")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate (and checkpoint, with --out) every N steps, >= 1 [50]")
     p.add_argument("--eval-batches", type=int, default=None, help="held-out batches per evaluation [4]")

@@ -57,6 +57,8 @@ class TrainConfig:
     schedule: str = "constant"
     logs: bool = False
     compile: bool = False
+    expert_parallel: Optional[int] = None  # the recipe's distributed.expert_parallel (None: the spec's)
+    fsdp: bool = False
 
     _INT_RANGES = {
         "steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH_SIZE), "eval_every": (1, MAX_STEPS),
@@ -76,6 +78,8 @@ class TrainConfig:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= hi
             if not ok or (v <= 0 if lo_open else v < 0):
                 out.append(f"{name} ({v!r}) must be a finite number in {'(0' if lo_open else '[0'}, {hi}]")
+        if self.expert_parallel is not None and (isinstance(self.expert_parallel, bool) or not isinstance(self.expert_parallel, int) or self.expert_parallel < 1):
+            out.append(f"expert_parallel ({self.expert_parallel!r}) must be an integer >= 1 (or None: the spec's)")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             out.append(f"grad_clip ({self.grad_clip!r}) must be a number > 0 (or None: no clipping)")
         for name, choices in (("precision", ("fp32", "bf16")), ("schedule", ("constant", "linear", "cosine"))):
@@ -102,6 +106,7 @@ class TrainConfig:
             "eval": {"every": self.eval_every, "batches": self.eval_batches},
             "checkpoint": {"every": self.save_every, "keep": self.keep},
             "log": {"jsonl": self.logs, "tensorboard": self.logs},
+            "distributed": {"expert_parallel": self.expert_parallel, "fsdp": self.fsdp},
         }
 
 

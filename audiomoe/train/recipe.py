@@ -14,6 +14,7 @@ recipe (:func:`recipe_for_preset`). Sketch (every section but ``model`` and ``st
     precision: fp32               # or bf16 (autocast)
     eval: {every: 50, batches: 4}
     log: {every: 1, tensorboard: true, routing_every: 25}
+    distributed: {expert_parallel: 2, fsdp: true}   # under torchrun (--nproc N); see layout.py
     stages:
       - {name: specialists, steps: 100, specialists: {members: [{name: speech, data: {tasks: [language]}}, ...]}}
       - {name: warmup, steps: 50, init: {from_specialists: ["stage:specialists"]},
@@ -40,7 +41,7 @@ from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level recipe keys that ``--set`` addresses; any other ``--set`` key is a model override.
-RECIPE_KEYS = ("data", "batch_size", "optim", "schedule", "precision", "eval", "log", "checkpoint", "stages", "compile", "device")
+RECIPE_KEYS = ("data", "batch_size", "optim", "schedule", "precision", "eval", "log", "checkpoint", "stages", "compile", "device", "distributed")
 
 
 class _Strict(BaseModel):
@@ -137,6 +138,17 @@ class CheckpointSpec(_Strict):
 
     every: int = Field(0, ge=0, le=MAX_STEPS, description="also every N steps (0: only at evaluations and stage ends)")
     keep: int = Field(2, ge=0, le=1000, description="checkpoints kept, newest by step (0: all)")
+
+
+class DistributedSpec(_Strict):
+    """The process layout (:mod:`audiomoe.train.layout`): world = data_parallel x expert_parallel ranks."""
+
+    data_parallel: Optional[int] = Field(None, ge=1, le=65536, description="replicas of each EP group (None: world / expert_parallel)")
+    expert_parallel: Optional[int] = Field(None, ge=1, le=4096, description="ranks sharing the routed experts (None: the spec's, 1)")
+    fsdp: bool = Field(False, description="FSDP2: shard the blocks, the encoder and the rest over every rank")
+    param_dtype: Optional[Literal["bf16", "fp32"]] = Field(None, description="FSDP compute dtype (None: the parameters')")
+    reduce_dtype: Optional[Literal["bf16", "fp32"]] = Field(None, description="FSDP gradient-reduce dtype (None: param_dtype)")
+    reshard_after_forward: bool = Field(True, description="FSDP: free the gathered parameters after each unit's forward")
 
 
 class AuxWeightSpec(_Strict):
@@ -238,6 +250,7 @@ class Recipe(_Strict):
     log: LogSpec = Field(default_factory=LogSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     compile: bool = Field(False, description="torch.compile the backbone (and encoder) blocks")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     stages: list[StageSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

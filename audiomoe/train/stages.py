@@ -125,6 +125,8 @@ def specialist_recipe(recipe: Recipe, stage: StageSpec, member: Any, spec: dict[
     raw = recipe.model_dump()
     raw["name"] = f"{recipe.name or 'recipe'}/{stage.name}/{member.name}"
     raw["model"] = {**raw["model"], "overrides": list(recipe.model.overrides) + list(dense)}
+    # a dense specialist has no routed experts to spread: it trains data-parallel (FSDP as the recipe says)
+    raw["distributed"] = {**raw["distributed"], "expert_parallel": None, "data_parallel": None}
     one = stage.model_dump()
     one.update(name=member.name, data=member.data.model_dump(), specialists=None, init=None)
     raw["stages"] = [one]

@@ -5,7 +5,9 @@ A step: ``accumulation`` micro-batches (forward under the precision's autocast, 
 (clipped when ``grad_clip``), the lr of the stage's schedule at this step, ``optimizer.step()``,
 then ``model.advance_schedules()`` (aux weights and noise move once per optimizer step). Times are
 split into data / forward / backward / optimizer. Rank 0 logs, evaluates and writes checkpoints;
-every rank contributes its RNG state and sampler position to each checkpoint.
+every rank contributes its RNG state and sampler position to each checkpoint. Under expert
+parallelism or FSDP (:mod:`.layout`) every rank evaluates and gathers each checkpoint's one-process
+tensors with rank 0, and the norm is taken over the shards after the expert gradients are reduced.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .checkpoint import load_trainer_state, save_checkpoint
 from .data import build_data
 from .evaluate import evaluate
 from .groups import apply_trainable, lr_multipliers, trainable_names
-from .optim import autocast, build_optimizer, clip_and_norm, lr_factor, set_lr
+from .optim import autocast, build_optimizer, lr_factor, set_lr
 from .runlog import RoutingMonitor, RunLog
 from .stages import apply_aux_weight, apply_init
 
@@ -75,28 +77,35 @@ class StageRun:
         r, st, model, dist = self.recipe, self.st, self.model, self.dist
         fresh = self.state is None
         self.report: dict[str, Any] = {"name": st.name, "first_step": self.first + 1, "last_step": self.first + st.steps}
-        if fresh and st.init is not None:
-            self.report["init"] = apply_init(model, st.init, r, self.root, self.where)
+        layout = self.layout = self.shared["layout"]
+        if fresh and st.init is not None:  # a later stage of a sharded run inits a gathered full copy (layout.py)
+            self.report["init"] = layout.on_full_model(model, lambda m: apply_init(m, st.init, r, self.root, self.where))
         names = trainable_names(model, st.train, st.freeze, self.built, self.where)
         apply_trainable(model, names)
         self.report["trainable_tensors"] = len(names)
-        self.report["trainable_parameters"] = sum(p.numel() for n, p in model.named_parameters() if n in names)
+        self.report["trainable_parameters"] = sum(p.numel() for n, p in model.named_parameters() if n in names)  # one-process counts
         apply_aux_weight(model, st.aux_weight, st.steps, fresh, self.where)
+        layout.prepare(model)  # EP shards / FSDP2 (once per run): the optimizer must see the sharded tensors
+        model.zero_grad(set_to_none=True)  # a tensor frozen now keeps no gradient of the last stage (a sharded norm counts every one)
         self.ospec, self.sched = r.stage_optim(st), st.schedule or r.schedule
         mults = lr_multipliers(model, self.ospec.lr_mult, f"{self.where}.optim" if st.optim else "optim")
         self.params = [p for n, p in model.named_parameters() if n in names]
         self.opt = build_optimizer([(n, p) for n, p in model.named_parameters() if n in names], self.ospec, mults)
         if not fresh:
-            load_trainer_state(self.state["path"], self.opt)
+            if layout.sharded:  # the checkpoint holds the one-process state: slice it for this rank
+                layout.load_optimizer(model, self.opt, load_trainer_state(self.state["path"])["optimizer"])
+            else:
+                load_trainer_state(self.state["path"], self.opt)
             for g in self.opt.param_groups:  # the options given now win over those the state was saved with
                 g.update(weight_decay=self.ospec.weight_decay, betas=tuple(self.ospec.betas), eps=self.ospec.eps)
         if self.opts.data is not None:
             self.data, eval_data = self.opts.data, list(self.opts.eval_data or [])
         else:
             self.data, eval_data = build_data(
-                model, r.data, st.data, batch_size=r.batch_size, seed=r.seed, eval_batches=r.eval.batches if dist.main else 0,
+                model, r.data, st.data, batch_size=r.batch_size, seed=r.seed, eval_batches=r.eval.batches if dist.main or layout.sharded else 0,
                 rank=dist.rank, world=dist.world, progress=self.opts.progress and dist.main, workers=self.opts.workers)
-        self.eval_data = eval_data if dist.main else []
+        # a sharded forward is collective: every rank evaluates the same batches (rank 0 records them)
+        self.eval_data = eval_data if dist.main or layout.sharded else []
         self.has_eval = int(dist.gather(torch.tensor([len(self.eval_data)]))[0, 0]) > 0
         self.start_run()
         if "log" not in self.shared:
@@ -108,17 +117,7 @@ class StageRun:
             self._restore(self.state)
         if self.shared["before"] is None and self.eval_data:
             self.shared["before"] = self._eval()
-        self.ddp = model
-        if dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            from ..core.interfaces import Router
-
-            ids = [dist.device] if dist.device.type == "cuda" else None
-            # routed experts (or weak encoders) a rank's batch never picks get no gradient there:
-            # DDP must then look for unused tensors; a model without routers has a static graph
-            routed = any(isinstance(m, Router) for m in model.modules())
-            self.ddp = DDP(model, device_ids=ids, find_unused_parameters=routed)
+        self.ddp = layout.wrap(model, dist.device)  # DDP per stage (its trainable set); FSDP: the model itself
 
     def _restore(self, state: dict[str, Any]) -> None:
         """This rank's data position from the checkpoint (its own when the world size matches)."""
@@ -146,8 +145,18 @@ class StageRun:
         }
         if dist.device.type == "cuda":
             extra["cuda_rng_ranks"] = dist.gather(torch.cuda.get_rng_state(dist.device))
+        model_state, opt_state = self.layout.states(self.model, self.opt)  # sharded: gathered by every rank, for rank 0
+        error = None
         if dist.main and self.run_dir is not None:
-            self.shared["ckpt"] = save_checkpoint(self.model, self.run_dir.path, step, self.opt, self.recipe.checkpoint.keep, extra=extra)
+            try:
+                self.shared["ckpt"] = save_checkpoint(self.model, self.run_dir.path, step, self.opt, self.recipe.checkpoint.keep, extra=extra,
+                                                      model_state=model_state, optimizer_state=opt_state)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, once the other ranks know (else they wait in the next collective)
+                error = exc
+        if not dist.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise AudioMoEError(f"rank 0 could not write the checkpoint of step {step}; its message says why")
 
     def run(self) -> dict[str, Any]:
         """Run the stage to its last step; return its summary."""
@@ -189,7 +198,7 @@ class StageRun:
                 if r.log.routing_every and dist.main:
                     self.monitor.update(out.routing)
             t3 = time.perf_counter()
-            gnorm = clip_and_norm(self.params, self.ospec.grad_clip)
+            gnorm = self.layout.clip(model, self.params, self.ospec.grad_clip)  # EP: expert grads reduced first
             lr = set_lr(self.opt, self.ospec.lr, lr_factor(local, st.steps, self.sched))
             self.opt.step()
             model.advance_schedules()  # aux-weight / noise schedules: once per optimizer step, never per forward
@@ -213,7 +222,7 @@ class StageRun:
                     self.bar.note(f"warning: {w}")
                 self.shared.setdefault("warnings", []).extend({"step": step, "warning": w} for w in warns)
             at_eval = self.has_eval and (step % r.eval.every == 0 or local == st.steps)
-            if at_eval and dist.main:
+            if at_eval and self.eval_data:  # rank 0, or every rank of a sharded run
                 metrics = self._eval()
                 self.shared["history"].append({"step": step, "loss": loss, **metrics})
                 self.report["eval"] = metrics

@@ -27,6 +27,7 @@ from ..model import AudioBatch
 from .checkpoint import load_checkpoint, load_trainer_state, read_latest
 from .distributed import Dist, setup
 from .evaluate import evaluate
+from .layout import Layout, plan_layout
 from .progress import Progress
 from .recipe import ModelSection, Recipe
 from .rundir import RUN_FILE, RunDir, open_run_dir
@@ -94,10 +95,20 @@ def _recipe_from_run(path: Path, opts: RunOptions) -> Recipe:
     return opts.adjust(recipe) if opts.adjust else recipe
 
 
-def _model(recipe: Recipe, resume_from: Optional[Path], opts: RunOptions, where: str) -> tuple[Any, Recipe]:
-    """The model (new, or the checkpoint's) and the recipe with its model pinned to the spec trained."""
+def _model(recipe: Recipe, resume_from: Optional[Path], opts: RunOptions, where: str, world: int) -> tuple[Any, Layout]:
+    """The model (new, or the checkpoint's) built for the recipe's process layout, and that layout.
+
+    ``model.spec`` stays the spec given (without the layout's ``expert_parallel``), so checkpoints
+    and ``run.json`` are layout-free: they load in one process and resume at another layout.
+    """
+    layouts: list[Layout] = []
+
+    def for_layout(spec: dict[str, Any]) -> dict[str, Any]:  # checked before anything is built
+        layouts.append(plan_layout(recipe.distributed, resolve(spec).to_dict(), world))
+        return layouts[-1].build_spec(resolve(spec).to_dict())
+
     if resume_from is not None:
-        model = load_checkpoint(resume_from)
+        model = load_checkpoint(resume_from, build_spec=for_layout)
         if opts.spec_given and resolve(recipe.model.source(), recipe.model.overrides).to_dict() != model.spec:
             raise AudioMoEError(
                 f"'{where}' was trained from a different spec than {recipe.model.preset or 'the given spec'!r} with these --set overrides; "
@@ -105,9 +116,11 @@ def _model(recipe: Recipe, resume_from: Optional[Path], opts: RunOptions, where:
             )
     else:
         resolved = resolve(recipe.model.source(), recipe.model.overrides)
+        built = for_layout(resolved.to_dict())
         memory_check(check_size(build_meta(resolved)))
-        model = build_model(resolved)
-    return model, recipe
+        model = build_model(resolve(built) if layouts[-1].expert_parallel > 1 else resolved)
+        model.spec = resolved.to_dict()
+    return model, layouts[-1]
 
 
 def run_recipe(recipe: Optional[Recipe], opts: RunOptions) -> dict[str, Any]:
@@ -136,7 +149,7 @@ def run_recipe(recipe: Optional[Recipe], opts: RunOptions) -> dict[str, Any]:
 
 
 def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], root: Optional[Path], resume_from: Optional[Path]) -> dict[str, Any]:
-    model, recipe = _model(recipe, resume_from, opts, str(root))
+    model, layout = _model(recipe, resume_from, opts, str(root), dist.world)
     spec = model.spec
     recipe = recipe.model_copy(update={"model": ModelSection(spec=spec)})  # what resumes build: the spec trained
     state = load_trainer_state(resume_from) if resume_from is not None else {"step": 0, "extra": {}}
@@ -166,7 +179,8 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
 
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"recipe": recipe.name, "start_step": start, "stages": [], "warnings": []}
-    shared = {"start": start, "ckpt": resume_from, "fed": set((state["extra"] or {}).get("tasks_seen") or []), "before": None, "loss": float("nan"), "history": []}
+    shared = {"start": start, "ckpt": resume_from, "fed": set((state["extra"] or {}).get("tasks_seen") or []), "before": None, "loss": float("nan"),
+              "history": [], "layout": layout}
     try:
         for idx, st in enumerate(recipe.stages):
             if st.specialists is not None:
@@ -208,7 +222,7 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
     summary.update({
         "untrained_heads": unfed, "steps": total, "final_loss": shared["loss"], "eval_before": shared["before"] or {},
         "eval_after": shared["history"][-1] if shared["history"] else {}, "checkpoint": str(shared["ckpt"]) if shared["ckpt"] else None,
-        "seconds": round(time.perf_counter() - t0, 2), "processes": dist.world, "device": str(dist.device),
+        "seconds": round(time.perf_counter() - t0, 2), "processes": dist.world, "device": str(dist.device), "layout": layout.describe(),
         "config": opts.config,
     })
     summary["warnings"] = shared.get("warnings", [])
