@@ -102,3 +102,25 @@ def test_the_curriculum_trains_specialists_then_warms_up_gates_on_the_moe_built_
                                         adjust=lambda r: load_recipe({**r.model_dump(), "stages": [*r.model_dump()["stages"][:2],
                                                                                                    {**r.model_dump()["stages"][2], "steps": 2}]})))
     assert again["start_step"] == 3 and again["steps"] == 4 and [s["name"] for s in again["stages"]] == ["joint"]  # specialists not retrained
+
+
+def test_a_causal_lm_moe_is_built_from_dense_lm_specialists():
+    """UniMoE-Audio's own case: a Qwen2-style LM upcycled; its routed experts are the dense LMs' FFN slices."""
+    over = ["tasks.speech=null", "tasks.cls=classification", "tasks.cls.num_classes=3"]
+    spec = audiomoe.compose("unimoe-audio-tiny", over).spec
+    dense = dense_overrides(spec, 2)
+    assert dense[-1] == "backbone.moe.expert.d_ff=128"  # 8 experts x 32 over 2 specialists: the LM's whole FFN
+    specialists = [audiomoe.compose("unimoe-audio-tiny", over + dense + [f"seed={s}"]) for s in (3, 4)]
+    model = audiomoe.compose("unimoe-audio-tiny", over)
+    fresh = audiomoe.compose("unimoe-audio-tiny", over)
+    build_from_specialists(model, specialists)
+    for i, layer in enumerate(model.backbone.lm.model.layers):
+        ex = layer.mlp.moe.experts
+        for e in range(8):
+            dense_ex = specialists[e // 4].backbone.lm.model.layers[i].mlp.moe.experts
+            rows = torch.arange((e % 4) * 32, (e % 4 + 1) * 32)
+            assert torch.equal(ex.gate_up_proj[e], torch.cat([dense_ex.gate_up_proj[0][rows], dense_ex.gate_up_proj[0][128 + rows]]))
+            assert torch.equal(ex.down_proj[e], dense_ex.down_proj[0][:, rows])
+        q = [sp.backbone.lm.model.layers[i].self_attn.q_proj.weight for sp in specialists]
+        assert torch.equal(layer.self_attn.q_proj.weight, torch.stack(q).mean(0)) and not torch.equal(q[0], q[1])
+        assert torch.equal(layer.mlp.moe.router.scorer.layers[0].weight, fresh.backbone.lm.model.layers[i].mlp.moe.router.scorer.layers[0].weight)

@@ -18,8 +18,12 @@ specialists, ``S = E / N`` slices each, routed width ``F``):
   (``heads="owner"``; several or none: the mean) or the mean (``heads="average"``);
 - gates (routers, the shared gate) and shared experts keep the MoE model's fresh initialisation.
 
-For Hugging Face causal LMs (the ``causal_lm`` backbone) :func:`audiomoe.experts.upcycle.upcycle_causal_lm`
-does the same from in-memory or on-disk dense LMs (``sources=``, ``average_non_mlp=True``).
+A ``causal_lm`` backbone with a ``moe`` block (UniMoE-Audio's own case: a Qwen2-style LM upcycled)
+works the same way: its dense specialist is the LM upcycled into one expert as wide as the slices
+(the LM's MLPs sliced to that width), so the specialists' FFNs are sliced into the routed experts
+and the LM's attention, norms (and frozen embeddings) are averaged. For dense checkpoints trained
+elsewhere, :func:`audiomoe.experts.upcycle.upcycle_causal_lm` takes them directly (``sources=``,
+``average_non_mlp=True``).
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
 def dense_overrides(spec: dict[str, Any], num_specialists: int) -> list[str]:
     """Overrides that turn the MoE spec ``spec`` into its dense specialist (see the module doc)."""
     bb = spec.get("backbone") or {}
-    moe = ((bb.get("params") or {}).get("moe")) if isinstance(bb, dict) else None
-    if not isinstance(moe, dict) or bb.get("name") not in ("moe_transformer", "unimoe_transformer"):
-        raise AudioMoEError("automatic specialists need a moe_transformer / unimoe_transformer backbone; "
-                            "give the dense variant as specialists.overrides (model --set keys)")
+    bp = (bb.get("params") or {}) if isinstance(bb, dict) else {}
+    moe = bp.get("moe")
+    if not isinstance(moe, dict) or bb.get("name") not in ("moe_transformer", "unimoe_transformer", "causal_lm"):
+        raise AudioMoEError("automatic specialists need a moe_transformer / unimoe_transformer backbone or a causal_lm "
+                            "backbone with a moe block; give the dense variant as specialists.overrides (model --set keys)")
     p = moe.get("params") or {}
     experts = int(p.get("num_experts", 4))
     expert = p.get("expert") or {}
@@ -61,7 +66,13 @@ def dense_overrides(spec: dict[str, Any], num_specialists: int) -> list[str]:
     if experts % num_specialists:
         raise AudioMoEError(f"{experts} routed experts cannot be split evenly over {num_specialists} specialists; "
                             "use a number of specialists that divides backbone.moe.num_experts")
-    d_ff = int((expert.get("params") or {}).get("d_ff") or 4 * int(spec.get("d_model", 256)))
+    d_ff = (expert.get("params") or {}).get("d_ff")
+    if d_ff is None and bb.get("name") == "causal_lm":  # upcycling's default width: the LM's own, or its E-th slice
+        inter = (bp.get("config") or {}).get("intermediate_size")
+        if inter is None:
+            raise AudioMoEError("a causal_lm specialist's FFN width comes from backbone.moe.expert.d_ff: set it (the routed width)")
+        d_ff = int(inter) // experts if bp.get("moe_init") == "slice" else int(inter)
+    d_ff = int(d_ff or 4 * int(spec.get("d_model", 256)))
     width = d_ff * (experts // num_specialists)
     return ["backbone.moe.num_experts=1", "backbone.moe.num_null=0", "backbone.moe.num_shared=0",
             "backbone.moe.router=top_k", "backbone.moe.router.k=1", f"backbone.moe.expert.d_ff={width}"]
