@@ -97,6 +97,14 @@ class ScoredRouter(Router):
         """Set the schedule position (optimizer steps seen), e.g. when resuming a run."""
         self.step.fill_(int(step))
 
+    def set_aux_schedule(self, start: float, end: Optional[float], steps: int, kind: str = "linear") -> None:
+        """Replace the UniMoE aux-weight schedule (a training stage's own ``aux_weight``), validated like the params.
+
+        The component's spec is not changed: a resumed stage sets it again.
+        """
+        update = {"unimoe_aux_weight": start, "unimoe_aux_weight_end": end, "unimoe_aux_steps": steps, "unimoe_aux_schedule": kind}
+        self.params = type(self.params).model_validate({**self.params.model_dump(), **update})
+
     def advance_schedule(self) -> None:
         """One optimizer step passed: move the aux-weight schedule on (called by the trainer)."""
         self.step += 1

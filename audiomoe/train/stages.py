@@ -31,8 +31,8 @@ SPECIALISTS_DIR = "specialists"
 
 
 def aux_routers(model: torch.nn.Module) -> list[Any]:
-    """Routers with a UniMoE aux-loss schedule (``set_step`` and ``params.unimoe_aux_weight``)."""
-    return [m for m in model.modules() if callable(getattr(m, "set_step", None)) and hasattr(getattr(m, "params", None), "unimoe_aux_weight")]
+    """Routers with a UniMoE aux-loss schedule (``set_aux_schedule`` and ``set_step``)."""
+    return [m for m in model.modules() if callable(getattr(m, "set_aux_schedule", None)) and callable(getattr(m, "set_step", None))]
 
 
 def apply_aux_weight(model: torch.nn.Module, spec: Optional[AuxWeightSpec], stage_steps: int, fresh: bool, where: str) -> int:
@@ -42,11 +42,9 @@ def apply_aux_weight(model: torch.nn.Module, spec: Optional[AuxWeightSpec], stag
     routers = aux_routers(model)
     if not routers:
         raise AudioMoEError(f"{where}.aux_weight: this model has no router with a UniMoE aux loss (e.g. top_p); remove aux_weight")
-    update = {"unimoe_aux_weight": spec.start, "unimoe_aux_weight_end": spec.end,
-              "unimoe_aux_steps": spec.steps or stage_steps, "unimoe_aux_schedule": spec.kind}
     for r in routers:
         # the model's spec (spec.yaml) keeps the preset's values: a resumed stage applies this again
-        r.params = r.params.model_copy(update=update)
+        r.set_aux_schedule(spec.start, spec.end, spec.steps or stage_steps, spec.kind)
         if fresh:
             r.set_step(0)
     return len(routers)
