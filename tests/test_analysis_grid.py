@@ -76,6 +76,7 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
     assert (tmp_path / "specs" / "unimoe-corpus.yaml").is_file() and plan.configs[0].target == str(tmp_path / "specs" / "unimoe-corpus.yaml")
     compact = plan_study(spec, tmp_path, compact=True, exists=lambda name: False)
     assert compact.seeds == [0, 1] and compact.configs[0].steps == spec.compact.steps < spec.steps
+    assert dict(compact.configs[0].train)["eval_every"] >= spec.compact.steps  # the demo evaluates once, at the end
     with_recipes = plan_study(spec, tmp_path, exists=lambda name: True)  # once issue 15's recipes exist, the arm runs them
     cur = [c for c in with_recipes.configs if c.arm == "curriculum"]
     assert [(c.name, c.target, c.steps) for c in cur] == [("curriculum", "unimoe-curriculum-tiny", None), ("naive", "unimoe-naive-tiny", None)]
@@ -115,3 +116,43 @@ def test_ablate_refuses_bad_input_with_a_message():
     assert r.returncode == 2 and "--baseline 'seed=3' is not one of the configs" in r.stderr
     r = run("tiny-cls", "--grid", "nokey")
     assert r.returncode == 2 and "KEY=V1,V2" in r.stderr
+
+
+def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_measured(tmp_path):
+    import yaml
+
+    from audiomoe.analysis.claims import evaluate_claims
+
+    data = yaml.safe_load((STUDIES / "papers.yaml").read_text())
+    assert "variants" not in data["compact"]  # the demo runs every config of the study
+    data["compact"]["variants"] = ["top_k", "top_p_null", "base_only", "mowe_combined", "curriculum", "naive"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = load_study(tmp_path / "s.yaml")
+    plan = plan_study(spec, tmp_path, compact=True, exists=lambda name: True)
+    assert [c.name for c in plan.configs] == spec.compact.variants
+    assert plan.baselines == {"routing": "top_k", "encoders": "base_only", "curriculum": "naive"}
+    assert plan.skipped_configs == {"top_p": "routing (compact)", "mowe_independent": "encoders (compact)", "mowe_dependent": "encoders (compact)"}
+    assert "left out of the compact form" in plan.skipped["encoders (compact)"] and "audiomoe ablate papers" in plan.skipped["encoders (compact)"]
+    rows = [{"config": c.name, "seed": s, "status": "ok", "mean/accuracy": 0.3 + 0.01 * s} for c in plan.configs for s in plan.seeds]
+    verdicts = {v["id"]: v for v in evaluate_claims(spec.claims, rows, plan.metric, plan.arm_of(), plan.skipped)}
+    assert verdicts[2]["verdict"] == "not measured" and "left out of the compact form" in verdicts[2]["plain"]
+    assert verdicts[1]["verdict"] != "not measured" and verdicts[3]["verdict"] != "not measured"
+    demo = plan_study(load_study(STUDIES / "papers.yaml"), tmp_path, compact=True, exists=lambda name: True)
+    assert len(demo.configs) == 9 and demo.skipped == {}
+    cur = {c.name: c.overrides for c in demo.configs if c.arm == "curriculum"}
+    assert "stages.joint.steps=120" in cur["naive"] and "eval.batches=1000" in cur["curriculum"]  # as many steps; the whole test split
+
+
+def test_compact_variants_must_name_variants_and_keep_each_kept_arms_baseline(tmp_path):
+    p = tmp_path / "s.yaml"
+    body = "study: s\narms:\n  a: {target: tiny-cls, baseline: x, variants: {x: [], y: []}}\n  b: {target: tiny-cls, variants: {z: []}}\n"
+    p.write_text(body + "compact: {variants: [x, w]}\n")
+    with pytest.raises(AudioMoEError, match="compact.variants names 'w'"):
+        load_study(p)
+    p.write_text(body + "compact: {variants: [y]}\n")
+    with pytest.raises(AudioMoEError, match="not its baseline 'x'"):
+        load_study(p)
+    p.write_text(body + "compact: {variants: [x]}\n")
+    plan = plan_study(load_study(p), tmp_path, compact=True)
+    assert [c.name for c in plan.configs] == ["x"] and set(plan.skipped) == {"a (compact)", "b"}  # a whole arm left out is skipped by name
+    assert plan.arm_of() == {"x": "a", "y": "a (compact)", "z": "b"}

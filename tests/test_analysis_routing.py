@@ -122,3 +122,54 @@ def test_metric_and_curve_plots_read_the_tables(tmp_path):
     assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel().startswith("training loss")
     mean_line = [ln for ln in ax.get_lines() if ln.get_label() == "a"][0]
     assert list(mean_line.get_ydata()) == pytest.approx([3.1, 2.1, 1.45])
+
+
+def test_router_top_probability_by_hand_and_the_uniform_flag(topk, tmp_path):
+    from audiomoe.analysis.report import routing_blocks
+
+    model, batches, m = topk
+    tops: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        model.eval()
+        for b in batches:
+            out = model(type(b)(b.waveforms, b.sample_rate, b.tasks, b.lengths, None))
+            for name, r in out.routing.items():
+                top = torch.softmax(r.logits.float(), -1).amax(-1).reshape(-1)
+                tops.setdefault(name, []).append(top[r.item_mask.reshape(-1)] if r.item_mask is not None else top)
+    for name, parts in tops.items():
+        assert m["routing"][name]["top_prob"] == pytest.approx(float(torch.cat(parts).mean()), rel=1e-5)
+        assert m["routing"][name]["uniform_prob"] == pytest.approx(1 / 4)
+    flat = {k: {**v, "top_prob": 0.26} for k, v in m["routing"].items()}  # 0.01 above 1/E: near uniform
+    blocks = routing_blocks({"sharp": [m], "flat": [{**m, "routing": flat}]}, tmp_path)
+    text = " ".join(b[1] for b in blocks if b[0] == "p")
+    assert "Near uniform" in text and "backbone/layer0 of flat" in text
+    assert ("of sharp" in text) == (min(r["top_prob"] for r in m["routing"].values()) - 0.25 < 0.02)
+
+
+def test_learning_check_counts_configs_whose_every_seed_left_chance():
+    from audiomoe.analysis.report import learning_check
+
+    agg = [{"config": "a", "m/mean": 0.30, "m/ci_low": 0.05}, {"config": "b", "m/mean": 0.15, "m/ci_low": 0.14}, {"config": "c", "m/mean": 0.40, "m/ci_low": 0.35}]
+    ok = [{"config": "a", "m": 0.25}, {"config": "a", "m": 0.35}, {"config": "b", "m": 0.14}, {"config": "b", "m": 0.16},
+          {"config": "c", "m": 0.39}, {"config": "c", "m": 0.41}]  # fmt: skip
+    text = learning_check(agg, ok, "m", chance=0.13, seeds=2)
+    assert "2 of 3 configs score at least 0.05 above chance at every seed (a, c)" in text
+    assert "2 have their whole 95% interval above chance (with 2 seeds" in text and "1 have a mean within 0.05 of chance." in text
+
+
+def test_held_out_batches_are_the_trainers_eval_batches_with_the_recipes_settings(tmp_path):
+    import json
+
+    from audiomoe.analysis.measure import heldout_batches, run_settings
+    from audiomoe.train.data import build_data
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "run.json").write_text(json.dumps({"recipe": {"data": "tones", "seed": 5, "batch_size": 4}}))
+    (tmp_path / "train" / "summary.json").write_text(json.dumps({"config": {"data": "builtin", "seed": 1, "steps": 3}}))
+    assert run_settings(tmp_path) == {"data": "tones", "seed": 5, "batch_size": 4}  # the recipe the trainer ran wins
+    model = compose("tiny-cls")
+    held, name = heldout_batches(model, run_settings(tmp_path), 2)
+    _, ref = build_data(model, "tones", None, batch_size=4, seed=5, eval_batches=2)
+    assert name == "tones" and len(held) == 2
+    for a, b in zip(held, ref):
+        assert torch.equal(a.waveforms, b.waveforms) and a.targets == b.targets

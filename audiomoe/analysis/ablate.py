@@ -81,7 +81,7 @@ def run_ablation(
     claim_dicts = [c.model_dump() if hasattr(c, "model_dump") else dict(c) for c in claims]
     save_plan(plan, root, {"title": title, "description": description, "claims": claim_dicts})
     for arm, why in plan.skipped.items():
-        print(f"skipping arm '{arm}': {why}", file=stream, flush=True)
+        print(f"skipping '{arm}': {why}", file=stream, flush=True)
     finished = sum(run_state(r) == "done" for r in runs)
     print(f"{len(runs)} runs ({len(plan.configs)} configs x {len(plan.seeds)} seeds) in {root}; {finished} already finished, "
           f"{len(runs) - finished} to run with {jobs} job(s) ({launcher})", file=stream, flush=True)  # fmt: skip

@@ -86,7 +86,9 @@ def evaluate_claim(claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, a
         cost_words = "costs less" if cheaper else "costs more" if dearer else "costs about the same (interval contains 0)"
         worse = any(t.ci_high < -m for t in tests.values())
         equal = all(t.ci_low > -m for t in tests.values())
-        q_words = f"is within the ±{m} quality margin" if equal else f"is worse by more than {m}" if worse else f"cannot be shown within the ±{m} quality margin"
+        higher = all(t.ci_low > 0 for t in tests.values())
+        q_words = ("scores higher (interval above 0)" if higher else f"is within the ±{m} quality margin" if equal
+                   else f"is worse by more than {m}" if worse else f"cannot be shown within the ±{m} quality margin")  # fmt: skip
         plain = f"{verdict.capitalize()} at this scale: {claim.candidate} {cost_words} in {claim.cost} than {' / '.join(claim.reference)} and {q_words} on {metric}."
     for extra in claim.also:
         for ref in claim.reference:

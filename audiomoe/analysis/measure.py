@@ -4,16 +4,16 @@
 each training run, as its own process). ``RUN_DIR`` is an ablation run directory (training output
 in ``RUN_DIR/train``) or a training run directory itself (``audiomoe train --out``).
 
-Held-out data is what the run's training evaluated on: the built-in corpus' ``test`` split for the
-model's tasks (or the run's manifest), at the run's batch size and seed, or, for tone data, seeded
-tone batches; see :func:`heldout_batches`. It mirrors the trainer's eval data; issue 15's trainer is
-expected to expose that as a public function, and this should then call it.
+Held-out data is what the run's training evaluated on, made by the trainer's own public
+:func:`audiomoe.train.data.build_data` with the run's data, batch size and seed (read from the
+recipe in ``run.json``, else the summary's config): the first ``N`` of the trainer's eval batches
+(the built-in corpus' or the manifest's ``test`` split for the model's tasks, or seeded tone
+batches); see :func:`heldout_batches`.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -43,36 +43,34 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
         raise AudioMoEError(f"'{path}' is not valid JSON ({exc}); rerun that run") from None
 
 
-def heldout_batches(model: Any, config: dict[str, Any], n: int) -> tuple[list[Any], str]:
-    """``n`` held-out batches for ``model`` under the run's training ``config``; returns ``(batches, data name)``."""
-    import torch
+def run_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``data``, ``seed`` and ``batch_size``: its recipe in ``run.json`` (what the trainer used), else the summary's config."""
+    tdir = train_dir(run_dir)
+    try:
+        recipe = json.loads((tdir / "run.json").read_text(encoding="utf-8")).get("recipe") or {}
+    except (OSError, ValueError):
+        recipe = {}
+    config: dict[str, Any] = {}
+    if (tdir / "summary.json").is_file():
+        config = dict(read_summary(run_dir).get("config") or {})
+    out = {k: config[k] for k in ("data", "seed", "batch_size") if config.get(k) is not None}
+    out.update({k: recipe[k] for k in ("data", "seed", "batch_size") if recipe.get(k) is not None})
+    return out
 
-    from ..data.corpus.make import UNDERSTANDING_TASKS
+
+def heldout_batches(model: Any, config: dict[str, Any], n: int) -> tuple[list[Any], str]:
+    """The first ``n`` of the trainer's eval batches for ``model`` under ``config`` (data, seed, batch_size); returns ``(batches, data name)``."""
+    from ..train.data import build_data, resolve_choice
 
     choice = config.get("data", "auto")
-    seed, bs = int(config.get("seed", 0)), int(config.get("batch_size", 16))
-    if choice == "auto":
-        choice = "builtin" if set(model.task_names) <= set(UNDERSTANDING_TASKS) else "tones"
-    sr = int(model.encoder.sample_rate)
-    if choice == "tones":
-        from ..data.synthetic import classification_tasks, tone_batch
-
-        tasks = classification_tasks(model, model.task_names)
-        if not tasks:
-            raise AudioMoEError("the run trained on tones but the model has no single-label classification head to make tones for")
-        g = torch.Generator().manual_seed(seed + 10_000)  # the trainer's eval generator: the same eval batches
-        return [tone_batch(tasks, bs, sr, generator=g) for _ in range(n)], "tones"
-    from ..data import build_loader, builtin_corpus
-
-    path = str(builtin_corpus(progress=False)) if choice == "builtin" else choice
-    if not os.path.isfile(path):
+    if isinstance(choice, str) and choice not in ("auto", "builtin", "tones") and not os.path.isfile(choice):
         raise AudioMoEError(f"the run's data '{choice}' is no longer a file; measure it with --data PATH")
-    spec = {"sources": {"data": {"path": path, "split": "test", "only_tasks": list(model.task_names)}}, "max_seconds": 3.0 * bs,
-            "max_items": bs, "max_clip_seconds": 5.0, "num_workers": 0, "seed": seed, "sample_rate": sr}  # fmt: skip
-    batches = list(itertools.islice(iter(build_loader(spec)), n))
+    resolved = resolve_choice(model, choice)
+    _, batches = build_data(model, resolved, None, batch_size=int(config.get("batch_size", 16)), seed=int(config.get("seed", 0)),
+                            eval_batches=n, workers=0)  # fmt: skip
     if not batches:
-        raise AudioMoEError(f"no held-out batches for tasks {model.task_names} in '{path}'")
-    return batches, "builtin" if choice == "builtin" else path
+        raise AudioMoEError(f"no held-out batches for tasks {model.task_names} in the run's data '{choice}'")
+    return batches, resolved if isinstance(resolved, str) else "data spec"
 
 
 def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str] = None, data: Optional[str] = None) -> dict[str, Any]:
@@ -88,7 +86,7 @@ def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str]
     ckpt = checkpoint or summary.get("checkpoint")
     if not ckpt:
         raise AudioMoEError(f"'{run_dir}' records no checkpoint; train with --out so that checkpoints are written")
-    config = dict(summary.get("config") or {})
+    config = run_settings(run_dir) if checkpoint is None else {}
     if data:
         config["data"] = data
     torch.manual_seed(0)

@@ -131,7 +131,8 @@ def heatmaps(panels: Mapping[str, Mapping[str, Sequence[float]]], columns: Mappi
     width = max(len(columns.get(n, [])) for n in names) if names else 1
     ncols = min(len(names), 3 if width <= 5 else 2) or 1
     nrows = max(1, math.ceil(len(names) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * max(3.4, 0.72 * width + 2.0), nrows * 3.1 + 0.5), squeeze=False, layout="constrained")
+    # compact cells with 8-pt numbers: the figure is drawn ~1300 px wide, so a report page shows it near 1:1 and the numbers stay legible
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * max(3.2, 0.52 * width + 1.5), nrows * 2.5 + 0.5), squeeze=False, layout="constrained")
     im = None
     tables = {}
     for name in names:
@@ -148,13 +149,16 @@ def heatmaps(panels: Mapping[str, Mapping[str, Sequence[float]]], columns: Mappi
         data = tables[name]
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
         cols = list(columns.get(name, []))
-        ax.set_xticks(range(len(cols)), [c.replace(" ", "\n") for c in cols], fontsize=7)
+        ax.set_xticks(range(len(cols)), [c.replace(" ", "\n") for c in cols], fontsize=8)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
         for r, row in enumerate(data):
             for c, v in enumerate(row):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7.5, color="white" if v < 0.6 * vmax else "black")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("task")
+                ax.text(c, r, f"{v:.2f}".replace("0.", ".", 1) if width > 6 else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.6 * vmax else "black")  # fmt: skip
+        if i >= len(names) - ncols:  # the axis names once, under the bottom row
+            ax.set_xlabel(xlabel, fontsize=9)
+        if i % ncols == 0:
+            ax.set_ylabel("task", fontsize=9)
         ax.set_title(_wrap(name, 40), fontsize=9)
     for j in range(len(names), nrows * ncols):
         axes[j // ncols][j % ncols].axis("off")
@@ -164,43 +168,67 @@ def heatmaps(panels: Mapping[str, Mapping[str, Sequence[float]]], columns: Mappi
     return fig
 
 
-def training_curves(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]], title: str = "training loss per config") -> Any:
-    """Per config: each seed's loss curve (thin) and their mean at shared steps (thick)."""
+def training_curves(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]], title: str = "training loss per config",
+                    groups: Optional[Mapping[str, str]] = None) -> Any:
+    """Per config: each seed's loss curve (thin) and their mean at shared steps (thick), smoothed; one panel per group (``config -> arm``).
+
+    Per-batch losses are noisy (each batch mixes tasks, and a task missing from a batch drops its
+    term), so every line is a trailing mean over a span of about a tenth of the panel's steps; the
+    span is in steps, so a run logged every step and one logged every 12th are smoothed alike.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    longest = max((len(st) for seeds in curves.values() for st, _ in seeds), default=0)
-    window = max(1, longest // 12)  # per-batch losses are noisy (each batch mixes tasks): smooth the mean line
-    if window > 1:
-        title = f"{title} (thick: seed mean, running mean over {window} logged steps)"
-    for j, (name, seeds) in enumerate(curves.items()):
-        color = PALETTE[j % len(PALETTE)]
-        for steps, losses in seeds:
-            ax.plot(steps, losses, color=color, alpha=0.3, lw=0.8)
-        common = sorted(set.intersection(*[set(s) for s, _ in seeds])) if seeds else []
-        if common:
-            mean = [sum(dict(zip(s, lo))[st] for s, lo in seeds) / len(seeds) for st in common]
-            ax.plot(common, _smooth(mean, window), color=color, lw=2, label=name)
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (batch total: heads + aux)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    panels: dict[str, list[str]] = {}
+    for name in curves:
+        panels.setdefault((groups or {}).get(name, ""), []).append(name)
+    ncols = min(len(panels), 3) or 1
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 if ncols == 1 else 4.4 * ncols, 4.2 if nrows == 1 else 3.6 * nrows), squeeze=False, sharey=True)
+    spans = []
+    j = 0
+    for i, (group, names) in enumerate(panels.items()):
+        ax = axes[i // ncols][i % ncols]
+        last = max((max(st) for n in names for st, _ in curves[n] if len(st)), default=1)
+        span = max(1, round(last / 10))
+        spans.append(span)
+        for name in names:
+            seeds, color = curves[name], PALETTE[j % len(PALETTE)]
+            j += 1
+            for steps, losses in seeds:
+                ax.plot(steps, _smooth_steps(steps, losses, span), color=color, alpha=0.35, lw=0.8)
+            common = sorted(set.intersection(*[set(st) for st, _ in seeds])) if seeds else []
+            if common:
+                mean = [sum(dict(zip(st, lo))[c] for st, lo in seeds) / len(seeds) for c in common]
+                ax.plot(common, _smooth_steps(common, mean, span), color=color, lw=2, label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.set_xlabel("optimizer step")
+        if i % ncols == 0:
+            ax.set_ylabel("training loss (batch total: heads + aux)")
+        ax.set_title(group or title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if names:
+            ax.legend(fontsize=8, loc="upper right")
+    for k in range(len(panels), nrows * ncols):
+        axes[k // ncols][k % ncols].axis("off")
+    how = f"trailing mean over {spans[0]} steps" if len(set(spans)) == 1 else "trailing mean over a tenth of each panel's steps"
+    if groups:
+        fig.suptitle(f"{title} (thin: seeds, thick: their mean; {how})", fontsize=11)
+    elif spans and spans[0] > 1:
+        axes[0][0].set_title(f"{title}\n(thin: seeds, thick: their mean; {how})", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def _smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing running mean over ``window`` values (the first ones average what there is)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
+def _smooth_steps(steps: Sequence[int], values: Sequence[float], span: int) -> list[float]:
+    """Trailing mean of ``values`` over the points whose step lies in ``(step - span, step]`` (``span`` 1: the values as they are)."""
+    out, lo, acc = [], 0, 0.0
+    for i, (st, v) in enumerate(zip(steps, values)):
         acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
+        while steps[lo] <= st - span:
+            acc -= values[lo]
+            lo += 1
+        out.append(acc / (i - lo + 1))
     return out
 
 

@@ -16,11 +16,15 @@ from typing import Any, Mapping, Optional, Sequence
 from .plots import metric_by_config, routing_figures, save_png, training_curves
 from .results import read_json, training_curve
 
-CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:.8em 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.8em 0;font-size:12.5px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 figcaption{font-size:12px;color:#555;margin-bottom:1.2em}code,pre{background:#f6f6f6;padding:2px 4px;font-size:12px}pre{padding:8px;overflow-x:auto}
 .holds{color:#1a7f37;font-weight:bold}.does-not-hold{color:#b42318;font-weight:bold}.not-resolved{color:#9a6700;font-weight:bold}.not-measured{color:#666;font-weight:bold}.scroll{overflow-x:auto}"""
+
+
+UNIFORM_TOLERANCE = 0.02  # a router's mean top probability this close to 1/E is "stuck at uniform" (as the trainer's health check)
+LEARNED_MARGIN = 0.05  # a config "learned" when every seed's key metric is at least this far above chance
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -107,6 +111,26 @@ def chance_level(run_dir: Path) -> Optional[float]:
     return sum(inv) / len(inv) if inv else None
 
 
+def learning_check(agg: Sequence[Mapping[str, Any]], ok: Sequence[Mapping[str, Any]], metric: str, chance: float, seeds: int) -> str:
+    """One sentence: how many configs left chance level (every seed, the whole interval, the mean)."""
+    per_seed: dict[str, list[float]] = {}
+    for r in ok:
+        if isinstance(r.get(metric), (int, float)):
+            per_seed.setdefault(r["config"], []).append(float(r[metric]))
+    learned = [a["config"] for a in agg if per_seed.get(a["config"]) and min(per_seed[a["config"]]) >= chance + LEARNED_MARGIN]
+    above = [a["config"] for a in agg if isinstance(a.get(f"{metric}/ci_low"), float) and a[f"{metric}/ci_low"] > chance]
+    near = [a["config"] for a in agg if isinstance(a.get(f"{metric}/mean"), float) and a[f"{metric}/mean"] < chance + LEARNED_MARGIN]
+    text = (f"Learning check: {len(learned)} of {len(agg)} configs score at least {LEARNED_MARGIN} above chance at every seed"
+            + (f" ({', '.join(learned)})" if learned and len(learned) < len(agg) else "")
+            + f"; {len(above)} have their whole 95% interval above chance")
+    if seeds == 2:
+        text += " (with 2 seeds a t interval spans ±12.7 standard errors, so few do)"
+    text += f"; {len(near)} have a mean within {LEARNED_MARGIN} of chance."
+    if len(near) * 2 > len(agg):
+        text += " At this scale most runs have barely left chance level, so quality claims are not expected to resolve."
+    return text
+
+
 def routing_blocks(measures: Mapping[str, Sequence[Mapping[str, Any]]], plots: Path, by_task: bool = False) -> list[tuple]:
     """Routing plots and a per-layer table for ``{config: [measure.json, ...]}``."""
     blocks: list[tuple] = []
@@ -119,29 +143,42 @@ def routing_blocks(measures: Mapping[str, Sequence[Mapping[str, Any]]], plots: P
     }
     for key, fig in figs.items():
         blocks.append(("img", str(save_png(fig, plots / f"{key}.png")), captions[key]))
-    rows = []
+    rows, flat = [], []
     for cfg, ms in measures.items():
         layers = list(dict.fromkeys(n for m in ms for n in m["routing"]))
         for lay in layers:
             rs = [m["routing"][lay] for m in ms if lay in m["routing"]]
             mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-            rows.append([cfg, lay, rs[0]["kind"], rs[0]["columns"], fmt(mean("real_experts_per_token"), 2), fmt(mean("null_share"), 3)])
+            tops = [r["top_prob"] for r in rs if isinstance(r.get("top_prob"), (int, float))]
+            top = sum(tops) / len(tops) if tops else None
+            uniform = 1.0 / max(rs[0]["columns"], 1)
+            if top is not None and top - uniform < UNIFORM_TOLERANCE:
+                flat.append(f"{lay} of {cfg}")
+            rows.append([cfg, lay, rs[0]["kind"], rs[0]["columns"], fmt(mean("real_experts_per_token"), 2), fmt(mean("null_share"), 3),
+                         f"{fmt(top)} (1/E {uniform:.3f})" if top is not None else "–"])  # fmt: skip
     if "experts_per_layer" in figs and "null_share" not in figs:
         blocks.append(("p", "No null experts in these models: no null-share plot (every pick runs an expert)."))
     if rows:
-        blocks += [("h3", "Routing per layer"), ("table", ["config", "layer", "routes", "columns", "experts per item (real)", "null share"], rows)]
+        blocks += [("h3", "Routing per layer"),
+                   ("table", ["config", "layer", "routes", "columns", "experts per item (real)", "null share", "router top prob"], rows)]
+    if flat:
+        blocks.append(("p", f"Near uniform (mean top router probability within {UNIFORM_TOLERANCE} of 1/E on held-out data): {', '.join(flat)}. "
+                            "These routers learned no preference: their picks (however lopsided per task in the plots above) come from "
+                            "near-ties, so a comparison between them measures the layer's architecture, not learned routing."))  # fmt: skip
     if not figs:
         blocks.append(("p", "No routed layer in these models: no routing plots."))
     return blocks
 
 
-def curves_block(curves: Mapping[str, Sequence[tuple]], plots: Path) -> list[tuple]:
-    """The training-curve plot, or a sentence saying why there is none."""
+def curves_block(curves: Mapping[str, Sequence[tuple]], plots: Path, groups: Optional[Mapping[str, str]] = None) -> list[tuple]:
+    """The training-curve plot (one panel per arm with ``groups``: config -> arm), or a sentence saying why there is none."""
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return [("p", "Training curves: none (the runs recorded no history and no progress lines).")]
-    fig = training_curves(curves)
-    return [("img", str(save_png(fig, plots / "training_curves.png")), "Training loss per config: thin lines are seeds, thick lines their mean (from the trainer's progress lines).")]
+    fig = training_curves(curves, groups=groups)
+    caption = ("Training loss per config (one panel per arm): thin lines are seeds, thick lines their mean, both smoothed (from each run's "
+               "training log). A multi-stage recipe's curve is its main model's steps (specialists train in runs of their own, not drawn).")
+    return [("img", str(save_png(fig, plots / "training_curves.png")), caption)]
 
 
 def study_report(root: Path, title: str, description: str, plan: Any, collected: Mapping[str, Any], claims: Sequence[Mapping[str, Any]],
@@ -159,12 +196,7 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
                         f"Key metric `{metric}` (held-out eval of the last step); intervals are 95% t intervals over seeds; "
                         f"differences are paired by seed." + (f" Chance level of `{metric}` (uniform guess) is {chance:.3f}." if chance else "")))  # fmt: skip
     if chance is not None and agg:
-        above = [a["config"] for a in agg if isinstance(a.get(f"{metric}/ci_low"), float) and a[f"{metric}/ci_low"] > chance]
-        near = [a["config"] for a in agg if isinstance(a.get(f"{metric}/mean"), float) and a[f"{metric}/mean"] < chance + 0.05]
-        blocks.append(("p", f"Learning check: {len(above)} of {len(agg)} configs score above chance with their whole interval"
-                            + (f" ({', '.join(above)})" if above else "") + f"; {len(near)} have a mean within 0.05 of chance"
-                            + (". At this scale most runs have barely left chance level, so quality claims are not expected to resolve."
-                               if len(near) * 2 > len(agg) else ".")))  # fmt: skip
+        blocks.append(("p", learning_check(agg, ok, metric, chance, len(plan.seeds))))
     if claims:
         blocks += [("h2", "Paper claims at this scale"),
                    ("table", ["#", "claim", "verdict", "what was measured", "in plain words"],
@@ -205,7 +237,7 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
     blocks.append(("h2", "Routing health (held-out eval pass)"))
     blocks += routing_blocks(measures, plots) if measures else [("p", "No run was measured.")]
     blocks.append(("h2", "Training curves"))
-    blocks += curves_block(curves, plots)
+    blocks += curves_block(curves, plots, {r["config"]: r.get("arm", "") for r in ok})
     failed = [r for r in rows if r.get("status") != "ok" or r.get("measure") in ("failed", "missing")]
     if failed:
         blocks += [("h2", "Failed or unfinished runs"), ("table", ["config", "seed", "status", "last log line", "directory"],

@@ -49,14 +49,16 @@ def read_json(path: Path) -> Optional[dict[str, Any]]:
 
 
 def training_curve(run_dir: str | Path) -> tuple[list[int], list[float], str]:
-    """``(steps, losses, source)``: the summary's ``history``, else the trainer's ``log.jsonl``, else its progress lines in ``train.log``."""
+    """``(steps, losses, source)``: the trainer's per-step ``log.jsonl``, else a summary ``history``, else the progress lines in ``train.log``.
+
+    ``log.jsonl`` comes first: it has a loss every ``log_every`` steps, where a summary history (the
+    trainer keeps one per evaluation) would have a point per eval only.
+    """
     run_dir = Path(run_dir)
     from .measure import train_dir
 
     summary = read_json(train_dir(run_dir) / "summary.json") or {}
     hist = summary.get("history")
-    if isinstance(hist, list) and hist and all(isinstance(h, dict) and "step" in h and "loss" in h for h in hist):
-        return [int(h["step"]) for h in hist], [float(h["loss"]) for h in hist], "summary history"
     steps, losses = [], []
     log = train_dir(run_dir) / "log.jsonl"  # the recipe trainer's per-step records (issue 15)
     if log.is_file():
@@ -70,6 +72,8 @@ def training_curve(run_dir: str | Path) -> tuple[list[int], list[float], str]:
                 losses.append(float(rec["loss"]))
         if steps:
             return steps, losses, "log.jsonl"
+    if isinstance(hist, list) and hist and all(isinstance(h, dict) and "step" in h and "loss" in h for h in hist):
+        return [int(h["step"]) for h in hist], [float(h["loss"]) for h in hist], "summary history"
     for path in (run_dir / "train.log", run_dir / "stderr.log"):
         if path.is_file():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():

@@ -7,7 +7,11 @@
   token ran (null picks excluded), ``null_share`` = null picks / all picks, ``load_by_task[t][e]`` =
   picks of column ``e`` by the tokens of task ``t``;
 - sample layers (``encoder/mowe...``, the MoWE mixture's router(s)): ``selection_by_task[t][k]`` =
-  share of task ``t``'s samples whose router picked weak encoder ``k``.
+  share of task ``t``'s samples whose router picked weak encoder ``k``;
+- every layer (:meth:`RoutingStats.add_confidence`): ``top_prob``, the mean over valid items of the
+  router's largest softmax probability, beside ``uniform_prob`` = 1 / columns: a router whose
+  ``top_prob`` is close to ``uniform_prob`` has learned no preference, so its picks (however
+  lopsided per task) are decided by near-ties.
 
 MoE FLOPs (:func:`moe_flop_hooks`): a forward hook on every MoE layer reads what it computed
 (``last_stats``: valid tokens, routed (token, expert) pairs). A weight used once per token costs a
@@ -29,6 +33,7 @@ class RoutingStats:
     def __init__(self, column_labels: Optional[dict[str, list[str]]] = None) -> None:
         self.layers: dict[str, dict[str, Any]] = {}
         self.column_labels = column_labels or {}
+        self.confidence: dict[str, list[float]] = {}  # layer -> [sum of top probabilities, items]
 
     def add(self, trace: Any, tasks: Sequence[str]) -> None:
         """Add one batch's trace; ``tasks`` is the task of every sample (trace sample ``i`` = batch item ``i``)."""
@@ -58,6 +63,22 @@ class RoutingStats:
                         hit[k] = float(((ids == k) & valid[..., None]).any(-1).sum())
                     rec["selected"][t] = [a + float(b) for a, b in zip(rec["selected"][t], hit)]
 
+    def add_confidence(self, routing: Any) -> None:
+        """Add one batch's router confidence: the top softmax probability of every valid item, per layer (``{name: Routing}``)."""
+        import torch
+
+        for name, r in routing.items():
+            logits = getattr(r, "logits", None)
+            if logits is None or name not in self.layers:
+                continue
+            top = torch.softmax(logits.detach().float(), -1).amax(-1).reshape(-1)
+            mask = getattr(r, "item_mask", None)
+            if mask is not None and mask.numel() == top.numel():
+                top = top[mask.reshape(-1).bool()]
+            acc = self.confidence.setdefault(name, [0.0, 0.0])
+            acc[0] += float(top.sum())
+            acc[1] += float(top.numel())
+
     def result(self) -> dict[str, dict[str, Any]]:
         """Plain JSON-able statistics per layer (see the module doc for each field)."""
         out = {}
@@ -77,6 +98,9 @@ class RoutingStats:
                 "real_experts_per_token_by_task": {t: (r["picks"][t] - r["null"][t]) / max(r["items"][t], 1.0) for t in tasks},
                 "null_share_by_task": {t: r["null"][t] / max(r["picks"][t], 1.0) for t in tasks},
             }  # fmt: skip
+            conf = self.confidence.get(name)
+            if conf and conf[1]:
+                row["top_prob"], row["uniform_prob"] = conf[0] / conf[1], 1.0 / max(r["columns"], 1)
             if r["kind"] == "sample":
                 row["selection_by_task"] = {t: [v / max(r["samples"][t], 1.0) for v in r["selected"][t]] for t in tasks}
             out[name] = row
@@ -164,6 +188,7 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
                 tasks = batch.task_list()
                 out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, None), predict=True)
                 stats.add(RoutingTrace.from_routing(out.routing, len(tasks)), tasks)
+                stats.add_confidence(out.routing)
                 lengths = batch.lengths if batch.lengths is not None else torch.full((len(tasks),), batch.waveforms.shape[-1])
                 audio_s += float(lengths.sum()) / float(batch.sample_rate)
                 active_sum += count_parameters(model)[1] * len(tasks)  # measured: what this batch's routing used

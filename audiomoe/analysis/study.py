@@ -4,7 +4,8 @@ The built-in ``papers`` study (``audiomoe/analysis/studies/papers.yaml``) is the
 Top-level keys: ``study`` (name), ``description``, ``seeds``, ``steps``, ``metric`` (the key metric of
 tables and claims), ``train`` (``audiomoe train`` options: ``lr``, ``batch_size``, ``eval_batches``,
 ``data``, ...), ``measure_batches`` (held-out batches of the routing pass), ``compact`` (what
-``audiomoe demo`` changes: fewer ``steps`` and ``seeds``), ``models`` (named inline model specs,
+``audiomoe demo`` changes: fewer ``steps`` and ``seeds``, other ``train`` options, and optionally
+only some ``variants``), ``models`` (named inline model specs,
 written to ``specs/NAME.yaml`` in the study directory), ``arms`` and ``claims``.
 
 An arm's ``target`` is a ``models`` entry, a preset, a YAML path or a recipe; each variant is a list
@@ -78,6 +79,7 @@ class Compact(_Strict):
     seeds: Optional[int] = Field(None, ge=1)
     measure_batches: Optional[int] = Field(None, ge=1)
     train: dict[str, Any] = Field(default_factory=dict, description="training options changed in the compact form (merged over the study's)")
+    variants: Optional[list[str]] = Field(None, description="the variants the compact form runs (default: all); claims on the others say 'not measured'")
 
 
 class StudySpec(_Strict):
@@ -145,6 +147,14 @@ def _check(spec: StudySpec, path: Any) -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise AudioMoEError(f"study '{path}': variant names {dup} appear in more than one arm; variant names must be unique across arms")
+    for n in spec.compact.variants or []:
+        if n not in names:
+            raise AudioMoEError(f"study '{path}': compact.variants names '{n}', which is no arm's variant.{did_you_mean(n, names)}")
+    keep = set(spec.compact.variants or names)
+    for arm, a in spec.arms.items():
+        base = a.baseline or next(iter(a.variants))
+        if keep & set(a.variants) and base not in keep:
+            raise AudioMoEError(f"study '{path}': compact.variants keeps part of arm '{arm}' but not its baseline '{base}'; add it (or leave the whole arm out)")
     for c in spec.claims:
         for n in [c.candidate, *c.reference]:
             if n not in names:
@@ -195,14 +205,24 @@ def plan_study(spec: StudySpec, root: str | Path, *, compact: bool = False, seed
             model_paths[name] = str(p)
     configs: list[Config] = []
     baselines, skipped, skipped_configs = {}, {}, {}
+    chosen = set(spec.compact.variants) if compact and spec.compact.variants else None
     for arm, a in spec.arms.items():
         missing = [r for r in a.requires if not exists(r)]
         if missing:
             skipped[arm] = f"needs recipe(s) {', '.join(missing)}" + (f" ({a.placeholder})" if a.placeholder else "")
             skipped_configs.update({v: arm for v in a.variants})
             continue
+        left_out = [v for v in a.variants if chosen is not None and v not in chosen]
+        if left_out:  # the compact form (audiomoe demo) runs fewer configs; the full study runs these
+            key = arm if len(left_out) == len(a.variants) else f"{arm} (compact)"
+            skipped[key] = f"{', '.join(left_out)} left out of the compact form (audiomoe demo); the full study (audiomoe ablate {spec.study}) runs {'them' if len(left_out) > 1 else 'it'}"
+            skipped_configs.update({v: key for v in left_out})
+            if key == arm:
+                continue
         variants, targets = [], {}
         for vname, v in a.variants.items():
+            if vname in left_out:
+                continue
             if isinstance(v, VariantSpec):
                 variants.append((vname, v.set + (v.compact_set if compact else [])))
                 if v.target:
