@@ -156,3 +156,15 @@ def test_compact_variants_must_name_variants_and_keep_each_kept_arms_baseline(tm
     plan = plan_study(load_study(p), tmp_path, compact=True)
     assert [c.name for c in plan.configs] == ["x"] and set(plan.skipped) == {"a (compact)", "b"}  # a whole arm left out is skipped by name
     assert plan.arm_of() == {"x": "a", "y": "a (compact)", "z": "b"}
+
+
+def test_a_run_of_a_sweep_can_itself_be_distributed(tmp_path):
+    """``--train nproc=2`` makes each run ``audiomoe train ... --nproc 2`` (torchrun's launcher), a command the CLI accepts."""
+    from audiomoe.cli import build_parser
+
+    (cfg,) = expand("tiny-moe-cls", [], train={"nproc": 2, "expert_parallel": 2}, steps=5)
+    (run,) = plan_runs([cfg], [0], tmp_path)
+    cmd = train_command(run, python="python")
+    assert "--nproc 2" in " ".join(cmd) and "--expert-parallel 2" in " ".join(cmd)
+    args = build_parser().parse_args(cmd[3:])
+    assert args.nproc == 2

@@ -21,7 +21,9 @@ from ..core.errors import AudioMoEError, did_you_mean
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
-TRAIN_OPTIONS = ("batch_size", "lr", "weight_decay", "schedule", "warmup", "grad_clip", "eval_every", "eval_batches", "data", "log_every", "save_every", "keep")
+# nproc / expert_parallel make each run itself distributed (audiomoe train starts torchrun's launcher)
+TRAIN_OPTIONS = ("batch_size", "lr", "weight_decay", "schedule", "warmup", "grad_clip", "eval_every", "eval_batches", "data", "log_every",
+                 "save_every", "keep", "nproc", "expert_parallel")
 
 
 @dataclass(frozen=True)
