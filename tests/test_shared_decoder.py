@@ -150,3 +150,12 @@ def test_full_size_presets_name_every_missing_checkpoint(preset, expect):
         audiomoe.compose(preset)
     for text in expect:
         assert text in str(info.value)
+
+
+@pytest.mark.parametrize("preset", ["unimoe-audio-tiny", "mowe-audio-tiny", "mowe-unimoe-tiny"])
+def test_tiny_twins_validate_on_the_meta_device(preset, capsys):
+    """`audiomoe validate` (and the trainer's size check) build on the meta device: upcycling must not touch values there."""
+    from audiomoe.cli import main
+
+    assert main(["validate", preset]) == 0
+    assert "is valid and composes" in capsys.readouterr().err  # the resolved spec goes to stdout, the verdict to stderr

@@ -104,7 +104,7 @@ def _dense_mlp(layer: nn.Module, where: str) -> nn.Module:
     if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
         raise AudioMoEError(f"{where}.mlp is not a gated (gate_proj/up_proj/down_proj) MLP; cannot upcycle it")
     act = getattr(mlp, "act_fn", None)
-    probe = torch.linspace(-6, 6, 25)
+    probe = torch.linspace(-6, 6, 25, device="cpu")  # explicit: the composer may build on the meta device
     # transformers has its own activation classes: compare values, not types
     if act is not None and not torch.allclose(act(probe), torch.nn.functional.silu(probe), atol=1e-6):
         raise AudioMoEError(f"{where}.mlp uses {type(act).__name__}; upcycling into SwiGLU experts needs SiLU (hidden_act='silu')")
