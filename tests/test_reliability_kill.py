@@ -14,11 +14,11 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from forkserver import server_source
 
 from audiomoe.train import TrainConfig, load_checkpoint, load_trainer_state, train
 from audiomoe.train.checkpoint import read_latest
@@ -30,23 +30,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: threads only conte
 TRAIN = ["tiny-cls", "--steps", "1000000", "--save-every", "1", "--batch-size", "2", "--eval-batches", "0", "--keep", "2", "--quiet"]
 
 # Reads one argv per line, forks a child that runs cli.main(argv), prints its pid, then how it ended.
-SERVER = textwrap.dedent(
+SERVER = server_source(
     """
-    import os, sys
     import torch, torch._dynamo, torch.optim  # imported once; no tensor op runs before fork
     import audiomoe.train
-    from audiomoe import cli
-    print("ready", flush=True)
-    for line in sys.stdin:
-        pid = os.fork()
-        if pid == 0:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.dup2(null, 2)
-            os._exit(cli.main(line.split()))
-        print(pid, flush=True)
-        _, status = os.waitpid(pid, 0)
-        print("status", status, flush=True)
     """
 )
 

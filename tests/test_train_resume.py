@@ -9,11 +9,11 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from forkserver import server_source
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -35,26 +35,13 @@ RECIPE = {
     ],
 }
 # One argv per line; forks a child running cli.main(argv) (torch imported once), prints its pid, then its status.
-SERVER = textwrap.dedent(
+SERVER = server_source(
     """
-    import os, sys
     import torch, torch.optim, safetensors.torch  # imported once; no tensor op runs before fork
     from torch.utils.tensorboard import SummaryWriter
     import audiomoe.train.steploop, audiomoe.experts.unimoe_transformer, audiomoe.encoders.conv_frontend
     from audiomoe.core.registry import get_registry
-    from audiomoe import cli
-    get_registry()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        pid = os.fork()
-        if pid == 0:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.dup2(null, 2)
-            os._exit(cli.main(line.split()))
-        print(pid, flush=True)
-        _, status = os.waitpid(pid, 0)
-        print("status", status, flush=True)
+    get_registry()  # plugins loaded once, in the parent
     """
 )
 
