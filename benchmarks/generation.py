@@ -7,8 +7,13 @@ and a clip of audio. ``cache``: the prefix runs once, then one frame per decoder
 ``no cache``: the whole sequence runs again each frame. Both produce the same codes (checked before
 timing); the figure is the ratio no-cache / cache, measured side by side, interleaved, medians.
 The same for the ``text`` head of ``mowe-unimoe-tiny`` (64 tokens). At this size a decoding step is
-dominated by per-call overhead (a few hundred small ops per layer), so the ratio is small for one
-short clip and grows with batch and conditioning length, where re-running the sequence costs compute.
+dominated by per-call overhead (about a hundred small ops per MoE layer, a few dozen per attention
+layer), so the ratio is small for one short clip and grows with batch and conditioning length, where
+re-running the sequence costs compute.
+
+The anchor: transformers' own ``generate`` (``use_cache`` True / False) on the *dense* Qwen2 of the
+same config (the LM before upcycling), from a prefix of the same length and batch, writing the same
+number of tokens: what a KV cache buys at this size with no MoE layer at all.
 
 Usage: python benchmarks/generation.py [--quick] [--json FILE] [--reps N]
 """
@@ -26,8 +31,8 @@ from _common import Report, measure
 BENCH = "generation"
 
 
-def codec_cases(frames: int, seconds: float, batch: int) -> tuple[dict, list]:
-    """Timed cases (cache / no cache) for the codec head and the codes each writes."""
+def codec_cases(frames: int, seconds: float, batch: int) -> tuple[dict, list, tuple]:
+    """Timed cases (cache / no cache) for the codec head, whether both write the same codes, and the HF anchor."""
     over = ["tasks.speech.temperature=0", f"tasks.speech.min_frames={frames}", f"tasks.speech.max_frames={frames}"]
     model = audiomoe.compose("unimoe-audio-tiny", over).eval()
     g = torch.Generator().manual_seed(0)
@@ -36,11 +41,14 @@ def codec_cases(frames: int, seconds: float, batch: int) -> tuple[dict, list]:
         audio, pad, _, _ = model.adapt(wav, None, 16000)
         head = model.heads["speech"]
         prefix = head(audio, pad, prompts=["hello there"] * batch, decoder=model.backbone)
-    same = [torch.equal(a, b) for a, b in zip(head.generate(prefix), head.generate(prefix, use_cache=False))]
-    return {"cache": lambda: head.generate(prefix), "no cache": lambda: head.generate(prefix, use_cache=False)}, same
+    cached = head.generate(prefix)
+    same = [torch.equal(a, b) for a, b in zip(cached, head.generate(prefix, use_cache=False))]
+    steps = cached[0].shape[1] + max(head.delays) + 1  # decoder calls: the frames, the delay tail, eos
+    anchor = (hf_dense_cases(model, prefix.embeds.shape[1], batch, steps), prefix.embeds.shape[1], steps)
+    return {"cache": lambda: head.generate(prefix), "no cache": lambda: head.generate(prefix, use_cache=False)}, same, anchor
 
 
-def text_cases(tokens: int, seconds: float, batch: int) -> tuple[dict, list]:
+def text_cases(tokens: int, seconds: float, batch: int) -> tuple[dict, list, tuple]:
     """Timed cases for the text head (``tokens`` new tokens, eos never ends early: a random LM)."""
     model = audiomoe.compose("mowe-unimoe-tiny", [f"tasks.asr.max_new_tokens={tokens}"]).eval()
     g = torch.Generator().manual_seed(0)
@@ -50,7 +58,22 @@ def text_cases(tokens: int, seconds: float, batch: int) -> tuple[dict, list]:
         head = model.heads["asr"]
         inputs = head(audio, pad, decoder=model.backbone)
     same = [a == b for a, b in zip(head.generate(inputs), head.generate(inputs, use_cache=False))]
-    return {"cache": lambda: head.generate(inputs), "no cache": lambda: head.generate(inputs, use_cache=False)}, same
+    n = head.build_inputs(inputs).inputs_embeds.shape[1]
+    anchor = (hf_dense_cases(model, n, batch, tokens), n, tokens)
+    return {"cache": lambda: head.generate(inputs), "no cache": lambda: head.generate(inputs, use_cache=False)}, same, anchor
+
+
+def hf_dense_cases(model, prefix_len: int, batch: int, steps: int) -> dict:
+    """transformers' ``generate`` with and without its cache on the dense LM of ``model``'s backbone config."""
+    import transformers
+
+    config = model.backbone.lm.config
+    lm = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, prefix_len), generator=torch.Generator().manual_seed(0))
+    run = lambda cache: lm.generate(  # noqa: E731
+        ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=cache, pad_token_id=0
+    )
+    return {"cache": lambda: run(True), "no cache": lambda: run(False)}
 
 
 def main() -> None:
@@ -68,19 +91,20 @@ def main() -> None:
     points = [("codec", frames, 1.0, 1), ("codec", frames, 1.0, 4), ("codec", frames, 10.0, 1), ("codec", frames, 10.0, 4),
               ("text", 16 if args.quick else 64, 1.0, 4)]
     for head, n, seconds, batch in points:
-        cases, same = (codec_cases if head == "codec" else text_cases)(n, seconds, batch)
+        cases, same, anchor = (codec_cases if head == "codec" else text_cases)(n, seconds, batch)
         if not all(same):
             raise SystemExit(f"{head}: generation with and without the KV cache differ ({same}); not timing a wrong result")
-        t = measure(cases, reps, guard=True)
         case = f"{head} {n} {'frames' if head == 'codec' else 'tokens'}, {seconds:g} s audio, batch {batch}"
-        ratio = t["no cache"] / t["cache"]
-        report.emit(case, "cache_seconds", t["cache"], "s")
-        report.emit(case, "no_cache_seconds", t["no cache"], "s")
-        report.emit(case, "speedup", ratio, "x")
-        rows.append((case, t["cache"], t["no cache"], ratio))
-    print(f"{'case':48s} {'cache s':>9s} {'no cache s':>11s} {'speedup':>8s}")
+        for name, timed in ((case, cases), (f"  anchor: HF dense, prefix {anchor[1]}, {anchor[2]} tokens", anchor[0])):
+            t = measure(timed, reps, guard=True)
+            ratio = t["no cache"] / t["cache"]
+            report.emit(name.strip(), "cache_seconds", t["cache"], "s")
+            report.emit(name.strip(), "no_cache_seconds", t["no cache"], "s")
+            report.emit(name.strip(), "speedup", ratio, "x")
+            rows.append((name, t["cache"], t["no cache"], ratio))
+    print(f"{'case':52s} {'cache s':>9s} {'no cache s':>11s} {'speedup':>8s}")
     for case, a, b, r in rows:
-        print(f"{case:48s} {a:9.3f} {b:11.3f} {r:7.2f}x")
+        print(f"{case:52s} {a:9.3f} {b:11.3f} {r:7.2f}x")
     report.write(args.json)
 
 

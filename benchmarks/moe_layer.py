@@ -30,7 +30,7 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from audiomoe.core.interfaces import Routing
-from audiomoe.experts.dispatcher import PLANS, plan_key
+from audiomoe.experts.dispatcher import GATHER_LIMIT, PLANS, plan_key
 
 from _common import GUARD_STATS, Report, builder, fwd_bwd_case, fwd_case, measure
 
@@ -212,6 +212,9 @@ def plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, d
     routing = Routing(*(v.to(dev) for v in (r.logits, r.mask, r.weights.to(dtype), r.indices, r.counts)))
     layers, outs = {}, {}
     for plan in ("loop", *[p for p in PLANS if p != "loop"]):
+        if plan == "gathered" and t * k * 3 * d * f > 64 * GATHER_LIMIT:  # copies every pair's weights: a decoding-step plan
+            print(f"  gathered: skipped ({t * k} pairs would gather {t * k * 3 * d * f * x.element_size() / 2**30:.0f} GiB of weights)")
+            continue
         torch.manual_seed(0)
         layer = moe_layer(d, e, f, k, dispatch=plan).to(dev, dtype)
         try:

@@ -124,7 +124,7 @@ CASES = [
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 @pytest.mark.parametrize(
     "expert,dispatch",
-    [("swiglu", "auto"), ("swiglu", "fused"), ("swiglu", "loop"), ("swiglu", "xformers"), ("mlp", "auto"), ("mlp", "xformers")],
+    [("swiglu", "auto"), ("swiglu", "fused"), ("swiglu", "loop"), ("swiglu", "xformers"), ("swiglu", "gathered"), ("mlp", "auto"), ("mlp", "xformers")],
 )
 def test_fast_dispatch_matches_reference_loop(kind, kw, expert, dispatch):
     layer = make_layer(expert, dispatch=dispatch, **kw)
@@ -204,6 +204,24 @@ def test_plan_is_decided_without_timing_and_read_from_a_plan_table(tmp_path):
         make_layer(plan_table=str(table))
     with pytest.raises(AudioMoEError, match="cannot read the MoE plan table"):
         make_layer(plan_table=str(tmp_path / "missing.json"))
+
+
+def test_auto_takes_the_gathered_plan_only_without_autograd_and_for_few_pairs():
+    """A decoding step (no grad, a few pairs) runs the gathered plan; training and large batches do not; outputs agree."""
+    from audiomoe.experts.dispatcher import GATHER_LIMIT
+
+    layer = make_layer()
+    few = GATHER_LIMIT // (3 * D * 8)
+    assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=few) == "fused"  # grad enabled
+    with torch.no_grad():
+        assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=few) == "gathered"
+        assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=few + 1) == "fused"
+        r = hand_routing(6, "topp")
+        tokens = torch.randn(6, D, dtype=torch.float64)
+        fast = layer.combine(tokens, r)
+        assert layer.last_plan == "gathered"
+        torch.testing.assert_close(fast, reference(layer, tokens, r), rtol=1e-10, atol=1e-10)
+        assert torch.all(fast[0] == 0), "a null-only token without shared experts is zero"
 
 
 def test_grouped_mm_path_matches_loop():
@@ -361,7 +379,7 @@ def test_backend_auto_falls_back_to_torch_on_cpu_with_one_log_line(caplog):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("plan", ["fused", "grouped_mm", "xformers", "auto"])
+@pytest.mark.parametrize("plan", ["fused", "grouped_mm", "xformers", "gathered", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dispatch_plans_match_the_loop(plan, dtype):
     """Every plan (xformers' Triton gather/scatter when installed) equals the loop on the GPU."""

@@ -134,6 +134,23 @@ def test_aux_weight_schedule_moves_only_by_advance_schedule():
     assert "unimoe_aux" in out.aux_losses and "balance" not in out.aux_losses
 
 
+def test_generation_mode_skips_aux_losses_only_inside_it_and_keeps_the_selection():
+    from audiomoe.core.decoding import generation_mode, is_generating
+
+    r = router("top_k", {"balance_weight": 1.0, "z_loss_weight": 1.0, "unimoe_aux_weight": 1.0, "entropy_weight": 1.0})
+    r.eval()
+    x = torch.randn(6, 16)
+    full = r(x)
+    assert set(full.aux_losses) == {"balance", "z_loss", "unimoe_aux", "entropy"}
+    with pytest.raises(RuntimeError), generation_mode():
+        assert is_generating()
+        lean = r(x)
+        raise RuntimeError("leaving the block by an error resets the mode")
+    assert lean.aux_losses == {} and not is_generating()
+    assert torch.equal(lean.mask, full.mask) and torch.equal(lean.weights, full.weights) and torch.equal(lean.indices, full.indices)
+    assert set(r(x).aux_losses) == set(full.aux_losses)
+
+
 def test_padded_items_are_excluded_from_losses_and_selection():
     r = router("top_k", {"balance_weight": 1.0, "z_loss_weight": 1.0, "unimoe_aux_weight": 1.0})
     r.eval()

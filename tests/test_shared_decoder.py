@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import audiomoe
+from audiomoe.experts.moe_layer import MoELayer
 from audiomoe.core.errors import MissingPretrainedError
 from audiomoe.model import AudioBatch
 from audiomoe.testing import GRAD_TOL, build_component
@@ -72,7 +73,12 @@ def test_generation_with_the_kv_cache_equals_rerunning_the_sequence(preset, over
     audio, pad, _, _ = model.adapt(wav, torch.tensor([16000, 9000, 12000]), 16000)  # padding: rows of unequal length
     for name, head in model.heads.items():
         inputs = head(audio, pad, prompts=[{"text": "hello"}, {"text": "a longer prompt"}, None], decoder=model.backbone)
-        cached, full = head.generate(inputs), head.generate(inputs, use_cache=False)
+        cached = head.generate(inputs)
+        # a cached step runs the no-autograd gathered dispatch, and generation takes no aux losses
+        moes = [m for m in model.backbone.modules() if isinstance(m, MoELayer)]
+        assert moes and {m.last_plan for m in moes} == {"gathered"}
+        assert all(not getattr(m, "routing", None) or not m.routing.aux_losses for m in model.backbone.modules())
+        full = head.generate(inputs, use_cache=False)
         if isinstance(cached[0], torch.Tensor):
             assert [c.shape for c in cached] == [f.shape for f in full] and all(torch.equal(a, b) for a, b in zip(cached, full))
             assert cached[0].shape[1] >= 1

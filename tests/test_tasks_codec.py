@@ -47,6 +47,15 @@ def test_unimoe_delay_pattern_layout():
     assert torch.equal(revert_delay_pattern(delayed, torch.tensor([5]), delays, pad=1025), codes)
 
 
+def test_frame_embedder_equals_the_sum_of_per_codebook_embeddings():
+    torch.manual_seed(0)
+    head = CodecGeneration(CodecGeneration.Params(num_codebooks=3, codebook_size=[3, 17, 5], delays=[0, 2, 1]), d_model=16)
+    frames = torch.stack([torch.randint(0, head.vocab, (2, 7)) for _ in range(3)], -1)  # [B, S, K], specials included
+    one = head.frame_embedder()(frames)
+    torch.testing.assert_close(one, head.embed_frames(frames), rtol=1e-6, atol=1e-6)
+    assert one.shape == (2, 7, 16) and one.abs().max() > 0.1
+
+
 def test_sampling_respects_per_codebook_vocabularies():
     torch.manual_seed(0)
     sizes = [3, 17, 5]

@@ -11,6 +11,10 @@ gradients:
 - ``xformers``: every token's j-th pick in slot j (unique indices per call), gathered and combined
   through xformers' Triton ``index_select_cat`` / ``scaled_index_add`` (CUDA with xformers;
   elsewhere the same slot maths in torch ops, with one log line);
+- ``gathered``: each pair's expert weights gathered and applied by one batched GEMV per
+  projection (about ten ops whatever the number of experts): the default when no gradient is
+  taken and the pairs' gathered weights are small (a KV-cached decoding step, where the per-expert
+  plans pay per-expert call overhead for one token);
 - ``loop``: one call per expert, plain autograd: the reference, and the only plan for expert kinds
   without a grouped form.
 
@@ -37,7 +41,9 @@ from audiomoe.experts.fused import FusedSwiGLUMoE
 from audiomoe.experts.grouped import GroupedSwiGLU
 
 log = logging.getLogger("audiomoe.experts")
-PLANS = ("fused", "grouped_mm", "xformers", "loop")
+PLANS = ("fused", "grouped_mm", "xformers", "gathered", "loop")
+#: ``auto`` takes ``gathered`` without autograd while the pairs' gathered weights (S x 3FD) are at most this many elements
+GATHER_LIMIT = 1 << 20
 
 
 def sorted_pairs(mask: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,7 +89,7 @@ def check_plan(plan: str, experts: nn.Module) -> None:
     """Refuse at build time a plan the expert kind cannot run (named, with what to use instead)."""
     if plan not in ("auto", *PLANS):
         raise AudioMoEError(f"dispatch {plan!r} is not one of 'auto', {', '.join(repr(p) for p in PLANS)}")
-    if plan in ("fused", "grouped_mm") and not isinstance(experts, GroupedSwiGLU):
+    if plan in ("fused", "grouped_mm", "gathered") and not isinstance(experts, GroupedSwiGLU):
         raise AudioMoEError(
             f"dispatch={plan!r} needs grouped SwiGLU experts (expert kind here has no grouped form: {type(experts).__name__}); use 'loop' or 'auto'"
         )
@@ -100,15 +106,17 @@ class Dispatcher(nn.Module):
     def extra_repr(self) -> str:
         return f"plan={self.plan!r}" + (f", table={len(self.table)} entries" if self.table else "")
 
-    def plan_for(self, experts: nn.Module, tokens: torch.Tensor) -> str:
-        """The plan this call runs: the configured one, the table's entry for this shape, or the default."""
+    def plan_for(self, experts: nn.Module, tokens: torch.Tensor, pairs: int = 0) -> str:
+        """The plan this call runs: the configured one, the table's entry for this shape, or the default for ``pairs`` pairs."""
         grouped = isinstance(experts, GroupedSwiGLU)
         if self.plan != "auto":
             plan = self.plan
-        elif plan_key(tokens.device, tokens.dtype, experts) in self.table:
+        elif self.table and plan_key(tokens.device, tokens.dtype, experts) in self.table:
             plan = self.table[plan_key(tokens.device, tokens.dtype, experts)]
         elif not grouped:
             plan = "loop"
+        elif not torch.is_grad_enabled() and pairs * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
+            plan = "gathered"
         elif tokens.device.type == "cuda" and grouped_mm_usable(experts.d_model, experts.d_ff, tokens.dtype):
             plan = "grouped_mm"
         else:
@@ -125,10 +133,12 @@ class Dispatcher(nn.Module):
         counts: Sequence[int], w_pairs: torch.Tensor, experts: nn.Module,
     ) -> torch.Tensor:  # fmt: skip
         """``base + sum_p w_p * expert_{e_p}(tokens[tok_p])`` [N, D] for expert-sorted pairs; ``base`` is never modified."""
-        plan = self.last_plan = self.plan_for(experts, tokens)
+        plan = self.last_plan = self.plan_for(experts, tokens, tok.numel())
         if plan == "fused":
             return FusedSwiGLUMoE.apply(tokens, base, tok, w_pairs, list(counts), experts.gate_up_proj, experts.down_proj)
         out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
+        if plan == "gathered":
+            return out.index_add_(0, tok, experts.forward_gathered(tokens.index_select(0, tok), exp, w_pairs))
         if plan == "xformers":
             return _slots(tokens, out, exp, tok, w_pairs, experts)
         xs = tokens.index_select(0, tok)

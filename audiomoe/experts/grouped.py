@@ -60,14 +60,27 @@ class GroupedSwiGLU(nn.Module):
         act = (F.silu(g) * u).contiguous()  # grouped_mm needs 16-byte aligned, non-expanded operands
         return F.grouped_mm(act, self.down_proj.transpose(-2, -1), offs=offs)
 
+    def forward_gathered(self, xs: torch.Tensor, exp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``w_p FFN_{e_p}(xs_p)`` [S, D] for pairs in any order, each pair's weights gathered (one batched GEMV each way).
+
+        Copies ``S x 3FD`` weights, so the dispatcher uses it only for a few pairs (a decoding step).
+        """
+        h = torch.bmm(self.gate_up_proj.index_select(0, exp), xs.unsqueeze(-1)).squeeze(-1)
+        g, u = h.chunk(2, dim=-1)
+        act = F.silu(g) * u * w.to(h.dtype).unsqueeze(-1)
+        return torch.bmm(self.down_proj.index_select(0, exp), act.unsqueeze(-1)).squeeze(-1)
+
     def forward_all(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``sum_e w_e FFN_e(x)`` over every expert on every token (shared experts); ``weights`` [N, E] or None = 1."""
-        y = None
-        for e in range(self.num_experts):
-            ye = self.expert_forward(e, x)
-            ye = ye if weights is None else ye * weights[:, e : e + 1].to(ye.dtype)
-            y = ye if y is None else y + ye
-        return y
+        """``sum_e w_e FFN_e(x)`` over every expert on every token (shared experts); ``weights`` [N, E] or None = 1.
+
+        One GEMM over all experts' gate|up rows, one batched GEMM down: three ops whatever ``E``.
+        """
+        e, f = self.num_experts, self.d_ff
+        g, u = F.linear(x, self.gate_up_proj.reshape(e * 2 * f, -1)).view(-1, e, 2 * f).chunk(2, dim=-1)
+        act = F.silu(g) * u
+        if weights is not None:  # the down projection is linear: weighting the activation weights the output
+            act = act * weights.to(act.dtype).unsqueeze(-1)
+        return torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)
 
     @torch.no_grad()
     def load_expert(self, e: int, w_in: torch.Tensor, w_out: torch.Tensor) -> None:

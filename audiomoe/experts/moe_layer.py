@@ -71,8 +71,8 @@ class MoELayer(MoE):
         renormalize_drops: bool = Field(
             False, description="after drops, rescale kept weights to the token's selected mass and gate shared experts over kept columns (UniMoE-Audio)"
         )
-        dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "loop"] = Field(
-            "auto", description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, or the plan table's entry)"
+        dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "gathered", "loop"] = Field(
+            "auto", description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, gathered for a no-grad decoding step, or the plan table's entry)"
         )
         plan_table: Optional[str] = Field(None, max_length=4096, description="JSON plan table written by benchmarks/moe_layer.py --tune")
         expert_parallel: int = Field(

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Optional
 import torch
 from pydantic import Field
 
+from audiomoe.core.decoding import is_generating
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Router, Routing
 from audiomoe.core.specs import ComponentSpec, Params, Slot
@@ -139,6 +140,16 @@ class ScoredRouter(Router):
         if self.training and p.logit_noise > 0:
             logits = logits + torch.randn_like(logits) * p.logit_noise
         sel = self.selector(logits)
+        # no loss is taken while generating: the aux terms would be computed for nothing
+        aux = {} if is_generating() else self.aux_losses(logits, sel, valid)
+        routing = make_routing(logits, sel.mask, sel.weights.to(inputs.dtype), valid, aux)
+        routing.inputs = x if x.dim() == 2 else None  # what was scored: a shared gate scores the same
+        routing.item_shape = tuple(inputs.shape[:-2]) if inputs.dim() == 3 else tuple(inputs.shape[:-1])
+        return routing
+
+    def aux_losses(self, logits: torch.Tensor, sel: Any, valid: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weighted balance / UniMoE / z / entropy losses of one selection over the valid items."""
+        p = self.params
         aux: dict[str, torch.Tensor] = {}
         if p.balance_weight > 0:
             aux["balance"] = p.balance_weight * switch_balance_loss(sel.probs, sel.mask, valid)
@@ -148,7 +159,4 @@ class ScoredRouter(Router):
             aux["z_loss"] = p.z_loss_weight * z_loss(logits, valid)
         if p.entropy_weight > 0:
             aux["entropy"] = p.entropy_weight * entropy_loss(sel.probs, valid)
-        routing = make_routing(logits, sel.mask, sel.weights.to(inputs.dtype), valid, aux)
-        routing.inputs = x if x.dim() == 2 else None  # what was scored: a shared gate scores the same
-        routing.item_shape = tuple(inputs.shape[:-2]) if inputs.dim() == 3 else tuple(inputs.shape[:-1])
-        return routing
+        return aux

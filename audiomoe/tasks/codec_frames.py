@@ -92,6 +92,13 @@ class CodecFrames(nn.Module):
         """Codec input frames [B, S, K] -> [B, S, D]: the sum of the per-codebook embeddings."""
         return sum(e(frames[..., i]) for i, e in enumerate(self.embed))
 
+    def frame_embedder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`embed_frames` as one lookup in the stacked tables (built once: for a generation loop's steps)."""
+        k = len(self.embed)
+        table = torch.stack([e.weight for e in self.embed]).reshape(k * self.vocab, -1)
+        offsets = torch.arange(k, device=table.device) * self.vocab
+        return lambda frames: nn.functional.embedding(frames + offsets, table).sum(-2)
+
     def frame_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, S, D] -> logits [B, S, K, V], ids outside a codebook's vocabulary at -inf."""
         logits = self.out(hidden).view(*hidden.shape[:2], len(self.sizes), self.vocab)

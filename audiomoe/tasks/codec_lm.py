@@ -104,9 +104,10 @@ class CodecHead(CodecFrames, Task):
         dec = outputs.decoder
         b = outputs.embeds.shape[0]
         seq = {"embeds": outputs.embeds, "mask": outputs.real, "state": None, "fed": 0}
+        embed = self.frame_embedder()
 
         def step(frames: torch.Tensor) -> torch.Tensor:
-            new = self.embed_frames(frames[:, seq["fed"] :]).to(outputs.embeds.dtype)
+            new = embed(frames[:, seq["fed"] :]).to(outputs.embeds.dtype)
             seq["fed"] = frames.shape[1]
             mask = seq["mask"] = torch.cat([seq["mask"], seq["mask"].new_ones(b, new.shape[1])], 1)
             pos = positions_from_mask(mask)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from audiomoe.core.decoding import generation_mode
+
 
 def generation(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a head's ``generate``: no gradients, and eval mode while it runs (mode restored).
@@ -36,7 +38,7 @@ def generation(fn: Callable[..., Any]) -> Callable[..., Any]:
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), generation_mode():
                 return fn(self, *args, **kwargs)
         finally:
             self.train(was_training)

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from audiomoe.core.decoding import generation_mode
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.specs import Params
 from audiomoe.tasks.functional import normalize_text
@@ -131,11 +132,11 @@ def text_metrics(predictions: Sequence[str], targets: Sequence[LLMTarget]) -> di
 
 @contextmanager
 def inference(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients on ``module`` (the shared decoder, not a child of the head) while generating."""
+    """Eval mode, no gradients and :func:`~audiomoe.core.decoding.generation_mode` on ``module`` (the shared decoder) while generating."""
     was = module.training
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), generation_mode():
             yield
     finally:
         module.train(was)
