@@ -242,16 +242,22 @@ def test_grouped_mm_path_matches_loop():
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_autograd():
+@pytest.mark.parametrize("n, f, block_rows", [(2100, 64, None), (2100, 64, 300), (8200, 16, 700)], ids=["one-block", "per-expert-blocks", "narrow"])
+def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_autograd(n, f, block_rows, monkeypatch):
     """Sizes above the workspace threshold: two layers in one graph share the CPU scratch buffers.
 
     The fused node keeps no [S, d] tensor between forward and backward (it gathers the rows again),
     so the second layer reusing the first layer's buffers must not change any output or gradient.
+    Also with blocks of one expert each (a smaller block budget) and with narrow experts
+    (2F < d: the down-projection gradient through the transposed product).
     """
     from audiomoe.experts import dispatcher, fused
 
-    n, d, e, f = 2100, 64, 8, 64  # S * d and S * f above 2**18 elements: the scratch path
-    assert 2 * n * f >= 1 << 18
+    d, e = 64, 8
+    assert 2 * n * f >= 1 << 18  # S * f above 2**18 elements: the scratch path
+    if block_rows:
+        monkeypatch.setattr(fused, "BLOCK_BYTES", block_rows * d * 8)
+        assert len(fused.blocks_of(fused.bounds_of([2 * n // e] * e), 2 * n, d * 8)) == e
     torch.manual_seed(0)
     layers = [moe(d, expert={"name": "swiglu", "params": {"d_ff": f}}, num_experts=e).double() for _ in range(2)]
     g = torch.Generator().manual_seed(3)

@@ -4,12 +4,16 @@
 over the stacked weights of :class:`audiomoe.experts.grouped.GroupedSwiGLU` (``gate_up`` [E, 2F, D],
 ``down`` [E, D, F]): one GEMM per expert on its contiguous slice, as MegaBlocks' dropless MoE
 (Gale et al. 2023) does with block-sparse kernels. Memory: forward saves only the pre-activations
-``H`` [S, 2F], the pair weights and the indices. Both passes stream over a few blocks of
-consecutive experts through one buffer of about S/4 rows, so no [S, D] tensor of all pairs exists
-at any time (the dense layer's peak is the bar); the buffers are per-thread scratch reused across
-calls (a fresh large buffer is page-faulted at ~0.35 ms/MB here; a warm one costs a fifth). The pair weight
-scales the F-wide activation before the down projection (linear, so the same result at F/D of the
-traffic).
+``H`` [S, 2F], the pair weights and the indices. Both passes stream over blocks of consecutive
+experts through one buffer of about ``BLOCK_BYTES`` of rows, so no [S, D] tensor of all pairs
+exists at any time (the dense layer's peak is the bar); the buffers are per-thread scratch reused
+across calls (a fresh large buffer is page-faulted at ~0.2-0.35 ms/MB here; a warm one costs a
+fifth). The pair weight scales the F-wide activation before the down projection (linear, so the
+same result at F/D of the traffic).
+
+What remains above the dense layer at a fine-grained point is memory traffic no GEMM hides: the
+rows gathered three times (x forward, dL/dy and x again backward) and scattered twice (y, dL/dx),
+and the E/k times larger weight gradients (see ``benchmarks/moe_layer.py``).
 """
 
 from __future__ import annotations
@@ -63,14 +67,19 @@ def _swiglu_input_grad(d_act: torch.Tensor, h: torch.Tensor, silu: torch.Tensor,
     return out
 
 
-#: Pairs are processed in this many blocks of consecutive experts: few enough calls that 2-thread
-#: elementwise ops and scatters stay efficient, small enough that no [S, D] buffer of all pairs exists.
-BLOCKS = 4
+#: Pairs are processed in blocks of consecutive experts of about this many bytes of gathered rows:
+#: small enough that a block's gathered rows stay in cache between the gather, its GEMMs and the
+#: scatter (no [S, D] buffer of all pairs exists, and the gather costs no extra DRAM round trip).
+BLOCK_BYTES = 4 << 20
 
 
-def blocks_of(bounds: list[tuple[int, int, int]], total: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """Group consecutive expert slices into blocks of about ``total / BLOCKS`` rows: ``(start, stop, slices)``."""
-    size = max(-(-total // BLOCKS), max((t - s for _, s, t in bounds), default=0))
+def blocks_of(bounds: list[tuple[int, int, int]], total: int, row_bytes: int = 0) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Group consecutive expert slices into blocks of about ``BLOCK_BYTES / row_bytes`` rows: ``(start, stop, slices)``.
+
+    ``row_bytes`` 0: four blocks of about ``total / 4`` rows. An expert's slice is never split.
+    """
+    target = BLOCK_BYTES // row_bytes if row_bytes else -(-total // 4)
+    size = max(target, max((t - s for _, s, t in bounds), default=0))
     out: list[tuple[int, int, list[tuple[int, int, int]]]] = []
     for e, s, t in bounds:
         if out and t - out[-1][0] <= size:
@@ -102,7 +111,7 @@ class FusedSwiGLUMoE(torch.autograd.Function):
     def forward(ctx, tokens, base, tok, w, counts, gate_up, down):  # type: ignore[override]
         f = gate_up.shape[1] // 2
         d, n_pairs = tokens.shape[1], tok.numel()
-        blocks = blocks_of(bounds_of(counts), n_pairs)
+        blocks = blocks_of(bounds_of(counts), n_pairs, d * tokens.element_size())
         bmax = max((t - s for s, t, _ in blocks), default=0)
         h = tokens.new_empty(n_pairs, 2 * f)
         rows, act = _scratch("rows", bmax, d, tokens), _scratch("act", bmax, f, tokens)
@@ -136,6 +145,7 @@ class FusedSwiGLUMoE(torch.autograd.Function):
         rows = _scratch("rows", bmax, d, h)
         silu, act, d_act, tmp = (_scratch(n, bmax, f, h) for n in ("silu", "act", "d_act", "tmp"))
         dh = _scratch("dh", bmax, 2 * f, h)
+        d_down_t = h.new_empty(f, d) if need_w and 2 * f < d else None
         wa = w.to(h.dtype).unsqueeze(-1)
         for s0, t0, slices in blocks:
             c, idx, hb, wb = t0 - s0, tok[s0:t0], h[s0:t0], wa[s0:t0]
@@ -150,7 +160,11 @@ class FusedSwiGLUMoE(torch.autograd.Function):
             if need_w:
                 a.mul_(wb)
                 for e, s, t in slices:
-                    torch.mm(dy[s - s0 : t - s0].t(), a[s - s0 : t - s0], out=d_down[e])
+                    if d_down_t is None:
+                        torch.mm(dy[s - s0 : t - s0].t(), a[s - s0 : t - s0], out=d_down[e])
+                    else:  # narrow experts: (act^T dy)^T, as the [F, D] product is the faster GEMM (measured ~10% at F=D/8)
+                        torch.mm(a[s - s0 : t - s0].t(), dy[s - s0 : t - s0], out=d_down_t)
+                        d_down[e].copy_(d_down_t.t())
             g = _swiglu_input_grad(da.mul_(wb), hb, si, dh[:c], tmp[:c])
             if need_x:
                 for e, s, t in slices:
