@@ -66,14 +66,27 @@ def test_too_little_audio_is_a_named_error():
 def test_generation_pairs_get_codec_targets_the_codec_head_takes(tmp_path):
     from audiomoe.data import build_loader, encode_manifest, make_corpus
 
+    import numpy as np
+    import soundfile as sf
+
+    from audiomoe.data import read_manifest
+
     manifest = make_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
+    pairs, _ = read_manifest(manifest, only_tasks=["tts", "text_to_music"])
+    assert pairs and {p.task for p in pairs} == {"tts", "text_to_music"}
+    for p in pairs:  # the input is another clip of the same voice / instrument; the target is the clip to write
+        assert p.target["audio"] != p.audio and p.meta["reference"] in p.audio
     gen = encode_manifest(manifest, params={"codebook_size": 16, "num_codebooks": 4, "kmeans_iters": 3}, fit_clips=8)
     assert (tmp_path / "codec" / "mel_rvq.safetensors").exists()
+    coded, _ = read_manifest(gen)
+    assert [c.audio for c in coded] == [p.audio for p in pairs]
+    for c, p in zip(coded, pairs):  # codes of the target clip, not of the input
+        frames = np.load(c.target["codes"]).shape[1]
+        assert abs(frames - sf.info(p.target["audio"]).duration * 16000 / 256) <= 2  # 62.5 frames/s at 16 kHz
     loader = build_loader({"sources": {"g": {"path": str(gen)}}, "num_workers": 1, "max_seconds": 30})
     batch = next(iter(loader))
     assert set(batch.tasks) <= {"tts", "text_to_music"} and all(isinstance(p, str) for p in batch.prompts)
-    for codes, n in zip(batch.targets, batch.lengths):
+    for codes in batch.targets:
         assert codes.dtype == torch.long and codes.shape[0] == 4 and int(codes.max()) < 16
-        assert abs(codes.shape[1] - int(n) / 256) <= 2
     head = audiomoe.component_builder("task", {"name": "codec_generation", "params": {"num_codebooks": 4, "codebook_size": 16, "max_frames": 400}})(d_model=16)
     head.make_targets(list(batch.targets), torch.device("cpu"))

@@ -11,7 +11,7 @@ from audiomoe.core.errors import MissingPretrainedError
 from audiomoe.model import AudioBatch
 from audiomoe.testing import GRAD_TOL, build_component
 
-GREEDY = ["tasks.speech.temperature=0", "tasks.speech.max_frames=12", "tasks.asr.max_new_tokens=10"]
+GREEDY = ["tasks.tts.temperature=0", "tasks.tts.max_frames=12", "tasks.asr.max_new_tokens=10"]
 
 
 def batch(model, tasks, seconds=(1.0, 0.6)):
@@ -33,7 +33,7 @@ def test_a_multitask_model_holds_exactly_one_llm():
     model = audiomoe.compose("mowe-unimoe-tiny", ["tasks.emotion=classification", "tasks.emotion.num_classes=4"])
     assert causal_lms(model) == ["backbone.lm"]
     assert sum(p.numel() for p in model.heads["asr"].parameters()) == 0  # the text head reads the LM's own tables
-    codec = model.heads["speech"]
+    codec = model.heads["tts"]
     # the codec head holds only its frame embeddings and its K x V output layer
     assert {n.split(".")[0] for n, _ in codec.named_parameters()} == {"embed", "out"}
     # and no head runs a decoder of its own: no attention anywhere outside the backbone
@@ -44,15 +44,15 @@ def test_a_multitask_model_holds_exactly_one_llm():
 def test_text_and_codec_targets_in_one_batch_both_train_the_same_llm():
     torch.manual_seed(0)
     model = audiomoe.compose("mowe-unimoe-tiny", GREEDY)
-    out = model(batch(model, ["asr", "speech", "asr", "speech"]), predict=False)
+    out = model(batch(model, ["asr", "tts", "asr", "tts"]), predict=False)
     attn = [(n, p) for n, p in model.backbone.named_parameters() if "self_attn" in n and p.requires_grad]
     grads = {}
-    for task in ("asr", "speech"):
+    for task in ("asr", "tts"):
         g = torch.autograd.grad(out.losses[f"task/{task}"], [p for _, p in attn], retain_graph=True, allow_unused=True)
         grads[task] = [0.0 if x is None else float(x.abs().max()) for x in g]
     # every attention tensor of the one LM learns from both tasks, with real magnitudes
-    assert min(grads["asr"]) > GRAD_TOL and min(grads["speech"]) > GRAD_TOL, grads
-    assert any(k.startswith("aux/heads/speech/decoder/layer0") for k in out.losses)  # the LM's MoE routes the codec sequence
+    assert min(grads["asr"]) > GRAD_TOL and min(grads["tts"]) > GRAD_TOL, grads
+    assert any(k.startswith("aux/heads/tts/decoder/layer0") for k in out.losses)  # the LM's MoE routes the codec sequence
     before = {n: p.detach().clone() for n, p in attn}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     out.loss.backward()
@@ -63,8 +63,8 @@ def test_text_and_codec_targets_in_one_batch_both_train_the_same_llm():
 @pytest.mark.parametrize("preset, overrides", [
     ("mowe-unimoe-tiny", []),
     ("tiny-cls", ["d_model=64", "encoder.dim=64", "backbone=moe_transformer", "backbone.positions=rope", "backbone.num_layers=2",
-                  "tasks.cls=null", "tasks.speech=codec", "tasks.speech.num_codebooks=3", "tasks.speech.codebook_size=16",
-                  "tasks.speech.temperature=0", "tasks.speech.max_frames=12"]),
+                  "tasks.cls=null", "tasks.tts=codec", "tasks.tts.num_codebooks=3", "tasks.tts.codebook_size=16",
+                  "tasks.tts.temperature=0", "tasks.tts.max_frames=12"]),
 ])
 def test_generation_with_the_kv_cache_equals_rerunning_the_sequence(preset, overrides):
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def test_paper_presets_have_the_published_layouts():
         assert (moe.num_experts, moe.num_null, moe.num_shared) == (8, 1, 2)
         assert moe.params.shared_mode == "gated" and moe.router.params.p == 0.7
         assert moe.experts.d_ff == inter // 4 and moe.shared.d_ff == inter // 8
-    head = model.heads["speech"]
+    head = model.heads["tts"]
     assert len(head.sizes) == 12 and head.vocab == 1024 + 3 and head.delays == [0, *range(8, 19)]
     mowe = audiomoe.compose("mowe-audio-tiny")
     assert type(mowe.encoder).__name__ == "MoWEMixture" and len(mowe.encoder.weak) == 4 and causal_lms(mowe) == ["backbone.lm.base_model.model"]

@@ -65,3 +65,76 @@ def test_resume_on_the_corpus_restores_the_sampler_and_ends_bit_identical(tiny_c
     a = load_file(str(tmp_path / "whole" / "step-000006" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "step-000006" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SMALL_CODEC = ["tasks.tts.num_codebooks=4", "tasks.tts.codebook_size=16", "tasks.tts.delays=[0,1,2,3]", "tasks.tts.max_frames=8"]
+
+
+def test_every_paper_preset_trains_on_the_corpus_by_default():
+    """`audiomoe train PRESET` with no --data: the text and codec heads of the paper presets are corpus tasks."""
+    from audiomoe.train.data import resolve_choice
+
+    for preset in ("mowe-audio-tiny", "unimoe-audio-tiny", "mowe-unimoe-tiny", "tiny-corpus"):
+        assert resolve_choice(audiomoe.compose(preset), "auto") == "builtin", preset
+
+
+def test_codec_heads_read_codes_of_the_voice_prompted_pairs_made_once_for_their_layout(tiny_corpus):
+    import numpy as np
+
+    from audiomoe.data import read_manifest
+    from audiomoe.train.data import corpus_paths
+
+    model = audiomoe.compose("unimoe-audio-tiny", SMALL_CODEC)
+    paths = corpus_paths(model, str(tiny_corpus), ["tts"])
+    gen = paths["tts"]
+    assert gen.endswith("codes-k4-v16/generation.jsonl")
+    items, _ = read_manifest(gen)
+    source, _ = read_manifest(tiny_corpus, only_tasks=["tts", "text_to_music"])  # one codec, one manifest, for both
+    assert items and len(items) == len(source)
+    for it, src in zip(items, source):
+        codes = np.load(it.target["codes"])
+        assert codes.shape[0] == 4 and codes.max() < 16 and it.audio == src.audio != src.target["audio"]  # input: the voice prompt
+    stamp = (tiny_corpus.parent / "codes-k4-v16" / "generation.jsonl").stat().st_mtime_ns
+    assert corpus_paths(model, str(tiny_corpus), ["tts"]) == paths  # cached: not fitted again
+    assert (tiny_corpus.parent / "codes-k4-v16" / "generation.jsonl").stat().st_mtime_ns == stamp
+    wrong = audiomoe.compose("tiny-corpus", ["tasks.tts=classification", "tasks.tts.num_classes=2"])
+    with pytest.raises(audiomoe.AudioMoEError, match="corpus task 'tts' has codec-code targets, but head 'tts' \\(classification\\)"):
+        corpus_paths(wrong, str(tiny_corpus), ["tts"])
+
+
+def test_builtin_training_feeds_text_and_codec_heads_of_one_llm(tiny_corpus, monkeypatch, tmp_path, caplog):
+    """mowe-unimoe-tiny (ASR text head + TTS codec head on one LLM) trains on 'builtin' (here: the tiny corpus).
+
+    The tiny corpus has no held-out voice-prompted pair: tts trains, is named on the log and not evaluated.
+    """
+    import audiomoe.data as data_pkg
+
+    monkeypatch.setattr(data_pkg, "builtin_corpus", lambda progress=True, **_: tiny_corpus)  # the small corpus takes 15 s to make
+    cfg = TrainConfig(steps=4, batch_size=8, eval_every=4, eval_batches=1, progress=False, data="builtin", out_dir=str(tmp_path / "run"), logs=True)
+    with caplog.at_level("WARNING", logger="audiomoe.train"):
+        result = train("mowe-unimoe-tiny", SMALL_CODEC, cfg)
+    assert result["steps"] == 4 and result["final_loss"] == result["final_loss"]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    tts = [s["losses"]["task/tts"] for s in steps if "losses" in s and "task/tts" in s["losses"]]
+    assert tts and all(v > 1.0 for v in tts), "the codec head trains on the corpus's pairs (4 codebooks x ln 19)"
+    assert any(k.startswith("asr/") for k in result["eval_after"]) and not any(k.startswith("tts/") for k in result["eval_after"])
+    assert "no held-out ('test' split) items for task(s) tts" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_unimoe_preset_trains_and_evaluates_tts_on_the_small_corpus(tmp_path):
+    """The real command on the real small corpus: `audiomoe train unimoe-audio-tiny` (12 x 1024 codes) then `audiomoe eval`."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AUDIOMOE_CACHE": str(tmp_path / "cache")}
+    run = [sys.executable, "-m", "audiomoe", "train", "unimoe-audio-tiny", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+           "--out", str(tmp_path / "run"), "--quiet"]  # fmt: skip
+    subprocess.run(run, check=True, env=env, timeout=900)
+    assert (tmp_path / "cache" / "corpus-v6-small-seed0" / "codes-k12-v1024" / "generation.jsonl").exists()
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"tts/code_accuracy", "tts/length_error"} <= set(last["eval"])
+    out = subprocess.run([sys.executable, "-m", "audiomoe", "eval", str(tmp_path / "run"), "--max-items", "4"], env=env,
+                         capture_output=True, text=True, timeout=900, check=True)  # fmt: skip
+    assert "tts" in out.stdout and "code_accuracy" in out.stdout

@@ -29,6 +29,7 @@ _LAZY = {
     "make_corpus": "audiomoe.data.corpus.make",
     "builtin_corpus": "audiomoe.data.corpus.make",
     "encode_manifest": "audiomoe.data.codes",
+    "corpus_codes": "audiomoe.data.codes",
 }
 
 __all__ = sorted(_LAZY)

@@ -3,14 +3,19 @@
 ``encode_manifest(manifest, tasks=("tts", "text_to_music"))`` fits the built-in ``mel_rvq`` codec
 (k-means on the train split's frames, seconds) unless a fitted codec is given, saves its state
 (``codec/<name>.safetensors`` + ``codec/<name>.json`` with its params), writes the codes of every
-clip of those tasks (``codes/<clip>.npy``, int16 [num_codebooks, frames]) and a manifest
-``generation.jsonl`` whose targets are ``{"codes": "codes/<clip>.npy"}``: what the loader turns
-into the ``[num_codebooks, frames]`` tensors the ``codec_generation`` head takes.
+clip to write (the target ``{"audio": clip}``, else the item's own audio) as ``codes/<clip>.npy``
+(int16 [num_codebooks, frames]) and a manifest ``generation.jsonl`` whose targets are
+``{"codes": "codes/<clip>.npy"}``: what the loader turns into the ``[num_codebooks, frames]``
+tensors the ``codec`` and ``codec_generation`` heads take. ``corpus_codes`` does this once per
+codebook layout for the built-in corpus, cached beside it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 
 from ..core.errors import AudioMoEError
-from .manifest import read_manifest, write_manifest
+from .manifest import Item, read_manifest, write_manifest
 
 
 def _waveform(item: Any, sample_rate: int) -> torch.Tensor:
@@ -27,27 +32,39 @@ def _waveform(item: Any, sample_rate: int) -> torch.Tensor:
     return ItemDataset([item], sample_rate).load(0, 0)
 
 
+def _written(item: Item) -> Item:
+    """The clip an item asks to write: its target ``{"audio": path}`` (whole file), else its own audio."""
+    t = item.target
+    if isinstance(t, dict) and isinstance(t.get("audio"), str):
+        return Item(audio=t["audio"], task=item.task, origin=item.origin, split=item.split)
+    return item
+
+
 def encode_manifest(
     manifest: str | Path,
     tasks: Sequence[str] = ("tts", "text_to_music"),
     codec: Optional[Any] = None,
     params: Optional[dict[str, Any]] = None,
     fit_clips: int = 200,
+    out_dir: Optional[str | Path] = None,
 ) -> Path:
-    """Write codes for the clips of ``tasks`` and return the path of ``generation.jsonl`` beside ``manifest``."""
+    """Write codes for the clips of ``tasks`` and return the path of ``generation.jsonl`` (in ``out_dir``, default beside ``manifest``)."""
     from safetensors.torch import save_file
 
     from ..core.composer import component_builder
 
     manifest = Path(manifest)
     items, _ = read_manifest(manifest, only_tasks=tasks)
+    if not items:
+        raise AudioMoEError(f"{manifest}: no items of tasks {list(tasks)} to write codes for")
     if codec is None:
         codec = component_builder("codec", {"name": "mel_rvq", "params": dict(params or {})})()
-        train = [it for it in items if it.split != "test"][:fit_clips]
+        train = [_written(it) for it in items if it.split != "test"][:fit_clips]
         if not train:
             raise AudioMoEError(f"{manifest}: no train-split items of tasks {list(tasks)} to fit the codec on")
         codec.fit([_waveform(it, codec.sample_rate) for it in train])
-    root = manifest.parent
+    root = Path(out_dir) if out_dir is not None else manifest.parent
+    root.mkdir(parents=True, exist_ok=True)
     (root / "codes").mkdir(exist_ok=True)
     (root / "codec").mkdir(exist_ok=True)
     name = getattr(getattr(codec, "audiomoe_component", None), "name", type(codec).__name__.lower())
@@ -55,12 +72,36 @@ def encode_manifest(
     (root / "codec" / f"{name}.json").write_text(json.dumps(codec.params.model_dump(), indent=2, sort_keys=True))
     done: dict[str, str] = {}
     for it in items:
-        if it.audio not in done:
-            codes, _ = codec.encode(_waveform(it, codec.sample_rate)[None])
-            rel = f"codes/{Path(it.audio).stem}.npy"
+        clip = _written(it)
+        if clip.audio not in done:
+            codes, _ = codec.encode(_waveform(clip, codec.sample_rate)[None])
+            rel = f"codes/{Path(clip.audio).stem}.npy"
             np.save(root / rel, codes[0].numpy().astype(np.int16 if codec.codebook_size <= 32768 else np.int32))
-            done[it.audio] = rel
-        it.target = {"codes": done[it.audio]}
+            done[clip.audio] = rel
+        it.target = {"codes": str(root / done[clip.audio])}
     out = root / "generation.jsonl"
     write_manifest(items, out)
     return out
+
+
+def corpus_codes(manifest: str | Path, num_codebooks: int, codebook_size: int, tasks: Sequence[str] = ("tts", "text_to_music")) -> Path:
+    """The generation manifest of a corpus for one codebook layout, made once beside it (atomically).
+
+    ``<corpus>/codes-k<K>-v<V>/generation.jsonl``: ``mel_rvq`` with ``num_codebooks`` stages of
+    ``codebook_size`` codes, fitted on the corpus's train clips of ``tasks``.
+    """
+    manifest = Path(manifest)
+    final = manifest.parent / f"codes-k{num_codebooks}-v{codebook_size}"
+    if (final / "generation.jsonl").exists():
+        return final / "generation.jsonl"
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=manifest.parent))
+    try:
+        encode_manifest(manifest, tasks, params={"num_codebooks": num_codebooks, "codebook_size": codebook_size}, out_dir=tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / "generation.jsonl").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / "generation.jsonl"

@@ -96,6 +96,11 @@ class ItemDataset(torch.utils.data.Dataset):
             wav = self.load(index, seed)
             if isinstance(it.target, dict) and "codes" in it.target:
                 it = Item(**{**it.__dict__, "target": self._codes(it)})
+            elif isinstance(it.target, dict) and "audio" in it.target:
+                raise AudioMoEError(
+                    f"{it.origin}: target {{'audio': ...}} is a clip to write, not codes yet; make codes with "
+                    "audiomoe.data.encode_manifest(manifest) (or train on 'builtin', which does it for the corpus)"
+                )
             return wav, it
         except AudioMoEError as exc:
             if not self.skip_bad:

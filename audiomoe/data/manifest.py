@@ -9,7 +9,9 @@ audio model needs::
 
 ``audio`` is a path relative to the manifest (wav/flac/ogg, read with soundfile); ``offset`` and
 ``duration`` (seconds) select a segment; ``target`` is a class label, a transcript, an answer or
-``{"codes": "codes/x.npy"}`` (codec codes [num_codebooks, frames], loaded in the workers); ``prompt`` an optional text input; ``dataset``/``split`` free strings and
+``{"codes": "codes/x.npy"}`` (codec codes [num_codebooks, frames], loaded in the workers) or
+``{"audio": "wav/y.wav"}`` (a clip to write: :func:`audiomoe.data.codes.encode_manifest` turns it
+into codes); ``prompt`` an optional text input; ``dataset``/``split`` free strings and
 ``meta`` free metadata. Any other key is an error (a typo must not silently drop a field).
 """
 
@@ -53,6 +55,8 @@ class Item:
         """The manifest line of this item, with ``audio`` relative to ``root``."""
         out = {k: v for k, v in asdict(self).items() if k in FIELDS}
         out["audio"] = os.path.relpath(self.audio, root) if self.audio else None
+        if isinstance(self.target, dict):
+            out["target"] = {k: os.path.relpath(v, root) if k in ("codes", "audio") and isinstance(v, str) and os.path.isabs(v) else v for k, v in self.target.items()}
         if not out["offset"]:
             del out["offset"]
         return {k: v for k, v in out.items() if v not in (None, "", {})}
@@ -98,8 +102,9 @@ def _item(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_fi
     if duration <= 0:
         raise AudioMoEError(f"{origin}: zero-length clip '{path}' (duration {duration} s)")
     target = raw.get("target")
-    if isinstance(target, dict) and isinstance(target.get("codes"), str):  # codec codes: a .npy path
-        target = {**target, "codes": str((root / target["codes"]).resolve())}
+    for key in ("codes", "audio"):  # codec codes (a .npy path) or the clip to encode into them: relative to the manifest
+        if isinstance(target, dict) and isinstance(target.get(key), str):
+            target = {**target, key: str((root / target[key]).resolve())}
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise AudioMoEError(f"{origin}: 'meta' must be an object, got {type(meta).__name__}")

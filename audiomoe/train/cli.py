@@ -215,7 +215,7 @@ def register(sub: Any) -> None:
     q.add_argument("--data", default="auto", metavar="auto|builtin|tones|MANIFEST|DATA.yaml", help="what to evaluate on [auto]")
     q.add_argument("--split", default="test", help="manifest split [test]")
     q.add_argument("--batch-size", type=int, default=16, help="items per forward [16]")
-    q.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items")
+    q.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items of each task")
     q.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
     q.add_argument("--json", default=None, metavar="FILE", help="where to write the JSON report [RUN_DIR/eval-SPLIT.json]")
     q.set_defaults(func=cmd_eval)

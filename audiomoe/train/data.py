@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -25,6 +26,8 @@ from ..data.synthetic import classification_tasks, tone_batch, tone_stream
 from ..model import AudioBatch
 from .recipe import StageData
 
+log = logging.getLogger("audiomoe.train")
+
 
 def _head_kind(model: Any, name: str) -> str:
     info = getattr(model.heads[name], "audiomoe_component", None)
@@ -33,13 +36,13 @@ def _head_kind(model: Any, name: str) -> str:
 
 
 def resolve_choice(model: Any, data: Any) -> Any:
-    """``auto`` -> ``builtin`` or ``tones``; a mapping / other string is checked and returned."""
-    from ..data.corpus.make import UNDERSTANDING_TASKS
+    """``auto`` -> ``builtin`` (every head is a corpus task) or ``tones``; a mapping / other string is checked and returned."""
+    from ..data.corpus.make import CORPUS_TASKS
 
     if isinstance(data, dict):
         return data
     if data == "auto":
-        return "builtin" if set(model.task_names) <= set(UNDERSTANDING_TASKS) else "tones"
+        return "builtin" if set(model.task_names) <= set(CORPUS_TASKS) else "tones"
     if data not in ("builtin", "tones") and not os.path.isfile(data):
         raise AudioMoEError(f"--data {data!r} is not 'auto', 'builtin', 'tones' or an existing manifest (.jsonl) file")
     return data
@@ -119,12 +122,40 @@ def _tones(model: Any, tasks: Sequence[str], batch_size: int, seed: int, rank: i
     return ToneStream(classes, batch_size, sr, seed, rank, world), eval_data
 
 
-def _manifest_spec(path: str, split: str, tasks: list[str], sd: Optional[StageData], local: int, seed: int, sr: int, workers: int) -> dict[str, Any]:
-    """A data spec over one manifest for ``tasks``, shaped by a stage's subset / weights / balance."""
+def corpus_paths(model: Any, manifest: str, tasks: Sequence[str]) -> dict[str, str]:
+    """The manifest each task reads in the built-in corpus: the corpus itself, or (codec-code tasks) its codes for the head's layout."""
+    from ..data.codes import corpus_codes
+    from ..data.corpus.make import CODE_TASKS
+
+    out = {}
+    for t in tasks:
+        if t not in CODE_TASKS:
+            out[t] = manifest
+            continue
+        p = getattr(model.heads[t], "params", None)
+        k, size = getattr(p, "num_codebooks", None), getattr(p, "codebook_size", None)
+        sizes = set(size) if isinstance(size, list) else {size}
+        if k is None or None in sizes:
+            raise AudioMoEError(f"corpus task '{t}' has codec-code targets, but head '{t}' ({_head_kind(model, t)}) takes none; "
+                                "give it a codec head (codec or codec_generation) or drop it")
+        if len(sizes) != 1:
+            raise AudioMoEError(f"head '{t}' has codebooks of sizes {sorted(sizes)}; the corpus's codec (mel_rvq) writes one size for all")
+        out[t] = str(corpus_codes(manifest, int(k), int(sizes.pop()), tasks=CODE_TASKS))
+    return out
+
+
+def _manifest_spec(paths: dict[str, str], split: str, sd: Optional[StageData], local: int, seed: int, sr: int, workers: int) -> dict[str, Any]:
+    """A data spec over the manifests ``paths`` (task -> manifest), shaped by a stage's subset / weights / balance."""
     sampling: dict[str, Any] = {}
-    sources: dict[str, Any] = {"data": {"path": path, "split": split, "only_tasks": tasks}}
+    tasks = list(paths)
+    by_path: dict[str, list[str]] = {}
+    for t, p in paths.items():
+        by_path.setdefault(p, []).append(t)
+    sources: dict[str, Any] = {
+        ("data" if i == 0 else f"data{i}"): {"path": p, "split": split, "only_tasks": ts} for i, (p, ts) in enumerate(by_path.items())
+    }
     if sd is not None and sd.weights is not None:
-        sources = {t: {"path": path, "split": split, "only_tasks": [t], "weight": float(sd.weights.get(t, 1.0))} for t in tasks}
+        sources = {t: {"path": paths[t], "split": split, "only_tasks": [t], "weight": float(sd.weights.get(t, 1.0))} for t in tasks}
         sampling = {"mode": "weights", "group_by": "source", **({"epoch_items": sd.epoch_items} if sd.epoch_items else {})}
     elif sd is not None and sd.balanced is not None:
         sampling = {"mode": "balanced", "group_by": "task", "per_group": sd.balanced}
@@ -182,10 +213,30 @@ def build_data(
         eval_spec["num_workers"] = 0
     else:
         path = str(builtin_corpus(progress=progress) if choice == "builtin" else choice)
-        train_spec = _manifest_spec(path, "train", tasks, stage, local, seed, sr, workers)
-        eval_spec = _manifest_spec(path, "test", evaluate_on, None, local, seed, sr, 0)
-    eval_data = list(itertools.islice(iter(build_loader(eval_spec)), eval_batches)) if eval_batches else []
+        paths = corpus_paths(model, path, list(dict.fromkeys(tasks + evaluate_on))) if choice == "builtin" else {}
+        paths = {t: paths.get(t, path) for t in dict.fromkeys(tasks + evaluate_on)}
+        train_spec = _manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers)
+        evaluate_on = _held_out(paths, evaluate_on) if eval_batches else []
+        eval_spec = _manifest_spec({t: paths[t] for t in evaluate_on}, "test", None, local, seed, sr, 0)
+    eval_data = list(itertools.islice(iter(build_loader(eval_spec)), eval_batches)) if eval_batches and evaluate_on else []
     return LoaderStream(build_loader(train_spec, rank=rank, world_size=world)), eval_data
+
+
+def _held_out(paths: dict[str, str], tasks: Sequence[str]) -> list[str]:
+    """The tasks with test-split items in their manifest; the others are named once on the log (not evaluated)."""
+    from ..data.manifest import read_manifest
+
+    found: dict[str, set[str]] = {}
+    for p in set(paths[t] for t in tasks):
+        try:
+            items, _ = read_manifest(p, split="test", check_files=False)
+        except AudioMoEError:  # no test split at all
+            items = []
+        found[p] = {it.task for it in items}
+    missing = [t for t in tasks if t not in found[paths[t]]]
+    if missing:
+        log.warning("no held-out ('test' split) items for task(s) %s: they are trained but not evaluated", ", ".join(missing))
+    return [t for t in tasks if t not in missing]
 
 
 def stage_tasks(model: Any, stage: Optional[StageData]) -> list[str]:

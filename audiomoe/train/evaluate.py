@@ -53,13 +53,18 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
     """The items of ``data`` (builtin, a manifest path, a data YAML or mapping) for the model's tasks."""
     from ..data import builtin_corpus
     from ..data.spec import load_data_spec
+    from .data import corpus_paths
 
     tasks = list(model.task_names)
     if data in ("auto", "builtin") or (isinstance(data, str) and data.endswith(".jsonl")):
         path = str(builtin_corpus(progress=False)) if data in ("auto", "builtin") else data
         if not os.path.isfile(path):
             raise AudioMoEError(f"--data '{data}': no such manifest file")
-        config: Any = {"sources": {"data": {"path": path, "split": split, "only_tasks": tasks}}}
+        paths = corpus_paths(model, path, tasks) if data in ("auto", "builtin") else {t: path for t in tasks}
+        by_path: dict[str, list[str]] = {}
+        for t, p in paths.items():
+            by_path.setdefault(p, []).append(t)
+        config: Any = {"sources": {f"data{i}": {"path": p, "split": split, "only_tasks": ts} for i, (p, ts) in enumerate(by_path.items())}}
     else:
         config = data
     spec, sources = load_data_spec(config)
@@ -92,14 +97,19 @@ def evaluate_checkpoint(
         stream = [(b, ["tones"] * len(b.task_list())) for b in batches]
     else:
         items = _items(model, data, split)
-        if max_items:
-            items = items[:max_items]
+        if max_items:  # the first N of every task: a multi-task model is evaluated on each of its heads
+            per_task: dict[str, list[Any]] = {}
+            for it in items:
+                per_task.setdefault(it.task, []).append(it)
+            items = [it for its in per_task.values() for it in its[:max_items]]
         ds = ItemDataset(items, sr, max_clip_seconds=30.0)
         order = sorted(range(len(items)), key=lambda i: (items[i].task, items[i].dataset, items[i].duration))
         stream = []
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            batch, _ = collate([(ds.load(i, 0), items[i]) for i in chunk], sr)
+            batch, bad = collate([ds[(i, 0)] for i in chunk], sr)  # ds[...] also loads codec codes
+            if batch is None or bad:
+                raise AudioMoEError(f"cannot evaluate on {data!r}: {'; '.join(bad)}")
             stream.append((batch, [items[i].dataset or "data" for i in chunk]))
     for batch, datasets in stream:
         out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, None, batch.prompts))
@@ -124,9 +134,9 @@ def evaluate_checkpoint(
 
 
 def _corpus_model(model: Any) -> bool:
-    from ..data.corpus.make import UNDERSTANDING_TASKS
+    from ..data.corpus.make import CORPUS_TASKS
 
-    return set(model.task_names) <= set(UNDERSTANDING_TASKS)
+    return set(model.task_names) <= set(CORPUS_TASKS)
 
 
 def _metrics(head: Any, pairs: Sequence[tuple[Any, Any]], device: torch.device) -> dict[str, float]:

@@ -10,7 +10,11 @@ Tasks (classification unless noted): ``asr`` (CTC transcripts), ``language`` (8 
 question, excited, calm, monotone: pitch, rate, range and punctuation contours), ``event`` (10
 classes), ``instrument``, ``tempo``, ``mode`` (music), ``mix_background`` (what is behind speech:
 an event class or music, at -5..10 dB speech-to-background), ``qa`` and ``caption`` (AudioLLM
-pairs from the metadata), ``tts`` and ``text_to_music`` (generation pairs: prompt text -> audio).
+pairs from the metadata), ``tts`` (voice-prompted speech generation, as UniMoE-Audio's voice
+cloning: the input audio is another clip of the same synthetic speaker, the prompt the text, the
+target ``{"audio": clip}`` the speech to write) and ``text_to_music`` (the caption says what to
+play, another clip of the same instrument is the input); codec codes for both come from
+:func:`audiomoe.data.codes.corpus_codes`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ...core.errors import AudioMoEError
 from . import sounds
 from .speech import LANG_NAMES, VARIANTS, Espeak, english_sentence, language_sentence
 
-VERSION = 5  # bump when the generator's output changes: cached corpora are keyed by it
+VERSION = 6  # bump when the generator's output changes: cached corpora are keyed by it
 STYLES = ["neutral", "question", "excited", "calm", "monotone"]
 SPEAKERS = 10
 SPEAKER_VARIANTS = ["m1", "f2", "m3", "f4", "m5"]
@@ -39,6 +43,12 @@ SIZES = {"small": 1, "medium": 10, "tiny": 0.05}
 #: The understanding tasks a corpus holds (names of corpus.json's classification and ASR tasks): a
 #: model whose heads all carry these names trains on the corpus by default (``audiomoe train``).
 UNDERSTANDING_TASKS = ("asr", "language", "speaker", "style", "event", "instrument", "tempo", "mode", "mix_background")
+#: Text-answer tasks (``text`` / ``audiollm`` heads; ``asr`` is also one) and codec-code tasks
+#: (``codec`` / ``codec_generation`` heads: codes made for the head's codebook layout by
+#: :func:`audiomoe.data.codes.corpus_codes`). Every corpus task trains by default.
+TEXT_TASKS = ("qa", "caption")
+CODE_TASKS = ("tts", "text_to_music")
+CORPUS_TASKS = UNDERSTANDING_TASKS + TEXT_TASKS + CODE_TASKS
 KIND_IDS = {k: i for i, k in enumerate(COUNTS)}
 BACKGROUNDS = sounds.EVENTS + ["music"]
 # Four keys, not twelve: with every key, major vs minor is a relative-interval judgement that a tiny
@@ -91,7 +101,7 @@ def _clip(kind: str, i: int, seed: int) -> tuple[np.ndarray, int, list[dict[str,
     if kind == "asr":
         text = english_sentence(rng)
         x, sr = _say(text, "en", _voice(rng), rng)
-        lines += [{"task": "asr", "target": text}, {"task": "tts", "prompt": text}]
+        lines.append({"task": "asr", "target": text})
         meta = {"text": text}
     elif kind == "language":
         lang = sorted(LANG_NAMES)[i % len(LANG_NAMES)]
@@ -101,9 +111,10 @@ def _clip(kind: str, i: int, seed: int) -> tuple[np.ndarray, int, list[dict[str,
         meta = {"language": lang}
     elif kind == "speaker":
         spk = i % SPEAKERS
-        x, sr = _say(english_sentence(rng), "en", _speaker(seed, spk), rng)
-        lines.append({"task": "speaker", "target": f"spk{spk:02d}"})
-        meta = {"speaker": spk}
+        text = english_sentence(rng)
+        x, sr = _say(text, "en", _speaker(seed, spk), rng)
+        lines += [{"task": "speaker", "target": f"spk{spk:02d}"}, {"task": "tts", "prompt": text}]
+        meta = {"speaker": spk, "text": text}
     elif kind == "style":
         style = STYLES[i % len(STYLES)]
         v = _voice(rng)
@@ -173,6 +184,35 @@ def _job(args: tuple[str, int, int, str]) -> list[dict[str, Any]]:
     return out
 
 
+#: What a generation line's reference clip shares with its target: the voice (tts), the instrument (music)
+REFERENCE_KEY = {"tts": "speaker", "text_to_music": "instrument"}
+
+
+def _voice_prompted(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each generation line the next clip of the same voice / instrument and split as its input audio.
+
+    The line's own clip becomes its target ``{"audio": ...}`` (the text says what to write, the
+    reference how it sounds); a clip with no other clip of its group in its split gets no line.
+    """
+    key = lambda line: (line["task"], line["meta"][REFERENCE_KEY[line["task"]]], line["split"])  # noqa: E731
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for line in lines:
+        if line["task"] in REFERENCE_KEY:
+            groups.setdefault(key(line), []).append(line)
+    out = []
+    for line in lines:
+        if line["task"] not in REFERENCE_KEY:
+            out.append(line)
+            continue
+        group = groups[key(line)]
+        if len(group) < 2:
+            continue
+        ref = group[(group.index(line) + 1) % len(group)]
+        meta = {**line["meta"], "reference": ref["audio"]}
+        out.append({**line, "audio": ref["audio"], "duration": ref["duration"], "target": {"audio": line["audio"]}, "meta": meta})
+    return out
+
+
 def _tasks_info() -> dict[str, Any]:
     cls = lambda labels: {"head": "classification", "labels": labels}  # noqa: E731
     return {
@@ -180,7 +220,7 @@ def _tasks_info() -> dict[str, Any]:
         "speaker": cls([f"spk{i:02d}" for i in range(SPEAKERS)]), "style": cls(STYLES), "event": cls(sounds.EVENTS),
         "instrument": cls(sounds.INSTRUMENTS), "tempo": cls(list(sounds.TEMPI)), "mode": cls(["major", "minor"]),
         "mix_background": cls(BACKGROUNDS), "qa": {"head": "audiollm"}, "caption": {"head": "audiollm"},
-        "tts": {"head": "codec_generation"}, "text_to_music": {"head": "codec_generation"},
+        "tts": {"head": "codec", "targets": "codes"}, "text_to_music": {"head": "codec", "targets": "codes"},
     }
 
 
@@ -210,7 +250,7 @@ def make_corpus(out_dir: str | os.PathLike, size: str = "small", seed: int = 0, 
             results.append(_job(j))
             bar.update()
     bar.close()
-    lines = [line for r in results for line in r]
+    lines = _voice_prompted([line for r in results for line in r])
     with open(root / "manifest.jsonl", "w", encoding="utf-8") as fh:
         for line in lines:
             fh.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
