@@ -138,3 +138,22 @@ def test_the_unimoe_preset_trains_and_evaluates_tts_on_the_small_corpus(tmp_path
     out = subprocess.run([sys.executable, "-m", "audiomoe", "eval", str(tmp_path / "run"), "--max-items", "4"], env=env,
                          capture_output=True, text=True, timeout=900, check=True)  # fmt: skip
     assert "tts" in out.stdout and "code_accuracy" in out.stdout
+
+
+def test_the_unimoe_audio_curriculum_runs_on_speech_and_music_specialists(tiny_corpus, monkeypatch, tmp_path):
+    """The built-in recipe, three stages a few steps each: the MoE LM is built from a speech and a music LM specialist."""
+    import audiomoe.data as data_pkg
+    from audiomoe.train.recipe import load_recipe
+    from audiomoe.train.trainer import RunOptions, run_recipe
+
+    monkeypatch.setattr(data_pkg, "builtin_corpus", lambda progress=True, **_: tiny_corpus)
+    small = SMALL_CODEC + [s.replace("tasks.tts.", "tasks.text_to_music.") for s in SMALL_CODEC]
+    sets = small + ["stages.0.steps=2", "stages.1.steps=2", "stages.2.steps=2", "eval.every=2", "eval.batches=1", "batch_size=4"]
+    summary = run_recipe(load_recipe("unimoe-audio-curriculum-tiny", sets), RunOptions(out_dir=str(tmp_path / "run"), progress=False, device="cpu"))
+    init = summary["stages"][1]["init"]
+    assert [s["member"] for s in summary["stages"][0]["specialists"]] == ["speech", "music"]
+    assert init["heads_from"] == {"tts": 0, "text_to_music": 1} and len(init["moe_layers"]) == 2  # every LM layer is an MoE
+    assert summary["steps"] == 4
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    joint = {k for s in steps if s.get("stage") == "joint" for k in s.get("losses", {})}
+    assert {"task/tts", "task/text_to_music"} <= joint, joint  # the joint stage trains both domains on one MoE LM
