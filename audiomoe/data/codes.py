@@ -13,9 +13,6 @@ codebook layout for the built-in corpus, cached beside it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.errors import AudioMoEError
+from .atomic import build_once
 from .manifest import Item, read_manifest, write_manifest
 
 
@@ -91,17 +89,6 @@ def corpus_codes(manifest: str | Path, num_codebooks: int, codebook_size: int, t
     ``codebook_size`` codes, fitted on the corpus's train clips of ``tasks``.
     """
     manifest = Path(manifest)
+    params = {"num_codebooks": num_codebooks, "codebook_size": codebook_size}
     final = manifest.parent / f"codes-k{num_codebooks}-v{codebook_size}"
-    if (final / "generation.jsonl").exists():
-        return final / "generation.jsonl"
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=manifest.parent))
-    try:
-        encode_manifest(manifest, tasks, params={"num_codebooks": num_codebooks, "codebook_size": codebook_size}, out_dir=tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first
-            if not (final / "generation.jsonl").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final / "generation.jsonl"
+    return build_once(final, "generation.jsonl", lambda tmp: encode_manifest(manifest, tasks, params=params, out_dir=tmp)) / "generation.jsonl"

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...core.errors import AudioMoEError
+from ..atomic import build_once
 from . import sounds
 from .speech import LANG_NAMES, VARIANTS, Espeak, english_sentence, language_sentence
 
@@ -269,17 +268,4 @@ def default_cache_dir() -> Path:
 def builtin_corpus(cache_dir: Optional[str | os.PathLike] = None, size: str = "small", seed: int = 0, progress: bool = True) -> Path:
     """The built-in corpus's manifest, made once into ``cache_dir`` (atomically: a crash leaves no half corpus)."""
     final = Path(cache_dir or default_cache_dir()) / f"corpus-v{VERSION}-{size}-seed{seed}"
-    if (final / "corpus.json").exists():
-        return final / "manifest.jsonl"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-    try:
-        make_corpus(tmp, size, seed, progress=progress)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first
-            if not (final / "corpus.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final / "manifest.jsonl"
+    return build_once(final, "corpus.json", lambda tmp: make_corpus(tmp, size, seed, progress=progress)) / "manifest.jsonl"
