@@ -210,14 +210,12 @@ def test_auto_takes_the_gathered_plan_only_without_autograd_and_for_few_pairs():
     """A decoding step (no grad, a few pairs) runs the gathered plan; training and large batches do not; outputs agree."""
     from audiomoe.experts.dispatcher import GATHER_LIMIT
 
-    layer = make_layer()
-    few = GATHER_LIMIT // (3 * D * 8)
-    assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=few) == "fused"  # grad enabled
+    layer, few = make_layer(), GATHER_LIMIT // (3 * D * 8)
+    plan = lambda pairs: layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=pairs)  # noqa: E731
+    assert plan(few) == "fused"  # grad enabled
     with torch.no_grad():
-        assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=few) == "gathered"
-        assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=few + 1) == "fused"
-        r = hand_routing(6, "topp")
-        tokens = torch.randn(6, D, dtype=torch.float64)
+        assert plan(few) == "gathered" and plan(few + 1) == "fused"
+        r, tokens = hand_routing(6, "topp"), torch.randn(6, D, dtype=torch.float64)
         fast = layer.combine(tokens, r)
         assert layer.last_plan == "gathered"
         torch.testing.assert_close(fast, reference(layer, tokens, r), rtol=1e-10, atol=1e-10)
@@ -246,13 +244,11 @@ def test_grouped_mm_path_matches_loop():
 def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_autograd(n, f, block_rows, monkeypatch):
     """Sizes above the workspace threshold: two layers in one graph share the CPU scratch buffers.
 
-    The fused node keeps no [S, d] tensor between forward and backward (it gathers the rows again),
-    so the second layer reusing the first layer's buffers must not change any output or gradient.
-    Also with blocks of one expert each (a smaller block budget) and with narrow experts
-    (2F < d: the down-projection gradient through the transposed product).
+    The fused node keeps no [S, d] tensor between forward and backward (it gathers the rows again), so
+    the second layer reusing the first layer's buffers must not change any output or gradient. Also with
+    one expert per block and with narrow experts (2F < d: the down-projection gradient transposed).
     """
     from audiomoe.experts import dispatcher, fused
-
     d, e = 64, 8
     assert 2 * n * f >= 1 << 18  # S * f above 2**18 elements: the scratch path
     if block_rows:
