@@ -170,8 +170,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run a checkpoint on audio files: one line per file and head (codec heads also write .npy / .wav)."""
+    from ..train.predict import predict_files
+
+    rows = predict_files(args.checkpoint, args.audio, tasks=args.task or None, prompt=args.prompt, codec=args.codec,
+                         out_dir=args.out, device=args.device)  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        extra = "".join(f"  {k}: {r[k]}" for k in ("codes", "wav") if r.get(k))
+        print(f"{r['audio']}  [{r['task']}]  {r['prediction']}{extra}")
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add the ``train`` and ``eval`` commands to the CLI's subparsers."""
+    """Add the ``train``, ``eval`` and ``predict`` commands to the CLI's subparsers."""
     p = sub.add_parser("train", help="train a recipe (stages, specialists, freezing) or a preset, with checkpoints and logs",
                        description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _PARSER["train"] = p
@@ -219,3 +234,14 @@ def register(sub: Any) -> None:
     q.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
     q.add_argument("--json", default=None, metavar="FILE", help="where to write the JSON report [RUN_DIR/eval-SPLIT.json]")
     q.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("predict", help="run a checkpoint on audio files: labels, text, or codec codes written as .npy and .wav")
+    r.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a run directory (its latest)")
+    r.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg; resampled to the encoder's rate)")
+    r.add_argument("--task", action="append", default=[], metavar="TASK", help="only this head (repeatable) [every head]")
+    r.add_argument("--prompt", default=None, help="text for prompted heads: the question, the text to speak")
+    r.add_argument("--codec", default=None, metavar="DIR", help="fitted codec for codec heads' audio [the corpus's codes codec for the layout]")
+    r.add_argument("--out", default=None, metavar="DIR", help="where codec heads write .npy/.wav [CHECKPOINT/../predictions]")
+    r.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    r.add_argument("--json", action="store_true", help="print the rows as JSON")
+    r.set_defaults(func=cmd_predict)

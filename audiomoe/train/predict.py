@@ -1,0 +1,123 @@
+"""``audiomoe predict CHECKPOINT AUDIO...``: what a trained model says about audio files, head by head.
+
+Each file is decoded and resampled as the loader does, then run through every head (or ``--task``)
+with an optional ``--prompt`` (the question to answer, the text to speak). Classification heads
+give label names, text and CTC heads text, codec heads codes ``[K, T]`` saved as ``.npy`` and, with
+a fitted codec, decoded to a ``.wav`` you can listen to. The codec defaults to the one the built-in
+corpus's codes for the head's layout were made with (``codes-k<K>-v<V>/codec/``), so a model trained
+on ``builtin`` speaks without flags.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..core.errors import AudioMoEError
+
+
+def load_codec(path: str | Path) -> Any:
+    """A fitted codec from a ``codec/`` folder (``<name>.json`` params + ``<name>.safetensors`` state) or its parent."""
+    from safetensors.torch import load_file
+
+    from ..core.composer import component_builder
+
+    root = Path(path)
+    root = root / "codec" if (root / "codec").is_dir() else root
+    params = sorted(root.glob("*.json")) if root.is_dir() else []
+    if not params or not params[0].with_suffix(".safetensors").is_file():
+        raise AudioMoEError(f"no fitted codec in '{path}': expected <name>.json and <name>.safetensors (written by audiomoe.data.encode_manifest)")
+    codec = component_builder("codec", {"name": params[0].stem, "params": json.loads(params[0].read_text())})()
+    codec.load_state_dict(load_file(str(params[0].with_suffix(".safetensors"))))
+    return codec
+
+
+def corpus_codec(head: Any) -> Optional[Path]:
+    """The codec folder of the built-in corpus's codes for ``head``'s codebook layout, if they were made."""
+    from ..data.corpus.make import VERSION, default_cache_dir
+
+    p = getattr(head, "params", None)
+    k, size = getattr(p, "num_codebooks", None), getattr(p, "codebook_size", None)
+    if k is None or not isinstance(size, int):
+        return None
+    found = sorted(default_cache_dir().glob(f"corpus-v{VERSION}-*/codes-k{k}-v{size}/codec"))
+    return found[0] if found else None
+
+
+def _waveform(path: str, sample_rate: int) -> torch.Tensor:
+    from ..data.loader import ItemDataset
+    from ..data.manifest import Item
+
+    return ItemDataset([Item(audio=str(Path(path).resolve()), task="predict", origin=path)], sample_rate).load(0, 0)
+
+
+def _shown(head: Any, pred: Any) -> Any:
+    """A prediction as JSON-able text: label names where the head has them."""
+    if hasattr(head, "decode") and isinstance(pred, torch.Tensor) and pred.dim() <= 2 and not pred.is_floating_point():
+        return head.decode(pred)[0]
+    if isinstance(pred, torch.Tensor):
+        return pred.tolist()
+    return pred[0] if isinstance(pred, list) else pred
+
+
+def predict_files(
+    checkpoint: str, audio: Sequence[str], *, tasks: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
+    codec: Optional[str] = None, out_dir: Optional[str] = None, device: str = "auto",
+) -> list[dict[str, Any]]:
+    """One row per (file, task): ``{"audio", "task", "prediction"}`` (+ ``codes`` / ``wav`` paths for codec heads)."""
+    from ..model import AudioBatch
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .distributed import pick_device
+
+    ckpt = resolve_checkpoint(checkpoint)
+    model = load_checkpoint(str(ckpt)).to(pick_device(device)).eval()
+    chosen = list(tasks or model.task_names)
+    unknown = [t for t in chosen if t not in model.task_names]
+    if unknown:
+        raise AudioMoEError(f"task(s) {unknown} are not heads of this model; it has {', '.join(model.task_names)}")
+    out = Path(out_dir) if out_dir else ckpt.parent / "predictions"
+    sr = int(model.encoder.sample_rate)
+    codecs: dict[str, Any] = {}
+    rows = []
+    for path in audio:
+        wav = _waveform(path, sr)
+        for task in chosen:
+            batch = AudioBatch(wav[None].to(model.device), sr, [task], torch.tensor([wav.shape[0]]), None, [prompt])
+            with torch.no_grad():
+                pred = model(batch).predictions[task]
+            head = model.heads[task]
+            row: dict[str, Any] = {"audio": path, "task": task}
+            if isinstance(pred, list) and pred and isinstance(pred[0], torch.Tensor) and pred[0].dim() == 2:  # codec codes [K, T]
+                row.update(_write_codes(pred[0], head, task, Path(path).stem, out, codec, codecs))
+            else:
+                row["prediction"] = _shown(head, pred)
+            rows.append(row)
+    return rows
+
+
+def _write_codes(codes: torch.Tensor, head: Any, task: str, stem: str, out: Path, codec: Optional[str], cache: dict[str, Any]) -> dict[str, Any]:
+    """Save codes (and, with a codec, their audio); return the row's fields."""
+    import soundfile as sf
+
+    out.mkdir(parents=True, exist_ok=True)
+    npy = out / f"{stem}.{task}.npy"
+    np.save(npy, codes.cpu().numpy())
+    row: dict[str, Any] = {"prediction": f"{codes.shape[0]} x {codes.shape[1]} codes", "codes": str(npy)}
+    where = codec or corpus_codec(head)
+    if where is None:
+        row["wav"] = None  # no fitted codec known for this layout: pass --codec DIR
+        return row
+    if str(where) not in cache:
+        cache[str(where)] = load_codec(where)
+    c = cache[str(where)]
+    if (c.num_codebooks, c.codebook_size) != (codes.shape[0], head.params.codebook_size):
+        raise AudioMoEError(f"codec '{where}' writes {c.num_codebooks} x {c.codebook_size} codes, head '{task}' {codes.shape[0]} x {head.params.codebook_size}")
+    wav = c.decode(codes[None].cpu())[0].numpy() if codes.shape[1] else np.zeros(0, np.float32)
+    path = out / f"{stem}.{task}.wav"
+    sf.write(str(path), wav.astype(np.float32), c.sample_rate)
+    row["wav"] = str(path)
+    return row
