@@ -123,8 +123,14 @@ class MelRVQ(Codec):
 
         p = self.params
         mel = torch.exp(self.dequantize(codes) * self.std + self.mean).transpose(1, 2)  # [B, n_mels, F]
+        frames = mel.shape[-1]
+        if frames < 2:  # (F - 1) * hop samples: nothing to hear
+            return mel.new_zeros(mel.shape[0], 0)
+        short = p.n_fft // p.hop_length + 1 - frames  # the centred inverse STFT needs n_fft / 2 samples of padding each side
+        if short > 0:  # a few generated frames: pad with the quietest frame, decode, keep the frames' own samples
+            mel = torch.cat([mel, mel.amin(-1, keepdim=True).expand(*mel.shape[:2], short)], -1)
         inv = torchaudio.transforms.InverseMelScale(p.n_fft // 2 + 1, p.n_mels, p.sample_rate)
         spec = inv(mel).clamp(min=0)
         gl = torchaudio.transforms.GriffinLim(n_fft=p.n_fft, hop_length=p.hop_length, n_iter=p.griffin_lim_iters, power=1.0,
                                               rand_init=False)
-        return gl(spec)
+        return gl(spec)[:, : (frames - 1) * p.hop_length]
