@@ -47,6 +47,24 @@ def test_unimoe_delay_pattern_layout():
     assert torch.equal(revert_delay_pattern(delayed, torch.tensor([5]), delays, pad=1025), codes)
 
 
+def test_frames_loss_is_the_sum_of_per_codebook_means_with_their_gradients():
+    """One cross-entropy over all codebooks equals the per-codebook loop (a codebook with nothing scored skipped)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    head = CodecGeneration(CodecGeneration.Params(num_codebooks=3, codebook_size=[5, 9, 7], delays=[0, 1, 2]), d_model=8)
+    logits = torch.randn(2, 6, 3, head.vocab, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 6, 3))
+    labels[0, :2] = -100
+    labels[..., 2] = -100  # codebook 2 scores nothing
+    loss = head.frames_loss(logits, SimpleNamespace(labels=labels))
+    ref = sum(nn.functional.cross_entropy(logits[..., j, :].reshape(-1, head.vocab), labels[..., j].reshape(-1), ignore_index=-100) for j in (0, 1))
+    torch.testing.assert_close(loss, ref)
+    g, g_ref = torch.autograd.grad(loss, logits, retain_graph=True)[0], torch.autograd.grad(ref, logits)[0]
+    torch.testing.assert_close(g, g_ref)
+    assert g[..., 2, :].abs().max() == 0 and g[..., :2, :].abs().max() > 1e-3
+
+
 def test_frame_embedder_equals_the_sum_of_per_codebook_embeddings():
     torch.manual_seed(0)
     head = CodecGeneration(CodecGeneration.Params(num_codebooks=3, codebook_size=[3, 17, 5], delays=[0, 2, 1]), d_model=16)

@@ -141,13 +141,17 @@ class CodecFrames(nn.Module):
         return [[[(i + j + t) % s for t in range(2 + i % 2)] for j, s in enumerate(self.sizes)] for i in range(n)]
 
     def frames_loss(self, logits: torch.Tensor, targets: CodecTargets) -> torch.Tensor:
-        """Sum over codebooks of the cross-entropy over that codebook's scored frames."""
-        total = logits.new_zeros(())
-        for j in range(len(self.sizes)):
-            lab = targets.labels[..., j]
-            if (lab != -100).any():  # a codebook with nothing to score (all delayed past the end) is skipped
-                total = total + nn.functional.cross_entropy(logits[..., j, :].reshape(-1, self.vocab), lab.reshape(-1), ignore_index=-100)
-        return total
+        """Sum over codebooks of the cross-entropy over that codebook's scored frames.
+
+        One cross-entropy over all codebooks, then a mean per codebook: indexing one codebook at a
+        time would make autograd write a zero tensor of the whole [B, S, K, V] logits per codebook.
+        """
+        k = len(self.sizes)
+        labels = targets.labels.reshape(-1, k)
+        ce = nn.functional.cross_entropy(logits.reshape(-1, self.vocab), labels.reshape(-1), ignore_index=-100, reduction="none")
+        scored = (labels != -100).sum(0)
+        per_book = ce.view(-1, k).sum(0) / scored.clamp_min(1)
+        return per_book[scored > 0].sum()  # a codebook with nothing to score (all delayed past the end) is skipped
 
     def sample_frames(
         self, step: Callable[[torch.Tensor], torch.Tensor], b: int, device: torch.device, params: CodecFrameParams, *,
