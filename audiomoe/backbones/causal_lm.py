@@ -113,6 +113,11 @@ class CausalLMBackbone(Backbone):
                 m.attention_mask = None
         return self._routed(upcycled, DecoderState(self.out(out.last_hidden_state), out.cache))
 
+    def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
+        """transformers' ``DynamicCache`` of batch rows ``rows`` (reordered in place, as its beam search does)."""
+        cache.reorder_cache(rows)
+        return cache
+
     def _check_text_width(self) -> None:
         if self.width != self.d_model:
             raise AudioMoEError(

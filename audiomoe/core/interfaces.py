@@ -252,6 +252,10 @@ class Backbone(Component):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot decode an interleaved sequence (supports_decoding = False)")
 
+    def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
+        """The ``cache`` of batch rows ``rows`` (repeats allowed; beam search keeps the surviving beams)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot select rows of its decoding cache (beam search needs it)")
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Text token ids [..] -> input embeddings [.., D] (backbones with a vocabulary)."""
         raise NotImplementedError(f"{type(self).__name__} has no text vocabulary; text heads need a causal_lm backbone")

@@ -176,3 +176,7 @@ class MoEStackBackbone(Backbone):
             out.aux_losses.update({f"layer{i}/{k}": v for k, v in routing.aux_losses.items()})
         out.hidden, out.cache = self.norm(x), new
         return out
+
+    def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
+        """The per-block ``(k, v)`` of batch rows ``rows``."""
+        return [tuple(t.index_select(0, rows) for t in kv) for kv in cache]

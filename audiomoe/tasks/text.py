@@ -7,8 +7,9 @@ head scores the answer: ``L = -mean_t log p(y_t | prompt, audio, y_<t)`` over an
 The head owns no weights: the tokenizer, token embeddings, decoder and LM head are the backbone's
 (``causal_lm``), so ASR, QA and captioning heads on one model share one LLM.
 
-Generation: greedy (or temperature sampling) with the backbone's KV cache: the prompt is run once,
-then one token per call (``use_cache=False`` re-runs the whole sequence every token, for checks).
+Generation: greedy, temperature sampling or beam search (``num_beams``) with the backbone's KV
+cache: the prompt is run once, then one token per call (``use_cache=False`` re-runs the whole
+sequence every token, for checks).
 Per-item fields come from ``AudioBatch.prompts`` and the targets (see :mod:`audiomoe.tasks.prompting`).
 """
 
@@ -23,6 +24,7 @@ from pydantic import Field
 
 from audiomoe.core.decoding import positions_from_mask
 from audiomoe.core.interfaces import Task, TaskLoss
+from audiomoe.tasks.beam import beam_search
 from audiomoe.tasks.functional import generation, sample_logits
 from audiomoe.tasks.llm_utils import SoftPrompt, assemble_soft_prompt
 from audiomoe.tasks.prompting import (
@@ -49,6 +51,8 @@ class TextHead(Task):
 
     class Params(PromptParams):
         temperature: float = Field(0.0, ge=0.0, le=100.0, description="generation temperature (0: greedy)")
+        num_beams: int = Field(1, ge=1, le=64, description="beam search width (1: greedy or sampled; >1: beam search, temperature unused)")
+        length_penalty: float = Field(1.0, ge=0.0, le=10.0, description="beam search: hypothesis score = sum log p / length ** length_penalty")
 
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
@@ -101,14 +105,22 @@ class TextHead(Task):
     @generation
     def generate(
         self, outputs: TextInputs, *, use_cache: bool = True, max_new_tokens: Optional[int] = None,
-        temperature: Optional[float] = None, generator: Optional[torch.Generator] = None,
+        temperature: Optional[float] = None, generator: Optional[torch.Generator] = None, num_beams: Optional[int] = None,
     ) -> list[str]:
-        """An answer per item: the prompt once, then one token per decoder call (KV cache); stops at eos."""
+        """An answer per item: the prompt once, then one token per decoder call (KV cache); stops at eos.
+
+        ``num_beams`` > 1: beam search (:mod:`audiomoe.tasks.beam`) instead of greedy / sampled decoding.
+        """
         dec, tok = outputs.decoder, outputs.decoder.tokenizer
         limit = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
         temp = self.params.temperature if temperature is None else temperature
+        beams = self.params.num_beams if num_beams is None else num_beams
         with inference(dec):
             batch = self.build_inputs(outputs)
+            if beams > 1:
+                ids = beam_search(dec, tok.eos_token_id, batch.inputs_embeds, batch.attention_mask, batch.position_ids,
+                                  limit=limit, beams=beams, length_penalty=self.params.length_penalty, use_cache=use_cache)  # fmt: skip
+                return [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
             embeds, mask = batch.inputs_embeds, batch.attention_mask
             state = dec.decode(embeds, mask, batch.position_ids)
             last_pos = batch.position_ids[:, -1:]
