@@ -144,3 +144,18 @@ def test_override_into_an_unwritten_slot_starts_from_that_slot_default():
     spec = resolve("tiny-moe-cls", ["backbone.moe.router=top_p", "backbone.moe.router.selector.p=0.5"]).to_dict()
     selector = spec["backbone"]["params"]["moe"]["params"]["router"]["params"]["selector"]
     assert selector["name"] == "top_p" and selector["params"]["p"] == 0.5
+
+
+def test_dotted_overrides_reach_into_transformers_configs():
+    """`--set backbone.config.num_hidden_layers=3` edits one key of the LM's config; the rest of it stays."""
+    base = audiomoe.compose("unimoe-audio-tiny")
+    model = audiomoe.compose("unimoe-audio-tiny", ["backbone.config.num_hidden_layers=3", "encoder.config.encoder_layers=1"])
+    cfg = model.backbone.lm.config
+    assert cfg.num_hidden_layers == 3 and len(model.backbone.lm.model.layers) == 3 and base.backbone.lm.config.num_hidden_layers == 2
+    assert cfg.hidden_size == 64 and cfg.num_key_value_heads == 2  # untouched keys of the preset's config
+    assert sum(type(m).__name__ == "MoELayer" for m in model.modules()) == 3  # every layer of the deeper LM upcycled
+    assert model.encoder.model.config.encoder_layers == 1
+    with pytest.raises(ConfigError, match="'config.hidden_size' is 64, not a mapping"):
+        audiomoe.compose("unimoe-audio-tiny", ["backbone.config.hidden_size.x=3"])
+    with pytest.raises(ConfigError, match="'d_model' is a plain value"):
+        audiomoe.compose("unimoe-audio-tiny", ["d_model.x=3"])

@@ -127,6 +127,30 @@ def apply_overrides(
     return raw, problems
 
 
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field's type is a (possibly Optional) plain ``dict``: nested keys go into it."""
+    from typing import get_args, get_origin
+
+    if annotation is dict or get_origin(annotation) is dict:
+        return True
+    return any(a is dict or get_origin(a) is dict for a in get_args(annotation))
+
+
+def _set_nested(node: dict[str, Any], keys: list[str], value: Any, where: str) -> Optional[str]:
+    """``node[k1][k2]... = value`` (missing levels created; ``null`` removes the key)."""
+    for k in keys[:-1]:
+        where = f"{where}.{k}"
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            return f"'{where}' is {short_repr(child)}, not a mapping"
+        node = child
+    if value is None:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    return None
+
+
 def _apply_one(
     raw: dict[str, Any], parts: list[str], value: Any, registry: Registry, origin: Origin = USER, typed: Optional[set[str]] = None
 ) -> Optional[str]:
@@ -145,7 +169,17 @@ def _apply_one(
             return f"unknown key '{part}'.{did_you_mean(part, fields)} Valid keys here: {', '.join(fields)}"
         if part not in slots:
             if not last:
-                return f"'{part}' is a plain value, it has no key '{parts[i + 1]}'"
+                if not _is_mapping(fields[part].annotation):
+                    return f"'{part}' is a plain value, it has no key '{parts[i + 1]}'"
+                # a free-form mapping (a transformers config): set the nested key; the component checks it
+                node = container.get(part)
+                if node is None:
+                    f = fields[part]
+                    node = f.default_factory() if f.default_factory is not None else f.default
+                if node is not None and not isinstance(node, dict):
+                    return f"'{part}' is {short_repr(node)}, not a mapping"
+                container[part] = node = copy.deepcopy(node or {})
+                return _set_nested(node, parts[i + 1 :], value, part)
             container[part] = value
             return None
         kind, how = slots[part]
