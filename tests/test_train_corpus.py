@@ -194,3 +194,36 @@ def test_predict_gives_labels_text_and_listenable_codec_audio(tiny_corpus, monke
     cli = subprocess.run([sys.executable, "-m", "audiomoe", "predict", str(tmp_path / "tiny-corpus"), clip, "--task", "speaker"],
                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
     assert "[speaker]  spk" in cli.stdout
+
+
+def _cache_rank(rank: int, port: int, manifest: str, out: str) -> None:
+    """One of two gloo ranks asking for the same codec codes through rank_zero_first."""
+    import datetime
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from audiomoe.data import corpus_codes
+    from audiomoe.train.data import rank_zero_first
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+    made = Path(manifest).parent / "codes-k2-v8" / "generation.jsonl"
+
+    def fn():
+        existed = made.exists()
+        return existed, str(corpus_codes(manifest, 2, 8))
+
+    existed, path = rank_zero_first(rank, 2, fn)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"existed": existed, "path": path}))
+    dist.destroy_process_group()
+
+
+def test_rank_zero_makes_the_codec_codes_and_the_other_rank_finds_them(tiny_corpus, tmp_path):
+    """Two real gloo processes: rank 1 enters only after rank 0 made the cache (no duplicated fit, no race)."""
+    import torch.multiprocessing as mp
+
+    from audiomoe.train.distributed import free_port
+
+    mp.spawn(_cache_rank, args=(free_port(), str(tiny_corpus), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == {"existed": False, "path": r1["path"]} and r1["existed"] is True

@@ -17,7 +17,7 @@ import copy
 import itertools
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -212,14 +212,35 @@ def build_data(
         eval_spec = _narrow(choice, evaluate_on, None, local, seed)
         eval_spec["num_workers"] = 0
     else:
-        path = str(builtin_corpus(progress=progress) if choice == "builtin" else choice)
-        paths = corpus_paths(model, path, list(dict.fromkeys(tasks + evaluate_on))) if choice == "builtin" else {}
+        def caches() -> tuple[str, dict[str, str]]:  # made once: rank 0 first, the others then read them
+            p = str(builtin_corpus(progress=progress) if choice == "builtin" else choice)
+            return p, (corpus_paths(model, p, list(dict.fromkeys(tasks + evaluate_on))) if choice == "builtin" else {})
+
+        path, paths = rank_zero_first(rank, world, caches)
         paths = {t: paths.get(t, path) for t in dict.fromkeys(tasks + evaluate_on)}
         train_spec = _manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers)
         evaluate_on = _held_out(paths, evaluate_on) if eval_batches else []
         eval_spec = _manifest_spec({t: paths[t] for t in evaluate_on}, "test", None, local, seed, sr, 0)
     eval_data = list(itertools.islice(iter(build_loader(eval_spec)), eval_batches)) if eval_batches and evaluate_on else []
     return LoaderStream(build_loader(train_spec, rank=rank, world_size=world)), eval_data
+
+
+def rank_zero_first(rank: int, world: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, then (after a barrier) on the other ranks of an initialised process group.
+
+    For caches: rank 0 makes the corpus or its codec codes, the others find them made. Rank 0
+    reaches the barrier even when ``fn`` fails, so no rank waits forever (theirs then fails alike).
+    """
+    group = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not group:
+        return fn()
+    if rank == 0:
+        try:
+            return fn()
+        finally:
+            torch.distributed.barrier()
+    torch.distributed.barrier()
+    return fn()
 
 
 def _held_out(paths: dict[str, str], tasks: Sequence[str]) -> list[str]:
