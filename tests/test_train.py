@@ -15,6 +15,7 @@ def test_training_beats_chance_and_checkpoints_reload(tmp_path):
     after = result["eval_after"]
     # emotion has 4 classes (chance 0.25), speaker 8 (chance 0.125)
     assert after["emotion/accuracy"] > 0.6 and after["speaker/accuracy"] > 0.5, result
+    assert [e["step"] for e in result["eval_history"]] == [20, 40] and result["eval_history"][-1] == after  # every eval, not just the last
     assert (tmp_path / "latest").read_text().strip() == "step-000040"
     model = load_checkpoint(tmp_path)
     batch = audiomoe.AudioBatch(torch.randn(2, 6000), 16000, ["emotion", "speaker"])

@@ -221,7 +221,8 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
         )
     summary.update({
         "untrained_heads": unfed, "steps": total, "final_loss": shared["loss"], "eval_before": shared["before"] or {},
-        "eval_after": shared["history"][-1] if shared["history"] else {}, "checkpoint": str(shared["ckpt"]) if shared["ckpt"] else None,
+        "eval_after": shared["history"][-1] if shared["history"] else {}, "eval_history": list(shared["history"]),
+        "checkpoint": str(shared["ckpt"]) if shared["ckpt"] else None,
         "seconds": round(time.perf_counter() - t0, 2), "processes": dist.world, "device": str(dist.device), "layout": layout.describe(),
         "config": opts.config,
     })
