@@ -63,6 +63,18 @@ def _wait_past(out: Path, step: int, timeout: float = 30.0) -> None:
         time.sleep(0.002)
 
 
+def _wait_for_write(out: Path, pid: int, timeout: float = 30.0) -> None:
+    """Return as soon as process ``pid`` has a checkpoint write in flight (its temp entry exists)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if _mid_write(out, pid):
+                return
+        except OSError:  # the run directory is not made yet
+            pass
+        time.sleep(0.0005)
+
+
 def _mid_write(out: Path, pid: int) -> bool:
     """The kill landed inside a checkpoint write: a temp file of that writer is left behind."""
     return any(f".{pid}." in p.name or p.name.endswith(f".{pid}") for p in out.iterdir() if p.name.startswith((".step-", ".old-", ".del-", ".latest.")))
@@ -89,9 +101,12 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, neede
             pid = int(server.stdout.readline())
             last = kills >= needed and mid_write >= 1
             if not last:
-                if i % 3:  # most kills land while training and saving, some during start-up
-                    _wait_past(out, _step(out))
-                time.sleep(rng.uniform(0.0, 0.25))
+                if kills >= needed - 1 and mid_write == 0:  # no kill hit a checkpoint write yet: aim this one at one
+                    _wait_for_write(out, pid)
+                else:
+                    if i % 3:  # most kills land while training and saving, some during start-up
+                        _wait_past(out, _step(out))
+                    time.sleep(rng.uniform(0.0, 0.25))
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:  # it finished first (reaped by the server): its status says so
