@@ -51,15 +51,14 @@ def beam_search(dec: Any, eos: int, embeds: torch.Tensor, mask: torch.Tensor, po
                 keep_score.append(s)
         if all(len(f) >= beams for f in finished):
             break
-        sel = torch.tensor(keep_rows, device=embeds.device)
-        new_tok = torch.tensor(keep_tok, device=embeds.device)
         seqs = [seqs[r] + [tk] for r, tk in zip(keep_rows, keep_tok)]
         scores = torch.tensor(keep_score, device=embeds.device).view(b, beams)
-        new = dec.embed_tokens(new_tok[:, None])
+        if t == limit - 1:  # the length limit: the live beams are final as they are
+            break
+        sel = torch.tensor(keep_rows, device=embeds.device)
+        new = dec.embed_tokens(torch.tensor(keep_tok, device=embeds.device)[:, None])
         mask = torch.cat([mask[sel], mask.new_ones(b * beams, 1)], 1)
         last = last[sel] + 1
-        if t == limit - 1:
-            break
         if use_cache:
             state = dec.decode(new, mask, last, dec.select_cache(state.cache, sel))
         else:  # the whole sequence again: what the cache must reproduce
