@@ -86,7 +86,7 @@ def predict_files(
     for path in audio:
         wav = _waveform(path, sr)
         for task in chosen:
-            batch = AudioBatch(wav[None].to(model.device), sr, [task], torch.tensor([wav.shape[0]]), None, [prompt])
+            batch = AudioBatch(wav[None].to(model.device), sr, [task], torch.tensor([wav.shape[0]], device=model.device), None, [prompt])
             with torch.no_grad():
                 pred = model(batch).predictions[task]
             head = model.heads[task]
