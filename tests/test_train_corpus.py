@@ -189,6 +189,8 @@ def test_predict_gives_labels_text_and_listenable_codec_audio(tiny_corpus, monke
         assert r["prediction"] in model.heads[r["task"]].params.labels, r
     with pytest.raises(audiomoe.AudioMoEError, match="task\\(s\\) \\['tts'\\] are not heads of this model"):
         predict_files(str(tmp_path / "tiny-corpus"), [clip], tasks=["tts"])
+    with pytest.raises(audiomoe.AudioMoEError, match="audio file 'nowhere.wav' does not exist"):
+        predict_files(str(tmp_path / "tiny-corpus"), ["nowhere.wav"])
     with pytest.raises(audiomoe.AudioMoEError, match="no fitted codec in"):
         predict_files(str(tmp_path / "mowe-unimoe-tiny"), [clip], tasks=["tts"], codec=str(tmp_path))
     cli = subprocess.run([sys.executable, "-m", "audiomoe", "predict", str(tmp_path / "tiny-corpus"), clip, "--task", "speaker"],

@@ -52,6 +52,8 @@ def _waveform(path: str, sample_rate: int) -> torch.Tensor:
     from ..data.loader import ItemDataset
     from ..data.manifest import Item
 
+    if not Path(path).is_file():
+        raise AudioMoEError(f"audio file '{path}' does not exist")
     return ItemDataset([Item(audio=str(Path(path).resolve()), task="predict", origin=path)], sample_rate).load(0, 0)
 
 
