@@ -183,6 +183,11 @@ def test_predict_gives_labels_text_and_listenable_codec_audio(tiny_corpus, monke
     wav, sr = sf.read(by_task["tts"]["wav"])
     frames = np.load(by_task["tts"]["codes"]).shape[1]
     assert sr == 16000 and len(wav) == (frames - 1) * 256 and 1 <= frames <= 8 and np.isfinite(wav).all()  # max_frames=8
+    from audiomoe.train.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(str(tmp_path / "mowe-unimoe-tiny"), "builtin", split="train", max_items=2)  # codes loaded for the codec head
+    assert set(report["tasks"]) == {"asr", "tts"} and report["items"] == {"asr": 2, "tts": 2}
+    assert "code_accuracy" in report["tasks"]["tts"] and "wer" in report["tasks"]["asr"]
     labels = predict_files(str(tmp_path / "tiny-corpus"), [clip])
     model = audiomoe.compose("tiny-corpus")
     for r in labels:
