@@ -144,16 +144,19 @@ def corpus_paths(model: Any, manifest: str, tasks: Sequence[str]) -> dict[str, s
     return out
 
 
+def manifest_sources(paths: dict[str, str], split: str) -> dict[str, Any]:
+    """Data-spec sources reading ``paths`` (task -> manifest): one source per manifest (``data``, ``data1``, ...)."""
+    by_path: dict[str, list[str]] = {}
+    for t, p in paths.items():
+        by_path.setdefault(p, []).append(t)
+    return {("data" if i == 0 else f"data{i}"): {"path": p, "split": split, "only_tasks": ts} for i, (p, ts) in enumerate(by_path.items())}
+
+
 def _manifest_spec(paths: dict[str, str], split: str, sd: Optional[StageData], local: int, seed: int, sr: int, workers: int) -> dict[str, Any]:
     """A data spec over the manifests ``paths`` (task -> manifest), shaped by a stage's subset / weights / balance."""
     sampling: dict[str, Any] = {}
     tasks = list(paths)
-    by_path: dict[str, list[str]] = {}
-    for t, p in paths.items():
-        by_path.setdefault(p, []).append(t)
-    sources: dict[str, Any] = {
-        ("data" if i == 0 else f"data{i}"): {"path": p, "split": split, "only_tasks": ts} for i, (p, ts) in enumerate(by_path.items())
-    }
+    sources = manifest_sources(paths, split)
     if sd is not None and sd.weights is not None:
         sources = {t: {"path": paths[t], "split": split, "only_tasks": [t], "weight": float(sd.weights.get(t, 1.0))} for t in tasks}
         sampling = {"mode": "weights", "group_by": "source", **({"epoch_items": sd.epoch_items} if sd.epoch_items else {})}

@@ -53,7 +53,7 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
     """The items of ``data`` (builtin, a manifest path, a data YAML or mapping) for the model's tasks."""
     from ..data import builtin_corpus
     from ..data.spec import load_data_spec
-    from .data import corpus_paths
+    from .data import corpus_paths, manifest_sources
 
     tasks = list(model.task_names)
     if data in ("auto", "builtin") or (isinstance(data, str) and data.endswith(".jsonl")):
@@ -61,10 +61,7 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
         if not os.path.isfile(path):
             raise AudioMoEError(f"--data '{data}': no such manifest file")
         paths = corpus_paths(model, path, tasks) if data in ("auto", "builtin") else {t: path for t in tasks}
-        by_path: dict[str, list[str]] = {}
-        for t, p in paths.items():
-            by_path.setdefault(p, []).append(t)
-        config: Any = {"sources": {f"data{i}": {"path": p, "split": split, "only_tasks": ts} for i, (p, ts) in enumerate(by_path.items())}}
+        config: Any = {"sources": manifest_sources(paths, split)}
     else:
         config = data
     spec, sources = load_data_spec(config)
