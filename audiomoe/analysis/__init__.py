@@ -16,8 +16,7 @@ Modules: ``stats`` (mean, std, t intervals, paired tests), ``grid`` (grid / vari
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from audiomoe.core.lazy import lazy_getattr
 
 _LAZY = {
     "Summary": "audiomoe.analysis.stats",
@@ -46,7 +45,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'audiomoe.analysis' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -11,8 +11,7 @@ Public names (loaded on first use, so ``import audiomoe.data`` stays light)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from audiomoe.core.lazy import lazy_getattr
 
 _LAZY = {
     "Item": "audiomoe.data.manifest",
@@ -35,7 +34,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'audiomoe.data' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

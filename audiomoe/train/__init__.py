@@ -7,8 +7,7 @@ Names are loaded on first use, so ``audiomoe --help`` (which registers the train
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from audiomoe.core.lazy import lazy_getattr
 
 _LAZY = {
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "load_trainer_state": "checkpoint", "save_checkpoint": "checkpoint",
@@ -22,7 +21,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"audiomoe.train.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'audiomoe.train' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
