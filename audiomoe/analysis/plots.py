@@ -232,6 +232,25 @@ def _smooth_steps(steps: Sequence[int], values: Sequence[float], span: int) -> l
     return out
 
 
+def _task_panels(measures: Mapping[str, Sequence[Mapping[str, Any]]], layers: Sequence[str], key: str, prefix: str,
+                 by_task: bool, mean: bool) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Per layer (and config), each task's per-column ``key`` summed over seeds (``mean``: averaged), with the column labels."""
+    panels: dict[str, Any] = {}
+    cols: dict[str, Any] = {}
+    for cfg, ms in measures.items():
+        for lay in layers:
+            rs = [m["routing"][lay] for m in ms if lay in m["routing"]]
+            if not rs:
+                continue
+            n = rs[0]["columns"]
+            name = lay.replace(prefix, "") if by_task else f"{cfg} {lay.replace(prefix, '')}"
+            tasks = sorted({t for r in rs for t in r[key]})
+            total = lambda t, c: sum(r[key].get(t, [0] * n)[c] for r in rs)  # noqa: E731
+            panels[name] = {t: [total(t, c) / len(rs) if mean else total(t, c) for c in range(n)] for t in tasks}
+            cols[name] = rs[0]["column_labels"]
+    return panels, cols
+
+
 def routing_figures(measures: Mapping[str, Sequence[Mapping[str, Any]]], by_task: bool = False) -> dict[str, Any]:
     """The routing plots of several configs' ``measure.json`` (seeds averaged), or of one run per task (``by_task``).
 
@@ -266,28 +285,10 @@ def routing_figures(measures: Mapping[str, Sequence[Mapping[str, Any]]], by_task
                     series[t if by_task else cfg] = [mean_over(ms, lay, key, t) for lay in token_layers]
             figs[fkey] = per_layer(series, token_layers, ylabel, title + (" by task" if by_task else " (mean over seeds)"),
                                    kind="bar" if fkey == "null_share" else "line")  # fmt: skip
-        panels, cols = {}, {}
-        for cfg, ms in measures.items():
-            for lay in token_layers:
-                rs = [m["routing"][lay] for m in ms if lay in m["routing"]]
-                if not rs:
-                    continue
-                tasks = sorted({t for r in rs for t in r["load_by_task"]})
-                name = lay.replace("backbone/", "") if by_task else f"{cfg} {lay.replace('backbone/', '')}"
-                panels[name] = {t: [sum(r["load_by_task"].get(t, [0] * r["columns"])[e] for r in rs) for e in range(rs[0]["columns"])] for t in tasks}
-                cols[name] = rs[0]["column_labels"]
+        panels, cols = _task_panels(measures, token_layers, "load_by_task", "backbone/", by_task, mean=False)
         figs["expert_load"] = heatmaps(panels, cols, "expert load per task (share of each task's picks)", "expert (null = computation skipped)")
     if sample_layers:
-        panels, cols = {}, {}
-        for cfg, ms in measures.items():
-            for lay in sample_layers:
-                rs = [m["routing"][lay] for m in ms if lay in m["routing"]]
-                if not rs:
-                    continue
-                tasks = sorted({t for r in rs for t in r["selection_by_task"]})
-                name = lay.replace("encoder/", "") if by_task else f"{cfg} {lay.replace('encoder/', '')}"
-                panels[name] = {t: [sum(r["selection_by_task"].get(t, [0.0] * r["columns"])[k] for r in rs) / len(rs) for k in range(rs[0]["columns"])] for t in tasks}
-                cols[name] = rs[0]["column_labels"]
+        panels, cols = _task_panels(measures, sample_layers, "selection_by_task", "encoder/", by_task, mean=True)
         figs["weak_selection"] = heatmaps(panels, cols, "weak-encoder selection per task (share of samples)", "weak encoder",
                                           value="share of samples", normalise=False)  # fmt: skip
     return figs
