@@ -124,7 +124,7 @@ CASES = [
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 @pytest.mark.parametrize(
     "expert,dispatch",
-    [("swiglu", "auto"), ("swiglu", "fused"), ("swiglu", "loop"), ("swiglu", "xformers"), ("swiglu", "gathered"), ("mlp", "auto"), ("mlp", "xformers")],
+    [("swiglu", "auto"), ("swiglu", "fused"), ("swiglu", "loop"), ("swiglu", "xformers"), ("swiglu", "gathered"), ("swiglu", "dense"), ("mlp", "auto"), ("mlp", "xformers"), ("mlp", "dense")],
 )
 def test_fast_dispatch_matches_reference_loop(kind, kw, expert, dispatch):
     layer = make_layer(expert, dispatch=dispatch, **kw)
@@ -182,44 +182,6 @@ def test_slot_order_gives_unique_tokens_per_slot_sorted_by_expert(kind):
         assert slot_tok.unique().numel() == slot_tok.numel(), "a slot must not repeat a token"
         assert torch.all(slot_exp[1:] >= slot_exp[:-1]) and torch.bincount(slot_exp, minlength=E).tolist() == groups[j]
         assert int((per_token > j).sum()) == slot_tok.numel()
-
-
-def test_plan_is_decided_without_timing_and_read_from_a_plan_table(tmp_path):
-    """No plan is timed inside forward: auto is a fixed rule, or the plan table's entry for the shape."""
-    import json
-
-    from audiomoe.experts.dispatcher import plan_key
-
-    layer = make_layer()
-    assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D)) == "fused"
-    table = tmp_path / "plans.json"
-    table.write_text(json.dumps({plan_key(torch.device("cpu"), torch.float64, layer.experts): "loop"}))
-    tabled = make_layer(plan_table=str(table))
-    tabled.combine(torch.randn(24, D, dtype=torch.float64), hand_routing(24, "topk"))
-    assert tabled.last_plan == "loop"
-    tabled.float().combine(torch.randn(24, D), hand_routing(24, "topk"))  # another dtype: not in the table
-    assert tabled.last_plan == "fused"
-    table.write_text(json.dumps({"cpu:float32:d16:f8:e5": "fastest"}))
-    with pytest.raises(AudioMoEError, match="unknown plans.*fastest"):
-        make_layer(plan_table=str(table))
-    with pytest.raises(AudioMoEError, match="cannot read the MoE plan table"):
-        make_layer(plan_table=str(tmp_path / "missing.json"))
-
-
-def test_auto_takes_the_gathered_plan_only_without_autograd_and_for_few_pairs():
-    """A decoding step (no grad, a few pairs) runs the gathered plan; training and large batches do not; outputs agree."""
-    from audiomoe.experts.dispatcher import GATHER_LIMIT
-
-    layer, few = make_layer(), GATHER_LIMIT // (3 * D * 8)
-    plan = lambda pairs: layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D), pairs=pairs)  # noqa: E731
-    assert plan(few) == "fused"  # grad enabled
-    with torch.no_grad():
-        assert plan(few) == "gathered" and plan(few + 1) == "fused"
-        r, tokens = hand_routing(6, "topp"), torch.randn(6, D, dtype=torch.float64)
-        fast = layer.combine(tokens, r)
-        assert layer.last_plan == "gathered"
-        torch.testing.assert_close(fast, reference(layer, tokens, r), rtol=1e-10, atol=1e-10)
-        assert torch.all(fast[0] == 0), "a null-only token without shared experts is zero"
 
 
 def test_grouped_mm_path_matches_loop():
@@ -381,7 +343,7 @@ def test_backend_auto_falls_back_to_torch_on_cpu_with_one_log_line(caplog):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("plan", ["fused", "grouped_mm", "xformers", "gathered", "auto"])
+@pytest.mark.parametrize("plan", ["fused", "grouped_mm", "xformers", "gathered", "dense", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dispatch_plans_match_the_loop(plan, dtype):
     """Every plan (xformers' Triton gather/scatter when installed) equals the loop on the GPU."""

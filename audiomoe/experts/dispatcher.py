@@ -11,10 +11,14 @@ gradients:
 - ``xformers``: every token's j-th pick in slot j (unique indices per call), gathered and combined
   through xformers' Triton ``index_select_cat`` / ``scaled_index_add`` (CUDA with xformers;
   elsewhere the same slot maths in torch ops, with one log line);
+- ``dense``: every expert on every token (one GEMM over all experts' gate|up rows, one batched
+  GEMM down, :meth:`GroupedSwiGLU.forward_all`), weighted by the ``[N, E]`` combine weights, zero
+  outside the picks: the default when no gradient is taken and that compute is small (a KV-cached
+  decoding step of a small model: a handful of ops, no sort, no weight copy);
 - ``gathered``: each pair's expert weights gathered and applied by one batched GEMV per
   projection (about ten ops whatever the number of experts): the default when no gradient is
-  taken and the pairs' gathered weights are small (a KV-cached decoding step, where the per-expert
-  plans pay per-expert call overhead for one token);
+  taken and the pairs' gathered weights are small but ``dense`` is not (a decoding step of a
+  larger model, where the per-expert plans pay per-expert call overhead for one token);
 - ``loop``: one call per expert, plain autograd: the reference, and the only plan for expert kinds
   without a grouped form.
 
@@ -41,8 +45,9 @@ from audiomoe.experts.fused import FusedSwiGLUMoE
 from audiomoe.experts.grouped import GroupedSwiGLU
 
 log = logging.getLogger("audiomoe.experts")
-PLANS = ("fused", "grouped_mm", "xformers", "gathered", "loop")
-#: ``auto`` takes ``gathered`` without autograd while the pairs' gathered weights (S x 3FD) are at most this many elements
+PLANS = ("fused", "grouped_mm", "xformers", "gathered", "dense", "loop")
+#: without autograd, ``auto`` takes ``dense`` while every expert on every token (N x E x 3FD) is at most this many
+#: multiply-adds, else ``gathered`` while the pairs' gathered weights (S x 3FD) are at most this many elements
 GATHER_LIMIT = 1 << 20
 
 
@@ -106,8 +111,11 @@ class Dispatcher(nn.Module):
     def extra_repr(self) -> str:
         return f"plan={self.plan!r}" + (f", table={len(self.table)} entries" if self.table else "")
 
-    def plan_for(self, experts: nn.Module, tokens: torch.Tensor, pairs: int = 0) -> str:
-        """The plan this call runs: the configured one, the table's entry for this shape, or the default for ``pairs`` pairs."""
+    def plan_for(self, experts: nn.Module, tokens: torch.Tensor, pairs: Optional[int] = None) -> str:
+        """The plan this call runs: the configured one, the table's entry for this shape, or the default for ``pairs`` pairs.
+
+        ``pairs`` None: not counted yet (the MoE layer asks before sorting whether ``dense`` runs).
+        """
         grouped = isinstance(experts, GroupedSwiGLU)
         if self.plan != "auto":
             plan = self.plan
@@ -115,7 +123,9 @@ class Dispatcher(nn.Module):
             plan = self.table[plan_key(tokens.device, tokens.dtype, experts)]
         elif not grouped:
             plan = "loop"
-        elif not torch.is_grad_enabled() and pairs * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
+        elif not torch.is_grad_enabled() and tokens.shape[0] * len(experts) * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
+            plan = "dense"
+        elif not torch.is_grad_enabled() and pairs is not None and pairs * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
             plan = "gathered"
         elif tokens.device.type == "cuda" and grouped_mm_usable(experts.d_model, experts.d_ff, tokens.dtype):
             plan = "grouped_mm"
@@ -139,6 +149,9 @@ class Dispatcher(nn.Module):
         out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
         if plan == "gathered":
             return out.index_add_(0, tok, experts.forward_gathered(tokens.index_select(0, tok), exp, w_pairs))
+        if plan == "dense":
+            w = w_pairs.new_zeros(tokens.shape[0], len(experts)).index_put((tok, exp), w_pairs)
+            return out + experts.forward_all(tokens, w)
         if plan == "xformers":
             return _slots(tokens, out, exp, tok, w_pairs, experts)
         xs = tokens.index_select(0, tok)

@@ -71,8 +71,8 @@ class MoELayer(MoE):
         renormalize_drops: bool = Field(
             False, description="after drops, rescale kept weights to the token's selected mass and gate shared experts over kept columns (UniMoE-Audio)"
         )
-        dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "gathered", "loop"] = Field(
-            "auto", description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, gathered for a no-grad decoding step, or the plan table's entry)"
+        dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "gathered", "dense", "loop"] = Field(
+            "auto", description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, dense or gathered for a no-grad decoding step, or the plan table's entry)"
         )
         plan_table: Optional[str] = Field(None, max_length=4096, description="JSON plan table written by benchmarks/moe_layer.py --tune")
         expert_parallel: int = Field(
@@ -137,6 +137,8 @@ class MoELayer(MoE):
         item_mask = routing.item_mask
         mask = routing.mask if item_mask is None else routing.mask & item_mask[:, None]
         n_valid = int(mask.shape[0] if item_mask is None else item_mask.sum())
+        if p.capacity_factor is None and self.ep_shard is None and self.dispatcher.plan_for(self.experts, tokens) == "dense":
+            return self._dense_step(tokens, routing, mask, item_mask, n_valid)
         exp, tok, counts = sorted_pairs(mask, self.num_experts)
         weights, gate_mask, kept = routing.weights, mask, mask
         dropped, capacity = 0, None
@@ -181,6 +183,29 @@ class MoELayer(MoE):
             "expert_loads": counts_list,
         }
         return out
+
+    def _dense_step(self, tokens: torch.Tensor, routing: Routing, mask: torch.Tensor, item_mask, n_valid: int) -> torch.Tensor:
+        """Dropless combine through the ``dense`` plan: no pair is sorted (a decoding step's few ops)."""
+        routing.dropped = None
+        weights, shared_w = routing.weights, None
+        if self.shared_gate is not None:
+            gate_in = routing.inputs if routing.inputs is not None and routing.inputs.shape == tokens.shape else tokens
+            shared_logits = nn.functional.linear(gate_in, self.shared_gate.weight.to(gate_in.dtype))
+            weights, shared_w = gate_shared(weights, routing.logits, mask, shared_logits)
+            shared_w = shared_w.to(tokens.dtype)
+        self._record(routing, weights, mask, shared_w, tokens, item_mask)
+        e = self.num_experts
+        routed = mask[:, :e]
+        out = self.experts.forward_all(tokens, weights[:, :e] * routed)
+        self.dispatcher.last_plan = "dense"
+        shared = self._shared_output(tokens, item_mask, shared_w)
+        counts = routed.sum(0).tolist()
+        pairs = sum(counts)
+        self.last_stats = {
+            "tokens": n_valid, "routed_pairs": pairs, "dropped_pairs": 0, "capacity": -1,
+            "routed_per_token": pairs / max(n_valid, 1), "expert_loads": counts,
+        }
+        return out if shared is None else out + shared
 
     def _record(self, routing: Routing, weights: torch.Tensor, kept: torch.Tensor, shared_w, tokens: torch.Tensor, item_mask) -> None:
         """Write what was applied onto the routing record (a dropped pair contributes nothing, renormalised or not)."""

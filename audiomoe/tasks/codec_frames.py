@@ -99,6 +99,19 @@ class CodecFrames(nn.Module):
         offsets = torch.arange(k, device=table.device) * self.vocab
         return lambda frames: nn.functional.embedding(frames + offsets, table).sum(-2)
 
+    def step_logits(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`frame_logits` of one position per row, [B, D] -> [B, K, V], built once for a generation loop.
+
+        The output weight is transposed once (a GEMM over a contiguous [D, K*V] operand is ~3x faster
+        than over the [K*V, D] weight at a decoding step's few rows) and the -inf of disallowed ids
+        folded into the bias, so a step is one ``addmm``.
+        """
+        w = self.out.weight.detach().t().contiguous()
+        b = self.out.bias.detach() if self.out.bias is not None else w.new_zeros(w.shape[1])
+        bias = b.masked_fill(~self.allowed.reshape(-1), float("-inf"))
+        k = len(self.sizes)
+        return lambda hidden: torch.addmm(bias, hidden.to(w.dtype), w).view(hidden.shape[0], k, self.vocab)
+
     def frame_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, S, D] -> logits [B, S, K, V], ids outside a codebook's vocabulary at -inf."""
         logits = self.out(hidden).view(*hidden.shape[:2], len(self.sizes), self.vocab)

@@ -104,7 +104,7 @@ class CodecHead(CodecFrames, Task):
         dec = outputs.decoder
         b = outputs.embeds.shape[0]
         seq = {"embeds": outputs.embeds, "mask": outputs.real, "state": None, "fed": 0}
-        embed = self.frame_embedder()
+        embed, logits_of = self.frame_embedder(), self.step_logits()
 
         def step(frames: torch.Tensor) -> torch.Tensor:
             new = embed(frames[:, seq["fed"] :]).to(outputs.embeds.dtype)
@@ -118,7 +118,7 @@ class CodecHead(CodecFrames, Task):
             else:  # the whole sequence again each frame: what the cache must reproduce
                 seq["embeds"] = torch.cat([seq["embeds"], new], 1)
                 seq["state"] = dec.decode(seq["embeds"], mask, pos)
-            return self.frame_logits(seq["state"].hidden[:, -1:].float())[:, 0]
+            return logits_of(seq["state"].hidden[:, -1].float())
 
         with inference(dec):
             return self.sample_frames(step, b, outputs.embeds.device, self.params, **sampling)
