@@ -7,9 +7,9 @@ and a clip of audio. ``cache``: the prefix runs once, then one frame per decoder
 ``no cache``: the whole sequence runs again each frame. Both produce the same codes (checked before
 timing); the figure is the ratio no-cache / cache, measured side by side, interleaved, medians.
 The same for the ``text`` head of ``mowe-unimoe-tiny`` (64 tokens). At this size a decoding step is
-dominated by per-call overhead (about a hundred small ops per MoE layer, a few dozen per attention
-layer), so the ratio is small for one short clip and grows with batch and conditioning length, where
-re-running the sequence costs compute.
+dominated by per-call overhead (a few dozen small ops per MoE layer with the ``dense`` plan, as many
+per attention layer), so the ratio is small for one short clip and grows with batch and conditioning
+length, where re-running the sequence costs compute.
 
 The anchor: transformers' own ``generate`` (``use_cache`` True / False) on the *dense* Qwen2 of the
 same config (the LM before upcycling), from a prefix of the same length and batch, writing the same

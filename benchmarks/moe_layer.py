@@ -229,6 +229,9 @@ def plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, d
         if plan == "gathered" and t * k * 3 * d * f > 64 * GATHER_LIMIT:  # copies every pair's weights: a decoding-step plan
             print(f"  gathered: skipped ({t * k} pairs would gather {t * k * 3 * d * f * x.element_size() / 2**30:.0f} GiB of weights)")
             continue
+        if plan == "dense" and t * e * 3 * d * f > 64 * GATHER_LIMIT:  # every expert on every token: a decoding-step plan
+            print(f"  dense: skipped (every expert on every token is {e // k}x the routed compute)")
+            continue
         torch.manual_seed(0)
         layer = moe_layer(d, e, f, k, dispatch=plan).to(dev, dtype)
         try:

@@ -74,6 +74,20 @@ def test_frame_embedder_equals_the_sum_of_per_codebook_embeddings():
     assert one.shape == (2, 7, 16) and one.abs().max() > 0.1
 
 
+def test_step_logits_equal_frame_logits_with_the_same_disallowed_ids():
+    """One decoding position's logits through the pre-transposed weight and the -inf bias = frame_logits."""
+    torch.manual_seed(0)
+    head = CodecGeneration(CodecGeneration.Params(num_codebooks=3, codebook_size=[3, 17, 5], delays=[0, 2, 1]), d_model=16)
+    nn.init.normal_(head.out.bias)
+    h = torch.randn(4, 16)
+    with torch.no_grad():
+        fast, ref = head.step_logits()(h), head.frame_logits(h[:, None])[:, 0]
+    assert fast.shape == (4, 3, head.vocab) and torch.equal(torch.isinf(fast), torch.isinf(ref))
+    assert int(torch.isinf(fast[0]).sum()) == 3 * head.vocab - (3 + 17 + 5 + 1)  # each codebook's ids, + the lead's eos
+    finite = ~torch.isinf(ref)
+    torch.testing.assert_close(fast[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_respects_per_codebook_vocabularies():
     torch.manual_seed(0)
     sizes = [3, 17, 5]
