@@ -172,6 +172,7 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         ms = [res[n] * 1e3 for n in ("dense", "moe", "hf_eager", "hf_grouped_mm")]
         print(f"{phase:>9} {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:9.1f} {ms[3]:8.1f} | {res['moe'] / res['dense']:8.2f}x {best / res['moe@hf']:10.2f}x")
     if memory:
+        breakdown(label, impls, xg, g, emit)
         params = [*layer.parameters(), *dense.parameters()]
         saved = {name: saved_bytes(impls[name], xg, params) for name in ("moe", "dense")}
         for name, b in saved.items():
@@ -186,6 +187,39 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         emit(label, "fwd+bwd_peak_rss_moe_over_dense", peak["moe"] / max(peak["dense"], 1), "x")
         print(f"{'peak MB':>9} {peak['dense'] / 2**20:8.1f} {peak['moe'] / 2**20:8.1f} {'':>18} | {peak['moe'] / max(peak['dense'], 1):8.2f}x  "
               "(fwd+bwd resident high-water mark in a fresh process, weights frozen, scratch included)")  # fmt: skip
+
+
+#: profiler op name -> the category the fine-point breakdown reports it under
+CATEGORIES = {
+    "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+    "gather / scatter": ("aten::index_select", "aten::index_add_", "aten::scatter_add_", "aten::index", "aten::index_put_"),
+    "fill / copy": ("aten::fill_", "aten::zero_", "aten::copy_", "aten::cat", "aten::clone"),
+    "elementwise": ("aten::silu", "aten::silu_backward", "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sum"),
+}
+
+
+def breakdown(label: str, impls: dict, xg: torch.Tensor, g: torch.Tensor, emit) -> None:
+    """Where one fwd+bwd spends its time, moe vs dense: profiler self-CPU time per op category (one profiled run each)."""
+    from torch.profiler import profile
+
+    rows = {}
+    for name in ("dense", "moe"):
+        run = fwd_bwd_case(impls[name], xg, g)
+        run()  # warm: scratch buffers, allocator
+        with profile() as prof:
+            run()
+        cat = dict.fromkeys([*CATEGORIES, "other (dispatch, Python, autograd)"], 0.0)
+        for ev in prof.key_averages():
+            key = next((c for c, ops in CATEGORIES.items() if ev.key in ops), "other (dispatch, Python, autograd)")
+            cat[key] += ev.self_cpu_time_total / 1e3
+        rows[name] = cat
+    print(f"\n{label}: fwd+bwd self-CPU ms by op category (torch.profiler, one run each; profiling adds overhead)")
+    print(f"{'':>36} {'dense':>8} {'moe':>8} {'moe - dense':>12}")
+    for key in rows["dense"]:
+        a, b = rows["dense"][key], rows["moe"][key]
+        emit(label, f"breakdown_ms_{key.split(' ')[0]}_dense", a, "ms")
+        emit(label, f"breakdown_ms_{key.split(' ')[0]}_moe", b, "ms")
+        print(f"{key:>36} {a:8.1f} {b:8.1f} {b - a:+12.1f}")
 
 
 def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(0.0, 0.25, 0.5, 0.75, 1.0)) -> None:
