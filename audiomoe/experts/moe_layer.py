@@ -157,12 +157,7 @@ class MoELayer(MoE):
                 kept[d_tok, d_exp] = False
                 if p.renormalize_drops:
                     gate_mask, weights = kept, renormalize_after_drops(weights, mask, kept)
-        shared_w = None
-        if self.shared_gate is not None:
-            gate_in = routing.inputs if routing.inputs is not None and routing.inputs.shape == tokens.shape else tokens
-            shared_logits = nn.functional.linear(gate_in, self.shared_gate.weight.to(gate_in.dtype))
-            weights, shared_w = gate_shared(weights, routing.logits, gate_mask, shared_logits)
-            shared_w = shared_w.to(tokens.dtype)
+        weights, shared_w = self._gate_shared(tokens, routing, weights, gate_mask)
         self._record(routing, weights, kept, shared_w, tokens, item_mask)
         counts_list = counts.tolist()
         out = self._shared_output(tokens, item_mask, shared_w)
@@ -187,12 +182,7 @@ class MoELayer(MoE):
     def _dense_step(self, tokens: torch.Tensor, routing: Routing, mask: torch.Tensor, item_mask, n_valid: int) -> torch.Tensor:
         """Dropless combine through the ``dense`` plan: no pair is sorted (a decoding step's few ops)."""
         routing.dropped = None
-        weights, shared_w = routing.weights, None
-        if self.shared_gate is not None:
-            gate_in = routing.inputs if routing.inputs is not None and routing.inputs.shape == tokens.shape else tokens
-            shared_logits = nn.functional.linear(gate_in, self.shared_gate.weight.to(gate_in.dtype))
-            weights, shared_w = gate_shared(weights, routing.logits, mask, shared_logits)
-            shared_w = shared_w.to(tokens.dtype)
+        weights, shared_w = self._gate_shared(tokens, routing, routing.weights, mask)
         self._record(routing, weights, mask, shared_w, tokens, item_mask)
         e = self.num_experts
         routed = mask[:, :e]
@@ -206,6 +196,15 @@ class MoELayer(MoE):
             "routed_per_token": pairs / max(n_valid, 1), "expert_loads": counts,
         }
         return out if shared is None else out + shared
+
+    def _gate_shared(self, tokens: torch.Tensor, routing: Routing, weights: torch.Tensor, gate_mask: torch.Tensor):
+        """``(routed weights, shared weights or None)``: gated mode splits the mass with the shared columns, else unchanged."""
+        if self.shared_gate is None:
+            return weights, None
+        gate_in = routing.inputs if routing.inputs is not None and routing.inputs.shape == tokens.shape else tokens
+        shared_logits = nn.functional.linear(gate_in, self.shared_gate.weight.to(gate_in.dtype))
+        weights, shared_w = gate_shared(weights, routing.logits, gate_mask, shared_logits)
+        return weights, shared_w.to(tokens.dtype)
 
     def _record(self, routing: Routing, weights: torch.Tensor, kept: torch.Tensor, shared_w, tokens: torch.Tensor, item_mask) -> None:
         """Write what was applied onto the routing record (a dropped pair contributes nothing, renormalised or not)."""
