@@ -58,6 +58,18 @@ def test_a_lower_step_saved_later_is_kept_and_latest_stays_valid(tmp_path, model
     load_checkpoint(tmp_path)
 
 
+def test_a_run_its_latest_pointer_or_a_step_dir_all_load_the_same_checkpoint(tmp_path, model):
+    """What a user types after training (the run, run/latest, run/step-N) names the newest checkpoint; a plain file does not."""
+    from audiomoe.train.checkpoint import resolve_checkpoint
+
+    save_checkpoint(model, tmp_path, 5, keep=2)
+    newest = save_checkpoint(model, tmp_path, 7, keep=2)
+    assert resolve_checkpoint(tmp_path) == resolve_checkpoint(tmp_path / "latest") == newest == resolve_checkpoint(newest)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="notes.txt' is not an audiomoe checkpoint"):
+        resolve_checkpoint(tmp_path / "notes.txt")
+
+
 def test_resaving_a_step_moves_the_new_one_in_before_removing_the_old(tmp_path, model, monkeypatch):
     save_checkpoint(model, tmp_path, 5)
     good = _weights(model)

@@ -302,8 +302,10 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from ``path``: itself, or what a run directory's ``latest`` names."""
+    """A checkpoint directory from ``path``: itself, or what a run directory's ``latest`` names (the run or the pointer)."""
     p = Path(path)
+    if p.name == LATEST and p.is_file():  # the pointer file itself: what it names
+        p = p.parent
     if (p / LATEST).exists():
         target = read_latest(p)
         assert target is not None
