@@ -72,6 +72,9 @@ class ModelOutput:
       = False``: generation heads), e.g. during training.
     - ``routing``: the routing trace, one :class:`Routing` record per routed layer anywhere in
       the model (``encoder/...``, ``backbone/...``, ``heads/<task>/...``).
+    - ``routing_rows``: for a record that covers only some batch items (a head's decoder pass, the
+      backbone pass of the items whose heads read states), the batch index of each of its samples;
+      a record not listed covers every item, in order (:meth:`routing_tasks` maps both to tasks).
     """
 
     loss: Optional[torch.Tensor]
@@ -80,6 +83,11 @@ class ModelOutput:
     indices: dict[str, torch.Tensor] = field(default_factory=dict)
     predictions: dict[str, Any] = field(default_factory=dict)
     routing: dict[str, Routing] = field(default_factory=dict)
+    routing_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def routing_tasks(self, tasks: Sequence[str]) -> dict[str, list[str]]:
+        """The task of each sample of every routing record, from the batch's task per item."""
+        return {n: [tasks[i] for i in self.routing_rows[n].tolist()] if n in self.routing_rows else list(tasks) for n in self.routing}
 
 
 class AudioModel(nn.Module):
@@ -212,15 +220,17 @@ class AudioModel(nn.Module):
         task_ids = torch.tensor([self.task_names.index(t) for t in tasks], device=self.device)
         audio, pad, aux, routing = self.adapt(batch.waveforms, batch.lengths, batch.sample_rate, task_ids)
         readers = {n for n in self.task_names if n in tasks and getattr(self.heads[n], "reads_decoder", False)}
-        hidden = audio
+        hidden, rows = audio, {}
         if self.backbone is not None and not readers:
             hidden = self._backbone(audio, pad, task_ids, aux, routing)
         elif self.backbone is not None and any(t not in readers for t in tasks):
             # the audio-only pass runs on the items whose heads read states; writing heads decode their own sequences
             keep = torch.tensor([i for i, t in enumerate(tasks) if t not in readers], device=self.device)
+            before = set(routing)
             states = self._backbone(audio.index_select(0, keep), pad.index_select(0, keep), task_ids.index_select(0, keep), aux, routing)
             hidden = audio.new_zeros(audio.shape[0], audio.shape[1], states.shape[-1]).index_copy(0, keep, states)
-        out = ModelOutput(loss=None, routing=routing)
+            rows = {k: keep for k in set(routing) - before}
+        out = ModelOutput(loss=None, routing=routing, routing_rows=rows)
         total: Optional[torch.Tensor] = None
         for name in self.task_names:
             idx = [i for i, t in enumerate(tasks) if t == name]
@@ -245,6 +255,7 @@ class AudioModel(nn.Module):
                 terms = head.loss_terms(outputs, targets) if isinstance(head, Task) else TaskLoss(head.loss(outputs, targets))
                 aux.update({f"heads/{name}/{k}": v for k, v in terms.aux_losses.items()})
                 out.routing.update({f"heads/{name}/{k}": v for k, v in terms.routing.items()})
+                out.routing_rows.update({f"heads/{name}/{k}": index for k in terms.routing})
                 loss = terms.loss
                 out.losses[f"task/{name}"] = loss
                 weighted = loss * float(getattr(head, "loss_weight", 1.0))

@@ -173,3 +173,59 @@ def test_held_out_batches_are_the_trainers_eval_batches_with_the_recipes_setting
     assert name == "tones" and len(held) == 2
     for a, b in zip(held, ref):
         assert torch.equal(a.waveforms, b.waveforms) and a.targets == b.targets
+
+
+def test_a_head_writing_through_the_shared_decoder_is_measured_teacher_forced():
+    """UniMoE-Audio's codec head routes its sequence inside the backbone's loss pass: the measure sees every layer."""
+    from audiomoe.model import AudioBatch
+
+    torch.manual_seed(0)
+    model = compose("unimoe-audio-tiny")
+    head = model.heads["tts"]
+    batch = AudioBatch(0.1 * torch.randn(3, 16000), 16000, "tts", torch.tensor([16000, 9000, 12000]), head.example_targets(3), ["hi", "a b", "c"])
+    m = measure_model(model, [batch])
+    layers = sorted(n for n in m["routing"] if n.startswith("heads/tts/decoder/"))
+    assert layers == ["heads/tts/decoder/layer0", "heads/tts/decoder/layer1"]
+    for name in layers:
+        r = m["routing"][name]
+        assert r["kind"] == "token" and list(r["load_by_task"]) == ["tts"] and r["null_columns"] == 1
+        assert 1.0 <= r["experts_per_token"] <= 9.0 and 0.0 <= r["null_share"] <= 1.0
+    # the MoE layers' own counts are of the same teacher-forced pass (no generation ran)
+    assert {v["tokens"] for v in m["moe_layers"].values()} == {m["routing"][layers[0]]["items"]}
+
+
+def test_records_of_part_of_a_batch_are_attributed_to_their_own_items():
+    """Text, codec and classification items in one batch: each head's decoder pass, and the backbone pass of the
+    classification items, cover only their items; stats and the training log attribute every sample to its task."""
+    from audiomoe.model import AudioBatch
+    from audiomoe.train.runlog import RoutingMonitor
+    from audiomoe.train.recipe import HealthSpec
+
+    torch.manual_seed(0)
+    model = compose("mowe-unimoe-tiny", ["tasks.emotion=classification", "tasks.emotion.num_classes=4"]).eval()
+    tasks = ["tts", "asr", "emotion", "asr", "tts", "emotion", "tts"]
+    targets = [model.heads[t].example_targets(1)[0] for t in tasks]
+    batch = AudioBatch(0.1 * torch.randn(7, 16000), 16000, tasks, None, targets, [{"text": "hi"} if t == "tts" else None for t in tasks])
+    with torch.no_grad():
+        out = model(batch, predict=False)
+    per_layer = out.routing_tasks(tasks)
+    assert per_layer["heads/tts/decoder/layer0"] == ["tts"] * 3 and per_layer["heads/asr/decoder/layer0"] == ["asr"] * 2
+    assert per_layer["backbone/layer0"] == ["emotion"] * 2 and out.routing_rows["backbone/layer0"].tolist() == [2, 5]
+    m = measure_model(model, [batch])["routing"]
+    for layer, task in (("heads/tts/decoder/layer1", "tts"), ("heads/asr/decoder/layer1", "asr"), ("backbone/layer1", "emotion")):
+        assert list(m[layer]["load_by_task"]) == [task], layer
+        assert m[layer]["items"] == float(out.routing[layer].mask.shape[0] if out.routing[layer].item_mask is None else out.routing[layer].item_mask.sum())
+    stats, _ = RoutingMonitor(HealthSpec()).report(out.routing, per_layer, model.task_names)
+    assert set(stats["heads/tts/decoder/layer0"]["per_task"]) == {"tts"} and set(stats["backbone/layer0"]["per_task"]) == {"emotion"}
+    assert sum(stats["heads/asr/decoder/layer0"]["per_task"]["asr"]) == pytest.approx(1.0)
+
+
+def test_a_stored_measurement_is_reused_only_for_its_version_and_checkpoint():
+    """A measure.json of an older audiomoe, or of the checkpoint before a resumed run went on, is measured again."""
+    from audiomoe.analysis.measure import MEASURE_VERSION, measure_is_current
+
+    summary = {"checkpoint": "runs/a/step-000020"}
+    assert measure_is_current({"version": MEASURE_VERSION, "checkpoint": "runs/a/step-000020"}, summary)
+    assert not measure_is_current({"version": MEASURE_VERSION, "checkpoint": "runs/a/step-000010"}, summary)
+    assert not measure_is_current({"checkpoint": "runs/a/step-000020"}, summary)  # before versions: teacher forcing missing
+    assert not measure_is_current(None, summary)

@@ -122,12 +122,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise AudioMoEError(f"'{root}' is not a directory; give a study directory (audiomoe ablate --out) or a run directory (audiomoe train --out)")
     if (root / PLAN_FILE).is_file():
         return _finish(rerender(root))
-    from .measure import MEASURE_FILE, measure_run, read_summary
+    from .measure import MEASURE_FILE, measure_is_current, measure_run, read_summary
     from .results import read_json
     from .report import run_report
 
     summary = read_summary(root)
     measure = None if (args.remeasure or args.checkpoint or args.data) else read_json(root / MEASURE_FILE)
+    if measure is not None and not measure_is_current(measure, summary):  # an older version's, or before a resume
+        measure = None
     if measure is None:
         print(f"measuring routing on {args.batches} held-out batches ...", file=sys.stderr)
         measure = measure_run(root, args.batches, args.checkpoint, args.data)

@@ -54,10 +54,13 @@ def measure_command(run: Run, batches: int, python: str = sys.executable) -> lis
 
 
 def run_state(run: Run) -> str:
-    """``done`` (trained and measured), ``trained`` (measurement missing) or ``todo``."""
+    """``done`` (trained and measured), ``trained`` (measurement missing, of an older version or checkpoint) or ``todo``."""
     if not (run.path / "train" / "summary.json").is_file():
         return "todo"
-    return "done" if (run.path / MEASURE_FILE).is_file() else "trained"
+    from .measure import measure_is_current, read_summary
+    from .results import read_json
+
+    return "done" if measure_is_current(read_json(run.path / MEASURE_FILE), read_summary(run.path)) else "trained"
 
 
 def _env(threads: int) -> dict[str, str]:

@@ -24,6 +24,13 @@ from typing import Any, Optional, Sequence
 from ..core.errors import AudioMoEError
 
 MEASURE_FILE = "measure.json"
+#: bumped when what a measurement holds changes (2: decoder-writing heads measured teacher-forced), so older files are redone
+MEASURE_VERSION = 2
+
+
+def measure_is_current(measure: Optional[dict[str, Any]], summary: dict[str, Any]) -> bool:
+    """Whether a stored measurement is of this version and of the run's final checkpoint (not one before a resume)."""
+    return bool(measure) and measure.get("version") == MEASURE_VERSION and measure.get("checkpoint") == str(summary.get("checkpoint"))
 
 
 def train_dir(run_dir: str | Path) -> Path:
@@ -93,7 +100,7 @@ def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str]
     model = load_checkpoint(ckpt)
     held, data_name = heldout_batches(model, config, batches)
     out = measure_model(model, held)
-    out.update({"checkpoint": str(ckpt), "data": data_name, "seconds": round(time.perf_counter() - t0, 2)})
+    out.update({"version": MEASURE_VERSION, "checkpoint": str(ckpt), "data": data_name, "seconds": round(time.perf_counter() - t0, 2)})
     tmp = run_dir / f".{MEASURE_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
     os.replace(tmp, run_dir / MEASURE_FILE)

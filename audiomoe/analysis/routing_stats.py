@@ -24,7 +24,7 @@ summed over layers and batches, divided by the valid audio seconds of those batc
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 
 class RoutingStats:
@@ -35,19 +35,20 @@ class RoutingStats:
         self.column_labels = column_labels or {}
         self.confidence: dict[str, list[float]] = {}  # layer -> [sum of top probabilities, items]
 
-    def add(self, trace: Any, tasks: Sequence[str]) -> None:
-        """Add one batch's trace; ``tasks`` is the task of every sample (trace sample ``i`` = batch item ``i``)."""
+    def add(self, trace: Any, tasks: Sequence[str] | Mapping[str, Sequence[str]]) -> None:
+        """Add one batch's trace; ``tasks``: the task of every sample, for all layers or per layer (``ModelOutput.routing_tasks``)."""
         import torch
 
         for name, lt in trace.layers.items():
+            layer_tasks = tasks[name] if isinstance(tasks, Mapping) else tasks
             e = lt.num_columns
             rec = self.layers.setdefault(name, {
                 "kind": "token" if lt.ids.dim() == 3 else "sample", "columns": e, "null_columns": lt.null_columns,
                 "items": defaultdict(float), "picks": defaultdict(float), "null": defaultdict(float),
                 "load": defaultdict(lambda: [0.0] * e), "samples": defaultdict(float), "selected": defaultdict(lambda: [0.0] * e),
             })  # fmt: skip
-            for t in sorted(set(tasks)):
-                idx = torch.tensor([i for i, x in enumerate(tasks) if x == t])
+            for t in sorted(set(layer_tasks)):
+                idx = torch.tensor([i for i, x in enumerate(layer_tasks) if x == t])
                 ids, valid = lt.ids[idx], lt.valid[idx]
                 picks = (ids >= 0) & valid[..., None]
                 chosen = ids[picks]
@@ -169,7 +170,7 @@ class MoEFlops:
 
 
 def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
-    """Run ``model`` (eval mode, no grad) on ``batches``; routing stats, MoE FLOPs, measured active parameters."""
+    """Run ``model`` (eval mode, no grad, teacher-forced) on ``batches``; routing stats, MoE FLOPs, measured active parameters."""
     import torch
 
     from audiomoe.core.composer import count_parameters
@@ -186,8 +187,10 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
         with torch.no_grad():
             for batch in batches:
                 tasks = batch.task_list()
-                out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, None), predict=True)
-                stats.add(RoutingTrace.from_routing(out.routing, len(tasks)), tasks)
+                # teacher-forced, as in training: a head that writes through the shared decoder (text, codec) routes its
+                # sequence only in its loss pass, so the targets go in; autoregressive predictions are not needed
+                out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, batch.targets, batch.prompts), predict=False)
+                stats.add(RoutingTrace.from_routing(out.routing, len(tasks)), out.routing_tasks(tasks))
                 stats.add_confidence(out.routing)
                 lengths = batch.lengths if batch.lengths is not None else torch.full((len(tasks),), batch.waveforms.shape[-1])
                 audio_s += float(lengths.sum()) / float(batch.sample_rate)

@@ -22,7 +22,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -67,8 +67,11 @@ class RoutingMonitor:
             idle = self.idle.get(name, torch.zeros_like(counts))
             self.idle[name] = torch.where(counts > 0, torch.zeros_like(idle), idle + 1)
 
-    def report(self, routing: dict[str, Any], tasks: Sequence[str], task_names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-        """``({layer: statistics}, new warnings)`` from the last step's routing and the accumulated loads."""
+    def report(self, routing: dict[str, Any], tasks: Mapping[str, Sequence[str]], task_names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+        """``({layer: statistics}, new warnings)`` from the last step's routing and the accumulated loads.
+
+        ``tasks``: per layer, the task of each of its samples (``ModelOutput.routing_tasks``).
+        """
         h, stats, warns = self.health, {}, []
         for name, r in routing.items():
             s = {k: round(v, 5) for k, v in r.summary().items()}
@@ -83,7 +86,7 @@ class RoutingMonitor:
             load = self.load.get(name, r.counts.detach().float())
             share = (load / load.sum().clamp_min(1e-9)).cpu()
             s["load"] = [round(float(x), 4) for x in share]
-            s["per_task"] = _per_task(r, tasks, task_names)
+            s["per_task"] = _per_task(r, tasks.get(name, ()), task_names)
             stats[name] = s
             real = e - r.null_columns
             idle = self.idle.get(name)

@@ -216,7 +216,7 @@ class StageRun:
                                "time": {"data": round(t_data, 6), "forward": round(t_fwd, 6), "backward": round(t_bwd, 6),
                                         "optimizer": round(t_opt, 6), "step": round(time.perf_counter() - t0, 6)}})
             if r.log.routing_every and dist.main and step % r.log.routing_every == 0 and out.routing:
-                stats, warns = self.monitor.report(out.routing, batches[-1].task_list(), model.task_names)
+                stats, warns = self.monitor.report(out.routing, out.routing_tasks(batches[-1].task_list()), model.task_names)
                 self.log.routing(step, stats, warns)
                 for w in warns:
                     self.bar.note(f"warning: {w}")
