@@ -178,6 +178,9 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
     from audiomoe.trace import RoutingTrace
 
     labels = weak_encoder_labels(model)
+    # a head that writes through the shared decoder routes in the backbone's layers: its records are those layers'
+    readers = [f"heads/{n}/decoder/" for n, h in model.heads.items() if getattr(h, "reads_decoder", False)]
+    shared_layer = lambda name: next((f"backbone/{name[len(r):]}" for r in readers if name.startswith(r)), name)  # noqa: E731
     stats = RoutingStats()
     flops = MoEFlops(model)
     was = model.training
@@ -190,8 +193,11 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
                 # teacher-forced, as in training: a head that writes through the shared decoder (text, codec) routes its
                 # sequence only in its loss pass, so the targets go in; autoregressive predictions are not needed
                 out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, batch.targets, batch.prompts), predict=False)
-                stats.add(RoutingTrace.from_routing(out.routing, len(tasks)), out.routing_tasks(tasks))
-                stats.add_confidence(out.routing)
+                trace, per_layer = RoutingTrace.from_routing(out.routing, len(tasks)), out.routing_tasks(tasks)
+                for name, layer in trace.layers.items():  # one record at a time: several heads' passes may share a layer
+                    shared = shared_layer(name)
+                    stats.add(RoutingTrace({shared: layer}), {shared: per_layer[name]})
+                    stats.add_confidence({shared: out.routing[name]})
                 lengths = batch.lengths if batch.lengths is not None else torch.full((len(tasks),), batch.waveforms.shape[-1])
                 audio_s += float(lengths.sum()) / float(batch.sample_rate)
                 active_sum += count_parameters(model)[1] * len(tasks)  # measured: what this batch's routing used
