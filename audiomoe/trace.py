@@ -11,7 +11,9 @@ Built from ``ModelOutput.routing`` (layer name -> :class:`audiomoe.core.interfac
 Cheap: per layer it keeps the ``[N, K]`` picks and weights (K = most columns any item used),
 the per-column load and a few scalars; never the dense ``[N, E]`` tensors. Token-level layers are
 reshaped to ``[B, T, K]`` from ``Routing.item_shape`` (or, when a router did not set it, from the
-batch size); sample-level layers (encoder routing) are ``[B, K]``.
+batch size); sample-level layers (encoder routing) are ``[B, K]``. A record of part of the batch
+(a head's decoder pass) has its own sample order: ``ModelOutput.routing_rows[name]`` gives each of
+its samples' batch index (``ModelOutput.routing_tasks`` their tasks).
 """
 
 from __future__ import annotations
