@@ -219,8 +219,17 @@ def cmd_data_from_csv(args: argparse.Namespace) -> int:
     """Turn a CSV of labels (+ a folder of audio files) into a JSONL manifest."""
     from .data.manifest import manifest_from_csv
 
+    import json
+
     out = manifest_from_csv(args.csv, args.out, audio_dir=args.audio_dir, task=args.task, audio_column=args.audio_column, target_column=args.target_column)
-    print(f"wrote {out} ({sum(1 for _ in open(out, encoding='utf-8'))} items)")
+    with open(out, encoding="utf-8") as fh:
+        targets = [json.loads(line)["target"] for line in fh if line.strip()]
+    labels = sorted({t for t in targets if isinstance(t, str)})
+    print(f"wrote {out} ({len(targets)} items, {len(labels)} distinct labels)")
+    if labels and len(labels) <= 1000 and not any("'" in x for x in labels):  # the flags of a head that reads it
+        t = args.task
+        print(f"a classification head for it: --set tasks.{t}=classification --set tasks.{t}.num_classes={len(labels)} "
+              f"--set 'tasks.{t}.labels={json.dumps(labels, ensure_ascii=False, separators=(',', ':'))}'")
     return 0
 
 

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from audiomoe.core.errors import AudioMoEError, ConfigError
 from audiomoe.data import build_loader, load_data_spec, manifest_from_csv, read_manifest
@@ -131,7 +132,10 @@ def test_data_config_reports_every_problem_with_dotted_keys(wavs):
     assert sources["a"].params.path == str(wavs / "m.jsonl") and spec.sampling.mode == "natural"
 
 
-def test_csv_helper_and_cli(wavs, tmp_path):
+def test_csv_helper_and_cli(wavs, tmp_path, capsys):
+    import shlex
+
+    import audiomoe
     from audiomoe.cli import main
 
     (wavs / "wav" / "labels.csv").write_text("file,label,split,speaker\n0.wav,dog,train,s1\n1.wav,cat,test,\n")
@@ -140,6 +144,14 @@ def test_csv_helper_and_cli(wavs, tmp_path):
     assert [(i.target, i.split, i.meta) for i in items] == [("dog", "train", {"speaker": "s1"}), ("cat", "test", {})]
     assert main(["data", "from-csv", str(wavs / "wav" / "labels.csv"), str(tmp_path / "cli.jsonl"), "--task", "animal"]) == 0
     assert (tmp_path / "cli.jsonl").read_text() == out.read_text()
+    # the printed flags give a head that reads the manifest: its labels in order, as class indices
+    hint = capsys.readouterr().out.splitlines()[-1]
+    overrides = [a for a in shlex.split(hint.split(": ", 1)[1]) if a != "--set"]
+    model = audiomoe.compose("tiny-cls", ["tasks.cls=null", *overrides])
+    assert model.task_names == ["animal"] and model.heads["animal"].make_targets(["cat", "dog"], torch.device("cpu")).tolist() == [0, 1]
+    # a model whose heads have other names is told which tasks the manifest has
+    with pytest.raises(AudioMoEError, match=r"no items with split 'train' for task\(s\) \['cls'\], only for 'animal' \(1\)"):
+        read_manifest(out, split="train", only_tasks=["cls"])
 
 
 def test_hf_saved_dataset_and_audiofolder(wavs):

@@ -140,6 +140,7 @@ def read_manifest(
     only = set(only_tasks or ())
     items: list[Item] = []
     bad: list[str] = []
+    other_tasks: dict[str, int] = {}  # lines of the split left out by only_tasks, by task: named when nothing is left
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -151,6 +152,8 @@ def read_manifest(
                 except json.JSONDecodeError as exc:
                     raise AudioMoEError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
                 if isinstance(raw, dict) and (split is not None and raw.get("split") != split or only and raw.get("task") not in only):
+                    if only and (split is None or raw.get("split") == split):
+                        other_tasks[str(raw.get("task"))] = other_tasks.get(str(raw.get("task")), 0) + 1
                     continue
                 if task is not None and isinstance(raw, dict):
                     raw["task"] = task
@@ -161,6 +164,13 @@ def read_manifest(
                 bad.append(str(exc))
     if not items:
         what = f" with split '{split}'" if split is not None else ""
+        if other_tasks:
+            have = ", ".join(f"'{t}' ({n})" for t, n in sorted(other_tasks.items()))
+            raise AudioMoEError(
+                f"manifest '{path}' has no items{what} for task(s) {sorted(only)}, only for {have}: a model's heads read the "
+                "items of their own task name; name the head as the manifest's task (e.g. --set tasks.<task>=classification) "
+                "or write the manifest with the head's name (audiomoe data from-csv ... --task <head>)"
+            )
         raise AudioMoEError(f"manifest '{path}' is empty: no usable items{what} ({len(bad)} bad lines skipped)")
     return items, bad
 

@@ -72,7 +72,10 @@ class Classification(Task):
     def _class_index(self, label: Any) -> int:
         if isinstance(label, str):
             if label not in self._index:
-                known = ", ".join(self.params.labels or []) or "(none: this head has no label names, use class indices)"
+                known = ", ".join(self.params.labels or []) or (
+                    "(none: this head has no label names; give them in its 'labels' param, e.g. --set tasks.<task>.labels=[a,b,c], "
+                    "or use class indices)"
+                )
                 raise AudioMoEError(f"label '{label}' is not in the label set; known labels: {known}")
             return self._index[label]
         try:
