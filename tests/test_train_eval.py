@@ -79,3 +79,30 @@ def test_eval_of_a_missing_manifest_is_one_clear_line(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("audiomoe eval: error: --data") and "no such manifest" in err
+
+
+def test_eval_defaults_to_the_manifest_the_run_trained_on_from_any_directory(corpus, tmp_path, monkeypatch, capsys):
+    """A run trained on a user's manifest (a path relative to where train ran) is evaluated on it, from anywhere."""
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    seen: dict[str, int] = {}
+    mine = []
+    for x in lines:  # every train item, the first 3 test items of each task
+        if x["split"] == "test":
+            seen[x["task"]] = seen.get(x["task"], 0) + 1
+            if seen[x["task"]] > 3:
+                continue
+        mine.append(x)
+    (corpus.parent / "mine.jsonl").write_text("".join(json.dumps(x) + "\n" for x in mine))
+    monkeypatch.chdir(corpus.parent)
+    run = tmp_path / "run"
+    assert cli.main(["train", "tiny-corpus", "--data", "mine.jsonl", "--steps", "1", "--out", str(run)]) == 0
+    recorded = json.loads((run / "run.json").read_text())["recipe"]["data"]
+    assert recorded == str(corpus.parent / "mine.jsonl")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["eval", str(run)]) == 0
+    report = json.loads((run / "eval-test.json").read_text())
+    tasks = audiomoe.compose("tiny-corpus").task_names
+    assert report["data"] == recorded and report["items"] == {t: min(3, seen[t]) for t in tasks}
+    assert sum(seen[t] for t in tasks) > sum(report["items"].values())  # not the whole corpus's test split
+    assert f"on {recorded} (test)" in capsys.readouterr().out

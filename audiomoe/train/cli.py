@@ -227,7 +227,7 @@ def register(sub: Any) -> None:
 
     q = sub.add_parser("eval", help="evaluate a checkpoint per task and dataset (accuracy, macro-F1, mAP, WER/CER, BLEU, exact match)")
     q.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a run directory (its latest)")
-    q.add_argument("--data", default="auto", metavar="auto|builtin|tones|MANIFEST|DATA.yaml", help="what to evaluate on [auto]")
+    q.add_argument("--data", default="auto", metavar="auto|builtin|tones|MANIFEST|DATA.yaml", help="what to evaluate on [auto: the run's own data when it trained on a manifest or data file, else the corpus or tones]")
     q.add_argument("--split", default="test", help="manifest split [test]")
     q.add_argument("--batch-size", type=int, default=16, help="items per forward [16]")
     q.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items of each task")

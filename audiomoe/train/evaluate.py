@@ -79,11 +79,17 @@ def evaluate_checkpoint(
     checkpoint: str, data: Any = "auto", *, split: str = "test", batch_size: int = 16, max_items: Optional[int] = None,
     device: str = "auto", tone_batches: int = 8, seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of a checkpoint per task and per dataset: ``{"tasks": {...}, "datasets": {...}, "items": {...}}``."""
+    """Metrics of a checkpoint per task and per dataset: ``{"tasks": {...}, "datasets": {...}, "items": {...}}``.
+
+    ``data="auto"``: the data the checkpoint's run trained on when it recorded one, else the corpus or tones.
+    """
     from ..data.loader import ItemDataset, collate
     from .checkpoint import load_checkpoint
     from .distributed import pick_device
+    from .rundir import recorded_data
 
+    if data == "auto":  # the run's own data when it recorded one (a manifest of the user's), else the corpus / tones
+        data = recorded_data(checkpoint) or "auto"
     model = load_checkpoint(checkpoint).to(pick_device(device)).eval()
     sr = int(model.encoder.sample_rate)
     groups: dict[tuple[str, str], list[tuple[Any, Any]]] = {}

@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
 from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
@@ -252,6 +252,13 @@ class Recipe(_Strict):
     compile: bool = Field(False, description="torch.compile the backbone (and encoder) blocks")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("data")
+    @classmethod
+    def _absolute_data(cls, v: Union[str, dict[str, Any]]) -> Union[str, dict[str, Any]]:
+        # a manifest / data file is found from the working directory of the command given it: recorded absolute,
+        # eval, report and resume find it from anywhere
+        return os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) and v not in ("auto", "builtin", "tones") else v
 
     @model_validator(mode="after")
     def _stage_refs(self) -> "Recipe":

@@ -75,6 +75,19 @@ class RunDir:
         os.replace(tmp, self.path / RUN_FILE)
 
 
+def recorded_data(checkpoint: str | os.PathLike) -> Any:
+    """The data a checkpoint's run trained on (a manifest / data file path or a data spec), or None.
+
+    None when the checkpoint is not inside a run directory, or the run used ``auto``, ``builtin`` or ``tones``.
+    """
+    try:
+        info = json.loads((Path(checkpoint).parent / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    data = (info.get("recipe") or {}).get("data")
+    return None if data in (None, "auto", "builtin", "tones") else data
+
+
 def holds_run(path: Path) -> bool:
     """Whether ``path`` already holds an audiomoe run."""
     return (path / RUN_FILE).exists() or (path / LATEST).exists() or any(path.glob("step-*"))
