@@ -136,6 +136,13 @@ def test_off_a_terminal_progress_is_a_line_every_n_steps():
     bar.close()
     lines = stream.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["4/12", "8/12", "12/12"] and "\r" not in stream.getvalue()
+    # the total is the sum of the tasks a batch holds: with two to four present, each is named
+    stream = io.StringIO()
+    bar = Progress(total=2, mode="lines", every=1, stream=stream)
+    bar.step(1, 137.25, {"tts": 68.125, "music": 69.125})
+    bar.step(2, 68.5, {"tts": 68.5})
+    first, second = stream.getvalue().splitlines()
+    assert "loss 137.2500 (tts 68.12, music 69.12)" in first and "loss 68.5000  " in second and "(" not in second
     quiet = io.StringIO()
     bar = Progress(total=12, mode="off", stream=quiet)
     bar.step(12, 0.1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, Mapping, Optional, TextIO
 
 
 class Progress:
@@ -27,14 +27,19 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=self.stream)
 
-    def step(self, step: int, loss: float) -> None:
-        """Record that ``step`` finished with ``loss``."""
+    def step(self, step: int, loss: float, tasks: Optional[Mapping[str, float]] = None) -> None:
+        """Record that ``step`` finished with ``loss``; ``tasks``: that step's loss per task present.
+
+        The total is the sum over the tasks a batch holds, so it jumps with the batch's mix: with two
+        to four tasks present the line also names each (``loss 137.2 (tts 68.1, music 69.1)``).
+        """
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{loss:.3f}")
         elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
             rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s", file=self.stream, flush=True)
+            parts = f" ({', '.join(f'{t} {v:.4g}' for t, v in tasks.items())})" if tasks and 2 <= len(tasks) <= 4 else ""
+            print(f"step {step}/{self.total}  loss {loss:.4f}{parts}  {rate:.1f} steps/s", file=self.stream, flush=True)
 
     def note(self, text: str) -> None:
         """A one-line message (resumed from ..., eval results); silent when quiet."""

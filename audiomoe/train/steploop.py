@@ -209,7 +209,7 @@ class StageRun:
             if not math.isfinite(loss):
                 last = f"; the last good checkpoint is {self.shared['ckpt']}" if self.shared["ckpt"] else ""
                 raise AudioMoEError(f"loss became {loss} at step {step}; lower the learning rate (lr={self.ospec.lr}){last}")
-            self.bar.step(step, loss)
+            self.bar.step(step, loss, {k[5:]: v for k, v in terms.items() if k.startswith("task/")})
             if step % r.log.every == 0 or local == st.steps:
                 self.log.step({"step": step, "stage": st.name, "stage_step": local, "loss": loss, "losses": terms, "lr": lr,
                                "grad_norm": gnorm, "items": sum(len(b.task_list()) for b in batches) * dist.world,
