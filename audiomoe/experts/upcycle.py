@@ -54,7 +54,7 @@ class UpcycledMLP(nn.Module):
             t = hidden_states.shape[1]
             if mask.shape[1] >= t:  # with a KV cache the mask covers past + current: the current are last
                 pad = mask[:, -t:].to(hidden_states.device) == 0
-                if not bool(pad.any()):  # nothing padded (every decoding step): the unmasked path is the same, with fewer ops
+                if not torch.is_grad_enabled() and not bool(pad.any()):  # a decoding step: unmasked is the same, fewer ops
                     pad = None
         y, self.routing = self.moe(hidden_states, pad)
         return y

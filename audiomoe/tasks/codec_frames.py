@@ -106,11 +106,11 @@ class CodecFrames(nn.Module):
         than over the [K*V, D] weight at a decoding step's few rows) and the -inf of disallowed ids
         folded into the bias, so a step is one ``addmm``.
         """
-        w = self.out.weight.detach().t().contiguous()
-        b = self.out.bias.detach() if self.out.bias is not None else w.new_zeros(w.shape[1])
+        w = self.out.weight.detach().float().t().contiguous()  # in float32 whatever the model's dtype: sampling reads it
+        b = self.out.bias.detach().float() if self.out.bias is not None else w.new_zeros(w.shape[1])
         bias = b.masked_fill(~self.allowed.reshape(-1), float("-inf"))
         k = len(self.sizes)
-        return lambda hidden: torch.addmm(bias, hidden.to(w.dtype), w).view(hidden.shape[0], k, self.vocab)
+        return lambda hidden: torch.addmm(bias, hidden.float(), w).view(hidden.shape[0], k, self.vocab)
 
     def frame_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, S, D] -> logits [B, S, K, V], ids outside a codebook's vocabulary at -inf."""
