@@ -57,10 +57,11 @@ def run_state(run: Run) -> str:
     """``done`` (trained and measured), ``trained`` (measurement missing, of an older version or checkpoint) or ``todo``."""
     if not (run.path / "train" / "summary.json").is_file():
         return "todo"
-    from .measure import measure_is_current, read_summary
+    from .measure import measure_is_current
     from .results import read_json
 
-    return "done" if measure_is_current(read_json(run.path / MEASURE_FILE), read_summary(run.path)) else "trained"
+    summary = read_json(run.path / "train" / "summary.json") or {}
+    return "done" if measure_is_current(read_json(run.path / MEASURE_FILE), summary) else "trained"
 
 
 def _env(threads: int) -> dict[str, str]:
