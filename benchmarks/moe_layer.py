@@ -173,6 +173,7 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         print(f"{phase:>9} {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:9.1f} {ms[3]:8.1f} | {res['moe'] / res['dense']:8.2f}x {best / res['moe@hf']:10.2f}x")
     if memory:
         breakdown(label, impls, xg, g, emit)
+        movement_floor(label, x, routing, e, res_b["dense"], reps, emit)
         params = [*layer.parameters(), *dense.parameters()]
         saved = {name: saved_bytes(impls[name], xg, params) for name in ("moe", "dense")}
         for name, b in saved.items():
@@ -220,6 +221,36 @@ def breakdown(label: str, impls: dict, xg: torch.Tensor, g: torch.Tensor, emit) 
         emit(label, f"breakdown_ms_{key.split(' ')[0]}_dense", a, "ms")
         emit(label, f"breakdown_ms_{key.split(' ')[0]}_moe", b, "ms")
         print(f"{key:>36} {a:8.1f} {b:8.1f} {b - a:+12.1f}")
+
+
+def movement_floor(label: str, x: torch.Tensor, routing: Routing, num_experts: int, dense_s: float, reps: int, emit) -> None:
+    """The fused path's row traffic alone, as it runs it (blocks of ``BLOCK_BYTES``): 3 gathers + 2 scatters + 2 zero fills.
+
+    What moe/dense cannot go below without fusing the gathers into the GEMMs, on this machine.
+    """
+    from audiomoe.experts.dispatcher import sorted_pairs
+    from audiomoe.experts.fused import BLOCK_BYTES
+
+    _, tok, _ = sorted_pairs(routing.mask, num_experts)
+    rows = BLOCK_BYTES // (x.shape[1] * x.element_size())
+    chunks = list(tok.split(rows))
+    buf = x.new_empty(rows, x.shape[1])
+
+    def gather() -> None:
+        for idx in chunks:
+            torch.index_select(x, 0, idx, out=buf[: idx.numel()])
+
+    def scatter() -> None:
+        out = torch.zeros_like(x)  # the fused path's fresh zeroed output (forward) / input gradient (backward)
+        for idx in chunks:
+            out.index_add_(0, idx, buf[: idx.numel()])
+
+    t = measure({"gather": gather, "scatter": scatter}, reps, guard=True)
+    floor = (3 * t["gather"] + 2 * t["scatter"]) / dense_s
+    emit(label, "row_traffic_ms", (3 * t["gather"] + 2 * t["scatter"]) * 1e3, "ms")
+    emit(label, "row_traffic_floor_moe_over_dense", 1 + floor, "x")
+    print(f"{'row traffic':>36} gather pass {t['gather'] * 1e3:.1f} ms, zero + scatter pass {t['scatter'] * 1e3:.1f} ms: "
+          f"3 + 2 of them = {floor:.0%} of dense fwd+bwd, so moe/dense >= {1 + floor:.2f}x without a gather-fused GEMM")  # fmt: skip
 
 
 def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(0.0, 0.25, 0.5, 0.75, 1.0)) -> None:
