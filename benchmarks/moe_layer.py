@@ -240,8 +240,12 @@ def movement_floor(label: str, x: torch.Tensor, routing: Routing, num_experts: i
         for idx in chunks:
             torch.index_select(x, 0, idx, out=buf[: idx.numel()])
 
+    out = torch.zeros_like(x)
+
     def scatter() -> None:
-        out = torch.zeros_like(x)  # the fused path's fresh zeroed output (forward) / input gradient (backward)
+        # zeroed then added into, as the fused path's output (forward) and input gradient (backward); a warm
+        # buffer: the page faults of a fresh output the dense layer pays too (its GEMM writes one)
+        out.zero_()
         for idx in chunks:
             out.index_add_(0, idx, buf[: idx.numel()])
 
