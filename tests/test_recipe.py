@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -75,6 +76,13 @@ def test_a_preset_is_a_one_stage_recipe_training_everything():
     r = recipe_for_preset("tiny-cls", ["seed=3"], steps=12, optim={"lr": 0.01})
     assert [(s.name, s.steps, s.train) for s in r.stages] == [("train", 12, ["all"])]
     assert r.model.preset == "tiny-cls" and r.model.overrides == ["seed=3"] and r.optim.lr == 0.01
+    # --set of a recipe section sets the one-stage recipe (after the flags), not the model, as for a recipe
+    r = recipe_for_preset("tiny-cls", ["compile=true", "optim.lr=0.02", "d_model=32", "data=tones"], steps=4, optim={"lr": 0.01})
+    assert r.compile is True and r.optim.lr == 0.02 and r.data == "tones" and r.model.overrides == ["d_model=32"]
+    with pytest.raises(ConfigError, match=r"stages\.nope.*no stage 'nope'"):
+        recipe_for_preset("tiny-cls", ["stages.nope.steps=3"], steps=4)
+    # a manifest path is recorded absolute: eval, report and resume find it from another directory
+    assert recipe_for_preset("tiny-cls", ["data=runs/my.jsonl"], steps=1).data == os.path.abspath("runs/my.jsonl")
 
 
 def test_named_groups_are_found_by_module_type_and_name():

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
 from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
+from .config_keys import problems_of, set_key
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level recipe keys that ``--set`` addresses; any other ``--set`` key is a model override.
@@ -296,15 +297,6 @@ class Recipe(_Strict):
         return sum(st.steps for _, st, _ in self.main_stages())
 
 
-def _problems(exc: ValidationError) -> list[ConfigProblem]:
-    out = []
-    for err in exc.errors():
-        key = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        out.append(ConfigProblem(key, msg, err.get("input"), "input" in err and err["type"] not in ("missing", "value_error")))
-    return out
-
-
 def list_recipes() -> list[str]:
     """Names of the built-in recipes."""
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
@@ -322,37 +314,12 @@ def find_recipe(name: str) -> Optional[Path]:
     return None
 
 
-def _set_key(raw: dict[str, Any], key: str, value: Any) -> Optional[str]:
-    """Set dotted ``key`` in ``raw`` (list items by index or by stage name); return a problem or None."""
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            names = [s.get("name") if isinstance(s, Mapping) else None for s in node]
-            idx = int(part) if part.isdigit() else (names.index(part) if part in names else None)
-            if idx is None or idx >= len(node):
-                return f"no stage '{part}' (stages: {', '.join(map(str, names))})"
-            if last:
-                node[idx] = value
-            node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            return f"'{'.'.join(parts[:i])}' is not a section"
-    return None
-
-
 def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequence[str] = ()) -> Recipe:
     """Validate a recipe (built-in name, YAML path or mapping) with ``--set`` overrides applied.
 
     ``sets`` whose first key is a recipe section (:data:`RECIPE_KEYS`) change the recipe; the
     others are appended to ``model.overrides``. Raises :class:`ConfigError` listing every problem.
     """
-    from ..core.overrides import parse_override
     from ..core.safe_yaml import load_yaml_file
 
     if isinstance(source, Mapping):
@@ -367,11 +334,30 @@ def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequen
         if not isinstance(raw, Mapping):
             raise AudioMoEError(f"{label} must hold a mapping (model, stages, ...), not {type(raw).__name__}")
         raw = dict(raw)
+    return _validated(raw, sets, label)
+
+
+def recipe_for_preset(preset: Any, overrides: Sequence[str] = (), *, steps: int, **fields: Any) -> Recipe:
+    """A plain preset (or spec) as a one-stage recipe named ``train`` that trains everything.
+
+    ``overrides`` are split as :func:`load_recipe` splits ``--set``: a recipe section's
+    (``compile=true``, ``optim.lr=...``) set the recipe, after ``fields``; the others the model.
+    """
+    source = {"preset": preset} if isinstance(preset, (str, os.PathLike)) else {"spec": dict(preset)}
+    raw = {"model": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in source.items()},
+           "stages": [{"name": "train", "steps": steps}], **copy.deepcopy(fields)}
+    return _validated(raw, overrides, "training options")
+
+
+def _validated(raw: dict[str, Any], sets: Sequence[str], label: str) -> Recipe:
+    """``raw`` with ``sets`` applied (recipe sections set, the rest appended to ``model.overrides``), validated."""
+    from ..core.overrides import parse_override
+
     problems: list[ConfigProblem] = []
     for text in sets:
         key, value = parse_override(text)
         if key.split(".")[0] in RECIPE_KEYS:
-            err = _set_key(raw, key, value)
+            err = set_key(raw, key, value)
             if err:
                 problems.append(ConfigProblem(key, err + " (from --set)", value, True))
         else:
@@ -381,19 +367,8 @@ def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequen
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += _problems(exc)
+        problems += problems_of(exc)
         recipe = None
     if problems or recipe is None:
         raise ConfigError(problems, source=label)
     return recipe
-
-
-def recipe_for_preset(preset: Any, overrides: Sequence[str] = (), *, steps: int, **fields: Any) -> Recipe:
-    """A plain preset (or spec) as a one-stage recipe named ``train`` that trains everything."""
-    source = {"preset": preset} if isinstance(preset, (str, os.PathLike)) else {"spec": dict(preset)}
-    raw = {"model": {**{k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in source.items()}, "overrides": list(overrides)},
-           "stages": [{"name": "train", "steps": steps}], **fields}
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_problems(exc), source="training options") from None
