@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from audiomoe.core.decoding import is_generating
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
 
@@ -30,12 +31,32 @@ def make_routing(
         mask = mask & item_mask[:, None]
         weights = weights * item_mask[:, None].to(weights.dtype)
     counts = mask.sum(0)
+    if is_generating():  # a decoding step's record is rarely read: its ids are sorted out on first read only
+        return _LazyIndicesRouting(logits, mask, weights, None, counts, dict(aux_losses or {}), item_mask)
+    return Routing(logits, mask, weights, picked_indices(mask, weights), counts, dict(aux_losses or {}), item_mask)
+
+
+def picked_indices(mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The selected columns of each item [N, K] in descending weight order, ``-1`` padded (K = the most any item picked)."""
     k = int(mask.sum(-1).max()) if mask.numel() else 0
-    # Descending weight order; unselected columns sort last and are marked -1.
+    # unselected columns sort last and are marked -1
     order = torch.where(mask, weights.detach(), torch.full_like(weights.detach(), -1.0)).argsort(-1, descending=True)[:, :k]
     picked = mask.gather(-1, order)
-    indices = torch.where(picked, order, torch.full_like(order, -1))
-    return Routing(logits, mask, weights, indices, counts, dict(aux_losses or {}), item_mask)
+    return torch.where(picked, order, torch.full_like(order, -1))
+
+
+class _LazyIndicesRouting(Routing):
+    """A :class:`Routing` whose ``indices`` are computed from ``mask`` and ``weights`` when first read."""
+
+    @property
+    def indices(self) -> torch.Tensor:  # type: ignore[override]
+        if self.__dict__.get("_indices") is None:
+            self.__dict__["_indices"] = picked_indices(self.mask, self.weights)
+        return self.__dict__["_indices"]
+
+    @indices.setter
+    def indices(self, value: Optional[torch.Tensor]) -> None:
+        self.__dict__["_indices"] = value
 
 
 def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor, item_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -171,7 +171,10 @@ class CodecFrames(nn.Module):
         temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
         max_frames: Optional[int] = None, generator: Optional[torch.Generator] = None,
     ) -> list[torch.Tensor]:
-        """Sample codes [K, T_i] per item frame by frame; ``step(frames [B, s, K])`` gives the last frame's logits [B, K, V]."""
+        """Sample codes [K, T_i] per item frame by frame; ``step(frames [B, s, K])`` gives the last frame's logits [B, K, V].
+
+        ``step`` returns a new tensor each call (this loop masks ids in it in place).
+        """
         p = params
         temperature = p.temperature if temperature is None else temperature
         top_k, top_p = (p.top_k if top_k is None else top_k), (p.top_p if top_p is None else top_p)
@@ -182,7 +185,7 @@ class CodecFrames(nn.Module):
         ends = torch.full((b,), -1, dtype=torch.long, device=device)  # clip length T once the lead codebook emits eos
         out_frames = []
         for s in range(max_frames + max(self.delays) + 1):
-            last = step(frames).clone()  # [B, K, V]
+            last = step(frames)  # [B, K, V], a fresh tensor each step: edited in place below
             t = s - d  # the real frame index each codebook is at
             if s - self.delays[self.lead] < p.min_frames:
                 last[:, self.lead, self.eos] = float("-inf")

@@ -110,14 +110,16 @@ class CodecHead(CodecFrames, Task):
             new = embed(frames[:, seq["fed"] :]).to(outputs.embeds.dtype)
             seq["fed"] = frames.shape[1]
             mask = seq["mask"] = torch.cat([seq["mask"], seq["mask"].new_ones(b, new.shape[1])], 1)
-            pos = positions_from_mask(mask)
             if use_cache:
                 first = seq["state"] is None
                 x = torch.cat([seq["embeds"], new], 1) if first else new
+                # every new position is real: one past the last one (no cumsum over the whole mask per step)
+                pos = positions_from_mask(mask) if first else seq["pos"] + torch.arange(1, x.shape[1] + 1, device=mask.device)
+                seq["pos"] = pos[:, -1:]
                 seq["state"] = dec.decode(x, mask, pos[:, -x.shape[1] :], None if first else seq["state"].cache)
             else:  # the whole sequence again each frame: what the cache must reproduce
                 seq["embeds"] = torch.cat([seq["embeds"], new], 1)
-                seq["state"] = dec.decode(seq["embeds"], mask, pos)
+                seq["state"] = dec.decode(seq["embeds"], mask, positions_from_mask(mask))
             return logits_of(seq["state"].hidden[:, -1].float())
 
         with inference(dec):
