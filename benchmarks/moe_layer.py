@@ -36,6 +36,7 @@ from audiomoe.core.interfaces import Routing
 from audiomoe.experts.dispatcher import GATHER_LIMIT, PLANS, plan_key
 
 from _common import GUARD_STATS, Report, builder, fwd_bwd_case, fwd_case, measure
+from _moe_floor import floors
 
 BENCH = "moe_layer"
 
@@ -153,13 +154,16 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
     # the moe/dense ratio is taken between those two only, the HF ratio against moe in its own group
     res_f, res_b = {}, {}
     for group in (("dense", "moe"), ("moe", "hf_eager", "hf_grouped_mm")):
-        f = measure({n: fwd_case(impls[n], x) for n in group}, reps, guard=True)
+        rf = measure({n: fwd_case(impls[n], x) for n in group}, reps, guard=True)
         b = measure({n: fwd_bwd_case(impls[n], xg, g) for n in group}, reps, guard=True)
+        if memory and "dense" in group:  # as a training step after optimizer.zero_grad(): weight grads None (own group)
+            cases = {n: fresh_grads(fwd_bwd_case(impls[n], xg, g), m) for n, m in (("dense", dense), ("moe", layer))}
+            fresh = measure(cases, reps, guard=True)
         if "dense" in group:
-            res_f.update(f)
+            res_f.update(rf)
             res_b.update(b)
         else:
-            res_f.update({f"{n}@hf": v for n, v in f.items()} | {n: v for n, v in f.items() if n != "moe"})
+            res_f.update({f"{n}@hf": v for n, v in rf.items()} | {n: v for n, v in rf.items() if n != "moe"})
             res_b.update({f"{n}@hf": v for n, v in b.items()} | {n: v for n, v in b.items() if n != "moe"})
     print(f"\n{label}   (plan {layer.last_plan}; transformers' outputs equal audiomoe's)")
     print(f"{'':>9} {'dense':>8} {'moe':>8} {'hf_eager':>9} {'hf_grp':>8} | {'moe/dense':>9} {'hf_best/moe':>11}  (each ratio from its own interleaved group)")
@@ -172,8 +176,11 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         ms = [res[n] * 1e3 for n in ("dense", "moe", "hf_eager", "hf_grouped_mm")]
         print(f"{phase:>9} {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:9.1f} {ms[3]:8.1f} | {res['moe'] / res['dense']:8.2f}x {best / res['moe@hf']:10.2f}x")
     if memory:
+        emit(label, "fwd+bwd_fresh_grads_moe_over_dense", fresh["moe"] / fresh["dense"], "x")
+        print(f"{'fwd+bwd':>9} {fresh['dense'] * 1e3:8.1f} {fresh['moe'] * 1e3:8.1f} {'':>18} | {fresh['moe'] / fresh['dense']:8.2f}x  "
+              "(weight grads set to None before each, as optimizer.zero_grad() leaves them; above: accumulated)")  # fmt: skip
         breakdown(label, impls, xg, g, emit)
-        movement_floor(label, x, routing, e, res_b["dense"], reps, emit)
+        floors(label, x, routing, (e, f, k), res_b["dense"], reps, emit)
         params = [*layer.parameters(), *dense.parameters()]
         saved = {name: saved_bytes(impls[name], xg, params) for name in ("moe", "dense")}
         for name, b in saved.items():
@@ -188,6 +195,17 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         emit(label, "fwd+bwd_peak_rss_moe_over_dense", peak["moe"] / max(peak["dense"], 1), "x")
         print(f"{'peak MB':>9} {peak['dense'] / 2**20:8.1f} {peak['moe'] / 2**20:8.1f} {'':>18} | {peak['moe'] / max(peak['dense'], 1):8.2f}x  "
               "(fwd+bwd resident high-water mark in a fresh process, weights frozen, scratch included)")  # fmt: skip
+
+
+def fresh_grads(run, module: torch.nn.Module):
+    """``run`` with the module's parameter gradients set to None first (a training step after ``zero_grad()``)."""
+
+    def step() -> None:
+        for p in module.parameters():
+            p.grad = None
+        run()
+
+    return step
 
 
 #: profiler op name -> the category the fine-point breakdown reports it under
@@ -221,40 +239,6 @@ def breakdown(label: str, impls: dict, xg: torch.Tensor, g: torch.Tensor, emit) 
         emit(label, f"breakdown_ms_{key.split(' ')[0]}_dense", a, "ms")
         emit(label, f"breakdown_ms_{key.split(' ')[0]}_moe", b, "ms")
         print(f"{key:>36} {a:8.1f} {b:8.1f} {b - a:+12.1f}")
-
-
-def movement_floor(label: str, x: torch.Tensor, routing: Routing, num_experts: int, dense_s: float, reps: int, emit) -> None:
-    """The fused path's row traffic alone, as it runs it (blocks of ``BLOCK_BYTES``): 3 gathers + 2 scatters + 2 zero fills.
-
-    What moe/dense cannot go below without fusing the gathers into the GEMMs, on this machine.
-    """
-    from audiomoe.experts.dispatcher import sorted_pairs
-    from audiomoe.experts.fused import BLOCK_BYTES
-
-    _, tok, _ = sorted_pairs(routing.mask, num_experts)
-    rows = BLOCK_BYTES // (x.shape[1] * x.element_size())
-    chunks = list(tok.split(rows))
-    buf = x.new_empty(rows, x.shape[1])
-
-    def gather() -> None:
-        for idx in chunks:
-            torch.index_select(x, 0, idx, out=buf[: idx.numel()])
-
-    out = torch.zeros_like(x)
-
-    def scatter() -> None:
-        # zeroed then added into, as the fused path's output (forward) and input gradient (backward); a warm
-        # buffer: the page faults of a fresh output the dense layer pays too (its GEMM writes one)
-        out.zero_()
-        for idx in chunks:
-            out.index_add_(0, idx, buf[: idx.numel()])
-
-    t = measure({"gather": gather, "scatter": scatter}, reps, guard=True)
-    floor = (3 * t["gather"] + 2 * t["scatter"]) / dense_s
-    emit(label, "row_traffic_ms", (3 * t["gather"] + 2 * t["scatter"]) * 1e3, "ms")
-    emit(label, "row_traffic_floor_moe_over_dense", 1 + floor, "x")
-    print(f"{'row traffic':>36} gather pass {t['gather'] * 1e3:.1f} ms, zero + scatter pass {t['scatter'] * 1e3:.1f} ms: "
-          f"3 + 2 of them = {floor:.0%} of dense fwd+bwd, so moe/dense >= {1 + floor:.2f}x without a gather-fused GEMM")  # fmt: skip
 
 
 def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(0.0, 0.25, 0.5, 0.75, 1.0)) -> None:
