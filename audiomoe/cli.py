@@ -179,6 +179,33 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    """Time every dispatch plan on the model's MoE layer shapes; print them and write the fastest as a plan table."""
+    import torch
+
+    from .core.composer import compose
+    from .experts.tune import tune_plans, write_plan_table
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise AudioMoEError("--device cuda: no CUDA device is visible here; use --device cpu")
+    if args.tune:
+        _check_writable_file(args.tune, "--tune")
+    model = compose(args.model, args.set)
+    dtype = getattr(torch, args.dtype)
+    print(f"timing dispatch plans fwd+bwd on {args.tokens} tokens, {args.device} {args.dtype}, median of {args.reps}")
+    table, rows = tune_plans(model, args.tokens, args.device, dtype, args.reps, progress=lambda s: print("  " + s, flush=True))
+    loop = {r.key: r.seconds for r in rows if r.plan == "loop"}
+    out = [[r.key, r.plan + (" *" if table.get(r.key) == r.plan else ""),
+            "-" if r.seconds is None else f"{r.seconds * 1e3:.2f}",
+            "-" if r.seconds is None or not loop.get(r.key) else f"{r.seconds / loop[r.key]:.2f}x",
+            f"{r.max_diff:.1e}" if r.seconds is not None else "-", r.note] for r in rows]  # fmt: skip
+    print("\n" + _table(out, ["layer shape", "plan (* fastest)", "fwd+bwd ms", "vs loop", "max |diff|", "note"]))
+    if args.tune:
+        write_plan_table(table, args.tune)
+        print(f"\nplan table ({len(table)} shapes) written to {args.tune}; use it with --set backbone.moe.plan_table={os.path.abspath(args.tune)}")
+    return 0
+
+
 def _check_writable_file(path: str, flag: str) -> None:
     """Refuse a file path that is a directory or whose parent directory does not exist."""
     if os.path.isdir(path):
@@ -284,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--audio-column", default="file")
     q.add_argument("--target-column", default="label")
     q.set_defaults(func=cmd_data_from_csv)
+
+    p = sub.add_parser("bench", help="measure parts of a model: `bench moe MODEL --tune FILE` picks each MoE layer's dispatch plan")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
+    q = bench_sub.add_parser("moe", help="time every dispatch plan on the model's MoE layer shapes (fwd+bwd); --tune writes the plan table")
+    q.add_argument("model", metavar="PRESET_OR_YAML")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, as for compose (repeatable)")
+    q.add_argument("--tokens", type=int, default=4096, help="tokens per layer call (batch x sequence of your training)")
+    q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    q.add_argument("--reps", type=int, default=5, help="timed repetitions per plan (median)")
+    q.add_argument("--tune", metavar="FILE", help="write the fastest plan per shape here (JSON; read by backbone.moe.plan_table)")
+    q.set_defaults(func=cmd_bench_moe)
 
     from .train.cli import register as register_train  # train, eval (audiomoe/train/cli.py)
 

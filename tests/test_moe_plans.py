@@ -31,6 +31,21 @@ def test_plan_is_decided_without_timing_and_read_from_a_plan_table(tmp_path):
         make_layer(plan_table=str(tmp_path / "missing.json"))
 
 
+def test_a_plan_table_decides_training_calls_but_not_decoding_steps(tmp_path):
+    """A table is timed on fwd+bwd: it names the plan of tracked and large calls; a small no-grad step stays dense."""
+    import json
+
+    from audiomoe.experts.dispatcher import plan_key
+
+    table = tmp_path / "plans.json"
+    table.write_text(json.dumps({plan_key(torch.device("cpu"), torch.float64, make_layer().experts): "loop"}))
+    layer = make_layer(plan_table=str(table))
+    assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D, dtype=torch.float64)) == "loop"
+    with torch.no_grad():
+        assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D, dtype=torch.float64)) == "dense"
+        assert layer.dispatcher.plan_for(layer.experts, torch.zeros(50_000, D, dtype=torch.float64), pairs=100_000) == "loop"
+
+
 def test_auto_takes_dense_then_gathered_only_without_autograd_and_for_small_steps():
     """A decoding step (no grad, a few tokens) runs every expert densely; a few pairs of more tokens are gathered;
     training and large batches take the fused plan; every choice gives the reference output."""

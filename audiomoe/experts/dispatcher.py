@@ -24,8 +24,9 @@ gradients:
 
 The plan is decided once, deterministically (never timed inside ``forward``), so every rank of a
 distributed run computes the same numerics: ``auto`` takes the default above unless a plan table
-(``benchmarks/moe_layer.py --tune FILE`` writes one; ``moe.plan_table`` reads it) names another
-plan for this layer's shape.
+(``audiomoe bench moe MODEL --tune FILE`` times the plans on the model's own layer shapes and writes
+one, :mod:`audiomoe.experts.tune`; ``moe.plan_table`` reads it) names another plan for this layer's
+shape. A table is timed on fwd+bwd, so a no-grad decoding-sized call keeps ``dense`` / ``gathered``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def load_plan_table(path: Optional[str]) -> dict[str, str]:
         with open(os.fspath(path), encoding="utf-8") as fh:
             table = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise AudioMoEError(f"cannot read the MoE plan table '{path}': {exc}; write one with benchmarks/moe_layer.py --tune FILE") from exc
+        raise AudioMoEError(f"cannot read the MoE plan table '{path}': {exc}; write one with `audiomoe bench moe MODEL --tune FILE`") from exc
     bad = {k: v for k, v in table.items() if v not in PLANS} if isinstance(table, dict) else {"<file>": table}
     if bad:
         raise AudioMoEError(f"plan table '{path}' names unknown plans {bad}; plans are {', '.join(PLANS)}")
@@ -119,14 +120,14 @@ class Dispatcher(nn.Module):
         grouped = isinstance(experts, GroupedSwiGLU)
         if self.plan != "auto":
             plan = self.plan
-        elif self.table and plan_key(tokens.device, tokens.dtype, experts) in self.table:
-            plan = self.table[plan_key(tokens.device, tokens.dtype, experts)]
         elif not grouped:
             plan = "loop"
         elif not torch.is_grad_enabled() and tokens.shape[0] * len(experts) * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
             plan = "dense"
         elif not torch.is_grad_enabled() and pairs is not None and pairs * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
             plan = "gathered"
+        elif self.table and plan_key(tokens.device, tokens.dtype, experts) in self.table:  # tuned on fwd+bwd: not for decoding steps
+            plan = self.table[plan_key(tokens.device, tokens.dtype, experts)]
         elif tokens.device.type == "cuda" and grouped_mm_usable(experts.d_model, experts.d_ff, tokens.dtype):
             plan = "grouped_mm"
         else:

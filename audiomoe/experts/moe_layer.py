@@ -74,7 +74,7 @@ class MoELayer(MoE):
         dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "gathered", "dense", "loop"] = Field(
             "auto", description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, dense or gathered for a no-grad decoding step, or the plan table's entry)"
         )
-        plan_table: Optional[str] = Field(None, max_length=4096, description="JSON plan table written by benchmarks/moe_layer.py --tune")
+        plan_table: Optional[str] = Field(None, max_length=4096, description="JSON plan table written by `audiomoe bench moe MODEL --tune FILE`")
         expert_parallel: int = Field(
             1, ge=1, le=4096, description="expert-parallel ranks N: each holds num_experts / N routed experts after expert_parallel.shard_experts (1 = off)"
         )
