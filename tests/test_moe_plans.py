@@ -64,6 +64,10 @@ def test_auto_takes_dense_then_gathered_only_without_autograd_and_for_small_step
             r, tokens = hand_routing(n, "topp"), torch.randn(n, D, dtype=torch.float64)
             fast = layer.combine(tokens, r)
             assert layer.last_plan == ("dense" if n <= few_tokens else "gathered"), kw
+            if layer.last_plan == "dense" and "capacity_factor" not in kw:  # a decoding step does not wait on its statistics
+                assert layer.last_stats._stats is None
+                assert dict(layer.last_stats) == {"tokens": n, "routed_pairs": int(r.mask[:, :E].sum()), "dropped_pairs": 0, "capacity": -1,
+                                                  "routed_per_token": int(r.mask[:, :E].sum()) / n, "expert_loads": r.mask[:, :E].sum(0).tolist()}  # fmt: skip
             torch.testing.assert_close(fast, reference(layer, tokens, r), rtol=1e-10, atol=1e-10)
             if not kw.get("num_shared"):
                 assert torch.all(fast[0] == 0), "a null-only token without shared experts is zero"

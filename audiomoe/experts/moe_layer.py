@@ -29,6 +29,7 @@ drops and shared experts stay local); unsharded, the layer is the full one-proce
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Optional
 
 import torch
@@ -42,6 +43,33 @@ from audiomoe.experts.dispatcher import PLANS, Dispatcher, check_plan, load_plan
 from audiomoe.experts.expert_parallel import check_divisible, ep_combine, warn_unsharded
 from audiomoe.experts.grouped import LoopExperts, build_experts
 from audiomoe.experts.moe_functional import capacity_of, drop_over_capacity, gate_shared, null_drops, renormalize_after_drops
+
+
+class DenseStepStats(Mapping):
+    """``last_stats`` of a ``dense`` step, read from the device only when asked (a decoding step never waits on it)."""
+
+    def __init__(self, loads: torch.Tensor, n_valid: int) -> None:
+        self._loads, self._n_valid = loads, n_valid
+        self._stats: Optional[dict[str, Any]] = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._stats is None:
+            counts = self._loads.tolist()
+            pairs = sum(counts)
+            self._stats = {
+                "tokens": self._n_valid, "routed_pairs": pairs, "dropped_pairs": 0, "capacity": -1,
+                "routed_per_token": pairs / max(self._n_valid, 1), "expert_loads": counts,
+            }  # fmt: skip
+        return self._stats
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 class MoELayer(MoE):
@@ -92,7 +120,7 @@ class MoELayer(MoE):
         check_divisible(p.num_experts, p.expert_parallel)
         self.ep_shard = None  # set by expert_parallel.shard_experts: this rank's block of experts and its groups
         self.dispatcher = Dispatcher(p.dispatch, load_plan_table(p.plan_table))
-        self.last_stats: dict[str, Any] = {}
+        self.last_stats: Mapping[str, Any] = {}
 
     @property
     def last_plan(self) -> Optional[str]:
@@ -189,12 +217,7 @@ class MoELayer(MoE):
         out = self.experts.forward_all(tokens, weights[:, :e] * routed)
         self.dispatcher.last_plan = "dense"
         shared = self._shared_output(tokens, item_mask, shared_w)
-        counts = routed.sum(0).tolist()
-        pairs = sum(counts)
-        self.last_stats = {
-            "tokens": n_valid, "routed_pairs": pairs, "dropped_pairs": 0, "capacity": -1,
-            "routed_per_token": pairs / max(n_valid, 1), "expert_loads": counts,
-        }
+        self.last_stats = DenseStepStats(routed.sum(0), n_valid)
         return out if shared is None else out + shared
 
     def _gate_shared(self, tokens: torch.Tensor, routing: Routing, weights: torch.Tensor, gate_mask: torch.Tensor):
