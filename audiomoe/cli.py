@@ -346,6 +346,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except AudioMoEError as exc:
         print(f"audiomoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `audiomoe describe ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as exc:  # Ctrl-C: training says which checkpoint is the last good one
         print(f"audiomoe {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130

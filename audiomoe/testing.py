@@ -26,6 +26,7 @@ from .core.composer import component_builder, compose
 from .core.errors import AudioMoEError
 from .core.interfaces import BASES, BackboneOutput, EncoderOutput, Routing
 from .core.registry import Registry
+from .core.routing import indices_problems, routing_problems
 
 #: Sizes injected when a component is built alone (override with ``context=``).
 DEFAULT_CONTEXT: dict[str, Any] = {
@@ -178,19 +179,16 @@ def _check_router(report: ConformanceReport, router: Any, context: Mapping[str, 
     item_mask[-2:] = False
     task_ids = torch.arange(n) % max(len(context.get("task_names", [])), 1)
     r = router(x, item_mask=item_mask, task_ids=task_ids)
-    if not isinstance(r, Routing):
-        _fail(report, f"forward must return Routing, got {type(r).__name__}")
-    for attr, shape in (("logits", (n, e)), ("mask", (n, e)), ("weights", (n, e))):
-        if tuple(getattr(r, attr).shape) != shape:
-            _fail(report, f"routing.{attr} must be {shape}, got {tuple(getattr(r, attr).shape)}")
-    if r.mask.dtype != torch.bool:
-        _fail(report, "routing.mask must be bool")
+    for problem in routing_problems(r, n, e):
+        _fail(report, problem)
     if r.mask[~item_mask].any() or r.weights[~item_mask].abs().sum() > 0:
         _fail(report, "padded items must select nothing and get zero weight")
     if (r.weights[~r.mask] != 0).any():
         _fail(report, "weights must be zero where mask is False")
     if not torch.equal(r.counts.long(), r.mask.sum(0).long()):
-        _fail(report, "routing.counts must equal mask.sum(0) over valid items")
+        _fail(report, f"routing.counts must equal mask.sum(0) over valid items: expected {r.mask.sum(0).tolist()}, got {r.counts.tolist()}")
+    for problem in indices_problems(r):
+        _fail(report, problem)
     _finite(report, r.weights, "weights")
     report.ok(f"routing over {e} columns, padded items ignored")
     _grads(report, router, (r.weights * torch.randn_like(r.weights)).sum(), "a loss on the combine weights", _aux_sum(r.aux_losses))
@@ -331,8 +329,8 @@ def check_component(
 ) -> ConformanceReport:
     """Build ``kind/name`` and check it against its kind's contract; raise ConformanceError on a break.
 
-    Kinds without a base class (a plugin's own kinds, e.g. router scorers) are checked for building
-    from defaults only: their parent component's check exercises them.
+    A scorer or selector is checked inside the composite ``scored`` router (the router contract);
+    a plugin's own kinds without a base class are checked for building from defaults only.
     """
     report = ConformanceReport(kind, name)
     ctx = {**DEFAULT_CONTEXT, **(context or {})}
@@ -352,6 +350,13 @@ def check_component(
     if check is not None:
         module.train()
         check(report, module, ctx)
+    elif kind in ("scorer", "selector"):  # a router's part: its contract is the router's, checked through the composite
+        try:
+            router = build_component("router", "builtin:scored", {kind: {"name": name, "params": dict(params or {})}}, ctx, registry)
+            router.train()
+            _check_router(report, router, ctx)
+        except AudioMoEError as exc:
+            _fail(report, f"as the {kind} of router 'scored': {exc}")
     return report
 
 

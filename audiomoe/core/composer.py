@@ -270,8 +270,15 @@ class Builder:
                 )
         if takes_var_kw:
             kwargs.update({k: v for k, v in context.items() if k not in kwargs})
-        module = cls(self.node.params.model_copy(deep=True), **kwargs)
         e = self.node.entry
+        try:
+            module = cls(self.node.params.model_copy(deep=True), **kwargs)
+        except (ValueError, AssertionError) as exc:  # a constructor refusing its params: a config problem, named
+            where = f"'{self.node.path}'" if self.node.path else "the top level"
+            raise AudioMoEError(
+                f"{e.kind} '{self.node.name}' ({e.plugin} {e.version}) at {where} refused its params: {exc or type(exc).__name__}; "
+                f"change them with --set {self.node.path + '.' if self.node.path else ''}<param>=..."
+            ) from exc
         module.audiomoe_component = ComponentInfo(e.kind, self.node.name, e.plugin, e.version, self.node.path)
         return module
 

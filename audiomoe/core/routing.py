@@ -69,3 +69,35 @@ class Routing:
             total = valid.sum()
             out["dropped_share"] = float(self.dropped.sum() / total.clamp_min(1)) if total.numel() else 0.0
         return out
+
+
+def routing_problems(r: "Routing", n: int, e: int) -> list[str]:
+    """What breaks the record's shape contract for ``n`` items over ``e`` columns (no device sync: run-time safe)."""
+    if not isinstance(r, Routing):
+        return [f"forward must return audiomoe.Routing, got {type(r).__name__}"]
+    out = [
+        f"routing.{a} must be [N, E] = ({n}, {e}), got {tuple(getattr(r, a).shape)}"
+        for a in ("logits", "mask", "weights")
+        if tuple(getattr(r, a).shape) != (n, e)
+    ]
+    if r.mask.dtype != torch.bool:
+        out.append(f"routing.mask must be bool, got {r.mask.dtype}")
+    if tuple(r.counts.shape) != (e,):
+        out.append(f"routing.counts must be [E] = ({e},), got {tuple(r.counts.shape)}")
+    ids = r.__dict__.get("indices")  # a lazily computed one (decoding) is the library's own: not checked
+    if isinstance(ids, torch.Tensor) and (ids.dim() != 2 or ids.shape[0] != n or ids.dtype.is_floating_point):
+        out.append(f"routing.indices must be integer [N, K] with N = {n}, got {ids.dtype} {tuple(ids.shape)}")
+    return out
+
+
+def indices_problems(r: "Routing") -> list[str]:
+    """Value checks of ``indices`` against ``mask`` (reads the tensors: for conformance, not per step)."""
+    ids, e = r.indices, r.mask.shape[-1]
+    if ids.numel() == 0:
+        return []
+    if int(ids.min()) < -1 or int(ids.max()) >= e:
+        return [f"routing.indices must be column ids in [0, {e}) or -1 padding, got values in [{int(ids.min())}, {int(ids.max())}]"]
+    picked = ids >= 0
+    if not torch.equal(picked.sum(-1), r.mask.sum(-1)) or not r.mask.gather(-1, ids.clamp_min(0))[picked].all():
+        return ["routing.indices must list exactly the columns routing.mask selects (then -1 padding)"]
+    return []

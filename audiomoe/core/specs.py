@@ -29,7 +29,7 @@ class Params(BaseModel):
     injected as keyword arguments of the component's constructor.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, protected_namespaces=())
 
     @field_validator("*", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import MoE, Routing
+from audiomoe.core.routing import routing_problems
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.experts.dispatcher import PLANS, Dispatcher, check_plan, load_plan_table, sorted_pairs
 from audiomoe.experts.expert_parallel import check_divisible, ep_combine, warn_unsharded
@@ -148,6 +149,11 @@ class MoELayer(MoE):
                 raise AudioMoEError(f"task_ids of shape {tuple(task_ids.shape)} match neither the batch ({shape[0]},) nor the tokens {tuple(shape[:-1])}")
             kwargs["task_ids"] = task_ids.reshape(-1)
         routing = self.router(tokens, item_mask=item_mask, **kwargs)
+        bad = routing_problems(routing, tokens.shape[0], self.num_experts + self.num_null)
+        if bad:
+            who = getattr(self.router, "audiomoe_component", None)
+            name = f"'{who.name}' ({who.plugin} {who.version}) at '{who.path}'" if who else type(self.router).__name__
+            raise AudioMoEError(f"router {name} broke the Routing contract: {'; '.join(bad)} (audiomoe.testing.check_component checks a router)")
         routing.null_columns = self.num_null
         routing.item_shape = tuple(shape[:-1])
         if routing.item_mask is None:
