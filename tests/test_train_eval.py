@@ -106,3 +106,25 @@ def test_eval_defaults_to_the_manifest_the_run_trained_on_from_any_directory(cor
     assert report["data"] == recorded and report["items"] == {t: min(3, seen[t]) for t in tasks}
     assert sum(seen[t] for t in tasks) > sum(report["items"].values())  # not the whole corpus's test split
     assert f"on {recorded} (test)" in capsys.readouterr().out
+
+
+def test_resuming_a_preset_run_keeps_its_data_and_options_and_changes_only_what_is_given(corpus, tmp_path, capsys):
+    """`train --resume DIR` continues on the run's own manifest, lr and batch size (not the CLI defaults)."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "tiny-corpus", "--data", str(corpus), "--lr", "0.001", "--batch-size", "4", "--steps", "1", "--out", str(run), "--quiet"]) == 0
+
+    def recipe():
+        return json.loads((run / "run.json").read_text())["recipe"]
+
+    assert cli.main(["train", "--resume", str(run), "--steps", "2", "--quiet"]) == 0
+    r = recipe()
+    assert (r["data"], r["optim"]["lr"], r["batch_size"], r["stages"][0]["steps"]) == (str(corpus), 0.001, 4, 2)
+    assert cli.main(["train", "tiny-corpus", "--resume", str(run), "--steps", "3", "--set", "optim.lr=0.002", "--quiet"]) == 0
+    r = recipe()
+    assert (r["data"], r["optim"]["lr"], r["batch_size"], r["stages"][0]["steps"]) == (str(corpus), 0.002, 4, 3)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--set", "backbone.num_layers=3"]) == 2
+    assert "changes the model; a resumed run keeps its model" in capsys.readouterr().err
+    assert cli.main(["train", "tiny-cls", "--resume", str(run)]) == 2
+    assert "trained from a different spec" in capsys.readouterr().err

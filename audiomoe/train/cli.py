@@ -81,14 +81,34 @@ def _apply_flags(recipe: Any, args: argparse.Namespace) -> Any:
     return Recipe.model_validate(raw)
 
 
-def _is_recipe_run(out: str) -> bool:
+def _stored_recipe(out: str) -> Any:
+    """The recipe a run directory recorded (every run records one, a preset's as one stage), or None."""
+    from ..train.recipe import Recipe
+
     info = Path(out) / "run.json"
-    if not info.is_file():
-        return False
     try:
-        return bool((json.loads(info.read_text(encoding="utf-8")).get("recipe") or {}).get("name"))
+        raw = json.loads(info.read_text(encoding="utf-8")).get("recipe") if info.is_file() else None
+        return Recipe.model_validate(raw) if raw else None
     except ValueError:
-        return False
+        return None
+
+
+def _resumed(stored: Any, args: argparse.Namespace) -> Any:
+    """A resumed run's own recipe (its data, optimizer, schedule, ...) with only what this command line gave changed."""
+    from ..core.overrides import parse_override
+    from ..core.composer import resolve
+    from ..train.recipe import RECIPE_KEYS, load_recipe
+
+    sets = [t for t in args.set if parse_override(t)[0].split(".")[0] in RECIPE_KEYS]
+    model_sets = [t for t in args.set if t not in sets]
+    if args.target is not None:  # the model named again: it must be the run's
+        if resolve(args.target, model_sets).to_dict() != resolve(stored.model.source(), stored.model.overrides).to_dict():
+            raise AudioMoEError(f"'{args.resume}' was trained from a different spec than {args.target!r} with these --set overrides; "
+                                "resume without PRESET/--set to continue it, or use --overwrite to start over")
+    elif model_sets:
+        raise AudioMoEError(f"--set {model_sets[0]} changes the model; a resumed run keeps its model (recipe keys "
+                            f"{', '.join(RECIPE_KEYS)} may change), or use --overwrite to start over")
+    return _apply_flags(load_recipe(stored.model_dump(), sets) if sets else stored, args)
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -137,13 +157,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = args.resume
     if args.target is None and not args.resume:
         raise AudioMoEError("give a PRESET (or YAML path) to train, or --resume DIR to continue a run; recipes: audiomoe train --list")
-    is_recipe = find_recipe(args.target) is not None if args.target else bool(out and _is_recipe_run(out))
+    is_recipe = find_recipe(args.target) is not None if args.target else False
+    stored = _stored_recipe(out) if args.resume and out and not is_recipe else None
     main = int(os.environ.get("RANK", "0")) == 0
-    if is_recipe:
-        recipe = _apply_flags(load_recipe(args.target, args.set), args) if args.target else None
+    if is_recipe or stored is not None:  # a resumed preset run keeps its recorded options too, not the defaults
+        recipe = _apply_flags(load_recipe(args.target, args.set), args) if is_recipe else None
         opts = RunOptions(out_dir=out, resume=bool(args.resume), overwrite=args.overwrite, device=args.device,
                           progress=not args.quiet and main, print_every=args.log_every or 0, workers=args.workers,
-                          adjust=lambda r: _apply_flags(r, args))
+                          adjust=(lambda r: _apply_flags(r, args)) if is_recipe else (lambda r: _resumed(r, args)))
         result = run_recipe(recipe, opts)
     else:
         flags = {dest: (getattr(args, dest) if getattr(args, dest) is not None else default) for dest, default, _ in _FLAGS}

@@ -110,6 +110,15 @@ class TrainConfig:
         }
 
 
+def _merge_changed(raw: dict[str, Any], new: dict[str, Any], default: dict[str, Any]) -> None:
+    """Write into ``raw`` every leaf of ``new`` that differs from ``default`` (an option the caller set)."""
+    for key, value in new.items():
+        if isinstance(value, dict):
+            _merge_changed(raw.setdefault(key, {}), value, default[key])
+        elif value != default[key]:
+            raw[key] = value
+
+
 def _default_data(model: Any, cfg: TrainConfig) -> tuple[Iterator[AudioBatch], list[AudioBatch]]:
     """The data used when none is passed, by ``cfg.data``: ``builtin`` (the built-in corpus, made once
     into the cache), ``tones`` (synthetic pitch classes), a manifest path, or ``auto``: the corpus
@@ -138,8 +147,12 @@ def train(
         raise AudioMoEError("give a preset or spec to train (or --resume a run directory that has one)")
     recipe = None if preset is None else recipe_for_preset(preset, overrides, steps=cfg.steps, **cfg.recipe_fields())
 
-    def adjust(stored: Recipe) -> Recipe:  # a resumed run: its model, these options
-        return recipe_for_preset(stored.model.source(), stored.model.overrides, steps=cfg.steps, **cfg.recipe_fields())
+    def adjust(stored: Recipe) -> Recipe:  # a resumed run: its own recipe, with the options set away from their defaults
+        raw, base = stored.model_dump(), TrainConfig()
+        _merge_changed(raw, cfg.recipe_fields(), base.recipe_fields())
+        if cfg.steps != base.steps and len(raw["stages"]) == 1:
+            raw["stages"][0]["steps"] = cfg.steps
+        return Recipe.model_validate(raw)
 
     opts = RunOptions(
         out_dir=cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, device=cfg.device, progress=cfg.progress,
