@@ -216,3 +216,29 @@ def test_a_plugin_adds_a_data_source(wavs):
     assert sorted(t for b in loader for t in b.targets) == ["0", "1", "2", "3"]
     with pytest.raises(ConfigError, match=r"data\.sources\.g\.folder: required"):
         build_loader({"sources": {"g": {"type": "glob"}}}, registry=reg)
+
+
+def test_training_crops_only_clip_level_labels_never_a_transcripts_clip(tmp_path):
+    """A long clip of a label task is cropped to the training window; one with a transcript stays whole."""
+    from audiomoe.core.composer import compose
+    from audiomoe.train.data import build_data
+
+    wav(tmp_path / "wav" / "long.wav", seconds=8.0)
+    lines = [{"audio": "wav/long.wav", "task": "asr", "target": "hello there", "split": "train"},
+             {"audio": "wav/long.wav", "task": "emotion", "target": 1, "split": "train"}]
+    p = manifest(tmp_path, lines)
+    model = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null"])
+    assert {t: h.clip_level for t, h in model.heads.items()} == {"emotion": True, "asr": False}
+    stream, _ = build_data(model, str(p), None, batch_size=2, seed=0, eval_batches=0)
+    seen = {}
+    for _ in range(4):
+        batch = next(stream)
+        for task, n in zip(batch.tasks, batch.lengths.tolist()):
+            seen[task] = n / batch.sample_rate
+    assert seen["asr"] == pytest.approx(8.0) and seen["emotion"] == pytest.approx(5.0)
+    # the loader's own rule: crop_tasks names the croppable tasks, None crops every task
+    items, _ = read_manifest(p)
+    spec = {"sources": {"m": {"path": str(p)}}, "max_clip_seconds": 2.0, "num_workers": 0}
+    lengths = lambda cfg: sorted(n for b in build_loader(cfg) for n in b.lengths.tolist())  # noqa: E731
+    assert lengths(spec) == [32000, 32000]
+    assert lengths({**spec, "crop_tasks": ["emotion"]}) == [32000, 128000]

@@ -295,6 +295,9 @@ class Task(Component):
     accepts_prompts: ClassVar[bool] = False
     #: False: ``predict`` is costly (autoregressive); ``AudioModel.forward(predict=False)`` skips it
     predicts_cheaply: ClassVar[bool] = True
+    #: True: a target describes any window of its clip (a label), so training may crop long clips;
+    #: False (transcripts, answers, codes): a clip is never cut away from its target
+    clip_level: ClassVar[bool] = False
     #: True: the head reads the shared backbone's decoder; ``forward`` gets the adapted audio (not the
     #: backbone's states) and ``decoder=`` the backbone, and builds its own interleaved sequence
     reads_decoder: ClassVar[bool] = False

@@ -73,7 +73,8 @@ class DataSpec(BaseModel):
     sample_rate: int = Field(16000, ge=1000, description="every clip is resampled to this rate")
     max_seconds: float = Field(60.0, gt=0.0, description="padded audio seconds per batch")
     max_items: Optional[int] = Field(None, ge=1, description="cap on items per batch")
-    max_clip_seconds: Optional[float] = Field(None, gt=0.0, description="crop longer clips (random window)")
+    max_clip_seconds: Optional[float] = Field(None, gt=0.0, description="crop longer clips (random window) of the crop_tasks")
+    crop_tasks: Optional[list[str]] = Field(None, description="tasks whose clips may be cropped (clip-level labels); None: every task")
     bucket_batches: int = Field(50, ge=1, description="batches formed together by length (bucketing window)")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
     seed: int = 0

@@ -33,6 +33,8 @@ __all__ = ["Classification", "masked_mean"]
 class Classification(Task):
     """Single- or multi-label classification over ``num_classes`` classes from pooled features."""
 
+    clip_level = True  # a label holds for any window of its clip: training may crop
+
     class Params(Params):
         num_classes: int = Field(2, ge=2, le=100_000, description="number of classes")
         multi_label: bool = Field(False, description="independent sigmoid per class (sound events, tags) instead of softmax")

@@ -210,8 +210,9 @@ def build_data(
             raise AudioMoEError("stage data weights / balanced / temperature need corpus or manifest data, not tones")
         return _tones(model, tasks, batch_size, seed, rank, world, eval_batches)
     sr = int(model.encoder.sample_rate)
+    clip_level = [t for t in model.task_names if getattr(model.heads[t], "clip_level", False)]  # may be cropped
     if isinstance(choice, dict):
-        train_spec = _narrow(choice, tasks, stage, local, seed)
+        train_spec = {"crop_tasks": clip_level, **_narrow(choice, tasks, stage, local, seed)}
         eval_spec = _narrow(choice, evaluate_on, None, local, seed)
         eval_spec["num_workers"] = 0
     else:
@@ -221,7 +222,7 @@ def build_data(
 
         path, paths = rank_zero_first(rank, world, caches)
         paths = {t: paths.get(t, path) for t in dict.fromkeys(tasks + evaluate_on)}
-        train_spec = _manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers)
+        train_spec = {**_manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers), "crop_tasks": clip_level}
         evaluate_on = _held_out(paths, evaluate_on) if eval_batches else []
         eval_spec = _manifest_spec({t: paths[t] for t in evaluate_on}, "test", None, local, seed, sr, 0)
     eval_data = list(itertools.islice(iter(build_loader(eval_spec)), eval_batches)) if eval_batches and evaluate_on else []
