@@ -242,3 +242,18 @@ def test_training_crops_only_clip_level_labels_never_a_transcripts_clip(tmp_path
     lengths = lambda cfg: sorted(n for b in build_loader(cfg) for n in b.lengths.tolist())  # noqa: E731
     assert lengths(spec) == [32000, 32000]
     assert lengths({**spec, "crop_tasks": ["emotion"]}) == [32000, 128000]
+
+
+def test_a_head_without_training_items_is_refused_naming_it_and_the_fix(tmp_path):
+    """Items of a head's task only in the test split: refused (it would stay random), with the --set that drops it."""
+    from audiomoe.core.composer import compose
+    from audiomoe.train.data import build_data
+
+    wav(tmp_path / "wav" / "a.wav")
+    lines = [{"audio": "wav/a.wav", "task": "emotion", "target": 1, "split": "train"},
+             {"audio": "wav/a.wav", "task": "asr", "target": "hi", "split": "test"}]
+    model = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null"])
+    with pytest.raises(AudioMoEError, match=r"no training items for head\(s\) asr in .*it has: emotion.*--set tasks.asr=null"):
+        build_data(model, str(manifest(tmp_path, lines)), None, batch_size=2, seed=0, eval_batches=0)
+    fed = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null", "tasks.asr=null"])
+    build_data(fed, str(manifest(tmp_path, lines)), None, batch_size=2, seed=0, eval_batches=1)  # the fix works

@@ -225,8 +225,17 @@ def build_data(
         train_spec = {**_manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers), "crop_tasks": clip_level}
         evaluate_on = _held_out(paths, evaluate_on) if eval_batches else []
         eval_spec = _manifest_spec({t: paths[t] for t in evaluate_on}, "test", None, local, seed, sr, 0)
+    train_loader = build_loader(train_spec, rank=rank, world_size=world)
+    fed = {it.task for it in train_loader.dataset.items}
+    unfed = [t for t in tasks if t not in fed]
+    if unfed:  # never train a model on a subset of its heads: the others would stay random, silently
+        where = "the data spec" if isinstance(choice, dict) else f"'{choice}'"
+        raise AudioMoEError(
+            f"no training items for head(s) {', '.join(unfed)} in {where} (training split; it has: {', '.join(sorted(fed)) or 'none'}); "
+            f"add items of those tasks, or drop the heads with {' '.join(f'--set tasks.{t}=null' for t in unfed)}"
+        )
     eval_data = list(itertools.islice(iter(build_loader(eval_spec)), eval_batches)) if eval_batches and evaluate_on else []
-    return LoaderStream(build_loader(train_spec, rank=rank, world_size=world)), eval_data
+    return LoaderStream(train_loader), eval_data
 
 
 def rank_zero_first(rank: int, world: int, fn: Callable[[], Any]) -> Any:
