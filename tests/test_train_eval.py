@@ -128,3 +128,23 @@ def test_resuming_a_preset_run_keeps_its_data_and_options_and_changes_only_what_
     assert "changes the model; a resumed run keeps its model" in capsys.readouterr().err
     assert cli.main(["train", "tiny-cls", "--resume", str(run)]) == 2
     assert "trained from a different spec" in capsys.readouterr().err
+
+
+def test_eval_reads_a_data_spec_at_the_split_asked_and_a_manifest_of_any_extension(corpus, tmp_path, capsys):
+    """--split decides what a data YAML's sources give (not the split they name), and a `.manifest` file is a manifest."""
+    import shutil
+
+    model = audiomoe.compose("tiny-corpus")
+    save_checkpoint(model, tmp_path / "run", 3)
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    tasks = model.task_names
+    n_test = sum(1 for x in lines if x["split"] == "test" and x["task"] in tasks)
+    n_train = sum(1 for x in lines if x["split"] == "train" and x["task"] in tasks)
+    spec = tmp_path / "data.yaml"
+    spec.write_text(f"sources:\n  all: {{path: {corpus}, split: train}}\n")
+    for split, n in (("test", n_test), ("train", n_train)):
+        assert cli.main(["eval", str(tmp_path / "run"), "--data", str(spec), "--split", split, "--json", str(tmp_path / f"{split}.json")]) == 0
+        assert sum(json.loads((tmp_path / f"{split}.json").read_text())["items"].values()) == n
+    other = shutil.copy(corpus, corpus.parent / "all.manifest")
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(other), "--json", str(tmp_path / "m.json")]) == 0
+    assert sum(json.loads((tmp_path / "m.json").read_text())["items"].values()) == n_test

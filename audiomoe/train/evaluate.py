@@ -11,6 +11,7 @@ macro-F1 and subset accuracy (multi-label), WER / CER (CTC, jiwer), WER / CER / 
 from __future__ import annotations
 
 import json
+import copy
 import os
 from typing import Any, Iterable, Optional, Sequence
 
@@ -56,15 +57,25 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
     from .data import corpus_paths, manifest_sources
 
     tasks = list(model.task_names)
-    if data in ("auto", "builtin") or (isinstance(data, str) and data.endswith(".jsonl")):
-        path = str(builtin_corpus(progress=False)) if data in ("auto", "builtin") else data
-        if not os.path.isfile(path):
+    base_dir = None
+    if isinstance(data, (str, os.PathLike)) and data not in ("auto", "builtin") and not str(data).endswith((".yaml", ".yml")):
+        if not os.path.isfile(data):  # a manifest, whatever its extension (.jsonl, .manifest, .json)
             raise AudioMoEError(f"--data '{data}': no such manifest file")
-        paths = corpus_paths(model, path, tasks) if data in ("auto", "builtin") else {t: path for t in tasks}
-        config: Any = {"sources": manifest_sources(paths, split)}
-    else:
-        config = data
-    spec, sources = load_data_spec(config)
+        config: Any = {"sources": manifest_sources({t: str(data) for t in tasks}, split)}
+    elif data in ("auto", "builtin"):
+        path = str(builtin_corpus(progress=False))
+        config = {"sources": manifest_sources(corpus_paths(model, path, tasks), split)}
+    else:  # a data spec: its sources are read at this split (eval's --split), whatever split they name
+        if isinstance(data, (str, os.PathLike)):
+            from ..core.safe_yaml import load_yaml_file
+
+            base_dir, data = os.path.dirname(os.path.abspath(data)), load_yaml_file(str(data), "data")
+        config = copy.deepcopy(dict(data))
+        config = config.get("data", config) if set(config) == {"data"} else config
+        for src in (config.get("sources") or {}).values():
+            if isinstance(src, dict):
+                src["split"] = split
+    spec, sources = load_data_spec(config, base_dir=base_dir)
     items = []
     for name, src in sources.items():
         its, _ = src.items(task=spec.sources[name].task, tasks=spec.tasks, skip_bad=spec.skip_bad)
