@@ -257,3 +257,19 @@ def test_a_head_without_training_items_is_refused_naming_it_and_the_fix(tmp_path
         build_data(model, str(manifest(tmp_path, lines)), None, batch_size=2, seed=0, eval_batches=0)
     fed = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null", "tasks.asr=null"])
     build_data(fed, str(manifest(tmp_path, lines)), None, batch_size=2, seed=0, eval_batches=1)  # the fix works
+
+
+def test_bad_targets_are_named_by_file_and_line_before_training(tmp_path):
+    """An empty transcript and a label typo fail up front with their lines, not when first sampled mid-run."""
+    from audiomoe.core.composer import compose
+    from audiomoe.train.data import build_data
+
+    wav(tmp_path / "wav" / "a.wav")
+    lines = [{"audio": "wav/a.wav", "task": "emotion", "target": 1, "split": "train"},
+             {"audio": "wav/a.wav", "task": "asr", "target": "hello", "split": "train"},
+             {"audio": "wav/a.wav", "task": "asr", "target": "", "split": "train"},
+             {"audio": "wav/a.wav", "task": "emotion", "target": 99, "split": "test"}]
+    p = manifest(tmp_path, lines)
+    model = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null"])
+    with pytest.raises(AudioMoEError, match=r"2 item\(s\) with a target their head cannot use: .*m.jsonl:3: empty transcript.*m.jsonl:4: label 99 is outside"):
+        build_data(model, str(p), None, batch_size=2, seed=0, eval_batches=1)

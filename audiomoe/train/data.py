@@ -234,8 +234,31 @@ def build_data(
             f"no training items for head(s) {', '.join(unfed)} in {where} (training split; it has: {', '.join(sorted(fed)) or 'none'}); "
             f"add items of those tasks, or drop the heads with {' '.join(f'--set tasks.{t}=null' for t in unfed)}"
         )
-    eval_data = list(itertools.islice(iter(build_loader(eval_spec)), eval_batches)) if eval_batches and evaluate_on else []
+    eval_loader = build_loader(eval_spec) if eval_batches and evaluate_on else None
+    check_targets(model, train_loader.dataset.items + (eval_loader.dataset.items if eval_loader else []))
+    eval_data = list(itertools.islice(iter(eval_loader), eval_batches)) if eval_loader else []
     return LoaderStream(train_loader), eval_data
+
+
+def check_targets(model: Any, items: Sequence[Any], limit: int = 5) -> None:
+    """Every item's target through its head's ``make_targets`` before training: a bad one is named by file and line now,
+    not when it is first sampled (codec targets, files read by the loader, are checked there)."""
+    import torch
+
+    bad: list[str] = []
+    for it in items:
+        head = model.heads[it.task] if it.task in model.heads else None
+        if head is None or (isinstance(it.target, dict) and ("codes" in it.target or "audio" in it.target)):
+            continue
+        try:
+            head.make_targets([it.target], torch.device("cpu"))
+        except AudioMoEError as exc:
+            bad.append(f"{it.origin}: {exc}")
+            if len(bad) == limit:
+                break
+    if bad:
+        more = " (first {limit}; there may be more)".format(limit=limit) if len(bad) == limit else ""
+        raise AudioMoEError(f"{len(bad)} item(s) with a target their head cannot use{more}: " + "; ".join(bad))
 
 
 def rank_zero_first(rank: int, world: int, fn: Callable[[], Any]) -> Any:
