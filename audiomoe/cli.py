@@ -250,10 +250,18 @@ def cmd_data_from_csv(args: argparse.Namespace) -> int:
 
     out = manifest_from_csv(args.csv, args.out, audio_dir=args.audio_dir, task=args.task, audio_column=args.audio_column, target_column=args.target_column)
     with open(out, encoding="utf-8") as fh:
-        targets = [json.loads(line)["target"] for line in fh if line.strip()]
+        rows = [json.loads(line) for line in fh if line.strip()]
+    targets = [r.get("target") for r in rows]
     labels = sorted({t for t in targets if isinstance(t, str)})
     print(f"wrote {out} ({len(targets)} items, {len(labels)} distinct labels)")
-    if labels and len(labels) <= 1000 and not any("'" in x for x in labels):  # the flags of a head that reads it
+    train = {r.get("target") for r in rows if r.get("split") == "train"}
+    only_held_out = [x for x in labels if x not in train]
+    if only_held_out and len(train) > 0:
+        print(f"warning: label(s) only outside the train split (a head cannot learn them): {', '.join(only_held_out[:10])}")
+    if len(targets) >= 10 and len(labels) > len(targets) // 2:  # mostly unique strings: transcripts or answers
+        print(f"the targets look like transcripts ({len(labels)} distinct of {len(targets)}): train a ctc or text head "
+              f"named '{args.task}' on it (see README, Heads)")
+    elif labels and len(labels) <= 1000 and not any("'" in x for x in labels):  # the flags of a head that reads it
         t = args.task
         print(f"a classification head for it: --set tasks.{t}=classification --set tasks.{t}.num_classes={len(labels)} "
               f"--set 'tasks.{t}.labels={json.dumps(labels, ensure_ascii=False, separators=(',', ':'))}'")

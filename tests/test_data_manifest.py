@@ -273,3 +273,19 @@ def test_bad_targets_are_named_by_file_and_line_before_training(tmp_path):
     model = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null"])
     with pytest.raises(AudioMoEError, match=r"2 item\(s\) with a target their head cannot use: .*m.jsonl:3: empty transcript.*m.jsonl:4: label 99 is outside"):
         build_data(model, str(p), None, batch_size=2, seed=0, eval_batches=1)
+
+
+def test_csv_with_an_empty_cell_is_refused_before_writing_and_transcripts_get_no_label_head(wavs, tmp_path, capsys):
+    from audiomoe.cli import main
+
+    (wavs / "wav" / "asr.csv").write_text("file,text,split\n0.wav,hello,train\n1.wav, ,train\n")
+    out = tmp_path / "asr.jsonl"
+    with pytest.raises(AudioMoEError, match=r"asr.csv:3: empty 'text' cell"):
+        manifest_from_csv(wavs / "wav" / "asr.csv", out, task="asr", target_column="text")
+    assert not out.exists()
+    rows = "".join(f"{i % 4}.wav,utterance number {i},{'train' if i < 10 else 'test'}\n" for i in range(12))
+    (wavs / "wav" / "asr.csv").write_text("file,text,split\n" + rows)
+    assert main(["data", "from-csv", str(wavs / "wav" / "asr.csv"), str(out), "--task", "asr", "--target-column", "text"]) == 0
+    text = capsys.readouterr().out
+    assert "look like transcripts (12 distinct of 12)" in text and "tasks.asr=classification" not in text
+    assert "only outside the train split" in text

@@ -211,8 +211,11 @@ def manifest_from_csv(
                 raise AudioMoEError(f"{csv_path}: no column '{col}' (columns: {reader.fieldnames})")
         for lineno, row in enumerate(reader, 2):
             origin = f"{csv_path}:{lineno}"
-            path = str((base / row.pop(audio_column)).resolve())
-            target = row.pop(target_column)
+            audio, target = ((row.pop(c) or "").strip() for c in (audio_column, target_column))
+            for col, value in ((audio_column, audio), (target_column, target)):
+                if not value:  # checked before anything is written: no manifest with a half-read CSV
+                    raise AudioMoEError(f"{origin}: empty '{col}' cell; every row needs one (fill it or remove the row)")
+            path = str((base / audio).resolve())
             fields: dict[str, Any] = {k: row.pop(k) for k in ("split", "prompt", "dataset") if row.get(k)}
             seg = {k: float(row.pop(k)) for k in ("offset", "duration") if row.get(k)}
             duration = seg.get("duration") or audio_info(path, origin) - seg.get("offset", 0.0)
