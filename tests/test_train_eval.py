@@ -148,3 +148,18 @@ def test_eval_reads_a_data_spec_at_the_split_asked_and_a_manifest_of_any_extensi
     other = shutil.copy(corpus, corpus.parent / "all.manifest")
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(other), "--json", str(tmp_path / "m.json")]) == 0
     assert sum(json.loads((tmp_path / "m.json").read_text())["items"].values()) == n_test
+
+
+def test_train_takes_a_data_yaml_and_a_plain_list_of_batches(corpus, tmp_path):
+    """`--data data.yaml` is a data spec (paths relative to it), and `train(data=[...])` accepts a list; too few is named."""
+    from audiomoe.train import TrainConfig, train
+
+    spec = corpus.parent / "data.yaml"
+    spec.write_text(f"sources:\n  all: {{path: {corpus.name}, split: train}}\nmax_clip_seconds: 2\n")
+    assert cli.main(["train", "tiny-corpus", "--data", str(spec), "--steps", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    model = audiomoe.compose("tiny-cls")
+    sr = int(model.encoder.sample_rate)
+    batches = [audiomoe.AudioBatch(torch.randn(2, sr // 4), sr, ["cls"] * 2, torch.tensor([sr // 4] * 2), [0, 1]) for _ in range(2)]
+    assert train("tiny-cls", config=TrainConfig(steps=2, eval_batches=0, progress=False), data=batches)["steps"] == 2
+    with pytest.raises(audiomoe.AudioMoEError, match="the data ran out at step 3 of 3"):
+        train("tiny-cls", config=TrainConfig(steps=3, eval_batches=0, progress=False), data=batches)

@@ -44,7 +44,18 @@ def resolve_choice(model: Any, data: Any) -> Any:
     if data == "auto":
         return "builtin" if set(model.task_names) <= set(CORPUS_TASKS) else "tones"
     if data not in ("builtin", "tones") and not os.path.isfile(data):
-        raise AudioMoEError(f"--data {data!r} is not 'auto', 'builtin', 'tones' or an existing manifest (.jsonl) file")
+        raise AudioMoEError(f"--data {data!r} is not 'auto', 'builtin', 'tones', an existing manifest (.jsonl) or a data YAML")
+    if str(data).endswith((".yaml", ".yml")):  # a data spec: its relative source paths are the YAML's folder's
+        from ..core.safe_yaml import load_yaml_file
+
+        raw = load_yaml_file(data, "data config")
+        raw = raw["data"] if isinstance(raw, dict) and set(raw) == {"data"} else raw
+        if not isinstance(raw, dict):
+            raise AudioMoEError(f"--data {data!r}: a data YAML holds a mapping with 'sources:' (see README, Data)")
+        for src in (raw.get("sources") or {}).values():
+            if isinstance(src, dict) and isinstance(src.get("path"), str):
+                src["path"] = os.path.join(os.path.dirname(os.path.abspath(data)), os.path.expanduser(src["path"]))
+        return raw
     return data
 
 

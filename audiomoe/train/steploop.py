@@ -99,7 +99,8 @@ class StageRun:
             for g in self.opt.param_groups:  # the options given now win over those the state was saved with
                 g.update(weight_decay=self.ospec.weight_decay, betas=tuple(self.ospec.betas), eps=self.ospec.eps)
         if self.opts.data is not None:
-            self.data, eval_data = self.opts.data, list(self.opts.eval_data or [])
+            given = self.opts.data  # a list of batches works as well as an iterator
+            self.data, eval_data = (given if hasattr(given, "__next__") else iter(given)), list(self.opts.eval_data or [])
         else:
             self.data, eval_data = build_data(
                 model, r.data, st.data, batch_size=r.batch_size, seed=r.seed, eval_batches=r.eval.batches if dist.main or layout.sharded else 0,
@@ -173,7 +174,11 @@ class StageRun:
             step = self.first + local
             self.shared["step"] = step
             t0 = time.perf_counter()
-            batches = [next(self.data) for _ in range(acc)]
+            try:
+                batches = [next(self.data) for _ in range(acc)]
+            except StopIteration:
+                raise AudioMoEError(f"the data ran out at step {step} of {self.first + st.steps}: give at least that many batches "
+                                    "(x accumulation), or an endless iterator (itertools.cycle)") from None
             t_data, t_fwd, t_bwd = time.perf_counter() - t0, 0.0, 0.0
             self.opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=dist.device)
