@@ -223,6 +223,9 @@ def test_a_run_directory_holding_a_run_is_refused_unless_resume_or_overwrite(tmp
         train("tiny-moe-cls", (), TrainConfig(steps=1, out_dir=str(out), **FAST))
     assert _same(_weights(load_checkpoint(out)), first)  # nothing of the first run was touched
     (out / "notes.txt").write_text("mine")
+    for name in ("eval-test.json", "measure.json", "report.md", "report.html"):  # eval / report outputs of the old run
+        (out / name).write_text("{}")
+    (out / "plots").mkdir()
     train("tiny-moe-cls", (), TrainConfig(steps=1, out_dir=str(out), overwrite=True, **FAST))
     assert _dirs(out) == ["latest", "notes.txt", "run.json", "step-000001", "summary.json"]  # only our files went
     assert "backbone" in load_checkpoint(out).spec

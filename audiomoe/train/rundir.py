@@ -31,8 +31,9 @@ except ImportError:  # pragma: no cover - Windows
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
-OWN_FILES = (RUN_FILE, LATEST, "summary.json", "log.jsonl")
-OWN_DIRS = ("tb", "specialists")  # TensorBoard events; the dense specialists of a UniMoE curriculum
+#: what training, ``audiomoe eval`` (eval-SPLIT.json) and ``audiomoe report`` (measure, report, plots) leave in a run
+OWN_FILES = (RUN_FILE, LATEST, "summary.json", "log.jsonl", "measure.json", "report.md", "report.html")
+OWN_DIRS = ("tb", "specialists", "plots")  # TensorBoard events; a UniMoE curriculum's dense specialists; report plots
 
 
 class RunDirError(CheckpointError):
@@ -119,6 +120,8 @@ def _remove_own_files(path: Path) -> None:
     for name in OWN_DIRS:
         if (path / name).is_dir() and not (path / name).is_symlink():
             shutil.rmtree(path / name)
+    for p in path.glob("eval-*.json"):
+        p.unlink(missing_ok=True)
     for p in list(path.glob("step-*")) + list(path.glob(".step-*")) + list(path.glob(".old-step-*")) + list(path.glob(".del-step-*")):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
