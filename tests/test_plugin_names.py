@@ -341,3 +341,36 @@ def test_describe_renders_every_registered_component():
         if entry.kind in ("encoder", "fusion", "adapter", "router", "expert", "moe", "task", "backbone"):
             info = describe(entry.kind, entry.name)
             assert info["example"].startswith(f"{entry.kind}:"), entry
+
+
+#: A plugin whose backbone and preset names are also built-in names used by the built-in recipes.
+RECIPE_CLASH_PLUGIN = '''
+import audiomoe
+
+@audiomoe.hookimpl
+def audiomoe_register_components(register):
+    register("backbone", "unimoe_transformer", "audiomoe.backbones.transformer:TransformerBackbone", "acme's own backbone")
+
+@audiomoe.hookimpl
+def audiomoe_register_presets(register):
+    register("mowe-tiny", {"d_model": 16, "encoder": {"name": "conv_frontend", "params": {"dim": 16, "channels": 16}},
+                           "tasks": {"cls": {"name": "classification", "params": {"num_classes": 3}}}}, "acme's mowe-tiny")
+'''
+
+
+def test_builtin_recipes_mean_builtin_names_with_a_clashing_plugin_installed(install_dist, tmp_path):
+    """A built-in recipe's preset and its preset_overrides resolve for builtin; the same names typed by a user are an error."""
+    from audiomoe.train.recipe import load_recipe
+
+    install_dist("acme-recipes", "1.0.0", {"acmer": "acme_recipes"}, {"acme_recipes": RECIPE_CLASH_PLUGIN})
+    reg = audiomoe.get_registry()
+    assert reg.plugins["acmer"].status == "loaded" and reg.preset_providers("mowe-tiny") == ["acmer", "builtin"]
+    spec = load_recipe("unimoe-curriculum-tiny").model.resolve().to_dict()
+    assert spec["backbone"]["name"] == "builtin:unimoe_transformer"
+    base_only = load_recipe("mowe-base-only-tiny")
+    assert base_only.model.preset == "builtin:mowe-tiny"
+    assert base_only.model.resolve().to_dict()["encoder"]["name"] == "whisper"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("model: {preset: tiny-unimoe, overrides: [backbone=unimoe_transformer]}\nstages: [{name: a, steps: 1}]\n")
+    with pytest.raises(AudioMoEError, match="registered by more than one plugin"):
+        load_recipe(str(mine)).model.resolve()

@@ -197,13 +197,24 @@ def _resolve_component(
 
 
 def resolve(
-    source: SpecSource, overrides: Iterable[str] = (), registry: Optional[Registry] = None
+    source: SpecSource, overrides: Iterable[str] = (), registry: Optional[Registry] = None, *, authored: Iterable[str] = ()
 ) -> ResolvedSpec:
-    """Validate ``source`` + ``overrides``; raise :class:`ConfigError` listing every problem."""
+    """Validate ``source`` + ``overrides``; raise :class:`ConfigError` listing every problem.
+
+    ``authored``: overrides written by the source preset's own plugin (a built-in recipe's variant
+    of a built-in preset), applied first; their names mean that plugin's components, as the
+    preset's own do, so a plugin installed later with the same names changes nothing.
+    """
     registry = registry or get_registry()
     raw, label = load_spec(source, registry)
     origin, typed = source_origin(source, registry), set[str]()
-    raw, problems = apply_overrides(raw, list(overrides), registry, origin=origin, typed=typed)
+    problems: list[ConfigProblem] = []
+    for text in authored:  # one at a time: each sees the author's version with the ones before it
+        raw, found = apply_overrides(raw, [text], registry, origin=origin, typed=set())
+        problems += found
+        origin = Origin(origin.plugin, raw) if origin.plugin else origin
+    raw, found = apply_overrides(raw, list(overrides), registry, origin=origin, typed=typed)
+    problems += found
     validated, children = _resolve_params(ModelSpec, raw, "", registry, problems, origin, None, frozenset(typed))
     if problems or validated is None:
         raise ConfigError(problems, source=label)

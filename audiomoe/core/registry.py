@@ -344,6 +344,10 @@ class Registry(PluginHost):
         """Whether ``name`` (or ``plugin:name``) names a registered preset."""
         return bool(self._presets.get(name.rpartition(":")[2]))
 
+    def preset_providers(self, name: str) -> list[str]:
+        """The plugins registering a preset of this (bare) name."""
+        return [p.plugin for p in self._presets.get(name, [])]
+
     def get_preset(self, name: str) -> PresetEntry:
         """Resolve a preset name (or ``plugin:name``) to one entry."""
         plugin, sep, bare = name.rpartition(":")

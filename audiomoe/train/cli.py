@@ -102,7 +102,7 @@ def _resumed(stored: Any, args: argparse.Namespace) -> Any:
     sets = [t for t in args.set if parse_override(t)[0].split(".")[0] in RECIPE_KEYS]
     model_sets = [t for t in args.set if t not in sets]
     if args.target is not None:  # the model named again: it must be the run's
-        if resolve(args.target, model_sets).to_dict() != resolve(stored.model.source(), stored.model.overrides).to_dict():
+        if resolve(args.target, model_sets).to_dict() != stored.model.resolve().to_dict():
             raise AudioMoEError(f"'{args.resume}' was trained from a different spec than {args.target!r} with these --set overrides; "
                                 "resume without PRESET/--set to continue it, or use --overwrite to start over")
     elif model_sets:

@@ -55,6 +55,9 @@ class ModelSection(_Strict):
     preset: Optional[str] = Field(None, description="preset name or spec YAML path")
     spec: Optional[dict[str, Any]] = Field(None, description="an inline model spec (d_model, encoder, backbone, tasks)")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides, as the CLI's --set")
+    preset_overrides: list[str] = Field(
+        default_factory=list, description="overrides written by the preset's own plugin (applied first; their names mean its components)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -65,6 +68,12 @@ class ModelSection(_Strict):
     def source(self) -> Any:
         """What :func:`audiomoe.compose` takes."""
         return self.preset if self.preset is not None else self.spec
+
+    def resolve(self) -> Any:
+        """The resolved model spec (:func:`audiomoe.core.composer.resolve`)."""
+        from ..core.composer import resolve
+
+        return resolve(self.source(), self.overrides, authored=self.preset_overrides)
 
 
 class OptimSpec(_Strict):
@@ -334,7 +343,21 @@ def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequen
         if not isinstance(raw, Mapping):
             raise AudioMoEError(f"{label} must hold a mapping (model, stages, ...), not {type(raw).__name__}")
         raw = dict(raw)
+        if path.parent == RECIPE_DIR:
+            _own_preset(raw)
     return _validated(raw, sets, label)
+
+
+def _own_preset(raw: dict[str, Any]) -> None:
+    """A built-in recipe's preset is the built-in one, even when a plugin registers another of that name."""
+    from ..core.registry import get_registry
+
+    model = raw.get("model")
+    name = model.get("preset") if isinstance(model, dict) else None
+    if isinstance(name, str) and ":" not in name:
+        providers = get_registry().preset_providers(name)
+        if len(providers) > 1 and "builtin" in providers:
+            model["preset"] = f"builtin:{name}"
 
 
 def recipe_for_preset(preset: Any, overrides: Sequence[str] = (), *, steps: int, **fields: Any) -> Recipe:

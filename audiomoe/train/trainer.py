@@ -109,13 +109,13 @@ def _model(recipe: Recipe, resume_from: Optional[Path], opts: RunOptions, where:
 
     if resume_from is not None:
         model = load_checkpoint(resume_from, build_spec=for_layout)
-        if opts.spec_given and resolve(recipe.model.source(), recipe.model.overrides).to_dict() != model.spec:
+        if opts.spec_given and recipe.model.resolve().to_dict() != model.spec:
             raise AudioMoEError(
                 f"'{where}' was trained from a different spec than {recipe.model.preset or 'the given spec'!r} with these --set overrides; "
                 "resume without PRESET/--set to continue it, or use --overwrite to start over"
             )
     else:
-        resolved = resolve(recipe.model.source(), recipe.model.overrides)
+        resolved = recipe.model.resolve()
         built = for_layout(resolved.to_dict())
         memory_check(check_size(build_meta(resolved)))
         model = build_model(resolve(built) if layouts[-1].expert_parallel > 1 else resolved)
