@@ -374,3 +374,14 @@ def test_builtin_recipes_mean_builtin_names_with_a_clashing_plugin_installed(ins
     mine.write_text("model: {preset: tiny-unimoe, overrides: [backbone=unimoe_transformer]}\nstages: [{name: a, steps: 1}]\n")
     with pytest.raises(AudioMoEError, match="registered by more than one plugin"):
         load_recipe(str(mine)).model.resolve()
+
+
+def test_a_name_of_a_plugin_not_loaded_here_says_so_instead_of_suggesting_another(install_dist, monkeypatch):
+    """A checkpoint's spec naming `acme:top_p` with acme disabled (or not installed) names the missing plugin."""
+    install_dist("acme-clash", "2.0.0", {"acme": "acme_clash"}, {"acme_clash": CLASH_PLUGIN})
+    monkeypatch.setenv("AUDIOMOE_DISABLE_PLUGINS", "acme")
+    audiomoe.reset_registry()
+    for plugin, state in (("acme", "disabled"), ("nobody", "not installed")):
+        with pytest.raises(ConfigError, match=f"comes from plugin '{plugin}', which is {state} here") as err:
+            audiomoe.compose("tiny-unimoe", [f"backbone.moe.router={plugin}:top_p"])
+        assert "Did you mean" not in str(err.value)

@@ -321,6 +321,12 @@ class Registry(PluginHost):
         elif len(entries) > 1 and prefer is not None:
             entries = [e for e in entries if e.plugin == prefer] or entries
         if not entries:
+            record = self.plugins.get(plugin)
+            if sep and (record is None or record.status != "loaded"):  # a spec (a checkpoint's) naming a plugin not loaded here
+                exc = UnknownComponentError(kind, name, [], self.failed_plugins)
+                exc.message = (f"{kind} '{name}' comes from plugin '{plugin}', which is {'not installed' if record is None else record.status} "
+                               "here (see `audiomoe plugins`); install the package that provides it, or name another component")
+                raise exc
             available = sorted({n for (k, n) in self._components if k == kind})
             if sep and self._components.get((kind, bare)):
                 available = [f"{p}:{bare}" for p in self.providers(kind, bare)]
