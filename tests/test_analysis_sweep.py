@@ -97,6 +97,7 @@ def test_grid_2x2_x_2_seeds_killed_then_resumed_reruns_only_unfinished_runs(tmp_
         _png_ok(out / "plots" / f"{name}.png")
     md = (out / "report.md").read_text()
     assert "## Results per config" in md and "router=top_p+num_experts=4" in md and "](plots/metric.png)" in md
+    assert "8 of 8 runs finished; this invocation ran " in md and "the others were already done" in md  # not the study's time
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ def run_ablation(
     claim_objs = [_Claim(**c) for c in claim_dicts]
     verdicts = evaluate_claims(claim_objs, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
     (root / "claims.json").write_text(json.dumps(verdicts, indent=1, default=str), encoding="utf-8")
-    md, page = study_report(root, title, description, plan, collected, verdicts, seconds)
+    md, page = study_report(root, title, description, plan, collected, verdicts, seconds, ran=len(runs) - finished)
     failed = [o for o in outcomes if o.get("status") != "ok"]
     return {"root": root, "report_md": md, "report_html": page, "runs": len(runs), "failed": len(failed), "seconds": seconds,
             "claims": verdicts, "collected": collected}  # fmt: skip

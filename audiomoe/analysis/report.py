@@ -182,7 +182,7 @@ def curves_block(curves: Mapping[str, Sequence[tuple]], plots: Path, groups: Opt
 
 
 def study_report(root: Path, title: str, description: str, plan: Any, collected: Mapping[str, Any], claims: Sequence[Mapping[str, Any]],
-                 seconds: Optional[float] = None) -> tuple[Path, Path]:
+                 seconds: Optional[float] = None, ran: Optional[int] = None) -> tuple[Path, Path]:
     """The study report: claims, the aggregate table, comparisons, plots, failures, skipped arms."""
     rows, agg, comps, metric = collected["rows"], collected["aggregate"], collected["comparisons"], plan.metric
     plots = root / "plots"
@@ -192,6 +192,8 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
     if description:
         blocks.append(("p", description.strip()))
     when = f" in {seconds / 60:.1f} min" if seconds else ""
+    if seconds and ran is not None and ran < len(rows):  # a rerun: its time is that of the runs it trained, not the study's
+        when = f"; this invocation ran {ran} of them in {seconds / 60:.1f} min, the others were already done"
     blocks.append(("p", f"{len(ok)} of {len(rows)} runs finished{when}: {len(plan.configs)} configs x {len(plan.seeds)} seeds. "
                         f"Key metric `{metric}` (held-out eval of the last step); intervals are 95% t intervals over seeds; "
                         f"differences are paired by seed." + (f" Chance level of `{metric}` (uniform guess) is {chance:.3f}." if chance else "")))  # fmt: skip
