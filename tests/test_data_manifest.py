@@ -289,3 +289,13 @@ def test_csv_with_an_empty_cell_is_refused_before_writing_and_transcripts_get_no
     text = capsys.readouterr().out
     assert "look like transcripts (12 distinct of 12)" in text and "tasks.asr=classification" not in text
     assert "only outside the train split" in text
+
+
+def test_a_corrupt_file_found_by_a_loader_worker_is_one_line_naming_its_line(wavs):
+    (wavs / "wav" / "bad.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    p = manifest(wavs, [good(0), {"audio": "wav/bad.wav", "task": "cls", "target": "a", "duration": 0.5}])  # a duration: no header read up front
+    loader = build_loader({"sources": {"m": {"path": str(p)}}, "num_workers": 1, "max_items": 1})
+    with pytest.raises(AudioMoEError) as err:
+        list(loader)
+    (line,) = str(err.value).splitlines()
+    assert "m.jsonl:2: cannot decode" in line and "bad.wav" in line and "Traceback" not in line

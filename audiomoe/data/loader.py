@@ -155,11 +155,17 @@ class AudioLoader:
     def __iter__(self) -> Iterator[AudioBatch]:
         self.sampler.load_state_dict({**self._state, "seed": self.sampler.seed})
         epoch, before = self._state["epoch"], len(self.bad)
-        for batch, bad in self._dataloader():
-            self._state["batch"] += 1
-            self.bad += bad
-            if batch is not None:
-                yield batch
+        try:
+            for batch, bad in self._dataloader():
+                self._state["batch"] += 1
+                self.bad += bad
+                if batch is not None:
+                    yield batch
+        except AudioMoEError as exc:  # from a worker: torch wraps it in its traceback; the item's own line is the message
+            text = str(exc).strip()
+            if "Original Traceback" not in text:
+                raise
+            raise AudioMoEError(text.splitlines()[-1].split("AudioMoEError: ", 1)[-1]) from None
         self._state = {"epoch": epoch + 1, "batch": 0}
         if self.warn_bad and len(self.bad) > before:
             warnings.warn(f"audiomoe data: skipped {len(self.bad) - before} bad item(s) in epoch {epoch} (skip_bad); first: {self.bad[before]}", RuntimeWarning, stacklevel=2)
