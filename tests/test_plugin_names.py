@@ -364,7 +364,7 @@ def test_builtin_recipes_mean_builtin_names_with_a_clashing_plugin_installed(ins
 
     install_dist("acme-recipes", "1.0.0", {"acmer": "acme_recipes"}, {"acme_recipes": RECIPE_CLASH_PLUGIN})
     reg = audiomoe.get_registry()
-    assert reg.plugins["acmer"].status == "loaded" and reg.preset_providers("mowe-tiny") == ["acmer", "builtin"]
+    assert reg.plugins["acmer"].status == "loaded" and reg.providers("preset", "mowe-tiny") == ["acmer", "builtin"]
     spec = load_recipe("unimoe-curriculum-tiny").model.resolve().to_dict()
     assert spec["backbone"]["name"] == "builtin:unimoe_transformer"
     base_only = load_recipe("mowe-base-only-tiny")

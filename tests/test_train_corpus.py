@@ -39,7 +39,7 @@ def test_auto_picks_the_corpus_for_corpus_heads_and_tones_otherwise(tiny_corpus,
     tones = audiomoe.compose("tiny-moe-cls")  # heads 'emotion', 'speaker': not all corpus tasks -> tones
     data, _ = _default_data(tones, TrainConfig(batch_size=4, eval_batches=1))
     assert next(data).sample_rate == 16000 and not (tiny_corpus.parent / "no-such-cache").exists()
-    with pytest.raises(audiomoe.AudioMoEError, match="not 'auto', 'builtin', 'tones' or an existing manifest"):
+    with pytest.raises(audiomoe.AudioMoEError, match="not 'auto', 'builtin', 'tones', an existing manifest"):
         _default_data(model, TrainConfig(data="nowhere.jsonl"))
 
 

@@ -201,9 +201,7 @@ def resolve(
 ) -> ResolvedSpec:
     """Validate ``source`` + ``overrides``; raise :class:`ConfigError` listing every problem.
 
-    ``authored``: overrides written by the source preset's own plugin (a built-in recipe's variant
-    of a built-in preset), applied first; their names mean that plugin's components, as the
-    preset's own do, so a plugin installed later with the same names changes nothing.
+    ``authored``: overrides by the preset's own plugin (applied first; their names mean its components, as its own do).
     """
     registry = registry or get_registry()
     raw, label = load_spec(source, registry)
@@ -285,11 +283,9 @@ class Builder:
         try:
             module = cls(self.node.params.model_copy(deep=True), **kwargs)
         except (ValueError, AssertionError) as exc:  # a constructor refusing its params: a config problem, named
-            where = f"'{self.node.path}'" if self.node.path else "the top level"
-            raise AudioMoEError(
-                f"{e.kind} '{self.node.name}' ({e.plugin} {e.version}) at {where} refused its params: {exc or type(exc).__name__}; "
-                f"change them with --set {self.node.path + '.' if self.node.path else ''}<param>=..."
-            ) from exc
+            where, key = (f"'{self.node.path}'", self.node.path + ".") if self.node.path else ("the top level", "")
+            raise AudioMoEError(f"{e.kind} '{self.node.name}' ({e.plugin} {e.version}) at {where} refused its params: "
+                                f"{exc or type(exc).__name__}; change them with --set {key}<param>=...") from exc
         module.audiomoe_component = ComponentInfo(e.kind, self.node.name, e.plugin, e.version, self.node.path)
         return module
 

@@ -63,6 +63,14 @@ class UnknownComponentError(AudioMoEError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
 
+    @classmethod
+    def plugin_missing(cls, kind: str, name: str, plugin: str, state: str) -> "UnknownComponentError":
+        """``plugin:name`` where that plugin is not loaded here (``state``: not installed, disabled, failed, empty)."""
+        exc = cls(kind, name, [])
+        exc.message = (f"{kind} '{name}' comes from plugin '{plugin}', which is {state} here (see `audiomoe plugins`); "
+                       "install the package that provides it, or name another component")
+        return exc
+
 
 class AmbiguousComponentError(AudioMoEError, KeyError):
     """A component name that two or more plugins registered; it must be qualified as ``plugin:name``."""

@@ -300,8 +300,9 @@ class Registry(PluginHost):
         return sorted(out, key=lambda e: (e.kind, e.name, e.plugin))
 
     def providers(self, kind: str, name: str) -> list[str]:
-        """The plugins registering ``kind/name`` (bare name), sorted; two or more means a clash."""
-        return sorted(e.plugin for e in self._components.get((kind, name.rpartition(":")[2]), []))
+        """The plugins registering ``kind/name`` (bare name; kind ``preset``: a preset), sorted; two or more means a clash."""
+        entries = self._presets.get(name.rpartition(":")[2], []) if kind == "preset" else self._components.get((kind, name.rpartition(":")[2]), [])
+        return sorted(e.plugin for e in entries)
 
     def get_component(self, kind: str, name: Optional[str], *, prefer: Optional[str] = None) -> ComponentEntry:
         """Resolve ``name`` (or ``plugin:name``; ``None``: the kind's default) to one entry.
@@ -323,10 +324,7 @@ class Registry(PluginHost):
         if not entries:
             record = self.plugins.get(plugin)
             if sep and (record is None or record.status != "loaded"):  # a spec (a checkpoint's) naming a plugin not loaded here
-                exc = UnknownComponentError(kind, name, [], self.failed_plugins)
-                exc.message = (f"{kind} '{name}' comes from plugin '{plugin}', which is {'not installed' if record is None else record.status} "
-                               "here (see `audiomoe plugins`); install the package that provides it, or name another component")
-                raise exc
+                raise UnknownComponentError.plugin_missing(kind, name, plugin, "not installed" if record is None else record.status)
             available = sorted({n for (k, n) in self._components if k == kind})
             if sep and self._components.get((kind, bare)):
                 available = [f"{p}:{bare}" for p in self.providers(kind, bare)]
@@ -349,10 +347,6 @@ class Registry(PluginHost):
     def has_preset(self, name: str) -> bool:
         """Whether ``name`` (or ``plugin:name``) names a registered preset."""
         return bool(self._presets.get(name.rpartition(":")[2]))
-
-    def preset_providers(self, name: str) -> list[str]:
-        """The plugins registering a preset of this (bare) name."""
-        return [p.plugin for p in self._presets.get(name, [])]
 
     def get_preset(self, name: str) -> PresetEntry:
         """Resolve a preset name (or ``plugin:name``) to one entry."""

@@ -355,7 +355,7 @@ def _own_preset(raw: dict[str, Any]) -> None:
     model = raw.get("model")
     name = model.get("preset") if isinstance(model, dict) else None
     if isinstance(name, str) and ":" not in name:
-        providers = get_registry().preset_providers(name)
+        providers = get_registry().providers("preset", name)
         if len(providers) > 1 and "builtin" in providers:
             model["preset"] = f"builtin:{name}"
 
