@@ -342,8 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """audiomoe's own warnings print as their one-line message (not Python's file:line header and source line)."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Optional[str] = None) -> None:
+        if str(message).startswith("audiomoe"):
+            print(str(message), file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``audiomoe`` console script."""
+    _one_line_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

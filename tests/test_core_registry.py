@@ -197,3 +197,19 @@ def test_every_hook_is_documented_with_typed_args_and_an_example():
         assert ":param register:" in doc and "Example::" in doc, fn.__name__
         assert all(p.annotation is not inspect.Parameter.empty for p in inspect.signature(fn).parameters.values())
         assert fn.__name__ in readme, f"{fn.__name__} missing from the README's plugin section"
+
+
+def test_a_broken_plugins_warning_is_one_line_on_the_command_line_and_strict_mode_says_it_stopped(install_dist):
+    import os
+    import subprocess
+    import sys
+
+    info = install_dist("acme-broken", "0.3.1", {"broken": "acme_broken"}, {"acme_broken": "import a_dependency_that_is_not_installed\n"})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(info.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "audiomoe", "list", "router", "top_p"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0
+    (line,) = [x for x in out.stderr.splitlines() if x.strip()]
+    assert line.startswith("audiomoe: plugin 'broken' (acme-broken 0.3.1) failed to import and was skipped: ModuleNotFoundError")
+    strict = subprocess.run([sys.executable, "-m", "audiomoe", "list", "router"], capture_output=True, text=True, timeout=120,
+                            env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"})
+    assert strict.returncode != 0 and "failed to import: ModuleNotFoundError" in strict.stderr and "skipped" not in strict.stderr

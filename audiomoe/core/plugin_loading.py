@@ -108,9 +108,10 @@ class PluginHost:
     def _fail(self, record: PluginRecord, exc: BaseException, what: str) -> None:
         record.status = "failed"
         record.error = f"{type(exc).__name__}: {exc}"
-        msg = f"audiomoe: plugin {self._label(record)} failed to {what} and was skipped: {record.error}"
+        msg = f"audiomoe: plugin {self._label(record)} failed to {what}: {record.error}"
         if self.strict:
             raise PluginLoadError(msg + f" (strict mode: unset {STRICT_ENV} to skip broken plugins)") from exc
+        msg = msg.replace(f"failed to {what}:", f"failed to {what} and was skipped:")
         warnings.warn(msg + f". Set {DISABLE_ENV}={record.name} to silence this.", RuntimeWarning, stacklevel=4)
 
     @staticmethod

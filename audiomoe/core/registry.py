@@ -84,10 +84,11 @@ class ComponentEntry:
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except Exception as exc:  # noqa: BLE001 - re-raised with the plugin named
+            hint = (f"Check the class name after ':' in the target '{self.target}'" if isinstance(exc, AttributeError)
+                    else "Check that the plugin is installed with its dependencies")  # fmt: skip
             raise AudioMoEError(
                 f"{self.kind} '{self.name}' from plugin '{self.plugin}' {self.version}: cannot import "
-                f"'{self.target}': {type(exc).__name__}: {exc}. Check that the plugin is installed "
-                f"with its dependencies."
+                f"'{self.target}': {type(exc).__name__}: {exc}. {hint}."
             ) from exc
         return obj
 
