@@ -121,6 +121,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"\ninjected by the composer (not params): {', '.join(info['injected'])}")
     if info.get("grouped"):
         print(f"grouped form: {info['grouped']}")
+    for problem in info.get("problems", []):
+        print(f"problem: {problem}")
     print("\nexample:\n" + "\n".join("  " + line for line in info["example"].splitlines()))
     return 0
 

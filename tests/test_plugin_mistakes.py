@@ -104,6 +104,8 @@ def test_a_default_that_breaks_its_own_limit_is_refused_at_validate_naming_the_k
     assert "backbone.moe.router.k" in err and "greater than or equal to 1" in err
     with pytest.raises(ConformanceError, match="does not build"):
         check_component("router", "baddefault")
+    assert main(["describe", "router/baddefault"]) == 0
+    assert "problem: its defaults do not validate" in capsys.readouterr().out
 
 
 def test_a_constructor_valueerror_is_a_config_error_naming_the_component_and_where(oops, capsys):

@@ -118,6 +118,15 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
     }
     if kind == "expert":
         info["grouped"] = _grouped_form(cls)
+    from .interfaces import BASES  # the class is imported already, so torch is too
+
+    base = BASES.get(kind)
+    problems = [f"does not subclass audiomoe.{base.__name__}: models refuse it"] if base is not None and not issubclass(cls, base) else []
+    try:  # a default that breaks its own field's limits (Params validate their defaults)
+        params_cls()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: describe shows what is wrong
+        problems.append(f"its defaults do not validate: {' '.join(str(exc).split())[:300]}")
+    info["problems"] = problems
     return info
 
 
