@@ -113,3 +113,13 @@ def test_lr_schedule_warmup_then_decay():
     assert math.isclose(lr_factor(60, 110, cos), 0.55) and math.isclose(lr_factor(110, 110, cos), 0.1)
     lin = ScheduleSpec(kind="linear", warmup=0, min_lr_ratio=0.0)
     assert lr_factor(50, 100, lin) == 0.5 and lr_factor(100, 100, ScheduleSpec()) == 1.0
+
+
+def test_a_misspelled_recipe_key_suggests_the_right_one_and_lists_the_section(capsys):
+    from audiomoe.cli import main
+
+    assert main(["train", "tiny-cls", "--set", "optim.lrr=1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lrr = 1: unknown key 'lrr'. Did you mean 'lr'? Keys here: name, lr, betas" in err
+    assert main(["train", "tiny-cls", "--set", "stages.train.stepz=1", "--steps", "1"]) == 2
+    assert "unknown key 'stepz'. Did you mean 'steps'?" in capsys.readouterr().err

@@ -390,7 +390,7 @@ def _validated(raw: dict[str, Any], sets: Sequence[str], label: str) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += problems_of(exc)
+        problems += problems_of(exc, Recipe)
         recipe = None
     if problems or recipe is None:
         raise ConfigError(problems, source=label)
