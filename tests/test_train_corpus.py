@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,16 @@ def test_predict_gives_labels_text_and_listenable_codec_audio(tiny_corpus, monke
         predict_files(str(tmp_path / "tiny-corpus"), [clip], tasks=["tts"])
     with pytest.raises(audiomoe.AudioMoEError, match="audio file 'nowhere.wav' does not exist"):
         predict_files(str(tmp_path / "tiny-corpus"), ["nowhere.wav"])
+    folder = tmp_path / "clips"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.wav", "sub/b.wav"):
+        (folder / name).write_bytes(Path(clip).read_bytes())
+    (folder / "notes.txt").write_text("not audio")
+    rows = predict_files(str(tmp_path / "tiny-corpus"), [str(folder)])
+    assert sorted({r["audio"] for r in rows}) == [str(folder / "a.wav"), str(folder / "sub" / "b.wav")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(audiomoe.AudioMoEError, match="holds no audio files"):
+        predict_files(str(tmp_path / "tiny-corpus"), [str(tmp_path / "empty")])
     with pytest.raises(audiomoe.AudioMoEError, match="no fitted codec in"):
         predict_files(str(tmp_path / "mowe-unimoe-tiny"), [clip], tasks=["tts"], codec=str(tmp_path))
     cli = subprocess.run([sys.executable, "-m", "audiomoe", "predict", str(tmp_path / "tiny-corpus"), clip, "--task", "speaker"],

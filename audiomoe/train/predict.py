@@ -11,6 +11,7 @@ on ``builtin`` speaks without flags.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -66,6 +67,24 @@ def _shown(head: Any, pred: Any) -> Any:
     return pred[0] if isinstance(pred, list) else pred
 
 
+#: what a folder given to predict is searched for (soundfile reads these)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+
+def _files(audio: Sequence[str]) -> list[str]:
+    """The audio paths, a folder expanded to the audio files under it (sorted)."""
+    out = []
+    for path in audio:
+        if os.path.isdir(path):
+            found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+            if not found:
+                raise AudioMoEError(f"folder '{path}' holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+            out += found
+        else:
+            out.append(path)
+    return out
+
+
 def predict_files(
     checkpoint: str, audio: Sequence[str], *, tasks: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
     codec: Optional[str] = None, out_dir: Optional[str] = None, device: str = "auto",
@@ -85,7 +104,7 @@ def predict_files(
     sr = int(model.encoder.sample_rate)
     codecs: dict[str, Any] = {}
     rows = []
-    for path in audio:
+    for path in _files(audio):
         wav = _waveform(path, sr)
         for task in chosen:
             batch = AudioBatch(wav[None].to(model.device), sr, [task], torch.tensor([wav.shape[0]], device=model.device), None, [prompt])
