@@ -299,3 +299,12 @@ def test_a_corrupt_file_found_by_a_loader_worker_is_one_line_naming_its_line(wav
         list(loader)
     (line,) = str(err.value).splitlines()
     assert "m.jsonl:2: cannot decode" in line and "bad.wav" in line and "Traceback" not in line
+
+
+def test_an_empty_split_names_the_splits_there_and_an_offset_past_the_end_says_so(wavs):
+    p = manifest(wavs, [{**good(0), "split": "train"}, good(1)])
+    with pytest.raises(AudioMoEError, match=r"no usable items with split 'validation'.*its lines' splits: '\(none\)' \(1\), 'train' \(1\)"):
+        read_manifest(p, split="validation")
+    late = manifest(wavs, [{**good(0), "offset": 4.0}], name="late.jsonl")
+    with pytest.raises(AudioMoEError, match=r"late.jsonl:1: offset 4.0 s is past the end of .*0.wav' \(0.500 s long\)"):
+        read_manifest(late)

@@ -98,7 +98,10 @@ def _item(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_fi
     if check_files and not os.path.exists(path):
         raise AudioMoEError(f"{origin}: audio file '{path}' does not exist")
     if duration is None:
-        duration = audio_info(path, origin) - float(offset)
+        length = audio_info(path, origin)
+        duration = length - float(offset)
+        if duration <= 0 and offset:
+            raise AudioMoEError(f"{origin}: offset {offset} s is past the end of '{path}' ({length:.3f} s long)")
     if duration <= 0:
         raise AudioMoEError(f"{origin}: zero-length clip '{path}' (duration {duration} s)")
     target = raw.get("target")
@@ -141,6 +144,7 @@ def read_manifest(
     items: list[Item] = []
     bad: list[str] = []
     other_tasks: dict[str, int] = {}  # lines of the split left out by only_tasks, by task: named when nothing is left
+    splits: dict[str, int] = {}  # every line's split: named when the one asked for has none
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -151,6 +155,8 @@ def read_manifest(
                     raw = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise AudioMoEError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if isinstance(raw, dict):
+                    splits[str(raw.get("split") or "(none)")] = splits.get(str(raw.get("split") or "(none)"), 0) + 1
                 if isinstance(raw, dict) and (split is not None and raw.get("split") != split or only and raw.get("task") not in only):
                     if only and (split is None or raw.get("split") == split):
                         other_tasks[str(raw.get("task"))] = other_tasks.get(str(raw.get("task")), 0) + 1
@@ -171,7 +177,8 @@ def read_manifest(
                 "items of their own task name; name the head as the manifest's task (e.g. --set tasks.<task>=classification) "
                 "or write the manifest with the head's name (audiomoe data from-csv ... --task <head>)"
             )
-        raise AudioMoEError(f"manifest '{path}' is empty: no usable items{what} ({len(bad)} bad lines skipped)")
+        found = f"; its lines' splits: {', '.join(f'{s!r} ({n})' for s, n in sorted(splits.items()))}" if split is not None and splits else ""
+        raise AudioMoEError(f"manifest '{path}' is empty: no usable items{what} ({len(bad)} bad lines skipped){found}")
     return items, bad
 
 
