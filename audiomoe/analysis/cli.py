@@ -133,6 +133,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if measure is None:
         print(f"measuring routing on {args.batches} held-out batches ...", file=sys.stderr)
         measure = measure_run(root, args.batches, args.checkpoint, args.data)
+        if measure.get("batches") != args.batches:
+            print(f"the held-out split gave {measure.get('batches')} batch(es) ({measure.get('items')} items), fewer than {args.batches}", file=sys.stderr)
     md, page = run_report(root, measure, summary)
     print(f"report: {page}\n        {md}")
     return 0
