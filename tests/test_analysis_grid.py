@@ -168,3 +168,23 @@ def test_a_run_of_a_sweep_can_itself_be_distributed(tmp_path):
     assert "--nproc 2" in " ".join(cmd) and "--expert-parallel 2" in " ".join(cmd)
     args = build_parser().parse_args(cmd[3:])
     assert args.nproc == 2
+
+
+def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path):
+    """Same --out, another --steps or --set: the old run's results are not this plan's (trained again, not skipped)."""
+    import json
+
+    from audiomoe.analysis.launch import SETTINGS_FILE, run_settings, run_state
+
+    def run_of(steps, grid="backbone.moe.router=top_p"):
+        (cfg,) = expand("tiny-moe-cls", [parse_grid(grid)], steps=steps)
+        return plan_runs([cfg], [0], tmp_path)[0]
+
+    old = run_of(20)
+    (old.path / "train").mkdir(parents=True)
+    (old.path / "train" / "summary.json").write_text("{}")
+    (old.path / SETTINGS_FILE).write_text(json.dumps(run_settings(old)))
+    assert run_state(old) == "trained" and "--overwrite" not in run_settings(old)  # same settings: only its measurement is missing
+    assert run_of(40).path == old.path and run_state(run_of(40)) == "stale"
+    with_set = expand("tiny-moe-cls", [parse_grid("backbone.moe.router=top_p")], steps=20, overrides=["backbone.moe.num_experts=8"])
+    assert run_state(plan_runs(with_set, [0], tmp_path)[0]) == "stale"

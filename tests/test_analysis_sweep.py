@@ -58,6 +58,10 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     page = (out / "report.html").read_text()
     assert "Failed or unfinished runs" in page and "data:image/png;base64," in page
     assert (out / "runs" / "good" / "seed-0" / "measure.json").is_file()
+    # a misspelled key metric is refused, naming the right one; the finished run is kept (not trained again)
+    r = ablate("tiny-moe-cls", "--variant", "good=", "--seeds", "1", *TINY, "--metric", "mean/acc", "--out", str(out))
+    assert r.returncode == 2 and "'mean/acc' is in no run's results. Did you mean 'mean/accuracy'?" in r.stderr, r.stderr
+    assert "1 already finished, 0 to run" in r.stdout
 
 
 def _finished(out: Path) -> list[Path]:

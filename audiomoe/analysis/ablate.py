@@ -12,9 +12,9 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, Mapping, Optional, Sequence, TextIO
 
-from ..core.errors import AudioMoEError
+from ..core.errors import AudioMoEError, did_you_mean
 from .grid import Config, Plan
 from .results import collect, read_json, run_metrics
 
@@ -66,6 +66,16 @@ def _progress(total: int, metric: str, stream: TextIO) -> Any:
     return done
 
 
+def _check_metric(metric: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a key metric no finished run has (a typo would give an empty study), naming the ones they have."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok or any(isinstance(r.get(metric), (int, float)) for r in ok):
+        return
+    known = sorted({k for r in ok for k, v in r.items() if isinstance(v, (int, float)) and ("/" in k or k == "final_loss")})
+    raise AudioMoEError(f"--metric {metric!r} is in no run's results.{did_you_mean(metric, known)} They have: {', '.join(known)}; "
+                        "the runs are kept: the same command with another --metric reports them without training")
+
+
 def run_ablation(
     plan: Plan, root: str | Path, *, title: str, description: str = "", claims: Sequence[Any] = (), jobs: int = 1, launcher: str = "local",
     timeout: Optional[float] = None, submitit_cluster: Optional[str] = None, submitit_options: Optional[dict] = None,
@@ -82,14 +92,19 @@ def run_ablation(
     save_plan(plan, root, {"title": title, "description": description, "claims": claim_dicts})
     for arm, why in plan.skipped.items():
         print(f"skipping '{arm}': {why}", file=stream, flush=True)
-    finished = sum(run_state(r) == "done" for r in runs)
-    print(f"{len(runs)} runs ({len(plan.configs)} configs x {len(plan.seeds)} seeds) in {root}; {finished} already finished, "
+    states = [run_state(r) for r in runs]
+    finished, stale = states.count("done"), states.count("stale")
+    print(f"{len(runs)} runs ({len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {len(plan.seeds)} seed{'s' * (len(plan.seeds) != 1)}) in {root}; {finished} already finished, "
           f"{len(runs) - finished} to run with {jobs} job(s) ({launcher})", file=stream, flush=True)  # fmt: skip
+    if stale:
+        print(f"{stale} of them were trained here with other settings (steps, --set or options): trained again with these",
+              file=stream, flush=True)  # fmt: skip
     t0 = time.perf_counter()
     outcomes = launch(runs, jobs=jobs, launcher=launcher, batches=plan.measure_batches, timeout=timeout, done=_progress(len(runs), plan.metric, stream),
                       submitit_cluster=submitit_cluster, submitit_options=submitit_options)  # fmt: skip
     seconds = time.perf_counter() - t0
     collected = collect(runs, plan.baselines, root)
+    _check_metric(plan.metric, collected["rows"])
     claim_objs = [_Claim(**c) for c in claim_dicts]
     verdicts = evaluate_claims(claim_objs, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
     (root / "claims.json").write_text(json.dumps(verdicts, indent=1, default=str), encoding="utf-8")

@@ -53,12 +53,24 @@ def measure_command(run: Run, batches: int, python: str = sys.executable) -> lis
     return [python, "-m", "audiomoe.analysis.measure", str(run.path), "--batches", str(batches)]
 
 
+#: the training settings of a run (its command line, less the interpreter and --overwrite), written when it is trained
+SETTINGS_FILE = "settings.json"
+
+
+def run_settings(run: Run) -> list[str]:
+    """What makes a run this run: its ``audiomoe train`` arguments (the plan's target, overrides, seed, steps, options)."""
+    return [a for a in train_command(run)[3:] if a != "--overwrite"]
+
+
 def run_state(run: Run) -> str:
-    """``done`` (trained and measured), ``trained`` (measurement missing, of an older version or checkpoint) or ``todo``."""
+    """``done`` (trained and measured), ``trained`` (measurement missing, of an older version or checkpoint), ``stale``
+    (trained with other settings: another --steps, --set or option into the same directory) or ``todo``."""
     if not (run.path / "train" / "summary.json").is_file():
         return "todo"
+    recorded = read_json(run.path / SETTINGS_FILE)
+    if recorded is not None and recorded != run_settings(run):
+        return "stale"
     from .measure import measure_is_current
-    from .results import read_json
 
     summary = read_json(run.path / "train" / "summary.json") or {}
     return "done" if measure_is_current(read_json(run.path / MEASURE_FILE), summary) else "trained"
@@ -99,7 +111,9 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
     t0 = time.perf_counter()
     state = run_state(run)
     outcome: dict[str, Any] = {"config": run.config.name, "seed": run.seed, "path": str(run.path), "skipped": state == "done"}
-    stages = [("train", train_command(run), run.path / "train.log")] if state == "todo" else []
+    if state in ("todo", "stale"):  # the settings first: a run killed mid-training is still known as this run's
+        (run.path / SETTINGS_FILE).write_text(json.dumps(run_settings(run)), encoding="utf-8")
+    stages = [("train", train_command(run), run.path / "train.log")] if state in ("todo", "stale") else []
     if state != "done":
         stages.append(("measure", measure_command(run, batches), run.path / "measure.log"))
     for stage, cmd, log in stages:
@@ -112,7 +126,8 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
             break
     else:
         outcome["status"] = "ok"
-    if state == "todo":
+    if state in ("todo", "stale"):
+        outcome["retrained"] = state == "stale"
         outcome["wall_seconds"] = round(time.perf_counter() - t0, 2)
         (run.path / OUTCOME_FILE).write_text(json.dumps(outcome, indent=1), encoding="utf-8")
     else:

@@ -286,7 +286,9 @@ def routing_figures(measures: Mapping[str, Sequence[Mapping[str, Any]]], by_task
             figs[fkey] = per_layer(series, token_layers, ylabel, title + (" by task" if by_task else " (mean over seeds)"),
                                    kind="bar" if fkey == "null_share" else "line")  # fmt: skip
         panels, cols = _task_panels(measures, token_layers, "load_by_task", "backbone/", by_task, mean=False)
-        figs["expert_load"] = heatmaps(panels, cols, "expert load per task (share of each task's picks)", "expert (null = computation skipped)")
+        has_null = any("null" in str(c) for cs in cols.values() for c in cs)
+        figs["expert_load"] = heatmaps(panels, cols, "expert load per task (share of each task's picks)",
+                                       "expert (null = computation skipped)" if has_null else "expert")  # fmt: skip
     if sample_layers:
         panels, cols = _task_panels(measures, sample_layers, "selection_by_task", "encoder/", by_task, mean=True)
         figs["weak_selection"] = heatmaps(panels, cols, "weak-encoder selection per task (share of samples)", "weak encoder",

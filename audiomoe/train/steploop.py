@@ -229,7 +229,7 @@ class StageRun:
             at_eval = self.has_eval and (step % r.eval.every == 0 or local == st.steps)
             if at_eval and self.eval_data:  # rank 0, or every rank of a sharded run
                 metrics = self._eval()
-                self.shared["history"].append({"step": step, "loss": loss, **metrics})
+                self.shared["history"].append({"step": step, "train_loss": loss, **metrics})  # the step's training batch, not held out
                 self.report["eval"] = metrics
                 self.log.eval(step, metrics)
             every = r.checkpoint.every
