@@ -188,7 +188,8 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
                     continue  # the main model has trained past this stage: its specialists are done
                 start_run()
 
-                def one(sub: Recipe, d: Path, resume: bool) -> dict[str, Any]:
+                def one(sub: Recipe, d: Path, resume: bool, st=st, idx=idx) -> dict[str, Any]:
+                    bar.note(f"stage {idx} '{st.name}': specialist '{d.name}' ({sub.stages[0].steps} steps) into {d}")
                     o = RunOptions(out_dir=str(d), resume=resume, device=opts.device, progress=opts.progress, print_every=opts.print_every, workers=opts.workers)
                     return run_recipe(sub, o)
 
