@@ -72,6 +72,8 @@ def test_top_p_null_stats_match_the_routing_trace():
         assert r["real_experts_per_token"] <= r["experts_per_token"]
     layers = m["moe_layers"]
     assert all(v["pairs"] <= v["tokens"] * 8 for v in layers.values())  # real picks only: at most all 8 routed experts
+    heat = routing_figures({"top_p": [m]})["expert_load"].axes[0]
+    assert heat.get_xlabel() == "expert (null = computation skipped)"  # a null column: the label says what it is
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_routing_plots_are_pngs_with_labelled_axes(topk, mowe, tmp_path):
     assert ax.get_title().startswith("experts per token per layer")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["top2"]
     heat = figs["expert_load"].axes[0]
-    assert (heat.get_xlabel(), heat.get_ylabel()) == ("expert (null = computation skipped)", "task")
+    assert (heat.get_xlabel(), heat.get_ylabel()) == ("expert", "task")  # top-2, no null column: no null in the label
     weak = figs["weak_selection"].axes[0]
     assert weak.get_xlabel() == "weak encoder" and [t.get_text() for t in weak.get_yticklabels()] == ["emotion", "speaker"]
     (w, h), size = _png_size(save_png(figs["experts_per_layer"], tmp_path / "plots" / "epl.png"))
