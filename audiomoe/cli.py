@@ -256,7 +256,7 @@ def cmd_data_from_csv(args: argparse.Namespace) -> int:
     targets = [r.get("target") for r in rows]
     labels = sorted({t for t in targets if isinstance(t, str)})
     print(f"wrote {out} ({len(targets)} items, {len(labels)} distinct labels)")
-    train = {r.get("target") for r in rows if r.get("split") == "train"}
+    train = {r.get("target") for r in rows if (r.get("split") or "train") == "train"}  # no split: a training line
     only_held_out = [x for x in labels if x not in train]
     if only_held_out and len(train) > 0:
         print(f"warning: label(s) only outside the train split (a head cannot learn them): {', '.join(only_held_out[:10])}")

@@ -303,8 +303,16 @@ def test_a_corrupt_file_found_by_a_loader_worker_is_one_line_naming_its_line(wav
 
 def test_an_empty_split_names_the_splits_there_and_an_offset_past_the_end_says_so(wavs):
     p = manifest(wavs, [{**good(0), "split": "train"}, good(1)])
-    with pytest.raises(AudioMoEError, match=r"no usable items with split 'validation'.*its lines' splits: '\(none\)' \(1\), 'train' \(1\)"):
+    with pytest.raises(AudioMoEError, match=r"no usable items with split 'validation'.*its lines' splits: 'train' \(2\)"):  # unsplit = train
         read_manifest(p, split="validation")
     late = manifest(wavs, [{**good(0), "offset": 4.0}], name="late.jsonl")
     with pytest.raises(AudioMoEError, match=r"late.jsonl:1: offset 4.0 s is past the end of .*0.wav' \(0.500 s long\)"):
         read_manifest(late)
+
+
+def test_a_line_without_a_split_is_a_training_line(wavs):
+    """`split` is optional: unsplit lines train, `test` lines are held out (the README's manifest format)."""
+    p = manifest(wavs, [good(0), {**good(1), "split": "test"}, {**good(2), "split": "train"}])
+    assert [i.audio.rsplit("/", 1)[-1] for i in read_manifest(p, split="train")[0]] == ["0.wav", "2.wav"]
+    assert [i.split for i in read_manifest(p)[0]] == ["train", "test", "train"]
+    assert len(read_manifest(p, split="test")[0]) == 1

@@ -11,7 +11,7 @@ audio model needs::
 ``duration`` (seconds) select a segment; ``target`` is a class label, a transcript, an answer or
 ``{"codes": "codes/x.npy"}`` (codec codes [num_codebooks, frames], loaded in the workers) or
 ``{"audio": "wav/y.wav"}`` (a clip to write: :func:`audiomoe.data.codes.encode_manifest` turns it
-into codes); ``prompt`` an optional text input; ``dataset``/``split`` free strings and
+into codes); ``prompt`` an optional text input; ``dataset``/``split`` free strings (no ``split``: ``train``) and
 ``meta`` free metadata. Any other key is an error (a typo must not silently drop a field).
 """
 
@@ -113,7 +113,7 @@ def _item(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_fi
         raise AudioMoEError(f"{origin}: 'meta' must be an object, got {type(meta).__name__}")
     return Item(
         audio=path, task=task, target=target, offset=float(offset), duration=float(duration),
-        prompt=raw.get("prompt"), dataset=str(raw.get("dataset") or ""), split=str(raw.get("split") or ""),
+        prompt=raw.get("prompt"), dataset=str(raw.get("dataset") or ""), split=str(raw.get("split") or "train"),
         meta=meta, origin=origin,
     )
 
@@ -156,9 +156,10 @@ def read_manifest(
                 except json.JSONDecodeError as exc:
                     raise AudioMoEError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
                 if isinstance(raw, dict):
-                    splits[str(raw.get("split") or "(none)")] = splits.get(str(raw.get("split") or "(none)"), 0) + 1
-                if isinstance(raw, dict) and (split is not None and raw.get("split") != split or only and raw.get("task") not in only):
-                    if only and (split is None or raw.get("split") == split):
+                    raw_split = raw.get("split") or "train"  # a line without a split is a training line
+                    splits[raw_split] = splits.get(raw_split, 0) + 1
+                if isinstance(raw, dict) and (split is not None and raw_split != split or only and raw.get("task") not in only):
+                    if only and (split is None or raw_split == split):
                         other_tasks[str(raw.get("task"))] = other_tasks.get(str(raw.get("task")), 0) + 1
                     continue
                 if task is not None and isinstance(raw, dict):
