@@ -66,6 +66,7 @@ def test_paired_verdicts_and_constant_differences():
     same = paired_test({0: 0.3, 1: 0.3}, {0: 0.1, 1: 0.1})  # identical differences: t infinite, p 0
     assert same.mean_diff == pytest.approx(0.2) and same.p == 0.0 and same.t == math.inf
     assert paired_test({0: 0.3}, {0: 0.1}).verdict() == "n/a"
+    assert paired_test({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0}).verdict() == "identical"  # not "unresolved": no difference at all
 
 
 def test_aggregate_and_compare_rows():

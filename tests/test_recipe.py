@@ -123,3 +123,12 @@ def test_a_misspelled_recipe_key_suggests_the_right_one_and_lists_the_section(ca
     assert "optim.lrr = 1: unknown key 'lrr'. Did you mean 'lr'? Keys here: name, lr, betas" in err
     assert main(["train", "tiny-cls", "--set", "stages.train.stepz=1", "--steps", "1"]) == 2
     assert "unknown key 'stepz'. Did you mean 'steps'?" in capsys.readouterr().err
+
+
+def test_a_warmup_as_long_as_the_stage_is_warned_about(tmp_path):
+    from audiomoe.train import TrainConfig, train
+
+    out = train("tiny-cls", config=TrainConfig(steps=3, warmup=5, eval_batches=0, progress=False))
+    (w,) = [w["warning"] for w in out["warnings"]]
+    assert "warms the lr up over 5 steps but has 3" in w and "lower schedule.warmup" in w
+    assert train("tiny-cls", config=TrainConfig(steps=3, warmup=2, eval_batches=0, progress=False))["warnings"] == []

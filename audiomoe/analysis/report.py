@@ -195,7 +195,7 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
     if seconds and ran is not None and ran < len(rows):  # a rerun: its time is that of the runs it trained, not the study's
         when = f"; this invocation ran {ran} of them in {seconds / 60:.1f} min, the others were already done"
     blocks.append(("p", f"{len(ok)} of {len(rows)} runs finished{when}: {len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {len(plan.seeds)} seed{'s' * (len(plan.seeds) != 1)}. "
-                        f"Key metric `{metric}` ({'the training loss of the last batch: noisy, not held out' if metric == 'final_loss' else 'held-out eval of the last step'}); intervals are 95% t intervals over seeds; "
+                        f"Key metric `{metric}` ({'the training loss of the last batch: noisy, not held out' if metric == 'final_loss' else 'held-out eval of the last step: the mean over its eval batches; `audiomoe eval` scores a whole split'}); intervals are 95% t intervals over seeds; "
                         f"differences are paired by seed." + (f" Chance level of `{metric}` (uniform guess) is {chance:.3f}." if chance else "")))  # fmt: skip
     if chance is not None and agg:
         blocks.append(("p", learning_check(agg, ok, metric, chance, len(plan.seeds))))

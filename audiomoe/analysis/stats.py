@@ -65,9 +65,12 @@ class PairedTest:
         return {f"{prefix}{k}": v for k, v in d.items()}
 
     def verdict(self) -> str:
-        """``higher`` / ``lower`` when the interval excludes 0, else ``unresolved`` (or ``n/a`` below 2 pairs)."""
+        """``higher`` / ``lower`` when the interval excludes 0, ``identical`` when every pair is equal, else
+        ``unresolved`` (or ``n/a`` below 2 pairs)."""
         if self.n < 2 or not math.isfinite(self.ci_low):
             return "n/a"
+        if self.mean_diff == 0 and self.std_diff == 0:
+            return "identical"
         if self.ci_low > 0:
             return "higher"
         if self.ci_high < 0:

@@ -170,6 +170,11 @@ class StageRun:
         if len(r.stages) > 1:
             self.bar.note(f"stage {self.idx} '{st.name}': steps {self.first + 1}..{self.first + st.steps}, "
                           f"{self.report['trainable_parameters']:,} trainable parameters")
+        if self.sched.warmup >= st.steps > 0:
+            warn = (f"stage '{st.name}' warms the lr up over {self.sched.warmup} steps but has {st.steps}: "
+                    "the lr reaches its peak only at the end, if at all, and never decays (lower schedule.warmup)")
+            self.bar.note(f"warning: {warn}")
+            self.shared.setdefault("warnings", []).append({"step": self.first, "warning": warn})
         for local in range(local0 + 1, st.steps + 1):
             step = self.first + local
             self.shared["step"] = step
