@@ -213,3 +213,6 @@ def test_a_broken_plugins_warning_is_one_line_on_the_command_line_and_strict_mod
     strict = subprocess.run([sys.executable, "-m", "audiomoe", "list", "router"], capture_output=True, text=True, timeout=120,
                             env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"})
     assert strict.returncode != 0 and "failed to import: ModuleNotFoundError" in strict.stderr and "skipped" not in strict.stderr
+    table = subprocess.run([sys.executable, "-m", "audiomoe", "plugins"], capture_output=True, text=True, timeout=120,
+                           env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"})
+    assert table.returncode == 0 and any(line.split()[:1] == ["broken"] and "failed" in line for line in table.stdout.splitlines())

@@ -212,10 +212,11 @@ def training_curves(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[
     for k in range(len(panels), nrows * ncols):
         axes[k // ncols][k % ncols].axis("off")
     how = f"trailing mean over {spans[0]} steps" if len(set(spans)) == 1 else "trailing mean over a tenth of each panel's steps"
+    lines = "smoothed" if sum(len(v) for v in curves.values()) == 1 else "thin: seeds, thick: their mean"  # one run: no seeds to explain
     if groups:
-        fig.suptitle(f"{title} (thin: seeds, thick: their mean; {how})", fontsize=11)
+        fig.suptitle(f"{title} ({lines}; {how})", fontsize=11)
     elif spans and spans[0] > 1:
-        axes[0][0].set_title(f"{title}\n(thin: seeds, thick: their mean; {how})", fontsize=10)
+        axes[0][0].set_title(f"{title}\n({lines}; {how})", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -175,9 +175,11 @@ def curves_block(curves: Mapping[str, Sequence[tuple]], plots: Path, groups: Opt
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return [("p", "Training curves: none (the runs recorded no history and no progress lines).")]
-    fig = training_curves(curves, groups=groups)
-    caption = ("Training loss per config (one panel per arm): thin lines are seeds, thick lines their mean, both smoothed (from each run's "
-               "training log). A multi-stage recipe's curve is its main model's steps (specialists train in runs of their own, not drawn).")
+    one = sum(len(v) for v in curves.values()) == 1
+    fig = training_curves(curves, title="training loss" if one else "training loss per config", groups=groups)
+    caption = ("Training loss of this run, smoothed (from its training log)." if one else
+               "Training loss per config (one panel per arm): thin lines are seeds, thick lines their mean, both smoothed (from each run's "
+               "training log).") + " A multi-stage recipe's curve is its main model's steps (specialists train in runs of their own, not drawn)."  # fmt: skip
     return [("img", str(save_png(fig, plots / "training_curves.png")), caption)]
 
 
