@@ -188,7 +188,7 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     import torch
 
     from .core.composer import compose
-    from .experts.tune import tune_plans, write_plan_table
+    from .experts.tune import tune_plans
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise AudioMoEError("--device cuda: no CUDA device is visible here; use --device cpu")
@@ -205,7 +205,7 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
             f"{r.max_diff:.1e}" if r.seconds is not None else "-", r.note] for r in rows]  # fmt: skip
     print("\n" + _table(out, ["layer shape", "plan (* fastest)", "fwd+bwd ms", "vs loop", "max |diff|", "note"]))
     if args.tune:
-        write_plan_table(table, args.tune)
+        _write_text(args.tune, json.dumps(table, indent=2, sort_keys=True), "--tune")
         print(f"\nplan table ({len(table)} shapes) written to {args.tune}; use it with --set backbone.moe.plan_table={os.path.abspath(args.tune)}")
     return 0
 

@@ -48,6 +48,10 @@ class ItemDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def croppable(self, it: Item) -> bool:
+        """Whether a clip of ``it`` longer than ``max_clip_seconds`` is cropped (its task is one of ``crop_tasks``)."""
+        return self.crop_tasks is None or it.task in self.crop_tasks
+
     def _decode(self, it: Item) -> tuple[np.ndarray, int]:
         import soundfile as sf
 
@@ -70,8 +74,7 @@ class ItemDataset(torch.utils.data.Dataset):
         if not np.isfinite(x).all():
             raise AudioMoEError(f"{it.origin}: clip '{it.audio}' contains NaN or inf samples")
         rng = np.random.default_rng(seed)
-        croppable = self.crop_tasks is None or it.task in self.crop_tasks
-        if self.max_clip_seconds is not None and croppable and x.size > self.max_clip_seconds * sr:
+        if self.max_clip_seconds is not None and self.croppable(it) and x.size > self.max_clip_seconds * sr:
             n = int(self.max_clip_seconds * sr)
             start = int(rng.integers(0, x.size - n + 1))
             x = x[start : start + n]
@@ -228,16 +231,15 @@ def build_loader(config: Any, *, rank: int = 0, world_size: int = 1, num_workers
             groups.append(names[key])
     if bad:
         warnings.warn(f"audiomoe data: skipped {len(bad)} bad item(s) while indexing (skip_bad); first: {bad[0]}", RuntimeWarning, stacklevel=2)
-    crop = (lambda it: True) if spec.crop_tasks is None else (lambda it: it.task in spec.crop_tasks)  # noqa: E731
-    durations = [min(it.duration, spec.max_clip_seconds or math.inf) if crop(it) else it.duration for it in items]
+    ds = ItemDataset(items, spec.sample_rate, max_clip_seconds=spec.max_clip_seconds, augment=spec.augment, skip_bad=spec.skip_bad,
+                     crop_tasks=spec.crop_tasks)
+    durations = [min(it.duration, spec.max_clip_seconds or math.inf) if ds.croppable(it) else it.duration for it in items]
     s = spec.sampling
     sampler = BucketBatchSampler(
         durations, groups, weights, max_seconds=spec.max_seconds, mode=s.mode, alpha=s.alpha, per_group=s.per_group,
         epoch_items=s.epoch_items, max_items=spec.max_items, bucket_batches=spec.bucket_batches, seed=spec.seed,
         rank=rank, world_size=world_size,
     )
-    ds = ItemDataset(items, spec.sample_rate, max_clip_seconds=spec.max_clip_seconds, augment=spec.augment, skip_bad=spec.skip_bad,
-                     crop_tasks=spec.crop_tasks)
     loader = AudioLoader(ds, sampler, spec.num_workers if num_workers is None else num_workers)
     loader.bad += bad
     loader.group_names = list(names)

@@ -13,10 +13,7 @@ so every rank of a run reads the same plans. ``audiomoe bench moe MODEL --tune F
 from __future__ import annotations
 
 import copy
-import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -130,13 +127,3 @@ def tune_plans(
         table[key] = min(timed, key=timed.__getitem__)
     return table, rows
 
-
-def write_plan_table(table: dict[str, str], path: str) -> None:
-    """Write ``table`` as JSON to ``path`` atomically (temp file + rename)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(parent):
-        raise AudioMoEError(f"--tune '{path}': give a file name in an existing directory")
-    fd, tmp = tempfile.mkstemp(prefix=".plans.", dir=parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(table, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)

@@ -254,8 +254,6 @@ def build_data(
 def check_targets(model: Any, items: Sequence[Any], limit: int = 5) -> None:
     """Every item's target through its head's ``make_targets`` before training: a bad one is named by file and line now,
     not when it is first sampled (codec targets, files read by the loader, are checked there)."""
-    import torch
-
     bad: list[str] = []
     for it in items:
         head = model.heads[it.task] if it.task in model.heads else None
