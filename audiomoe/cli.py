@@ -13,7 +13,9 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from .core.argtypes import int_in
 from .core.errors import AudioMoEError
+from .core.limits import MAX_SEED
 
 EPILOG = """examples:
   audiomoe list router                      routers from every installed plugin
@@ -157,7 +159,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from .core.composer import compose, count_parameters
 
     if args.save_spec:
-        _check_writable_file(args.save_spec, "--save-spec")  # before the build, not after it
+        _check_writable_file(args.save_spec, "--save-spec", inputs=[args.preset])  # before the build, not after it
     model = compose(args.preset, args.set)
     rows = _parts(model)
     seen: set[str] = set()
@@ -210,27 +212,18 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable_file(path: str, flag: str) -> None:
-    """Refuse a file path that is a directory or whose parent directory does not exist."""
-    if os.path.isdir(path):
-        raise AudioMoEError(f"{flag} '{path}' is a directory; give a file name, e.g. {os.path.join(path, 'spec.yaml')}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise AudioMoEError(f"{flag} '{path}': directory '{parent}' does not exist; create it first")
+def _check_writable_file(path: str, flag: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse, before the work, an output that is a directory, in a missing folder, or one of ``inputs``."""
+    from .core.atomic import check_output
+
+    check_output(path, what=flag, inputs=inputs)
 
 
 def _write_text(path: str, text: str, flag: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename); errors name the flag."""
-    import tempfile
+    """Write ``text`` to ``path`` atomically (the kit's one writer); errors name the flag."""
+    from .core.atomic import write_text
 
-    _check_writable_file(path, flag)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".spec.", dir=os.path.dirname(os.path.abspath(path)))
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise AudioMoEError(f"cannot write {flag} '{path}': {exc.strerror or exc}") from None
+    write_text(path, text, what=flag)
 
 
 def cmd_data_make(args: argparse.Namespace) -> int:
@@ -248,13 +241,12 @@ def cmd_data_make(args: argparse.Namespace) -> int:
 
 def cmd_data_from_csv(args: argparse.Namespace) -> int:
     """Turn a CSV of labels (+ a folder of audio files) into a JSONL manifest."""
-    from .data.manifest import manifest_from_csv
-
-    import json
+    from .data.csv_import import manifest_from_csv
+    from .data.manifest import read_manifest
 
     out = manifest_from_csv(args.csv, args.out, audio_dir=args.audio_dir, task=args.task, audio_column=args.audio_column, target_column=args.target_column)
-    with open(out, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    items, _ = read_manifest(out, check_files=False)  # what a training run will read: the written file, validated again
+    rows = [{"target": it.target, "split": it.split} for it in items]
     targets = [r.get("target") for r in rows]
     labels = sorted({t for t in targets if isinstance(t, str)})
     print(f"wrote {out} ({len(targets)} items, {len(labels)} distinct labels)")
@@ -312,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("make", help="write the built-in offline corpus (speech, events, music, mixtures, QA)")
     q.add_argument("dir", metavar="DIR")
     q.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="small: about 1 hour; medium: about 10")
-    q.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    q.add_argument("--workers", type=int, default=2, help="processes")
+    q.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="same seed, same bytes")
+    q.add_argument("--workers", type=int_in(1, 256), default=2, help="processes")
     q.set_defaults(func=cmd_data_make)
     q = data_sub.add_parser("from-csv", help="CSV of labels (+ folder of audio) -> JSONL manifest")
     q.add_argument("csv", metavar="CSV")
@@ -329,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench_sub.add_parser("moe", help="time every dispatch plan on the model's MoE layer shapes (fwd+bwd); --tune writes the plan table")
     q.add_argument("model", metavar="PRESET_OR_YAML")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, as for compose (repeatable)")
-    q.add_argument("--tokens", type=int, default=4096, help="tokens per layer call (batch x sequence of your training)")
+    q.add_argument("--tokens", type=int_in(1, 2**24), default=4096, help="tokens per layer call (batch x sequence of your training)")
     q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    q.add_argument("--reps", type=int, default=5, help="timed repetitions per plan (median)")
+    q.add_argument("--reps", type=int_in(1, 1000), default=5, help="timed repetitions per plan (median)")
     q.add_argument("--tune", metavar="FILE", help="write the fastest plan per shape here (JSON; read by backbone.moe.plan_table)")
     q.set_defaults(func=cmd_bench_moe)
 
@@ -371,25 +363,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except AudioMoEError as exc:
-        print(f"audiomoe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `audiomoe describe ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt as exc:  # Ctrl-C: training says which checkpoint is the last good one
-        print(f"audiomoe {args.command}: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input: one line, traceback on request
-        if os.environ.get(DEBUG_ENV):
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line; a bug's traceback on request
+        code, line = error_report(args.command, exc)
+        if code == 1 and os.environ.get(DEBUG_ENV):
             raise
-        text = " ".join(str(exc).split())[:300]
-        print(
-            f"audiomoe {args.command}: unexpected error: {type(exc).__name__}: {text} "
-            f"(set {DEBUG_ENV}=1 for the traceback, and please report it)",
-            file=sys.stderr,
-        )
-        return 1
+        print(line, file=sys.stderr)
+        return code
+
+
+def error_report(command: str, exc: BaseException) -> tuple[int, str]:
+    """``(exit code, the one line printed)`` for an exception that ends ``audiomoe COMMAND``: 2 for a
+    configuration error, 130 for Ctrl-C (training names its last good checkpoint), 1 for anything else
+    (a bug or an unforeseen input). Also what a rank started by ``train --nproc`` hands its launcher."""
+    if isinstance(exc, AudioMoEError):
+        return int(getattr(exc, "exit_code", 2)), f"audiomoe {command}: error: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, f"audiomoe {command}: {exc or 'interrupted'}"
+    text = " ".join(str(exc).split())[:300]
+    return 1, (f"audiomoe {command}: unexpected error: {type(exc).__name__}: {text} "
+               f"(set {DEBUG_ENV}=1 for the traceback, and please report it)")
 
 
 if __name__ == "__main__":  # pragma: no cover

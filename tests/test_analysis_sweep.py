@@ -43,14 +43,18 @@ def _png_ok(path: Path) -> None:
 
 def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     out = tmp_path / "study"
-    r = ablate("tiny-moe-cls", "--variant", "good=", "--variant", "bad=backbone.moe.router.k=99", "--seeds", "1", "--jobs", "2", *TINY, "--out", str(out))
+    # a config that composes (ablate checks each before the first run) but whose data fails in training
+    (tmp_path / "lost.jsonl").write_text('{"audio": "lost.wav", "task": "emotion", "target": "x"}\n')
+    bad = f"bad=data={tmp_path / 'lost.jsonl'}"
+    r = ablate("tiny-moe-cls", "--variant", "good=", "--variant", bad, "--seeds", "1", "--jobs", "2", *TINY,
+               "--out", str(out))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "bad seed 0: FAILED in train" in r.stdout and "good seed 0: ok" in r.stdout
     assert "1 run(s) failed" in r.stderr
     failed = json.loads((out / "runs" / "bad" / "seed-0" / "failed.json").read_text())
     assert failed["stage"] == "train" and failed["returncode"] != 0
     last = failed["stderr_tail"][-1]  # the trainer's own message, not the command line
-    assert "error" in last and "k=99" in last and not last.startswith("$"), failed["stderr_tail"]
+    assert "error" in last and "lost.wav" in last and not last.startswith("$"), failed["stderr_tail"]
     rows = {r["config"]: r for r in _csv(out / "results.csv")}
     assert rows["good"]["status"] == "ok" and rows["bad"]["status"] == "failed"
     assert float(rows["good"]["params_total"]) > 0 and float(rows["good"]["moe_mflops_per_audio_s"]) > 0

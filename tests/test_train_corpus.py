@@ -134,7 +134,9 @@ def test_the_unimoe_preset_trains_and_evaluates_tts_on_the_small_corpus(tmp_path
     run = [sys.executable, "-m", "audiomoe", "train", "unimoe-audio-tiny", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
            "--out", str(tmp_path / "run"), "--quiet"]  # fmt: skip
     subprocess.run(run, check=True, env=env, timeout=900)
-    assert (tmp_path / "cache" / "corpus-v6-small-seed0" / "codes-k12-v1024" / "generation.jsonl").exists()
+    from audiomoe.data.corpus.make import VERSION
+
+    assert (tmp_path / "cache" / f"corpus-v{VERSION}-small-seed0" / "codes-k12-v1024" / "generation.jsonl").exists()
     last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert {"tts/code_accuracy", "tts/length_error"} <= set(last["eval"])
     out = subprocess.run([sys.executable, "-m", "audiomoe", "eval", str(tmp_path / "run"), "--max-items", "4"], env=env,

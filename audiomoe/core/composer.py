@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
+from .errors import AudioMoEError, ConfigError, ConfigProblem, constructor_error, did_you_mean
 from .limits import MAX_PARAMETERS
 from .names import USER, Origin, author, field_default, recorded_name, source_origin
 from .registry import ComponentEntry, Registry, get_registry
@@ -282,10 +282,10 @@ class Builder:
         e = self.node.entry
         try:
             module = cls(self.node.params.model_copy(deep=True), **kwargs)
-        except (ValueError, AssertionError) as exc:  # a constructor refusing its params: a config problem, named
-            where, key = (f"'{self.node.path}'", self.node.path + ".") if self.node.path else ("the top level", "")
-            raise AudioMoEError(f"{e.kind} '{self.node.name}' ({e.plugin} {e.version}) at {where} refused its params: "
-                                f"{exc or type(exc).__name__}; change them with --set {key}<param>=...") from exc
+        except AudioMoEError:  # a child's builder already named its component
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a component raises names it, its plugin and where it sits
+            raise constructor_error(e.kind, self.node.name, e.plugin, e.version, self.node.path, exc) from exc
         module.audiomoe_component = ComponentInfo(e.kind, self.node.name, e.plugin, e.version, self.node.path)
         return module
 

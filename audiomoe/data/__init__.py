@@ -17,7 +17,7 @@ _LAZY = {
     "Item": "audiomoe.data.manifest",
     "read_manifest": "audiomoe.data.manifest",
     "write_manifest": "audiomoe.data.manifest",
-    "manifest_from_csv": "audiomoe.data.manifest",
+    "manifest_from_csv": "audiomoe.data.csv_import",
     "DataSource": "audiomoe.data.sources",
     "DataSpec": "audiomoe.data.spec",
     "load_data_spec": "audiomoe.data.spec",

@@ -5,8 +5,8 @@ source, and returns an :class:`AudioLoader`: an iterable of :class:`~audiomoe.mo
 (right-padded waveforms + lengths, tasks, targets, prompts) with dynamic, length-bucketed batches
 from :class:`~audiomoe.data.sampling.BucketBatchSampler`. ``state_dict()`` counts the batches the
 *consumer* received (not what workers prefetched), so a checkpointed run resumes on exactly the
-next batch. Decoding uses soundfile; resampling torchaudio (``transforms.Resample``, its kernel
-cached per rate pair in each worker).
+next batch. Decoding uses soundfile (a cropped clip reads only its window); resampling the kit's one
+bounded resampler (:func:`audiomoe.core.resample.resample_audio`: any rate, a kernel of a few MB).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.errors import AudioMoEError
+from ..core.resample import resample_audio
 from ..model import AudioBatch
 from .augment import augment
 from .manifest import Item
@@ -43,7 +44,6 @@ class ItemDataset(torch.utils.data.Dataset):
         self.items, self.sample_rate = list(items), int(sample_rate)
         self.max_clip_seconds, self.augment, self.skip_bad = max_clip_seconds, augment, skip_bad
         self.crop_tasks = None if crop_tasks is None else set(crop_tasks)  # None: every task's clips may be cropped
-        self._resamplers: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -52,40 +52,35 @@ class ItemDataset(torch.utils.data.Dataset):
         """Whether a clip of ``it`` longer than ``max_clip_seconds`` is cropped (its task is one of ``crop_tasks``)."""
         return self.crop_tasks is None or it.task in self.crop_tasks
 
-    def _decode(self, it: Item) -> tuple[np.ndarray, int]:
+    def _decode(self, it: Item, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """Read ``it``'s clip as float32 mono; a croppable long clip reads only its random window from disk."""
         import soundfile as sf
 
         try:
             with sf.SoundFile(io.BytesIO(it.blob) if it.blob is not None else it.audio) as f:
                 sr = f.samplerate
-                start = int(round(it.offset * sr))
-                f.seek(min(start, f.frames))
-                x = f.read(int(round(it.duration * sr)) if it.duration else -1, dtype="float32", always_2d=True)
+                start = min(int(round(it.offset * sr)), f.frames)
+                count = int(round(it.duration * sr)) if it.duration else -1  # -1: to the end
+                have = f.frames - start if count < 0 else min(f.frames - start, count)
+                if self.max_clip_seconds is not None and self.croppable(it) and have > self.max_clip_seconds * sr:
+                    count = int(self.max_clip_seconds * sr)
+                    start += int(rng.integers(0, have - count + 1))
+                f.seek(start)
+                x = f.read(count, dtype="float32", always_2d=True)
         except Exception as exc:  # noqa: BLE001 - missing, truncated or unsupported files
             raise AudioMoEError(f"{it.origin}: cannot decode '{it.audio or 'embedded audio'}': {exc}") from None
-        return x.mean(axis=1), sr
+        return (x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)), sr
 
     def load(self, index: int, seed: int) -> torch.Tensor:
-        """Decode, check, crop, resample and augment item ``index`` (errors name the item's origin)."""
+        """Decode (cropping while reading), check, resample and augment item ``index`` (errors name its origin)."""
         it = self.items[index]
-        x, sr = self._decode(it)
+        rng = np.random.default_rng(seed)
+        x, sr = self._decode(it, rng)
         if x.size == 0:
             raise AudioMoEError(f"{it.origin}: zero-length clip '{it.audio}'")
         if not np.isfinite(x).all():
             raise AudioMoEError(f"{it.origin}: clip '{it.audio}' contains NaN or inf samples")
-        rng = np.random.default_rng(seed)
-        if self.max_clip_seconds is not None and self.croppable(it) and x.size > self.max_clip_seconds * sr:
-            n = int(self.max_clip_seconds * sr)
-            start = int(rng.integers(0, x.size - n + 1))
-            x = x[start : start + n]
-        wav = torch.from_numpy(np.ascontiguousarray(x))
-        if sr != self.sample_rate:
-            if sr not in self._resamplers:
-                import torchaudio
-
-                self._resamplers[sr] = torchaudio.transforms.Resample(sr, self.sample_rate)
-            with torch.no_grad():
-                wav = self._resamplers[sr](wav)
+        wav = torch.from_numpy(np.ascontiguousarray(resample_audio(x, sr, self.sample_rate)))
         if self.augment is not None:
             wav = torch.from_numpy(augment(wav.numpy(), self.sample_rate, self.augment, int(rng.integers(1 << 31))))
         return wav

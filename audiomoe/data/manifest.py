@@ -17,7 +17,6 @@ into codes); ``prompt`` an optional text input; ``dataset``/``split`` free strin
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -25,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..core.errors import AudioMoEError, did_you_mean
+from ..core.atomic import atomic_open
+from ..core.errors import AudioMoEError, did_you_mean, short_repr
 
 FIELDS = ("audio", "offset", "duration", "task", "target", "prompt", "dataset", "split", "meta")
 
@@ -75,7 +75,67 @@ def audio_info(path: str, origin: str) -> float:
     return info.frames / float(info.samplerate)
 
 
-def _item(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_files: bool) -> Item:
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names a key twice is refused (json keeps the last value, silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def parse_line(text: str, origin: str) -> Any:
+    """One JSON line; bad JSON, a key given twice, or absurd nesting are named with ``origin``."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise AudioMoEError(f"{origin}: key {short_repr(exc.args[0])} appears twice in one object; keep one "
+                            "(JSON would silently keep the last)") from None
+    except json.JSONDecodeError as exc:
+        raise AudioMoEError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, thousands of nested brackets
+        raise AudioMoEError(f"{origin}: not a usable JSON line ({short_repr(str(exc))})") from None
+
+
+def _undecodable(path: Path, data: bytes, exc: UnicodeDecodeError, how: str, lineno: int = 0) -> AudioMoEError:
+    """The error for bytes that are not UTF-8: file, line and column (``data``: the file, or line ``lineno``)."""
+    start = data.rfind(b"\n", 0, exc.start) + 1
+    line = lineno or data.count(b"\n", 0, exc.start) + 1
+    return AudioMoEError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start - start + 1}; "
+                         f"Latin-1 or another legacy encoding?): save the file as UTF-8 ({how})")
+
+
+def read_text_file(path: Path, what: str, how: str) -> str:
+    """A UTF-8 text file (a BOM, as Excel writes, is dropped); a missing or undecodable file is a named error."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AudioMoEError(f"{what} file '{path}' does not exist; check the path") from None
+    except IsADirectoryError:
+        raise AudioMoEError(f"{what} file '{path}' is a directory; give the file inside it") from None
+    except OSError as exc:  # a link loop, no permission
+        raise AudioMoEError(f"cannot read {what} file '{path}': {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _undecodable(path, data, exc, how) from None
+
+
+def resolve_path(root: Path, rel: str, origin: str) -> str:
+    """``root / rel`` as an absolute path; a NUL byte or a link loop in it is named with ``origin``."""
+    try:
+        return str((root / rel).resolve())
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise AudioMoEError(f"{origin}: unusable path {short_repr(rel)} ({exc}); fix it") from None
+
+
+def validate_line(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_files: bool) -> Item:
+    """One manifest line (a parsed JSON object) as an :class:`Item`; every problem names ``origin``."""
     if not isinstance(raw, dict):
         raise AudioMoEError(f"{origin}: each line must be a JSON object, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(FIELDS))
@@ -89,7 +149,7 @@ def _item(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_fi
         raise AudioMoEError(f"{origin}: 'task' is required (or set a task for the whole source in the data config)")
     if tasks is not None and task not in tasks:
         raise AudioMoEError(f"{origin}: unknown task '{task}'.{did_you_mean(task, tasks)} Known tasks: {', '.join(sorted(tasks))}")
-    path = str((root / raw["audio"]).resolve())
+    path = resolve_path(root, raw["audio"], origin)
     offset = raw.get("offset", 0.0) or 0.0
     duration = raw.get("duration")
     for key, v in (("offset", offset), ("duration", duration)):
@@ -107,7 +167,7 @@ def _item(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], check_fi
     target = raw.get("target")
     for key in ("codes", "audio"):  # codec codes (a .npy path) or the clip to encode into them: relative to the manifest
         if isinstance(target, dict) and isinstance(target.get(key), str):
-            target = {**target, key: str((root / target[key]).resolve())}
+            target = {**target, key: resolve_path(root, target[key], origin)}
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise AudioMoEError(f"{origin}: 'meta' must be an object, got {type(meta).__name__}")
@@ -145,26 +205,30 @@ def read_manifest(
     bad: list[str] = []
     other_tasks: dict[str, int] = {}  # lines of the split left out by only_tasks, by task: named when nothing is left
     splits: dict[str, int] = {}  # every line's split: named when the one asked for has none
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(path, "rb") as fh:  # bytes: a line that is not UTF-8 is named, not a raw UnicodeDecodeError
+        for lineno, data in enumerate(fh, 1):
+            if not data.strip():
                 continue
             origin = f"{path}:{lineno}"
             try:
                 try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise AudioMoEError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _undecodable(path, data, exc, "or fix that line", lineno) from None
+                raw = parse_line(line, origin)
                 if isinstance(raw, dict):
                     raw_split = raw.get("split") or "train"  # a line without a split is a training line
+                    if not isinstance(raw_split, str):
+                        raise AudioMoEError(f"{origin}: 'split' must be a string, got {short_repr(raw_split)}")
                     splits[raw_split] = splits.get(raw_split, 0) + 1
-                if isinstance(raw, dict) and (split is not None and raw_split != split or only and raw.get("task") not in only):
+                    line_task = raw.get("task") if isinstance(raw.get("task"), str) else None  # a list cannot be looked up
+                if isinstance(raw, dict) and (split is not None and raw_split != split or only and line_task not in only):
                     if only and (split is None or raw_split == split):
                         other_tasks[str(raw.get("task"))] = other_tasks.get(str(raw.get("task")), 0) + 1
                     continue
                 if task is not None and isinstance(raw, dict):
                     raw["task"] = task
-                items.append(_item(raw, root, origin, known, check_files))
+                items.append(validate_line(raw, root, origin, known, check_files))
             except AudioMoEError as exc:
                 if not skip_bad:
                     raise
@@ -179,55 +243,22 @@ def read_manifest(
                 "or write the manifest with the head's name (audiomoe data from-csv ... --task <head>)"
             )
         found = f"; its lines' splits: {', '.join(f'{s!r} ({n})' for s, n in sorted(splits.items()))}" if split is not None and splits else ""
+        if found and split not in splits:  # a split the data does not have: name the ones it has
+            raise AudioMoEError(f"manifest '{path}' has no usable items{what}: no line has that split{found}; "
+                                "pick one of them (eval: --split NAME)")
         raise AudioMoEError(f"manifest '{path}' is empty: no usable items{what} ({len(bad)} bad lines skipped){found}")
     return items, bad
 
 
 def write_manifest(items: Iterable[Item], path: str | os.PathLike) -> Path:
-    """Write items as JSONL with ``audio`` relative to the manifest's folder (sorted keys: stable bytes)."""
+    """Write items as JSONL with ``audio`` relative to the manifest's folder (sorted keys: stable bytes), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AudioMoEError(f"cannot create the folder of manifest '{path}': {exc.strerror or exc}") from None
     root = path.parent.resolve()
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_open(path, what="manifest") as fh:  # a full disk mid-write leaves the old manifest, not half a new one
         for it in items:
             fh.write(json.dumps(it.to_json(root), sort_keys=True, ensure_ascii=False) + "\n")
     return path
-
-
-def manifest_from_csv(
-    csv_path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    audio_dir: Optional[str | os.PathLike] = None,
-    task: str,
-    audio_column: str = "file",
-    target_column: str = "label",
-) -> Path:
-    """Turn a folder of audio files + a CSV of labels into a JSONL manifest (the "own data" path).
-
-    The CSV has a header; ``audio_column`` holds file names relative to ``audio_dir`` (default: the
-    CSV's folder), ``target_column`` the label or transcript. Columns ``split``, ``prompt``,
-    ``dataset``, ``offset`` and ``duration`` are copied when present; any other column goes to ``meta``.
-    """
-    csv_path, out = Path(csv_path), Path(out)
-    base = Path(audio_dir) if audio_dir is not None else csv_path.parent
-    items = []
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        for col in (audio_column, target_column):
-            if col not in (reader.fieldnames or []):
-                raise AudioMoEError(f"{csv_path}: no column '{col}' (columns: {reader.fieldnames})")
-        for lineno, row in enumerate(reader, 2):
-            origin = f"{csv_path}:{lineno}"
-            audio, target = ((row.pop(c) or "").strip() for c in (audio_column, target_column))
-            for col, value in ((audio_column, audio), (target_column, target)):
-                if not value:  # checked before anything is written: no manifest with a half-read CSV
-                    raise AudioMoEError(f"{origin}: empty '{col}' cell; every row needs one (fill it or remove the row)")
-            path = str((base / audio).resolve())
-            fields: dict[str, Any] = {k: row.pop(k) for k in ("split", "prompt", "dataset") if row.get(k)}
-            seg = {k: float(row.pop(k)) for k in ("offset", "duration") if row.get(k)}
-            duration = seg.get("duration") or audio_info(path, origin) - seg.get("offset", 0.0)
-            items.append(Item(path, task, target, seg.get("offset", 0.0), duration, meta={k: v for k, v in row.items() if v}, **fields))
-    if not items:
-        raise AudioMoEError(f"{csv_path}: no rows")
-    return write_manifest(items, out)

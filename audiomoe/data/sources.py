@@ -92,6 +92,7 @@ class HFSource(DataSource):
         if Path(p.path, "dataset_info.json").exists() or Path(p.path, "dataset_dict.json").exists():
             import datasets
 
+            check_saved_dataset(Path(p.path))
             ds = datasets.load_from_disk(p.path)
             if isinstance(ds, datasets.DatasetDict):
                 if p.split not in ds:
@@ -148,6 +149,26 @@ class HFSource(DataSource):
         if not items:
             raise AudioMoEError(f"{p.path}: dataset is empty ({len(bad)} bad rows skipped)")
         return items, bad
+
+
+#: The JSON files ``save_to_disk`` writes, at the top and in each split's folder.
+_HF_JSON = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def check_saved_dataset(root: Path) -> None:
+    """Refuse a ``save_to_disk`` folder whose JSON files are corrupt, naming the file (``datasets`` names none)."""
+    import json
+
+    for folder in [root] + sorted(d for d in root.iterdir() if d.is_dir()):
+        for name in _HF_JSON:
+            f = folder / name
+            if not f.is_file():
+                continue
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise AudioMoEError(f"{f}: corrupt dataset file ({exc}); save the dataset again with "
+                                    "save_to_disk") from None
 
 
 _AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3", ".opus")

@@ -10,8 +10,8 @@
 - :func:`normalize_waveforms`: zero-mean unit-variance per utterance over its valid samples,
   as ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`` does (eps 1e-7, padding kept at 0).
 - :func:`frames_mask`: valid frame counts -> a padding mask (True = padded).
-- :func:`resample`: torchaudio resampling of a padded batch with its lengths; a ratio whose
-  reduced terms are large (48001 -> 16000 Hz) goes through a close rational approximation.
+- :func:`resample`: a padded batch with its lengths through the kit's one bounded resampler
+  (:mod:`audiomoe.core.resample`: a ratio with large terms, 48001 -> 16000 Hz, is approximated).
 - :func:`check_sample_rate`, :func:`check_min_length`: a bad rate or a clip shorter than the
   encoder's receptive field is an :class:`AudioMoEError` saying what to do, not a torch error.
 
@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from audiomoe.core.errors import AudioMoEError, short_repr
-from audiomoe.core.limits import (
-    MAX_CHANNELS,
-    MAX_RESAMPLE_RATE_ERROR,
-    MAX_RESAMPLE_TERM,
-    MAX_SAMPLE_RATE,
-    MIN_SAMPLE_RATE,
-)
+from audiomoe.core.limits import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from audiomoe.core.resample import resample_batch as resample
+from audiomoe.core.resample import resample_ratio
+
+__all__ = [
+    "check_min_length", "check_sample_rate", "frames_mask", "mel_filters", "normalize_waveforms", "prepare_waveforms",
+    "resample", "resample_ratio", "whisper_log_mel",
+]
 
 
 def check_sample_rate(sample_rate: Any) -> int:
@@ -196,40 +197,3 @@ def whisper_log_mel(
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
-
-
-def resample_ratio(orig: int, new: int) -> tuple[int, int]:
-    """``(orig', new')`` with ``new'/orig'`` = ``new/orig`` reduced, both terms <= ``MAX_RESAMPLE_TERM``.
-
-    torchaudio's polyphase kernel has ``orig' * new'``-ish taps: 48001 -> 16000 Hz unreduced asks for
-    gigabytes. Such a ratio is replaced by its closest fraction with small terms when that changes
-    the rate by less than ``MAX_RESAMPLE_RATE_ERROR``; otherwise the rate is refused.
-    """
-    from fractions import Fraction
-
-    exact = Fraction(new, orig)
-    if exact.numerator <= MAX_RESAMPLE_TERM and exact.denominator <= MAX_RESAMPLE_TERM:
-        return exact.denominator, exact.numerator
-    approx = exact.limit_denominator(MAX_RESAMPLE_TERM)
-    err = abs(float(approx / exact) - 1.0)
-    if approx.numerator > MAX_RESAMPLE_TERM or err > MAX_RESAMPLE_RATE_ERROR:
-        raise AudioMoEError(
-            f"cannot resample {orig} Hz to {new} Hz: the ratio has no close fraction with terms <= {MAX_RESAMPLE_TERM}; "
-            f"resample the audio to a standard rate (e.g. {new} Hz) beforehand"
-        )
-    return approx.denominator, approx.numerator
-
-
-def resample(x: torch.Tensor, lengths: torch.Tensor, orig: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample a padded batch [B, T] from ``orig`` to ``new`` Hz with torchaudio; lengths follow.
-
-    An odd ratio goes through :func:`resample_ratio` (a relative rate error below 1e-3).
-    """
-    if orig == new:
-        return x, lengths
-    import torchaudio.functional as AF
-
-    orig, new = resample_ratio(orig, new)
-    y = AF.resample(x, orig, new)
-    new_lengths = torch.div(lengths * new, orig, rounding_mode="floor").clamp_max(y.shape[1])
-    return y * frames_mask(new_lengths, y.shape[1]).logical_not(), new_lengths

@@ -40,11 +40,14 @@ from ..core.composer import compose, resolve
 from ..core.errors import AudioMoEError
 from ..core.limits import MAX_STEPS
 from ..core.safe_yaml import load_yaml_file
+from .gradcheck import first_nonfinite
+from .trainer_state import decode, encode, extra_problem, meta_problem
 
 LATEST = "latest"
 STEP_RE = re.compile(r"^step-(\d+)$")
 # Temp names carry their writer's pid: `.step-N.<pid>.x`, `.old-step-N.<pid>.x` (a re-save's old
 # copy), `.del-step-N.<pid>.x` (being pruned), `.latest.<pid>.x`, `.run.json.<pid>`, `.summary.json.<pid>`.
+_ASIDE_RE = re.compile(r"^\.old-step-(\d+)\.")
 _TEMP_RE = re.compile(r"^\.(?:(?:old-|del-)?step-\d+|latest|run\.json|summary\.json)\.(\d+)(?:\.|$)")
 REQUIRED = ("model.safetensors", "spec.yaml")
 FORMAT = 1
@@ -146,27 +149,8 @@ def clean_run_dir(root: str | os.PathLike) -> None:
 # -- trainer state as safetensors + JSON (no pickle) --------------------------------------------
 
 
-def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().contiguous().cpu()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):  # keys may be ints (optimizer state): keep them typed
-        return {"__dict__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise CheckpointError(f"trainer state at '{key}' holds a {type(obj).__name__}, which checkpoints cannot store")
-
-
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict) and "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if isinstance(obj, dict) and "__dict__" in obj:
-        return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    return obj
+    return decode(obj, tensors, "value")  # the codec lives with the trainer-state schema (trainer_state.py)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -176,22 +160,33 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_dir(tmp: Path, model: torch.nn.Module, step: int, optimizer: Any, extra: dict[str, Any],
-               model_state: Optional[dict[str, torch.Tensor]], optimizer_state: Optional[dict[str, Any]]) -> None:  # fmt: skip
+_Tensors = dict[str, torch.Tensor]
+
+
+def _contents(model: torch.nn.Module, step: int, optimizer: Any, extra: dict[str, Any], model_state: Optional[_Tensors],
+              optimizer_state: Optional[dict[str, Any]]) -> tuple[_Tensors, dict[str, Any], _Tensors]:
+    """``(weights, trainer.json, trainer tensors)`` of a checkpoint, on the CPU."""
     source = model.state_dict() if model_state is None else model_state
     state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    _fsync_write(tmp / "spec.yaml", yaml.safe_dump(getattr(model, "spec", {}), sort_keys=False).encode("utf-8"))
     tensors: dict[str, torch.Tensor] = {}
     if optimizer_state is None and optimizer is not None:
         optimizer_state = optimizer.state_dict()
-    meta = {
-        "format": FORMAT,
-        "step": step,
-        "optimizer": _encode(optimizer_state, "optimizer", tensors) if optimizer_state is not None else None,
-        "rng": _encode({"torch": torch.get_rng_state()}, "rng", tensors),
-        "extra": _encode(extra, "extra", tensors),
-    }
+    try:
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "optimizer": encode(optimizer_state, "optimizer", tensors) if optimizer_state is not None else None,
+            "rng": encode({"torch": torch.get_rng_state()}, "rng", tensors),
+            "extra": encode(extra, "extra", tensors),
+        }
+    except TypeError as exc:
+        raise CheckpointError(str(exc)) from None
+    return state, meta, tensors
+
+
+def _write_dir(tmp: Path, model: torch.nn.Module, state: _Tensors, meta: dict[str, Any], tensors: _Tensors) -> None:
+    save_file(state, str(tmp / "model.safetensors"))
+    _fsync_write(tmp / "spec.yaml", yaml.safe_dump(getattr(model, "spec", {}), sort_keys=False).encode("utf-8"))
     save_file(tensors, str(tmp / "trainer.safetensors"))
     _fsync_write(tmp / "trainer.json", json.dumps(meta).encode("utf-8"))
     for name in ("model.safetensors", "trainer.safetensors"):
@@ -241,18 +236,26 @@ def save_checkpoint(
     :class:`CheckpointError` saying which checkpoint is still intact. ``model_state`` /
     ``optimizer_state``: state dicts to write instead of ``model.state_dict()`` / ``optimizer.state_dict()``
     (a sharded run's gathered one-process dicts, :func:`audiomoe.parallel.full_state_dict`).
+    A state with a NaN / inf tensor is refused before anything is written: ``latest`` stays on the last good one.
     """
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEPS:
         raise CheckpointError(f"checkpoint step must be an integer in [0, {MAX_STEPS}], got {step!r}")
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"checkpoint directory '{root}' is a file; give a directory")
+    state, meta, tensors = _contents(model, step, optimizer, extra or {}, model_state, optimizer_state)
+    moments = {k: v for k, v in tensors.items() if k.startswith("optimizer")}
+    for what, part in (("model tensor", state), ("optimizer-state tensor", moments)):
+        bad = first_nonfinite(part)
+        if bad is not None:
+            raise CheckpointError(f"refusing to write step {step} in '{root}': {what} '{bad}' holds NaN or inf; "
+                                  f"{_intact(root)}")
     root.mkdir(parents=True, exist_ok=True)
     clean_run_dir(root)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=root))
     try:
-        _write_dir(tmp, model, step, optimizer, extra or {}, model_state, optimizer_state)
+        _write_dir(tmp, model, state, meta, tensors)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):
@@ -362,15 +365,29 @@ def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.
         raise CheckpointError(f"checkpoint '{p}' has no trainer state (trainer.json + trainer.safetensors); it cannot be resumed")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"'{meta_path}' is damaged: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"'{meta_path}' is damaged: {' '.join(str(exc).split())[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"'{meta_path}' is not an audiomoe trainer state of format {FORMAT}")
-    tensors = _read_tensors(p / "trainer.safetensors")
-    saved = _decode(meta["optimizer"], tensors) if meta.get("optimizer") is not None else None
+    m = _ASIDE_RE.match(p.name)  # the aside copy of a re-save (read_latest may name it) keeps its step in its name
+    problem = meta_problem(meta, step_of(p) if m is None else int(m.group(1)))
+    if problem is None:
+        tensors = _read_tensors(p / "trainer.safetensors")
+        try:
+            saved, rng, extra = (decode(meta.get(k), tensors, k) for k in ("optimizer", "rng", "extra"))
+            extra = {} if extra is None else extra
+            problem = extra_problem(extra)
+        except ValueError as exc:
+            problem = str(exc)
+        except RecursionError:
+            problem = "its values are nested too deeply"
+    if problem is not None:
+        raise CheckpointError(f"'{meta_path}' is not a valid trainer state: {problem}; resume from another checkpoint "
+                              "of the run (--resume RUN/step-N) or start over with --overwrite")
     if optimizer is not None and saved is not None:
         try:
             optimizer.load_state_dict(saved)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"optimizer state in '{p}' does not fit this model: {exc}") from None
-    return {"step": int(meta["step"]), "rng": _decode(meta["rng"], tensors), "extra": _decode(meta["extra"], tensors), "path": p, "optimizer": saved}
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError) as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"optimizer state in '{p}' does not fit this model: {first}") from None
+    return {"step": meta["step"], "rng": rng, "extra": extra, "path": p, "optimizer": saved}

@@ -12,9 +12,11 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Sequence
 
+from ..core.argtypes import float_in, int_in, positive_int
 from ..core.errors import AudioMoEError
+from ..core.limits import MAX_BATCH_SIZE
 
 TRAIN_DESCRIPTION = """Train a recipe or a preset. A recipe (built-in: `audiomoe train --list`, or a YAML with
 `stages:`) names the model, the data, the optimizer, the schedule and the stages (what trains, on
@@ -34,7 +36,8 @@ run is refused unless --resume (continue from its last good checkpoint: model, o
 RNG, data position; bit-identical to an unbroken run on CPU) or --overwrite. Logs: DIR/log.jsonl
 and DIR/tb (TensorBoard). Ctrl-C stops cleanly and names the last good checkpoint (exit code 130).
 
-processes: `--nproc N` starts N processes on this host (torchrun's launcher); `torchrun
+processes: `--nproc N` checks the run (recipe, model, layout, batch), then starts N processes on this
+host (torchrun's launcher); a rank's failure is printed once, as one line. `torchrun
 --nproc-per-node N [--nnodes M ...] -m audiomoe train ...` for more hosts. gloo on CPU, NCCL on
 CUDA; --batch-size is the global batch; rank 0 logs and checkpoints. Large models (the recipe's
 `distributed:`, or these flags): --expert-parallel N spreads each MoE layer's routed experts over N
@@ -134,9 +137,81 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _train_config(args: argparse.Namespace, out: Any, main: bool) -> Any:
+    """The flat options of a preset run (:class:`audiomoe.train.TrainConfig`) from the command line."""
+    from ..train import TrainConfig
+
+    flags = {dest: (getattr(args, dest) if getattr(args, dest) is not None else default) for dest, default, _ in _FLAGS}
+    return TrainConfig(**flags, out_dir=out, progress=not args.quiet and main, log_every=args.log_every or 0,
+                       resume=bool(args.resume), overwrite=args.overwrite, device=args.device, logs=not args.no_logs,
+                       compile=args.compile, workers=args.workers)
+
+
+def _check_launch(args: argparse.Namespace, out: Any, is_recipe: bool, stored: Any) -> None:
+    """What every rank would refuse (options, recipe, model, layout, batch, data), before ``--nproc`` starts one.
+
+    The recipe is composed as the ranks compose it and :func:`audiomoe.train.layout.check_recipe` runs their
+    checks on a meta model; the run directory is left to rank 0 (opening it is its first act).
+    """
+    from ..train.distributed import pick_device
+    from ..train.layout import check_recipe
+    from ..train.recipe import load_recipe, recipe_for_preset
+
+    pick_device(args.device)
+    if is_recipe:
+        recipe = _apply_flags(load_recipe(args.target, args.set), args)
+    elif stored is not None:
+        recipe = _resumed(stored, args)
+    elif args.target is not None:
+        cfg = _train_config(args, out, False)
+        cfg.check()  # what audiomoe.train.train does first
+        recipe = recipe_for_preset(args.target, args.set, steps=cfg.steps, **cfg.recipe_fields())
+    else:
+        return  # a run of an older version records no recipe: its ranks read the spec from the checkpoint
+    check_recipe(recipe, args.nproc or 1)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a recipe or a preset (see ``audiomoe train --help``)."""
-    from ..train import TrainConfig, train
+    """Train a recipe or a preset (``audiomoe train --help``); a rank of ``--nproc`` hands a failure to its launcher."""
+    try:
+        return _cmd_train(args)
+    except BrokenPipeError:
+        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        from ..cli import DEBUG_ENV, error_report
+        from ..train.failures import write_failure
+
+        code, line = error_report(getattr(args, "command", None) or "train", exc)
+        if (code == 1 and os.environ.get(DEBUG_ENV)) or not write_failure(code, line):
+            raise  # not a rank of --nproc (or a bug's traceback asked for): the CLI prints it
+        return code
+
+
+def check_command(argv: Sequence[str]) -> None:
+    """Check an ``audiomoe train ...`` command line as the command would before it trains, without training.
+
+    Its options are parsed and the recipe, model (meta device), layout and data are checked exactly as
+    ``train --nproc`` checks them before it starts its ranks (what ``audiomoe ablate`` does for each config
+    before its first run). Raises :class:`AudioMoEError`; writes nothing.
+    """
+    from ..cli import build_parser
+
+    build_parser()  # a parser of our own: its error() is changed below
+    parser = _PARSER["train"]
+
+    def refuse(message: str) -> NoReturn:
+        raise AudioMoEError(f"audiomoe {' '.join(argv)}: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    if not argv or argv[0] != "train":
+        raise AudioMoEError(f"not an audiomoe train command line: {list(argv)[:3]}")
+    args = parser.parse_args(list(argv[1:]))
+    args.command = "train"
+    _cmd_train(args, check_only=True)
+
+
+def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
+    from ..train import train
     from ..train.distributed import launch
     from ..train.recipe import find_recipe, list_recipes, load_recipe
     from ..train.trainer import RunOptions, run_recipe
@@ -148,17 +223,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             rec = load_recipe(str(RECIPE_DIR / f"{name}.yaml"))
             print(f"{name:28s} {rec.summary}")
         return 0
-    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch(args.nproc, _argv(args))
     out = args.out
+    from ..train.rundir import resume_target  # --resume RUN/step-N: that checkpoint of RUN
+
     if isinstance(args.resume, str):  # --resume DIR
-        if out is not None and os.path.abspath(out) != os.path.abspath(args.resume):
+        same = (os.path.abspath(args.resume), os.path.abspath(resume_target(args.resume)[0]))
+        if out is not None and os.path.abspath(out) not in same:
             raise AudioMoEError(f"--resume '{args.resume}' and --out '{out}' name different directories; give one")
         out = args.resume
     if args.target is None and not args.resume:
         raise AudioMoEError("give a PRESET (or YAML path) to train, or --resume DIR to continue a run; recipes: audiomoe train --list")
     is_recipe = find_recipe(args.target) is not None if args.target else False
-    stored = _stored_recipe(out) if args.resume and out and not is_recipe else None
+    stored = _stored_recipe(str(resume_target(out)[0])) if args.resume and out and not is_recipe else None
+    if check_only:
+        _check_launch(args, out, is_recipe, stored)
+        return 0
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _check_launch(args, out, is_recipe, stored)  # a configuration error starts no process
+        return launch(args.nproc, _argv(args))
     main = int(os.environ.get("RANK", "0")) == 0
     if is_recipe or stored is not None:  # a resumed preset run keeps its recorded options too, not the defaults
         recipe = _apply_flags(load_recipe(args.target, args.set), args) if is_recipe else None
@@ -167,10 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           adjust=(lambda r: _apply_flags(r, args)) if is_recipe else (lambda r: _resumed(r, args)))
         result = run_recipe(recipe, opts)
     else:
-        flags = {dest: (getattr(args, dest) if getattr(args, dest) is not None else default) for dest, default, _ in _FLAGS}
-        cfg = TrainConfig(**flags, out_dir=out, progress=not args.quiet and main, log_every=args.log_every or 0,
-                          resume=bool(args.resume), overwrite=args.overwrite, device=args.device, logs=not args.no_logs, compile=args.compile)
-        result = train(args.target, args.set, cfg)
+        result = train(args.target, args.set, _train_config(args, out, main))
     if not args.quiet and main:
         print(json.dumps(result, indent=2, default=str))
     return 0
@@ -179,12 +258,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint per task and per dataset; print tables and write JSON."""
     from ..train.checkpoint import resolve_checkpoint
-    from ..train.evaluate import evaluate_checkpoint, format_report, write_report
+    from ..core.atomic import check_output, write_text
+    from ..train.evaluate import evaluate_checkpoint, format_report
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    report = evaluate_checkpoint(str(ckpt), args.data, split=args.split, batch_size=args.batch_size, max_items=args.max_items, device=args.device)
     path = args.json or str(ckpt.parent / f"eval-{args.split}.json")
-    write_report(report, path)
+    check_output(path, what="--json", inputs=[args.data])  # before the eval, which may take long, not after it
+    report = evaluate_checkpoint(str(ckpt), args.data, split=args.split, batch_size=args.batch_size, max_items=args.max_items,
+                                 device=args.device, max_seconds=args.max_seconds)
+    write_text(path, json.dumps(report, indent=2), what="--json")
     print(f"{ckpt} on {report['data']} ({args.split}):\n")
     print(format_report(report))
     print(f"\nwritten to {path}")
@@ -196,12 +278,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..train.predict import predict_files
 
     rows = predict_files(args.checkpoint, args.audio, tasks=args.task or None, prompt=args.prompt, codec=args.codec,
-                         out_dir=args.out, device=args.device)  # fmt: skip
+                         out_dir=args.out, device=args.device, max_seconds=args.max_seconds)  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
-        extra = "".join(f"  {k}: {r[k]}" for k in ("codes", "wav") if r.get(k))
+        extra = "".join(f"  {k}: {r[k]}" for k in ("codes", "wav", "window_seconds") if r.get(k))
         print(f"{r['audio']}  [{r['task']}]  {r['prediction']}{extra}")
     return 0
 
@@ -214,6 +296,7 @@ def register(sub: Any) -> None:
     p.add_argument("target", nargs="?", default=None, metavar="RECIPE|PRESET", help="recipe name, recipe YAML, preset name or spec YAML (optional with --resume)")
     p.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe or model override, e.g. optim.lr=1e-3, backbone.moe.router.k=1 (repeatable)")
+    # The options a recipe also has are range-checked together, all problems at once, by TrainConfig / the recipe.
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps of a one-stage run (a resumed run continues up to this) [200]")
     p.add_argument("--batch-size", type=int, default=None, help="global items per forward [16]")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate, > 0 [0.003]")
@@ -225,12 +308,12 @@ def register(sub: Any) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: autocast forward (weights stay fp32) [fp32]")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and encoder")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="auto: CUDA when available [auto]")
-    p.add_argument("--nproc", type=int, default=None, metavar="N", help="train with N processes on this host (DDP through torchrun's launcher)")
+    p.add_argument("--nproc", type=int_in(1, 4096), default=None, metavar="N", help="train with N processes on this host (DDP through torchrun's launcher)")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
                    help="spread each MoE layer's routed experts over N ranks (distributed.expert_parallel; needs --nproc)")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="shard the model with FSDP2 over every rank (distributed.fsdp; needs --nproc)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="data-loader worker processes per rank [1]")
+    p.add_argument("--workers", type=int_in(0, 256), default=1, metavar="N", help="data-loader worker processes per rank (0: load in the training process) [1]")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate (and checkpoint, with --out) every N steps, >= 1 [50]")
     p.add_argument("--eval-batches", type=int, default=None, help="held-out batches per evaluation [4]")
     p.add_argument("--seed", type=int, default=None, help="fixes the data stream, eval batches and training randomness; the spec's seed fixes the initial weights [0]")
@@ -250,9 +333,11 @@ def register(sub: Any) -> None:
     q.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a run directory (its latest)")
     q.add_argument("--data", default="auto", metavar="auto|builtin|tones|MANIFEST|DATA.yaml", help="what to evaluate on [auto: the run's own data when it trained on a manifest or data file, else the corpus or tones]")
     q.add_argument("--split", default="test", help="manifest split [test]")
-    q.add_argument("--batch-size", type=int, default=16, help="items per forward [16]")
-    q.add_argument("--max-items", type=int, default=None, help="evaluate only the first N items of each task")
+    q.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=16, help="items per forward [16]")
+    q.add_argument("--max-items", type=positive_int, default=None, help="evaluate only the first N items of each task")
     q.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    q.add_argument("--max-seconds", type=float_in(0, lo_open=True), default=30.0, metavar="S",
+                   help="longest clip fed to a head: longer ones are cropped for clip-level labels, refused for others [30]")
     q.add_argument("--json", default=None, metavar="FILE", help="where to write the JSON report [RUN_DIR/eval-SPLIT.json]")
     q.set_defaults(func=cmd_eval)
 
@@ -264,5 +349,7 @@ def register(sub: Any) -> None:
     r.add_argument("--codec", default=None, metavar="DIR", help="fitted codec for codec heads' audio [the corpus's codes codec for the layout]")
     r.add_argument("--out", default=None, metavar="DIR", help="where codec heads write .npy/.wav [CHECKPOINT/../predictions]")
     r.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    r.add_argument("--max-seconds", type=float_in(0, lo_open=True), default=30.0, metavar="S",
+                   help="longest audio fed to a head: a longer file is cropped for clip-level labels, refused for others [30]")
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
     r.set_defaults(func=cmd_predict)

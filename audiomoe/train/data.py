@@ -203,8 +203,9 @@ def build_data(
     """``(endless train stream for this rank, eval batches)`` for ``model`` from the recipe's ``data`` and a stage's."""
     from ..data import build_loader, builtin_corpus
 
-    if batch_size % world:
-        raise AudioMoEError(f"batch_size {batch_size} must be a multiple of the number of processes ({world}); it is the global batch")
+    from .layout import check_batch
+
+    check_batch(batch_size, world)  # also what `train --nproc` checks before it starts the ranks
     local = batch_size // world
     tasks = list(model.task_names)
     if stage is not None and stage.tasks is not None:
@@ -224,7 +225,7 @@ def build_data(
     clip_level = [t for t in model.task_names if getattr(model.heads[t], "clip_level", False)]  # may be cropped
     if isinstance(choice, dict):
         train_spec = {"crop_tasks": clip_level, **_narrow(choice, tasks, stage, local, seed)}
-        eval_spec = _narrow(choice, evaluate_on, None, local, seed)
+        eval_spec = {"crop_tasks": clip_level, **_narrow(choice, evaluate_on, None, local, seed)}
         eval_spec["num_workers"] = 0
     else:
         def caches() -> tuple[str, dict[str, str]]:  # made once: rank 0 first, the others then read them
@@ -236,6 +237,7 @@ def build_data(
         train_spec = {**_manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers), "crop_tasks": clip_level}
         evaluate_on = _held_out(paths, evaluate_on) if eval_batches else []
         eval_spec = _manifest_spec({t: paths[t] for t in evaluate_on}, "test", None, local, seed, sr, 0)
+        eval_spec["crop_tasks"] = clip_level  # held-out transcripts are scored whole, as eval scores them
     train_loader = build_loader(train_spec, rank=rank, world_size=world)
     fed = {it.task for it in train_loader.dataset.items}
     unfed = [t for t in tasks if t not in fed]

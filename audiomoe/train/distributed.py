@@ -3,8 +3,9 @@
 ``torchrun --nproc-per-node N -m audiomoe train ...`` sets ``RANK`` / ``WORLD_SIZE`` /
 ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``; :func:`setup` reads them, picks the device
 (``--device auto``: ``cuda:LOCAL_RANK`` when CUDA is there, else CPU) and joins the process group.
-``audiomoe train --nproc N`` re-runs the same command under ``python -m torch.distributed.run``
-on this host (:func:`launch`). Rank 0 writes logs and checkpoints; every rank reads its own data shard.
+``audiomoe train --nproc N`` checks the run first (a configuration error never starts a process), then
+re-runs the same command under torchrun's launcher on this host (:func:`launch`), which reports a
+rank's failure once, in one line. Rank 0 writes logs and checkpoints; every rank reads its own data shard.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ..core.errors import AudioMoEError
+from .failures import FAILURE_DIR_ENV, failure_report, write_agent_report
 
 
 @dataclass
@@ -115,12 +119,61 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_AGENT = "import sys; from audiomoe.train.distributed import run_agent; sys.exit(run_agent(sys.argv[1:]))"
+
+
 def launch(nproc: int, argv: Sequence[str], env: Optional[dict[str, str]] = None) -> int:
-    """Run ``audiomoe <argv>`` in ``nproc`` processes on this host through torchrun's launcher; its exit code."""
-    if not 1 <= nproc <= 1024:
-        raise AudioMoEError(f"--nproc {nproc} must be in [1, 1024]")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "audiomoe", *argv]
-    env = {**os.environ, **(env or {})}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    """Run ``audiomoe <argv>`` in ``nproc`` processes on this host through torchrun's launcher; its exit code.
+
+    A failure is reported once, here, as the one line ``audiomoe`` prints for it (exit 2 for a configuration
+    error, 1 for anything else, 130 for Ctrl-C): each rank writes its line to a temporary folder instead of
+    printing it (:mod:`.failures`), torchrun's agent runs without its log lines and traceback
+    (:func:`run_agent`), and the line of the rank that failed first for its own reason is printed.
+    """
+    if not 1 <= nproc <= 4096:
+        raise AudioMoEError(f"--nproc {nproc} must be in [1, 4096]")
+    with tempfile.TemporaryDirectory(prefix="audiomoe-launch-") as tmp:
+        cmd = [sys.executable, "-c", _AGENT, f"--nproc-per-node={nproc}", "--nnodes=1", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", "-m", "audiomoe", *argv]
+        env = {**os.environ, **(env or {}), FAILURE_DIR_ENV: tmp}
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        agent = subprocess.Popen(cmd, env=env)
+        try:
+            code = agent.wait()
+        except KeyboardInterrupt:  # the agent and the ranks got Ctrl-C too: let them stop and say where they stopped
+            try:
+                code = agent.wait(timeout=120)
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+        if code == 0:
+            return 0
+        code, line = failure_report(Path(tmp), argv[0] if argv else "train", code)
+        print(line, file=sys.stderr)
+        return code
+
+
+def run_agent(torchrun_args: Sequence[str]) -> int:
+    """torchrun's launcher (``torch.distributed.run``) in this process, quiet: 0 when every rank succeeds, else 1
+    (130 on Ctrl-C); how each failed rank ended goes to ``agent.json`` in the launch folder for :func:`launch`."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.disable(logging.CRITICAL)  # its warnings and errors repeat what the ranks say, in 40 lines
+    out: dict[str, object] = {}
+    code = 1
+    try:
+        run(parse_args(list(torchrun_args)))
+        code = 0
+    except ChildFailedError as exc:
+        out["failures"] = {int(rank): int(f.exitcode) for rank, f in exc.failures.items()}
+    except (SignalException, KeyboardInterrupt):
+        out["interrupted"], code = True, 130
+    except Exception as exc:  # noqa: BLE001 - a rendezvous or spawn failure: one line, by the launcher
+        out["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    if out:
+        write_agent_report(out)
+    return code

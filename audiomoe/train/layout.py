@@ -197,3 +197,38 @@ def plan_layout(section: Any, spec: dict[str, Any], world: int) -> Layout:
         raise AudioMoEError(f"distributed.data_parallel={section.data_parallel} x expert_parallel={ep} = {need} processes, but "
                             f"{world} were started; run {_CMD.format(n=need)}, or leave data_parallel unset (= world / expert_parallel)")
     return Layout(world, ep, bool(section.fsdp), section.param_dtype, section.reduce_dtype, section.reshard_after_forward)
+
+
+def check_batch(batch_size: int, world: int) -> None:
+    """The global batch must split evenly over the ``world`` ranks (each reads ``batch_size / world`` items)."""
+    if batch_size % world:
+        ok = [b for b in (batch_size - batch_size % world, batch_size - batch_size % world + world) if b > 0]
+        raise AudioMoEError(f"batch_size {batch_size} must be a multiple of the number of processes ({world}); "
+                            f"it is the global batch (e.g. {' or '.join(map(str, ok))})")
+
+
+def check_recipe(recipe: Any, world: int) -> Layout:
+    """What each of ``world`` ranks checks of ``recipe`` before it trains, done once without a process group.
+
+    The model spec resolves; the ``distributed:`` layout fits it and ``world`` (:func:`plan_layout`); the
+    global batch splits over the ranks; the model builds on the meta device (constructor checks, size and
+    memory limits, no weights), and at that layout its experts can be cut into blocks; the data choice exists.
+    Raises the :class:`AudioMoEError` the ranks would raise.
+    """
+    from ..core.composer import build_meta, check_size, resolve
+    from .data import resolve_choice
+    from .trainer import memory_check
+
+    resolved = recipe.model.resolve()
+    layout = plan_layout(recipe.distributed, resolved.to_dict(), world)
+    check_batch(recipe.batch_size, world)
+    meta = build_meta(resolved)
+    memory_check(check_size(meta))
+    if layout.expert_parallel > 1:  # each rank cuts its experts with this code: a kind it cannot cut fails here
+        from ..experts.expert_parallel import _slice, ep_layers
+
+        for _, layer in ep_layers(build_meta(resolve(layout.build_spec(resolved.to_dict())))):
+            _slice(layer.experts, 0, layer.num_experts // layer.params.expert_parallel)
+    resolve_choice(meta, recipe.data)
+    return layout
+

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, get_args
 
 from ..core.errors import AudioMoEError
 from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
 from ..model import AudioBatch
 from .data import build_data
 from .evaluate import evaluate
-from .recipe import Recipe, recipe_for_preset
+from .recipe import OptimSpec, Recipe, recipe_for_preset
 from .steploop import TrainingInterrupted
 from .trainer import RunOptions, run_recipe
 
@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     grad_clip: Optional[float] = None
+    on_nonfinite: str = "stop"  # a NaN/inf gradient norm: stop, or skip the optimizer step (recipe optim.on_nonfinite)
     accumulation: int = 1
     warmup: int = 0
     schedule: str = "constant"
@@ -59,11 +60,12 @@ class TrainConfig:
     compile: bool = False
     expert_parallel: Optional[int] = None  # the recipe's distributed.expert_parallel (None: the spec's)
     fsdp: bool = False
+    workers: int = 1  # data-loader worker processes per rank
 
     _INT_RANGES = {
         "steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH_SIZE), "eval_every": (1, MAX_STEPS),
         "eval_batches": (0, 1000), "keep": (0, 1000), "seed": (0, MAX_SEED), "save_every": (0, MAX_STEPS),
-        "log_every": (0, MAX_STEPS), "accumulation": (1, 1024), "warmup": (0, MAX_STEPS),
+        "log_every": (0, MAX_STEPS), "accumulation": (1, 1024), "warmup": (0, MAX_STEPS), "workers": (0, 256),
     }
 
     def problems(self) -> list[str]:
@@ -82,7 +84,9 @@ class TrainConfig:
             out.append(f"expert_parallel ({self.expert_parallel!r}) must be an integer >= 1 (or None: the spec's)")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             out.append(f"grad_clip ({self.grad_clip!r}) must be a number > 0 (or None: no clipping)")
-        for name, choices in (("precision", ("fp32", "bf16")), ("schedule", ("constant", "linear", "cosine"))):
+        nonfinite = get_args(OptimSpec.model_fields["on_nonfinite"].annotation)  # the recipe's choices, declared there
+        named = {"precision": ("fp32", "bf16"), "schedule": ("constant", "linear", "cosine"), "on_nonfinite": nonfinite}
+        for name, choices in named.items():
             if getattr(self, name) not in choices:
                 out.append(f"{name} ({getattr(self, name)!r}) must be one of {', '.join(choices)}")
         if self.resume and self.overwrite:
@@ -101,7 +105,8 @@ class TrainConfig:
         """These options as recipe sections (everything but the model and the steps)."""
         return {
             "data": self.data, "batch_size": self.batch_size, "seed": self.seed, "precision": self.precision, "compile": self.compile,
-            "optim": {"lr": self.lr, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip, "accumulation": self.accumulation},
+            "optim": {"lr": self.lr, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip,
+                      "accumulation": self.accumulation, "on_nonfinite": self.on_nonfinite},
             "schedule": {"kind": self.schedule, "warmup": self.warmup},
             "eval": {"every": self.eval_every, "batches": self.eval_batches},
             "checkpoint": {"every": self.save_every, "keep": self.keep},
@@ -156,7 +161,7 @@ def train(
 
     opts = RunOptions(
         out_dir=cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, device=cfg.device, progress=cfg.progress,
-        print_every=cfg.log_every, data=data, eval_data=eval_data, adjust=adjust,
+        print_every=cfg.log_every, data=data, eval_data=eval_data, adjust=adjust, workers=cfg.workers,
         config={k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
     )
     result = run_recipe(recipe, opts)

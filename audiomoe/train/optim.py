@@ -58,12 +58,20 @@ def set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
 
 
 def clip_and_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """The global gradient norm (before clipping); clipped to ``max_norm`` when given."""
+    """The global gradient norm (before clipping); clipped to ``max_norm`` when given and finite.
+
+    A non-finite norm leaves the gradients as they are: clipping by it would turn every gradient
+    into NaN and hide which parameter went bad (the step loop names it, then stops or skips).
+    """
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
     if max_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=False))
+        # torch's clip_grad_norm_ is exactly these two calls: the same numbers as before
+        total = torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=False)
+        if bool(torch.isfinite(total)):
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=False)
+        return float(total)
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in grads])))
 
 

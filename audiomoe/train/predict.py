@@ -5,7 +5,8 @@ with an optional ``--prompt`` (the question to answer, the text to speak). Class
 give label names, text and CTC heads text, codec heads codes ``[K, T]`` saved as ``.npy`` and, with
 a fitted codec, decoded to a ``.wav`` you can listen to. The codec defaults to the one the built-in
 corpus's codes for the head's layout were made with (``codes-k<K>-v<V>/codec/``), so a model trained
-on ``builtin`` speaks without flags.
+on ``builtin`` speaks without flags. A file longer than ``--max-seconds`` (30 s) is cropped to one window
+for clip-level heads (read alone from disk) and refused up front for the others, naming the flag.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.errors import AudioMoEError
+from .longaudio import DEFAULT_MAX_SECONDS, check_max_seconds, refuse_long_clips
 
 
 def load_codec(path: str | Path) -> Any:
@@ -49,13 +51,13 @@ def corpus_codec(head: Any) -> Optional[Path]:
     return found[0] if found else None
 
 
-def _waveform(path: str, sample_rate: int) -> torch.Tensor:
+def _waveform(path: str, sample_rate: int, max_seconds: Optional[float] = None) -> torch.Tensor:
+    """The file at ``sample_rate``; with ``max_seconds``, a window of that length (seed 0), only it read from disk."""
     from ..data.loader import ItemDataset
     from ..data.manifest import Item
 
-    if not Path(path).is_file():
-        raise AudioMoEError(f"audio file '{path}' does not exist")
-    return ItemDataset([Item(audio=str(Path(path).resolve()), task="predict", origin=path)], sample_rate).load(0, 0)
+    return ItemDataset([Item(audio=str(Path(path).resolve()), task="predict", origin=path)], sample_rate,
+                       max_clip_seconds=max_seconds).load(0, 0)
 
 
 def _shown(head: Any, pred: Any) -> Any:
@@ -88,30 +90,44 @@ def _files(audio: Sequence[str]) -> list[str]:
 def predict_files(
     checkpoint: str, audio: Sequence[str], *, tasks: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
     codec: Optional[str] = None, out_dir: Optional[str] = None, device: str = "auto",
+    max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> list[dict[str, Any]]:
-    """One row per (file, task): ``{"audio", "task", "prediction"}`` (+ ``codes`` / ``wav`` paths for codec heads)."""
+    """One row per (file, task): ``{"audio", "task", "prediction"}`` (+ ``codes`` / ``wav`` paths for codec heads).
+
+    A file longer than ``max_seconds`` is cropped to a window of that length for clip-level heads and
+    refused, before any work, for the others (:mod:`audiomoe.train.longaudio`).
+    """
+    from ..data.manifest import audio_info
     from ..model import AudioBatch
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .distributed import pick_device
 
+    max_seconds = check_max_seconds(max_seconds)
     ckpt = resolve_checkpoint(checkpoint)
     model = load_checkpoint(str(ckpt)).to(pick_device(device)).eval()
     chosen = list(tasks or model.task_names)
     unknown = [t for t in chosen if t not in model.task_names]
     if unknown:
         raise AudioMoEError(f"task(s) {unknown} are not heads of this model; it has {', '.join(model.task_names)}")
+    files = _files(audio)
+    seconds = {path: audio_info(path, "predict") for path in files}  # headers only: long files are refused up front
+    clips = [(f"audio file '{p}'", t, s) for p, s in seconds.items() for t in chosen]
+    refuse_long_clips(model, clips, max_seconds, "predict")
     out = Path(out_dir) if out_dir else ckpt.parent / "predictions"
     sr = int(model.encoder.sample_rate)
     codecs: dict[str, Any] = {}
     rows = []
-    for path in _files(audio):
-        wav = _waveform(path, sr)
+    for path in files:
+        crop = seconds[path] > max_seconds  # then every chosen head is clip-level (the others were refused)
+        wav = _waveform(path, sr, max_seconds if crop else None)
         for task in chosen:
             batch = AudioBatch(wav[None].to(model.device), sr, [task], torch.tensor([wav.shape[0]], device=model.device), None, [prompt])
             with torch.no_grad():
                 pred = model(batch).predictions[task]
             head = model.heads[task]
             row: dict[str, Any] = {"audio": path, "task": task}
+            if crop:
+                row["window_seconds"] = max_seconds  # a clip-level label, from one window of the long file
             if isinstance(pred, list) and pred and isinstance(pred[0], torch.Tensor) and pred[0].dim() == 2:  # codec codes [K, T]
                 row.update(_write_codes(pred[0], head, task, Path(path).stem, out, codec, codecs))
             else:

@@ -9,7 +9,7 @@ recipe (:func:`recipe_for_preset`). Sketch (every section but ``model`` and ``st
     data: builtin                 # auto | builtin | tones | a manifest path | a data spec mapping
     batch_size: 16                # global items per forward (split over processes)
     optim: {lr: 3.0e-3, betas: [0.9, 0.999], weight_decay: 0.01, grad_clip: 1.0, accumulation: 1,
-            lr_mult: {router: 2.0}}
+            lr_mult: {router: 2.0}, on_nonfinite: stop}         # or skip: a NaN/inf gradient skips the step
     schedule: {warmup: 10, kind: cosine, min_lr_ratio: 0.1}     # constant | linear | cosine
     precision: fp32               # or bf16 (autocast)
     eval: {every: 50, batches: 4}
@@ -87,6 +87,8 @@ class OptimSpec(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0.0, description="clip the global gradient norm to this (None: no clipping)")
     accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     lr_mult: dict[str, float] = Field(default_factory=dict, description="group name or glob -> lr multiplier (last match wins)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf gradient norm: stop naming the parameter, or skip that optimizer step (counted)")
 
     @model_validator(mode="after")
     def _betas(self) -> "OptimSpec":

@@ -9,6 +9,10 @@
   caller resumes it or overwrites it; overwriting removes only audiomoe's own files;
 - records the run's identity, spec and options in ``run.json`` once the run really starts
   (:meth:`RunDir.start`), so a run refused by a later check leaves nothing behind.
+
+A resumed run continues from the checkpoint ``latest`` names; when that one is missing or cannot be
+resumed (damaged files, NaN weights, a bad trainer state) from the newest intact checkpoint, saying
+so (:func:`resume_point`); ``--resume DIR/step-N`` continues from that one (:func:`resume_target`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import LATEST, CheckpointError, clean_run_dir, list_checkpoints, read_latest
+from safetensors import safe_open
+
+from ..core.errors import AudioMoEError
+from ..core.safe_yaml import load_yaml_file
+from .checkpoint import LATEST, REQUIRED, STEP_RE, CheckpointError, clean_run_dir, list_checkpoints, read_latest
+from .checkpoint import load_trainer_state
+from .gradcheck import first_nonfinite
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl
@@ -48,6 +58,7 @@ class RunDir:
     info: dict[str, Any]
     resume_from: Optional[Path] = None
     overwrite: bool = False
+    note: Optional[str] = None  # why the run resumes from another checkpoint than the one `latest` names
     _lock: Any = field(default=None, repr=False)
 
     def start(self, **info: Any) -> None:
@@ -71,9 +82,9 @@ class RunDir:
 
     def write_info(self) -> None:
         """Write ``run.json`` atomically."""
-        tmp = self.path / f".{RUN_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(self.info, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, self.path / RUN_FILE)
+        from ..core.atomic import write_text
+
+        write_text(self.path / RUN_FILE, json.dumps(self.info, indent=2, default=str), what="run record")
 
 
 def recorded_data(checkpoint: str | os.PathLike) -> Any:
@@ -134,8 +145,95 @@ def _describe(path: Path) -> str:
     return f"checkpoints up to step {ckpts[-1][0]}" if ckpts else "no checkpoint yet"
 
 
-def open_run_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, info: Optional[dict[str, Any]] = None) -> RunDir:
-    """Create / check / lock ``out`` for a run; see the module doc. Raises :class:`RunDirError`."""
+def resume_target(path: str | os.PathLike) -> tuple[Path, Optional[Path]]:
+    """The run directory and the checkpoint ``--resume PATH`` names (None: the run's own choice, :func:`resume_point`).
+
+    ``PATH`` is a run directory, its ``latest`` file, or one of its ``step-N`` checkpoint directories.
+    """
+    p = Path(path)
+    if p.name == LATEST and p.is_file():
+        return p.parent, None
+    if STEP_RE.match(p.name) and not (p.is_dir() and holds_run(p)) and p.parent.is_dir() and holds_run(p.parent):
+        return p.parent, p
+    return p, None
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a run cannot resume from checkpoint ``path``, else None.
+
+    Missing or damaged files, NaN / inf weights (an older version could write them), a bad trainer state.
+    """
+    if not path.is_dir():
+        return "it does not exist"
+    if path.is_symlink() or path.resolve().parent != path.parent.resolve():
+        return "it points outside its run directory"
+    missing = [f for f in (*REQUIRED, "trainer.json", "trainer.safetensors") if not (path / f).is_file()]
+    if missing:
+        return f"it is incomplete (missing {', '.join(missing)})"
+    try:
+        if not isinstance(load_yaml_file(path / "spec.yaml", "checkpoint spec"), dict):
+            return "its spec.yaml holds no model spec mapping"
+        load_trainer_state(path)
+    except AudioMoEError as exc:
+        return str(exc)
+    try:  # one tensor at a time: the check never holds the whole model
+        with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+            for key in fh.keys():
+                if first_nonfinite({key: fh.get_tensor(key)}):
+                    return f"its weight '{key}' holds NaN or inf"
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        return f"its model.safetensors is damaged ({' '.join(str(exc).split())[:120]})"
+    return None
+
+
+def resume_point(root: Path, at: Optional[Path] = None) -> tuple[Optional[Path], Optional[str]]:
+    """``(checkpoint, note)``: where a resumed run in ``root`` continues, and why it is not the one ``latest`` names.
+
+    ``at`` (a step directory the user named) must be intact. Otherwise ``latest``'s checkpoint, or
+    when it is missing or cannot be resumed, the newest intact one. ``(None, None)``: no checkpoint
+    was ever written (the run starts over). Raises :class:`RunDirError` when nothing intact is left.
+    """
+    if at is not None:
+        problem = checkpoint_problem(at)
+        if problem is not None:
+            raise RunDirError(f"cannot resume from '{at}': {problem}; {_choices(root)}")
+        return at, None
+    try:
+        named = read_latest(root)
+        why = None if named is not None else f"'{root / LATEST}' is missing"
+    except CheckpointError as exc:
+        named, why = None, str(exc)
+    if named is not None:
+        problem = checkpoint_problem(named)
+        if problem is None:
+            return named, None
+        why = f"the checkpoint 'latest' names ({named.name}) cannot be resumed: {problem}"
+    others = [p for _, p in reversed(list_checkpoints(root)) if p != named]
+    if named is None and not others and not (root / LATEST).exists():
+        return None, None  # killed before its first checkpoint: it starts over
+    tried = []
+    for p in others:
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p, f"{why}; resuming from {p.name}, the newest intact checkpoint"
+        tried.append(f"; {p.name}: {problem}")
+    raise RunDirError(f"nothing intact to resume in '{root}': {why}{''.join(tried[:3])}; start over with --overwrite")
+
+
+def _choices(root: Path) -> str:
+    ckpts = list_checkpoints(root)
+    if not ckpts:
+        return "this run has no other checkpoint"
+    return f"checkpoints of this run: {', '.join(p.name for _, p in ckpts)}"
+
+
+def open_run_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                 info: Optional[dict[str, Any]] = None, at: Optional[Path] = None) -> RunDir:
+    """Create / check / lock ``out`` for a run; see the module doc. Raises :class:`RunDirError`.
+
+    ``at``: the checkpoint to resume from (``--resume RUN/step-N``, :func:`resume_target`);
+    None: the one :func:`resume_point` picks.
+    """
     if resume and overwrite:
         raise RunDirError("--resume continues a run and --overwrite deletes it; give one of them")
     path = Path(out)
@@ -151,7 +249,7 @@ def open_run_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: boo
     except OSError as exc:
         raise RunDirError(f"cannot use --out '{path}': {exc.strerror or exc}") from None
     try:
-        run = _prepare(path, resume, overwrite, info or {})
+        run = _prepare(path, resume, overwrite, info or {}, at)
     except BaseException:
         lock.close()
         raise
@@ -159,7 +257,7 @@ def open_run_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: boo
     return run
 
 
-def _prepare(path: Path, resume: bool, overwrite: bool, info: dict[str, Any]) -> RunDir:
+def _prepare(path: Path, resume: bool, overwrite: bool, info: dict[str, Any], at: Optional[Path]) -> RunDir:
     clean_run_dir(path)
     if resume:
         if not holds_run(path):
@@ -170,7 +268,8 @@ def _prepare(path: Path, resume: bool, overwrite: bool, info: dict[str, Any]) ->
                 old = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
             except ValueError:
                 raise RunDirError(f"'{path / RUN_FILE}' is damaged; start over with --overwrite") from None
-        return RunDir(path, {**old, "resumed": old.get("resumed", 0) + 1}, read_latest(path))
+        ckpt, note = resume_point(path, at)
+        return RunDir(path, {**old, "resumed": old.get("resumed", 0) + 1}, ckpt, note=note)
     if holds_run(path) and not overwrite:
         raise RunDirError(
             f"'{path}' already holds a training run ({_describe(path)}); continue it with --resume, "

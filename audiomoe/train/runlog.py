@@ -2,7 +2,9 @@
 
 Rank 0 writes; other ranks hold a :class:`RunLog` that does nothing. A record is
 ``{"step", "stage", "stage_step", "loss", "losses": {...}, "lr", "grad_norm", "time": {data,
-forward, backward, optimizer, step}, "items"}``; evaluations add ``{"step", "eval": {...}}``,
+forward, backward, optimizer, step}, "items", "skipped", "skipped_steps"}`` (a step whose gradient
+norm was NaN/inf under ``optim.on_nonfinite: skip`` is always logged, with ``skipped: true`` and
+``grad_norm: null``); evaluations add ``{"step", "eval": {...}}``,
 routing reports ``{"step", "routing": {layer: {...}}}`` and warnings ``{"step", "warning": ...}``.
 On resume, records after the resumed step are dropped (the file is rewritten atomically) and the
 TensorBoard writer is opened with ``purge_step`` so the event view has no duplicate steps either.
@@ -169,7 +171,8 @@ class RunLog:
             for k, v in record.get("losses", {}).items():
                 self.tb.add_scalar(f"train/{k}", v, s)
             for k in ("lr", "grad_norm"):
-                self.tb.add_scalar(f"train/{k}", record[k], s)
+                if record.get(k) is not None:  # a skipped step has no usable norm
+                    self.tb.add_scalar(f"train/{k}", record[k], s)
             for k, v in record.get("time", {}).items():
                 self.tb.add_scalar(f"time/{k}", v, s)
 
@@ -194,6 +197,11 @@ class RunLog:
         for w in warns:
             self.warnings.append({"step": step, "warning": w})
             self.write({"step": step, "warning": w})
+
+    def warning(self, step: int, text: str) -> None:
+        """Log a training warning (zero gradients, a skipped step) as a ``{"step", "warning"}`` record."""
+        if self.active:
+            self.write({"step": step, "warning": text})
 
     def close(self) -> None:
         """Flush and close the files."""

@@ -2,12 +2,15 @@
 
 A step: ``accumulation`` micro-batches (forward under the precision's autocast, backward of
 ``loss / accumulation``; under DDP only the last one all-reduces), the global gradient norm
-(clipped when ``grad_clip``), the lr of the stage's schedule at this step, ``optimizer.step()``,
-then ``model.advance_schedules()`` (aux weights and noise move once per optimizer step). Times are
-split into data / forward / backward / optimizer. Rank 0 logs, evaluates and writes checkpoints;
-every rank contributes its RNG state and sampler position to each checkpoint. Under expert
-parallelism or FSDP (:mod:`.layout`) every rank evaluates and gathers each checkpoint's one-process
-tensors with rank 0, and the norm is taken over the shards after the expert gradients are reduced.
+(clipped when ``grad_clip``; NaN / inf stops the run naming the first bad parameter, or with
+``optim.on_nonfinite: skip`` skips this step's update, counted), the lr of the stage's schedule at
+this step, ``optimizer.step()``, then ``model.advance_schedules()`` (aux weights and noise move
+once per optimizer step). Times are split into data / forward / backward / optimizer. Rank 0
+logs, evaluates and writes checkpoints; every rank contributes its RNG state and sampler position
+to each checkpoint. Under expert parallelism or FSDP (:mod:`.layout`) every rank evaluates and
+gathers each checkpoint's one-process tensors with rank 0, and the norm is taken over the shards
+after the expert gradients are reduced.
+A trainable tensor whose gradient stays zero over a stage's first steps is warned about (:mod:`.gradcheck`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..core.errors import AudioMoEError
 from .checkpoint import load_trainer_state, save_checkpoint
 from .data import build_data
 from .evaluate import evaluate
+from .gradcheck import ZeroGradWatch, first_nonfinite_grad
 from .groups import apply_trainable, lr_multipliers, trainable_names
 from .optim import autocast, build_optimizer, lr_factor, set_lr
 from .runlog import RoutingMonitor, RunLog
@@ -59,6 +63,9 @@ def restore_rng(state: dict[str, Any], dist: Any, seed: int) -> None:
         torch.set_rng_state(state["rng"]["torch"])
 
 
+_NOTED_SKIPS = 3  # skipped steps noted on the progress output and in the summary's warnings
+
+
 def _rng_devices(dist: Any) -> list[Any]:
     return [dist.device] if dist.device.type == "cuda" else []
 
@@ -89,8 +96,9 @@ class StageRun:
         model.zero_grad(set_to_none=True)  # a tensor frozen now keeps no gradient of the last stage (a sharded norm counts every one)
         self.ospec, self.sched = r.stage_optim(st), st.schedule or r.schedule
         mults = lr_multipliers(model, self.ospec.lr_mult, f"{self.where}.optim" if st.optim else "optim")
-        self.params = [p for n, p in model.named_parameters() if n in names]
-        self.opt = build_optimizer([(n, p) for n, p in model.named_parameters() if n in names], self.ospec, mults)
+        self.named = [(n, p) for n, p in model.named_parameters() if n in names]
+        self.params = [p for _, p in self.named]
+        self.opt = build_optimizer(self.named, self.ospec, mults)
         if not fresh:
             if layout.sharded:  # the checkpoint holds the one-process state: slice it for this rank
                 layout.load_optimizer(model, self.opt, load_trainer_state(self.state["path"])["optimizer"])
@@ -143,6 +151,7 @@ class StageRun:
         extra: dict[str, Any] = {
             "stage": self.idx, "stage_name": self.st.name, "stage_step": local, "world": dist.world, "data": state,
             "data_ranks": dist.gather(pos), "rng_ranks": dist.gather(torch.get_rng_state()), "tasks_seen": sorted(self.shared["fed"]),
+            "skipped_steps": self.shared["skipped"],
         }
         if dist.device.type == "cuda":
             extra["cuda_rng_ranks"] = dist.gather(torch.cuda.get_rng_state(dist.device))
@@ -159,6 +168,33 @@ class StageRun:
                 raise error
             raise AudioMoEError(f"rank 0 could not write the checkpoint of step {step}; its message says why")
 
+    def _warn(self, step: int, text: Optional[str]) -> None:
+        """A warning (if any) on the progress output, in the log and in the run summary."""
+        if text:
+            self.bar.note(f"warning: {text}")
+            self.log.warning(step, text)
+            self.shared.setdefault("warnings", []).append({"step": step, "warning": text})
+
+    def _nonfinite(self, step: int, gnorm: float) -> bool:
+        """A NaN/inf gradient norm before the optimizer step: skip it (True) or stop, per ``optim.on_nonfinite``."""
+        if self.ospec.on_nonfinite == "skip":
+            self.shared["skipped"] += 1
+            n = self.shared["skipped"]
+            if n <= _NOTED_SKIPS:  # a run that keeps overflowing must not flood the output: the log counts every one
+                more = "; further skipped steps are only counted (log.jsonl, summary.json)" if n == _NOTED_SKIPS else ""
+                self._warn(step, f"step {step}: gradient norm is {gnorm}; the optimizer step was skipped "
+                                 f"(optim.on_nonfinite=skip){more}")
+            return True
+        bad = first_nonfinite_grad(self.named)
+        where = (f"the first parameter with a non-finite gradient is '{bad}'" if bad
+                 else "the non-finite gradient is in another rank's shard")
+        ckpt = self.shared["ckpt"]
+        last = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+        raise AudioMoEError(
+            f"gradient norm became {gnorm} at step {step} (its optimizer step was not taken): {where}; {last}. "
+            f"Fix what computes that gradient, lower the learning rate (lr={self.ospec.lr}), "
+            "or skip such steps: --set optim.on_nonfinite=skip")
+
     def run(self) -> dict[str, Any]:
         """Run the stage to its last step; return its summary."""
         self._setup()
@@ -173,8 +209,9 @@ class StageRun:
         if self.sched.warmup >= st.steps > 0:
             warn = (f"stage '{st.name}' warms the lr up over {self.sched.warmup} steps but has {st.steps}: "
                     "the lr reaches its peak only at the end, if at all, and never decays (lower schedule.warmup)")
-            self.bar.note(f"warning: {warn}")
-            self.shared.setdefault("warnings", []).append({"step": self.first, "warning": warn})
+            self._warn(self.first, warn)
+        # per-rank gradients of a sharded layout differ: the watch runs where every rank holds whole gradients
+        watch = None if self.layout.sharded else ZeroGradWatch(model, self.named, st.name)
         for local in range(local0 + 1, st.steps + 1):
             step = self.first + local
             self.shared["step"] = step
@@ -207,22 +244,30 @@ class StageRun:
                     terms[k] = terms.get(k, 0.0) + float(v.detach()) / acc
                 if r.log.routing_every and dist.main:
                     self.monitor.update(out.routing)
+            if watch is not None:
+                self._warn(step, watch.update({t for b in batches for t in b.task_list()}))
+            loss = float(dist.mean(loss_sum / acc))
+            self.shared["loss"] = loss
+            if not math.isfinite(loss):  # checked before the optimizer step: the weights stay the last good step's
+                last = f"; the last good checkpoint is {self.shared['ckpt']}" if self.shared["ckpt"] else ""
+                raise AudioMoEError(f"loss became {loss} at step {step}; "
+                                    f"lower the learning rate (lr={self.ospec.lr}){last}")
             t3 = time.perf_counter()
             gnorm = self.layout.clip(model, self.params, self.ospec.grad_clip)  # EP: expert grads reduced first
+            # the norm is global (DDP-averaged, or reduced over the shards): every rank takes the same branch
+            skipped = not math.isfinite(gnorm) and self._nonfinite(step, gnorm)
             lr = set_lr(self.opt, self.ospec.lr, lr_factor(local, st.steps, self.sched))
-            self.opt.step()
+            if not skipped:
+                self.opt.step()
             model.advance_schedules()  # aux-weight / noise schedules: once per optimizer step, never per forward
             sync()
             t_opt = time.perf_counter() - t3
-            loss = float(dist.mean(loss_sum / acc))
-            self.shared["loss"] = loss
-            if not math.isfinite(loss):
-                last = f"; the last good checkpoint is {self.shared['ckpt']}" if self.shared["ckpt"] else ""
-                raise AudioMoEError(f"loss became {loss} at step {step}; lower the learning rate (lr={self.ospec.lr}){last}")
             self.bar.step(step, loss, {k[5:]: v for k, v in terms.items() if k.startswith("task/")})
-            if step % r.log.every == 0 or local == st.steps:
+            if step % r.log.every == 0 or local == st.steps or skipped:
                 self.log.step({"step": step, "stage": st.name, "stage_step": local, "loss": loss, "losses": terms, "lr": lr,
-                               "grad_norm": gnorm, "items": sum(len(b.task_list()) for b in batches) * dist.world,
+                               "grad_norm": None if skipped else gnorm,
+                               "skipped": skipped, "skipped_steps": self.shared["skipped"],
+                               "items": sum(len(b.task_list()) for b in batches) * dist.world,
                                "time": {"data": round(t_data, 6), "forward": round(t_fwd, 6), "backward": round(t_bwd, 6),
                                         "optimizer": round(t_opt, 6), "step": round(time.perf_counter() - t0, 6)}})
             if r.log.routing_every and dist.main and step % r.log.routing_every == 0 and out.routing:

@@ -30,7 +30,7 @@ from .evaluate import evaluate
 from .layout import Layout, plan_layout
 from .progress import Progress
 from .recipe import ModelSection, Recipe
-from .rundir import RUN_FILE, RunDir, open_run_dir
+from .rundir import RUN_FILE, RunDir, open_run_dir, resume_point, resume_target
 from .stages import run_specialists
 from .steploop import StageRun, TrainingInterrupted, restore_rng
 
@@ -128,12 +128,15 @@ def run_recipe(recipe: Optional[Recipe], opts: RunOptions) -> dict[str, Any]:
     dist = setup(opts.device)
     run: Optional[RunDir] = None
     try:
-        root = Path(opts.out_dir) if opts.out_dir else None
+        root, at = (Path(opts.out_dir) if opts.out_dir else None), None
+        if root is not None and opts.resume:  # --resume RUN/step-N continues RUN from that checkpoint
+            root, at = resume_target(root)
         if root is not None:
-            run = _collective(dist, lambda: open_run_dir(root, resume=opts.resume, overwrite=opts.overwrite), "opening the run directory")
+            run = _collective(dist, lambda: open_run_dir(root, resume=opts.resume, overwrite=opts.overwrite, at=at),
+                              "opening the run directory")
         resume_from = run.resume_from if run is not None else None
-        if not dist.main and root is not None and opts.resume:
-            resume_from = read_latest(root)
+        if not dist.main and root is not None and opts.resume:  # rank 0 checked and cleaned the run: the same answer
+            resume_from = resume_point(root, at)[0]
         if recipe is None:
             if root is None:
                 raise AudioMoEError("give a recipe or preset to train (or --resume DIR)")
@@ -166,6 +169,10 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
             if part is not None:
                 part.compile(dynamic=True)
     bar = Progress(total, start, ("auto" if opts.progress else "off") if dist.main else "off", opts.print_every)
+    warns: list[dict[str, Any]] = []
+    if run is not None and run.note:  # latest was missing or damaged: an older checkpoint was taken
+        bar.note(f"warning: {run.note}")
+        warns.append({"step": start, "warning": run.note})
     if resume_from is not None:
         bar.note(f"resuming {root} from {resume_from.name} (step {start})")
     started = [run is None]
@@ -180,7 +187,7 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"recipe": recipe.name, "start_step": start, "stages": [], "warnings": []}
     shared = {"start": start, "ckpt": resume_from, "fed": set((state["extra"] or {}).get("tasks_seen") or []), "before": None, "loss": float("nan"),
-              "history": [], "layout": layout}
+              "history": [], "layout": layout, "warnings": warns, "skipped": state["extra"].get("skipped_steps") or 0}
     try:
         for idx, st in enumerate(recipe.stages):
             if st.specialists is not None:
@@ -228,12 +235,13 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
         "config": opts.config,
     })
     summary["warnings"] = shared.get("warnings", [])
+    summary["skipped_steps"] = shared["skipped"]  # steps skipped for a NaN/inf gradient norm (optim.on_nonfinite)
     if shared.get("data_summary") is not None:
         summary["data"] = shared["data_summary"]
     if run is not None and dist.main:
-        tmp = run.path / f".summary.json.{os.getpid()}"
-        tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, run.path / "summary.json")
+        from ..core.atomic import write_text
+
+        write_text(run.path / "summary.json", json.dumps(summary, indent=2, default=str), what="run summary")
     return summary
 
 
