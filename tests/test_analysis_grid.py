@@ -188,3 +188,31 @@ def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path):
     assert run_of(40).path == old.path and run_state(run_of(40)) == "stale"
     with_set = expand("tiny-moe-cls", [parse_grid("backbone.moe.router=top_p")], steps=20, overrides=["backbone.moe.num_experts=8"])
     assert run_state(plan_runs(with_set, [0], tmp_path)[0]) == "stale"
+
+
+def test_a_studys_seeds_give_different_initial_weights(tmp_path):
+    """The study seed reaches the spec's ``seed`` (the initial weights), not only the data order: two seeds of one
+    config compose different models through the train command's own ``--set`` path; the same seed the same model."""
+    import torch
+
+    from audiomoe.cli import build_parser
+    from audiomoe.core.composer import build_model
+    from audiomoe.train.recipe import recipe_for_preset
+
+    (cfg,) = expand("tiny-moe-cls", [parse_grid("backbone.moe.router=top_p")], steps=5)
+
+    def first_weights(seed: int) -> dict[str, torch.Tensor]:
+        (run,) = plan_runs([cfg], [seed], tmp_path)
+        args = build_parser().parse_args(train_command(run, python="python")[3:])
+        assert f"seed={seed}" in args.set
+        spec = recipe_for_preset(args.target, overrides=args.set, steps=1).model.resolve()
+        model = build_model(spec)
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    a, b, a2 = first_weights(0), first_weights(1), first_weights(0)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert len(differ) > 0.8 * len(a), f"only {len(differ)} of {len(a)} tensors differ between seeds 0 and 1"
+    assert all(torch.equal(a[k], a2[k]) for k in a)
+    pinned = expand("tiny-moe-cls", [], overrides=["seed=7"])[0]
+    (run,) = plan_runs([pinned], [2], tmp_path)
+    assert "seed=2" not in train_command(run)  # a config that pins its init keeps it

@@ -239,3 +239,29 @@ def test_a_stored_measurement_is_reused_only_for_its_version_and_checkpoint():
     assert not measure_is_current({"version": MEASURE_VERSION, "checkpoint": "runs/a/step-000010"}, summary)
     assert not measure_is_current({"checkpoint": "runs/a/step-000020"}, summary)  # before versions: teacher forcing missing
     assert not measure_is_current(None, summary)
+
+
+def test_mowe_router_top_probability_per_task_by_hand_and_in_the_report(tmp_path):
+    """Per task, the mean top router probability of the per-sample (weak-encoder) router equals a direct computation
+    over that task's samples; the report shows it against uniform."""
+    from audiomoe.analysis.report import routing_blocks
+
+    model = compose("mowe-tiny")
+    batches = _batches(model, n=2, bs=6, seed=3)
+    m = measure_model(model, batches)
+    rec = m["routing"]["encoder/mowe"]
+    want: dict[str, list[float]] = {}
+    with torch.no_grad():
+        model.eval()
+        for b in batches:
+            out = model(type(b)(b.waveforms, b.sample_rate, b.tasks, b.lengths, None))
+            r = out.routing["encoder/mowe"]
+            top = torch.softmax(r.logits.float(), -1).amax(-1).reshape(-1).tolist()
+            for t, v in zip(out.routing_tasks(b.task_list())["encoder/mowe"], top):
+                want.setdefault(t, []).append(v)
+    assert set(rec["top_prob_by_task"]) == set(want) and len(want) >= 2
+    for t, vs in want.items():
+        assert rec["top_prob_by_task"][t] == pytest.approx(sum(vs) / len(vs), rel=1e-5)
+    blocks = routing_blocks({"mowe": [m]}, tmp_path)
+    table = next(b for b in blocks if b[0] == "table" and "mean top probability" in b[1])
+    assert {row[2] for row in table[2]} == set(want) and all(row[4] == "0.250" for row in table[2])  # 4 weak encoders: 1/E

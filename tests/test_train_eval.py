@@ -29,7 +29,7 @@ def test_eval_prints_a_table_per_task_and_writes_json(corpus, tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(corpus), "--json", str(report_path)]) == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("task"))
-    assert header.split() == ["task", "items", "accuracy", "macro_f1"]
+    assert header.split() == ["task", "items", "accuracy", "macro_f1", "accuracy", "95%", "interval", "chance"]
     report = json.loads(report_path.read_text())
     lines = [json.loads(x) for x in corpus.read_text().splitlines()]
     for task in model.task_names:
@@ -45,6 +45,8 @@ def test_eval_prints_a_table_per_task_and_writes_json(corpus, tmp_path, capsys):
         out = model(audiomoe.AudioBatch(batch.waveforms, 16000, batch.tasks, batch.lengths))
     want = float((out.predictions["language"] == model.heads["language"].make_targets(batch.targets, torch.device("cpu"))).float().mean())
     assert report["tasks"]["language"]["accuracy"] == pytest.approx(want, abs=1e-6)
+    lo, hi = report["interval"]["language"]["accuracy"]  # Wilson's interval around the item-level accuracy, inside [0, 1]
+    assert 0.0 <= lo <= want <= hi <= 1.0 and 1 / 8 <= report["chance"]["language"]["accuracy"] < 1.0
 
 
 def test_per_dataset_rows_when_the_data_has_several(corpus, tmp_path):

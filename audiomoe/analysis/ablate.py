@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
+from ..core.atomic import write_text
 from ..core.errors import AudioMoEError, did_you_mean
 from .grid import Config, Plan
 from .results import collect, read_json, run_metrics
@@ -27,7 +28,7 @@ def save_plan(plan: Plan, root: Path, meta: dict[str, Any]) -> Path:
     data = {"configs": [asdict(c) for c in plan.configs], "seeds": plan.seeds, "baselines": plan.baselines, "skipped": plan.skipped,
             "metric": plan.metric, "measure_batches": plan.measure_batches, "skipped_configs": plan.skipped_configs, **meta}  # fmt: skip
     path = root / PLAN_FILE
-    path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    write_text(path, json.dumps(data, indent=1, default=str), what="study plan")
     return path
 
 
@@ -36,6 +37,7 @@ def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
     data = read_json(root / PLAN_FILE)
     if data is None:
         raise AudioMoEError(f"'{root}' has no {PLAN_FILE}: it is not a study directory written by audiomoe ablate / demo")
+    check_plan(data, root / PLAN_FILE)
     configs = []
     for c in data["configs"]:
         c = dict(c)
@@ -45,6 +47,30 @@ def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
     plan = Plan(configs, data["seeds"], data["baselines"], data["skipped"], data["metric"], data["measure_batches"], data.get("skipped_configs", {}))
     meta = {k: v for k, v in data.items() if k in ("title", "description", "claims", "seconds")}
     return plan, meta
+
+
+#: plan.json's keys, their types and how a message names them; a config's own keys are Config's fields.
+_PLAN_KEYS = {"configs": (list, "a list"), "seeds": (list, "a list"), "baselines": (dict, "an object"),
+              "skipped": (dict, "an object"), "metric": (str, "a string"), "measure_batches": (int, "an integer")}
+
+
+def check_plan(data: Any, path: Path) -> None:
+    """Refuse a plan file with missing or mistyped keys before any work, naming the file and the key."""
+    from dataclasses import fields
+
+    redo = "write it again with `audiomoe ablate` (finished runs are kept)"
+    if not isinstance(data, dict):
+        raise AudioMoEError(f"{path}: not a study plan (a JSON object); {redo}")
+    for key, (typ, name) in _PLAN_KEYS.items():
+        if not isinstance(data.get(key), typ) or isinstance(data.get(key), bool):
+            got = "missing" if key not in data else f"a {type(data[key]).__name__}"
+            raise AudioMoEError(f"{path}: key '{key}' must be {name}, it is {got}; {redo}")
+    known = {f.name for f in fields(Config)}
+    for i, c in enumerate(data["configs"]):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(c.get("target"), str):
+            raise AudioMoEError(f"{path}: configs[{i}] needs a string 'name' and 'target'; {redo}")
+        if set(c) - known:
+            raise AudioMoEError(f"{path}: configs[{i}] has unknown key(s) {sorted(set(c) - known)}; {redo}")
 
 
 def _progress(total: int, metric: str, stream: TextIO) -> Any:
@@ -83,11 +109,12 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Run ``plan`` under ``root`` (finished runs skipped), then write the tables and the report; returns paths and counts."""
     from .claims import evaluate_claims
-    from .launch import launch, run_state
+    from .launch import check_runs, launch, run_state
     from .report import study_report
 
     root = Path(root)
     runs = plan.runs(root)
+    check_runs([r for r in runs if run_state(r) in ("todo", "stale")])  # a bad grid key fails here, not in each run
     claim_dicts = [c.model_dump() if hasattr(c, "model_dump") else dict(c) for c in claims]
     save_plan(plan, root, {"title": title, "description": description, "claims": claim_dicts})
     for arm, why in plan.skipped.items():
@@ -107,7 +134,7 @@ def run_ablation(
     _check_metric(plan.metric, collected["rows"])
     claim_objs = [_Claim(**c) for c in claim_dicts]
     verdicts = evaluate_claims(claim_objs, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
-    (root / "claims.json").write_text(json.dumps(verdicts, indent=1, default=str), encoding="utf-8")
+    write_claims(root, verdicts)
     md, page = study_report(root, title, description, plan, collected, verdicts, seconds, ran=len(runs) - finished)
     failed = [o for o in outcomes if o.get("status") != "ok"]
     return {"root": root, "report_md": md, "report_html": page, "runs": len(runs), "failed": len(failed), "seconds": seconds,
@@ -125,8 +152,19 @@ def rerender(root: str | Path) -> dict[str, Any]:
     collected = collect(runs, plan.baselines, root)
     claims = [_Claim(**c) for c in meta.get("claims", [])]
     verdicts = evaluate_claims(claims, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
+    write_claims(root, verdicts)
     md, page = study_report(root, meta.get("title", "ablation"), meta.get("description", ""), plan, collected, verdicts)
     return {"root": root, "report_md": md, "report_html": page, "claims": verdicts, "collected": collected}
+
+
+def write_claims(root: Path, verdicts: Sequence[dict[str, Any]]) -> None:
+    """``claims.json`` (claim, arms, metric, difference, interval, p, verdict, minimum detectable effect) and
+    ``controls.json`` (control, difference, interval, resolved)."""
+    from .claims import claims_files
+
+    claims, controls = claims_files(verdicts)
+    write_text(root / "claims.json", json.dumps(claims, indent=1, default=str), what="claims")
+    write_text(root / "controls.json", json.dumps(controls, indent=1, default=str), what="controls")
 
 
 def _Claim(**kw: Any) -> Any:  # noqa: N802 - a validated claim object from its dict (plan.json stores dicts)
@@ -137,7 +175,11 @@ def _Claim(**kw: Any) -> Any:  # noqa: N802 - a validated claim object from its 
 
 def print_claims(verdicts: Sequence[dict[str, Any]], stream: TextIO = sys.stdout) -> None:
     """The claims table as plain text."""
-    for c in verdicts:
-        print(f"  ({c['id']}) {c['claim']}\n      -> {c['verdict'].upper()}: {c['plain']}", file=stream)
+    for c in sorted(verdicts, key=lambda v: v.get("role") != "control"):  # controls first: they gate the claims
+        if c.get("role") == "control":
+            state = "RESOLVED" if c.get("resolved") else "NOT RESOLVED"
+            print(f"  (control {c['id']}) {c['claim']}\n      -> {state}: {c['plain']}", file=stream)
+        else:
+            print(f"  ({c['id']}) {c['claim']}\n      -> {c['verdict'].upper()}: {c['plain']}", file=stream)
         if c.get("differences"):
             print(f"         {c['differences']}", file=stream)

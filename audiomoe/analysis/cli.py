@@ -1,8 +1,8 @@
 """The ``ablate``, ``report`` and ``demo`` commands; :func:`register` adds them to the ``audiomoe`` parser.
 
 Nothing here imports torch or matplotlib at parse time: ``audiomoe --help`` stays fast. The sweep's
-own process never imports torch either (training and measurement run in subprocesses); only the
-report's plots import matplotlib.
+own process trains nothing (training and measurement run in subprocesses); it composes each config on
+torch's meta device once, before the first run, to refuse a bad one; the report's plots import matplotlib.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.argtypes import float_in, int_in
 from ..core.errors import AudioMoEError
+from ..core.limits import MAX_STEPS
 
 ABLATE_DESCRIPTION = """Train every combination of --grid values (x --variant) at --seeds seeds, each run its own
 subprocess and directory (OUT/runs/<config>/seed-<n>), then write results.csv / results.jsonl,
@@ -169,23 +171,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=K=V;K=V", help="a named bundle of overrides (repeatable; crossed with the grid)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every config gets (repeatable)")
     p.add_argument("--baseline", default=None, metavar="NAME", help="config the others are compared with (default: the first)")
-    p.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 per config [3; a study: its own]")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per run [200; a study: its own]")
+    p.add_argument("--seeds", type=int_in(1, 1000), default=None, metavar="N", help="seeds 0..N-1 per config [3; a study: its own]")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None, metavar="N", help="training steps per run [200; a study: its own]")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="an audiomoe train option for every run, e.g. lr=0.01, batch_size=8, data=builtin")
     p.add_argument("--metric", default=None, metavar="NAME", help="key metric of tables and plots [mean/accuracy: mean over tasks]")
-    p.add_argument("--measure-batches", type=int, default=None, metavar="N", help="held-out batches of each run's routing pass [4]")
-    p.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once (threads per run = cores / J) [1]")
+    p.add_argument("--measure-batches", type=int_in(1, 1000), default=None, metavar="N", help="held-out batches of each run's routing pass [4]")
+    p.add_argument("--jobs", type=int_in(1, 1024), default=1, metavar="J", help="runs at once (threads per run = cores / J) [1]")
     p.add_argument("--launcher", choices=["local", "submitit"], default="local", help="local process pool, or one submitit job per run (SLURM, else local) [local]")
     p.add_argument("--submitit-cluster", choices=["slurm", "local", "debug"], default=None, help="force a submitit executor (default: SLURM if available)")
     p.add_argument("--submitit-opt", action="append", default=[], metavar="KEY=VALUE", help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=120, gpus_per_node=1")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill a run (train or measure) after S seconds and report it failed")
+    p.add_argument("--timeout", type=float_in(0.0, lo_open=True), default=None, metavar="S", help="kill a run (train or measure) after S seconds and report it failed")
     p.add_argument("--compact", action="store_true", help="a study's compact form (fewer steps and seeds: what audiomoe demo runs)")
     p.add_argument("--out", default=None, metavar="DIR", help="study directory [ablations/<TARGET>]")
     p.set_defaults(func=cmd_ablate)
 
     p = subparsers.add_parser("report", help="tables and routing plots of a study directory, or of one run from its checkpoint")
     p.add_argument("dir", metavar="DIR", help="a study directory (audiomoe ablate --out) or a run directory (audiomoe train --out)")
-    p.add_argument("--batches", type=int, default=4, metavar="N", help="held-out batches of the routing pass (one run) [4]")
+    p.add_argument("--batches", type=int_in(1, 1000), default=4, metavar="N", help="held-out batches of the routing pass (one run) [4]")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="measure this checkpoint instead of the run's last")
     p.add_argument("--data", default=None, metavar="DATA", help="held-out data instead of the run's: builtin, tones or a manifest")
     p.add_argument("--remeasure", action="store_true", help="measure again even if measure.json exists")
@@ -193,5 +195,5 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("demo", help="make the built-in corpus if missing, run the compact papers study (< 10 min on 2 cores), print the report path")
     p.add_argument("--out", default=os.path.join("ablations", "demo"), metavar="DIR", help="study directory [ablations/demo]")
-    p.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 4)), metavar="J", help="runs at once [cores, at most 4]")
+    p.add_argument("--jobs", type=int_in(1, 1024), default=max(1, min(os.cpu_count() or 1, 4)), metavar="J", help="runs at once [cores, at most 4]")
     p.set_defaults(func=cmd_demo)

@@ -10,6 +10,7 @@ Launchers (:func:`launch`): ``local``, a pool of ``jobs`` workers on this machin
 ``cpus // jobs`` threads); ``submitit``, each run a job through submitit (SLURM where ``sbatch`` is
 found, else submitit's local executor; ``cluster="local"`` forces the latter, as the tests do), at most
 ``jobs`` in flight. The job function is :func:`execute_run` itself, so a job runs the same subprocesses.
+Before the first run, :func:`check_runs` checks every config's command line as ``audiomoe train`` would.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ..core.atomic import write_text
 from ..core.errors import AudioMoEError
 from .grid import Run
 from .measure import MEASURE_FILE
@@ -38,7 +40,9 @@ def train_command(run: Run, python: str = sys.executable) -> list[str]:
     cmd = [python, "-m", "audiomoe.cli", "train", c.target]
     for o in c.overrides:
         cmd += ["--set", o]
-    cmd += ["--seed", str(run.seed), "--out", str(run.path / "train")]
+    if not any(o.split("=", 1)[0].strip() == "seed" for o in c.overrides):  # a config that pins its init keeps it
+        cmd += ["--set", f"seed={run.seed}"]  # the study's seed sets the initial weights (the spec's seed) ...
+    cmd += ["--seed", str(run.seed), "--out", str(run.path / "train")]  # ... and what the run draws
     if c.steps is not None:
         cmd += ["--steps", str(c.steps), "--log-every", str(max(1, c.steps // 25))]
     for k, v in c.train:
@@ -46,6 +50,32 @@ def train_command(run: Run, python: str = sys.executable) -> list[str]:
     if (run.path / "train").exists():
         cmd.append("--overwrite")
     return cmd
+
+
+def check_runs(runs: Sequence[Run]) -> None:
+    """Refuse a study whose configs would fail before training, before its first run starts (nothing is trained).
+
+    Each config's ``audiomoe train`` command line (one seed stands for all) is checked as the command checks
+    itself (:func:`audiomoe.train.cli.check_command`: options, recipe, the model composed on the meta device,
+    its layout on ``--nproc`` processes, the data); the error names the config and the bad key or value.
+    """
+    from ..train.cli import check_command
+
+    first: dict[str, Run] = {}
+    for r in runs:
+        first.setdefault(r.config.name, r)
+    failed: dict[str, str] = {}
+    for run in first.values():
+        try:
+            check_command(run_settings(run))
+        except AudioMoEError as exc:
+            failed[run.config.name] = str(exc).rstrip(". ")
+    if failed:
+        (name, why), more = next(iter(failed.items())), list(failed)[1:]
+        names = ", ".join(more[:5]) + (", ..." if len(more) > 5 else "")
+        also = f" (so do {len(more)} other config(s): {names})" if more else ""
+        raise AudioMoEError(f"config '{name}' cannot train: {why}{also}. Nothing was trained; fix the --grid / "
+                            "--variant / --set / --train value (or the study file) and run again")
 
 
 def measure_command(run: Run, batches: int, python: str = sys.executable) -> list[str]:
@@ -112,7 +142,7 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
     state = run_state(run)
     outcome: dict[str, Any] = {"config": run.config.name, "seed": run.seed, "path": str(run.path), "skipped": state == "done"}
     if state in ("todo", "stale"):  # the settings first: a run killed mid-training is still known as this run's
-        (run.path / SETTINGS_FILE).write_text(json.dumps(run_settings(run)), encoding="utf-8")
+        write_text(run.path / SETTINGS_FILE, json.dumps(run_settings(run)), what="run settings")
     stages = [("train", train_command(run), run.path / "train.log")] if state in ("todo", "stale") else []
     if state != "done":
         stages.append(("measure", measure_command(run, batches), run.path / "measure.log"))
@@ -121,7 +151,7 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
         if rc != 0:
             tail = _tail(log)
             fail = {"stage": stage, "returncode": rc, "command": cmd, "stderr_tail": tail, "log": str(log)}
-            (run.path / FAILED_FILE).write_text(json.dumps(fail, indent=1), encoding="utf-8")
+            write_text(run.path / FAILED_FILE, json.dumps(fail, indent=1), what="failure record")
             outcome.update(status="failed", stage=stage, returncode=rc, error=next((x for x in reversed(tail) if x.strip()), ""))
             break
     else:
@@ -129,7 +159,7 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
     if state in ("todo", "stale"):
         outcome["retrained"] = state == "stale"
         outcome["wall_seconds"] = round(time.perf_counter() - t0, 2)
-        (run.path / OUTCOME_FILE).write_text(json.dumps(outcome, indent=1), encoding="utf-8")
+        write_text(run.path / OUTCOME_FILE, json.dumps(outcome, indent=1), what="run outcome")
     else:
         outcome["wall_seconds"] = (read_json(run.path / OUTCOME_FILE) or {}).get("wall_seconds")
     return outcome
@@ -188,7 +218,7 @@ def _submitit(runs: Sequence[Run], jobs: int, batches: int, timeout: Optional[fl
                 text = " ".join(str(exc).split())[-300:]
                 out = {"config": r.config.name, "seed": r.seed, "path": str(r.path), "status": "failed", "stage": "job", "error": text}
                 r.path.mkdir(parents=True, exist_ok=True)
-                (r.path / FAILED_FILE).write_text(json.dumps({"stage": "job", "stderr_tail": [text]}, indent=1), encoding="utf-8")
+                write_text(r.path / FAILED_FILE, json.dumps({"stage": "job", "stderr_tail": [text]}, indent=1), what="failure record")
             results.append(out)
             done(r, out)
     return results

@@ -21,11 +21,16 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..core.atomic import write_text
 from ..core.errors import AudioMoEError
+from ..train.heldout import MAX_PER_TASK, flat_metrics
 
 MEASURE_FILE = "measure.json"
-#: bumped when what a measurement holds changes (2: decoder-writing heads measured teacher-forced), so older files are redone
-MEASURE_VERSION = 2
+#: per-item outcomes of the whole held-out split (:func:`audiomoe.train.heldout.score_model`)
+HELDOUT_FILE = "heldout.json"
+#: bumped when what a measurement holds changes (2: decoder-writing heads measured teacher-forced; 3: the whole
+#: held-out split scored item by item), so older files are redone
+MEASURE_VERSION = 3
 
 
 def measure_is_current(measure: Optional[dict[str, Any]], summary: dict[str, Any]) -> bool:
@@ -80,8 +85,22 @@ def heldout_batches(model: Any, config: dict[str, Any], n: int) -> tuple[list[An
     return batches, resolved if isinstance(resolved, str) else "data spec"
 
 
-def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str] = None, data: Optional[str] = None) -> dict[str, Any]:
-    """Measure one run (its ``checkpoint`` or the run's latest) on ``batches`` held-out batches; write ``measure.json``."""
+def score_heldout(model: Any, config: dict[str, Any], max_per_task: Optional[int]) -> Optional[dict[str, Any]]:
+    """The run's whole held-out split scored item by item (:mod:`audiomoe.train.heldout`); None for tone data."""
+    from ..train.data import resolve_choice
+    from ..train.evaluate import _items
+    from ..train.heldout import score_model
+
+    resolved = resolve_choice(model, config.get("data", "auto"))
+    if isinstance(resolved, str) and resolved == "tones":
+        return None
+    return score_model(model, _items(model, resolved, "test"), max_per_task=max_per_task, batch_size=int(config.get("batch_size", 16)))
+
+
+def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str] = None, data: Optional[str] = None,
+                max_per_task: Optional[int] = MAX_PER_TASK) -> dict[str, Any]:
+    """Measure one run (its ``checkpoint`` or the run's latest): routing on ``batches`` held-out batches, quality on the
+    whole held-out split (up to ``max_per_task`` items per task); write ``measure.json`` and ``heldout.json``."""
     import torch
 
     from ..train.checkpoint import load_checkpoint
@@ -100,10 +119,13 @@ def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str]
     model = load_checkpoint(ckpt)
     held, data_name = heldout_batches(model, config, batches)
     out = measure_model(model, held)
+    scores = score_heldout(model, config, max_per_task)
+    if scores is not None:  # per-item outcomes beside the measurement: studies pair runs item by item
+        write_text(run_dir / HELDOUT_FILE, json.dumps(scores, indent=1), what="held-out scores")
+        out["heldout"] = {"split": scores["split"], "metrics": flat_metrics(scores),
+                          "tasks": {t: {k: v for k, v in r.items() if k not in ("per_item", "item_ids")} for t, r in scores["tasks"].items()}}
     out.update({"version": MEASURE_VERSION, "checkpoint": str(ckpt), "data": data_name, "seconds": round(time.perf_counter() - t0, 2)})
-    tmp = run_dir / f".{MEASURE_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
-    os.replace(tmp, run_dir / MEASURE_FILE)
+    write_text(run_dir / MEASURE_FILE, json.dumps(out, indent=1), what="measurements")
     return out
 
 
@@ -114,12 +136,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batches", type=int, default=4, help="held-out batches of the routing pass [4]")
     p.add_argument("--checkpoint", default=None, help="measure this checkpoint instead of the run's last")
     p.add_argument("--data", default=None, help="held-out data instead of the run's (builtin, tones, a manifest)")
+    p.add_argument("--max-per-task", type=int, default=MAX_PER_TASK, help=f"held-out items scored per task [{MAX_PER_TASK}]")
     args = p.parse_args(argv)
-    if args.batches < 1:
-        print("measure: error: --batches must be >= 1", file=sys.stderr)
+    if args.batches < 1 or args.max_per_task < 1:
+        print("measure: error: --batches and --max-per-task must be >= 1", file=sys.stderr)
         return 2
     try:
-        out = measure_run(args.run_dir, args.batches, args.checkpoint, args.data)
+        out = measure_run(args.run_dir, args.batches, args.checkpoint, args.data, args.max_per_task)
     except AudioMoEError as exc:
         print(f"measure: error: {exc}", file=sys.stderr)
         return 2

@@ -169,11 +169,11 @@ def heatmaps(panels: Mapping[str, Mapping[str, Sequence[float]]], columns: Mappi
 
 
 def training_curves(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]], title: str = "training loss per config",
-                    groups: Optional[Mapping[str, str]] = None) -> Any:
+                    groups: Optional[Mapping[str, str]] = None, ylabel: str = "training loss (mean over tasks)", smooth: bool = True) -> Any:
     """Per config: each seed's loss curve (thin) and their mean at shared steps (thick), smoothed; one panel per group (``config -> arm``).
 
-    Per-batch losses are noisy (each batch mixes tasks, and a task missing from a batch drops its
-    term), so every line is a trailing mean over a span of about a tenth of the panel's steps; the
+    Each point is the mean over tasks of every task's latest loss (:func:`audiomoe.analysis.results.training_curve`),
+    so a batch's task mix does not move it; per-batch losses stay noisy, so every line is a trailing mean over a span of about a tenth of the panel's steps; the
     span is in steps, so a run logged every step and one logged every 12th are smoothed alike.
     """
     plt = _plt()
@@ -190,7 +190,7 @@ def training_curves(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[
     for i, (group, names) in enumerate(panels.items()):
         ax = axes[i // ncols][i % ncols]
         last = max((max(st) for n in names for st, _ in curves[n] if len(st)), default=1)
-        span = max(1, round(last / 10))
+        span = max(1, round(last / 10)) if smooth else 1
         spans.append(span)
         for name in names:
             seeds, color = curves[name], PALETTE[j % len(PALETTE)]
@@ -204,7 +204,7 @@ def training_curves(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
         ax.set_xlabel("optimizer step")
         if i % ncols == 0:
-            ax.set_ylabel("training loss (batch total: heads + aux)")
+            ax.set_ylabel(ylabel)
         ax.set_title(group or title, fontsize=10)
         ax.grid(alpha=0.3)
         if names:

@@ -13,8 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from ..core.atomic import write_text
 from .plots import metric_by_config, routing_figures, save_png, training_curves
-from .results import read_json, training_curve
+from .results import eval_curve, read_json, training_curve
 
 CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.8em 0;font-size:12.5px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
@@ -45,6 +46,8 @@ def ci_text(a: Mapping[str, Any], key: str, digits: int = 3) -> str:
         return "–"
     if s is None or not math.isfinite(s):
         return fmt(m, digits)
+    if s == 0 and (a.get(f"{key}/n") or 0) >= 2:  # the same at every seed: a zero-width interval would claim certainty
+        return f"{m:.{digits}f} (every seed)"
     return f"{m:.{digits}f} ± {s:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
@@ -97,8 +100,8 @@ def _td(c: Any) -> str:
 def write(root: Path, blocks: Sequence[tuple], title: str, stem: str = "report") -> tuple[Path, Path]:
     """Write ``root/<stem>.md`` and ``root/<stem>.html``."""
     md, page = render(blocks, root, title)
-    (root / f"{stem}.md").write_text(md, encoding="utf-8")
-    (root / f"{stem}.html").write_text(page, encoding="utf-8")
+    write_text(root / f"{stem}.md", md, what="report")
+    write_text(root / f"{stem}.html", page, what="report")
     return root / f"{stem}.md", root / f"{stem}.html"
 
 
@@ -131,6 +134,21 @@ def learning_check(agg: Sequence[Mapping[str, Any]], ok: Sequence[Mapping[str, A
     return text
 
 
+def _confidence_by_task(measures: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[list[Any]]:
+    rows = []
+    for cfg, ms in measures.items():
+        for lay in dict.fromkeys(n for m in ms for n in m["routing"]):
+            recs = [m["routing"][lay] for m in ms if "top_prob_by_task" in m["routing"].get(lay, {})]
+            if not recs:
+                continue
+            uniform = recs[0].get("uniform_prob") or 1.0 / max(recs[0]["columns"], 1)
+            for task in sorted({t for r in recs for t in r["top_prob_by_task"]}):
+                vals = [r["top_prob_by_task"][task] for r in recs if task in r["top_prob_by_task"]]
+                mean = sum(vals) / len(vals)
+                rows.append([cfg, lay, task, fmt(mean), fmt(uniform), f"{mean - uniform:+.3f}"])
+    return rows
+
+
 def routing_blocks(measures: Mapping[str, Sequence[Mapping[str, Any]]], plots: Path, by_task: bool = False) -> list[tuple]:
     """Routing plots and a per-layer table for ``{config: [measure.json, ...]}``."""
     blocks: list[tuple] = []
@@ -156,6 +174,12 @@ def routing_blocks(measures: Mapping[str, Sequence[Mapping[str, Any]]], plots: P
                 flat.append(f"{lay} of {cfg}")
             rows.append([cfg, lay, rs[0]["kind"], rs[0]["columns"], fmt(mean("real_experts_per_token"), 2), fmt(mean("null_share"), 3),
                          f"{fmt(top)} (1/E {uniform:.3f})" if top is not None else "–"])  # fmt: skip
+    by_task = _confidence_by_task(measures)
+    if by_task:
+        blocks += [("h3", "Router confidence per task (held-out data)"),
+                   ("p", "Mean top probability of each per-sample router (the MoWE weak-encoder routers) on each task's held-out items, "
+                         "against a uniform router's 1/E: a router that learned which encoder serves a task sits well above it."),
+                   ("table", ["config", "layer", "task", "mean top probability", "uniform 1/E", "above uniform by"], by_task)]
     if "experts_per_layer" in figs and "null_share" not in figs:
         blocks.append(("p", "No null experts in these models: no null-share plot (every pick runs an expert)."))
     if rows:
@@ -167,6 +191,48 @@ def routing_blocks(measures: Mapping[str, Sequence[Mapping[str, Any]]], plots: P
                             "near-ties, so a comparison between them measures the layer's architecture, not learned routing."))  # fmt: skip
     if not figs:
         blocks.append(("p", "No routed layer in these models: no routing plots."))
+    return blocks
+
+
+def _interval(c: Mapping[str, Any]) -> str:
+    if c.get("difference") is None:
+        return "–"
+    iv = c.get("interval")
+    return f"{c['difference']:+.3f}" + (f" [{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else " (deterministic)")
+
+
+def eval_curves_block(curves: Mapping[str, Sequence[tuple]], plots: Path, groups: Optional[Mapping[str, str]] = None) -> list[tuple]:
+    """Mid-run eval accuracy per config (a few batches each time: a curve to watch, not the score that ranks runs)."""
+    curves = {k: v for k, v in curves.items() if v and any(len(s) > 1 for s, _ in v)}
+    if not curves:
+        return [("p", "Eval curves: none (each run evaluated once or not at all during training).")]
+    fig = training_curves(curves, title="mid-run eval accuracy", groups=groups, ylabel="mean accuracy over tasks (eval batches)", smooth=False)
+    return [("img", str(save_png(fig, plots / "eval_curves.png")),
+             "Mean accuracy over tasks at each mid-run eval (thin: seeds, thick: their mean). These evals use a few held-out "
+             "batches to show the trend; the tables and claims use the whole held-out split, item by item.")]
+
+
+def claims_blocks(claims: Sequence[Mapping[str, Any]]) -> list[tuple]:
+    """The positive controls (which gate everything else), then the claims with difference, interval, p and MDE."""
+    blocks: list[tuple] = []
+    controls = [c for c in claims if c.get("role") == "control"]
+    rest = [c for c in claims if c.get("role") != "control"]
+    if controls:
+        blocks += [("h2", "Positive controls"),
+                   ("p", "A positive control compares configs whose difference is known to exist. Until every control resolves "
+                         "(interval above 0), the study cannot detect a known effect and the claims below are not interpreted."),
+                   ("table", ["#", "control", "resolved", "difference [95% CI]", "p", "in plain words"],
+                    [[c["id"], c["claim"], "yes" if c.get("resolved") else "no", _interval(c), fmt(c.get("p"), 3), c["plain"]]
+                     for c in controls])]
+    if rest:
+        blocks += [("h2", "Paper claims at this scale"),
+                   ("p", "Difference: candidate minus the reference it is closest to failing against, 95% interval paired by seed "
+                         "(clipped to the metric's range). MDE: the smallest difference these seeds detect with power 0.8; "
+                         "'equivalent': within ±margin by two one-sided tests. Metrics marked exploratory are secondary."),
+                   ("table", ["#", "claim", "metric", "verdict", "difference [95% CI]", "p", "MDE", "what was measured", "in plain words"],
+                    [[c["id"], c["claim"] + (f" ({c['source']})" if c.get("source") else ""), c.get("metric", ""), c["verdict"],
+                      _interval(c), fmt(c.get("p"), 3), fmt(c.get("minimum_detectable_effect"), 3),
+                      c["measured"] + ("; " + c["differences"] if c.get("differences") else ""), c["plain"]] for c in rest])]
     return blocks
 
 
@@ -183,6 +249,16 @@ def curves_block(curves: Mapping[str, Sequence[tuple]], plots: Path, groups: Opt
     return [("img", str(save_png(fig, plots / "training_curves.png")), caption)]
 
 
+def _scored_on(metric: str, ok: Sequence[Mapping[str, Any]]) -> str:
+    if metric == "final_loss":
+        return "the training loss of the last batch: noisy, not held out"
+    where = sorted({str(r.get("scored_on")) for r in ok if r.get("scored_on")})
+    if where and all(w.startswith("whole") for w in where):
+        return f"scored item by item on the {' / '.join(where)}, the same items for every run"
+    return ("held-out eval of the last step: the mean over a few eval batches, which cannot rank close models; "
+            "rerun the same `audiomoe ablate` command: it measures the runs again (no training) and scores the whole split")
+
+
 def study_report(root: Path, title: str, description: str, plan: Any, collected: Mapping[str, Any], claims: Sequence[Mapping[str, Any]],
                  seconds: Optional[float] = None, ran: Optional[int] = None) -> tuple[Path, Path]:
     """The study report: claims, the aggregate table, comparisons, plots, failures, skipped arms."""
@@ -197,15 +273,12 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
     if seconds and ran is not None and ran < len(rows):  # a rerun: its time is that of the runs it trained, not the study's
         when = f"; this invocation ran {ran} of them in {seconds / 60:.1f} min, the others were already done"
     blocks.append(("p", f"{len(ok)} of {len(rows)} runs finished{when}: {len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {len(plan.seeds)} seed{'s' * (len(plan.seeds) != 1)}. "
-                        f"Key metric `{metric}` ({'the training loss of the last batch: noisy, not held out' if metric == 'final_loss' else 'held-out eval of the last step: the mean over its eval batches; `audiomoe eval` scores a whole split'}); intervals are 95% t intervals over seeds; "
+                        f"Key metric `{metric}` ({_scored_on(metric, ok)}); intervals are 95% t intervals over seeds; "
                         f"differences are paired by seed." + (f" Chance level of `{metric}` (uniform guess) is {chance:.3f}." if chance else "")))  # fmt: skip
     if chance is not None and agg:
         blocks.append(("p", learning_check(agg, ok, metric, chance, len(plan.seeds))))
     if claims:
-        blocks += [("h2", "Paper claims at this scale"),
-                   ("table", ["#", "claim", "verdict", "what was measured", "in plain words"],
-                    [[c["id"], c["claim"] + (f" ({c['source']})" if c.get("source") else ""), c["verdict"],
-                      c["measured"] + ("; " + c["differences"] if c.get("differences") else ""), c["plain"]] for c in claims])]  # fmt: skip
+        blocks += claims_blocks(claims)
     if plan.skipped:
         blocks += [("h3", "Skipped arms"), ("table", ["arm", "why"], [[a, w] for a, w in plan.skipped.items()])]
     blocks.append(("h2", "Results per config"))
@@ -227,10 +300,12 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
     if sel:
         blocks += [("h2", "Differences against each arm's baseline (paired by seed)"),
                    ("table", ["arm", "config", "baseline", "metric", "difference", "95% CI", "p", "n", "verdict"],
-                    [[c["arm"], c["config"], c["baseline"], c["metric"], fmt(c["mean_diff"]), f"[{fmt(c['ci_low'])}, {fmt(c['ci_high'])}]",
-                      fmt(c["p"]), c["n"], c["verdict"]] for c in sel])]  # fmt: skip
+                    [[c["arm"], c["config"], c["baseline"], c["metric"], fmt(c["mean_diff"]),
+                      "deterministic" if c["n"] >= 2 and c["std_diff"] == 0 else f"[{fmt(c['ci_low'])}, {fmt(c['ci_high'])}]",
+                      "–" if c["n"] >= 2 and c["std_diff"] == 0 else fmt(c["p"]), c["n"], c["verdict"]] for c in sel])]
     measures: dict[str, list] = {}
     curves: dict[str, list] = {}
+    evals: dict[str, list] = {}
     for r in ok:
         m = read_json(Path(r["path"]) / "measure.json")
         if m:
@@ -238,10 +313,14 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
         steps, losses, _ = training_curve(r["path"])
         if steps:
             curves.setdefault(r["config"], []).append((steps, losses))
+        e_steps, e_values = eval_curve(r["path"])
+        if e_steps:
+            evals.setdefault(r["config"], []).append((e_steps, e_values))
     blocks.append(("h2", "Routing health (held-out eval pass)"))
     blocks += routing_blocks(measures, plots) if measures else [("p", "No run was measured.")]
     blocks.append(("h2", "Training curves"))
     blocks += curves_block(curves, plots, {r["config"]: r.get("arm", "") for r in ok})
+    blocks += eval_curves_block(evals, plots, {r["config"]: r.get("arm", "") for r in ok})
     failed = [r for r in rows if r.get("status") != "ok" or r.get("measure") in ("failed", "missing")]
     if failed:
         blocks += [("h2", "Failed or unfinished runs"), ("table", ["config", "seed", "status", "last log line", "directory"],

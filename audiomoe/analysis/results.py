@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from ..core.atomic import atomic_open
 from .grid import Run
 from .measure import MEASURE_FILE
 from .stats import aggregate, compare
@@ -62,16 +63,21 @@ def training_curve(run_dir: str | Path) -> tuple[list[int], list[float], str]:
     steps, losses = [], []
     log = train_dir(run_dir) / "log.jsonl"  # the recipe trainer's per-step records (issue 15)
     if log.is_file():
+        latest: dict[str, float] = {}  # each task's last loss: the curve must not move with the batch's task mix
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and isinstance(rec.get("loss"), (int, float)):
+            if not (isinstance(rec, dict) and isinstance(rec.get("step"), int) and isinstance(rec.get("loss"), (int, float))):
+                continue
+            terms = {k: float(v) for k, v in (rec.get("losses") or {}).items() if k.startswith("task/") and isinstance(v, (int, float))}
+            latest.update(terms)
+            if terms or not latest:
                 steps.append(rec["step"])
-                losses.append(float(rec["loss"]))
+                losses.append(sum(latest.values()) / len(latest) if latest else float(rec["loss"]))
         if steps:
-            return steps, losses, "log.jsonl"
+            return steps, losses, "log.jsonl (mean over tasks of each task's latest loss)" if latest else "log.jsonl"
     if isinstance(hist, list) and hist and all(isinstance(h, dict) and "step" in h and "loss" in h for h in hist):
         return [int(h["step"]) for h in hist], [float(h["loss"]) for h in hist], "summary history"
     for path in (run_dir / "train.log", run_dir / "stderr.log"):
@@ -84,6 +90,20 @@ def training_curve(run_dir: str | Path) -> tuple[list[int], list[float], str]:
             if steps:
                 return steps, losses, "progress lines"
     return [], [], "none"
+
+
+def eval_curve(run_dir: str | Path, metric: str = "accuracy") -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of the mid-run evals in the summary's history: the mean over tasks of ``<task>/<metric>``."""
+    from .measure import train_dir
+
+    hist = (read_json(train_dir(Path(run_dir)) / "summary.json") or {}).get("history") or []
+    steps, values = [], []
+    for h in hist:
+        vs = [float(v) for k, v in h.items() if isinstance(k, str) and k.endswith(f"/{metric}") and isinstance(v, (int, float))]
+        if isinstance(h.get("step"), int) and vs:
+            steps.append(h["step"])
+            values.append(sum(vs) / len(vs))
+    return steps, values
 
 
 def _moe_means(measure: Mapping[str, Any]) -> dict[str, float]:
@@ -116,8 +136,14 @@ def run_row(run: Run) -> dict[str, Any]:
     row["final_loss"] = summary.get("final_loss")
     row["train_seconds"] = summary.get("seconds")
     row["wall_seconds"] = outcome.get("wall_seconds")
-    row.update(run_metrics(summary))
     measure = read_json(run.path / MEASURE_FILE)
+    heldout = (measure or {}).get("heldout")
+    if heldout:  # quality on the whole held-out split, item by item (measure.py), never a mean of a few batches
+        row.update(heldout["metrics"])
+        row["scored_on"] = f"whole {heldout['split']} split ({min(t['items'] for t in heldout['tasks'].values())}+ items/task)"
+    else:
+        row.update(run_metrics(summary))
+        row["scored_on"] = "eval batches"
     if measure is None:
         row["measure"] = "failed" if failed else "missing"
         return row
@@ -138,12 +164,12 @@ def _write_table(path_stem: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with open(path_stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path_stem.with_suffix(".csv"), newline="", what="results table") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: _cell(r.get(k)) for k in cols})
-    with open(path_stem.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
+    with atomic_open(path_stem.with_suffix(".jsonl"), what="results table") as fh:
         for r in rows:
             fh.write(json.dumps({k: _json(v) for k, v in r.items()}) + "\n")
 

@@ -34,6 +34,7 @@ class RoutingStats:
         self.layers: dict[str, dict[str, Any]] = {}
         self.column_labels = column_labels or {}
         self.confidence: dict[str, list[float]] = {}  # layer -> [sum of top probabilities, items]
+        self.confidence_by_task: dict[str, dict[str, list[float]]] = {}  # layer -> task -> [sum, items]
 
     def add(self, trace: Any, tasks: Sequence[str] | Mapping[str, Sequence[str]]) -> None:
         """Add one batch's trace; ``tasks``: the task of every sample, for all layers or per layer (``ModelOutput.routing_tasks``)."""
@@ -64,8 +65,9 @@ class RoutingStats:
                         hit[k] = float(((ids == k) & valid[..., None]).any(-1).sum())
                     rec["selected"][t] = [a + float(b) for a, b in zip(rec["selected"][t], hit)]
 
-    def add_confidence(self, routing: Any) -> None:
-        """Add one batch's router confidence: the top softmax probability of every valid item, per layer (``{name: Routing}``)."""
+    def add_confidence(self, routing: Any, tasks: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+        """Add one batch's router confidence: the top softmax probability of every valid item, per layer (``{name: Routing}``);
+        with ``tasks`` (the task of every routed item, per layer) also per task (a per-sample router: one item per sample)."""
         import torch
 
         for name, r in routing.items():
@@ -79,6 +81,12 @@ class RoutingStats:
             acc = self.confidence.setdefault(name, [0.0, 0.0])
             acc[0] += float(top.sum())
             acc[1] += float(top.numel())
+            item_tasks = (tasks or {}).get(name)
+            if item_tasks is not None and len(item_tasks) == top.numel():
+                per = self.confidence_by_task.setdefault(name, {})
+                for t, v in zip(item_tasks, top.tolist()):
+                    a = per.setdefault(t, [0.0, 0.0])
+                    a[0], a[1] = a[0] + v, a[1] + 1.0
 
     def result(self) -> dict[str, dict[str, Any]]:
         """Plain JSON-able statistics per layer (see the module doc for each field)."""
@@ -102,6 +110,8 @@ class RoutingStats:
             conf = self.confidence.get(name)
             if conf and conf[1]:
                 row["top_prob"], row["uniform_prob"] = conf[0] / conf[1], 1.0 / max(r["columns"], 1)
+            if self.confidence_by_task.get(name):
+                row["top_prob_by_task"] = {t: a[0] / a[1] for t, a in sorted(self.confidence_by_task[name].items()) if a[1]}
             if r["kind"] == "sample":
                 row["selection_by_task"] = {t: [v / max(r["samples"][t], 1.0) for v in r["selected"][t]] for t in tasks}
             out[name] = row
@@ -197,7 +207,8 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
                 for name, layer in trace.layers.items():  # one record at a time: several heads' passes may share a layer
                     shared = shared_layer(name)
                     stats.add(RoutingTrace({shared: layer}), {shared: per_layer[name]})
-                    stats.add_confidence({shared: out.routing[name]})
+                    layer_tasks = per_layer[name] if isinstance(per_layer, Mapping) else per_layer
+                    stats.add_confidence({shared: out.routing[name]}, {shared: layer_tasks})
                 lengths = batch.lengths if batch.lengths is not None else torch.full((len(tasks),), batch.waveforms.shape[-1])
                 audio_s += float(lengths.sum()) / float(batch.sample_rate)
                 active_sum += count_parameters(model)[1] * len(tasks)  # measured: what this batch's routing used

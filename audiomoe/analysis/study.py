@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..core.atomic import write_text
 from ..core.errors import AudioMoEError, did_you_mean
 from .grid import NAME_RE, Config, Plan, expand
 
@@ -56,9 +57,11 @@ class ArmSpec(_Strict):
 class ClaimSpec(_Strict):
     """A paper claim checked on the study's results.
 
-    ``better``: the candidate's key metric is higher than each reference's (paired interval above 0).
+    ``better``: the candidate's key metric is higher than each reference's (paired interval above 0);
+    *equivalent* when two one-sided tests put every difference inside ``±margin``.
     ``cheaper_at_equal_quality``: the candidate's ``cost`` is lower (interval below 0) while its key
     metric is not worse by more than ``margin`` (interval's low end above ``-margin``).
+    ``role: control``: a positive control (a known effect); claims are interpreted only once it resolves.
     """
 
     id: int
@@ -67,8 +70,10 @@ class ClaimSpec(_Strict):
     kind: Literal["better", "cheaper_at_equal_quality"]
     candidate: str
     reference: list[str]
+    role: Literal["claim", "control"] = "claim"
+    metric: Optional[str] = Field(None, description="the metric this claim is tested on (default: the study's key metric)")
     cost: str = "moe_mflops_per_audio_s"
-    margin: float = Field(0.02, ge=0.0)
+    margin: float = Field(0.02, gt=0.0, description="equivalence margin (better) / quality margin (cheaper_at_equal_quality)")
     also: list[str] = Field(default_factory=list, description="further metrics reported with the claim (e.g. the worst task)")
 
 
@@ -201,7 +206,7 @@ def plan_study(spec: StudySpec, root: str | Path, *, compact: bool = False, seed
         (root / "specs").mkdir(parents=True, exist_ok=True)
         for name, body in spec.models.items():
             p = root / "specs" / f"{name}.yaml"
-            p.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+            write_text(p, yaml.safe_dump(body, sort_keys=False), what="study model spec")
             model_paths[name] = str(p)
     configs: list[Config] = []
     baselines, skipped, skipped_configs = {}, {}, {}

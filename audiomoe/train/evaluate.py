@@ -5,20 +5,21 @@
 head's metrics once over *all* its items (so macro-F1, mAP, WER and BLEU are corpus-level, not
 means of batch values), per task and per dataset: accuracy and macro-F1 (single-label), mAP,
 macro-F1 and subset accuracy (multi-label), WER / CER (CTC, jiwer), WER / CER / BLEU / exact match
-(AudioLLM, jiwer + sacrebleu). :func:`format_report` prints it as tables.
+(AudioLLM, jiwer + sacrebleu). :func:`format_report` prints it as tables. A clip over ``max_seconds``
+is cropped for clip-level heads only, refused for the others (:mod:`audiomoe.train.longaudio`).
 """
 
 from __future__ import annotations
 
-import json
 import copy
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 
 from ..core.errors import AudioMoEError
 from ..model import AudioBatch
+from .longaudio import DEFAULT_MAX_SECONDS, check_max_seconds
 
 
 @torch.no_grad()
@@ -38,16 +39,6 @@ def evaluate(model: torch.nn.Module, batches: Iterable[AudioBatch]) -> dict[str,
                 counts[f"{name}/{k}"] = counts.get(f"{name}/{k}", 0) + 1
     model.train()
     return {k: sums[k] / counts[k] for k in sorted(sums)}
-
-
-def _merge(parts: list[Any]) -> Any:
-    """Predictions of several batches as one: tensors concatenated on dim 0, lists joined."""
-    if parts and all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat([p.cpu() for p in parts])
-    out: list[Any] = []
-    for p in parts:
-        out += list(p)
-    return out
 
 
 def _items(model: Any, data: Any, split: str) -> list[Any]:
@@ -88,62 +79,52 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
 @torch.no_grad()
 def evaluate_checkpoint(
     checkpoint: str, data: Any = "auto", *, split: str = "test", batch_size: int = 16, max_items: Optional[int] = None,
-    device: str = "auto", tone_batches: int = 8, seed: int = 0,
+    device: str = "auto", tone_batches: int = 8, seed: int = 0, max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint per task and per dataset: ``{"tasks": {...}, "datasets": {...}, "items": {...}}``.
 
     ``data="auto"``: the data the checkpoint's run trained on when it recorded one, else the corpus or tones.
+    Clips longer than ``max_seconds`` are cropped (a window, seed 0) for clip-level heads only; a longer
+    clip of any other head (a transcript, an answer, codes) is refused before the model runs, naming it.
     """
-    from ..data.loader import ItemDataset, collate
     from .checkpoint import load_checkpoint
+    from .heldout import pick_items, predict_items, score_task, task_metrics
     from .distributed import pick_device
     from .rundir import recorded_data
 
+    max_seconds = check_max_seconds(max_seconds)
     if data == "auto":  # the run's own data when it recorded one (a manifest of the user's), else the corpus / tones
         data = recorded_data(checkpoint) or "auto"
     model = load_checkpoint(checkpoint).to(pick_device(device)).eval()
-    sr = int(model.encoder.sample_rate)
     groups: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
     if data == "tones" or (data == "auto" and not _corpus_model(model)):
         from .data import build_data
 
         _, batches = build_data(model, "tones", None, batch_size=batch_size, seed=seed, eval_batches=tone_batches)
-        stream = [(b, ["tones"] * len(b.task_list())) for b in batches]
-    else:
-        items = _items(model, data, split)
-        if max_items:  # the first N of every task: a multi-task model is evaluated on each of its heads
-            per_task: dict[str, list[Any]] = {}
-            for it in items:
-                per_task.setdefault(it.task, []).append(it)
-            items = [it for its in per_task.values() for it in its[:max_items]]
-        ds = ItemDataset(items, sr, max_clip_seconds=30.0)
-        order = sorted(range(len(items)), key=lambda i: (items[i].task, items[i].dataset, items[i].duration))
-        stream = []
-        for s in range(0, len(order), batch_size):
-            chunk = order[s : s + batch_size]
-            batch, bad = collate([ds[(i, 0)] for i in chunk], sr)  # ds[...] also loads codec codes
-            if batch is None or bad:
-                raise AudioMoEError(f"cannot evaluate on {data!r}: {'; '.join(bad)}")
-            stream.append((batch, [items[i].dataset or "data" for i in chunk]))
-    for batch, datasets in stream:
-        out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, None, batch.prompts))
-        for name, preds in out.predictions.items():
-            idx = out.indices[name].tolist()
-            for j, i in enumerate(idx):
-                pred = preds[j : j + 1] if isinstance(preds, torch.Tensor) else [preds[j]]
-                groups.setdefault((name, datasets[i]), []).append((pred, batch.targets[i]))
+        for batch in batches:
+            out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, None, batch.prompts))
+            for name, preds in out.predictions.items():
+                for j, i in enumerate(out.indices[name].tolist()):
+                    pred = preds[j : j + 1] if isinstance(preds, torch.Tensor) else [preds[j]]
+                    groups.setdefault((name, "tones"), []).append((pred, batch.targets[i]))
+    else:  # the first max_items of every task: a multi-task model is evaluated on each of its heads
+        items = pick_items(_items(model, data, split), max_items)
+        for name, triples in predict_items(model, items, batch_size, max_seconds, "eval").items():
+            for pred, target, item in triples:
+                groups.setdefault((name, item.dataset or "data"), []).append((pred, target))
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data if isinstance(data, str) else "spec", "split": split,
-                              "tasks": {}, "datasets": {}, "items": {}}
+                              "tasks": {}, "datasets": {}, "items": {}, "interval": {}, "chance": {}}
     for task in model.task_names:
         keys = sorted(d for t, d in groups if t == task)
         if not keys:
             continue
         head = model.heads[task]
-        everything = [pair for d in keys for pair in groups[(task, d)]]
-        report["tasks"][task] = _metrics(head, everything, model.device)
-        report["items"][task] = len(everything)
+        scored = score_task(head, [pair for d in keys for pair in groups[(task, d)]], model.device)
+        report["tasks"][task], report["items"][task] = scored["metrics"], scored["items"]
+        if "interval" in scored:  # single-label accuracy: Wilson's 95% interval and the majority-class rate
+            report["interval"][task], report["chance"][task] = scored["interval"], scored["chance"]
         if len(keys) > 1:
-            report["datasets"][task] = {d: {**_metrics(head, groups[(task, d)], model.device), "items": len(groups[(task, d)])} for d in keys}
+            report["datasets"][task] = {d: {**task_metrics(head, groups[(task, d)], model.device), "items": len(groups[(task, d)])} for d in keys}
     return report
 
 
@@ -153,19 +134,16 @@ def _corpus_model(model: Any) -> bool:
     return set(model.task_names) <= set(CORPUS_TASKS)
 
 
-def _metrics(head: Any, pairs: Sequence[tuple[Any, Any]], device: torch.device) -> dict[str, float]:
-    preds = _merge([p for p, _ in pairs])
-    try:
-        return {k: round(float(v), 6) for k, v in head.metrics(preds, head.make_targets([t for _, t in pairs], device)).items()}
-    except NotImplementedError:
-        return {}
-
-
 def format_report(report: dict[str, Any]) -> str:
     """The report as text tables: one row per task, then one per (task, dataset) when there are several."""
     names = sorted({k for m in report["tasks"].values() for k in m})
     head = ["task", "items"] + names
     rows = [[t, str(report["items"][t])] + [f"{m[k]:.4f}" if k in m else "-" for k in names] for t, m in report["tasks"].items()]
+    if report.get("interval"):  # accuracy's 95% interval and the rate of always answering the most frequent label
+        head += ["accuracy 95% interval", "chance"]
+        for row, t in zip(rows, report["tasks"]):
+            iv, ch = report["interval"].get(t, {}).get("accuracy"), report["chance"].get(t, {}).get("accuracy")
+            row += [f"[{iv[0]:.4f}, {iv[1]:.4f}]", f"{ch:.4f}"] if iv else ["-", "-"]
     text = _table(rows, head)
     if report["datasets"]:
         drows = [[t, d, str(m["items"])] + [f"{m[k]:.4f}" if k in m else "-" for k in names] for t, per in report["datasets"].items() for d, m in per.items()]
@@ -177,11 +155,3 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     return "\n".join(lines + ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows])
-
-
-def write_report(report: dict[str, Any], path: str) -> None:
-    """Write the report as JSON (atomically)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, path)
