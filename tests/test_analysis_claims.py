@@ -117,3 +117,17 @@ def test_a_claim_can_name_its_own_metric():
     claim = ClaimSpec(id=3, text="a helps the minority", kind="better", candidate="a", reference=["b"], metric="event/accuracy")
     (v,) = evaluate_claims([claim], list(merged.values()), "mean/accuracy", {"a": "x", "b": "x"}, {})
     assert v["metric"] == "event/accuracy" and v["verdict"] == "holds"
+
+
+def test_the_report_shows_the_control_first_and_no_verdict_while_it_has_not_resolved(tmp_path):
+    from audiomoe.analysis.report import claims_blocks, render
+
+    rows = _rows({"trained": [0.60, 0.20], "untrained": [0.13, 0.15], "a": [0.55, 0.56], "b": [0.30, 0.31], "c": [0.3, 0.31]})
+    blocks = claims_blocks(evaluate_claims(_claims(), rows, "mean/accuracy", ARMS, {}))
+    md, _ = render(blocks, tmp_path, "t")
+    assert md.index("Positive controls") < md.index("Paper claims at this scale")
+    control = next(b for b in blocks if b[0] == "table" and b[1][1] == "control")
+    assert control[2][0][2] == "no"
+    claims = next(b for b in blocks if b[0] == "table" and b[1][1] == "claim")
+    assert [r[3] for r in claims[2]] == ["not interpreted", "not interpreted"]
+    assert "holds" not in " ".join(str(r[3]) for r in claims[2])

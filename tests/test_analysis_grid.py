@@ -70,13 +70,16 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
     assert "papers" in builtin_studies() and find_study("papers") == STUDIES / "papers.yaml"
     spec = load_study(STUDIES / "papers.yaml")
     plan = plan_study(spec, tmp_path, exists=lambda name: False)
-    assert [c.name for c in plan.configs] == ["top_k", "top_p", "top_p_null", "base_only", "mowe_independent", "mowe_dependent", "mowe_combined"]
-    assert plan.seeds == [0, 1, 2] and plan.baselines == {"routing": "top_k", "encoders": "base_only"}
-    assert "unimoe-curriculum-tiny" in plan.skipped["curriculum"] and "placeholder" in plan.skipped["curriculum"]
+    routing = ["top_k", "top_k_ent", "top_p", "top_p_null", "top_p_null_ent", "frozen_encoder"]
+    encoders = ["base_only", "mowe_independent", "mowe_dependent", "mowe_combined", "mowe_two_dependent"]
+    assert [c.name for c in plan.configs] == routing + encoders
+    assert plan.seeds == [0, 1, 2, 3] and plan.baselines == {"routing": "top_k", "encoders": "base_only"}
+    assert "unimoe-curriculum-tiny" in plan.skipped["curriculum"] and "skipped only where" in plan.skipped["curriculum"]
     assert (tmp_path / "specs" / "unimoe-corpus.yaml").is_file() and plan.configs[0].target == str(tmp_path / "specs" / "unimoe-corpus.yaml")
+    assert {c.target for c in plan.configs if c.arm == "encoders"} == {"mowe-corpus-tiny"}  # pretrained weak encoders
     compact = plan_study(spec, tmp_path, compact=True, exists=lambda name: False)
-    assert compact.seeds == [0, 1] and compact.configs[0].steps == spec.compact.steps < spec.steps
-    assert dict(compact.configs[0].train)["eval_every"] >= spec.compact.steps  # the demo evaluates once, at the end
+    assert compact.seeds == [0, 1, 2] and compact.configs[0].steps == spec.compact.steps < spec.steps
+    assert [c.name for c in compact.configs] == ["top_k", "top_k_ent", "top_p_null_ent", "frozen_encoder"]  # the control's pair
     with_recipes = plan_study(spec, tmp_path, exists=lambda name: True)  # once issue 15's recipes exist, the arm runs them
     cur = [c for c in with_recipes.configs if c.arm == "curriculum"]
     assert [(c.name, c.target, c.steps) for c in cur] == [("curriculum", "unimoe-curriculum-tiny", None), ("naive", "unimoe-naive-tiny", None)]
@@ -84,12 +87,13 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
 
 
 def test_papers_study_variants_are_valid_model_specs(tmp_path):
-    """Every config of the built-in study resolves (the composer checks each override, on the meta device)."""
-    from audiomoe.core.composer import validate
+    """Every config of the built-in study passes the train command's own pre-launch check (recipe, overrides, model on
+    the meta device, data), as `audiomoe ablate` checks it before its first run."""
+    from audiomoe.analysis.launch import check_runs
 
-    plan = plan_study(load_study(STUDIES / "papers.yaml"), tmp_path, exists=lambda name: False)
-    for c in plan.configs:
-        validate(c.target, list(c.overrides))
+    plan = plan_study(load_study(STUDIES / "papers.yaml"), tmp_path)
+    assert len(plan.configs) == 13 and not plan.skipped
+    check_runs(plan.runs(tmp_path))
 
 
 def test_bad_study_files_say_what_is_wrong(tmp_path):
@@ -124,23 +128,28 @@ def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_me
     from audiomoe.analysis.claims import evaluate_claims
 
     data = yaml.safe_load((STUDIES / "papers.yaml").read_text())
-    assert "variants" not in data["compact"]  # the demo runs every config of the study
+    assert data["compact"]["variants"] == ["top_k", "frozen_encoder", "top_k_ent", "top_p_null_ent"]  # the demo: routing only
     data["compact"]["variants"] = ["top_k", "top_p_null", "base_only", "mowe_combined", "curriculum", "naive"]
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     spec = load_study(tmp_path / "s.yaml")
     plan = plan_study(spec, tmp_path, compact=True, exists=lambda name: True)
     assert [c.name for c in plan.configs] == spec.compact.variants
     assert plan.baselines == {"routing": "top_k", "encoders": "base_only", "curriculum": "naive"}
-    assert plan.skipped_configs == {"top_p": "routing (compact)", "mowe_independent": "encoders (compact)", "mowe_dependent": "encoders (compact)"}
+    left = {"top_p": "routing", "top_k_ent": "routing", "top_p_null_ent": "routing", "frozen_encoder": "routing",
+            "mowe_independent": "encoders", "mowe_dependent": "encoders", "mowe_two_dependent": "encoders"}
+    assert plan.skipped_configs == {k: f"{v} (compact)" for k, v in left.items()}
     assert "left out of the compact form" in plan.skipped["encoders (compact)"] and "audiomoe ablate papers" in plan.skipped["encoders (compact)"]
     rows = [{"config": c.name, "seed": s, "status": "ok", "mean/accuracy": 0.3 + 0.01 * s} for c in plan.configs for s in plan.seeds]
     verdicts = {v["id"]: v for v in evaluate_claims(spec.claims, rows, plan.metric, plan.arm_of(), plan.skipped)}
     assert verdicts[2]["verdict"] == "not measured" and "left out of the compact form" in verdicts[2]["plain"]
     assert verdicts[1]["verdict"] != "not measured" and verdicts[3]["verdict"] != "not measured"
-    demo = plan_study(load_study(STUDIES / "papers.yaml"), tmp_path, compact=True, exists=lambda name: True)
-    assert len(demo.configs) == 9 and demo.skipped == {}
+    data["compact"]["variants"] = None  # every config, compact: the curriculum's compact steps
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    demo = plan_study(load_study(tmp_path / "s.yaml"), tmp_path, compact=True, exists=lambda name: True)
+    assert len(demo.configs) == 13 and demo.skipped == {}
     cur = {c.name: c.overrides for c in demo.configs if c.arm == "curriculum"}
-    assert "stages.joint.steps=120" in cur["naive"] and "eval.batches=1000" in cur["curriculum"]  # as many steps; the whole test split
+    assert "stages.joint.steps=120" in cur["naive"] and "stages.foundation.steps=60" in cur["curriculum"]  # as many steps
+    assert "domains.sound.proportion=1" in cur["naive"] and "domains.sound.proportion=1" in cur["curriculum"]  # one imbalance
 
 
 def test_compact_variants_must_name_variants_and_keep_each_kept_arms_baseline(tmp_path):

@@ -43,8 +43,8 @@ def test_stage_references_and_stage_optim_overrides_are_checked():
 
 
 def test_set_changes_recipe_sections_and_sends_other_keys_to_the_model():
-    r = load_recipe("unimoe-curriculum-tiny", ["optim.lr=0.01", "stages.warmup.steps=7", "stages.2.train=[router]", "backbone.moe.router.p=0.6"])
-    assert r.optim.lr == 0.01 and r.stages[1].steps == 7 and r.stages[2].train == ["router"]
+    r = load_recipe("unimoe-curriculum-tiny", ["optim.lr=0.01", "stages.warmup.steps=7", "stages.3.train=[router]", "backbone.moe.router.p=0.6"])
+    assert r.optim.lr == 0.01 and r.stages[2].steps == 7 and r.stages[3].train == ["router"]
     assert r.model.overrides[-1] == "backbone.moe.router.p=0.6"
     with pytest.raises(ConfigError, match="no stage 'nope'"):
         load_recipe("unimoe-curriculum-tiny", ["stages.nope.steps=3"])
@@ -112,7 +112,7 @@ def test_lr_schedule_warmup_then_decay():
     assert lr_factor(5, 110, cos) == 0.5 and lr_factor(10, 110, cos) == 1.0
     assert math.isclose(lr_factor(60, 110, cos), 0.55) and math.isclose(lr_factor(110, 110, cos), 0.1)
     lin = ScheduleSpec(kind="linear", warmup=0, min_lr_ratio=0.0)
-    assert lr_factor(50, 100, lin) == 0.5 and lr_factor(100, 100, ScheduleSpec()) == 1.0
+    assert lr_factor(50, 100, lin) == 0.5 and lr_factor(100, 100, ScheduleSpec(kind="constant")) == 1.0
 
 
 def test_a_misspelled_recipe_key_suggests_the_right_one_and_lists_the_section(capsys):

@@ -204,9 +204,10 @@ def test_a_bad_spec_yaml_in_a_checkpoint_is_a_clear_error(tmp_path, model, text,
 
 
 def test_resume_continues_exactly_where_an_unbroken_run_would_be(tmp_path):
-    whole = train("tiny-cls", (), TrainConfig(steps=6, out_dir=str(tmp_path / "a"), **FAST))
-    train("tiny-cls", (), TrainConfig(steps=3, out_dir=str(tmp_path / "b"), **FAST))
-    resumed = train(None, (), TrainConfig(steps=6, out_dir=str(tmp_path / "b"), resume=True, **FAST))
+    # a constant lr: extending a 3-step run to 6 under a decaying schedule would change the lr of the steps done
+    whole = train("tiny-cls", (), TrainConfig(steps=6, out_dir=str(tmp_path / "a"), schedule="constant", **FAST))
+    train("tiny-cls", (), TrainConfig(steps=3, out_dir=str(tmp_path / "b"), schedule="constant", **FAST))
+    resumed = train(None, (), TrainConfig(steps=6, out_dir=str(tmp_path / "b"), resume=True, schedule="constant", **FAST))
     assert resumed["start_step"] == 3 and whole["final_loss"] == resumed["final_loss"]
     assert _same(load_checkpoint(tmp_path / "a").state_dict(), load_checkpoint(tmp_path / "b").state_dict())
     with pytest.raises(audiomoe.AudioMoEError, match="already at step 6; ask for more --steps"):

@@ -156,7 +156,9 @@ def test_cli_train_logs_lines_and_quiet_prints_nothing(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr()
     assert [line.split()[1] for line in out.err.splitlines() if line.startswith("step ")] == ["3/6", "6/6"]
-    assert "\r" not in out.err and json.loads(out.out)["steps"] == 6
+    assert "\r" not in out.err and out.out.startswith("trained 6 steps")  # a summary, not a JSON dump (--json prints that)
+    assert cli.main(argv[:2] + ["--steps", "2", "--batch-size", "2", "--eval-batches", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
     assert cli.main(["train", "tiny-cls", "--steps", "2", "--batch-size", "2", "--eval-batches", "0", "--quiet", "--out", str(tmp_path / "q")]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""

@@ -55,7 +55,7 @@ def test_two_processes_on_the_corpus_read_disjoint_shards_of_an_moe_model(tmp_pa
 
     make_corpus(tmp_path / "corpus", "tiny", 0, progress=False)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "audiomoe", "train", "unimoe-naive-tiny", "--set", "stages.joint.steps=3", "--set", "eval.batches=1",
+    cmd = [sys.executable, "-m", "audiomoe", "train", "unimoe-naive-tiny", "--set", "stages.foundation.steps=2", "--set", "stages.joint.steps=3", "--set", "eval.batches=1",
            "--data", str(tmp_path / "corpus" / "manifest.jsonl"), "--out", str(out), "--nproc", "2", "--device", "cpu", "--quiet"]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -76,3 +76,28 @@ def test_the_cap_takes_the_same_first_items_of_every_task(corpus):
     assert len(picked) == sum(min(3, sum(1 for it in items if it.task == t)) for t in tasks)
     for t in tasks:
         assert [it for it in picked if it.task == t] == [it for it in items if it.task == t][:3]
+
+
+def test_train_ends_with_the_whole_split_scored_and_a_summary_table(corpus, tmp_path, capsys):
+    import json
+
+    from audiomoe import cli
+
+    out = tmp_path / "run"
+    argv = ["train", "tiny-corpus", "--data", str(corpus), "--steps", "2", "--batch-size", "4", "--eval-batches", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    stored = json.loads((out / "heldout.json").read_text())
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    for task in ("language", "speaker", "style", "event"):
+        n = sum(1 for x in lines if x["task"] == task and x["split"] == "test")
+        assert summary["heldout"]["tasks"][task]["items"] == n == len(stored["tasks"][task]["per_item"])
+        acc = summary["heldout"]["metrics"][f"{task}/accuracy"]
+        assert acc == pytest.approx(sum(stored["tasks"][task]["per_item"]) / n)
+        row = next(line for line in printed.splitlines() if line.startswith(task + " "))
+        assert row.split()[1] == str(n) and f"{acc:.3f}" in row  # the table, not a JSON dump
+    assert printed.startswith("trained 2 steps") and "95% interval" in printed and "chance" in printed
+    assert "per_item" not in summary["heldout"]["tasks"]["event"]  # per-item outcomes live in heldout.json only
+    assert cli.main(argv[:-2] + ["--set", "eval.final=false", "--quiet", "--out", str(tmp_path / "off")]) == 0
+    assert "heldout" not in json.loads((tmp_path / "off" / "summary.json").read_text())

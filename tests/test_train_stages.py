@@ -23,6 +23,7 @@ JITTER = ["backbone.moe.router.input_jitter=0.01"]  # training draws from the RN
 RECIPE = {
     "name": "two-stage", "model": {"preset": "tiny-unimoe", "overrides": JITTER}, "data": "tones", "batch_size": 8,
     "eval": {"batches": 0}, "log": {"routing_every": 0}, "checkpoint": {"every": 1, "keep": 0},
+    "schedule": {"kind": "constant"},  # the default is cosine with warmup; the lr test below reads a constant first stage
     "stages": [
         {"name": "gates", "steps": 3, "train": ["router", "shared_experts"]},
         {"name": "rest", "steps": 4, "freeze": ["encoder", "backbone.blocks.0"], "optim": {"lr": 0.01},

@@ -83,7 +83,8 @@ def _progress(total: int, metric: str, stream: TextIO) -> Any:
             print(f"{head} FAILED in {out.get('stage')} (exit {out.get('returncode', '?')}): {out.get('error', '')[:200]}  -> {run.path}", file=stream, flush=True)
             return
         summary = read_json(run.path / "train" / "summary.json") or {}
-        value = run_metrics(summary).get(metric)
+        held = (summary.get("heldout") or {}).get("metrics")  # the whole split, as the tables; else the last eval batches
+        value = (held or run_metrics(summary)).get(metric)
         secs = out.get("wall_seconds")
         where = "already finished" if out.get("skipped") else f"{secs:.1f} s" if isinstance(secs, (int, float)) else "measured now"
         shown = f"{metric} {value:.3f}" if isinstance(value, float) else f"{metric} n/a"

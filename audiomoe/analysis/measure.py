@@ -23,11 +23,9 @@ from typing import Any, Optional, Sequence
 
 from ..core.atomic import write_text
 from ..core.errors import AudioMoEError
-from ..train.heldout import MAX_PER_TASK, flat_metrics
+from ..train.heldout import HELDOUT_FILE, MAX_PER_TASK, flat_metrics
 
 MEASURE_FILE = "measure.json"
-#: per-item outcomes of the whole held-out split (:func:`audiomoe.train.heldout.score_model`)
-HELDOUT_FILE = "heldout.json"
 #: bumped when what a measurement holds changes (2: decoder-writing heads measured teacher-forced; 3: the whole
 #: held-out split scored item by item), so older files are redone
 MEASURE_VERSION = 3
@@ -87,14 +85,25 @@ def heldout_batches(model: Any, config: dict[str, Any], n: int) -> tuple[list[An
 
 def score_heldout(model: Any, config: dict[str, Any], max_per_task: Optional[int]) -> Optional[dict[str, Any]]:
     """The run's whole held-out split scored item by item (:mod:`audiomoe.train.heldout`); None for tone data."""
-    from ..train.data import resolve_choice
-    from ..train.evaluate import _items
-    from ..train.heldout import score_model
+    from ..train.heldout import heldout_items, score_model
 
-    resolved = resolve_choice(model, config.get("data", "auto"))
-    if isinstance(resolved, str) and resolved == "tones":
+    items = heldout_items(model, config.get("data", "auto"))
+    if items is None:
         return None
-    return score_model(model, _items(model, resolved, "test"), max_per_task=max_per_task, batch_size=int(config.get("batch_size", 16)))
+    return score_model(model, items, max_per_task=max_per_task, batch_size=int(config.get("batch_size", 16)))
+
+
+def _trained_scores(run_dir: Path, summary: dict[str, Any], max_per_task: Optional[int]) -> Optional[dict[str, Any]]:
+    """The whole-split scores training wrote for its final checkpoint (``train`` scores it at the end), if they match."""
+    held = summary.get("heldout") or {}
+    path = train_dir(run_dir) / HELDOUT_FILE
+    if not held.get("tasks") or not path.is_file() or path.resolve() == (Path(run_dir) / HELDOUT_FILE).resolve():
+        return None
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return scores if scores.get("max_per_task") == max_per_task and scores.get("tasks") else None
 
 
 def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str] = None, data: Optional[str] = None,
@@ -119,7 +128,8 @@ def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str]
     model = load_checkpoint(ckpt)
     held, data_name = heldout_batches(model, config, batches)
     out = measure_model(model, held)
-    scores = score_heldout(model, config, max_per_task)
+    scores = _trained_scores(run_dir, summary, max_per_task) if checkpoint is None and not data else None
+    scores = scores or score_heldout(model, config, max_per_task)
     if scores is not None:  # per-item outcomes beside the measurement: studies pair runs item by item
         write_text(run_dir / HELDOUT_FILE, json.dumps(scores, indent=1), what="held-out scores")
         out["heldout"] = {"split": scores["split"], "metrics": flat_metrics(scores),

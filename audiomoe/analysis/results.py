@@ -96,7 +96,8 @@ def eval_curve(run_dir: str | Path, metric: str = "accuracy") -> tuple[list[int]
     """``(steps, values)`` of the mid-run evals in the summary's history: the mean over tasks of ``<task>/<metric>``."""
     from .measure import train_dir
 
-    hist = (read_json(train_dir(Path(run_dir)) / "summary.json") or {}).get("history") or []
+    summary = read_json(train_dir(Path(run_dir)) / "summary.json") or {}
+    hist = summary.get("eval_history") or summary.get("history") or []  # the recipe trainer's key, then the older one
     steps, values = [], []
     for h in hist:
         vs = [float(v) for k, v in h.items() if isinstance(k, str) and k.endswith(f"/{metric}") and isinstance(v, (int, float))]

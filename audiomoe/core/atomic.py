@@ -101,7 +101,7 @@ def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike]
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without setting it where the OS allows (setting it races with other threads)."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
@@ -120,7 +120,7 @@ def _file_mode(target: Path) -> int:
     try:
         return os.stat(target).st_mode & 0o7777
     except OSError:
-        return 0o666 & ~_umask()
+        return 0o666 & ~current_umask()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -26,6 +26,11 @@ Details the paper leaves open are params with documented defaults (fusion ``conc
 loss weight 1 so that the mixture's ``aux_loss_weight`` 0.1 is the whole MoWE weight). The routing records (``routing["mowe"]`` for a one-router fusion,
 ``mowe/<router>`` for several: per sample, which weak encoders ran and their weights) go into the
 encoder output.
+
+A frozen encoder (no parameter requires a gradient: MoWE freezes the base and the weak pool) runs
+in eval mode without autograd, and its per-clip features come from a bounded LRU cache keyed by
+the waveform and the weights' version (``feature_cache_mb``, :mod:`audiomoe.encoders.cache`): from
+the second epoch on, a frozen encoder's forward runs only for clips it has not seen.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import nn
 from audiomoe.core.interfaces import Encoder, EncoderOutput
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.encoders.align import align_time
+from audiomoe.encoders.cache import FeatureCache, is_frozen, run_frozen
 from audiomoe.encoders.features import prepare_waveforms, resample
 from audiomoe.encoders.hf_common import MissingPretrainedError
 
@@ -64,6 +70,10 @@ class MoWEMixture(Encoder):
         align: Literal["interpolate", "pool"] = Field("interpolate", description="how weak frames are resampled to the base frame rate")
         proj_dim: Optional[int] = Field(None, ge=1, le=65536, description="common width C of projected weak features (None = base width)")
         aux_loss_weight: float = Field(0.1, ge=0.0, le=100.0, description="multiplies the router's aux losses (MoWE: 0.1)")
+        feature_cache_mb: float = Field(
+            256.0, ge=0.0, le=1e6,
+            description="LRU budget (MiB) of the frozen encoders' per-clip feature cache (0: off; encoders/cache.py)",
+        )
 
     def __init__(self, params: Params, *, base: Any, weak: Any, fusion: Any, task_names: Optional[list[str]] = None) -> None:
         super().__init__(params)
@@ -90,6 +100,7 @@ class MoWEMixture(Encoder):
         self.sample_rate = int(self.base.sample_rate)
         self.frame_rate = float(self.base.frame_rate)
         self.output_dim = int(self.fusion.output_dim)
+        self.feature_cache = FeatureCache(int(p.feature_cache_mb * 2**20))
         self._last_selected: Optional[list[int]] = None
         self._last_use: Optional[list[float]] = None  # share of valid samples that ran each weak encoder
 
@@ -116,12 +127,20 @@ class MoWEMixture(Encoder):
         """Valid output frames: the base encoder's (fused features stay at the base frame rate)."""
         return self.base.num_frames(lengths)
 
+    def _encode(self, slot: str, enc: Encoder, wav: torch.Tensor, lengths: torch.Tensor, sr: int) -> EncoderOutput:
+        """One encoder's output; a frozen one runs in eval mode without autograd, served from the feature cache."""
+        if not is_frozen(enc):
+            return enc(wav, lengths)
+        if self.feature_cache.usable(slot, enc):
+            return self.feature_cache.encode(slot, enc, wav, lengths, sr)
+        return run_frozen(enc, wav, lengths)
+
     def forward(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> EncoderOutput:
         """Encode ``waveforms`` [B, T] at the base sample rate; ``task_ids`` [B] go to the router."""
         p = self.params
         dev = self.proj[0].weight.device
         x, lengths = prepare_waveforms(waveforms, lengths, dev)
-        base = self.base(x, lengths)
+        base = self._encode("base", self.base, x, lengths, self.sample_rate)
         hb, pad = base.features, base.padding_mask
         b, n, _ = hb.shape
         valid = ~pad
@@ -146,7 +165,7 @@ class MoWEMixture(Encoder):
             wav = x[idx, : max(int(lk.max()), 1)]
             if enc.sample_rate != self.sample_rate:
                 wav, lk = resample(wav, lk, self.sample_rate, int(enc.sample_rate))
-            out = enc(wav, lk)
+            out = self._encode(f"weak{k}", enc, wav, lk, int(enc.sample_rate))
             feats = align_time(out.features, (~out.padding_mask).sum(1), enc.frame_rate, self.base.frame_rate, n, p.align)
             weak_feats[k] = (idx, self.proj[k](feats) * valid[idx, :, None])
             aux.update({f"weak{k}/{name}": v for name, v in out.aux_losses.items()})

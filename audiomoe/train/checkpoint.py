@@ -36,6 +36,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ..core.atomic import current_umask
 from ..core.composer import compose, resolve
 from ..core.errors import AudioMoEError
 from ..core.limits import MAX_STEPS
@@ -193,22 +194,10 @@ def _write_dir(tmp: Path, model: torch.nn.Module, state: _Tensors, meta: dict[st
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
     # mkdtemp makes 0700 directories: give the checkpoint the permissions of any file the user creates
-    mask = _umask()
+    mask = current_umask()
     os.chmod(tmp, 0o777 & ~mask)
     for f in tmp.iterdir():
         os.chmod(f, 0o666 & ~mask)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` sets it, racing other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -271,7 +260,7 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     fd, ptmp = tempfile.mkstemp(prefix=f".latest.{os.getpid()}.", dir=root)
-    os.chmod(ptmp, 0o666 & ~_umask())
+    os.chmod(ptmp, 0o666 & ~current_umask())
     with os.fdopen(fd, "w") as fh:
         fh.write(final.name + "\n")
         fh.flush()

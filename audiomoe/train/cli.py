@@ -49,8 +49,8 @@ ranks (all-to-all), --fsdp shards everything else with FSDP2; checkpoints stay o
 _FLAGS = [
     ("steps", 200, None), ("batch_size", 16, "batch_size"), ("lr", 3e-3, "optim.lr"), ("weight_decay", 0.01, "optim.weight_decay"),
     ("eval_every", 50, "eval.every"), ("eval_batches", 4, "eval.batches"), ("seed", 0, "seed"), ("save_every", 0, "checkpoint.every"),
-    ("keep", 2, "checkpoint.keep"), ("data", "auto", "data"), ("precision", "fp32", "precision"), ("grad_clip", None, "optim.grad_clip"),
-    ("accumulation", 1, "optim.accumulation"), ("warmup", 0, "schedule.warmup"), ("schedule", "constant", "schedule.kind"),
+    ("keep", 2, "checkpoint.keep"), ("data", "auto", "data"), ("precision", "fp32", "precision"), ("grad_clip", 1.0, "optim.grad_clip"),
+    ("accumulation", 1, "optim.accumulation"), ("warmup", None, "schedule.warmup"), ("schedule", "cosine", "schedule.kind"),
     ("expert_parallel", None, "distributed.expert_parallel"), ("fsdp", False, "distributed.fsdp"),
 ]
 _PARSER: dict[str, argparse.ArgumentParser] = {}
@@ -141,7 +141,7 @@ def _train_config(args: argparse.Namespace, out: Any, main: bool) -> Any:
     """The flat options of a preset run (:class:`audiomoe.train.TrainConfig`) from the command line."""
     from ..train import TrainConfig
 
-    flags = {dest: (getattr(args, dest) if getattr(args, dest) is not None else default) for dest, default, _ in _FLAGS}
+    flags = {dest: getattr(args, dest) for dest, _, _ in _FLAGS if getattr(args, dest) is not None}  # else TrainConfig's defaults
     return TrainConfig(**flags, out_dir=out, progress=not args.quiet and main, log_every=args.log_every or 0,
                        resume=bool(args.resume), overwrite=args.overwrite, device=args.device, logs=not args.no_logs,
                        compile=args.compile, workers=args.workers)
@@ -251,7 +251,9 @@ def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
     else:
         result = train(args.target, args.set, _train_config(args, out, main))
     if not args.quiet and main:
-        print(json.dumps(result, indent=2, default=str))
+        from ..train.heldout import run_summary_text
+
+        print(json.dumps(result, indent=2, default=str) if args.json else run_summary_text(result, out))
     return 0
 
 
@@ -301,10 +303,10 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="global items per forward [16]")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate, > 0 [0.003]")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay, >= 0 [0.01]")
-    p.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip the global gradient norm (default: no clipping)")
+    p.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip the global gradient norm [1.0]; --set optim.grad_clip=null: no clipping")
     p.add_argument("--accumulation", type=int, default=None, metavar="N", help="micro-batches per optimizer step [1]")
-    p.add_argument("--warmup", type=int, default=None, metavar="N", help="linear lr warmup steps [0]")
-    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=None, help="lr decay after warmup [constant]")
+    p.add_argument("--warmup", type=int, default=None, metavar="N", help="linear lr warmup steps [5%% of the steps]")
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=None, help="lr decay after warmup, to a tenth of the peak [cosine]")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: autocast forward (weights stay fp32) [fp32]")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and encoder")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="auto: CUDA when available [auto]")
@@ -325,6 +327,7 @@ def register(sub: Any) -> None:
     p.add_argument("--log-every", type=int, default=None, metavar="N", help="off a terminal, print a progress line every N steps (0: ~10 lines per run) [0]")
     p.add_argument("--no-logs", action="store_true", help="write no log.jsonl / TensorBoard events")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (the summary is still written to --out)")
+    p.add_argument("--json", action="store_true", help="print the whole run summary as JSON instead of the summary table")
     p.add_argument("--data", default=None, metavar="auto|builtin|tones|MANIFEST",
                    help="training data: the built-in corpus, synthetic tones, or a JSONL manifest; auto = the corpus when every head is one of its tasks [auto]")
     p.set_defaults(func=cmd_train)

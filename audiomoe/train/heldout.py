@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 #: items per task scored by default: a task's accuracy then has a standard error of at most 0.035
 MAX_PER_TASK = 200
+#: per-item outcomes of the whole held-out split, beside a run's summary (and a study run's measure.json)
+HELDOUT_FILE = "heldout.json"
 Z95 = 1.959963984540054
 
 
@@ -172,4 +174,62 @@ def summary_table(scores: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def heldout_items(model: Any, data: Any, split: str = "test") -> Optional[list[Any]]:
+    """The held-out items of a run's data choice for the model's tasks (None for generated tones: no fixed split)."""
+    from .data import resolve_choice
+    from .evaluate import _items
+
+    choice = resolve_choice(model, data)
+    if isinstance(choice, str) and choice == "tones":
+        return None
+    return _items(model, choice, split)
+
+
+def final_score(model: Any, recipe: Any, root: Optional[Any], bar: Any = None) -> Optional[dict[str, Any]]:
+    """A finished run's whole held-out split (``recipe.eval.max_per_task`` items per task), written to ``root/heldout.json``
+    with per-item outcomes; returns the summary's ``heldout`` entry (no per-item lists), or None for tone data."""
+    import json
+    from pathlib import Path
+
+    try:
+        items = heldout_items(model, recipe.data)
+    except AudioMoEError as exc:  # no test split in the user's data: the run is still good, the summary says why
+        return {"skipped": str(exc)}
+    if items is None:
+        return None
+    if bar is not None:
+        bar.note(f"scoring the whole held-out split (up to {recipe.eval.max_per_task} items per task)")
+    scores = score_model(model, items, max_per_task=recipe.eval.max_per_task, batch_size=recipe.batch_size)
+    if root is not None:
+        from ..core.atomic import write_text
+
+        write_text(Path(root) / HELDOUT_FILE, json.dumps(scores, indent=1), what="held-out scores")
+    return {"split": scores["split"], "metrics": flat_metrics(scores),
+            "tasks": {t: {k: v for k, v in r.items() if k not in ("per_item", "item_ids")} for t, r in scores["tasks"].items()}}
+
+
+def run_summary_text(summary: dict[str, Any], out: Optional[str] = None) -> str:
+    """What ``audiomoe train`` prints at the end: the run in a few lines and its held-out score per task."""
+    lines = [f"trained {summary.get('steps')} steps in {summary.get('seconds', 0):.0f} s; final training loss "
+             f"{summary.get('final_loss', float('nan')):.4f}"]
+    if summary.get("skipped_steps"):
+        lines.append(f"skipped {summary['skipped_steps']} optimizer steps with a NaN/inf gradient norm")
+    held = summary.get("heldout")
+    if held and "tasks" in held:
+        n = min(t["items"] for t in held["tasks"].values())
+        lines += ["", f"held-out score, whole '{held['split']}' split ({n}+ items per task; chance: always the most frequent label):",
+                  summary_table(held)]
+        if "mean/accuracy" in held["metrics"]:
+            lines.append(f"mean accuracy over tasks: {held['metrics']['mean/accuracy']:.3f}")
+    elif held and "skipped" in held:
+        lines.append(f"no held-out score: {held['skipped']}")
+    if summary.get("warnings"):
+        lines.append(f"{len(summary['warnings'])} warning(s): see summary.json")
+    if summary.get("checkpoint"):
+        lines.append(f"checkpoint: {summary['checkpoint']}")
+    if out:
+        lines.append(f"run directory: {out} (summary.json, heldout.json, log.jsonl; audiomoe report {out})")
     return "\n".join(lines)

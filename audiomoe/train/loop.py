@@ -51,11 +51,11 @@ class TrainConfig:
     data: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
-    grad_clip: Optional[float] = None
+    grad_clip: Optional[float] = 1.0
     on_nonfinite: str = "stop"  # a NaN/inf gradient norm: stop, or skip the optimizer step (recipe optim.on_nonfinite)
     accumulation: int = 1
-    warmup: int = 0
-    schedule: str = "constant"
+    warmup: Optional[int] = None  # None: 5% of the steps (the recipe's schedule.warmup)
+    schedule: str = "cosine"
     logs: bool = False
     compile: bool = False
     expert_parallel: Optional[int] = None  # the recipe's distributed.expert_parallel (None: the spec's)
@@ -67,12 +67,15 @@ class TrainConfig:
         "eval_batches": (0, 1000), "keep": (0, 1000), "seed": (0, MAX_SEED), "save_every": (0, MAX_STEPS),
         "log_every": (0, MAX_STEPS), "accumulation": (1, 1024), "warmup": (0, MAX_STEPS), "workers": (0, 256),
     }
+    _OPTIONAL = ("warmup",)  # None is valid: the recipe decides
 
     def problems(self) -> list[str]:
         """Every bad option, as ``"name (value) must ..."``."""
         out = []
         for name, (lo, hi) in self._INT_RANGES.items():
             v = getattr(self, name)
+            if v is None and name in self._OPTIONAL:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 out.append(f"{name} ({v!r}) must be an integer in [{lo}, {hi}]")
         for name, lo_open, hi in (("lr", True, MAX_LR), ("weight_decay", False, 1.0)):

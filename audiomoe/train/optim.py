@@ -27,7 +27,7 @@ def lr_factor(step: int, total: int, schedule: ScheduleSpec) -> float:
     Warmup reaches 1 at ``step == warmup``; decay runs from there to ``total`` and ends at
     ``min_lr_ratio`` (linear / cosine); ``constant`` stays at 1.
     """
-    w = schedule.warmup
+    w = schedule.warmup_steps(total)
     if w and step <= w:
         return step / w
     if schedule.kind == "constant" or total <= w:

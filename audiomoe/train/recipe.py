@@ -15,8 +15,11 @@ recipe (:func:`recipe_for_preset`). Sketch (every section but ``model`` and ``st
     eval: {every: 50, batches: 4}
     log: {every: 1, tensorboard: true, routing_every: 25}
     distributed: {expert_parallel: 2, fsdp: true}   # under torchrun (--nproc N); see layout.py
+    domains: {speech: {tasks: [language], proportion: 8}, sound: {tasks: [event], proportion: 1}}  # domains.py
     stages:
-      - {name: specialists, steps: 100, specialists: {members: [{name: speech, data: {tasks: [language]}}, ...]}}
+      - {name: foundation, steps: 100, foundation: {}, data: {temperature: 0.0}}   # a shared dense model
+      - {name: specialists, steps: 100, init: {from_checkpoint: "stage:foundation"},
+         specialists: {members: [{name: speech, data: {tasks: [language]}}, ...]}}    # {}: one per domain
       - {name: warmup, steps: 50, init: {from_specialists: ["stage:specialists"]},
          train: [router, shared_experts], data: {balanced: 20}}
       - {name: joint, steps: 200, aux_weight: {start: 0.025, end: 0.001}}
@@ -24,7 +27,8 @@ recipe (:func:`recipe_for_preset`). Sketch (every section but ``model`` and ``st
 Each stage has its own optimizer (rebuilt at the stage start over the tensors it trains: frozen
 tensors are not in it, so they get no update, no weight decay and no moments), its own schedule
 (``schedule`` / ``optim`` override the recipe's for that stage) and optionally an ``init`` run
-before its first step. The step counter runs across stages (checkpoint ``step-N`` is global).
+before its first step (``upcycle: stage:foundation``: the MoE from the dense foundation alone). The
+step counter runs across stages (checkpoint ``step-N`` is global).
 """
 
 from __future__ import annotations
@@ -34,19 +38,21 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
 from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
 from .config_keys import problems_of, set_key
+from .domains import DomainSpec, apply_domains
+from .weak_pretrain import WeakSpecialistsSpec
+# re-exported: the stage specs were first defined here
+from .stage_specs import FoundationSpec, InitSpec, SpecialistMember, SpecialistsSpec, StageData  # noqa: F401
+from .stage_specs import Strict as _Strict
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level recipe keys that ``--set`` addresses; any other ``--set`` key is a model override.
-RECIPE_KEYS = ("data", "batch_size", "optim", "schedule", "precision", "eval", "log", "checkpoint", "stages", "compile", "device", "distributed")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+RECIPE_KEYS = ("data", "batch_size", "optim", "schedule", "precision", "eval", "log", "checkpoint", "stages", "compile",
+               "device", "distributed", "domains")
 
 
 class ModelSection(_Strict):
@@ -84,7 +90,7 @@ class OptimSpec(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     eps: float = Field(1e-8, gt=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
-    grad_clip: Optional[float] = Field(None, gt=0.0, description="clip the global gradient norm to this (None: no clipping)")
+    grad_clip: Optional[float] = Field(1.0, gt=0.0, description="clip the global gradient norm to this (null: no clipping)")
     accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     lr_mult: dict[str, float] = Field(default_factory=dict, description="group name or glob -> lr multiplier (last match wins)")
     on_nonfinite: Literal["stop", "skip"] = Field(
@@ -111,19 +117,34 @@ class OptimOverride(_Strict):
     lr_mult: Optional[dict[str, float]] = None
 
 
-class ScheduleSpec(_Strict):
-    """Learning-rate schedule over a stage: linear warmup, then constant / linear / cosine decay."""
+#: warmup share of a stage's steps when ``schedule.warmup`` is not given
+AUTO_WARMUP = 0.05
 
-    kind: Literal["constant", "linear", "cosine"] = "constant"
-    warmup: int = Field(0, ge=0, le=MAX_STEPS, description="linear warmup steps from 0")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="decay ends at lr * min_lr_ratio")
+
+class ScheduleSpec(_Strict):
+    """Learning-rate schedule over a stage: linear warmup, then constant / linear / cosine decay.
+
+    The defaults train: warmup over 5% of the stage's steps, cosine decay to a tenth of the peak (with
+    ``optim.grad_clip`` 1.0). A constant 3e-3 with no warmup made the loss rise over the first steps.
+    """
+
+    kind: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup: Optional[int] = Field(None, ge=0, le=MAX_STEPS, description=f"linear warmup steps from 0 (null: {AUTO_WARMUP:.0%} of the stage's steps)")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="decay ends at lr * min_lr_ratio")
+
+    def warmup_steps(self, total: int) -> int:
+        """The warmup of a stage of ``total`` steps: the given one, else ``AUTO_WARMUP`` of the steps (rounded)."""
+        return self.warmup if self.warmup is not None else int(round(AUTO_WARMUP * total))
 
 
 class EvalSpec(_Strict):
-    """Periodic evaluation on held-out batches (rank 0)."""
+    """Periodic evaluation on a few held-out batches (a curve to watch, rank 0), and the final score: the whole
+    held-out split item by item (:mod:`audiomoe.train.heldout`), what the run's summary, report and studies rank by."""
 
     every: int = Field(50, ge=1, le=MAX_STEPS)
     batches: int = Field(4, ge=0, le=1000)
+    final: bool = Field(True, description="score the whole held-out split item by item at the end (heldout.json)")
+    max_per_task: int = Field(200, ge=1, le=1_000_000, description="held-out items per task of the final score")
 
 
 class HealthSpec(_Strict):
@@ -172,59 +193,6 @@ class AuxWeightSpec(_Strict):
     kind: Literal["linear", "cosine"] = "linear"
 
 
-class InitSpec(_Strict):
-    """Weights to start a stage from: one checkpoint, or UniMoE's construction from dense specialists."""
-
-    from_checkpoint: Optional[str] = Field(None, description="a checkpoint or run directory (same architecture)")
-    from_specialists: Optional[list[str]] = Field(None, description="dense checkpoints / run dirs, or 'stage:NAME' for a specialists stage")
-    heads: Literal["owner", "average"] = Field("owner", description="heads from the specialist that trained the task, or averaged")
-    strict: bool = Field(True, description="from_checkpoint: every tensor must be present")
-
-    @model_validator(mode="after")
-    def _one(self) -> "InitSpec":
-        if (self.from_checkpoint is None) == (self.from_specialists is None):
-            raise ValueError("give exactly one of 'from_checkpoint' and 'from_specialists'")
-        if self.from_specialists is not None and not self.from_specialists:
-            raise ValueError("from_specialists needs at least one checkpoint")
-        return self
-
-
-class StageData(_Strict):
-    """A stage's data: a subset / reweighting of the recipe's data, or a data spec of its own."""
-
-    tasks: Optional[list[str]] = Field(None, description="only items of these tasks")
-    weights: Optional[dict[str, float]] = Field(None, description="task -> sampling weight (imbalanced or rebalanced mixes)")
-    epoch_items: Optional[int] = Field(None, ge=1, description="items per epoch with weights (default: all)")
-    balanced: Optional[int] = Field(None, ge=1, description="a fixed balanced subset: this many items per task")
-    temperature: Optional[float] = Field(None, ge=0.0, le=1.0, description="temperature sampling alpha over tasks")
-    spec: Optional[dict[str, Any]] = Field(None, description="a whole data spec (the data layer's format) instead")
-
-    @model_validator(mode="after")
-    def _exclusive(self) -> "StageData":
-        modes = [m for m in ("weights", "balanced", "temperature") if getattr(self, m) is not None]
-        if len(modes) > 1:
-            raise ValueError(f"give at most one of weights, balanced, temperature (got {', '.join(modes)})")
-        if self.spec is not None and (modes or self.tasks):
-            raise ValueError("'spec' replaces the data: give it alone")
-        if self.weights is not None and any(w <= 0 for w in self.weights.values()):
-            raise ValueError("weights must be > 0")
-        return self
-
-
-class SpecialistMember(_Strict):
-    """One dense specialist of a specialists stage: its name (its run directory) and its data."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    data: StageData = Field(default_factory=StageData)
-
-
-class SpecialistsSpec(_Strict):
-    """UniMoE stage 1: train one dense specialist per member, each on its own data (``DIR/specialists/NAME``)."""
-
-    members: list[SpecialistMember] = Field(min_length=1)
-    overrides: Optional[list[str]] = Field(None, description="model overrides making the dense variant (None: derived, see specialists.py)")
-
-
 class StageSpec(_Strict):
     """One stage: a name, its steps, its data, what trains, its optimizer/schedule/aux weight, its init."""
 
@@ -238,12 +206,23 @@ class StageSpec(_Strict):
     aux_weight: Optional[AuxWeightSpec] = None
     init: Optional[InitSpec] = None
     specialists: Optional[SpecialistsSpec] = None
+    foundation: Optional[FoundationSpec] = Field(
+        None, description="this stage trains a shared dense foundation (a run of its own)")
+    weak_specialists: Optional[WeakSpecialistsSpec] = Field(None, description="first pretrain MoWE weak encoders")
 
     @model_validator(mode="after")
     def _checks(self) -> "StageSpec":
-        if self.specialists is not None and self.init is not None:
-            raise ValueError("a specialists stage trains new dense models: it takes no 'init'")
+        if self.specialists is not None and self.init is not None and self.init.from_checkpoint is None:
+            raise ValueError("a specialists stage starts its members from one dense checkpoint: "
+                             "only init.from_checkpoint")
+        if self.foundation is not None and (self.specialists is not None or self.init is not None):
+            raise ValueError("a foundation stage trains a new dense model: it takes no 'init' and no 'specialists'")
         return self
+
+    @property
+    def side_run(self) -> bool:
+        """True when this stage trains models of its own (specialists, a foundation), not the main model."""
+        return self.specialists is not None or self.foundation is not None
 
 
 class Recipe(_Strict):
@@ -263,6 +242,8 @@ class Recipe(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     compile: bool = Field(False, description="torch.compile the backbone (and encoder) blocks")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    domains: Optional[dict[str, DomainSpec]] = Field(
+        None, description="domain -> {tasks, proportion}: the mix of every stage naming no sampling of its own")
     stages: list[StageSpec] = Field(min_length=1)
 
     @field_validator("data")
@@ -279,14 +260,17 @@ class Recipe(_Strict):
         if dup:
             raise ValueError(f"stage names must be unique: {', '.join(dup)}")
         for i, st in enumerate(self.stages):
-            for ref in (st.init.from_specialists or []) if st.init else []:
+            init = st.init
+            refs = [(r, "specialists") for r in (init.from_specialists or [])] if init else []
+            refs += [(r, "foundation") for r in (init.from_checkpoint, init.upcycle) if r] if init else []
+            for ref, kind in refs:
                 if ref.startswith("stage:"):
                     target = ref[len("stage:"):]
-                    earlier = {s.name: s for s in self.stages[:i]}
-                    if target not in earlier or earlier[target].specialists is None:
-                        choices = [s.name for s in self.stages[:i] if s.specialists is not None]
-                        raise ValueError(f"stages.{i}.init: '{ref}' names no earlier specialists stage "
+                    choices = [s.name for s in self.stages[:i] if getattr(s, kind) is not None]
+                    if target not in choices:
+                        raise ValueError(f"stages.{i}.init: '{ref}' names no earlier {kind} stage "
                                          f"(earlier: {', '.join(choices) or 'none'}){did_you_mean(target, choices)}")
+        apply_domains(self)
         return self
 
     def stage_optim(self, stage: StageSpec) -> OptimSpec:
@@ -298,7 +282,7 @@ class Recipe(_Strict):
         """``(index, stage, first global step - 1)`` of the stages that train the main model."""
         out, offset = [], 0
         for i, st in enumerate(self.stages):
-            if st.specialists is None:
+            if not st.side_run:
                 out.append((i, st, offset))
                 offset += st.steps
         return out

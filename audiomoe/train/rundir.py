@@ -43,7 +43,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 #: what training, ``audiomoe eval`` (eval-SPLIT.json) and ``audiomoe report`` (measure, report, plots) leave in a run
 OWN_FILES = (RUN_FILE, LATEST, "summary.json", "log.jsonl", "measure.json", "report.md", "report.html")
-OWN_DIRS = ("tb", "specialists", "plots")  # TensorBoard events; a UniMoE curriculum's dense specialists; report plots
+OWN_DIRS = ("tb", "specialists", "foundation", "plots")  # TensorBoard; a UniMoE curriculum's dense runs; plots
 
 
 class RunDirError(CheckpointError):

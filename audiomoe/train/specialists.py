@@ -18,6 +18,10 @@ specialists, ``S = E / N`` slices each, routed width ``F``):
   (``heads="owner"``; several or none: the mean) or the mean (``heads="average"``);
 - gates (routers, the shared gate) and shared experts keep the MoE model's fresh initialisation.
 
+Averaging only keeps what the specialists learned when they are near each other: UniMoE-Audio's all
+start from one pretrained model, here a recipe's ``foundation`` stage (:mod:`audiomoe.train.stages`).
+The same function upcycles one dense model (listed once per copy the MoE needs: copied, not averaged).
+
 A ``causal_lm`` backbone with a ``moe`` block (UniMoE-Audio's own case: a Qwen2-style LM upcycled)
 works the same way: its dense specialist is the LM upcycled into one expert as wide as the slices
 (the LM's MLPs sliced to that width), so the specialists' FFNs are sliced into the routed experts
@@ -37,7 +41,7 @@ from ..core.errors import AudioMoEError
 from ..core.interfaces import MoE
 
 
-def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
+def moe_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{module path: MoE layer}`` whose routed experts are stacked SwiGLU weights."""
     out = {}
     for name, m in model.named_modules():
@@ -84,7 +88,7 @@ def build_from_specialists(
 ) -> dict[str, Any]:
     """Set ``model``'s weights from dense ``specialists`` (module doc); return what came from where."""
     n = len(specialists)
-    layers = _moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise AudioMoEError("from_specialists builds MoE layers, but this model has none")
     sp_states = [dict(s.state_dict()) for s in specialists]
@@ -114,6 +118,7 @@ def build_from_specialists(
         # routers (and their schedule positions), shared experts and shared gate stay fresh
         fresh |= {f"{path}.{k}" for k in layer.state_dict()} - done
     own = model.state_dict()
+    distinct = [sp_states[i] for i, s in enumerate(specialists) if all(s is not o for o in specialists[:i])]
     averaged, owned, kept = [], {}, sorted(fresh)
     tasks = list(getattr(model, "task_names", []))
     for name, t in own.items():
@@ -123,7 +128,7 @@ def build_from_specialists(
             kept.append(name)
             continue
         head = next((tk for tk in tasks if name.startswith(f"heads.{tk}.")), None)
-        srcs = sp_states
+        srcs = distinct  # an upcycled model lists one dense model several times: copied, not averaged
         if head is not None and heads == "owner" and owners is not None:
             who = [i for i, o in enumerate(owners) if head in o]
             if len(who) == 1:

@@ -1,7 +1,12 @@
 """What happens at a stage boundary: the stage's init, its aux-weight schedule, and UniMoE's specialists stage.
 
 - ``init.from_checkpoint``: the model's tensors from a checkpoint of the same architecture
-  (``strict: false`` loads the tensors whose names and shapes match and reports the rest);
+  (``strict: false`` loads the tensors whose names and shapes match and reports the rest), or
+  ``stage:NAME``, an earlier foundation stage (``DIR/foundation/NAME``);
+- ``init.upcycle``: the MoE from one dense checkpoint of the specialists' architecture (a
+  foundation): every routed expert a slice of its FFN (cyclically, as many copies as the MoE
+  needs), every other tensor copied; gates and shared experts fresh, exactly as the merge of
+  specialists that all equal it (so a curriculum and its naive baseline start alike);
 - ``init.from_specialists``: :func:`audiomoe.train.specialists.build_from_specialists` from dense
   checkpoints (run directories, checkpoint directories, or ``stage:NAME``: the members of an
   earlier specialists stage of this recipe, ``DIR/specialists/<member>``);
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -25,9 +30,10 @@ from ..core.errors import AudioMoEError
 from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
 from .rundir import holds_run
 from .recipe import AuxWeightSpec, InitSpec, Recipe, StageSpec
-from .specialists import build_from_specialists, dense_overrides
+from .specialists import build_from_specialists, dense_overrides, moe_layers
 
 SPECIALISTS_DIR = "specialists"
+FOUNDATION_DIR = "foundation"
 
 
 def aux_routers(model: torch.nn.Module) -> list[Any]:
@@ -54,7 +60,21 @@ def member_dirs(recipe: Recipe, stage_name: str, root: Path) -> list[Path]:
     """Run directories of the members of specialists stage ``stage_name``."""
     st = next(s for s in recipe.stages if s.name == stage_name)
     assert st.specialists is not None
-    return [root / SPECIALISTS_DIR / m.name for m in st.specialists.members]
+    return [root / SPECIALISTS_DIR / m.name for m in st.specialists.members or []]
+
+
+def foundation_dir(root: Path, stage_name: str) -> Path:
+    """Run directory of foundation stage ``stage_name``."""
+    return root / FOUNDATION_DIR / stage_name
+
+
+def _stage_path(ref: str, root: Optional[Path], where: str) -> Path:
+    """A checkpoint reference: a path, or ``stage:NAME`` for an earlier foundation stage of this run."""
+    if not ref.startswith("stage:"):
+        return Path(ref)
+    if root is None:
+        raise AudioMoEError(f"{where}.init: '{ref}' needs a run directory (--out) holding the foundation")
+    return foundation_dir(root, ref[len("stage:"):])
 
 
 def _tasks_seen(path: Path) -> Optional[list[str]]:
@@ -69,7 +89,9 @@ def _tasks_seen(path: Path) -> Optional[list[str]]:
 def apply_init(model: torch.nn.Module, init: InitSpec, recipe: Recipe, root: Optional[Path], where: str) -> dict[str, Any]:
     """Run a stage's ``init`` on ``model`` (in place, on every rank alike); return a short report."""
     if init.from_checkpoint is not None:
-        return _from_checkpoint(model, init, where)
+        return _from_checkpoint(model, init, _stage_path(init.from_checkpoint, root, where), where)
+    if init.upcycle is not None:
+        return _upcycle(model, _stage_path(init.upcycle, root, where), where)
     paths: list[Path] = []
     for ref in init.from_specialists or []:
         if ref.startswith("stage:"):
@@ -92,10 +114,33 @@ def apply_init(model: torch.nn.Module, init: InitSpec, recipe: Recipe, root: Opt
     return report
 
 
-def _from_checkpoint(model: torch.nn.Module, init: InitSpec, where: str) -> dict[str, Any]:
+def _upcycle(model: torch.nn.Module, path: Path, where: str) -> dict[str, Any]:
+    """The MoE from one dense checkpoint: the merge of as many copies of it as the routed experts need."""
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise AudioMoEError(f"{where}.init.upcycle: {exc}") from None
+    dense = load_checkpoint(path).to(next(model.parameters()).device)
+    layer = next(iter(moe_layers(model).items()), None)
+    if layer is None:
+        raise AudioMoEError(f"{where}.init.upcycle builds MoE layers, but this model has none")
+    name, moe = layer
+    width = dict(dense.state_dict()).get(f"{name}.experts.down_proj")
+    total = moe.experts.num_experts * moe.experts.d_ff
+    if width is None or total % width.shape[-1]:
+        got = "no dense FFN there" if width is None else f"FFN width {width.shape[-1]}"
+        raise AudioMoEError(f"{where}.init.upcycle: '{path}' has {got} at '{name}'; the MoE's "
+                            f"{moe.experts.num_experts} x {moe.experts.d_ff} routed width must be a multiple of it: "
+                            "train it with the dense overrides (specialists.py: dense_overrides)")
+    copies = total // width.shape[-1]
+    report = build_from_specialists(model, [dense] * copies, heads="average")
+    return {**report, "upcycled": str(path), "copies": copies}
+
+
+def _from_checkpoint(model: torch.nn.Module, init: InitSpec, path: Path, where: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    path = resolve_checkpoint(init.from_checkpoint)  # type: ignore[arg-type]
+    path = resolve_checkpoint(path)
     saved = load_file(str(path / "model.safetensors"))
     own = model.state_dict()
     wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in saved and saved[k].shape != v.shape]
@@ -114,19 +159,54 @@ def _from_checkpoint(model: torch.nn.Module, init: InitSpec, where: str) -> dict
     return {"from_checkpoint": str(path), "loaded": n, "missing": missing, "shape_mismatch": wrong}
 
 
-def specialist_recipe(recipe: Recipe, stage: StageSpec, member: Any, spec: dict[str, Any]) -> Recipe:
+def specialist_recipe(recipe: Recipe, stage: StageSpec, member: Any, spec: dict[str, Any],
+                      root: Optional[Path] = None) -> Recipe:
     """The one-stage recipe of one member of a specialists stage."""
     assert stage.specialists is not None
     dense = stage.specialists.overrides
     if dense is None:
-        dense = dense_overrides(spec, len(stage.specialists.members))
+        dense = dense_overrides(spec, len(stage.specialists.members or []))
     raw = recipe.model_dump()
     raw["name"] = f"{recipe.name or 'recipe'}/{stage.name}/{member.name}"
     raw["model"] = {**raw["model"], "overrides": list(recipe.model.overrides) + list(dense)}
     # a dense specialist has no routed experts to spread: it trains data-parallel (FSDP as the recipe says)
     raw["distributed"] = {**raw["distributed"], "expert_parallel": None, "data_parallel": None}
     one = stage.model_dump()
-    one.update(name=member.name, data=member.data.model_dump(), specialists=None, init=None)
+    init = None
+    if stage.init is not None:  # every member starts from the same dense checkpoint (a foundation)
+        start = _stage_path(stage.init.from_checkpoint or "", root, f"stages.{stage.name}")
+        init = {**stage.init.model_dump(), "from_checkpoint": str(start)}
+    one.update(name=member.name, data=member.data.model_dump(), specialists=None, init=init)
+    raw["stages"] = [one]
+    return Recipe.model_validate(raw)
+
+
+def foundation_width(recipe: Recipe, index: int) -> int:
+    """How many specialists the foundation of stage ``index`` is as wide as (its FFN = that many specialists' slices).
+
+    The specialists stage that starts from it decides (their widths must match); without one, one
+    specialist per domain (a naive baseline's foundation is then the curriculum's); else 1 (the whole MoE width).
+    """
+    name = recipe.stages[index].name
+    for st in recipe.stages[index + 1:]:
+        if st.specialists is not None and st.init is not None and st.init.from_checkpoint == f"stage:{name}":
+            return len(st.specialists.members or [])
+    return len(recipe.domains) if recipe.domains else 1
+
+
+def foundation_recipe(recipe: Recipe, index: int, spec: dict[str, Any]) -> Recipe:
+    """The one-stage recipe of foundation stage ``index``: the dense model on the stage's data."""
+    stage = recipe.stages[index]
+    assert stage.foundation is not None
+    dense = stage.foundation.overrides
+    if dense is None:
+        dense = dense_overrides(spec, foundation_width(recipe, index))
+    raw = recipe.model_dump()
+    raw["name"] = f"{recipe.name or 'recipe'}/{stage.name}"
+    raw["model"] = {**raw["model"], "overrides": list(recipe.model.overrides) + list(dense)}
+    raw["distributed"] = {**raw["distributed"], "expert_parallel": None, "data_parallel": None}
+    one = stage.model_dump()
+    one.update(foundation=None)
     raw["stages"] = [one]
     return Recipe.model_validate(raw)
 
@@ -138,7 +218,7 @@ def run_specialists(recipe: Recipe, index: int, root: Optional[Path], spec: dict
         raise AudioMoEError(f"stages.{index} ({st.name}) trains specialists into run directories: give --out DIR")
     assert st.specialists is not None
     out = []
-    for m in st.specialists.members:
+    for m in st.specialists.members or []:
         d = root / SPECIALISTS_DIR / m.name
         summary = d / "summary.json"
         if summary.is_file():
@@ -147,6 +227,33 @@ def run_specialists(recipe: Recipe, index: int, root: Optional[Path], spec: dict
                 out.append({"member": m.name, "skipped": "finished", **{k: done.get(k) for k in ("final_loss", "eval_after")}})
                 continue
         resume = d.is_dir() and holds_run(d)  # killed mid-member: continue it
-        res = run_one(specialist_recipe(recipe, st, m, spec), d, resume)
+        res = run_one(specialist_recipe(recipe, st, m, spec, root), d, resume)
         out.append({"member": m.name, **{k: res.get(k) for k in ("final_loss", "eval_after", "seconds")}})
     return out
+
+
+def run_foundation(recipe: Recipe, index: int, root: Optional[Path], spec: dict[str, Any],
+                   run_one: Callable[[Recipe, Path, bool], Any]) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) the dense model of foundation stage ``index``."""
+    st = recipe.stages[index]
+    if root is None:
+        raise AudioMoEError(f"stages.{index} ({st.name}) trains a foundation into a run directory: give --out DIR")
+    d = foundation_dir(root, st.name)
+    summary = d / "summary.json"
+    if summary.is_file():
+        done = json.loads(summary.read_text(encoding="utf-8"))
+        if done.get("steps") == st.steps:
+            return {"skipped": "finished", **{k: done.get(k) for k in ("final_loss", "eval_after")}}
+    res = run_one(foundation_recipe(recipe, index, spec), d, d.is_dir() and holds_run(d))
+    return {"dir": str(d), **{k: res.get(k) for k in ("final_loss", "eval_after", "seconds")}}
+
+
+def check_domains(recipe: Recipe, tasks: Sequence[str]) -> None:
+    """Every task of the model is in one of the recipe's domains (else its share of the mix is undefined)."""
+    if not recipe.domains:
+        return
+    known = {t for d in recipe.domains.values() for t in d.tasks}
+    loose = [t for t in tasks if t not in known]
+    if loose:
+        raise AudioMoEError(f"the model's task(s) {', '.join(loose)} are in none of the recipe's domains "
+                            f"({', '.join(recipe.domains)}): add them to a domain's tasks, or drop their heads")

@@ -33,6 +33,7 @@ from .groups import apply_trainable, lr_multipliers, trainable_names
 from .optim import autocast, build_optimizer, lr_factor, set_lr
 from .runlog import RoutingMonitor, RunLog
 from .stages import apply_aux_weight, apply_init
+from .weak_pretrain import weak_stage
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -87,6 +88,7 @@ class StageRun:
         layout = self.layout = self.shared["layout"]
         if fresh and st.init is not None:  # a later stage of a sharded run inits a gathered full copy (layout.py)
             self.report["init"] = layout.on_full_model(model, lambda m: apply_init(m, st.init, r, self.root, self.where))
+        self.report.update(weak_stage(self, fresh))  # MoWE weak specialists: pretrained (fresh stage), then kept frozen
         names = trainable_names(model, st.train, st.freeze, self.built, self.where)
         apply_trainable(model, names)
         self.report["trainable_tensors"] = len(names)
@@ -206,8 +208,8 @@ class StageRun:
         if len(r.stages) > 1:
             self.bar.note(f"stage {self.idx} '{st.name}': steps {self.first + 1}..{self.first + st.steps}, "
                           f"{self.report['trainable_parameters']:,} trainable parameters")
-        if self.sched.warmup >= st.steps > 0:
-            warn = (f"stage '{st.name}' warms the lr up over {self.sched.warmup} steps but has {st.steps}: "
+        if self.sched.warmup_steps(st.steps) >= st.steps > 0:
+            warn = (f"stage '{st.name}' warms the lr up over {self.sched.warmup_steps(st.steps)} steps but has {st.steps}: "
                     "the lr reaches its peak only at the end, if at all, and never decays (lower schedule.warmup)")
             self._warn(self.first, warn)
         # per-rank gradients of a sharded layout differ: the watch runs where every rank holds whole gradients

@@ -27,11 +27,12 @@ from ..model import AudioBatch
 from .checkpoint import load_checkpoint, load_trainer_state, read_latest
 from .distributed import Dist, setup
 from .evaluate import evaluate
+from .heldout import final_score
 from .layout import Layout, plan_layout
 from .progress import Progress
 from .recipe import ModelSection, Recipe
 from .rundir import RUN_FILE, RunDir, open_run_dir, resume_point, resume_target
-from .stages import run_specialists
+from .stages import check_domains, run_foundation, run_specialists
 from .steploop import StageRun, TrainingInterrupted, restore_rng
 
 
@@ -160,6 +161,7 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
     if resume_from is not None and start >= total:
         raise AudioMoEError(f"'{root}' is already at step {start}; ask for more --steps (total) to continue it, "
                             "or give a stage more steps (--set stages.NAME.steps=N)")
+    check_domains(recipe, model.task_names)
     built = {n for n, p in model.named_parameters() if p.requires_grad}
     model.to(dist.device)
     if resume_from is not None:
@@ -190,17 +192,19 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
               "history": [], "layout": layout, "warnings": warns, "skipped": state["extra"].get("skipped_steps") or 0}
     try:
         for idx, st in enumerate(recipe.stages):
-            if st.specialists is not None:
+            if st.side_run:  # specialists / a foundation: dense models trained as runs of their own
                 if int((state["extra"] or {}).get("stage", -1)) > idx or start > 0:
-                    continue  # the main model has trained past this stage: its specialists are done
+                    continue  # the main model has trained past this stage: its side runs are done
                 start_run()
 
                 def one(sub: Recipe, d: Path, resume: bool, st=st, idx=idx) -> dict[str, Any]:
-                    bar.note(f"stage {idx} '{st.name}': specialist '{d.name}' ({sub.stages[0].steps} steps) into {d}")
+                    what = "foundation" if st.foundation is not None else f"specialist '{d.name}'"
+                    bar.note(f"stage {idx} '{st.name}': {what} ({sub.stages[0].steps} steps) into {d}")
                     o = RunOptions(out_dir=str(d), resume=resume, device=opts.device, progress=opts.progress, print_every=opts.print_every, workers=opts.workers)
                     return run_recipe(sub, o)
 
-                summary["stages"].append({"name": st.name, "specialists": run_specialists(recipe, idx, root, spec, one)})
+                kind, side = ("foundation", run_foundation) if st.foundation else ("specialists", run_specialists)
+                summary["stages"].append({"name": st.name, kind: side(recipe, idx, root, spec, one)})
                 continue
             first = next(off for i, s, off in recipe.main_stages() if i == idx)
             if start >= first + st.steps:
@@ -238,6 +242,8 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
     summary["skipped_steps"] = shared["skipped"]  # steps skipped for a NaN/inf gradient norm (optim.on_nonfinite)
     if shared.get("data_summary") is not None:
         summary["data"] = shared["data_summary"]
+    if recipe.eval.final and opts.data is None and dist.main and not layout.sharded:
+        summary["heldout"] = final_score(model, recipe, root, bar)
     if run is not None and dist.main:
         from ..core.atomic import write_text
 
