@@ -22,7 +22,7 @@ from audiomoe import cli
 from audiomoe.train import CheckpointError, load_trainer_state, save_checkpoint
 
 ARGS = ["--data", "tones", "--batch-size", "2", "--eval-batches", "0", "--save-every", "1", "--keep", "0",
-        "--device", "cpu"]
+        "--device", "cpu", "--json"]
 
 
 def _train(capsys, out: Path, *extra: str) -> tuple[dict, str]:

@@ -42,7 +42,7 @@ def test_a_recipe_yaml_trains_and_resumes_from_its_run_directory(tmp_path, capsy
 def test_steps_on_a_multi_stage_recipe_asks_for_the_stage(capsys):
     assert cli.main(["train", "unimoe-curriculum-tiny", "--steps", "10", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--steps sets the steps of a one-stage run; this recipe has 3 stages (specialists, warmup, joint)" in err
+    assert "--steps sets the steps of a one-stage run; this recipe has 4 stages (foundation, specialists, warmup, joint)" in err
     assert "--set stages.NAME.steps=N" in err
 
 

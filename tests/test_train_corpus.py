@@ -52,12 +52,14 @@ def test_training_on_a_manifest_runs_and_evaluates_its_heads(tiny_corpus):
 
 
 def test_resume_on_the_corpus_restores_the_sampler_and_ends_bit_identical(tiny_corpus, tmp_path):
-    """3 steps + resume to 6 == 6 in one go: the checkpoint holds the loader's position (no replay)."""
+    """3 steps + resume to 6 == 6 in one go: the checkpoint holds the loader's position (no replay). A constant lr: under
+    a decaying schedule a 3-step run's steps would follow another lr than the 6-step run's."""
     import torch
     from safetensors.torch import load_file
 
     def cfg(out, steps, **kw):
-        return TrainConfig(steps=steps, batch_size=4, eval_every=100, eval_batches=1, progress=False, data=str(tiny_corpus), out_dir=str(out), **kw)
+        return TrainConfig(steps=steps, batch_size=4, eval_every=100, eval_batches=1, progress=False, data=str(tiny_corpus), out_dir=str(out),
+                           schedule="constant", **kw)
 
     train("tiny-corpus", [], cfg(tmp_path / "whole", 6))
     train("tiny-corpus", [], cfg(tmp_path / "split", 3))

@@ -18,7 +18,8 @@ from audiomoe.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-ARGS = ["tiny-cls", "--data", "tones", "--batch-size", "8", "--eval-batches", "0", "--device", "cpu", "--quiet"]
+# a constant lr: the 3-step run resumed to 5 must match a 5-step run, which a decaying schedule would not allow
+ARGS = ["tiny-cls", "--data", "tones", "--batch-size", "8", "--eval-batches", "0", "--device", "cpu", "--quiet", "--schedule", "constant"]
 
 
 def _losses(out: Path) -> list[float]:
@@ -27,7 +28,8 @@ def _losses(out: Path) -> list[float]:
 
 def test_two_gloo_processes_match_one_process_and_resume(tmp_path):
     one = tmp_path / "one"
-    train("tiny-cls", [], TrainConfig(steps=5, batch_size=8, eval_batches=0, data="tones", out_dir=str(one), progress=False, logs=True, device="cpu"))
+    train("tiny-cls", [], TrainConfig(steps=5, batch_size=8, eval_batches=0, data="tones", out_dir=str(one), progress=False, logs=True, device="cpu",
+                                      schedule="constant"))
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--master-addr=127.0.0.1",
                 f"--master-port={free_port()}", "-m", "audiomoe", "train", *ARGS, "--steps", "3", "--out", str(two)]
