@@ -78,7 +78,7 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
     assert (tmp_path / "specs" / "unimoe-corpus.yaml").is_file() and plan.configs[0].target == str(tmp_path / "specs" / "unimoe-corpus.yaml")
     assert {c.target for c in plan.configs if c.arm == "encoders"} == {"mowe-corpus-tiny"}  # pretrained weak encoders
     compact = plan_study(spec, tmp_path, compact=True, exists=lambda name: False)
-    assert compact.seeds == [0, 1, 2] and compact.configs[0].steps == spec.compact.steps < spec.steps
+    assert compact.seeds == [0, 1, 2, 3] and compact.configs[0].steps == spec.compact.steps < spec.steps
     assert [c.name for c in compact.configs] == ["top_k", "top_k_ent", "top_p_null_ent", "frozen_encoder"]  # the control's pair
     with_recipes = plan_study(spec, tmp_path, exists=lambda name: True)  # once issue 15's recipes exist, the arm runs them
     cur = [c for c in with_recipes.configs if c.arm == "curriculum"]

@@ -29,11 +29,19 @@ def _wrap(name: str, width: int = 14) -> str:
 
 
 def save_png(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG (parent directories created) and close it."""
+    """Write ``fig`` as a PNG (atomically, parent directories created) and close it."""
+    import io
+
+    from ..core.atomic import write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
-    _plt().close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    finally:
+        _plt().close(fig)
+    write_bytes(path, buf.getvalue(), what="plot")
     return path
 
 
@@ -213,6 +221,9 @@ def training_curves(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[
         axes[k // ncols][k % ncols].axis("off")
     how = f"trailing mean over {spans[0]} steps" if len(set(spans)) == 1 else "trailing mean over a tenth of each panel's steps"
     lines = "smoothed" if sum(len(v) for v in curves.values()) == 1 else "thin: seeds, thick: their mean"  # one run: no seeds to explain
+    if not smooth:  # each point is one evaluation: nothing was averaged over steps
+        how = "one point per evaluation"
+        lines = "one run" if sum(len(v) for v in curves.values()) == 1 else "thin: seeds, thick: their mean"
     if groups:
         fig.suptitle(f"{title} ({lines}; {how})", fontsize=11)
     elif spans and spans[0] > 1:

@@ -145,6 +145,7 @@ class EvalSpec(_Strict):
     batches: int = Field(4, ge=0, le=1000)
     final: bool = Field(True, description="score the whole held-out split item by item at the end (heldout.json)")
     max_per_task: int = Field(200, ge=1, le=1_000_000, description="held-out items per task of the final score")
+    max_generated_per_task: int = Field(16, ge=1, le=1_000_000, description="... for heads that generate (text, codes)")
 
 
 class HealthSpec(_Strict):
