@@ -180,10 +180,9 @@ def summary_table(scores: dict[str, Any]) -> str:
         else:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.items()))
             rows.append([t, str(res["items"]), shown or "–", "", "", ""])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .evaluate import _table  # the one text-table layout of eval and train output
+
+    return _table(rows[1:], rows[0])
 
 
 def heldout_items(model: Any, data: Any, split: str = "test") -> Optional[list[Any]]:
