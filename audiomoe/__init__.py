@@ -7,7 +7,7 @@ Public surface::
     audiomoe.list_components("router")          # no torch import
     audiomoe.describe("router", "linear_topk")  # params, defaults, limits, an example
     audiomoe.hookimpl                           # for plugin authors
-    audiomoe.Encoder, Router, Expert, Task      # base classes
+    audiomoe.Encoder, Router, Expert, Head      # base classes
     audiomoe.testing.check_component(...)       # conformance check for plugin authors
 
 ``import audiomoe`` and listing do not import torch; the torch-backed names load on first use.
@@ -18,17 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
-from .core.errors import (
-    AmbiguousComponentError,
-    AudioMoEError,
-    ConfigError,
-    ConfigProblem,
-    PluginLoadError,
-    UnknownComponentError,
-)
-from .core.hookspecs import hookimpl
-from .core.registry import ComponentEntry, PresetEntry, Registry, get_registry, reset_registry
-from .core.specs import ComponentSpec, ModelSpec, Params, Slot
+from audiomoe.core.errors import AmbiguousComponentError, AudioMoEError, ConfigError, ConfigProblem, PluginLoadError, UnknownComponentError
+from audiomoe.core.hookspecs import hookimpl
+from audiomoe.core.registry import ComponentEntry, PresetEntry, Registry, get_registry, reset_registry
+from audiomoe.core.specs import ComponentSpec, ModelSpec, Params, Slot
 
 __version__ = "0.1.0"
 
@@ -42,7 +35,8 @@ _LAZY = {
     "Fusion": "audiomoe.core.interfaces",
     "Adapter": "audiomoe.core.interfaces",
     "TaskLoss": "audiomoe.core.interfaces",
-    "Task": "audiomoe.core.interfaces",
+    "Head": "audiomoe.core.interfaces",
+    "Task": "audiomoe.core.interfaces",  # deprecated alias of Head (warns)
     "Backbone": "audiomoe.core.interfaces",
     "BackboneOutput": "audiomoe.core.interfaces",
     "AudioModel": "audiomoe.model",

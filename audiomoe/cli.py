@@ -13,9 +13,9 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from .core.argtypes import int_in
-from .core.errors import AudioMoEError
-from .core.limits import MAX_SEED
+from audiomoe.core.argtypes import int_in
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.limits import MAX_SEED
 
 EPILOG = """examples:
   audiomoe list router                      routers from every installed plugin
@@ -29,7 +29,7 @@ EPILOG = """examples:
 DEBUG_ENV = "AUDIOMOE_DEBUG"
 
 def _registry() -> Any:
-    from .core.registry import get_registry
+    from audiomoe.core.registry import get_registry
 
     return get_registry()
 
@@ -44,7 +44,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """Print loaded, failed and disabled plugins with versions (in strict mode too: this is where failures are read)."""
-    from .core.registry import Registry
+    from audiomoe.core.registry import Registry
 
     reg = Registry(strict=False)
     records = sorted(reg.plugins.values(), key=lambda r: r.name)
@@ -60,7 +60,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """List components of one kind, of the kinds a glob matches (``'*'``: every kind, presets too) or presets."""
     import fnmatch
 
-    from .core.registry import RESERVED_KINDS
+    from audiomoe.core.registry import RESERVED_KINDS
 
     reg = _registry()
     kind = args.kind
@@ -100,7 +100,7 @@ def _print_preset(info: dict[str, Any]) -> None:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     """Describe ``KIND/NAME``: params with types, defaults, limits, descriptions, and an example; or ``preset/NAME``."""
-    from .core.describe import describe
+    from audiomoe.core.describe import describe
 
     kind, sep, name = args.component.partition("/")
     if not sep or not name:
@@ -135,7 +135,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a config (preset, YAML path) with overrides; print the resolved spec."""
     import yaml
 
-    from .core.composer import validate
+    from audiomoe.core.composer import validate
 
     resolved, n_params = validate(args.config, args.set)  # every constructor check, on the meta device
     print(yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip())
@@ -156,7 +156,7 @@ def _parts(model: Any) -> list[list[str]]:
 
 def cmd_compose(args: argparse.Namespace) -> int:
     """Build a model; print its parts, where each came from, and total/active parameters."""
-    from .core.composer import compose, count_parameters
+    from audiomoe.core.composer import compose, count_parameters
 
     if args.save_spec:
         _check_writable_file(args.save_spec, "--save-spec", inputs=[args.preset])  # before the build, not after it
@@ -189,8 +189,8 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     """Time every dispatch plan on the model's MoE layer shapes; print them and write the fastest as a plan table."""
     import torch
 
-    from .core.composer import compose
-    from .experts.tune import tune_plans
+    from audiomoe.core.composer import compose
+    from audiomoe.moe.tune import tune_plans
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise AudioMoEError("--device cuda: no CUDA device is visible here; use --device cpu")
@@ -214,14 +214,14 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
 
 def _check_writable_file(path: str, flag: str, inputs: Sequence[str] = ()) -> None:
     """Refuse, before the work, an output that is a directory, in a missing folder, or one of ``inputs``."""
-    from .core.atomic import check_output
+    from audiomoe.core.atomic import check_output
 
     check_output(path, what=flag, inputs=inputs)
 
 
 def _write_text(path: str, text: str, flag: str) -> None:
     """Write ``text`` to ``path`` atomically (the kit's one writer); errors name the flag."""
-    from .core.atomic import write_text
+    from audiomoe.core.atomic import write_text
 
     write_text(path, text, what=flag)
 
@@ -230,7 +230,7 @@ def cmd_data_make(args: argparse.Namespace) -> int:
     """Write the built-in offline corpus (wavs + manifest.jsonl + corpus.json) into DIR."""
     import time
 
-    from .data.corpus.make import make_corpus
+    from audiomoe.data.corpus.make import make_corpus
 
     t0 = time.perf_counter()
     manifest = make_corpus(args.dir, args.size, args.seed, workers=args.workers)
@@ -241,8 +241,8 @@ def cmd_data_make(args: argparse.Namespace) -> int:
 
 def cmd_data_from_csv(args: argparse.Namespace) -> int:
     """Turn a CSV of labels (+ a folder of audio files) into a JSONL manifest."""
-    from .data.csv_import import manifest_from_csv
-    from .data.manifest import read_manifest
+    from audiomoe.data.csv_import import manifest_from_csv
+    from audiomoe.data.manifest import read_manifest
 
     out = manifest_from_csv(args.csv, args.out, audio_dir=args.audio_dir, task=args.task, audio_column=args.audio_column, target_column=args.target_column)
     items, _ = read_manifest(out, check_files=False)  # what a training run will read: the written file, validated again
@@ -328,11 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tune", metavar="FILE", help="write the fastest plan per shape here (JSON; read by backbone.moe.plan_table)")
     q.set_defaults(func=cmd_bench_moe)
 
-    from .train.cli import register as register_train  # train, eval (audiomoe/train/cli.py)
+    from audiomoe.train.cli import register as register_train  # train, eval (audiomoe/train/cli.py)
 
     register_train(sub)
 
-    from .analysis.cli import register as register_analysis  # ablate, report, demo (audiomoe/analysis)
+    from audiomoe.analysis.cli import register as register_analysis  # ablate, report, demo (audiomoe/analysis)
 
     register_analysis(sub)
     return parser

@@ -13,81 +13,17 @@ against them does not depend on which parts were plugged in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .core.errors import AudioMoEError, MissingPretrainedError
-from .core.interfaces import Component, Routing, Task, TaskLoss
-from .core.specs import ModelSpec
+from audiomoe.core.errors import AudioMoEError, MissingPretrainedError
+from audiomoe.core.interfaces import Component, Routing
+from audiomoe.core.specs import ModelSpec
+from audiomoe.core.batch import AudioBatch, ModelOutput
 
-
-@dataclass
-class AudioBatch:
-    """What a user passes in.
-
-    - ``waveforms`` [B, T] float (mono; right-padded), at ``sample_rate`` Hz.
-    - ``lengths`` [B] valid samples per item (``None``: all of T).
-    - ``tasks``: the task name of each item (a key of the model's ``tasks``); one string means all.
-    - ``targets``: one target per item (class index, list of labels, transcript, ... as the task
-      head expects), or ``None`` for inference.
-    - ``prompts``: optional per-item text inputs for heads that read text (``accepts_prompts``;
-      e.g. the AudioLLM's template fields ``{"mode": "qa", "question": ...}``); ``None`` elsewhere.
-
-    Targets per head: ``classification``: a class index or label name (multi-label: a list of
-    them); ``ctc_asr``: a transcript string; ``audiollm``: an answer string or
-    ``{"answer": ..., <template fields>}``; ``codec_generation``: codes ``[num_codebooks, frames]``.
-    """
-
-    waveforms: torch.Tensor
-    sample_rate: int
-    tasks: Sequence[str] | str
-    lengths: Optional[torch.Tensor] = None
-    targets: Optional[Sequence[Any]] = None
-    prompts: Optional[Sequence[Any]] = None
-
-    def task_list(self) -> list[str]:
-        """The task name of every item."""
-        b = self.waveforms.shape[0]
-        if isinstance(self.tasks, str):
-            return [self.tasks] * b
-        if len(self.tasks) != b:
-            raise AudioMoEError(f"batch has {b} waveforms but {len(self.tasks)} task names; give one per item")
-        return list(self.tasks)
-
-
-@dataclass
-class ModelOutput:
-    """What comes out.
-
-    - ``loss``: the total training loss (task losses, each times its head's ``loss_weight``, +
-      auxiliary losses), or ``None`` without targets.
-    - ``losses``: every named term (``task/<name>`` unweighted, ``aux/<name>``), for logging;
-      a head's routed decoder adds ``aux/heads/<task>/...`` (not scaled by the head's weight).
-    - ``outputs``: raw head outputs per task; ``indices``: which batch items each task got.
-    - ``predictions``: per task, one prediction per item of that task (in ``indices`` order);
-      ``forward(batch, predict=False)`` skips heads whose prediction is costly (``predicts_cheaply
-      = False``: generation heads), e.g. during training.
-    - ``routing``: the routing trace, one :class:`Routing` record per routed layer anywhere in
-      the model (``encoder/...``, ``backbone/...``, ``heads/<task>/...``).
-    - ``routing_rows``: for a record that covers only some batch items (a head's decoder pass, the
-      backbone pass of the items whose heads read states), the batch index of each of its samples;
-      a record not listed covers every item, in order (:meth:`routing_tasks` maps both to tasks).
-    """
-
-    loss: Optional[torch.Tensor]
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[str, Any] = field(default_factory=dict)
-    indices: dict[str, torch.Tensor] = field(default_factory=dict)
-    predictions: dict[str, Any] = field(default_factory=dict)
-    routing: dict[str, Routing] = field(default_factory=dict)
-    routing_rows: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def routing_tasks(self, tasks: Sequence[str]) -> dict[str, list[str]]:
-        """The task of each sample of every routing record, from the batch's task per item."""
-        return {n: [tasks[i] for i in self.routing_rows[n].tolist()] if n in self.routing_rows else list(tasks) for n in self.routing}
+__all__ = ["AudioBatch", "AudioModel", "ModelOutput"]  # the records live in core/batch.py; importable from here too
 
 
 class AudioModel(nn.Module):
@@ -112,14 +48,14 @@ class AudioModel(nn.Module):
         # the model-wide width (and the backbone's frame rate) is imposed.
         width = int(self.encoder.output_dim)
         if adapter is None:  # no adapter named: the plain linear one (identity when the widths match)
-            from .adapters.linear import LinearAdapter
+            from audiomoe.adapters.linear import LinearAdapter
 
             self.adapter = LinearAdapter(LinearAdapter.Params(), in_dim=width, d_model=d)
         else:
             self.adapter = adapter(in_dim=width, d_model=d)
         self.heads = nn.ModuleDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()})
         for name, head in self.heads.items():
-            if getattr(head, "reads_decoder", False) and not getattr(self.backbone, "supports_decoding", False):
+            if head.reads_decoder and (self.backbone is None or not self.backbone.supports_decoding):
                 got = "no backbone" if self.backbone is None else f"backbone {type(self.backbone).__name__}, which cannot decode"
                 raise AudioMoEError(
                     f"head '{name}' ({type(head).__name__}) writes through the model's shared decoder but the spec has {got}; "
@@ -171,7 +107,7 @@ class AudioModel(nn.Module):
         return hidden, pad, aux, routing
 
     def _backbone(self, hidden: torch.Tensor, pad: torch.Tensor, task_ids: Optional[torch.Tensor], aux: dict, routing: dict) -> torch.Tensor:
-        kwargs = {"task_ids": task_ids} if task_ids is not None and getattr(self.backbone, "accepts_task_ids", False) else {}
+        kwargs = {"task_ids": task_ids} if task_ids is not None and self.backbone.accepts_task_ids else {}
         out = self.backbone(hidden, pad, **kwargs)
         aux.update({f"backbone/{k}": v for k, v in out.aux_losses.items()})
         routing.update({f"backbone/{k}": v for k, v in out.routing.items()})
@@ -181,14 +117,14 @@ class AudioModel(nn.Module):
         self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
         """Waveforms -> (adapted audio [B, N, d_model] before the backbone, padding_mask, aux losses, routing records)."""
-        from .encoders.features import check_min_length, check_sample_rate, prepare_waveforms, resample
+        from audiomoe.encoders.features import check_min_length, check_sample_rate, prepare_waveforms, resample
 
         sample_rate = check_sample_rate(sample_rate)  # before any allocation depends on it
         waveforms, lengths = prepare_waveforms(waveforms, lengths, self.device)  # PCM scaling, down-mix, checks
         if sample_rate != self.encoder.sample_rate:
             waveforms, lengths = resample(waveforms, lengths, sample_rate, int(self.encoder.sample_rate))
         check_min_length(self.encoder, lengths)
-        kwargs = {"task_ids": task_ids} if getattr(self.encoder, "accepts_task_ids", False) else {}
+        kwargs = {"task_ids": task_ids} if self.encoder.accepts_task_ids else {}
         enc = self.encoder(waveforms, lengths, **kwargs)
         _check_encoder_output(self.encoder, enc, waveforms.shape[0])
         hidden, enc.padding_mask = self.adapter(enc.features, enc.padding_mask)
@@ -203,7 +139,7 @@ class AudioModel(nn.Module):
         give no predictions; the others still do.
         """
         if not hasattr(batch.waveforms, "shape"):  # a Python list: say what to pass before indexing it
-            from .encoders.features import prepare_waveforms
+            from audiomoe.encoders.features import prepare_waveforms
 
             prepare_waveforms(batch.waveforms)
         tasks = batch.task_list()
@@ -219,7 +155,7 @@ class AudioModel(nn.Module):
             raise AudioMoEError(f"batch has {len(tasks)} items but {len(batch.prompts)} prompts")
         task_ids = torch.tensor([self.task_names.index(t) for t in tasks], device=self.device)
         audio, pad, aux, routing = self.adapt(batch.waveforms, batch.lengths, batch.sample_rate, task_ids)
-        readers = {n for n in self.task_names if n in tasks and getattr(self.heads[n], "reads_decoder", False)}
+        readers = {n for n in self.task_names if n in tasks and self.heads[n].reads_decoder}
         hidden, rows = audio, {}
         if self.backbone is not None and not readers:
             hidden = self._backbone(audio, pad, task_ids, aux, routing)
@@ -239,7 +175,7 @@ class AudioModel(nn.Module):
             index = torch.tensor(idx, device=self.device)
             head = self.heads[name]
             kwargs: dict[str, Any] = {}
-            if getattr(head, "accepts_prompts", False):
+            if head.accepts_prompts:
                 kwargs["prompts"] = None if batch.prompts is None else [batch.prompts[i] for i in idx]
             source = hidden
             if name in readers:
@@ -247,18 +183,18 @@ class AudioModel(nn.Module):
             outputs = head(source.index_select(0, index), pad.index_select(0, index), **kwargs)
             _check_head_output(name, head, outputs, len(idx))
             out.outputs[name], out.indices[name] = outputs, index
-            if predict or getattr(head, "predicts_cheaply", True):
+            if predict or head.predicts_cheaply:
                 with torch.no_grad():
                     out.predictions[name] = head.predict(outputs)
             if batch.targets is not None:
                 targets = head.make_targets([batch.targets[i] for i in idx], self.device)
-                terms = head.loss_terms(outputs, targets) if isinstance(head, Task) else TaskLoss(head.loss(outputs, targets))
+                terms = head.loss_terms(outputs, targets)
                 aux.update({f"heads/{name}/{k}": v for k, v in terms.aux_losses.items()})
                 out.routing.update({f"heads/{name}/{k}": v for k, v in terms.routing.items()})
                 out.routing_rows.update({f"heads/{name}/{k}": index for k in terms.routing})
                 loss = terms.loss
                 out.losses[f"task/{name}"] = loss
-                weighted = loss * float(getattr(head, "loss_weight", 1.0))
+                weighted = loss * float(head.loss_weight)
                 total = weighted if total is None else total + weighted
         if batch.targets is not None:
             for k, v in aux.items():

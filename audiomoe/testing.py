@@ -22,11 +22,11 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .core.composer import component_builder, compose
-from .core.errors import AudioMoEError
-from .core.interfaces import BASES, BackboneOutput, EncoderOutput, Routing
-from .core.registry import Registry
-from .core.routing import indices_problems, routing_problems
+from audiomoe.core.composer import component_builder, compose
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.interfaces import BASES, BackboneOutput, EncoderOutput, Routing
+from audiomoe.core.registry import Registry
+from audiomoe.core.routing import indices_problems, routing_problems
 
 #: Sizes injected when a component is built alone (override with ``context=``).
 DEFAULT_CONTEXT: dict[str, Any] = {
@@ -277,7 +277,7 @@ def _check_backbone(report: ConformanceReport, backbone: Any, context: Mapping[s
     _grads(report, backbone, _probe_loss(out.hidden[~pad]), "the valid hidden states", _aux_sum(out.aux_losses))
 
 
-def _check_task(report: ConformanceReport, task: Any, context: Mapping[str, Any]) -> None:
+def _check_head(report: ConformanceReport, task: Any, context: Mapping[str, Any]) -> None:
     d = int(context["d_model"])
     feats = torch.randn(3, 8, d, requires_grad=True)
     pad = torch.zeros(3, 8, dtype=torch.bool)
@@ -315,7 +315,7 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "fusion": _check_fusion,
     "adapter": _check_adapter,
     "backbone": _check_backbone,
-    "task": _check_task,
+    "head": _check_head,
 }
 
 
@@ -366,7 +366,7 @@ def check_preset(name: str, overrides: tuple[str, ...] = (), registry: Optional[
     Checks: finite loss with every task's head used, gradients, predictions for every task, and that
     ``compose(model.spec)`` gives the same architecture and parameters.
     """
-    from .model import AudioBatch
+    from audiomoe.core.batch import AudioBatch
 
     report = ConformanceReport("preset", name)
     model = compose(name, overrides, registry=registry)

@@ -1,6 +1,6 @@
 """Where the fine point's moe/dense goes: the row traffic and the GEMM shapes of a gather-then-GEMM MoE, timed alone.
 
-Two parts, each timed alone as the fused path (``audiomoe/experts/fused.py``) runs it, against the
+Two parts, each timed alone as the fused path (``audiomoe/moe/fused.py``) runs it, against the
 dense SwiGLU of the same active FLOPs (the ``moe/dense`` bar of ``benchmarks/moe_layer.py``):
 
 - **row traffic**: 3 gathers (x forward, dL/dy and x again backward) and 2 zero + scatter-add
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from audiomoe.core.interfaces import Routing
-from audiomoe.experts.dispatcher import sorted_pairs
-from audiomoe.experts.fused import BLOCK_BYTES
+from audiomoe.moe.dispatcher import sorted_pairs
+from audiomoe.moe.fused import BLOCK_BYTES
 
 from _common import measure
 

@@ -53,8 +53,8 @@ def build(spec: dict, d: int, f: int, ep: int) -> torch.nn.Module:
 
 
 def worker(rank: int, port: int, quick: bool, reps: int, queue) -> None:
-    from audiomoe import parallel
-    from audiomoe.experts.expert_parallel import record_comm
+    from audiomoe.train import fsdp as parallel
+    from audiomoe.moe.expert_parallel import record_comm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 2 ranks on 2 cores

@@ -33,7 +33,7 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from audiomoe.core.interfaces import Routing
-from audiomoe.experts.dispatcher import GATHER_LIMIT, PLANS, plan_key
+from audiomoe.moe.dispatcher import GATHER_LIMIT, PLANS, plan_key
 
 from _common import GUARD_STATS, Report, builder, fwd_bwd_case, fwd_case, measure
 from _moe_floor import floors
@@ -125,7 +125,7 @@ def peak_rss(name: str, t: int) -> int:
 
 def workspace_bytes() -> int:
     """Bytes of the fused dispatch's per-thread scratch buffers (grow-only, shared by every layer)."""
-    from audiomoe.experts import fused
+    from audiomoe.moe import fused
 
     return sum(b.numel() * b.element_size() for b in getattr(fused._LOCAL, "workspace", {}).values())
 

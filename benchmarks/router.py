@@ -3,7 +3,7 @@
 Point (issue 3/4, fine-grained): d=1024, 32 routed experts (SwiGLU, width 128), 16k tokens;
 routers ``top_k`` (k=2), ``top_p`` (p=0.7, renormalised weights, UniMoE aux loss), ``top_p`` with
 UniMoE code's SparseMixer weights, and the ``linear_topk`` baseline. For each router the MoE layer
-(``audiomoe.experts.moe_layer.MoELayer``, the registered ``swiglu`` expert) is timed whole
+(``audiomoe.moe.layer.MoELayer``, the registered ``swiglu`` expert) is timed whole
 (router + dispatch + experts + combine, forward+backward) and the router alone (forward+backward
 through its combine weights and aux losses); the ratio router/layer is the figure (target < 10%).
 
@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from audiomoe.experts.moe_layer import MoELayer
+from audiomoe.moe.layer import MoELayer
 
 from _common import Report, builder, measure
 

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 import audiomoe
-from audiomoe import parallel
-from audiomoe.experts.expert_parallel import record_comm
+from audiomoe.train import fsdp as parallel
+from audiomoe.moe.expert_parallel import record_comm
 
 D, E = 8, 4
 TOPK = {"name": "linear_topk", "params": {"k": 2}}

@@ -11,7 +11,7 @@ from audiomoe.analysis.plots import metric_by_config, routing_figures, save_png,
 from audiomoe.analysis.routing_stats import measure_model
 from audiomoe.core.composer import compose
 from audiomoe.data.synthetic import classification_tasks, tone_batch
-from audiomoe.trace import RoutingTrace
+from audiomoe.analysis.trace import RoutingTrace
 
 
 def _batches(model, n=2, bs=6, seed=0):
@@ -179,7 +179,7 @@ def test_held_out_batches_are_the_trainers_eval_batches_with_the_recipes_setting
 
 def test_a_head_writing_through_the_shared_decoder_is_measured_teacher_forced():
     """UniMoE-Audio's codec head routes its sequence inside the backbone's loss pass: the measure sees every layer."""
-    from audiomoe.model import AudioBatch
+    from audiomoe.core.batch import AudioBatch
 
     torch.manual_seed(0)
     model = compose("unimoe-audio-tiny")
@@ -199,7 +199,7 @@ def test_a_head_writing_through_the_shared_decoder_is_measured_teacher_forced():
 def test_records_of_part_of_a_batch_are_attributed_to_their_own_items():
     """Text, codec and classification items in one batch: each head's decoder pass, and the backbone pass of the
     classification items, cover only their items; stats and the training log attribute every sample to its task."""
-    from audiomoe.model import AudioBatch
+    from audiomoe.core.batch import AudioBatch
     from audiomoe.train.runlog import RoutingMonitor
     from audiomoe.train.recipe import HealthSpec
 

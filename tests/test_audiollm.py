@@ -8,9 +8,9 @@ import torch
 
 import audiomoe
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.model import AudioBatch
-from audiomoe.tasks.audiollm import AudioLLM
-from audiomoe.tasks.llm_utils import byte_tokenizer
+from audiomoe.core.batch import AudioBatch
+from audiomoe.heads.audiollm import AudioLLM
+from audiomoe.backbones.hf_lm import byte_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 D = 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.tasks.beam import beam_search
+from audiomoe.heads.beam import beam_search
 from audiomoe.testing import build_component
 
 BACKBONES = [

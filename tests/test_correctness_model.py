@@ -11,7 +11,7 @@ import torch
 import audiomoe
 from audiomoe.routers.scored import ScoredRouter
 from audiomoe.testing import ConformanceError, check_component
-from audiomoe.trace import RoutingTrace
+from audiomoe.analysis.trace import RoutingTrace
 from audiomoe.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 CODEC_MOE = ["tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2"]
@@ -148,7 +148,7 @@ BAD_PARTS = '''
 """Components with wrong output shapes (for the error messages)."""
 import torch
 from audiomoe import Encoder, EncoderOutput, Expert
-from audiomoe.tasks.classification import Classification as ClassificationBase
+from audiomoe.heads.classification import Classification as ClassificationBase
 
 
 class WideEncoder(Encoder):

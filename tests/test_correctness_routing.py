@@ -11,7 +11,7 @@ import torch
 
 import audiomoe
 from audiomoe.core.interfaces import Routing
-from audiomoe.experts.moe_layer import MoELayer
+from audiomoe.moe.layer import MoELayer
 from audiomoe.routers.functional import sparse_mixer_weights, top_k_select, top_p_count
 from audiomoe.routers.selectors.top_k import TopK
 from audiomoe.routers.selectors.top_p import TopP

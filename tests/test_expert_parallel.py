@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe import parallel
+from audiomoe.train import fsdp as parallel
 from audiomoe.core.errors import AudioMoEError
 
 WORKER = Path(__file__).with_name("expert_parallel_worker.py")

@@ -75,7 +75,7 @@ def test_moe_transformer_options_reach_every_layer():
 
 
 def test_capacity_options_reach_every_layer_and_drops_show_in_the_trace():
-    from audiomoe.trace import RoutingTrace
+    from audiomoe.analysis.trace import RoutingTrace
 
     model = audiomoe.compose(
         "tiny-moe-cls",
@@ -106,7 +106,7 @@ def test_capacity_options_reach_every_layer_and_drops_show_in_the_trace():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_xformers_packed_attention_matches_torch():
-    from audiomoe.experts.backends import attention, xformers_available
+    from audiomoe.moe.backends import attention, xformers_available
 
     if not xformers_available():
         pytest.skip("xformers not installed")
@@ -147,7 +147,7 @@ def test_moe_backbone_runs_causally_and_serves_as_the_codec_decoder():
 def test_task_ids_reach_the_backbone_routers(recwarn):
     """Token-level oracle routing: every valid token of a sample goes to its task's expert, no warning."""
     from audiomoe.data.synthetic import tone_batch
-    from audiomoe.trace import RoutingTrace
+    from audiomoe.analysis.trace import RoutingTrace
 
     model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.moe.router=oracle"])
     model.eval()

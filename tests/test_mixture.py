@@ -9,7 +9,7 @@ import audiomoe
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.encoders.align import align_time, stack_frames  # noqa: F401 - stack_frames tested below
 from audiomoe.encoders.hf_common import MissingPretrainedError
-from audiomoe.model import AudioBatch
+from audiomoe.core.batch import AudioBatch
 from audiomoe.testing import build_component
 
 SR = 16000

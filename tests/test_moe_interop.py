@@ -10,7 +10,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import audiomoe
 from audiomoe.core.interfaces import Routing
-from audiomoe.experts.interop import hf_experts_state, load_hf_experts, load_unimoe_block
+from audiomoe.backbones.interop import hf_experts_state, load_hf_experts, load_unimoe_block
 
 from unimoe_reference import unimoe_block
 

@@ -14,7 +14,7 @@ import torch
 import audiomoe
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
-from audiomoe.experts.moe_layer import MoELayer
+from audiomoe.moe.layer import MoELayer
 
 D, E, NULL = 16, 5, 2
 
@@ -168,7 +168,7 @@ def test_token_that_loses_every_pick_gets_zero_and_finite_gradients():
 
 @pytest.mark.parametrize("kind", ["topk", "topp"])
 def test_slot_order_gives_unique_tokens_per_slot_sorted_by_expert(kind):
-    from audiomoe.experts import dispatcher
+    from audiomoe.moe import dispatcher
 
     r = hand_routing(40, kind)
     exp, tok, _ = dispatcher.sorted_pairs(r.mask, E)
@@ -188,7 +188,7 @@ def test_grouped_mm_path_matches_loop():
     layer = make_layer("swiglu", num_shared=1).float()
     r = hand_routing(40, "topp")
     x = torch.randn(40, D, requires_grad=True)
-    from audiomoe.experts import dispatcher
+    from audiomoe.moe import dispatcher
 
     exp, tok, counts = dispatcher.sorted_pairs(r.mask, E)
     xs = x.index_select(0, tok)
@@ -210,7 +210,7 @@ def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_auto
     the second layer reusing the first layer's buffers must not change any output or gradient. Also with
     one expert per block and with narrow experts (2F < d: the down-projection gradient transposed).
     """
-    from audiomoe.experts import dispatcher, fused
+    from audiomoe.moe import dispatcher, fused
     d, e = 64, 8
     assert 2 * n * f >= 1 << 18  # S * f above 2**18 elements: the scratch path
     if block_rows:
@@ -328,7 +328,7 @@ def test_bad_options_are_named():
 
 
 def test_backend_auto_falls_back_to_torch_on_cpu_with_one_log_line(caplog):
-    from audiomoe.experts import backends
+    from audiomoe.moe import backends
 
     backends._LOGGED.clear()
     with caplog.at_level("INFO", logger="audiomoe.experts"):

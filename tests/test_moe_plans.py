@@ -13,7 +13,7 @@ def test_plan_is_decided_without_timing_and_read_from_a_plan_table(tmp_path):
     """No plan is timed inside forward: auto is a fixed rule, or the plan table's entry for the shape."""
     import json
 
-    from audiomoe.experts.dispatcher import plan_key
+    from audiomoe.moe.dispatcher import plan_key
 
     layer = make_layer()
     assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D)) == "fused"
@@ -35,7 +35,7 @@ def test_a_plan_table_decides_training_calls_but_not_decoding_steps(tmp_path):
     """A table is timed on fwd+bwd: it names the plan of tracked and large calls; a small no-grad step stays dense."""
     import json
 
-    from audiomoe.experts.dispatcher import plan_key
+    from audiomoe.moe.dispatcher import plan_key
 
     table = tmp_path / "plans.json"
     table.write_text(json.dumps({plan_key(torch.device("cpu"), torch.float64, make_layer().experts): "loop"}))
@@ -49,7 +49,7 @@ def test_a_plan_table_decides_training_calls_but_not_decoding_steps(tmp_path):
 def test_auto_takes_dense_then_gathered_only_without_autograd_and_for_small_steps():
     """A decoding step (no grad, a few tokens) runs every expert densely; a few pairs of more tokens are gathered;
     training and large batches take the fused plan; every choice gives the reference output."""
-    from audiomoe.experts.dispatcher import GATHER_LIMIT
+    from audiomoe.moe.dispatcher import GATHER_LIMIT
 
     layer = make_layer()
     per_pair = 3 * D * 8

@@ -11,9 +11,9 @@ import torch
 
 import audiomoe
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.experts.dispatcher import PLANS
-from audiomoe.experts.moe_layer import MoELayer
-from audiomoe.experts.tune import distinct_layers, tune_plans
+from audiomoe.moe.dispatcher import PLANS
+from audiomoe.moe.layer import MoELayer
+from audiomoe.moe.tune import distinct_layers, tune_plans
 
 
 def test_tune_times_every_runnable_plan_once_per_layer_shape_and_picks_the_fastest():

@@ -9,7 +9,7 @@ import transformers
 import audiomoe
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.experts.upcycle import UpcycledMLP, moe_aux_losses, upcycle_causal_lm
+from audiomoe.backbones.upcycle import UpcycledMLP, moe_aux_losses, upcycle_causal_lm
 
 KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
 

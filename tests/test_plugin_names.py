@@ -265,7 +265,7 @@ def audiomoe_register_kinds(register):
 def audiomoe_register_components(register):
     register("decoder", "acme_decoder", "audiomoe.encoders.conv_frontend:ConvFrontend", "a decoder")
     register("encoder", "acme_conv", "audiomoe.encoders.conv_frontend:ConvFrontend", "acme's front-end")
-    register("task", "acme_cls", "audiomoe.tasks.classification:Classification", "acme's head")
+    register("task", "acme_cls", "audiomoe.heads.classification:Classification", "acme's head")
 '''
 
 

@@ -9,10 +9,10 @@ import torch
 
 import audiomoe
 from audiomoe.core.errors import AudioMoEError, ConfigError
-from audiomoe.model import AudioBatch
+from audiomoe.core.batch import AudioBatch
 from audiomoe.routers.functional import make_routing
 from audiomoe.testing import build_component, check_preset
-from audiomoe.trace import RoutingTrace
+from audiomoe.analysis.trace import RoutingTrace
 
 NAMED = ["scored", "top_k", "top_p", "dense", "mowe", "uniform", "random", "oracle", "hash", "linear_topk"]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.experts.moe_layer import MoELayer
+from audiomoe.moe.layer import MoELayer
 from audiomoe.core.errors import MissingPretrainedError
-from audiomoe.model import AudioBatch
+from audiomoe.core.batch import AudioBatch
 from audiomoe.testing import GRAD_TOL, build_component
 
 GREEDY = ["tasks.tts.temperature=0", "tasks.tts.max_frames=12", "tasks.asr.max_new_tokens=10"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.tasks.classification import Classification
+from audiomoe.heads.classification import Classification
 
 
 def _frames(centres: torch.Tensor, gen: torch.Generator, n: int = 10, d: int = 16):

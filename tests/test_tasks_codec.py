@@ -11,8 +11,8 @@ from torch import nn
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Backbone, BackboneOutput
 from audiomoe.core.specs import Params
-from audiomoe.tasks.codec import CodecGeneration
-from audiomoe.tasks.functional import apply_delay_pattern, revert_delay_pattern, sample_logits
+from audiomoe.heads.codec import CodecGeneration
+from audiomoe.heads.functional import apply_delay_pattern, revert_delay_pattern, sample_logits
 
 
 @settings(max_examples=60, deadline=None)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.tasks.ctc import CTCASR
-from audiomoe.tasks.functional import ctc_greedy_decode, ctc_prefix_beam_search
+from audiomoe.heads.ctc import CTCASR
+from audiomoe.heads.functional import ctc_greedy_decode, ctc_prefix_beam_search
 
 
 def _synthetic(gen: torch.Generator, alphabet: str, codes: torch.Tensor, b: int = 16):

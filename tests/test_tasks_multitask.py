@@ -7,7 +7,7 @@ import torch
 
 import audiomoe
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.model import AudioBatch
+from audiomoe.core.batch import AudioBatch
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

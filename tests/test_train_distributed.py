@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from audiomoe import cli
-from audiomoe.model import AudioBatch
+from audiomoe.core.batch import AudioBatch
 from audiomoe.train import load_checkpoint, load_trainer_state
 from audiomoe.train.distributed import free_port
 from audiomoe.train.recipe import load_recipe

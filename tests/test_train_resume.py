@@ -39,7 +39,7 @@ SERVER = server_source(
     """
     import torch, torch.optim, safetensors.torch  # imported once; no tensor op runs before fork
     from torch.utils.tensorboard import SummaryWriter
-    import audiomoe.train.steploop, audiomoe.experts.unimoe_transformer, audiomoe.encoders.conv_frontend
+    import audiomoe.train.steploop, audiomoe.backbones.unimoe_transformer, audiomoe.encoders.conv_frontend
     from audiomoe.core.registry import get_registry
     get_registry()  # plugins loaded once, in the parent
     """

@@ -14,10 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
-from ..core.atomic import write_text
-from ..core.errors import AudioMoEError, did_you_mean
-from .grid import Config, Plan
-from .results import collect, read_json, run_metrics
+from audiomoe.core.atomic import write_text
+from audiomoe.core.errors import AudioMoEError, did_you_mean
+from audiomoe.analysis.grid import Config, Plan
+from audiomoe.analysis.results import collect, read_json, run_metrics
 
 PLAN_FILE = "plan.json"
 
@@ -109,9 +109,9 @@ def run_ablation(
     stream: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Run ``plan`` under ``root`` (finished runs skipped), then write the tables and the report; returns paths and counts."""
-    from .claims import evaluate_claims
-    from .launch import check_runs, launch, run_state
-    from .report import study_report
+    from audiomoe.analysis.claims import evaluate_claims
+    from audiomoe.analysis.launch import check_runs, launch, run_state
+    from audiomoe.analysis.report import study_report
 
     root = Path(root)
     runs = plan.runs(root)
@@ -144,8 +144,8 @@ def run_ablation(
 
 def rerender(root: str | Path) -> dict[str, Any]:
     """Redo the tables, claims and report of a study directory from its runs (nothing is trained)."""
-    from .claims import evaluate_claims
-    from .report import study_report
+    from audiomoe.analysis.claims import evaluate_claims
+    from audiomoe.analysis.report import study_report
 
     root = Path(root)
     plan, meta = load_plan(root)
@@ -161,7 +161,7 @@ def rerender(root: str | Path) -> dict[str, Any]:
 def write_claims(root: Path, verdicts: Sequence[dict[str, Any]]) -> None:
     """``claims.json`` (claim, arms, metric, difference, interval, p, verdict, minimum detectable effect) and
     ``controls.json`` (control, difference, interval, resolved)."""
-    from .claims import claims_files
+    from audiomoe.analysis.claims import claims_files
 
     claims, controls = claims_files(verdicts)
     write_text(root / "claims.json", json.dumps(claims, indent=1, default=str), what="claims")
@@ -169,7 +169,7 @@ def write_claims(root: Path, verdicts: Sequence[dict[str, Any]]) -> None:
 
 
 def _Claim(**kw: Any) -> Any:  # noqa: N802 - a validated claim object from its dict (plan.json stores dicts)
-    from .study import ClaimSpec
+    from audiomoe.analysis.study import ClaimSpec
 
     return ClaimSpec(**kw)
 

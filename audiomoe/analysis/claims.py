@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-from .stats import PairedTest, equivalence, metric_range, minimum_detectable_effect, paired_test, summarize
+from audiomoe.analysis.stats import PairedTest, equivalence, metric_range, minimum_detectable_effect, paired_test, summarize
 
 
 def _by_seed(rows: Sequence[Mapping[str, Any]], config: str, key: str) -> dict[Any, Any]:

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..core.argtypes import float_in, int_in
-from ..core.errors import AudioMoEError
-from ..core.limits import MAX_STEPS
+from audiomoe.core.argtypes import float_in, int_in
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.limits import MAX_STEPS
 
 ABLATE_DESCRIPTION = """Train every combination of --grid values (x --variant) at --seeds seeds, each run its own
 subprocess and directory (OUT/runs/<config>/seed-<n>), then write results.csv / results.jsonl,
@@ -35,7 +35,7 @@ ABLATE_EPILOG = """examples:
 
 
 def _kv(items: list[str], flag: str) -> dict[str, Any]:
-    from ..core.overrides import parse_override
+    from audiomoe.core.overrides import parse_override
 
     out = {}
     for text in items:
@@ -51,7 +51,7 @@ def _default_out(name: str) -> str:
 
 
 def _finish(result: dict[str, Any], stream: Any = sys.stdout) -> int:
-    from .ablate import print_claims
+    from audiomoe.analysis.ablate import print_claims
 
     if result["claims"]:
         print("\nclaims:", file=stream)
@@ -66,8 +66,8 @@ def _finish(result: dict[str, Any], stream: Any = sys.stdout) -> int:
 
 def _plan_from_args(args: argparse.Namespace) -> tuple[Any, str, str, list]:
     """(plan, title, description, claims) from the ablate arguments."""
-    from .grid import Plan, expand, parse_grid, parse_variant
-    from .study import find_study, load_study, plan_study
+    from audiomoe.analysis.grid import Plan, expand, parse_grid, parse_variant
+    from audiomoe.analysis.study import find_study, load_study, plan_study
 
     study_path = find_study(args.target)
     if study_path is not None:
@@ -83,14 +83,14 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[Any, str, str, list]:
         raise AudioMoEError("--compact applies to study files only (e.g. audiomoe ablate papers --compact)")
     grids = [parse_grid(g) for g in args.grid]
     variants = [parse_variant(v) for v in args.variant]
-    from .study import recipe_exists
+    from audiomoe.analysis.study import recipe_exists
 
     steps = args.steps or (None if recipe_exists(args.target) else 200)  # a recipe's stages decide its steps unless --steps
     configs = expand(args.target, grids, variants, overrides=args.set, train=_kv(args.train, "--train"), steps=steps, arm="ablation")
     names = [c.name for c in configs]
     baseline = args.baseline or names[0]
     if baseline not in names:
-        from ..core.errors import did_you_mean
+        from audiomoe.core.errors import did_you_mean
 
         raise AudioMoEError(f"--baseline '{baseline}' is not one of the configs ({', '.join(names)}).{did_you_mean(baseline, names)}")
     plan = Plan(configs, list(range(args.seeds or 3)), {"ablation": baseline}, {}, args.metric or "mean/accuracy", args.measure_batches or 4)
@@ -100,7 +100,7 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[Any, str, str, list]:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     """``audiomoe ablate``: plan, run (resumable), tables, claims, report."""
-    from .ablate import run_ablation
+    from audiomoe.analysis.ablate import run_ablation
 
     if args.seeds is not None and args.seeds < 1:
         raise AudioMoEError(f"--seeds must be >= 1, got {args.seeds}")
@@ -117,16 +117,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``audiomoe report DIR``: a study directory (tables and plots again) or one run (routing from its checkpoint)."""
-    from .ablate import PLAN_FILE, rerender
+    from audiomoe.analysis.ablate import PLAN_FILE, rerender
 
     root = Path(args.dir)
     if not root.is_dir():
         raise AudioMoEError(f"'{root}' is not a directory; give a study directory (audiomoe ablate --out) or a run directory (audiomoe train --out)")
     if (root / PLAN_FILE).is_file():
         return _finish(rerender(root))
-    from .measure import MEASURE_FILE, measure_is_current, measure_run, read_summary
-    from .results import read_json
-    from .report import run_report
+    from audiomoe.analysis.measure import MEASURE_FILE, measure_is_current, measure_run, read_summary
+    from audiomoe.analysis.results import read_json
+    from audiomoe.analysis.report import run_report
 
     summary = read_summary(root)
     measure = None if (args.remeasure or args.checkpoint or args.data) else read_json(root / MEASURE_FILE)
@@ -146,11 +146,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``audiomoe demo``: the built-in corpus (made if missing), then the compact papers study; prints where the report is."""
     import time
 
-    from .ablate import run_ablation
-    from .study import STUDIES, load_study, plan_study
+    from audiomoe.analysis.ablate import run_ablation
+    from audiomoe.analysis.study import STUDIES, load_study, plan_study
 
     t0 = time.perf_counter()
-    from ..data import builtin_corpus
+    from audiomoe.data import builtin_corpus
 
     print(f"corpus: {builtin_corpus(progress=True)}", flush=True)
     spec = load_study(STUDIES / "papers.yaml")

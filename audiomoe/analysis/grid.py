@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ..core.errors import AudioMoEError, did_you_mean
+from audiomoe.core.errors import AudioMoEError, did_you_mean
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")

@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ..core.atomic import write_text
-from ..core.errors import AudioMoEError
-from .grid import Run
-from .measure import MEASURE_FILE
-from .results import FAILED_FILE, OUTCOME_FILE, read_json
+from audiomoe.core.atomic import write_text
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.analysis.grid import Run
+from audiomoe.analysis.measure import MEASURE_FILE
+from audiomoe.analysis.results import FAILED_FILE, OUTCOME_FILE, read_json
 
 TAIL_LINES = 40
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -59,7 +59,7 @@ def check_runs(runs: Sequence[Run]) -> None:
     itself (:func:`audiomoe.train.cli.check_command`: options, recipe, the model composed on the meta device,
     its layout on ``--nproc`` processes, the data); the error names the config and the bad key or value.
     """
-    from ..train.cli import check_command
+    from audiomoe.train.cli import check_command
 
     first: dict[str, Run] = {}
     for r in runs:
@@ -100,7 +100,7 @@ def run_state(run: Run) -> str:
     recorded = read_json(run.path / SETTINGS_FILE)
     if recorded is not None and recorded != run_settings(run):
         return "stale"
-    from .measure import measure_is_current
+    from audiomoe.analysis.measure import measure_is_current
 
     summary = read_json(run.path / "train" / "summary.json") or {}
     return "done" if measure_is_current(read_json(run.path / MEASURE_FILE), summary) else "trained"

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..core.atomic import write_text
-from ..core.errors import AudioMoEError
-from ..train.heldout import HELDOUT_FILE, MAX_PER_TASK, flat_metrics
+from audiomoe.core.atomic import write_text
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.train.heldout import HELDOUT_FILE, MAX_PER_TASK, flat_metrics
 
 MEASURE_FILE = "measure.json"
 #: bumped when what a measurement holds changes (2: decoder-writing heads measured teacher-forced; 3: the whole
@@ -70,7 +70,7 @@ def run_settings(run_dir: str | Path) -> dict[str, Any]:
 
 def heldout_batches(model: Any, config: dict[str, Any], n: int) -> tuple[list[Any], str]:
     """The first ``n`` of the trainer's eval batches for ``model`` under ``config`` (data, seed, batch_size); returns ``(batches, data name)``."""
-    from ..train.data import build_data, resolve_choice
+    from audiomoe.train.data import build_data, resolve_choice
 
     choice = config.get("data", "auto")
     if isinstance(choice, str) and choice not in ("auto", "builtin", "tones") and not os.path.isfile(choice):
@@ -85,7 +85,7 @@ def heldout_batches(model: Any, config: dict[str, Any], n: int) -> tuple[list[An
 
 def score_heldout(model: Any, config: dict[str, Any], max_per_task: Optional[int]) -> Optional[dict[str, Any]]:
     """The run's whole held-out split scored item by item (:mod:`audiomoe.train.heldout`); None for tone data."""
-    from ..train.heldout import heldout_items, score_model
+    from audiomoe.train.heldout import heldout_items, score_model
 
     items = heldout_items(model, config.get("data", "auto"))
     if items is None:
@@ -112,8 +112,8 @@ def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str]
     whole held-out split (up to ``max_per_task`` items per task); write ``measure.json`` and ``heldout.json``."""
     import torch
 
-    from ..train.checkpoint import load_checkpoint
-    from .routing_stats import measure_model
+    from audiomoe.train.checkpoint import load_checkpoint
+    from audiomoe.analysis.routing_stats import measure_model
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)

@@ -32,7 +32,7 @@ def save_png(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` as a PNG (atomically, parent directories created) and close it."""
     import io
 
-    from ..core.atomic import write_bytes
+    from audiomoe.core.atomic import write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ..core.atomic import write_text
-from .plots import metric_by_config, routing_figures, save_png, training_curves
-from .results import eval_curve, read_json, training_curve
+from audiomoe.core.atomic import write_text
+from audiomoe.analysis.plots import metric_by_config, routing_figures, save_png, training_curves
+from audiomoe.analysis.results import eval_curve, read_json, training_curve
 
 CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.8em 0;font-size:12.5px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
@@ -332,7 +332,7 @@ def study_report(root: Path, title: str, description: str, plan: Any, collected:
 
 def run_report(run_dir: Path, measure: Mapping[str, Any], summary: Mapping[str, Any]) -> tuple[Path, Path]:
     """One run's report: eval metrics, parameters and compute, routing plots by task, its training curve."""
-    from .results import run_metrics
+    from audiomoe.analysis.results import run_metrics
 
     plots = run_dir / "plots"
     metrics = run_metrics(summary)

@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ..core.atomic import atomic_open
-from .grid import Run
-from .measure import MEASURE_FILE
-from .stats import aggregate, compare
+from audiomoe.core.atomic import atomic_open
+from audiomoe.analysis.grid import Run
+from audiomoe.analysis.measure import MEASURE_FILE
+from audiomoe.analysis.stats import aggregate, compare
 
 OUTCOME_FILE = "outcome.json"
 FAILED_FILE = "failed.json"
@@ -56,7 +56,7 @@ def training_curve(run_dir: str | Path) -> tuple[list[int], list[float], str]:
     trainer keeps one per evaluation) would have a point per eval only.
     """
     run_dir = Path(run_dir)
-    from .measure import train_dir
+    from audiomoe.analysis.measure import train_dir
 
     summary = read_json(train_dir(run_dir) / "summary.json") or {}
     hist = summary.get("history")
@@ -94,7 +94,7 @@ def training_curve(run_dir: str | Path) -> tuple[list[int], list[float], str]:
 
 def eval_curve(run_dir: str | Path, metric: str = "accuracy") -> tuple[list[int], list[float]]:
     """``(steps, values)`` of the mid-run evals in the summary's history: the mean over tasks of ``<task>/<metric>``."""
-    from .measure import train_dir
+    from audiomoe.analysis.measure import train_dir
 
     summary = read_json(train_dir(Path(run_dir)) / "summary.json") or {}
     hist = summary.get("eval_history") or summary.get("history") or []  # the recipe trainer's key, then the older one
@@ -119,7 +119,7 @@ def _moe_means(measure: Mapping[str, Any]) -> dict[str, float]:
 
 def run_row(run: Run) -> dict[str, Any]:
     """The results row of one run (status ``missing`` when it never finished training)."""
-    from .measure import train_dir
+    from audiomoe.analysis.measure import train_dir
 
     c = run.config
     row: dict[str, Any] = {"config": c.name, "arm": c.arm, "seed": run.seed, "target": c.target, "path": str(run.path)}

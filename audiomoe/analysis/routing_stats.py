@@ -1,6 +1,6 @@
 """Routing health from an eval pass: experts per token per layer, load per task, null share, weak-encoder picks, MoE FLOPs.
 
-:class:`RoutingStats` accumulates :class:`audiomoe.trace.RoutingTrace` records of several batches
+:class:`RoutingStats` accumulates :class:`audiomoe.analysis.trace.RoutingTrace` records of several batches
 (``add``), keeping per layer and task the picks per column, the picks per item and the null picks:
 
 - token layers (``backbone/layer<i>``, MoE FFNs): ``real_experts_per_token`` = routed experts a valid
@@ -184,8 +184,8 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
     import torch
 
     from audiomoe.core.composer import count_parameters
-    from audiomoe.model import AudioBatch
-    from audiomoe.trace import RoutingTrace
+    from audiomoe.core.batch import AudioBatch
+    from audiomoe.analysis.trace import RoutingTrace
 
     labels = weak_encoder_labels(model)
     # a head that writes through the shared decoder routes in the backbone's layers: its records are those layers'

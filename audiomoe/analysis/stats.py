@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ..core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError
 
 
 @dataclass(frozen=True)

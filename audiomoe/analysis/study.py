@@ -20,9 +20,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..core.atomic import write_text
-from ..core.errors import AudioMoEError, did_you_mean
-from .grid import NAME_RE, Config, Plan, expand
+from audiomoe.core.atomic import write_text
+from audiomoe.core.errors import AudioMoEError, did_you_mean
+from audiomoe.analysis.grid import NAME_RE, Config, Plan, expand
 
 STUDIES = Path(__file__).parent / "studies"
 
@@ -114,7 +114,7 @@ def find_study(name: str) -> Optional[Path]:
         return STUDIES / f"{name}.yaml"
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        from ..core.safe_yaml import load_yaml_file
+        from audiomoe.core.safe_yaml import load_yaml_file
 
         data = load_yaml_file(str(path))
         if isinstance(data, dict) and "arms" in data:
@@ -124,7 +124,7 @@ def find_study(name: str) -> Optional[Path]:
 
 def load_study(path: str | Path) -> StudySpec:
     """Read and validate a study file; every problem is reported with its key."""
-    from ..core.safe_yaml import load_yaml_file
+    from audiomoe.core.safe_yaml import load_yaml_file
 
     data = load_yaml_file(str(path))
     if not isinstance(data, dict):
@@ -168,7 +168,7 @@ def _check(spec: StudySpec, path: Any) -> None:
 
 def recipe_exists(name: str) -> bool:
     """Whether ``audiomoe train NAME`` knows ``name`` as a recipe (asked of the registry and of ``audiomoe.train``)."""
-    from ..core.registry import get_registry
+    from audiomoe.core.registry import get_registry
 
     reg = get_registry()
     try:

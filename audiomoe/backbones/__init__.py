@@ -1,1 +1,1 @@
-"""Backbones: the decoder every task shares (``causal_lm``; the MoE transformers live in ``experts/``)."""
+"""Backbones: the decoder every task shares (``causal_lm``, ``moe_transformer``, ``unimoe_transformer``), their blocks, upcycling, weight interop and HF LM loading."""

@@ -5,7 +5,7 @@ UniMoE-Audio: Qwen2.5 upcycled into a top-p MoE). The LM comes from a local dire
 layout, ``pretrained``) or a random ``config`` (a tiny Llama by default, its width = ``d_model``);
 a pretrained LM of another width gets linear maps in and out. Options: LoRA through peft (the LM
 is then frozen), and a ``moe`` block that upcycles its dense MLPs into audiomoe MoE layers with any
-router and expert layout (``audiomoe.experts.upcycle``; every routed layer's record and aux losses
+router and expert layout (``audiomoe.backbones.upcycle``; every routed layer's record and aux losses
 are reported as ``layer<i>``). Attention is causal, with the padding mask as the attention mask.
 
 Decoding (``supports_decoding``): :meth:`CausalLMBackbone.decode` runs an interleaved sequence
@@ -27,8 +27,8 @@ from torch import nn
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Backbone, BackboneOutput, DecoderState
 from audiomoe.core.specs import ComponentSpec, Params, Slot
-from audiomoe.experts.upcycle import UpcycledMLP, upcycle_causal_lm
-from audiomoe.tasks.llm_utils import LoRAParams, apply_lora, check_one_source, lm_and_tokenizer
+from audiomoe.backbones.upcycle import UpcycledMLP, upcycle_causal_lm
+from audiomoe.backbones.hf_lm import LoRAParams, apply_lora, check_one_source, lm_and_tokenizer
 
 TINY_LM = {"model_type": "llama", "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Optional
 
-from .errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError
 
 _HINTS = {
     errno.ENOSPC: "the disk is full: free some space or write elsewhere",

@@ -23,13 +23,13 @@ from typing import Any, Iterable, Mapping, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import AudioMoEError, ConfigError, ConfigProblem, constructor_error, did_you_mean
-from .limits import MAX_PARAMETERS
-from .names import USER, Origin, author, field_default, recorded_name, source_origin
-from .registry import ComponentEntry, Registry, get_registry
-from .specs import ComponentSpec, ModelSpec, Params, slot_fields
+from audiomoe.core.errors import AudioMoEError, ConfigError, ConfigProblem, constructor_error, did_you_mean
+from audiomoe.core.limits import MAX_PARAMETERS
+from audiomoe.core.names import USER, Origin, author, field_default, recorded_name, source_origin
+from audiomoe.core.registry import ComponentEntry, Registry, get_registry
+from audiomoe.core.specs import ComponentSpec, ModelSpec, Params, slot_fields
 
-from .overrides import SpecSource, apply_overrides, load_spec, parse_override  # noqa: F401 - parse_override is public here too
+from audiomoe.core.overrides import SpecSource, apply_overrides, load_spec, parse_override  # noqa: F401 - parse_override is public here too
 
 
 @dataclass
@@ -177,7 +177,7 @@ def _resolve_component(
     except AudioMoEError as exc:
         problems.append(ConfigProblem(path, str(exc)))
         return None
-    from .interfaces import BASES  # torch: only once something is actually resolved
+    from audiomoe.core.interfaces import BASES  # torch: only once something is actually resolved
 
     base = BASES.get(kind)
     if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 if TYPE_CHECKING:
-    from .routing import Routing
+    from audiomoe.core.routing import Routing
 
 
 

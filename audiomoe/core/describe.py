@@ -8,8 +8,8 @@ from typing import Any, Optional
 import yaml
 from pydantic.fields import FieldInfo
 
-from .registry import RESERVED_KINDS, Registry, get_registry
-from .specs import slot_fields
+from audiomoe.core.registry import RESERVED_KINDS, Registry, get_registry
+from audiomoe.core.specs import slot_fields
 
 _LIMITS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "min length", "max_length": "max length"}
 
@@ -118,7 +118,7 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
     }
     if kind == "expert":
         info["grouped"] = _grouped_form(cls)
-    from .interfaces import BASES  # the class is imported already, so torch is too
+    from audiomoe.core.interfaces import BASES  # the class is imported already, so torch is too
 
     base = BASES.get(kind)
     problems = [f"does not subclass audiomoe.{base.__name__}: models refuse it"] if base is not None and not issubclass(cls, base) else []
@@ -132,7 +132,7 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
 
 def _grouped_form(cls: type) -> str:
     """How an MoE layer runs experts of this kind: a grouped module (stacked weights) or a per-expert loop."""
-    from .interfaces import Expert
+    from audiomoe.core.interfaces import Expert
 
     grouped = getattr(cls, "grouped", None)
     if grouped is None or getattr(grouped, "__func__", None) is Expert.grouped.__func__:

@@ -10,7 +10,7 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from .limits import MAX_QUOTED_VALUE
+from audiomoe.core.limits import MAX_QUOTED_VALUE
 
 #: Most names an error message lists in full; beyond it, the closest few and a count.
 MAX_LISTED_NAMES = 40

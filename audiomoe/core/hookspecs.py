@@ -54,7 +54,7 @@ def audiomoe_register_components(register: RegisterComponent) -> None:
 
     :param register: call ``register(kind, name, target, summary)`` once per component.
 
-        - ``kind``: one of ``"encoder"``, ``"router"``, ``"expert"``, ``"task"``, ``"backbone"``,
+        - ``kind``: one of ``"encoder"``, ``"router"``, ``"expert"``, ``"head"`` (``"task"``: deprecated alias), ``"backbone"``,
           a kind another plugin declares (the built-in ``"scorer"``, ``"selector"``), or a kind your
           plugin declares in :func:`audiomoe_register_kinds`. An undeclared kind (a typo such as
           ``"routr"``) is an error with a "did you mean", so the plugin is skipped.

@@ -13,15 +13,17 @@ Masks: ``padding_mask`` is ``True`` at padded positions (PyTorch's key-padding c
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .decoding import DecoderState, positions_from_mask  # noqa: F401 (re-exported)
-from .routing import Routing  # noqa: F401 (re-exported)
-from .specs import Params
+from audiomoe.core.decoding import DecoderState, positions_from_mask  # noqa: F401 (re-exported)
+from audiomoe.core.routing import Routing  # noqa: F401 (re-exported)
+from audiomoe.core.specs import Params
 
 
 class Component(nn.Module):
@@ -181,7 +183,7 @@ class Expert(Component):
         """``num_experts`` experts of this kind as one stacked-weight module, or None (a per-expert loop runs them).
 
         A grouped module implements ``forward_sorted(xs, counts)`` (expert-sorted rows) and
-        ``expert_forward(e, x)``; see :mod:`audiomoe.experts.grouped` (``swiglu`` has one).
+        ``expert_forward(e, x)``; see :mod:`audiomoe.moe.grouped` (``swiglu`` has one).
         """
         return None
 
@@ -270,7 +272,7 @@ class Backbone(Component):
 
 @dataclass
 class TaskLoss:
-    """A head's loss split by :meth:`Task.loss_terms`: the task term and a routed decoder's side results.
+    """A head's loss split by :meth:`Head.loss_terms`: the task term and a routed decoder's side results.
 
     ``loss`` is the task term (scaled by the head's ``loss_weight``); ``aux_losses`` (already
     weighted router losses) are added unscaled under ``aux/heads/<task>/...`` and ``routing``
@@ -283,14 +285,14 @@ class TaskLoss:
     routing: dict[str, "Routing"] = field(default_factory=dict)
 
 
-class Task(Component):
+class Head(Component):
     """A task head: features -> outputs, with its loss, predictions and metrics.
 
     ``d_model`` (feature width) is injected. ``forward`` returns whatever the head's ``loss`` and
     ``predict`` accept (usually logits). ``targets`` is the per-item target list the batch carries.
     """
 
-    kind: ClassVar[str] = "task"
+    kind: ClassVar[str] = "head"
     #: True: ``forward`` also gets ``prompts`` (the batch's per-item text fields)
     accepts_prompts: ClassVar[bool] = False
     #: False: ``predict`` is costly (autoregressive); ``AudioModel.forward(predict=False)`` skips it
@@ -364,7 +366,15 @@ BASES: dict[str, type[Component]] = {
     "router": Router,
     "expert": Expert,
     "moe": MoE,
-    "task": Task,
+    "head": Head,
     "backbone": Backbone,
     "codec": Codec,
 }
+
+
+def __getattr__(name: str) -> Any:
+    # ``Task`` was the base class's name before heads got their own kind; kept one release.
+    if name == "Task":
+        warnings.warn("audiomoe.Task is deprecated: subclass audiomoe.Head (same class)", DeprecationWarning, stacklevel=2)
+        return Head
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -99,7 +99,7 @@ def source_origin(source: Any, registry: Any, _depth: int = 0) -> Origin:
         return USER
     text = os.fspath(source)
     if text.endswith((".yaml", ".yml")) or os.path.splitext(text)[1] and os.path.exists(text):
-        from .safe_yaml import load_yaml_file  # the composer already read it: this cannot fail now
+        from audiomoe.core.safe_yaml import load_yaml_file  # the composer already read it: this cannot fail now
 
         try:
             data = load_yaml_file(text)

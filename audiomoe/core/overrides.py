@@ -15,12 +15,12 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from pydantic import BaseModel
 
-from .errors import AudioMoEError, ConfigProblem, did_you_mean, short_repr
-from .limits import MAX_PRESET_CHAIN, MAX_QUOTED_VALUE
-from .names import USER, Origin, author, field_default, mark_typed
-from .registry import Registry, get_registry
-from .safe_yaml import YAMLSyntaxError, load_yaml_file, load_yaml_text
-from .specs import ModelSpec, Params, slot_fields
+from audiomoe.core.errors import AudioMoEError, ConfigProblem, did_you_mean, short_repr
+from audiomoe.core.limits import MAX_PRESET_CHAIN, MAX_QUOTED_VALUE
+from audiomoe.core.names import USER, Origin, author, field_default, mark_typed
+from audiomoe.core.registry import Registry, get_registry
+from audiomoe.core.safe_yaml import YAMLSyntaxError, load_yaml_file, load_yaml_text
+from audiomoe.core.specs import ModelSpec, Params, slot_fields
 
 SpecSource = Union[str, os.PathLike, Mapping[str, Any], ModelSpec]
 

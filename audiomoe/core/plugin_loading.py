@@ -27,8 +27,8 @@ from typing import Iterable, Optional, Sequence
 
 import pluggy
 
-from . import hookspecs
-from .errors import AudioMoEError, PluginLoadError, did_you_mean
+from audiomoe.core import hookspecs
+from audiomoe.core.errors import AudioMoEError, PluginLoadError, did_you_mean
 
 STRICT_ENV = "AUDIOMOE_STRICT_PLUGINS"
 DISABLE_ENV = "AUDIOMOE_DISABLE_PLUGINS"

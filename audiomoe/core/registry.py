@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -30,18 +31,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import AmbiguousComponentError, AudioMoEError, UnknownComponentError, did_you_mean
-from .plugin_loading import (  # noqa: F401 - re-exported: the public names of the loading rules
-    BUILTIN_MODULE,
-    BUILTIN_PLUGIN,
-    DISABLE_ENV,
-    STRICT_ENV,
-    PluginHost,
-    PluginRecord,
-)
+from audiomoe.core.errors import AmbiguousComponentError, AudioMoEError, UnknownComponentError, did_you_mean
+from audiomoe.core.plugin_loading import BUILTIN_MODULE, BUILTIN_PLUGIN, DISABLE_ENV, STRICT_ENV, PluginHost, PluginRecord
 
 #: Kinds with a base class in :mod:`audiomoe.core.interfaces`: known even without any plugin.
-CORE_KINDS = ("encoder", "fusion", "adapter", "router", "expert", "moe", "task", "backbone")
+CORE_KINDS = ("encoder", "fusion", "adapter", "router", "expert", "moe", "head", "backbone")
+#: Old kind names, accepted with a DeprecationWarning for one release (``task`` became ``head`` in 0.2).
+KIND_ALIASES = {"task": "head"}
 KNOWN_KINDS = CORE_KINDS  # the name used before kinds could be declared
 #: Not component kinds: ``audiomoe list`` / ``describe`` use them for presets.
 RESERVED_KINDS = ("preset", "presets")
@@ -213,6 +209,7 @@ class Registry(PluginHost):
         known = self.kinds()
 
         def reg_component(kind: str, name: str, target: str, summary: str = "") -> None:
+            kind = canonical_kind(kind) if isinstance(kind, str) else kind
             _check_registration(kind, name, target, known)
             comps.append(ComponentEntry(kind, name, target, str(summary).strip(), record.name, record.version))
 
@@ -250,7 +247,8 @@ class Registry(PluginHost):
         return sorted(self._kinds)
 
     def check_kind(self, kind: str) -> str:
-        """Return ``kind`` if known; else raise :class:`UnknownComponentError` with a "did you mean"."""
+        """Return ``kind`` if known (an old alias: its new name); else raise :class:`UnknownComponentError`."""
+        kind = canonical_kind(kind)
         if kind in RESERVED_KINDS:
             raise AudioMoEError(f"'{kind}' is not a component kind: presets are found with get_preset / list_presets")
         if kind not in self._kinds:
@@ -302,6 +300,7 @@ class Registry(PluginHost):
 
     def providers(self, kind: str, name: str) -> list[str]:
         """The plugins registering ``kind/name`` (bare name; kind ``preset``: a preset), sorted; two or more means a clash."""
+        kind = canonical_kind(kind)
         entries = self._presets.get(name.rpartition(":")[2], []) if kind == "preset" else self._components.get((kind, name.rpartition(":")[2]), [])
         return sorted(e.plugin for e in entries)
 
@@ -313,7 +312,7 @@ class Registry(PluginHost):
         Params default wrote it). Without it, or when ``prefer`` is not a provider, a clash raises
         :class:`AmbiguousComponentError` listing the valid qualified names.
         """
-        self.check_kind(kind)
+        kind = self.check_kind(kind)
         if name is None:
             name, prefer = self.default_for(kind)
         plugin, sep, bare = name.rpartition(":")
@@ -361,6 +360,15 @@ class Registry(PluginHost):
             entries = sorted(entries, key=lambda p: p.plugin)
             raise AmbiguousComponentError("preset", bare, [p.plugin for p in entries], [p.version for p in entries])
         return entries[0]
+
+
+def canonical_kind(kind: str) -> str:
+    """``kind``, or the current name of a deprecated one (with a :class:`DeprecationWarning` saying so)."""
+    new = KIND_ALIASES.get(kind)
+    if new is None:
+        return kind
+    warnings.warn(f"component kind '{kind}' is deprecated: use '{new}' (the alias goes in the next release)", DeprecationWarning, stacklevel=3)
+    return new
 
 
 def _check_registration(kind: Any, name: Any, target: Any, known: Sequence[str]) -> None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any
 
-from .errors import AudioMoEError
-from .limits import MAX_RESAMPLE_RATE_ERROR, MAX_RESAMPLE_TERM
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.limits import MAX_RESAMPLE_RATE_ERROR, MAX_RESAMPLE_TERM
 
 
 def resample_ratio(orig: int, new: int) -> tuple[int, int]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from .errors import AudioMoEError
-from .limits import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.limits import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 
 
 class YAMLSyntaxError(AudioMoEError):

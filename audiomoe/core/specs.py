@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .limits import MAX_D_MODEL, MAX_SEED
+from audiomoe.core.limits import MAX_D_MODEL, MAX_SEED
 
 
 class Params(BaseModel):
@@ -138,7 +138,7 @@ class ModelSpec(Params):
     backbone: Annotated[Optional[ComponentSpec], Slot("backbone")] = Field(
         None, description="optional sequence model between encoder and heads (e.g. an MoE transformer)"
     )
-    tasks: Annotated[dict[str, ComponentSpec], Slot("task")] = Field(
+    tasks: Annotated[dict[str, ComponentSpec], Slot("head")] = Field(
         default_factory=dict,
         validate_default=True,
         description="task heads by task name; each batch item names its task",

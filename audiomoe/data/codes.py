@@ -19,13 +19,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.errors import AudioMoEError
-from .atomic import build_once
-from .manifest import Item, read_manifest, write_manifest
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.data.atomic import build_once
+from audiomoe.data.manifest import Item, read_manifest, write_manifest
 
 
 def _waveform(item: Any, sample_rate: int) -> torch.Tensor:
-    from .loader import ItemDataset
+    from audiomoe.data.loader import ItemDataset
 
     return ItemDataset([item], sample_rate).load(0, 0)
 
@@ -49,7 +49,7 @@ def encode_manifest(
     """Write codes for the clips of ``tasks`` and return the path of ``generation.jsonl`` (in ``out_dir``, default beside ``manifest``)."""
     from safetensors.torch import save_file
 
-    from ..core.composer import component_builder
+    from audiomoe.core.composer import component_builder
 
     manifest = Path(manifest)
     items, _ = read_manifest(manifest, only_tasks=tasks)

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.atomic import check_output
-from ..core.errors import AudioMoEError, short_repr
-from .manifest import Item, audio_info, read_text_file, resolve_path, validate_line, write_manifest
+from audiomoe.core.atomic import check_output
+from audiomoe.core.errors import AudioMoEError, short_repr
+from audiomoe.data.manifest import Item, audio_info, read_text_file, resolve_path, validate_line, write_manifest
 
 #: Columns copied into the manifest line as they are; any other column goes to ``meta``.
 COPIED = ("split", "prompt", "dataset")

@@ -19,12 +19,12 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.errors import AudioMoEError
-from ..core.resample import resample_audio
-from ..model import AudioBatch
-from .augment import augment
-from .manifest import Item
-from .sampling import BucketBatchSampler
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.resample import resample_audio
+from audiomoe.core.batch import AudioBatch
+from audiomoe.data.augment import augment
+from audiomoe.data.manifest import Item
+from audiomoe.data.sampling import BucketBatchSampler
 
 
 class _Bad:
@@ -204,7 +204,7 @@ def _group_key(by: str, source: str, domain: Optional[str], it: Item) -> str:
 
 def build_loader(config: Any, *, rank: int = 0, world_size: int = 1, num_workers: Optional[int] = None, base_dir: Any = None, registry: Any = None) -> AudioLoader:
     """Validate a ``data:`` config (mapping or YAML path), read its sources, return an :class:`AudioLoader`."""
-    from .spec import load_data_spec
+    from audiomoe.data.spec import load_data_spec
 
     spec, sources = load_data_spec(config, base_dir, registry)
     items: list[Item] = []

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..core.atomic import atomic_open
-from ..core.errors import AudioMoEError, did_you_mean, short_repr
+from audiomoe.core.atomic import atomic_open
+from audiomoe.core.errors import AudioMoEError, did_you_mean, short_repr
 
 FIELDS = ("audio", "offset", "duration", "task", "target", "prompt", "dataset", "split", "meta")
 

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError
 
 
 def group_shares(sizes: Sequence[int], weights: Sequence[float], mode: str, alpha: float = 0.5) -> np.ndarray:

@@ -22,9 +22,9 @@ from typing import Any, Iterable, Optional
 
 from pydantic import Field
 
-from ..core.errors import AudioMoEError, did_you_mean
-from ..core.specs import Params
-from .manifest import Item, read_manifest
+from audiomoe.core.errors import AudioMoEError, did_you_mean
+from audiomoe.core.specs import Params
+from audiomoe.data.manifest import Item, read_manifest
 
 
 class DataSource:

@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..core.errors import ConfigError, ConfigProblem
+from audiomoe.core.errors import ConfigError, ConfigProblem
 
 COMMON = ("type", "task", "weight", "domain")
 
@@ -104,8 +104,8 @@ def load_data_spec(config: Any, base_dir: Optional[str | Path] = None, registry:
     Relative source paths are taken from ``base_dir`` (default: the YAML file's folder). Raises
     :class:`ConfigError` with every problem, each under its dotted key.
     """
-    from ..core.composer import component_builder
-    from ..core.registry import get_registry
+    from audiomoe.core.composer import component_builder
+    from audiomoe.core.registry import get_registry
 
     if isinstance(config, (str, Path)):
         import yaml

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from audiomoe.model import AudioBatch
+from audiomoe.core.batch import AudioBatch
 
 
 def tone_batch(

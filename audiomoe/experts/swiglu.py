@@ -3,7 +3,7 @@
 ``FFN(x) = W_down (silu(W_gate x) * W_up x)``, no biases. ``W_gate`` and ``W_up`` are stored as
 one fused ``w_in`` [2 * d_ff, d_model] (rows ``[0, d_ff)`` gate, ``[d_ff, 2 d_ff)`` up). Inside an
 MoE layer the experts of this kind are one grouped module with stacked weights
-(:class:`audiomoe.experts.grouped.GroupedSwiGLU`, the transformers v5 layout), see
+(:class:`audiomoe.moe.grouped.GroupedSwiGLU`, the transformers v5 layout), see
 :meth:`SwiGLUExpert.grouped`. Any width: a fine-grained expert
 (DeepSeekMoE) is the same with ``d_ff = d_ff_dense / m``. A parent may inject ``d_ff`` (the MoE layer
 does for shared experts with their own width); the injected value wins over the param.
@@ -20,7 +20,7 @@ from torch import nn
 
 from audiomoe.core.interfaces import Expert
 from audiomoe.core.specs import Params
-from audiomoe.experts.grouped import GroupedSwiGLU
+from audiomoe.moe.grouped import GroupedSwiGLU
 
 
 class SwiGLUExpert(Expert):

@@ -36,13 +36,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..core.atomic import current_umask
-from ..core.composer import compose, resolve
-from ..core.errors import AudioMoEError
-from ..core.limits import MAX_STEPS
-from ..core.safe_yaml import load_yaml_file
-from .gradcheck import first_nonfinite
-from .trainer_state import decode, encode, extra_problem, meta_problem
+from audiomoe.core.atomic import current_umask
+from audiomoe.core.composer import compose, resolve
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.limits import MAX_STEPS
+from audiomoe.core.safe_yaml import load_yaml_file
+from audiomoe.train.gradcheck import first_nonfinite
+from audiomoe.train.trainer_state import decode, encode, extra_problem, meta_problem
 
 LATEST = "latest"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -224,7 +224,7 @@ def save_checkpoint(
     with the trainer state and returned by :func:`load_trainer_state`. A failed write raises
     :class:`CheckpointError` saying which checkpoint is still intact. ``model_state`` /
     ``optimizer_state``: state dicts to write instead of ``model.state_dict()`` / ``optimizer.state_dict()``
-    (a sharded run's gathered one-process dicts, :func:`audiomoe.parallel.full_state_dict`).
+    (a sharded run's gathered one-process dicts, :func:`audiomoe.train.fsdp.full_state_dict`).
     A state with a NaN / inf tensor is refused before anything is written: ``latest`` stays on the last good one.
     """
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEPS:
@@ -346,7 +346,7 @@ def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.
     """Read a checkpoint's trainer state; load it into ``optimizer``; return ``{step, rng, extra, path, optimizer}``.
 
     ``optimizer`` in the result is the saved one-process optimizer state (None when there is none), for a
-    sharded run to load at its layout (:func:`audiomoe.parallel.load_full_optimizer_state_dict`).
+    sharded run to load at its layout (:func:`audiomoe.train.fsdp.load_full_optimizer_state_dict`).
     """
     p = resolve_checkpoint(path)
     meta_path = p / "trainer.json"

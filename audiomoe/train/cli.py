@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from ..core.argtypes import float_in, int_in, positive_int
-from ..core.errors import AudioMoEError
-from ..core.limits import MAX_BATCH_SIZE
+from audiomoe.core.argtypes import float_in, int_in, positive_int
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.limits import MAX_BATCH_SIZE
 
 TRAIN_DESCRIPTION = """Train a recipe or a preset. A recipe (built-in: `audiomoe train --list`, or a YAML with
 `stages:`) names the model, the data, the optimizer, the schedule and the stages (what trains, on
@@ -58,7 +58,7 @@ _PARSER: dict[str, argparse.ArgumentParser] = {}
 
 def _apply_flags(recipe: Any, args: argparse.Namespace) -> Any:
     """The recipe with every option given on the command line written into it."""
-    from ..train.recipe import Recipe
+    from audiomoe.train.recipe import Recipe
 
     raw = recipe.model_dump()
     for dest, _, path in _FLAGS:
@@ -86,7 +86,7 @@ def _apply_flags(recipe: Any, args: argparse.Namespace) -> Any:
 
 def _stored_recipe(out: str) -> Any:
     """The recipe a run directory recorded (every run records one, a preset's as one stage), or None."""
-    from ..train.recipe import Recipe
+    from audiomoe.train.recipe import Recipe
 
     info = Path(out) / "run.json"
     try:
@@ -98,9 +98,9 @@ def _stored_recipe(out: str) -> Any:
 
 def _resumed(stored: Any, args: argparse.Namespace) -> Any:
     """A resumed run's own recipe (its data, optimizer, schedule, ...) with only what this command line gave changed."""
-    from ..core.overrides import parse_override
-    from ..core.composer import resolve
-    from ..train.recipe import RECIPE_KEYS, load_recipe
+    from audiomoe.core.overrides import parse_override
+    from audiomoe.core.composer import resolve
+    from audiomoe.train.recipe import RECIPE_KEYS, load_recipe
 
     sets = [t for t in args.set if parse_override(t)[0].split(".")[0] in RECIPE_KEYS]
     model_sets = [t for t in args.set if t not in sets]
@@ -139,7 +139,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def _train_config(args: argparse.Namespace, out: Any, main: bool) -> Any:
     """The flat options of a preset run (:class:`audiomoe.train.TrainConfig`) from the command line."""
-    from ..train import TrainConfig
+    from audiomoe.train import TrainConfig
 
     flags = {dest: getattr(args, dest) for dest, _, _ in _FLAGS if getattr(args, dest) is not None}  # else TrainConfig's defaults
     return TrainConfig(**flags, out_dir=out, progress=not args.quiet and main, log_every=args.log_every or 0,
@@ -153,9 +153,9 @@ def _check_launch(args: argparse.Namespace, out: Any, is_recipe: bool, stored: A
     The recipe is composed as the ranks compose it and :func:`audiomoe.train.layout.check_recipe` runs their
     checks on a meta model; the run directory is left to rank 0 (opening it is its first act).
     """
-    from ..train.distributed import pick_device
-    from ..train.layout import check_recipe
-    from ..train.recipe import load_recipe, recipe_for_preset
+    from audiomoe.train.distributed import pick_device
+    from audiomoe.train.layout import check_recipe
+    from audiomoe.train.recipe import load_recipe, recipe_for_preset
 
     pick_device(args.device)
     if is_recipe:
@@ -178,8 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise
     except (Exception, KeyboardInterrupt) as exc:
-        from ..cli import DEBUG_ENV, error_report
-        from ..train.failures import write_failure
+        from audiomoe.cli import DEBUG_ENV, error_report
+        from audiomoe.train.failures import write_failure
 
         code, line = error_report(getattr(args, "command", None) or "train", exc)
         if (code == 1 and os.environ.get(DEBUG_ENV)) or not write_failure(code, line):
@@ -194,7 +194,7 @@ def check_command(argv: Sequence[str]) -> None:
     ``train --nproc`` checks them before it starts its ranks (what ``audiomoe ablate`` does for each config
     before its first run). Raises :class:`AudioMoEError`; writes nothing.
     """
-    from ..cli import build_parser
+    from audiomoe.cli import build_parser
 
     build_parser()  # a parser of our own: its error() is changed below
     parser = _PARSER["train"]
@@ -211,20 +211,20 @@ def check_command(argv: Sequence[str]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
-    from ..train import train
-    from ..train.distributed import launch
-    from ..train.recipe import find_recipe, list_recipes, load_recipe
-    from ..train.trainer import RunOptions, run_recipe
+    from audiomoe.train import train
+    from audiomoe.train.distributed import launch
+    from audiomoe.train.recipe import find_recipe, list_recipes, load_recipe
+    from audiomoe.train.trainer import RunOptions, run_recipe
 
     if args.list:
-        from ..train.recipe import RECIPE_DIR
+        from audiomoe.train.recipe import RECIPE_DIR
 
         for name in list_recipes():
             rec = load_recipe(str(RECIPE_DIR / f"{name}.yaml"))
             print(f"{name:28s} {rec.summary}")
         return 0
     out = args.out
-    from ..train.rundir import resume_target  # --resume RUN/step-N: that checkpoint of RUN
+    from audiomoe.train.rundir import resume_target  # --resume RUN/step-N: that checkpoint of RUN
 
     if isinstance(args.resume, str):  # --resume DIR
         same = (os.path.abspath(args.resume), os.path.abspath(resume_target(args.resume)[0]))
@@ -251,7 +251,7 @@ def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
     else:
         result = train(args.target, args.set, _train_config(args, out, main))
     if not args.quiet and main:
-        from ..train.heldout import run_summary_text
+        from audiomoe.train.heldout import run_summary_text
 
         print(json.dumps(result, indent=2, default=str) if args.json else run_summary_text(result, out))
     return 0
@@ -259,9 +259,9 @@ def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint per task and per dataset; print tables and write JSON."""
-    from ..train.checkpoint import resolve_checkpoint
-    from ..core.atomic import check_output, write_text
-    from ..train.evaluate import evaluate_checkpoint, format_report
+    from audiomoe.train.checkpoint import resolve_checkpoint
+    from audiomoe.core.atomic import check_output, write_text
+    from audiomoe.train.evaluate import evaluate_checkpoint, format_report
 
     ckpt = resolve_checkpoint(args.checkpoint)
     path = args.json or str(ckpt.parent / f"eval-{args.split}.json")
@@ -277,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run a checkpoint on audio files: one line per file and head (codec heads also write .npy / .wav)."""
-    from ..train.predict import predict_files
+    from audiomoe.train.predict import predict_files
 
     rows = predict_files(args.checkpoint, args.audio, tasks=args.task or None, prompt=args.prompt, codec=args.codec,
                          out_dir=args.out, device=args.device, max_seconds=args.max_seconds)  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 from pydantic import ValidationError
 
-from ..core.errors import ConfigProblem, did_you_mean
+from audiomoe.core.errors import ConfigProblem, did_you_mean
 
 
 def _fields_at(schema: Any, loc: tuple) -> list[str]:

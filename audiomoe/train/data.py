@@ -21,10 +21,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..core.errors import AudioMoEError
-from ..data.synthetic import classification_tasks, tone_batch, tone_stream
-from ..model import AudioBatch
-from .recipe import StageData
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.data.synthetic import classification_tasks, tone_batch, tone_stream
+from audiomoe.core.batch import AudioBatch
+from audiomoe.train.recipe import StageData
 
 log = logging.getLogger("audiomoe.train")
 
@@ -37,7 +37,7 @@ def _head_kind(model: Any, name: str) -> str:
 
 def resolve_choice(model: Any, data: Any) -> Any:
     """``auto`` -> ``builtin`` (every head is a corpus task) or ``tones``; a mapping / other string is checked and returned."""
-    from ..data.corpus.make import CORPUS_TASKS
+    from audiomoe.data.corpus.make import CORPUS_TASKS
 
     if isinstance(data, dict):
         return data
@@ -46,7 +46,7 @@ def resolve_choice(model: Any, data: Any) -> Any:
     if data not in ("builtin", "tones") and not os.path.isfile(data):
         raise AudioMoEError(f"--data {data!r} is not 'auto', 'builtin', 'tones', an existing manifest (.jsonl) or a data YAML")
     if str(data).endswith((".yaml", ".yml")):  # a data spec: its relative source paths are the YAML's folder's
-        from ..core.safe_yaml import load_yaml_file
+        from audiomoe.core.safe_yaml import load_yaml_file
 
         raw = load_yaml_file(data, "data config")
         raw = raw["data"] if isinstance(raw, dict) and set(raw) == {"data"} else raw
@@ -135,8 +135,8 @@ def _tones(model: Any, tasks: Sequence[str], batch_size: int, seed: int, rank: i
 
 def corpus_paths(model: Any, manifest: str, tasks: Sequence[str]) -> dict[str, str]:
     """The manifest each task reads in the built-in corpus: the corpus itself, or (codec-code tasks) its codes for the head's layout."""
-    from ..data.codes import corpus_codes
-    from ..data.corpus.make import CODE_TASKS
+    from audiomoe.data.codes import corpus_codes
+    from audiomoe.data.corpus.make import CODE_TASKS
 
     out = {}
     for t in tasks:
@@ -201,9 +201,9 @@ def build_data(
     rank: int = 0, world: int = 1, progress: bool = False, workers: int = 1, eval_tasks: Optional[Sequence[str]] = None,
 ) -> tuple[Any, list[AudioBatch]]:
     """``(endless train stream for this rank, eval batches)`` for ``model`` from the recipe's ``data`` and a stage's."""
-    from ..data import build_loader, builtin_corpus
+    from audiomoe.data import build_loader, builtin_corpus
 
-    from .layout import check_batch
+    from audiomoe.train.layout import check_batch
 
     check_batch(batch_size, world)  # also what `train --nproc` checks before it starts the ranks
     local = batch_size // world
@@ -292,7 +292,7 @@ def rank_zero_first(rank: int, world: int, fn: Callable[[], Any]) -> Any:
 
 def _held_out(paths: dict[str, str], tasks: Sequence[str]) -> list[str]:
     """The tasks with test-split items in their manifest; the others are named once on the log (not evaluated)."""
-    from ..data.manifest import read_manifest
+    from audiomoe.data.manifest import read_manifest
 
     found: dict[str, set[str]] = {}
     for p in set(paths[t] for t in tasks):

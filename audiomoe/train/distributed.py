@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..core.errors import AudioMoEError
-from .failures import FAILURE_DIR_ENV, failure_report, write_agent_report
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.train.failures import FAILURE_DIR_ENV, failure_report, write_agent_report
 
 
 @dataclass

@@ -42,7 +42,7 @@ def apply_domains(recipe: Any) -> None:
     Written into the stages, so ``run.json`` shows the weights each stage trained with; a stage that
     already has weights, a balanced subset, temperature sampling or a data spec keeps them.
     """
-    from .recipe import SpecialistMember, StageData
+    from audiomoe.train.recipe import SpecialistMember, StageData
 
     doms = recipe.domains
     seen = [t for d in (doms or {}).values() for t in d.tasks]

@@ -17,9 +17,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ..core.errors import AudioMoEError
-from ..model import AudioBatch
-from .longaudio import DEFAULT_MAX_SECONDS, check_max_seconds
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.batch import AudioBatch
+from audiomoe.train.longaudio import DEFAULT_MAX_SECONDS, check_max_seconds
 
 
 @torch.no_grad()
@@ -43,9 +43,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[AudioBatch]) -> dict[str,
 
 def _items(model: Any, data: Any, split: str) -> list[Any]:
     """The items of ``data`` (builtin, a manifest path, a data YAML or mapping) for the model's tasks."""
-    from ..data import builtin_corpus
-    from ..data.spec import load_data_spec
-    from .data import corpus_paths, manifest_sources
+    from audiomoe.data import builtin_corpus
+    from audiomoe.data.spec import load_data_spec
+    from audiomoe.train.data import corpus_paths, manifest_sources
 
     tasks = list(model.task_names)
     base_dir = None
@@ -58,7 +58,7 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
         config = {"sources": manifest_sources(corpus_paths(model, path, tasks), split)}
     else:  # a data spec: its sources are read at this split (eval's --split), whatever split they name
         if isinstance(data, (str, os.PathLike)):
-            from ..core.safe_yaml import load_yaml_file
+            from audiomoe.core.safe_yaml import load_yaml_file
 
             base_dir, data = os.path.dirname(os.path.abspath(data)), load_yaml_file(str(data), "data")
         config = copy.deepcopy(dict(data))
@@ -87,10 +87,10 @@ def evaluate_checkpoint(
     Clips longer than ``max_seconds`` are cropped (a window, seed 0) for clip-level heads only; a longer
     clip of any other head (a transcript, an answer, codes) is refused before the model runs, naming it.
     """
-    from .checkpoint import load_checkpoint
-    from .heldout import pick_items, predict_items, score_task, task_metrics
-    from .distributed import pick_device
-    from .rundir import recorded_data
+    from audiomoe.train.checkpoint import load_checkpoint
+    from audiomoe.train.heldout import pick_items, predict_items, score_task, task_metrics
+    from audiomoe.train.distributed import pick_device
+    from audiomoe.train.rundir import recorded_data
 
     max_seconds = check_max_seconds(max_seconds)
     if data == "auto":  # the run's own data when it recorded one (a manifest of the user's), else the corpus / tones
@@ -98,7 +98,7 @@ def evaluate_checkpoint(
     model = load_checkpoint(checkpoint).to(pick_device(device)).eval()
     groups: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
     if data == "tones" or (data == "auto" and not _corpus_model(model)):
-        from .data import build_data
+        from audiomoe.train.data import build_data
 
         _, batches = build_data(model, "tones", None, batch_size=batch_size, seed=seed, eval_batches=tone_batches)
         for batch in batches:
@@ -129,7 +129,7 @@ def evaluate_checkpoint(
 
 
 def _corpus_model(model: Any) -> bool:
-    from ..data.corpus.make import CORPUS_TASKS
+    from audiomoe.data.corpus.make import CORPUS_TASKS
 
     return set(model.task_names) <= set(CORPUS_TASKS)
 

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from .groups import named_groups
+from audiomoe.train.groups import named_groups
 
 #: optimizer steps at a stage's start in which a trainable tensor's gradient must be non-zero at least once
 ZERO_GRAD_STEPS = 3

@@ -23,8 +23,8 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from ..core.errors import AudioMoEError, did_you_mean
-from ..core.interfaces import MoE, Fusion, Router
+from audiomoe.core.errors import AudioMoEError, did_you_mean
+from audiomoe.core.interfaces import MoE, Fusion, Router
 
 
 def _under(model: nn.Module, prefixes: Iterable[str]) -> set[str]:

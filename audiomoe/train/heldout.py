@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from ..core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError
 
 if TYPE_CHECKING:
     import torch
@@ -71,9 +71,9 @@ def predict_items(model: Any, items: Sequence[Any], batch_size: int = 16, max_se
     a longer clip of any other head is refused by name, see :func:`audiomoe.train.longaudio.refuse_long_clips`)."""
     import torch
 
-    from ..model import AudioBatch
-    from ..data.loader import ItemDataset, collate
-    from .longaudio import clip_level_tasks, item_clips, refuse_long_clips
+    from audiomoe.core.batch import AudioBatch
+    from audiomoe.data.loader import ItemDataset, collate
+    from audiomoe.train.longaudio import clip_level_tasks, item_clips, refuse_long_clips
 
     sr = int(model.encoder.sample_rate)
     refuse_long_clips(model, item_clips(items), max_seconds, command)
@@ -180,15 +180,15 @@ def summary_table(scores: dict[str, Any]) -> str:
         else:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.items()))
             rows.append([t, str(res["items"]), shown or "–", "", "", ""])
-    from .evaluate import _table  # the one text-table layout of eval and train output
+    from audiomoe.train.evaluate import _table  # the one text-table layout of eval and train output
 
     return _table(rows[1:], rows[0])
 
 
 def heldout_items(model: Any, data: Any, split: str = "test") -> Optional[list[Any]]:
     """The held-out items of a run's data choice for the model's tasks (None for generated tones: no fixed split)."""
-    from .data import resolve_choice
-    from .evaluate import _items
+    from audiomoe.train.data import resolve_choice
+    from audiomoe.train.evaluate import _items
 
     choice = resolve_choice(model, data)
     if isinstance(choice, str) and choice == "tones":
@@ -214,7 +214,7 @@ def final_score(model: Any, recipe: Any, root: Optional[Any], bar: Any = None) -
     scores = score_model(model, items, max_per_task=recipe.eval.max_per_task, batch_size=recipe.batch_size,
                          max_generated=recipe.eval.max_generated_per_task)
     if root is not None:
-        from ..core.atomic import write_text
+        from audiomoe.core.atomic import write_text
 
         write_text(Path(root) / HELDOUT_FILE, json.dumps(scores, indent=1), what="held-out scores")
     return {"split": scores["split"], "metrics": flat_metrics(scores),

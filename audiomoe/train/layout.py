@@ -28,8 +28,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core.errors import AudioMoEError
-from .optim import clip_and_norm
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.train.optim import clip_and_norm
 
 _CMD = "audiomoe train RECIPE --nproc {n} (or torchrun --nproc-per-node {n} -m audiomoe train RECIPE)"
 
@@ -81,7 +81,7 @@ class Layout:
         """Shard the experts over their EP groups, then FSDP2 (once; before any optimizer is built)."""
         if self.prepared or not self.sharded:
             return
-        from .. import parallel
+        from audiomoe.train import fsdp as parallel
 
         if self.expert_parallel > 1:
             parallel.shard_experts(model)
@@ -95,11 +95,11 @@ class Layout:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from ..core.interfaces import Router
+        from audiomoe.core.interfaces import Router
 
         ids = [device] if device.type == "cuda" else None
         if self.expert_parallel > 1:
-            from ..parallel import ignore_experts_in_ddp
+            from audiomoe.train.fsdp import ignore_experts_in_ddp
 
             ignore_experts_in_ddp(model)  # each rank holds other experts: DDP must neither broadcast nor average them
             return DDP(model, device_ids=ids, find_unused_parameters=True)
@@ -112,7 +112,7 @@ class Layout:
         """After the last micro-batch's backward: expert gradients reduced, global norm (clipped when ``max_norm``)."""
         if not self.sharded:
             return clip_and_norm(params, max_norm)
-        from .. import parallel
+        from audiomoe.train import fsdp as parallel
 
         for _, p, _ in parallel.expert_parameters(model):
             if p.requires_grad and p.grad is None:
@@ -126,14 +126,14 @@ class Layout:
         """``(model, optimizer)`` one-process state dicts for a checkpoint (collective; rank 0 gets them, None unsharded)."""
         if not self.sharded:
             return None, None
-        from .. import parallel
+        from audiomoe.train import fsdp as parallel
 
         return parallel.full_state_dict(model, rank0_only=True), parallel.full_optimizer_state_dict(model, optimizer, rank0_only=True)
 
     def load_optimizer(self, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
         """A checkpoint's one-process optimizer state, sliced for this rank's experts / FSDP shards."""
-        from .. import parallel
-        from .checkpoint import CheckpointError
+        from audiomoe.train import fsdp as parallel
+        from audiomoe.train.checkpoint import CheckpointError
 
         if state is None:
             raise CheckpointError("the checkpoint holds no optimizer state; it cannot continue a stage")
@@ -151,8 +151,8 @@ class Layout:
         """
         if not self.prepared:
             return fn(model)
-        from .. import parallel
-        from ..core.composer import build_model, resolve
+        from audiomoe.train import fsdp as parallel
+        from audiomoe.core.composer import build_model, resolve
 
         device = next(model.parameters()).device
         plain = build_model(resolve(model.spec))  # model.spec is layout-free: the one-process model
@@ -215,9 +215,9 @@ def check_recipe(recipe: Any, world: int) -> Layout:
     memory limits, no weights), and at that layout its experts can be cut into blocks; the data choice exists.
     Raises the :class:`AudioMoEError` the ranks would raise.
     """
-    from ..core.composer import build_meta, check_size, resolve
-    from .data import resolve_choice
-    from .trainer import memory_check
+    from audiomoe.core.composer import build_meta, check_size, resolve
+    from audiomoe.train.data import resolve_choice
+    from audiomoe.train.trainer import memory_check
 
     resolved = recipe.model.resolve()
     layout = plan_layout(recipe.distributed, resolved.to_dict(), world)
@@ -225,7 +225,7 @@ def check_recipe(recipe: Any, world: int) -> Layout:
     meta = build_meta(resolved)
     memory_check(check_size(meta))
     if layout.expert_parallel > 1:  # each rank cuts its experts with this code: a kind it cannot cut fails here
-        from ..experts.expert_parallel import _slice, ep_layers
+        from audiomoe.moe.expert_parallel import _slice, ep_layers
 
         for _, layer in ep_layers(build_meta(resolve(layout.build_spec(resolved.to_dict())))):
             _slice(layer.experts, 0, layer.num_experts // layer.params.expert_parallel)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
-from ..core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError
 
 DEFAULT_MAX_SECONDS = 30.0
 """The longest audio one item feeds the model in ``predict`` / ``eval`` by default (Whisper's window)."""
@@ -36,7 +36,7 @@ def clip_level_tasks(model: Any) -> list[str]:
 
 def refuse_long_clips(model: Any, clips: Iterable[tuple[str, str, float]], max_seconds: float, command: str) -> None:
     """Raise for the first ``(where, task, seconds)`` over ``max_seconds`` whose head is not clip-level."""
-    from .data import _head_kind
+    from audiomoe.train.data import _head_kind
 
     cropped = set(clip_level_tasks(model))
     long: list[tuple[str, str, float]] = [c for c in clips if c[1] not in cropped and c[2] > max_seconds]

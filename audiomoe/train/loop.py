@@ -18,14 +18,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator, Optional, Sequence, get_args
 
-from ..core.errors import AudioMoEError
-from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
-from ..model import AudioBatch
-from .data import build_data
-from .evaluate import evaluate
-from .recipe import OptimSpec, Recipe, recipe_for_preset
-from .steploop import TrainingInterrupted
-from .trainer import RunOptions, run_recipe
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
+from audiomoe.core.batch import AudioBatch
+from audiomoe.train.data import build_data
+from audiomoe.train.evaluate import evaluate
+from audiomoe.train.recipe import OptimSpec, Recipe, recipe_for_preset
+from audiomoe.train.steploop import TrainingInterrupted
+from audiomoe.train.trainer import RunOptions, run_recipe
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "evaluate", "train"]
 

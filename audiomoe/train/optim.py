@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .recipe import OptimSpec, ScheduleSpec
+from audiomoe.train.recipe import OptimSpec, ScheduleSpec
 
 
 def lr_factor(step: int, total: int, schedule: ScheduleSpec) -> float:

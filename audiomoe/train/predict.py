@@ -19,15 +19,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.errors import AudioMoEError
-from .longaudio import DEFAULT_MAX_SECONDS, check_max_seconds, refuse_long_clips
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.train.longaudio import DEFAULT_MAX_SECONDS, check_max_seconds, refuse_long_clips
 
 
 def load_codec(path: str | Path) -> Any:
     """A fitted codec from a ``codec/`` folder (``<name>.json`` params + ``<name>.safetensors`` state) or its parent."""
     from safetensors.torch import load_file
 
-    from ..core.composer import component_builder
+    from audiomoe.core.composer import component_builder
 
     root = Path(path)
     root = root / "codec" if (root / "codec").is_dir() else root
@@ -41,7 +41,7 @@ def load_codec(path: str | Path) -> Any:
 
 def corpus_codec(head: Any) -> Optional[Path]:
     """The codec folder of the built-in corpus's codes for ``head``'s codebook layout, if they were made."""
-    from ..data.corpus.make import VERSION, default_cache_dir
+    from audiomoe.data.corpus.make import VERSION, default_cache_dir
 
     p = getattr(head, "params", None)
     k, size = getattr(p, "num_codebooks", None), getattr(p, "codebook_size", None)
@@ -53,8 +53,8 @@ def corpus_codec(head: Any) -> Optional[Path]:
 
 def _waveform(path: str, sample_rate: int, max_seconds: Optional[float] = None) -> torch.Tensor:
     """The file at ``sample_rate``; with ``max_seconds``, a window of that length (seed 0), only it read from disk."""
-    from ..data.loader import ItemDataset
-    from ..data.manifest import Item
+    from audiomoe.data.loader import ItemDataset
+    from audiomoe.data.manifest import Item
 
     return ItemDataset([Item(audio=str(Path(path).resolve()), task="predict", origin=path)], sample_rate,
                        max_clip_seconds=max_seconds).load(0, 0)
@@ -97,10 +97,10 @@ def predict_files(
     A file longer than ``max_seconds`` is cropped to a window of that length for clip-level heads and
     refused, before any work, for the others (:mod:`audiomoe.train.longaudio`).
     """
-    from ..data.manifest import audio_info
-    from ..model import AudioBatch
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .distributed import pick_device
+    from audiomoe.data.manifest import audio_info
+    from audiomoe.core.batch import AudioBatch
+    from audiomoe.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from audiomoe.train.distributed import pick_device
 
     max_seconds = check_max_seconds(max_seconds)
     ckpt = resolve_checkpoint(checkpoint)

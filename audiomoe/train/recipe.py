@@ -40,14 +40,14 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
-from ..core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
-from .config_keys import problems_of, set_key
-from .domains import DomainSpec, apply_domains
-from .weak_pretrain import WeakSpecialistsSpec
+from audiomoe.core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
+from audiomoe.core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
+from audiomoe.train.config_keys import problems_of, set_key
+from audiomoe.train.domains import DomainSpec, apply_domains
+from audiomoe.train.weak_pretrain import WeakSpecialistsSpec
 # re-exported: the stage specs were first defined here
-from .stage_specs import FoundationSpec, InitSpec, SpecialistMember, SpecialistsSpec, StageData  # noqa: F401
-from .stage_specs import Strict as _Strict
+from audiomoe.train.stage_specs import FoundationSpec, InitSpec, SpecialistMember, SpecialistsSpec, StageData  # noqa: F401
+from audiomoe.train.stage_specs import Strict as _Strict
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level recipe keys that ``--set`` addresses; any other ``--set`` key is a model override.
@@ -77,7 +77,7 @@ class ModelSection(_Strict):
 
     def resolve(self) -> Any:
         """The resolved model spec (:func:`audiomoe.core.composer.resolve`)."""
-        from ..core.composer import resolve
+        from audiomoe.core.composer import resolve
 
         return resolve(self.source(), self.overrides, authored=self.preset_overrides)
 
@@ -303,7 +303,7 @@ def find_recipe(name: str) -> Optional[Path]:
     if (RECIPE_DIR / f"{name}.yaml").is_file() and "/" not in name:
         return RECIPE_DIR / f"{name}.yaml"
     if name.endswith((".yaml", ".yml")) and os.path.isfile(name):
-        from ..core.safe_yaml import load_yaml_file
+        from audiomoe.core.safe_yaml import load_yaml_file
 
         data = load_yaml_file(name, "recipe")
         return Path(name) if isinstance(data, Mapping) and "stages" in data else None
@@ -316,7 +316,7 @@ def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequen
     ``sets`` whose first key is a recipe section (:data:`RECIPE_KEYS`) change the recipe; the
     others are appended to ``model.overrides``. Raises :class:`ConfigError` listing every problem.
     """
-    from ..core.safe_yaml import load_yaml_file
+    from audiomoe.core.safe_yaml import load_yaml_file
 
     if isinstance(source, Mapping):
         raw, label = copy.deepcopy(dict(source)), "recipe"
@@ -337,7 +337,7 @@ def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequen
 
 def _own_preset(raw: dict[str, Any]) -> None:
     """A built-in recipe's preset is the built-in one, even when a plugin registers another of that name."""
-    from ..core.registry import get_registry
+    from audiomoe.core.registry import get_registry
 
     model = raw.get("model")
     name = model.get("preset") if isinstance(model, dict) else None
@@ -361,7 +361,7 @@ def recipe_for_preset(preset: Any, overrides: Sequence[str] = (), *, steps: int,
 
 def _validated(raw: dict[str, Any], sets: Sequence[str], label: str) -> Recipe:
     """``raw`` with ``sets`` applied (recipe sections set, the rest appended to ``model.overrides``), validated."""
-    from ..core.overrides import parse_override
+    from audiomoe.core.overrides import parse_override
 
     problems: list[ConfigProblem] = []
     for text in sets:

@@ -28,11 +28,11 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
-from ..core.errors import AudioMoEError
-from ..core.safe_yaml import load_yaml_file
-from .checkpoint import LATEST, REQUIRED, STEP_RE, CheckpointError, clean_run_dir, list_checkpoints, read_latest
-from .checkpoint import load_trainer_state
-from .gradcheck import first_nonfinite
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.safe_yaml import load_yaml_file
+from audiomoe.train.checkpoint import LATEST, REQUIRED, STEP_RE, CheckpointError, clean_run_dir, list_checkpoints, read_latest
+from audiomoe.train.checkpoint import load_trainer_state
+from audiomoe.train.gradcheck import first_nonfinite
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl
@@ -82,7 +82,7 @@ class RunDir:
 
     def write_info(self) -> None:
         """Write ``run.json`` atomically."""
-        from ..core.atomic import write_text
+        from audiomoe.core.atomic import write_text
 
         write_text(self.path / RUN_FILE, json.dumps(self.info, indent=2, default=str), what="run record")
 

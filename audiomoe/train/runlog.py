@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .recipe import HealthSpec, LogSpec
+from audiomoe.train.recipe import HealthSpec, LogSpec
 
 LOG_FILE = "log.jsonl"
 TB_DIR = "tb"

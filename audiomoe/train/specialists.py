@@ -26,7 +26,7 @@ A ``causal_lm`` backbone with a ``moe`` block (UniMoE-Audio's own case: a Qwen2-
 works the same way: its dense specialist is the LM upcycled into one expert as wide as the slices
 (the LM's MLPs sliced to that width), so the specialists' FFNs are sliced into the routed experts
 and the LM's attention, norms (and frozen embeddings) are averaged. For dense checkpoints trained
-elsewhere, :func:`audiomoe.experts.upcycle.upcycle_causal_lm` takes them directly (``sources=``,
+elsewhere, :func:`audiomoe.backbones.upcycle.upcycle_causal_lm` takes them directly (``sources=``,
 ``average_non_mlp=True``).
 """
 
@@ -37,8 +37,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import AudioMoEError
-from ..core.interfaces import MoE
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.interfaces import MoE
 
 
 def moe_layers(model: nn.Module) -> dict[str, nn.Module]:

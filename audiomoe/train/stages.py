@@ -26,11 +26,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..core.errors import AudioMoEError
-from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
-from .rundir import holds_run
-from .recipe import AuxWeightSpec, InitSpec, Recipe, StageSpec
-from .specialists import build_from_specialists, dense_overrides, moe_layers
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.train.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
+from audiomoe.train.rundir import holds_run
+from audiomoe.train.recipe import AuxWeightSpec, InitSpec, Recipe, StageSpec
+from audiomoe.train.specialists import build_from_specialists, dense_overrides, moe_layers
 
 SPECIALISTS_DIR = "specialists"
 FOUNDATION_DIR = "foundation"

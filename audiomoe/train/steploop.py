@@ -24,16 +24,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core.errors import AudioMoEError
-from .checkpoint import load_trainer_state, save_checkpoint
-from .data import build_data
-from .evaluate import evaluate
-from .gradcheck import ZeroGradWatch, first_nonfinite_grad
-from .groups import apply_trainable, lr_multipliers, trainable_names
-from .optim import autocast, build_optimizer, lr_factor, set_lr
-from .runlog import RoutingMonitor, RunLog
-from .stages import apply_aux_weight, apply_init
-from .weak_pretrain import weak_stage
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.train.checkpoint import load_trainer_state, save_checkpoint
+from audiomoe.train.data import build_data
+from audiomoe.train.evaluate import evaluate
+from audiomoe.train.gradcheck import ZeroGradWatch, first_nonfinite_grad
+from audiomoe.train.groups import apply_trainable, lr_multipliers, trainable_names
+from audiomoe.train.optim import autocast, build_optimizer, lr_factor, set_lr
+from audiomoe.train.runlog import RoutingMonitor, RunLog
+from audiomoe.train.stages import apply_aux_weight, apply_init
+from audiomoe.train.weak_pretrain import weak_stage
 
 
 class TrainingInterrupted(KeyboardInterrupt):

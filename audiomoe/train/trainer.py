@@ -21,19 +21,19 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ..core.composer import build_meta, build_model, check_size, resolve
-from ..core.errors import AudioMoEError
-from ..model import AudioBatch
-from .checkpoint import load_checkpoint, load_trainer_state, read_latest
-from .distributed import Dist, setup
-from .evaluate import evaluate
-from .heldout import final_score
-from .layout import Layout, plan_layout
-from .progress import Progress
-from .recipe import ModelSection, Recipe
-from .rundir import RUN_FILE, RunDir, open_run_dir, resume_point, resume_target
-from .stages import check_domains, run_foundation, run_specialists
-from .steploop import StageRun, TrainingInterrupted, restore_rng
+from audiomoe.core.composer import build_meta, build_model, check_size, resolve
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.batch import AudioBatch
+from audiomoe.train.checkpoint import load_checkpoint, load_trainer_state, read_latest
+from audiomoe.train.distributed import Dist, setup
+from audiomoe.train.evaluate import evaluate
+from audiomoe.train.heldout import final_score
+from audiomoe.train.layout import Layout, plan_layout
+from audiomoe.train.progress import Progress
+from audiomoe.train.recipe import ModelSection, Recipe
+from audiomoe.train.rundir import RUN_FILE, RunDir, open_run_dir, resume_point, resume_target
+from audiomoe.train.stages import check_domains, run_foundation, run_specialists
+from audiomoe.train.steploop import StageRun, TrainingInterrupted, restore_rng
 
 
 @dataclass
@@ -88,7 +88,7 @@ def _recipe_from_run(path: Path, opts: RunOptions) -> Recipe:
     if "recipe" in info:
         recipe = Recipe.model_validate(info["recipe"])
     elif "spec" in info:  # a run of an older version: a one-stage recipe over its spec
-        from .recipe import recipe_for_preset
+        from audiomoe.train.recipe import recipe_for_preset
 
         recipe = recipe_for_preset(info["spec"], (), steps=int((info.get("config") or {}).get("steps", 1)))
     else:
@@ -245,7 +245,7 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
     if recipe.eval.final and opts.data is None and dist.main and not layout.sharded:
         summary["heldout"] = final_score(model, recipe, root, bar)
     if run is not None and dist.main:
-        from ..core.atomic import write_text
+        from audiomoe.core.atomic import write_text
 
         write_text(run.path / "summary.json", json.dumps(summary, indent=2, default=str), what="run summary")
     return summary

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from ..core.limits import MAX_STEPS
+from audiomoe.core.limits import MAX_STEPS
 
 
 class TrainerMeta(BaseModel):

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError
 
 if TYPE_CHECKING:  # torch is imported by the functions: the recipe module (and `audiomoe list`) stays torch-free
     import torch
@@ -101,7 +101,7 @@ def _mixture(model: Any, spec: WeakSpecialistsSpec, where: str) -> Any:
 
 def _pooled(enc: Any, wav: "torch.Tensor", lengths: "torch.Tensor", sr: int) -> "torch.Tensor":
     """Mean of the weak encoder's valid frames [B, D] (audio resampled to its rate, as the mixture does)."""
-    from ..encoders.features import resample
+    from audiomoe.encoders.features import resample
 
     if int(enc.sample_rate) != sr:
         wav, lengths = resample(wav, lengths, sr, int(enc.sample_rate))
@@ -146,9 +146,9 @@ def pretrain_one(
     import torch
     from torch import nn
 
-    from .data import build_data, resolve_choice
-    from .heldout import wilson_interval
-    from .recipe import StageData
+    from audiomoe.train.data import build_data, resolve_choice
+    from audiomoe.train.heldout import wilson_interval
+    from audiomoe.train.recipe import StageData
 
     enc = model.encoder.weak[k]
     device = next(model.parameters()).device
@@ -224,7 +224,7 @@ def _reuse_key(enc: Any, tasks: list[str], spec: WeakSpecialistsSpec, recipe: An
 
     import torch
 
-    from ..data.corpus.make import VERSION
+    from audiomoe.data.corpus.make import VERSION
 
     h = hashlib.blake2b(digest_size=20)
     for name, t in sorted(enc.state_dict().items()):
@@ -237,7 +237,7 @@ def _reuse_key(enc: Any, tasks: list[str], spec: WeakSpecialistsSpec, recipe: An
 
 
 def _reuse_dir() -> Any:
-    from ..data.corpus.make import default_cache_dir
+    from audiomoe.data.corpus.make import default_cache_dir
 
     return default_cache_dir() / "weak-specialists"
 

@@ -27,11 +27,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ...core.errors import AudioMoEError
-from ...core.resample import resample_audio
-from ..atomic import build_once
-from . import sounds
-from .speech import LANG_NAMES, VARIANTS, Espeak, english_sentence, language_sentence
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.core.resample import resample_audio
+from audiomoe.data.atomic import build_once
+from audiomoe.data.corpus import sounds
+from audiomoe.data.corpus.speech import LANG_NAMES, VARIANTS, Espeak, english_sentence, language_sentence
 
 VERSION = 8  # bump when the generator's output changes: cached corpora are keyed by it
 STYLES = ["neutral", "question", "excited", "calm", "monotone"]

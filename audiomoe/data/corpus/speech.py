@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from ...core.errors import AudioMoEError
+from audiomoe.core.errors import AudioMoEError
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _CHARS_UTF8, _SSML = 1, 0x10

@@ -8,10 +8,10 @@ its *real* picks; a token with only null picks, or none at all (expert-choice ro
 shared-only (or zero) output. Padded tokens are neither routed, computed nor counted.
 
 Parts, as torchtune's ``MoE(experts, router, shared_expert)`` and torchtitan's ``moe.py``: the
-router (a slot), the routed experts as one grouped module (:mod:`audiomoe.experts.grouped`), the
-shared experts as a small group of their own, and the dispatcher (:mod:`audiomoe.experts.dispatcher`),
+router (a slot), the routed experts as one grouped module (:mod:`audiomoe.moe.grouped`), the
+shared experts as a small group of their own, and the dispatcher (:mod:`audiomoe.moe.dispatcher`),
 siblings each replaceable. Capacity, drops, renormalisation and shared gating are the functions of
-:mod:`audiomoe.experts.moe_functional`. One ``Params`` model holds every MoE option, used unchanged
+:mod:`audiomoe.moe.functional`. One ``Params`` model holds every MoE option, used unchanged
 by every backbone and by upcycling (``--set backbone.moe.router=top_p --set backbone.moe.num_null=1``).
 
 Shared weights ``v``: ``unit`` adds each shared expert with weight 1 (DeepSeekMoE); ``gated`` as
@@ -22,8 +22,8 @@ drops, renormalisation and the shared share) are ``routing.applied``, the shared
 ``routing.shared_weights``; the routing trace reports those.
 
 Expert parallelism (``expert_parallel: N``, UniMoE-Audio's EP 4): after
-:func:`audiomoe.experts.expert_parallel.shard_experts` each rank holds ``num_experts / N`` routed
-experts and :func:`~audiomoe.experts.expert_parallel.ep_combine` replaces the local dispatch (routing,
+:func:`audiomoe.moe.expert_parallel.shard_experts` each rank holds ``num_experts / N`` routed
+experts and :func:`~audiomoe.moe.expert_parallel.ep_combine` replaces the local dispatch (routing,
 drops and shared experts stay local); unsharded, the layer is the full one-process layer.
 """
 
@@ -40,10 +40,10 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import MoE, Routing
 from audiomoe.core.routing import routing_problems
 from audiomoe.core.specs import ComponentSpec, Params, Slot
-from audiomoe.experts.dispatcher import PLANS, Dispatcher, check_plan, load_plan_table, sorted_pairs
-from audiomoe.experts.expert_parallel import check_divisible, ep_combine, warn_unsharded
-from audiomoe.experts.grouped import LoopExperts, build_experts
-from audiomoe.experts.moe_functional import capacity_of, drop_over_capacity, gate_shared, null_drops, renormalize_after_drops
+from audiomoe.moe.dispatcher import PLANS, Dispatcher, check_plan, load_plan_table, sorted_pairs
+from audiomoe.moe.expert_parallel import check_divisible, ep_combine, warn_unsharded
+from audiomoe.moe.grouped import LoopExperts, build_experts
+from audiomoe.moe.functional import capacity_of, drop_over_capacity, gate_shared, null_drops, renormalize_after_drops
 
 
 class DenseStepStats(Mapping):

@@ -4,7 +4,7 @@ full-tensor safetensors checkpoints that load at any layout (one process, anothe
 References: torchtitan trains MoE models with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
 Transformer block, then the root; ``MixedPrecisionPolicy`` for bf16 params / fp32 reduce) plus expert
 parallelism on the same ranks; UniMoE-Audio trained with EP 4 on DeepSpeed-MoE. The EP layer itself is
-:mod:`audiomoe.experts.expert_parallel` (re-exported here so a trainer imports one module).
+:mod:`audiomoe.moe.expert_parallel` (re-exported here so a trainer imports one module).
 
 Layouts:
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.experts.expert_parallel import (  # re-exported (__all__): the trainer imports one module
+from audiomoe.moe.expert_parallel import (  # re-exported (__all__): the trainer imports one module
     clip_grad_norm_,
     ep_layers,
     expert_groups,
@@ -37,7 +37,7 @@ from audiomoe.experts.expert_parallel import (  # re-exported (__all__): the tra
     reduce_expert_grads,
     shard_experts,
 )
-from audiomoe.experts.grouped import GroupedSwiGLU
+from audiomoe.moe.grouped import GroupedSwiGLU
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}  # fmt: skip

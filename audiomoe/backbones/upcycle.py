@@ -24,8 +24,8 @@ from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Routing
-from audiomoe.experts.grouped import GroupedSwiGLU
-from audiomoe.experts.moe_layer import MoELayer
+from audiomoe.moe.grouped import GroupedSwiGLU
+from audiomoe.moe.layer import MoELayer
 
 Source = Union[nn.Module, str, os.PathLike]
 

@@ -3,7 +3,7 @@
 UniMoE-Audio generates speech and music with its one MoE language model: the conditioning (text
 prompt tokens, then the adapted audio as soft tokens) and the delayed codec frames form one causal
 sequence ``[prompt tokens | audio soft tokens | bos frame | delayed frames ...]``, and a frame's
-codebooks are predicted at once from its hidden state (:mod:`audiomoe.tasks.codec_frames`: summed
+codebooks are predicted at once from its hidden state (:mod:`audiomoe.heads.codec_frames`: summed
 per-codebook embeddings in, one ``K x V`` linear out, ``L = sum_k CE_k``). The head owns only
 those embeddings and that output layer; the decoder is the model's backbone (``causal_lm``, or an
 MoE transformer with rotary positions), shared with every other task.
@@ -25,10 +25,10 @@ from pydantic import Field
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.decoding import positions_from_mask
-from audiomoe.core.interfaces import Task, TaskLoss
-from audiomoe.tasks.codec_frames import CodecFrameParams, CodecFrames, CodecTargets
-from audiomoe.tasks.functional import generation
-from audiomoe.tasks.prompting import check_decoder, inference, item_fields, token_ids
+from audiomoe.core.interfaces import Head, TaskLoss
+from audiomoe.heads.codec_frames import CodecFrameParams, CodecFrames, CodecTargets
+from audiomoe.heads.functional import generation
+from audiomoe.heads.prompting import check_decoder, inference, item_fields, token_ids
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CodecPrefix:
     decoder: Any = None
 
 
-class CodecHead(CodecFrames, Task):
+class CodecHead(CodecFrames, Head):
     """Delayed multi-codebook codec frames written by the shared decoder; KV-cached sampling."""
 
     accepts_prompts = True

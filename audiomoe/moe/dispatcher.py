@@ -4,7 +4,7 @@ A sibling of the experts inside an MoE layer (torchtitan's ``token_dispatcher.py
 ``GroupedExperts``), holding no weights. Plans, each equal to the reference loop in outputs and
 gradients:
 
-- ``fused``: :class:`audiomoe.experts.fused.FusedSwiGLUMoE`, one autograd node (CPU default for
+- ``fused``: :class:`audiomoe.moe.fused.FusedSwiGLUMoE`, one autograd node (CPU default for
   grouped SwiGLU experts);
 - ``grouped_mm``: ``F.grouped_mm`` over the stacked weights (CUDA default where the shapes meet its
   16-byte rule);
@@ -25,7 +25,7 @@ gradients:
 The plan is decided once, deterministically (never timed inside ``forward``), so every rank of a
 distributed run computes the same numerics: ``auto`` takes the default above unless a plan table
 (``audiomoe bench moe MODEL --tune FILE`` times the plans on the model's own layer shapes and writes
-one, :mod:`audiomoe.experts.tune`; ``moe.plan_table`` reads it) names another plan for this layer's
+one, :mod:`audiomoe.moe.tune`; ``moe.plan_table`` reads it) names another plan for this layer's
 shape. A table is timed on fwd+bwd, so a no-grad decoding-sized call keeps ``dense`` / ``gathered``.
 """
 
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.experts.backends import resolve_backend
-from audiomoe.experts.fused import FusedSwiGLUMoE
-from audiomoe.experts.grouped import GroupedSwiGLU
+from audiomoe.moe.backends import resolve_backend
+from audiomoe.moe.fused import FusedSwiGLUMoE
+from audiomoe.moe.grouped import GroupedSwiGLU
 
 log = logging.getLogger("audiomoe.experts")
 PLANS = ("fused", "grouped_mm", "xformers", "gathered", "dense", "loop")

@@ -9,7 +9,7 @@ file-free byte tokenizer. LoRA (peft) adapts the LM; ``save_adapters`` / ``load_
 only the LoRA weights and the audio adapter. Training loss: next-token cross-entropy on the answer
 tokens only, ``L = -sum_t log p(y_t | prompt, audio, y_<t)`` (mean over answer tokens).
 Generation goes through ``generate(inputs_embeds=...)``. Templates, targets and metrics (WER, CER,
-BLEU, exact match) are :mod:`audiomoe.tasks.prompting`'s, shared with the ``text`` head. This head
+BLEU, exact match) are :mod:`audiomoe.heads.prompting`'s, shared with the ``text`` head. This head
 holds its own LM: for a model whose tasks share one decoder, use the ``text`` head on a
 ``causal_lm`` backbone instead.
 
@@ -31,10 +31,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.interfaces import Task
-from audiomoe.tasks.functional import generation
-from audiomoe.tasks.prompting import LLMTarget, PromptParams, item_fields, prompt_parts, text_metrics, text_targets, token_ids
-from audiomoe.tasks.llm_utils import LoRAParams, SoftPrompt, apply_lora, assemble_soft_prompt, check_one_source, lm_and_tokenizer
+from audiomoe.core.interfaces import Head
+from audiomoe.heads.functional import generation
+from audiomoe.heads.prompting import LLMTarget, PromptParams, item_fields, prompt_parts, text_metrics, text_targets, token_ids
+from audiomoe.backbones.hf_lm import LoRAParams, SoftPrompt, apply_lora, assemble_soft_prompt, check_one_source, lm_and_tokenizer
 
 _TINY_LM = {
     "model_type": "llama",
@@ -56,7 +56,7 @@ class AudioLLMOutput:
     prompts: list[dict[str, Any]] = field(default_factory=list)
 
 
-class AudioLLM(Task):
+class AudioLLM(Head):
     """Causal-LM head with audio soft tokens, LoRA, and text generation."""
 
     accepts_prompts = True  # AudioModel passes AudioBatch.prompts to forward()

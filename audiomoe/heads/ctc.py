@@ -3,7 +3,7 @@
 ``log p_t = log_softmax(W h_t + b)`` over ``V + 1`` outputs (index 0 is the CTC blank);
 ``L = -log sum_{alignments a -> y} prod_t p_t(a_t)`` (``torch.nn.functional.ctc_loss``), averaged
 over the batch after dividing by target length. Decoding is best-path (greedy) or CTC prefix beam
-search (:mod:`audiomoe.tasks.functional`). WER and CER come from jiwer.
+search (:mod:`audiomoe.heads.functional`). WER and CER come from jiwer.
 
 Vocabulary: characters by default (``alphabet``, space is the word delimiter), or a token
 vocabulary (``tokens``, SentencePiece style: ``"▁"`` starts a word); a transcript string is then
@@ -21,9 +21,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.interfaces import Task
+from audiomoe.core.interfaces import Head
 from audiomoe.core.specs import Params
-from audiomoe.tasks.functional import ctc_greedy_decode, ctc_prefix_beam_search, normalize_text
+from audiomoe.heads.functional import ctc_greedy_decode, ctc_prefix_beam_search, normalize_text
 
 _WORD = "\u2581"  # SentencePiece's word-start marker
 
@@ -45,7 +45,7 @@ class CTCTargets:
     texts: list[str]
 
 
-class CTCASR(Task):
+class CTCASR(Head):
     """Linear CTC head over frames with a character or token vocabulary; greedy or beam decoding."""
 
     class Params(Params):

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.experts.grouped import GroupedSwiGLU, LoopExperts
+from audiomoe.moe.grouped import GroupedSwiGLU, LoopExperts
 
 log = logging.getLogger("audiomoe.experts")
 _GROUPS: dict[int, tuple] = {}
@@ -163,7 +163,7 @@ def warn_unsharded(layer: nn.Module) -> None:
     layer._ep_warned = True
     log.warning(
         "MoE layer with expert_parallel=%d runs unsharded on %d ranks (every rank holds all experts); "
-        "call audiomoe.experts.expert_parallel.shard_experts(model) after init_process_group",
+        "call audiomoe.moe.expert_parallel.shard_experts(model) after init_process_group",
         layer.params.expert_parallel, dist.get_world_size(),
     )  # fmt: skip
 

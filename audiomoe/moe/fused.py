@@ -1,7 +1,7 @@
 """The fused CPU path of the dispatcher: gather, every SwiGLU expert, weighting and scatter in one node.
 
 ``out = base + sum_p w_p * SwiGLU_{e_p}(tokens[tok_p])`` for (expert, token) pairs sorted by expert,
-over the stacked weights of :class:`audiomoe.experts.grouped.GroupedSwiGLU` (``gate_up`` [E, 2F, D],
+over the stacked weights of :class:`audiomoe.moe.grouped.GroupedSwiGLU` (``gate_up`` [E, 2F, D],
 ``down`` [E, D, F]): one GEMM per expert on its contiguous slice, as MegaBlocks' dropless MoE
 (Gale et al. 2023) does with block-sparse kernels. Memory: forward saves only the pre-activations
 ``H`` [S, 2F], the pair weights and the indices. Both passes stream over blocks of consecutive

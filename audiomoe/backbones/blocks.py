@@ -24,7 +24,7 @@ from torch import nn
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Backbone, BackboneOutput, DecoderState
 from audiomoe.core.specs import ComponentSpec, Params, Slot
-from audiomoe.experts.backends import attention, resolve_backend
+from audiomoe.moe.backends import attention, resolve_backend
 
 
 class MoEBackboneParams(Params):

@@ -23,14 +23,14 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.interfaces import Task
+from audiomoe.core.interfaces import Head
 from audiomoe.core.specs import Params
-from audiomoe.tasks.functional import masked_mean
+from audiomoe.heads.functional import masked_mean
 
 __all__ = ["Classification", "masked_mean"]
 
 
-class Classification(Task):
+class Classification(Head):
     """Single- or multi-label classification over ``num_classes`` classes from pooled features."""
 
     clip_level = True  # a label holds for any window of its clip: training may crop

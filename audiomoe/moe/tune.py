@@ -3,7 +3,7 @@
 The dispatcher never times anything inside ``forward`` (two ranks timing on their own could pick
 different plans and so different numerics); this is where the timing happens instead, outside
 training: :func:`tune_plans` builds one copy of each distinct MoE layer shape of a model (device,
-dtype, width, expert width, expert count: :func:`audiomoe.experts.dispatcher.plan_key`), routes
+dtype, width, expert width, expert count: :func:`audiomoe.moe.dispatcher.plan_key`), routes
 random tokens through the layer's own router, checks each plan's output against the reference
 ``loop`` and times fwd+bwd (weight gradients set to None before each, as a training step after
 ``zero_grad()``). The fastest plan per shape goes into a JSON table that ``moe.plan_table`` reads,
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.experts.dispatcher import GATHER_LIMIT, PLANS, grouped_mm_usable, plan_key
-from audiomoe.experts.grouped import GroupedSwiGLU
-from audiomoe.experts.moe_layer import MoELayer
+from audiomoe.moe.dispatcher import GATHER_LIMIT, PLANS, grouped_mm_usable, plan_key
+from audiomoe.moe.grouped import GroupedSwiGLU
+from audiomoe.moe.layer import MoELayer
 
 
 @dataclass

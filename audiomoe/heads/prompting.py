@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from audiomoe.core.decoding import generation_mode
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.specs import Params
-from audiomoe.tasks.functional import normalize_text
+from audiomoe.heads.functional import normalize_text
 
 TEMPLATES = {
     "asr": "Transcribe the audio.\n{audio}\nTranscript:",

@@ -9,7 +9,7 @@ Each layer's routing record goes into the model's routing trace as ``layer<i>``.
 
 from __future__ import annotations
 
-from audiomoe.experts.transformer import MoEBackboneParams, MoEStackBackbone
+from audiomoe.backbones.blocks import MoEBackboneParams, MoEStackBackbone
 
 
 class MoETransformer(MoEStackBackbone):

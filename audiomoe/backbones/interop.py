@@ -1,14 +1,14 @@
 """Weight interop for the MoE layer: the transformers v5 expert layout and UniMoE-Audio's MoE block.
 
 - transformers v5 (``MixtralExperts``, Qwen-MoE, ...): ``gate_up_proj`` [E, 2F, D], ``down_proj``
-  [E, D, F]. :class:`audiomoe.experts.grouped.GroupedSwiGLU` stores exactly these two tensors
+  [E, D, F]. :class:`audiomoe.moe.grouped.GroupedSwiGLU` stores exactly these two tensors
   under these names, so ``layer.experts.state_dict()`` loads into a transformers experts module
   (and back) with ``strict=True``; :func:`hf_experts_state` / :func:`load_hf_experts` say so in code.
 - UniMoE-Audio (HITsz-TMG/Uni-MoE, ``UniMoE-Audio``; DeepSpeed-MoE naming): one block ``mlp`` holds
   ``gate.weight`` [E_r + E_n + E_s, D] (rows: routed, then null, then shared), routed experts
   ``dynamic_real_moe.<...>.experts.<e>.{gate_proj,up_proj,down_proj}.weight`` and shared experts
   ``fixed_real_moe.<s>.{gate_proj,up_proj,down_proj}.weight``. :data:`UNIMOE_KEY_MAP` documents
-  where each goes in an audiomoe :class:`~audiomoe.experts.moe_layer.MoELayer` built with a
+  where each goes in an audiomoe :class:`~audiomoe.moe.layer.MoELayer` built with a
   linear-gate router, gated shared experts and SwiGLU experts.
 """
 
@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.experts.grouped import GroupedSwiGLU
+from audiomoe.moe.grouped import GroupedSwiGLU
 
 #: UniMoE-Audio block key (under the block prefix) -> audiomoe MoELayer tensor.
 UNIMOE_KEY_MAP = {

@@ -10,7 +10,7 @@ The head owns no weights: the tokenizer, token embeddings, decoder and LM head a
 Generation: greedy, temperature sampling or beam search (``num_beams``) with the backbone's KV
 cache: the prompt is run once, then one token per call (``use_cache=False`` re-runs the whole
 sequence every token, for checks).
-Per-item fields come from ``AudioBatch.prompts`` and the targets (see :mod:`audiomoe.tasks.prompting`).
+Per-item fields come from ``AudioBatch.prompts`` and the targets (see :mod:`audiomoe.heads.prompting`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 from pydantic import Field
 
 from audiomoe.core.decoding import positions_from_mask
-from audiomoe.core.interfaces import Task, TaskLoss
-from audiomoe.tasks.beam import beam_search
-from audiomoe.tasks.functional import generation, sample_logits
-from audiomoe.tasks.llm_utils import SoftPrompt, assemble_soft_prompt
-from audiomoe.tasks.prompting import (
+from audiomoe.core.interfaces import Head, TaskLoss
+from audiomoe.heads.beam import beam_search
+from audiomoe.heads.functional import generation, sample_logits
+from audiomoe.backbones.hf_lm import SoftPrompt, assemble_soft_prompt
+from audiomoe.heads.prompting import (
     LLMTarget, PromptParams, check_decoder, inference, item_fields, prompt_parts, text_metrics, text_targets, token_ids,
 )
 
@@ -42,7 +42,7 @@ class TextInputs:
     decoder: Any = None
 
 
-class TextHead(Task):
+class TextHead(Head):
     """Prompted text answers from the shared causal-LM backbone; KV-cached generation."""
 
     accepts_prompts = True
@@ -109,7 +109,7 @@ class TextHead(Task):
     ) -> list[str]:
         """An answer per item: the prompt once, then one token per decoder call (KV cache); stops at eos.
 
-        ``num_beams`` > 1: beam search (:mod:`audiomoe.tasks.beam`) instead of greedy / sampled decoding.
+        ``num_beams`` > 1: beam search (:mod:`audiomoe.heads.beam`) instead of greedy / sampled decoding.
         """
         dec, tok = outputs.decoder, outputs.decoder.tokenizer
         limit = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens

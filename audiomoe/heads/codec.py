@@ -2,7 +2,7 @@
 
 The audio features condition a small causal decoder of the head's own that predicts ``K``
 codebooks per frame at once (UniMoE-Audio: "a multi-head output layer", no depth transformer); the
-frame layout, delay pattern, loss and sampling are :mod:`audiomoe.tasks.codec_frames`'. For a model
+frame layout, delay pattern, loss and sampling are :mod:`audiomoe.heads.codec_frames`'. For a model
 whose tasks share one decoder (UniMoE-Audio itself), use the ``codec`` head, a thin reader of the
 shared backbone with a KV cache; this one suits a codec task beside heads that need no decoder.
 
@@ -31,10 +31,10 @@ from pydantic import Field
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.interfaces import Task, TaskLoss
+from audiomoe.core.interfaces import Head, TaskLoss
 from audiomoe.core.specs import ComponentSpec, Slot
-from audiomoe.tasks.codec_frames import CodecFrameParams, CodecFrames, CodecTargets
-from audiomoe.tasks.functional import generation
+from audiomoe.heads.codec_frames import CodecFrameParams, CodecFrames, CodecTargets
+from audiomoe.heads.functional import generation
 
 __all__ = ["CodecCondition", "CodecGeneration", "CodecTargets"]
 
@@ -47,7 +47,7 @@ class CodecCondition:
     padding_mask: torch.Tensor
 
 
-class CodecGeneration(CodecFrames, Task):
+class CodecGeneration(CodecFrames, Head):
     """Causal decoder over delayed multi-codebook codec frames, conditioned on the audio features."""
 
     predicts_cheaply = False  # predictions sample autoregressively: AudioModel.forward(predict=False) skips them

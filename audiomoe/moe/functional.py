@@ -32,7 +32,7 @@ def drop_over_capacity(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep at most ``capacity`` pairs per column: ``(exp, tok, counts)`` kept, then ``(exp, tok)`` dropped.
 
-    Input pairs are sorted by column (:func:`audiomoe.experts.dispatcher.sorted_pairs`); the kept
+    Input pairs are sorted by column (:func:`audiomoe.moe.dispatcher.sorted_pairs`); the kept
     pairs stay grouped by column. ``policy="probs"`` ranks each column's pairs by ``scores`` [S].
     """
     if policy == "probs":

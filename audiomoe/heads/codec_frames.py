@@ -24,7 +24,7 @@ from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.specs import Params
-from audiomoe.tasks.functional import apply_delay_pattern, revert_delay_pattern, sample_logits
+from audiomoe.heads.functional import apply_delay_pattern, revert_delay_pattern, sample_logits
 
 
 class CodecFrameParams(Params):

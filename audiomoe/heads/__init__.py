@@ -1,0 +1,1 @@
+"""Task heads (kind ``head``): classification, CTC, text and codec heads on the shared decoder, standalone LLM heads."""

@@ -1,0 +1,1 @@
+"""The MoE layer: router + grouped experts, its dispatch plans and expert parallelism."""
