@@ -25,7 +25,7 @@ import torch
 from audiomoe.core.composer import component_builder, compose
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import BASES, BackboneOutput, EncoderOutput, Routing
-from audiomoe.core.registry import Registry
+from audiomoe.core.registry import Registry, canonical_kind
 from audiomoe.core.routing import indices_problems, routing_problems
 
 #: Sizes injected when a component is built alone (override with ``context=``).
@@ -332,6 +332,7 @@ def check_component(
     A scorer or selector is checked inside the composite ``scored`` router (the router contract);
     a plugin's own kinds without a base class are checked for building from defaults only.
     """
+    kind = canonical_kind(kind)  # 'task' (deprecated) checks as 'head'
     report = ConformanceReport(kind, name)
     ctx = {**DEFAULT_CONTEXT, **(context or {})}
     torch.manual_seed(seed)
