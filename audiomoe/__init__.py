@@ -5,7 +5,7 @@ Public surface::
     import audiomoe
     model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.moe.router.k=1"])
     audiomoe.list_components("router")          # no torch import
-    audiomoe.describe("router", "linear_topk")  # params, defaults, limits, an example
+    audiomoe.describe("router", "top_k")  # params, defaults, limits, an example
     audiomoe.hookimpl                           # for plugin authors
     audiomoe.Encoder, Router, Expert, Head      # base classes
     audiomoe.testing.check_component(...)       # conformance check for plugin authors
@@ -18,7 +18,14 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
-from audiomoe.core.errors import AmbiguousComponentError, AudioMoEError, ConfigError, ConfigProblem, PluginLoadError, UnknownComponentError
+from audiomoe.core.errors import (
+    AmbiguousComponentError,
+    AudioMoEError,
+    ConfigError,
+    ConfigProblem,
+    PluginLoadError,
+    UnknownComponentError,
+)
 from audiomoe.core.hookspecs import hookimpl
 from audiomoe.core.registry import ComponentEntry, PresetEntry, Registry, get_registry, reset_registry
 from audiomoe.core.specs import ComponentSpec, ModelSpec, Params, Slot
@@ -74,7 +81,9 @@ __all__ = [
 ]
 
 
-def list_components(kind: Optional[str] = None, pattern: str = "*", *, registry: Optional[Registry] = None) -> list[ComponentEntry]:
+def list_components(
+    kind: Optional[str] = None, pattern: str = "*", *, registry: Optional[Registry] = None
+) -> list[ComponentEntry]:
     """Registered components, optionally of one ``kind`` and matching a glob ``pattern``.
 
     Imports no component (and no torch): entries are import strings with a summary.

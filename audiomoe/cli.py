@@ -15,18 +15,18 @@ from typing import Any, Optional, Sequence
 
 from audiomoe.core.argtypes import int_in
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.limits import MAX_SEED
 
 EPILOG = """examples:
   audiomoe list router                      routers from every installed plugin
-  audiomoe describe router/linear_topk      params with types, defaults, limits, an example
+  audiomoe describe router/top_k            params with types, defaults, limits, an example
   audiomoe validate my.yaml --set backbone.moe.router.k=1
-  audiomoe compose tiny-moe-cls --set backbone.moe.router=linear_topk --set backbone.moe.num_experts=8
+  audiomoe compose tiny-moe-cls --set backbone.moe.router=top_k --set backbone.moe.num_experts=8
   audiomoe train tiny-moe-cls --steps 200 --out runs/tiny
 """
 
 
 DEBUG_ENV = "AUDIOMOE_DEBUG"
+
 
 def _registry() -> Any:
     from audiomoe.core.registry import get_registry
@@ -51,7 +51,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in records], indent=2))
         return 0
-    rows = [[r.name, r.dist, r.version or "-", r.status, str(r.components), str(r.presets), r.error or r.source] for r in records]
+    rows = [
+        [r.name, r.dist, r.version or "-", r.status, str(r.components), str(r.presets), r.error or r.source]
+        for r in records
+    ]
     print(_table(rows, ["plugin", "distribution", "version", "status", "components", "presets", "source / error"]))
     return 0
 
@@ -78,8 +81,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(_table(rows, ["preset", "plugin", "summary"]))
         return 0
     keys = [(e.kind, e.name) for e in entries]
-    rows = [[e.kind, e.qualified_name if keys.count((e.kind, e.name)) > 1 else e.name, e.plugin, e.summary] for e in entries]
-    rows += [["preset", f"{p.plugin}:{p.name}" if pnames.count(p.name) > 1 else p.name, p.plugin, p.summary] for p in presets]
+    rows = [
+        [e.kind, e.qualified_name if keys.count((e.kind, e.name)) > 1 else e.name, e.plugin, e.summary] for e in entries
+    ]
+    rows += [
+        ["preset", f"{p.plugin}:{p.name}" if pnames.count(p.name) > 1 else p.name, p.plugin, p.summary] for p in presets
+    ]
     print(_table(rows, ["kind", "name", "plugin", "summary"]))
     if not rows:
         print(f"(nothing matches {args.pattern!r}; `audiomoe list '*'` lists every kind)")
@@ -104,7 +111,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
     kind, sep, name = args.component.partition("/")
     if not sep or not name:
-        raise AudioMoEError(f"describe takes KIND/NAME (e.g. router/linear_topk, preset/tiny-cls), got '{args.component}'")
+        raise AudioMoEError(f"describe takes KIND/NAME (e.g. router/top_k, preset/tiny-cls), got '{args.component}'")
     info = describe(kind, name)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -199,16 +206,27 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     model = compose(args.model, args.set)
     dtype = getattr(torch, args.dtype)
     print(f"timing dispatch plans fwd+bwd on {args.tokens} tokens, {args.device} {args.dtype}, median of {args.reps}")
-    table, rows = tune_plans(model, args.tokens, args.device, dtype, args.reps, progress=lambda s: print("  " + s, flush=True))
+    table, rows = tune_plans(
+        model, args.tokens, args.device, dtype, args.reps, progress=lambda s: print("  " + s, flush=True)
+    )
     loop = {r.key: r.seconds for r in rows if r.plan == "loop"}
-    out = [[r.key, r.plan + (" *" if table.get(r.key) == r.plan else ""),
+    out = [
+        [
+            r.key,
+            r.plan + (" *" if table.get(r.key) == r.plan else ""),
             "-" if r.seconds is None else f"{r.seconds * 1e3:.2f}",
             "-" if r.seconds is None or not loop.get(r.key) else f"{r.seconds / loop[r.key]:.2f}x",
-            f"{r.max_diff:.1e}" if r.seconds is not None else "-", r.note] for r in rows]  # fmt: skip
+            f"{r.max_diff:.1e}" if r.seconds is not None else "-",
+            r.note,
+        ]
+        for r in rows
+    ]
     print("\n" + _table(out, ["layer shape", "plan (* fastest)", "fwd+bwd ms", "vs loop", "max |diff|", "note"]))
     if args.tune:
         _write_text(args.tune, json.dumps(table, indent=2, sort_keys=True), "--tune")
-        print(f"\nplan table ({len(table)} shapes) written to {args.tune}; use it with --set backbone.moe.plan_table={os.path.abspath(args.tune)}")
+        print(
+            f"\nplan table ({len(table)} shapes) written to {args.tune}; use it with --set backbone.moe.plan_table={os.path.abspath(args.tune)}"
+        )
     return 0
 
 
@@ -226,49 +244,11 @@ def _write_text(path: str, text: str, flag: str) -> None:
     write_text(path, text, what=flag)
 
 
-def cmd_data_make(args: argparse.Namespace) -> int:
-    """Write the built-in offline corpus (wavs + manifest.jsonl + corpus.json) into DIR."""
-    import time
-
-    from audiomoe.data.corpus.make import make_corpus
-
-    t0 = time.perf_counter()
-    manifest = make_corpus(args.dir, args.size, args.seed, workers=args.workers)
-    info = json.loads((manifest.parent / "corpus.json").read_text(encoding="utf-8"))
-    print(f"{manifest}: {info['clips']} clips, {info['lines']} lines, {info['hours'] * 60:.1f} min of audio in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-def cmd_data_from_csv(args: argparse.Namespace) -> int:
-    """Turn a CSV of labels (+ a folder of audio files) into a JSONL manifest."""
-    from audiomoe.data.csv_import import manifest_from_csv
-    from audiomoe.data.manifest import read_manifest
-
-    out = manifest_from_csv(args.csv, args.out, audio_dir=args.audio_dir, task=args.task, audio_column=args.audio_column, target_column=args.target_column)
-    items, _ = read_manifest(out, check_files=False)  # what a training run will read: the written file, validated again
-    rows = [{"target": it.target, "split": it.split} for it in items]
-    targets = [r.get("target") for r in rows]
-    labels = sorted({t for t in targets if isinstance(t, str)})
-    print(f"wrote {out} ({len(targets)} items, {len(labels)} distinct labels)")
-    train = {r.get("target") for r in rows if (r.get("split") or "train") == "train"}  # no split: a training line
-    only_held_out = [x for x in labels if x not in train]
-    if only_held_out and len(train) > 0:
-        print(f"warning: label(s) only outside the train split (a head cannot learn them): {', '.join(only_held_out[:10])}")
-    if len(targets) >= 10 and len(labels) > len(targets) // 2:  # mostly unique strings: transcripts or answers
-        print(f"the targets look like transcripts ({len(labels)} distinct of {len(targets)}): train a ctc or text head "
-              f"named '{args.task}' on it (see README, Heads)")
-    elif labels and len(labels) <= 1000 and not any("'" in x for x in labels):  # the flags of a head that reads it
-        t = args.task
-        print(f"a classification head for it: --set tasks.{t}=classification --set tasks.{t}.num_classes={len(labels)} "
-              f"--set 'tasks.{t}.labels={json.dumps(labels, ensure_ascii=False, separators=(',', ':'))}'")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog="audiomoe",
-        description="audiomoe: compose multi-task audio models from plugin components (encoders, routers, experts, tasks).",
+        description="audiomoe: compose multi-task audio models from plugin components (encoders, routers, experts, heads).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -280,54 +260,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("list", help="list components: [KIND] [GLOB]; KIND 'preset' lists presets, '*' every kind")
-    p.add_argument("kind", nargs="?", default=None, help="encoder, router, expert, task, backbone, preset, ...; a glob: '*' searches every kind and presets")
+    p.add_argument(
+        "kind",
+        nargs="?",
+        default=None,
+        help="encoder, router, expert, head, backbone, preset, ...; a glob: '*' searches every kind and presets",
+    )
     p.add_argument("pattern", nargs="?", default="*", help="glob on the name or plugin:name, e.g. '*top*'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("describe", help="params, defaults, limits and an example for KIND/NAME; preset/NAME shows a preset's spec")
+    p = sub.add_parser(
+        "describe", help="params, defaults, limits and an example for KIND/NAME; preset/NAME shows a preset's spec"
+    )
     p.add_argument("component", metavar="KIND/NAME", help="e.g. router/top_p, router/builtin:top_p, preset/tiny-unimoe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_describe)
 
     for name, func, what in (("validate", cmd_validate, "CONFIG"), ("compose", cmd_compose, "PRESET")):
-        p = sub.add_parser(name, help=f"{'validate a config and print the resolved spec' if name == 'validate' else 'build a model and print its parts and parameter counts'}")
+        p = sub.add_parser(
+            name,
+            help=f"{'validate a config and print the resolved spec' if name == 'validate' else 'build a model and print its parts and parameter counts'}",
+        )
         p.add_argument("config" if name == "validate" else "preset", metavar=what, help="preset name or YAML path")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. backbone.moe.router.k=1 (repeatable)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override, e.g. backbone.moe.router.k=1 (repeatable)",
+        )
         if name == "compose":
             p.add_argument("--save-spec", metavar="FILE", help="write the resolved spec as YAML")
             p.add_argument("--no-probe", action="store_true", help="count active parameters without a forward on noise")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("data", help="data tools: make the built-in corpus, CSV -> manifest")
-    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    q = data_sub.add_parser("make", help="write the built-in offline corpus (speech, events, music, mixtures, QA)")
-    q.add_argument("dir", metavar="DIR")
-    q.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="small: about 1 hour; medium: about 10")
-    q.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="same seed, same bytes")
-    q.add_argument("--workers", type=int_in(1, 256), default=2, help="processes")
-    q.set_defaults(func=cmd_data_make)
-    q = data_sub.add_parser("from-csv", help="CSV of labels (+ folder of audio) -> JSONL manifest")
-    q.add_argument("csv", metavar="CSV")
-    q.add_argument("out", metavar="OUT.jsonl")
-    q.add_argument("--task", required=True, help="task name of every item")
-    q.add_argument("--audio-dir", default=None, help="folder the file names are relative to (default: the CSV's)")
-    q.add_argument("--audio-column", default="file")
-    q.add_argument("--target-column", default="label")
-    q.set_defaults(func=cmd_data_from_csv)
-
-    p = sub.add_parser("bench", help="measure parts of a model: `bench moe MODEL --tune FILE` picks each MoE layer's dispatch plan")
+    p = sub.add_parser(
+        "bench", help="measure parts of a model: `bench moe MODEL --tune FILE` picks each MoE layer's dispatch plan"
+    )
     bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
-    q = bench_sub.add_parser("moe", help="time every dispatch plan on the model's MoE layer shapes (fwd+bwd); --tune writes the plan table")
+    q = bench_sub.add_parser(
+        "moe", help="time every dispatch plan on the model's MoE layer shapes (fwd+bwd); --tune writes the plan table"
+    )
     q.add_argument("model", metavar="PRESET_OR_YAML")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, as for compose (repeatable)")
-    q.add_argument("--tokens", type=int_in(1, 2**24), default=4096, help="tokens per layer call (batch x sequence of your training)")
+    q.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, as for compose (repeatable)"
+    )
+    q.add_argument(
+        "--tokens",
+        type=int_in(1, 2**24),
+        default=4096,
+        help="tokens per layer call (batch x sequence of your training)",
+    )
     q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     q.add_argument("--reps", type=int_in(1, 1000), default=5, help="timed repetitions per plan (median)")
-    q.add_argument("--tune", metavar="FILE", help="write the fastest plan per shape here (JSON; read by backbone.moe.plan_table)")
+    q.add_argument(
+        "--tune", metavar="FILE", help="write the fastest plan per shape here (JSON; read by backbone.moe.plan_table)"
+    )
     q.set_defaults(func=cmd_bench_moe)
 
+    from audiomoe.data.cli import register as register_data  # data make, data from-csv (audiomoe/data/cli.py)
+
+    register_data(sub)
     from audiomoe.train.cli import register as register_train  # train, eval (audiomoe/train/cli.py)
 
     register_train(sub)
@@ -344,7 +339,9 @@ def _one_line_warnings() -> None:
 
     default = warnings.showwarning
 
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Optional[str] = None) -> None:
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Optional[str] = None
+    ) -> None:
         if str(message).startswith("audiomoe"):
             print(str(message), file=file or sys.stderr)
         else:
@@ -366,7 +363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `audiomoe describe ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line; a bug's traceback on request
+    except (Exception, KeyboardInterrupt) as exc:
         code, line = error_report(args.command, exc)
         if code == 1 and os.environ.get(DEBUG_ENV):
             raise
@@ -383,8 +380,10 @@ def error_report(command: str, exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, KeyboardInterrupt):
         return 130, f"audiomoe {command}: {exc or 'interrupted'}"
     text = " ".join(str(exc).split())[:300]
-    return 1, (f"audiomoe {command}: unexpected error: {type(exc).__name__}: {text} "
-               f"(set {DEBUG_ENV}=1 for the traceback, and please report it)")
+    return 1, (
+        f"audiomoe {command}: unexpected error: {type(exc).__name__}: {text} "
+        f"(set {DEBUG_ENV}=1 for the traceback, and please report it)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

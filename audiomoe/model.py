@@ -18,10 +18,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from audiomoe.core.batch import AudioBatch, ModelOutput
 from audiomoe.core.errors import AudioMoEError, MissingPretrainedError
 from audiomoe.core.interfaces import Component, Routing
 from audiomoe.core.specs import ModelSpec
-from audiomoe.core.batch import AudioBatch, ModelOutput
 
 __all__ = ["AudioBatch", "AudioModel", "ModelOutput"]  # the records live in core/batch.py; importable from here too
 
@@ -33,7 +33,9 @@ class AudioModel(nn.Module):
     the same architecture, and with the same ``seed`` the same parameters.
     """
 
-    def __init__(self, params: ModelSpec, *, encoder: Any, adapter: Any = None, backbone: Any = None, tasks: dict[str, Any]) -> None:
+    def __init__(
+        self, params: ModelSpec, *, encoder: Any, adapter: Any = None, backbone: Any = None, tasks: dict[str, Any]
+    ) -> None:
         super().__init__()
         self.params = params
         self.spec: dict[str, Any] = {}
@@ -41,7 +43,11 @@ class AudioModel(nn.Module):
         d = params.d_model
         missing: list[str] = []  # every part is tried, so one error names every missing checkpoint
         self.encoder = _built("encoder", lambda: encoder(d_model=d, task_names=self.task_names), missing)
-        self.backbone = _built("backbone", lambda: backbone(d_model=d, task_names=self.task_names), missing) if backbone is not None else None
+        self.backbone = (
+            _built("backbone", lambda: backbone(d_model=d, task_names=self.task_names), missing)
+            if backbone is not None
+            else None
+        )
         if missing:
             raise MissingPretrainedError("\n".join(missing))
         # Encoders have their own natural width (Whisper-large: 1280); the adapter is the only place
@@ -56,7 +62,11 @@ class AudioModel(nn.Module):
         self.heads = nn.ModuleDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()})
         for name, head in self.heads.items():
             if head.reads_decoder and (self.backbone is None or not self.backbone.supports_decoding):
-                got = "no backbone" if self.backbone is None else f"backbone {type(self.backbone).__name__}, which cannot decode"
+                got = (
+                    "no backbone"
+                    if self.backbone is None
+                    else f"backbone {type(self.backbone).__name__}, which cannot decode"
+                )
                 raise AudioMoEError(
                     f"head '{name}' ({type(head).__name__}) writes through the model's shared decoder but the spec has {got}; "
                     "add a backbone (causal_lm, moe_transformer or unimoe_transformer) to the spec"
@@ -98,7 +108,11 @@ class AudioModel(nn.Module):
             self.train(was_training)
 
     def encode(
-        self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
+        self,
+        waveforms: torch.Tensor,
+        lengths: Optional[torch.Tensor],
+        sample_rate: int,
+        task_ids: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
         """Waveforms -> (backbone states [B, N, d_model], padding_mask [B, N], aux losses, routing records)."""
         hidden, pad, aux, routing = self.adapt(waveforms, lengths, sample_rate, task_ids)
@@ -106,7 +120,9 @@ class AudioModel(nn.Module):
             hidden = self._backbone(hidden, pad, task_ids, aux, routing)
         return hidden, pad, aux, routing
 
-    def _backbone(self, hidden: torch.Tensor, pad: torch.Tensor, task_ids: Optional[torch.Tensor], aux: dict, routing: dict) -> torch.Tensor:
+    def _backbone(
+        self, hidden: torch.Tensor, pad: torch.Tensor, task_ids: Optional[torch.Tensor], aux: dict, routing: dict
+    ) -> torch.Tensor:
         kwargs = {"task_ids": task_ids} if task_ids is not None and self.backbone.accepts_task_ids else {}
         out = self.backbone(hidden, pad, **kwargs)
         aux.update({f"backbone/{k}": v for k, v in out.aux_losses.items()})
@@ -114,7 +130,11 @@ class AudioModel(nn.Module):
         return out.hidden
 
     def adapt(
-        self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample_rate: int, task_ids: Optional[torch.Tensor] = None
+        self,
+        waveforms: torch.Tensor,
+        lengths: Optional[torch.Tensor],
+        sample_rate: int,
+        task_ids: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Routing]]:
         """Waveforms -> (adapted audio [B, N, d_model] before the backbone, padding_mask, aux losses, routing records)."""
         from audiomoe.encoders.features import check_min_length, check_sample_rate, prepare_waveforms, resample
@@ -163,7 +183,9 @@ class AudioModel(nn.Module):
             # the audio-only pass runs on the items whose heads read states; writing heads decode their own sequences
             keep = torch.tensor([i for i, t in enumerate(tasks) if t not in readers], device=self.device)
             before = set(routing)
-            states = self._backbone(audio.index_select(0, keep), pad.index_select(0, keep), task_ids.index_select(0, keep), aux, routing)
+            states = self._backbone(
+                audio.index_select(0, keep), pad.index_select(0, keep), task_ids.index_select(0, keep), aux, routing
+            )
             hidden = audio.new_zeros(audio.shape[0], audio.shape[1], states.shape[-1]).index_copy(0, keep, states)
             rows = {k: keep for k in set(routing) - before}
         out = ModelOutput(loss=None, routing=routing, routing_rows=rows)
@@ -221,7 +243,9 @@ def _check_encoder_output(encoder: Any, enc: Any, batch_size: int) -> None:
     if f.dim() != 3 or f.shape[0] != batch_size or f.shape[2] != int(encoder.output_dim):
         raise AudioMoEError(f"encoder {name} returned features of shape {tuple(f.shape)}, expected {want}")
     if tuple(m.shape) != tuple(f.shape[:2]) or m.dtype != torch.bool:
-        raise AudioMoEError(f"encoder {name} returned a padding_mask {m.dtype} {tuple(m.shape)}, expected bool {tuple(f.shape[:2])}")
+        raise AudioMoEError(
+            f"encoder {name} returned a padding_mask {m.dtype} {tuple(m.shape)}, expected bool {tuple(f.shape[:2])}"
+        )
 
 
 def _check_head_output(task: str, head: Any, outputs: Any, n_items: int) -> None:

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch import nn
 
 import audiomoe
-from audiomoe.train import fsdp as parallel
 from audiomoe.moe.expert_parallel import record_comm
+from audiomoe.train import fsdp as parallel
 
 D, E = 8, 4
-TOPK = {"name": "linear_topk", "params": {"k": 2}}
+TOPK = {"name": "top_k", "params": {"k": 2}}
 TOPP = {"name": "top_p", "params": {"p": 0.6}}
 LAYER_CASES = {
     "topk": dict(router=TOPK),
@@ -30,13 +30,24 @@ LAYER_CASES = {
     "topp_shared_null": dict(router=TOPP, num_null=1, num_shared=2, shared_mode="gated"),
     "topp_unit_mlp": dict(router=TOPP, expert="mlp", num_null=2, num_shared=1, shared_mode="unit"),
     "topp_loop": dict(router=TOPP, num_null=1, dispatch="loop"),
-    "topk_capacity": dict(router=TOPK, num_null=1, num_shared=1, capacity_factor=0.6, drop_policy="probs", renormalize_drops=True),
+    "topk_capacity": dict(
+        router=TOPK, num_null=1, num_shared=1, capacity_factor=0.6, drop_policy="probs", renormalize_drops=True
+    ),
     "rank1_all_padding": dict(router=TOPP, num_null=1, num_shared=1),
 }
 
 
 def moe_spec(router, expert="swiglu", ep=1, **kw) -> dict:
-    return {"name": "moe", "params": {"router": router, "expert": {"name": expert, "params": {"d_ff": 8}}, "num_experts": E, "expert_parallel": ep, **kw}}
+    return {
+        "name": "moe",
+        "params": {
+            "router": router,
+            "expert": {"name": expert, "params": {"d_ff": 8}},
+            "num_experts": E,
+            "expert_parallel": ep,
+            **kw,
+        },
+    }
 
 
 def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,7 +85,9 @@ def layer_case(name: str, cfg: dict, rank: int) -> dict:
     full_sd_diff = max(maxdiff(v, ref.state_dict()[k]) for k, v in parallel.full_state_dict(ep).items())
     keys_match = sorted(parallel.full_state_dict(ep)) == sorted(ref.state_dict())
     data = [batch(10 + r, all_padded=(name == "rank1_all_padding" and r == 1)) for r in range(2)]
-    out_grads = [torch.randn(2, 6, D, generator=torch.Generator().manual_seed(20 + r), dtype=torch.float64) for r in range(2)]
+    out_grads = [
+        torch.randn(2, 6, D, generator=torch.Generator().manual_seed(20 + r), dtype=torch.float64) for r in range(2)
+    ]
     x = data[rank][0].clone().requires_grad_(True)
     with record_comm() as st:
         y, routing = ep(x, data[rank][1])
@@ -106,14 +119,24 @@ def layer_case(name: str, cfg: dict, rank: int) -> dict:
         n_expert += k in ex
         grad_diff, grad_mag = max(grad_diff, maxdiff(g, want)), max(grad_mag, float(want.abs().max()))
     return {
-        "out_diff": maxdiff(y, ref_y[rank]), "out_mag": float(ref_y[rank].abs().max()),
-        "xgrad_diff": maxdiff(x.grad, ref_x[rank].grad), "xgrad_mag": float(ref_x[rank].grad.abs().max()),
-        "grad_diff": grad_diff, "grad_mag": grad_mag, "expert_params": n_expert, "params": len(local),
-        "full_sd_diff": full_sd_diff, "full_sd_keys_match": keys_match, "sent_rows": int(sent_rows),
-        "routed_pairs": int(routed_pairs), "null_picks": null_picks, "valid_tokens": int(valid.sum()),
+        "out_diff": maxdiff(y, ref_y[rank]),
+        "out_mag": float(ref_y[rank].abs().max()),
+        "xgrad_diff": maxdiff(x.grad, ref_x[rank].grad),
+        "xgrad_mag": float(ref_x[rank].grad.abs().max()),
+        "grad_diff": grad_diff,
+        "grad_mag": grad_mag,
+        "expert_params": n_expert,
+        "params": len(local),
+        "full_sd_diff": full_sd_diff,
+        "full_sd_keys_match": keys_match,
+        "sent_rows": int(sent_rows),
+        "routed_pairs": int(routed_pairs),
+        "null_picks": null_picks,
+        "valid_tokens": int(valid.sum()),
         "padded_out_max": float(y.detach().reshape(-1, D)[~valid].abs().max()) if (~valid).any() else 0.0,
-        "local_experts": ep.ep_shard.local, "dropped_pairs": int(ep.last_stats["dropped_pairs"]),
-    }  # fmt: skip
+        "local_experts": ep.ep_shard.local,
+        "dropped_pairs": int(ep.last_stats["dropped_pairs"]),
+    }
 
 
 class Tiny(nn.Module):
@@ -122,7 +145,9 @@ class Tiny(nn.Module):
     def __init__(self, ep: int) -> None:
         super().__init__()
         moe = moe_spec(TOPP, "swiglu", ep, num_null=1, num_shared=2, shared_mode="gated")
-        self.backbone = audiomoe.component_builder("backbone", {"name": "unimoe_transformer", "params": {"num_layers": 2, "num_heads": 2, "moe": moe}})(d_model=D)
+        self.backbone = audiomoe.component_builder(
+            "backbone", {"name": "unimoe_transformer", "params": {"num_layers": 2, "num_heads": 2, "moe": moe}}
+        )(d_model=D)
         self.head = nn.Linear(D, 3)
 
     def forward(self, x, pad, target):
@@ -149,8 +174,13 @@ def audio_batch(step: int, r: int, dtype):
     """Rank 0 feeds only the emotion head, rank 1 only the speaker head (each rank leaves one head unused)."""
     g = torch.Generator().manual_seed(100 * step + r)
     task = ["emotion", "speaker"][r]
-    return audiomoe.AudioBatch(waveforms=torch.randn(2, 4000, generator=g, dtype=dtype), sample_rate=16000, tasks=[task, task],
-                               lengths=torch.tensor([4000, 2500 + 500 * r]), targets=[1 + r, 3])  # fmt: skip
+    return audiomoe.AudioBatch(
+        waveforms=torch.randn(2, 4000, generator=g, dtype=dtype),
+        sample_rate=16000,
+        tasks=[task, task],
+        lengths=torch.tensor([4000, 2500 + 500 * r]),
+        targets=[1 + r, 3],
+    )
 
 
 def loss_of(run, b) -> torch.Tensor:
@@ -207,11 +237,16 @@ def composed_cases(rank: int) -> dict:
     for layout in ("ddp_ep", "fsdp_ep"):
         r = train(layout, rank, make=composed, data=audio_batch, dtype=torch.float32)
         full = parallel.full_state_dict(r["model"])
-        res[layout] = {"loss_diff": max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])), "losses": r["losses"],
-                       "norm_diff": max(abs(a - b) / b for a, b in zip(r["norms"], ref["norms"])), "norms": r["norms"],
-                       "weight_diff": max(maxdiff(v, ref_sd[k]) for k, v in full.items()), "keys_match": sorted(full) == sorted(ref_sd),
-                       "moved": max(maxdiff(v, ref["init"][k]) for k, v in ref_sd.items()),
-                       "worst": sorted(((maxdiff(v, ref_sd[k]), k) for k, v in full.items()), reverse=True)[:4]}  # fmt: skip
+        res[layout] = {
+            "loss_diff": max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])),
+            "losses": r["losses"],
+            "norm_diff": max(abs(a - b) / b for a, b in zip(r["norms"], ref["norms"])),
+            "norms": r["norms"],
+            "weight_diff": max(maxdiff(v, ref_sd[k]) for k, v in full.items()),
+            "keys_match": sorted(full) == sorted(ref_sd),
+            "moved": max(maxdiff(v, ref["init"][k]) for k, v in ref_sd.items()),
+            "worst": sorted(((maxdiff(v, ref_sd[k]), k) for k, v in full.items()), reverse=True)[:4],
+        }
     return res
 
 
@@ -247,11 +282,15 @@ def train_cases(rank: int, out_dir: str) -> dict:
         # optimizer moments: gathered to one-process tensors, and loaded back at the EP layout
         full_opt = parallel.full_optimizer_state_dict(model, r["opt"])
         ref_opt = base["opt"].state_dict()["state"]
-        opt_diff = max(maxdiff(v, ref_opt[i][k]) for i, e in full_opt["state"].items() for k, v in e.items() if torch.is_tensor(v))
+        opt_diff = max(
+            maxdiff(v, ref_opt[i][k]) for i, e in full_opt["state"].items() for k, v in e.items() if torch.is_tensor(v)
+        )
         fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
         parallel.load_full_optimizer_state_dict(fresh, fresh_opt, full_opt)
         again = parallel.full_optimizer_state_dict(fresh, fresh_opt)["state"]
-        opt_roundtrip = max(maxdiff(v, again[i][k]) for i, e in full_opt["state"].items() for k, v in e.items() if torch.is_tensor(v))
+        opt_roundtrip = max(
+            maxdiff(v, again[i][k]) for i, e in full_opt["state"].items() for k, v in e.items() if torch.is_tensor(v)
+        )
         one = Tiny(1).to(dtype)  # one process, no EP: plain load_state_dict of the file
         one.load_state_dict(load_file(path), strict=True)
         one_out = outputs(one, 7 + rank)
@@ -260,17 +299,30 @@ def train_cases(rank: int, out_dir: str) -> dict:
             meta = fh.metadata()
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in keys if k.endswith("experts.gate_up_proj")}
         res[layout] = {
-            "loss_diff": max(abs(a - b) for a, b in zip(r["losses"], base["losses"])), "losses": r["losses"], "ref_losses": base["losses"],
+            "loss_diff": max(abs(a - b) for a, b in zip(r["losses"], base["losses"])),
+            "losses": r["losses"],
+            "ref_losses": base["losses"],
             "moved": max(maxdiff(v, base["init"][k]) for k, v in base["model"].state_dict().items()),
-            "norms": r["norms"], "ref_norms": base["norms"],
+            "norms": r["norms"],
+            "ref_norms": base["norms"],
             "weight_diff": max(maxdiff(v, base["model"].state_dict()[k]) for k, v in full.items()),
-            "keys_match": sorted(full) == sorted(ref_sd), "pred_dtype": r["pred_dtype"],
+            "keys_match": sorted(full) == sorted(ref_sd),
+            "pred_dtype": r["pred_dtype"],
             "master_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
-            "one_process_diff": maxdiff(one_out, mine), "one_vs_reload_diff": maxdiff(one_out, outputs(fresh, 7 + rank)), "out_mag": float(mine.abs().max()),
-            "opt_diff": opt_diff, "opt_mag": max(float(v.abs().max()) for e in ref_opt.values() for k, v in e.items() if k == "exp_avg"), "opt_roundtrip": opt_roundtrip, "opt_entries": len(full_opt["state"]),
-            "reload_diff": reload_diff, "file_keys": len(keys), "unique_keys": len(set(keys)), "expert_shapes": shapes,
-            "metadata": meta, "file_dtypes": sorted({str(v.dtype) for v in load_file(path).values()}),
-        }  # fmt: skip
+            "one_process_diff": maxdiff(one_out, mine),
+            "one_vs_reload_diff": maxdiff(one_out, outputs(fresh, 7 + rank)),
+            "out_mag": float(mine.abs().max()),
+            "opt_diff": opt_diff,
+            "opt_mag": max(float(v.abs().max()) for e in ref_opt.values() for k, v in e.items() if k == "exp_avg"),
+            "opt_roundtrip": opt_roundtrip,
+            "opt_entries": len(full_opt["state"]),
+            "reload_diff": reload_diff,
+            "file_keys": len(keys),
+            "unique_keys": len(set(keys)),
+            "expert_shapes": shapes,
+            "metadata": meta,
+            "file_dtypes": sorted({str(v.dtype) for v in load_file(path).values()}),
+        }
     return res
 
 
@@ -293,9 +345,16 @@ def replica_cases(rank: int) -> dict:
     for layout in ("ddp_ep", "fsdp_ep"):
         r = train(layout, rank)
         full = parallel.full_state_dict(r["model"])
-        out[layout] = {"loss_diff": max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])), "norms": r["norms"], "ref_norms": ref["norms"],
-                       "weight_diff": max(maxdiff(v, ref["model"].state_dict()[k]) for k, v in full.items()), "keys_match": sorted(full) == sorted(ref["model"].state_dict()),
-                       "moved": max(maxdiff(v, ref["init"][k]) for k, v in ref["model"].state_dict().items()), "losses": r["losses"], "ref_losses": ref["losses"]}  # fmt: skip
+        out[layout] = {
+            "loss_diff": max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])),
+            "norms": r["norms"],
+            "ref_norms": ref["norms"],
+            "weight_diff": max(maxdiff(v, ref["model"].state_dict()[k]) for k, v in full.items()),
+            "keys_match": sorted(full) == sorted(ref["model"].state_dict()),
+            "moved": max(maxdiff(v, ref["init"][k]) for k, v in ref["model"].state_dict().items()),
+            "losses": r["losses"],
+            "ref_losses": ref["losses"],
+        }
     return out
 
 
@@ -324,8 +383,12 @@ def fsdp_unused(rank: int) -> dict:
     model(x[rank], rank == 0).backward()  # rank 1 skips block 1's extra: it must still reduce-scatter
     full = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # every parameter has one (zeros if unused)
     want = {k: torch.zeros_like(p) if p.grad is None else p.grad for k, p in ref.named_parameters()}
-    return {"grad_diff": max(maxdiff(g, want[k]) for k, g in full.items()), "grad_mag": max(float(g.abs().max()) for g in want.values()),
-            "never_used_grad_max": float(full["blocks.0.extra.weight"].abs().max()), "params": len(full)}  # fmt: skip
+    return {
+        "grad_diff": max(maxdiff(g, want[k]) for k, g in full.items()),
+        "grad_mag": max(float(g.abs().max()) for g in want.values()),
+        "never_used_grad_max": float(full["blocks.0.extra.weight"].abs().max()),
+        "params": len(full),
+    }
 
 
 def errors(rank: int) -> dict:

@@ -14,7 +14,14 @@ import pytest
 from scipy import stats as sps
 
 from audiomoe.analysis.claims import claims_files, evaluate_claims
-from audiomoe.analysis.stats import aggregate, equivalence, metric_range, minimum_detectable_effect, paired_test, summarize
+from audiomoe.analysis.stats import (
+    aggregate,
+    equivalence,
+    metric_range,
+    minimum_detectable_effect,
+    paired_test,
+    summarize,
+)
 from audiomoe.analysis.study import ClaimSpec
 
 
@@ -72,7 +79,14 @@ def _rows(values: dict[str, list[float]], metric: str = "mean/accuracy") -> list
 
 def _claims(control_candidate: str = "trained") -> list[ClaimSpec]:
     return [
-        ClaimSpec(id=0, role="control", text="training helps", kind="better", candidate=control_candidate, reference=["untrained"]),
+        ClaimSpec(
+            id=0,
+            role="control",
+            text="training helps",
+            kind="better",
+            candidate=control_candidate,
+            reference=["untrained"],
+        ),
         ClaimSpec(id=1, text="a beats b", kind="better", candidate="a", reference=["b"], also=["worst/accuracy"]),
         ClaimSpec(id=2, text="c is as good as b", kind="better", candidate="c", reference=["b"], margin=0.02),
     ]
@@ -82,8 +96,15 @@ ARMS = {"trained": "ctl", "untrained": "ctl", "a": "x", "b": "x", "c": "x"}
 
 
 def test_claims_are_interpreted_once_the_positive_control_resolves(tmp_path):
-    rows = _rows({"trained": [0.60, 0.62, 0.61, 0.63], "untrained": [0.13, 0.12, 0.14, 0.13],
-                  "a": [0.55, 0.56, 0.58, 0.57], "b": [0.50, 0.50, 0.51, 0.52], "c": [0.501, 0.499, 0.512, 0.519]})
+    rows = _rows(
+        {
+            "trained": [0.60, 0.62, 0.61, 0.63],
+            "untrained": [0.13, 0.12, 0.14, 0.13],
+            "a": [0.55, 0.56, 0.58, 0.57],
+            "b": [0.50, 0.50, 0.51, 0.52],
+            "c": [0.501, 0.499, 0.512, 0.519],
+        }
+    )
     out = {v["id"]: v for v in evaluate_claims(_claims(), rows, "mean/accuracy", ARMS, {})}
     assert out[0]["resolved"] and out[0]["verdict"] == "holds"
     assert out[1]["verdict"] == "holds" and out[1]["interval"][0] > 0 and out[1]["minimum_detectable_effect"] > 0
@@ -92,16 +113,29 @@ def test_claims_are_interpreted_once_the_positive_control_resolves(tmp_path):
     claims, controls = claims_files(list(out.values()))
     assert [c["id"] for c in claims] == [1, 2] and controls[0]["resolved"] is True
     for c in claims:
-        assert set(c) >= {"claim", "arms", "metric", "difference", "interval", "p", "verdict", "minimum_detectable_effect"}
+        assert set(c) >= {
+            "claim",
+            "arms",
+            "metric",
+            "difference",
+            "interval",
+            "p",
+            "verdict",
+            "minimum_detectable_effect",
+        }
     json.dumps(claims), json.dumps(controls)  # plain JSON, no NaN objects
 
 
 def test_an_underpowered_study_refuses_to_interpret_its_claims():
     # two seeds and a noisy control: its interval contains 0 (t_{0.975,1} = 12.7), so nothing is interpreted
-    rows = _rows({"trained": [0.60, 0.20], "untrained": [0.13, 0.15], "a": [0.55, 0.56], "b": [0.30, 0.31], "c": [0.3, 0.31]})
+    rows = _rows(
+        {"trained": [0.60, 0.20], "untrained": [0.13, 0.15], "a": [0.55, 0.56], "b": [0.30, 0.31], "c": [0.3, 0.31]}
+    )
     out = {v["id"]: v for v in evaluate_claims(_claims(), rows, "mean/accuracy", ARMS, {})}
     assert out[0]["resolved"] is False and out[0]["verdict"] == "not resolved"
-    assert out[1]["verdict"] == "not interpreted" and out[1]["raw_verdict"] == "holds"  # a's gain would otherwise read as real
+    assert (
+        out[1]["verdict"] == "not interpreted" and out[1]["raw_verdict"] == "holds"
+    )  # a's gain would otherwise read as real
     assert "positive control" in out[1]["plain"] and "did not resolve" in out[1]["plain"]
     claims, controls = claims_files(list(out.values()))
     assert controls[0]["resolved"] is False and all(c["verdict"] == "not interpreted" for c in claims)
@@ -109,20 +143,28 @@ def test_an_underpowered_study_refuses_to_interpret_its_claims():
 
 def test_a_claim_can_name_its_own_metric():
     rows = _rows({"a": [0.3, 0.31, 0.29], "b": [0.3, 0.3, 0.3]})
-    rows += [{"config": c, "seed": s, "status": "ok", "event/accuracy": v}
-             for c, vs in {"a": [0.8, 0.82, 0.81], "b": [0.5, 0.52, 0.49]}.items() for s, v in enumerate(vs)]
+    rows += [
+        {"config": c, "seed": s, "status": "ok", "event/accuracy": v}
+        for c, vs in {"a": [0.8, 0.82, 0.81], "b": [0.5, 0.52, 0.49]}.items()
+        for s, v in enumerate(vs)
+    ]
     merged: dict = {}
     for r in rows:
         merged.setdefault((r["config"], r["seed"]), {}).update(r)
-    claim = ClaimSpec(id=3, text="a helps the minority", kind="better", candidate="a", reference=["b"], metric="event/accuracy")
+    claim = ClaimSpec(
+        id=3, text="a helps the minority", kind="better", candidate="a", reference=["b"], metric="event/accuracy"
+    )
     (v,) = evaluate_claims([claim], list(merged.values()), "mean/accuracy", {"a": "x", "b": "x"}, {})
     assert v["metric"] == "event/accuracy" and v["verdict"] == "holds"
 
 
 def test_the_report_shows_the_control_first_and_no_verdict_while_it_has_not_resolved(tmp_path):
-    from audiomoe.analysis.report import claims_blocks, render
+    from audiomoe.analysis.report_blocks import claims_blocks
+    from audiomoe.analysis.report_html import render
 
-    rows = _rows({"trained": [0.60, 0.20], "untrained": [0.13, 0.15], "a": [0.55, 0.56], "b": [0.30, 0.31], "c": [0.3, 0.31]})
+    rows = _rows(
+        {"trained": [0.60, 0.20], "untrained": [0.13, 0.15], "a": [0.55, 0.56], "b": [0.30, 0.31], "c": [0.3, 0.31]}
+    )
     blocks = claims_blocks(evaluate_claims(_claims(), rows, "mean/accuracy", ARMS, {}))
     md, _ = render(blocks, tmp_path, "t")
     assert md.index("Positive controls") < md.index("Paper claims at this scale")

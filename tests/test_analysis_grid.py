@@ -17,13 +17,21 @@ def test_grid_values_split_outside_brackets_and_bad_grids_are_named():
     assert split_values("top_k, top_p") == ["top_k", "top_p"]
     assert split_values("[a,b],{x: 1, y: 2},'c,d'") == ["[a,b]", "{x: 1, y: 2}", "'c,d'"]
     assert parse_grid("backbone.moe.router.p=0.5,0.7") == ("backbone.moe.router.p", ["0.5", "0.7"])
-    for bad, what in (("backbone.moe.router", "KEY=V1,V2"), ("=a,b", "KEY=V1,V2"), ("k=a,,b", "non-empty"), ("k=a,a", "twice")):
+    for bad, what in (
+        ("backbone.moe.router", "KEY=V1,V2"),
+        ("=a,b", "KEY=V1,V2"),
+        ("k=a,,b", "non-empty"),
+        ("k=a,a", "twice"),
+    ):
         with pytest.raises(AudioMoEError, match=what):
             parse_grid(bad)
 
 
 def test_variants_bundle_overrides_and_bad_variants_are_named():
-    assert parse_variant("naive=backbone.moe.router=top_k;backbone.moe.num_null=0") == ("naive", ["backbone.moe.router=top_k", "backbone.moe.num_null=0"])
+    assert parse_variant("naive=backbone.moe.router=top_k;backbone.moe.num_null=0") == (
+        "naive",
+        ["backbone.moe.router=top_k", "backbone.moe.num_null=0"],
+    )
     assert parse_variant("plain=") == ("plain", [])
     with pytest.raises(AudioMoEError, match="NAME=KEY=VALUE"):
         parse_variant("bad name=x=1")
@@ -34,7 +42,12 @@ def test_variants_bundle_overrides_and_bad_variants_are_named():
 def test_expand_is_the_product_of_variants_and_grid(tmp_path):
     grids = [parse_grid("backbone.moe.router=top_k,top_p"), parse_grid("backbone.moe.num_experts=2,4")]
     configs = expand("tiny-moe-cls", grids, overrides=["seed=1"], train={"lr": 0.01}, steps=5)
-    assert [c.name for c in configs] == ["router=top_k+num_experts=2", "router=top_k+num_experts=4", "router=top_p+num_experts=2", "router=top_p+num_experts=4"]
+    assert [c.name for c in configs] == [
+        "router=top_k+num_experts=2",
+        "router=top_k+num_experts=4",
+        "router=top_p+num_experts=2",
+        "router=top_p+num_experts=4",
+    ]
     assert configs[1].overrides == ("seed=1", "backbone.moe.router=top_k", "backbone.moe.num_experts=4")
     assert dict(configs[0].labels) == {"router": "top_k", "num_experts": "2"}
     both = expand("t", [parse_grid("a.router=x,y"), parse_grid("b.router=z")])  # same last key part: full keys in names
@@ -60,7 +73,12 @@ def test_train_command_passes_overrides_seed_steps_and_overwrites_an_unfinished_
     cmd = train_command(run, python="python")
     assert cmd[:5] == ["python", "-m", "audiomoe.cli", "train", "tiny-moe-cls"]
     joined = " ".join(cmd)
-    assert "--set backbone.moe.router=top_p" in joined and "--seed 3" in joined and "--steps 50" in joined and "--batch-size 4" in joined
+    assert (
+        "--set backbone.moe.router=top_p" in joined
+        and "--seed 3" in joined
+        and "--steps 50" in joined
+        and "--batch-size 4" in joined
+    )
     assert f"--out {run.path / 'train'}" in joined and "--overwrite" not in cmd
     (run.path / "train").mkdir(parents=True)  # a killed run left its directory: start it over
     assert train_command(run)[-1] == "--overwrite"
@@ -75,14 +93,26 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
     assert [c.name for c in plan.configs] == routing + encoders
     assert plan.seeds == [0, 1, 2, 3] and plan.baselines == {"routing": "top_k", "encoders": "base_only"}
     assert "unimoe-curriculum-tiny" in plan.skipped["curriculum"] and "skipped only where" in plan.skipped["curriculum"]
-    assert (tmp_path / "specs" / "unimoe-corpus.yaml").is_file() and plan.configs[0].target == str(tmp_path / "specs" / "unimoe-corpus.yaml")
+    assert (tmp_path / "specs" / "unimoe-corpus.yaml").is_file() and plan.configs[0].target == str(
+        tmp_path / "specs" / "unimoe-corpus.yaml"
+    )
     assert {c.target for c in plan.configs if c.arm == "encoders"} == {"mowe-corpus-tiny"}  # pretrained weak encoders
     compact = plan_study(spec, tmp_path, compact=True, exists=lambda name: False)
     assert compact.seeds == [0, 1, 2, 3] and compact.configs[0].steps == spec.compact.steps < spec.steps
-    assert [c.name for c in compact.configs] == ["top_k", "top_k_ent", "top_p_null_ent", "frozen_encoder"]  # the control's pair
-    with_recipes = plan_study(spec, tmp_path, exists=lambda name: True)  # once issue 15's recipes exist, the arm runs them
+    assert [c.name for c in compact.configs] == [
+        "top_k",
+        "top_k_ent",
+        "top_p_null_ent",
+        "frozen_encoder",
+    ]  # the control's pair
+    with_recipes = plan_study(
+        spec, tmp_path, exists=lambda name: True
+    )  # once issue 15's recipes exist, the arm runs them
     cur = [c for c in with_recipes.configs if c.arm == "curriculum"]
-    assert [(c.name, c.target, c.steps) for c in cur] == [("curriculum", "unimoe-curriculum-tiny", None), ("naive", "unimoe-naive-tiny", None)]
+    assert [(c.name, c.target, c.steps) for c in cur] == [
+        ("curriculum", "unimoe-curriculum-tiny", None),
+        ("naive", "unimoe-naive-tiny", None),
+    ]
     assert with_recipes.skipped == {}
 
 
@@ -104,7 +134,9 @@ def test_bad_study_files_say_what_is_wrong(tmp_path):
     p.write_text("study: s\narms:\n  a:\n    target: tiny-cls\n    variants: {x: []}\n    colour: red\n")
     with pytest.raises(AudioMoEError, match=r"arms\.a\.colour"):
         load_study(p)
-    p.write_text("study: s\narms:\n  a: {target: tiny-cls, variants: {x: []}}\nclaims:\n  - {id: 1, text: t, kind: better, candidate: x, reference: [nope]}\n")
+    p.write_text(
+        "study: s\narms:\n  a: {target: tiny-cls, variants: {x: []}}\nclaims:\n  - {id: 1, text: t, kind: better, candidate: x, reference: [nope]}\n"
+    )
     with pytest.raises(AudioMoEError, match="claim 1 names 'nope'"):
         load_study(p)
     assert find_study(str(p)) == p and find_study("tiny-cls") is None
@@ -112,7 +144,9 @@ def test_bad_study_files_say_what_is_wrong(tmp_path):
 
 def test_ablate_refuses_bad_input_with_a_message():
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "audiomoe.cli", "ablate", *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "audiomoe.cli", "ablate", *args], capture_output=True, text=True, timeout=120
+        )
 
     r = run("papers", "--grid", "k=1,2")
     assert r.returncode == 2 and "is a study file" in r.stderr
@@ -128,18 +162,37 @@ def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_me
     from audiomoe.analysis.claims import evaluate_claims
 
     data = yaml.safe_load((STUDIES / "papers.yaml").read_text())
-    assert data["compact"]["variants"] == ["top_k", "frozen_encoder", "top_k_ent", "top_p_null_ent"]  # the demo: routing only
+    assert data["compact"]["variants"] == [
+        "top_k",
+        "frozen_encoder",
+        "top_k_ent",
+        "top_p_null_ent",
+    ]  # the demo: routing only
     data["compact"]["variants"] = ["top_k", "top_p_null", "base_only", "mowe_combined", "curriculum", "naive"]
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     spec = load_study(tmp_path / "s.yaml")
     plan = plan_study(spec, tmp_path, compact=True, exists=lambda name: True)
     assert [c.name for c in plan.configs] == spec.compact.variants
     assert plan.baselines == {"routing": "top_k", "encoders": "base_only", "curriculum": "naive"}
-    left = {"top_p": "routing", "top_k_ent": "routing", "top_p_null_ent": "routing", "frozen_encoder": "routing",
-            "mowe_independent": "encoders", "mowe_dependent": "encoders", "mowe_two_dependent": "encoders"}
+    left = {
+        "top_p": "routing",
+        "top_k_ent": "routing",
+        "top_p_null_ent": "routing",
+        "frozen_encoder": "routing",
+        "mowe_independent": "encoders",
+        "mowe_dependent": "encoders",
+        "mowe_two_dependent": "encoders",
+    }
     assert plan.skipped_configs == {k: f"{v} (compact)" for k, v in left.items()}
-    assert "left out of the compact form" in plan.skipped["encoders (compact)"] and "audiomoe ablate papers" in plan.skipped["encoders (compact)"]
-    rows = [{"config": c.name, "seed": s, "status": "ok", "mean/accuracy": 0.3 + 0.01 * s} for c in plan.configs for s in plan.seeds]
+    assert (
+        "left out of the compact form" in plan.skipped["encoders (compact)"]
+        and "audiomoe ablate papers" in plan.skipped["encoders (compact)"]
+    )
+    rows = [
+        {"config": c.name, "seed": s, "status": "ok", "mean/accuracy": 0.3 + 0.01 * s}
+        for c in plan.configs
+        for s in plan.seeds
+    ]
     verdicts = {v["id"]: v for v in evaluate_claims(spec.claims, rows, plan.metric, plan.arm_of(), plan.skipped)}
     assert verdicts[2]["verdict"] == "not measured" and "left out of the compact form" in verdicts[2]["plain"]
     assert verdicts[1]["verdict"] != "not measured" and verdicts[3]["verdict"] != "not measured"
@@ -148,8 +201,12 @@ def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_me
     demo = plan_study(load_study(tmp_path / "s.yaml"), tmp_path, compact=True, exists=lambda name: True)
     assert len(demo.configs) == 13 and demo.skipped == {}
     cur = {c.name: c.overrides for c in demo.configs if c.arm == "curriculum"}
-    assert "stages.joint.steps=120" in cur["naive"] and "stages.foundation.steps=60" in cur["curriculum"]  # as many steps
-    assert "domains.sound.proportion=1" in cur["naive"] and "domains.sound.proportion=1" in cur["curriculum"]  # one imbalance
+    assert (
+        "stages.joint.steps=120" in cur["naive"] and "stages.foundation.steps=60" in cur["curriculum"]
+    )  # as many steps
+    assert (
+        "domains.sound.proportion=1" in cur["naive"] and "domains.sound.proportion=1" in cur["curriculum"]
+    )  # one imbalance
 
 
 def test_compact_variants_must_name_variants_and_keep_each_kept_arms_baseline(tmp_path):
@@ -163,7 +220,10 @@ def test_compact_variants_must_name_variants_and_keep_each_kept_arms_baseline(tm
         load_study(p)
     p.write_text(body + "compact: {variants: [x]}\n")
     plan = plan_study(load_study(p), tmp_path, compact=True)
-    assert [c.name for c in plan.configs] == ["x"] and set(plan.skipped) == {"a (compact)", "b"}  # a whole arm left out is skipped by name
+    assert [c.name for c in plan.configs] == ["x"] and set(plan.skipped) == {
+        "a (compact)",
+        "b",
+    }  # a whole arm left out is skipped by name
     assert plan.arm_of() == {"x": "a", "y": "a (compact)", "z": "b"}
 
 
@@ -193,9 +253,13 @@ def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path):
     (old.path / "train").mkdir(parents=True)
     (old.path / "train" / "summary.json").write_text("{}")
     (old.path / SETTINGS_FILE).write_text(json.dumps(run_settings(old)))
-    assert run_state(old) == "trained" and "--overwrite" not in run_settings(old)  # same settings: only its measurement is missing
+    assert run_state(old) == "trained" and "--overwrite" not in run_settings(
+        old
+    )  # same settings: only its measurement is missing
     assert run_of(40).path == old.path and run_state(run_of(40)) == "stale"
-    with_set = expand("tiny-moe-cls", [parse_grid("backbone.moe.router=top_p")], steps=20, overrides=["backbone.moe.num_experts=8"])
+    with_set = expand(
+        "tiny-moe-cls", [parse_grid("backbone.moe.router=top_p")], steps=20, overrides=["backbone.moe.num_experts=8"]
+    )
     assert run_state(plan_runs(with_set, [0], tmp_path)[0]) == "stale"
 
 

@@ -7,11 +7,12 @@ import struct
 import pytest
 import torch
 
-from audiomoe.analysis.plots import metric_by_config, routing_figures, save_png, training_curves
+from audiomoe.analysis.plots import metric_by_config, save_png, training_curves
+from audiomoe.analysis.routing_plots import routing_figures
 from audiomoe.analysis.routing_stats import measure_model
+from audiomoe.analysis.trace import RoutingTrace
 from audiomoe.core.composer import compose
 from audiomoe.data.synthetic import classification_tasks, tone_batch
-from audiomoe.analysis.trace import RoutingTrace
 
 
 def _batches(model, n=2, bs=6, seed=0):
@@ -85,7 +86,12 @@ def mowe():
 def test_mowe_weak_encoder_selection_per_task(mowe):
     m = mowe
     r = m["routing"]["encoder/mowe"]
-    assert r["kind"] == "sample" and m["weak_encoders"] == ["weak0 whisper", "weak1 whisper", "weak2 hubert", "weak3 hubert"]
+    assert r["kind"] == "sample" and m["weak_encoders"] == [
+        "weak0 whisper",
+        "weak1 whisper",
+        "weak2 hubert",
+        "weak3 hubert",
+    ]
     assert r["column_labels"] == m["weak_encoders"]
     for task, shares in r["selection_by_task"].items():  # top-1 router: every sample runs exactly one weak encoder
         assert sum(shares) == pytest.approx(1.0), task
@@ -103,16 +109,25 @@ def test_routing_plots_are_pngs_with_labelled_axes(topk, mowe, tmp_path):
     heat = figs["expert_load"].axes[0]
     assert (heat.get_xlabel(), heat.get_ylabel()) == ("expert", "task")  # top-2, no null column: no null in the label
     weak = figs["weak_selection"].axes[0]
-    assert weak.get_xlabel() == "weak encoder" and [t.get_text() for t in weak.get_yticklabels()] == ["emotion", "speaker"]
+    assert weak.get_xlabel() == "weak encoder" and [t.get_text() for t in weak.get_yticklabels()] == [
+        "emotion",
+        "speaker",
+    ]
     (w, h), size = _png_size(save_png(figs["experts_per_layer"], tmp_path / "plots" / "epl.png"))
     assert w > 300 and h > 200 and size > 5000
     _png_size(save_png(figs["weak_selection"], tmp_path / "plots" / "weak.png"))
 
 
 def test_metric_and_curve_plots_read_the_tables(tmp_path):
-    agg = [{"config": "a", "arm": "x", "acc/mean": 0.5, "acc/ci_low": 0.4, "acc/ci_high": 0.6},
-           {"config": "b", "arm": "x", "acc/mean": 0.7, "acc/ci_low": -3.0, "acc/ci_high": 4.0}]  # fmt: skip
-    rows = [{"config": "a", "status": "ok", "acc": 0.45}, {"config": "a", "status": "ok", "acc": 0.55}, {"config": "b", "status": "ok", "acc": 0.7}]
+    agg = [
+        {"config": "a", "arm": "x", "acc/mean": 0.5, "acc/ci_low": 0.4, "acc/ci_high": 0.6},
+        {"config": "b", "arm": "x", "acc/mean": 0.7, "acc/ci_low": -3.0, "acc/ci_high": 4.0},
+    ]
+    rows = [
+        {"config": "a", "status": "ok", "acc": 0.45},
+        {"config": "a", "status": "ok", "acc": 0.55},
+        {"config": "b", "status": "ok", "acc": 0.7},
+    ]
     fig = metric_by_config(agg, rows, "acc", chance=0.25)
     ax = fig.axes[0]
     assert ax.get_ylabel() == "acc" and ax.get_xlabel() == "config" and "95% CI" in ax.get_title()
@@ -127,7 +142,7 @@ def test_metric_and_curve_plots_read_the_tables(tmp_path):
 
 
 def test_router_top_probability_by_hand_and_the_uniform_flag(topk, tmp_path):
-    from audiomoe.analysis.report import routing_blocks
+    from audiomoe.analysis.report_blocks import routing_blocks
 
     model, batches, m = topk
     tops: dict[str, list[torch.Tensor]] = {}
@@ -149,14 +164,27 @@ def test_router_top_probability_by_hand_and_the_uniform_flag(topk, tmp_path):
 
 
 def test_learning_check_counts_configs_whose_every_seed_left_chance():
-    from audiomoe.analysis.report import learning_check
+    from audiomoe.analysis.report_blocks import learning_check
 
-    agg = [{"config": "a", "m/mean": 0.30, "m/ci_low": 0.05}, {"config": "b", "m/mean": 0.15, "m/ci_low": 0.14}, {"config": "c", "m/mean": 0.40, "m/ci_low": 0.35}]
-    ok = [{"config": "a", "m": 0.25}, {"config": "a", "m": 0.35}, {"config": "b", "m": 0.14}, {"config": "b", "m": 0.16},
-          {"config": "c", "m": 0.39}, {"config": "c", "m": 0.41}]  # fmt: skip
+    agg = [
+        {"config": "a", "m/mean": 0.30, "m/ci_low": 0.05},
+        {"config": "b", "m/mean": 0.15, "m/ci_low": 0.14},
+        {"config": "c", "m/mean": 0.40, "m/ci_low": 0.35},
+    ]
+    ok = [
+        {"config": "a", "m": 0.25},
+        {"config": "a", "m": 0.35},
+        {"config": "b", "m": 0.14},
+        {"config": "b", "m": 0.16},
+        {"config": "c", "m": 0.39},
+        {"config": "c", "m": 0.41},
+    ]
     text = learning_check(agg, ok, "m", chance=0.13, seeds=2)
     assert "2 of 3 configs score at least 0.05 above chance at every seed (a, c)" in text
-    assert "2 have their whole 95% interval above chance (with 2 seeds" in text and "1 have a mean within 0.05 of chance." in text
+    assert (
+        "2 have their whole 95% interval above chance (with 2 seeds" in text
+        and "1 have a mean within 0.05 of chance." in text
+    )
 
 
 def test_held_out_batches_are_the_trainers_eval_batches_with_the_recipes_settings(tmp_path):
@@ -184,7 +212,14 @@ def test_a_head_writing_through_the_shared_decoder_is_measured_teacher_forced():
     torch.manual_seed(0)
     model = compose("unimoe-audio-tiny")
     head = model.heads["tts"]
-    batch = AudioBatch(0.1 * torch.randn(3, 16000), 16000, "tts", torch.tensor([16000, 9000, 12000]), head.example_targets(3), ["hi", "a b", "c"])
+    batch = AudioBatch(
+        0.1 * torch.randn(3, 16000),
+        16000,
+        "tts",
+        torch.tensor([16000, 9000, 12000]),
+        head.example_targets(3),
+        ["hi", "a b", "c"],
+    )
     m = measure_model(model, [batch])
     layers = sorted(m["routing"])  # the codec head's pass runs in the shared backbone: reported as its layers
     assert layers == ["backbone/layer0", "backbone/layer1"]
@@ -200,14 +235,21 @@ def test_records_of_part_of_a_batch_are_attributed_to_their_own_items():
     """Text, codec and classification items in one batch: each head's decoder pass, and the backbone pass of the
     classification items, cover only their items; stats and the training log attribute every sample to its task."""
     from audiomoe.core.batch import AudioBatch
-    from audiomoe.train.runlog import RoutingMonitor
     from audiomoe.train.recipe import HealthSpec
+    from audiomoe.train.runlog import RoutingMonitor
 
     torch.manual_seed(0)
     model = compose("mowe-unimoe-tiny", ["tasks.emotion=classification", "tasks.emotion.num_classes=4"]).eval()
     tasks = ["tts", "asr", "emotion", "asr", "tts", "emotion", "tts"]
     targets = [model.heads[t].example_targets(1)[0] for t in tasks]
-    batch = AudioBatch(0.1 * torch.randn(7, 16000), 16000, tasks, None, targets, [{"text": "hi"} if t == "tts" else None for t in tasks])
+    batch = AudioBatch(
+        0.1 * torch.randn(7, 16000),
+        16000,
+        tasks,
+        None,
+        targets,
+        [{"text": "hi"} if t == "tts" else None for t in tasks],
+    )
     with torch.no_grad():
         out = model(batch, predict=False)
     per_layer = out.routing_tasks(tasks)
@@ -216,17 +258,21 @@ def test_records_of_part_of_a_batch_are_attributed_to_their_own_items():
     m = measure_model(model, [batch])["routing"]
     # every pass through the one LLM is one layer's record, its rows attributed to their tasks
     assert sorted(m) == ["backbone/layer0", "backbone/layer1", "encoder/mowe"]
-    valid = lambda r: float(r.mask.shape[0] if r.item_mask is None else r.item_mask.sum())  # noqa: E731
+    valid = lambda r: float(r.mask.shape[0] if r.item_mask is None else r.item_mask.sum())
     for layer in ("layer0", "layer1"):
         r = m[f"backbone/{layer}"]
         assert sorted(r["load_by_task"]) == ["asr", "emotion", "tts"]
-        parts = {t: out.routing[f"heads/{t}/decoder/{layer}"] for t in ("asr", "tts")} | {"emotion": out.routing[f"backbone/{layer}"]}
+        parts = {t: out.routing[f"heads/{t}/decoder/{layer}"] for t in ("asr", "tts")} | {
+            "emotion": out.routing[f"backbone/{layer}"]
+        }
         assert r["items"] == sum(valid(p) for p in parts.values())
         for t, p in parts.items():  # each task's load row counts that pass's picks per column (routed and null)
             picks = p.mask if p.item_mask is None else p.mask[p.item_mask]
             assert r["load_by_task"][t] == picks.sum(0).tolist(), (layer, t)
     stats, _ = RoutingMonitor(HealthSpec()).report(out.routing, per_layer, model.task_names)
-    assert set(stats["heads/tts/decoder/layer0"]["per_task"]) == {"tts"} and set(stats["backbone/layer0"]["per_task"]) == {"emotion"}
+    assert set(stats["heads/tts/decoder/layer0"]["per_task"]) == {"tts"} and set(
+        stats["backbone/layer0"]["per_task"]
+    ) == {"emotion"}
     assert sum(stats["heads/asr/decoder/layer0"]["per_task"]["asr"]) == pytest.approx(1.0)
 
 
@@ -237,14 +283,16 @@ def test_a_stored_measurement_is_reused_only_for_its_version_and_checkpoint():
     summary = {"checkpoint": "runs/a/step-000020"}
     assert measure_is_current({"version": MEASURE_VERSION, "checkpoint": "runs/a/step-000020"}, summary)
     assert not measure_is_current({"version": MEASURE_VERSION, "checkpoint": "runs/a/step-000010"}, summary)
-    assert not measure_is_current({"checkpoint": "runs/a/step-000020"}, summary)  # before versions: teacher forcing missing
+    assert not measure_is_current(
+        {"checkpoint": "runs/a/step-000020"}, summary
+    )  # before versions: teacher forcing missing
     assert not measure_is_current(None, summary)
 
 
 def test_mowe_router_top_probability_per_task_by_hand_and_in_the_report(tmp_path):
     """Per task, the mean top router probability of the per-sample (weak-encoder) router equals a direct computation
     over that task's samples; the report shows it against uniform."""
-    from audiomoe.analysis.report import routing_blocks
+    from audiomoe.analysis.report_blocks import routing_blocks
 
     model = compose("mowe-tiny")
     batches = _batches(model, n=2, bs=6, seed=3)
@@ -264,4 +312,6 @@ def test_mowe_router_top_probability_per_task_by_hand_and_in_the_report(tmp_path
         assert rec["top_prob_by_task"][t] == pytest.approx(sum(vs) / len(vs), rel=1e-5)
     blocks = routing_blocks({"mowe": [m]}, tmp_path)
     table = next(b for b in blocks if b[0] == "table" and "mean top probability" in b[1])
-    assert {row[2] for row in table[2]} == set(want) and all(row[4] == "0.250" for row in table[2])  # 4 weak encoders: 1/E
+    assert {row[2] for row in table[2]} == set(want) and all(
+        row[4] == "0.250" for row in table[2]
+    )  # 4 weak encoders: 1/E

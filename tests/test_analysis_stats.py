@@ -66,7 +66,9 @@ def test_paired_verdicts_and_constant_differences():
     same = paired_test({0: 0.3, 1: 0.3}, {0: 0.1, 1: 0.1})  # identical differences: t infinite, p 0
     assert same.mean_diff == pytest.approx(0.2) and same.p == 0.0 and same.t == math.inf
     assert paired_test({0: 0.3}, {0: 0.1}).verdict() == "n/a"
-    assert paired_test({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0}).verdict() == "identical"  # not "unresolved": no difference at all
+    assert (
+        paired_test({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0}).verdict() == "identical"
+    )  # not "unresolved": no difference at all
 
 
 def test_aggregate_and_compare_rows():
@@ -81,6 +83,8 @@ def test_aggregate_and_compare_rows():
     assert agg[0]["acc/mean"] == pytest.approx(0.6) and agg[0]["acc/n"] == 2
     assert agg[1]["runs"] == 2 and agg[1]["ok"] == 1 and agg[1]["acc/n"] == 1
     comp = compare(rows, "a", ["acc"])
-    assert len(comp) == 1 and comp[0]["config"] == "b" and comp[0]["n"] == 1 and comp[0]["mean_diff"] == pytest.approx(0.1)
+    assert (
+        len(comp) == 1 and comp[0]["config"] == "b" and comp[0]["n"] == 1 and comp[0]["mean_diff"] == pytest.approx(0.1)
+    )
     with pytest.raises(AudioMoEError, match="baseline 'zz' is not one of the configs"):
         compare(rows, "zz", ["acc"])

@@ -18,7 +18,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--steps", "2", "--train", "batch_size=4", "--train", "eval_batches=1", "--train", "eval_every=2", "--measure-batches", "1"]
+TINY = [
+    "--steps",
+    "2",
+    "--train",
+    "batch_size=4",
+    "--train",
+    "eval_batches=1",
+    "--train",
+    "eval_every=2",
+    "--measure-batches",
+    "1",
+]
 
 
 def _env() -> dict:
@@ -28,7 +39,14 @@ def _env() -> dict:
 
 
 def ablate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "audiomoe.cli", "ablate", *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "audiomoe.cli", "ablate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=ROOT,
+    )
 
 
 def _csv(path: Path) -> list[dict]:
@@ -46,8 +64,9 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     # a config that composes (ablate checks each before the first run) but whose data fails in training
     (tmp_path / "lost.jsonl").write_text('{"audio": "lost.wav", "task": "emotion", "target": "x"}\n')
     bad = f"bad=data={tmp_path / 'lost.jsonl'}"
-    r = ablate("tiny-moe-cls", "--variant", "good=", "--variant", bad, "--seeds", "1", "--jobs", "2", *TINY,
-               "--out", str(out))
+    r = ablate(
+        "tiny-moe-cls", "--variant", "good=", "--variant", bad, "--seeds", "1", "--jobs", "2", *TINY, "--out", str(out)
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "bad seed 0: FAILED in train" in r.stdout and "good seed 0: ok" in r.stdout
     assert "1 run(s) failed" in r.stderr
@@ -64,7 +83,9 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path):
     assert (out / "runs" / "good" / "seed-0" / "measure.json").is_file()
     # a misspelled key metric is refused, naming the right one; the finished run is kept (not trained again)
     r = ablate("tiny-moe-cls", "--variant", "good=", "--seeds", "1", *TINY, "--metric", "mean/acc", "--out", str(out))
-    assert r.returncode == 2 and "'mean/acc' is in no run's results. Did you mean 'mean/accuracy'?" in r.stderr, r.stderr
+    assert r.returncode == 2 and "'mean/acc' is in no run's results. Did you mean 'mean/accuracy'?" in r.stderr, (
+        r.stderr
+    )
     assert "1 already finished, 0 to run" in r.stdout
 
 
@@ -75,9 +96,22 @@ def _finished(out: Path) -> list[Path]:
 @pytest.mark.slow
 def test_grid_2x2_x_2_seeds_killed_then_resumed_reruns_only_unfinished_runs(tmp_path):
     out = tmp_path / "grid"
-    args = ["tiny-moe-cls", "--grid", "backbone.moe.router=top_k,top_p", "--grid", "backbone.moe.num_experts=2,4", "--seeds", "2", *TINY, "--out", str(out)]
+    args = [
+        "tiny-moe-cls",
+        "--grid",
+        "backbone.moe.router=top_k,top_p",
+        "--grid",
+        "backbone.moe.num_experts=2,4",
+        "--seeds",
+        "2",
+        *TINY,
+        "--out",
+        str(out),
+    ]
     cmd = [sys.executable, "-m", "audiomoe.cli", "ablate", *args, "--jobs", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, start_new_session=True
+    )
     deadline = time.time() + 400
     while len(_finished(out)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -87,33 +121,59 @@ def test_grid_2x2_x_2_seeds_killed_then_resumed_reruns_only_unfinished_runs(tmp_
     assert 2 <= len(before) < 8
     r = ablate(*args, "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"{len(before)} already finished" in r.stdout or f"{len(before) - 1} already finished" in r.stdout  # one may lack its measurement
+    assert (
+        f"{len(before)} already finished" in r.stdout or f"{len(before) - 1} already finished" in r.stdout
+    )  # one may lack its measurement
     for p, mtime in before.items():  # finished runs were not trained again
         assert p.stat().st_mtime_ns == mtime, p
     assert len(_finished(out)) == 8
     rows = _csv(out / "results.csv")
     assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
     assert sorted((r["grid/router"], r["grid/num_experts"], r["seed"]) for r in rows) == sorted(
-        (a, b, s) for a in ("top_k", "top_p") for b in ("2", "4") for s in ("0", "1"))  # fmt: skip
+        (a, b, s) for a in ("top_k", "top_p") for b in ("2", "4") for s in ("0", "1")
+    )
     agg = _csv(out / "aggregate.csv")
-    assert [a["config"] for a in agg] == ["router=top_k+num_experts=2", "router=top_k+num_experts=4", "router=top_p+num_experts=2", "router=top_p+num_experts=4"]
+    assert [a["config"] for a in agg] == [
+        "router=top_k+num_experts=2",
+        "router=top_k+num_experts=4",
+        "router=top_p+num_experts=2",
+        "router=top_p+num_experts=4",
+    ]
     assert all(a["ok"] == "2" and a["mean/accuracy/n"] == "2" for a in agg)
     comps = _csv(out / "comparisons.csv")
-    assert {c["config"] for c in comps} == {a["config"] for a in agg[1:]} and {c["baseline"] for c in comps} == {agg[0]["config"]}
+    assert {c["config"] for c in comps} == {a["config"] for a in agg[1:]} and {c["baseline"] for c in comps} == {
+        agg[0]["config"]
+    }
     assert len([json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]) == 8
     for name in ("metric", "moe_flops", "experts_per_layer", "expert_load", "training_curves"):
         _png_ok(out / "plots" / f"{name}.png")
     md = (out / "report.md").read_text()
     assert "## Results per config" in md and "router=top_p+num_experts=4" in md and "](plots/metric.png)" in md
-    assert "8 of 8 runs finished; this invocation ran " in md and "the others were already done" in md  # not the study's time
+    assert (
+        "8 of 8 runs finished; this invocation ran " in md and "the others were already done" in md
+    )  # not the study's time
 
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_each_run_as_a_job(tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "sub"
-    r = ablate("tiny-moe-cls", "--grid", "backbone.moe.router=top_k,top_p", "--seeds", "1", *TINY, "--jobs", "2",
-               "--launcher", "submitit", "--submitit-cluster", "local", "--out", str(out))  # fmt: skip
+    r = ablate(
+        "tiny-moe-cls",
+        "--grid",
+        "backbone.moe.router=top_k,top_p",
+        "--seeds",
+        "1",
+        *TINY,
+        "--jobs",
+        "2",
+        "--launcher",
+        "submitit",
+        "--submitit-cluster",
+        "local",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(list((out / "submitit").glob("*_result.pkl"))) == 2  # submitit's own job records
     assert {row["status"] for row in _csv(out / "results.csv")} == {"ok"}
@@ -123,9 +183,38 @@ def test_submitit_local_executor_runs_each_run_as_a_job(tmp_path):
 def test_report_of_one_run_from_its_checkpoint(tmp_path):
     run = tmp_path / "run"
     env = _env()
-    subprocess.run([sys.executable, "-m", "audiomoe.cli", "train", "tiny-unimoe", "--steps", "2", "--batch-size", "4", "--eval-batches", "1",
-                    "--eval-every", "2", "--out", str(run), "--quiet"], check=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
-    r = subprocess.run([sys.executable, "-m", "audiomoe.cli", "report", str(run), "--batches", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "audiomoe.cli",
+            "train",
+            "tiny-unimoe",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--eval-batches",
+            "1",
+            "--eval-every",
+            "2",
+            "--out",
+            str(run),
+            "--quiet",
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "audiomoe.cli", "report", str(run), "--batches", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert (run / "measure.json").is_file() and "report:" in r.stdout
     for name in ("experts_per_layer", "null_share", "expert_load"):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import audiomoe
-from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.batch import AudioBatch
-from audiomoe.heads.audiollm import AudioLLM
 from audiomoe.backbones.hf_lm import byte_tokenizer
+from audiomoe.core.batch import AudioBatch
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.heads.audiollm import AudioLLM
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 D = 16
@@ -64,9 +63,13 @@ def test_soft_tokens_land_between_prompt_tokens_with_padding_on_both_sides():
         assert batch.labels[i].tolist() == [-100] * (left + len(pre) + n + len(post)) + answer
     # padding is harmless: each item's loss is the same alone and in the padded batch
     lm = head.lm
-    logits = lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    logits = lm(
+        inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    ).logits
     single = head.build_inputs(head(x[:1, :2], pad[:1, :2], prompts=[{"mode": "qa", "question": "why?"}]), targets[:1])
-    alone = lm(inputs_embeds=single.inputs_embeds, attention_mask=single.attention_mask, position_ids=single.position_ids).logits
+    alone = lm(
+        inputs_embeds=single.inputs_embeds, attention_mask=single.attention_mask, position_ids=single.position_ids
+    ).logits
     assert torch.allclose(logits[0, -alone.shape[1] :], alone[0], atol=1e-5)
 
 
@@ -110,10 +113,14 @@ def test_loss_decreases_and_lora_adapters_save_load_and_reproduce(tmp_path):
     assert (saved / "adapter_model.safetensors").stat().st_size < 200_000  # adapters only, not the LM
     fresh = _head(lora=lora)
     fresh.eval()
-    assert fresh.loss(fresh(x, pad), fresh.make_targets(["hi there", "bye"], x.device)).item() != pytest.approx(ref_loss)
+    assert fresh.loss(fresh(x, pad), fresh.make_targets(["hi there", "bye"], x.device)).item() != pytest.approx(
+        ref_loss
+    )
     fresh.load_adapters(saved)
     out = fresh(x, pad)
-    assert fresh.loss(out, fresh.make_targets(["hi there", "bye"], x.device)).item() == pytest.approx(ref_loss, abs=1e-6)
+    assert fresh.loss(out, fresh.make_targets(["hi there", "bye"], x.device)).item() == pytest.approx(
+        ref_loss, abs=1e-6
+    )
     assert fresh.predict(out) == ref_text
     with pytest.raises(AudioMoEError, match="rank 8"):
         _head(lora={"r": 8}).load_adapters(saved)
@@ -134,8 +141,15 @@ def test_pretrained_lm_and_tokenizer_load_from_a_local_directory(tmp_path):
 
 
 def test_qwen_style_config_builds_and_trains():
-    cfg = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+    cfg = {
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }
     head = _head(config=cfg, lora={"r": 2})
     x, pad = _audio([3, 5])
     losses = _train(head, 5, x, pad, ["abc", "de"])
@@ -143,8 +157,17 @@ def test_qwen_style_config_builds_and_trains():
 
 
 def test_bad_inputs_are_clear_errors():
-    head = _head(config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64})
+    head = _head(
+        config={
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+        }
+    )
     x, pad = _audio([4])
     cpu = torch.device("cpu")
     with pytest.raises(AudioMoEError, match="exceeds the LM's context of 64 positions"):
@@ -169,7 +192,10 @@ def test_audiollm_inside_a_composed_model_with_prompts():
     model = audiomoe.compose("tiny-audiollm")
     wav = torch.randn(2, 4000) * 0.1
     batch = AudioBatch(
-        wav, 16000, "llm", torch.tensor([4000, 2500]),
+        wav,
+        16000,
+        "llm",
+        torch.tensor([4000, 2500]),
         targets=["a dog barks", "yes"],
         prompts=[{"mode": "caption"}, {"mode": "qa", "question": "is it a dog?"}],
     )
@@ -177,7 +203,9 @@ def test_audiollm_inside_a_composed_model_with_prompts():
     assert torch.isfinite(out.loss) and len(out.predictions["llm"]) == 2
     assert all(isinstance(t, str) for t in out.predictions["llm"])
     # training-only form: template fields may ride on the targets; generation is skipped
-    train_batch = AudioBatch(wav, 16000, "llm", targets=["a dog barks", {"answer": "yes", "mode": "qa", "question": "dog?"}])
+    train_batch = AudioBatch(
+        wav, 16000, "llm", targets=["a dog barks", {"answer": "yes", "mode": "qa", "question": "dog?"}]
+    )
     out = model(train_batch, predict=False)
     assert "llm" not in out.predictions and torch.isfinite(out.loss)
     with pytest.raises(AudioMoEError, match="2 items but 1 prompts"):

@@ -43,7 +43,7 @@ def test_dense_lm_backbone_trains_in_a_preset_and_ignores_padding():
 
 def test_copy_upcycled_lm_equals_the_dense_lm_and_reports_routing():
     dense = backbone()
-    moe = backbone(moe={"name": "moe", "params": {"num_experts": 3, "router": {"name": "linear_topk", "params": {"k": 2}}}})
+    moe = backbone(moe={"name": "moe", "params": {"num_experts": 3, "router": {"name": "top_k", "params": {"k": 2}}}})
     x, pad = padded()
     a, b = dense(x, pad), moe(x, pad)
     torch.testing.assert_close(b.hidden, a.hidden, rtol=1e-5, atol=1e-5)  # every expert is a copy, weights sum to 1
@@ -62,7 +62,14 @@ def test_lora_freezes_the_lm_and_trains_the_adapters():
 
 
 def test_a_local_lm_of_another_width_gets_linear_maps(tmp_path):
-    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=8)
+    cfg = transformers.LlamaConfig(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=8,
+    )
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "lm")
     bb = backbone(pretrained=str(tmp_path / "lm"))
     assert isinstance(bb.into, torch.nn.Linear) and bb.into.out_features == 48
@@ -76,4 +83,6 @@ def test_bad_backbone_inputs_are_named(tmp_path):
     with pytest.raises(audiomoe.AudioMoEError, match="needs 'model_type'"):
         backbone(config={"hidden_size": 32})
     with pytest.raises(audiomoe.ConfigError, match="either 'pretrained'"):
-        audiomoe.compose("tiny-cls", ["backbone=causal_lm", "backbone.pretrained=/x", "backbone.config={model_type: llama}"])
+        audiomoe.compose(
+            "tiny-cls", ["backbone=causal_lm", "backbone.pretrained=/x", "backbone.config={model_type: llama}"]
+        )

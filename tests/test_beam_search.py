@@ -10,7 +10,10 @@ from audiomoe.heads.beam import beam_search
 from audiomoe.testing import build_component
 
 BACKBONES = [
-    ("causal_lm", {"moe": {"name": "moe", "params": {"num_experts": 4, "router": "top_p", "num_null": 1, "num_shared": 1}}}),
+    (
+        "causal_lm",
+        {"moe": {"name": "moe", "params": {"num_experts": 4, "router": "top_p", "num_null": 1, "num_shared": 1}}},
+    ),
     ("moe_transformer", {"positions": "rope", "num_layers": 2}),
 ]
 
@@ -36,14 +39,24 @@ def test_beam_search_over_the_whole_vocabulary_finds_the_best_two_token_answer()
     dec, tok = model.backbone, model.backbone.tokenizer
     with torch.no_grad():
         batch = head.build_inputs(inputs)
-        first = torch.log_softmax(dec.text_logits(dec.decode(batch.inputs_embeds, batch.attention_mask, batch.position_ids).hidden[:, -1]), -1)
+        first = torch.log_softmax(
+            dec.text_logits(dec.decode(batch.inputs_embeds, batch.attention_mask, batch.position_ids).hidden[:, -1]), -1
+        )
         vocab, eos = first.shape[-1], tok.eos_token_id
         best, greedy = [], []
         for i in range(2):  # every (a, b): one decoder pass over the prefix + a, for all a at once
             rows = batch.inputs_embeds[i : i + 1].expand(vocab, -1, -1)
             ext = torch.cat([rows, dec.embed_tokens(torch.arange(vocab)[:, None])], 1)
-            mask = torch.cat([batch.attention_mask[i : i + 1].expand(vocab, -1), torch.ones(vocab, 1, dtype=torch.long)], 1)
-            pos = torch.cat([batch.position_ids[i : i + 1].expand(vocab, -1), batch.position_ids[i : i + 1, -1:].expand(vocab, 1) + 1], 1)
+            mask = torch.cat(
+                [batch.attention_mask[i : i + 1].expand(vocab, -1), torch.ones(vocab, 1, dtype=torch.long)], 1
+            )
+            pos = torch.cat(
+                [
+                    batch.position_ids[i : i + 1].expand(vocab, -1),
+                    batch.position_ids[i : i + 1, -1:].expand(vocab, 1) + 1,
+                ],
+                1,
+            )
             second = torch.log_softmax(dec.text_logits(dec.decode(ext, mask, pos).hidden[:, -1]), -1)
             total = (first[i][:, None] + second) / 2**lp  # [a, b]: two tokens (b = eos: the answer "a", eos counted)
             total[eos] = float("-inf")  # after eos nothing follows: [eos] alone scores first[eos] / 1
@@ -51,7 +64,16 @@ def test_beam_search_over_the_whole_vocabulary_finds_the_best_two_token_answer()
             best.append([] if first[i][eos] >= total.max() else [a] + ([] if b == eos else [b]))
             g = int(first[i].argmax())
             greedy.append([g] + ([] if int(second[g].argmax()) == eos else [int(second[g].argmax())]))
-        ids = beam_search(dec, eos, batch.inputs_embeds, batch.attention_mask, batch.position_ids, limit=2, beams=vocab, length_penalty=lp)
+        ids = beam_search(
+            dec,
+            eos,
+            batch.inputs_embeds,
+            batch.attention_mask,
+            batch.position_ids,
+            limit=2,
+            beams=vocab,
+            length_penalty=lp,
+        )
     assert ids == best and all(best)
     assert ids != greedy, "greedy decoding picks another answer here: the search itself is tested"
     assert head.generate(inputs, num_beams=vocab) == [tok.decode(q, skip_special_tokens=True).strip() for q in best]

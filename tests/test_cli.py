@@ -37,17 +37,17 @@ def test_plugins_shows_builtin_with_version():
 
 def test_list_kind_and_glob():
     out = run("list", "router", "linear*").stdout
-    assert "linear_topk" in out and "conv_frontend" not in out
+    assert "top_k" in out and "conv_frontend" not in out
     assert "tiny-moe-cls" in run("list", "preset").stdout
     bad = run("list", "routr", ok=False)
     assert bad.returncode == 2 and "unknown kind 'routr'. Did you mean 'router'?" in bad.stderr
 
 
 def test_describe_shows_types_defaults_limits_and_example():
-    out = run("describe", "router/linear_topk").stdout
+    out = run("describe", "router/top_k").stdout
     assert "k" in out and "int" in out and ">= 1" in out and "columns selected per item" in out
     assert "injected by the composer (not params): d_model, num_experts" in out
-    assert "example:" in out and "name: linear_topk" in out
+    assert "example:" in out and "name: top_k" in out
     info = json.loads(run("describe", "backbone/moe_transformer", "--json").stdout)
     slots = {p["name"]: p["slot"] for p in info["params"]}
     assert slots["moe"] == "moe"
@@ -60,16 +60,22 @@ def test_validate_prints_resolved_spec_and_reports_all_problems(tmp_path):
     out = run("validate", "tiny-moe-cls", "--set", "backbone.moe.router.k=1")
     spec = yaml.safe_load(out.stdout)
     assert spec["backbone"]["params"]["moe"]["params"]["router"]["params"]["k"] == 1
-    bad = run("validate", "tiny-moe-cls", "--set", "backbone.moe.router.k=0", "--set", "backbone.num_layerz=2", ok=False)
+    bad = run(
+        "validate", "tiny-moe-cls", "--set", "backbone.moe.router.k=0", "--set", "backbone.num_layerz=2", ok=False
+    )
     assert bad.returncode == 2
-    assert "has 2 problems" in bad.stderr and "backbone.moe.router.k = 0" in bad.stderr and "Did you mean 'num_layers'?" in bad.stderr
+    assert (
+        "has 2 problems" in bad.stderr
+        and "backbone.moe.router.k = 0" in bad.stderr
+        and "Did you mean 'num_layers'?" in bad.stderr
+    )
 
 
 def test_compose_prints_parts_plugins_and_parameter_counts(tmp_path):
     spec_file = tmp_path / "spec.yaml"
     out = run("compose", "tiny-moe-cls", "--set", "backbone.moe.router.k=1", "--save-spec", str(spec_file)).stdout
-    assert "router/linear_topk" in out and "builtin" in out and "expert/mlp" in out
-    line = next(l for l in out.splitlines() if l.startswith("parameters:"))
+    assert "router/top_k" in out and "builtin" in out and "expert/mlp" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("parameters:"))
     total = int(line.split("total ")[1].split()[0].replace(",", ""))
     active = int(line.split("active per token ")[1].split()[0].replace(",", ""))
     assert 0 < active < total
@@ -78,7 +84,9 @@ def test_compose_prints_parts_plugins_and_parameter_counts(tmp_path):
 
 def test_compose_measures_top_p_active_parameters_with_a_probe():
     def counts(*extra):
-        line = next(l for l in run("compose", "tiny-unimoe", *extra).stdout.splitlines() if l.startswith("parameters:"))
+        line = next(
+            ln for ln in run("compose", "tiny-unimoe", *extra).stdout.splitlines() if ln.startswith("parameters:")
+        )
         total = int(line.split("total ")[1].split()[0].replace(",", ""))
         return total, int(line.split("active per token ")[1].split()[0].replace(",", "")), line
 

@@ -18,10 +18,10 @@ def _problems(source, overrides=()):
 
 
 def test_unknown_component_in_a_spec_has_did_you_mean_and_available_names():
-    _, msg = _problems("tiny-moe-cls", ["backbone.moe.router=linear_topq"])
-    assert "backbone.moe.router = 'linear_topq': unknown router 'linear_topq'. Did you mean " in msg
-    assert "'linear_topk'" in msg.split("Did you mean")[1]
-    assert "Available: " in msg and "linear_topk" in msg
+    _, msg = _problems("tiny-moe-cls", ["backbone.moe.router=top_kk"])
+    assert "backbone.moe.router = 'top_kk': unknown router 'top_kk'. Did you mean " in msg
+    assert "'top_k'" in msg.split("Did you mean")[1]
+    assert "Available: " in msg and "top_k" in msg
 
 
 def test_unknown_override_key_is_an_error_with_did_you_mean():
@@ -44,7 +44,9 @@ def test_every_problem_is_reported_at_once():
 
 def test_problems_in_a_yaml_file_and_in_a_mapping(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump({"d_model": 32, "encoder": {"name": "conv_frontend", "params": {"chanels": 8}}, "tasks": {}}))
+    cfg.write_text(
+        yaml.safe_dump({"d_model": 32, "encoder": {"name": "conv_frontend", "params": {"chanels": 8}}, "tasks": {}})
+    )
     err, msg = _problems(str(cfg))
     assert f"'{cfg}' has 2 problems" in msg
     assert "encoder.chanels = 8: unknown key 'chanels'. Did you mean 'channels'?" in msg
@@ -60,7 +62,10 @@ def test_yaml_cannot_run_code(tmp_path):
 
 def test_overrides_change_params_and_swapping_resets_params():
     spec = resolve("tiny-moe-cls", ["backbone.moe.expert.d_ff=48", "backbone.moe.router.k=1"]).to_dict()
-    assert spec["backbone"]["params"]["moe"]["params"]["expert"] == {"name": "mlp", "params": {"d_ff": 48, "activation": "gelu", "bias": True}}
+    assert spec["backbone"]["params"]["moe"]["params"]["expert"] == {
+        "name": "mlp",
+        "params": {"d_ff": 48, "activation": "gelu", "bias": True},
+    }
     assert spec["backbone"]["params"]["moe"]["params"]["router"]["params"]["k"] == 1
     # Naming the component again swaps it in with the new component's defaults: no stale kwargs.
     spec = resolve("tiny-moe-cls", ["backbone.moe.expert.d_ff=48", "backbone.moe.expert=mlp"]).to_dict()
@@ -68,7 +73,10 @@ def test_overrides_change_params_and_swapping_resets_params():
 
 
 def test_overrides_add_a_task_and_parse_yaml_values():
-    spec = resolve("tiny-cls", ["tasks.lang=classification", "tasks.lang.num_classes=5", "encoder.kernels=[8, 4]", "encoder.strides=[4, 4]"]).to_dict()
+    spec = resolve(
+        "tiny-cls",
+        ["tasks.lang=classification", "tasks.lang.num_classes=5", "encoder.kernels=[8, 4]", "encoder.strides=[4, 4]"],
+    ).to_dict()
     assert spec["tasks"]["lang"]["params"]["num_classes"] == 5
     assert spec["encoder"]["params"]["kernels"] == [8, 4]
 
@@ -105,7 +113,8 @@ def test_composing_does_not_touch_the_global_rng():
 def test_sizes_are_injected_not_configured():
     model = audiomoe.compose("tiny-moe-cls", ["d_model=48", "backbone.moe.num_experts=3"])
     moe = model.backbone.blocks[0].moe
-    assert moe.router.gate.in_features == 48 and moe.router.gate.out_features == 3
+    gate = moe.router.scorer.layers[0]
+    assert gate.in_features == 48 and gate.out_features == 3
     assert len(moe.experts) == 3 and moe.experts[0].fc1.in_features == 48
     assert model.heads["emotion"].head.in_features == 48
 
@@ -113,7 +122,7 @@ def test_sizes_are_injected_not_configured():
 def test_component_provenance_is_recorded():
     model = audiomoe.compose("tiny-moe-cls")
     info = model.backbone.blocks[1].moe.router.audiomoe_component
-    assert (info.kind, info.name, info.plugin, info.path) == ("router", "linear_topk", "builtin", "backbone.moe.router")
+    assert (info.kind, info.name, info.plugin, info.path) == ("router", "top_k", "builtin", "backbone.moe.router")
 
 
 def test_a_yaml_can_start_from_a_preset(tmp_path):
@@ -133,7 +142,9 @@ def test_model_refuses_a_task_it_has_no_head_for():
 def test_parameter_counts_total_and_active():
     model = audiomoe.compose("tiny-moe-cls", ["backbone.moe.router.k=1", "backbone.moe.num_experts=4"])
     total, active = audiomoe.count_parameters(model)
-    expert = sum(p.numel() for p in model.backbone.blocks[0].moe.experts[0].parameters())  # mlp experts: a per-expert loop
+    expert = sum(
+        p.numel() for p in model.backbone.blocks[0].moe.experts[0].parameters()
+    )  # mlp experts: a per-expert loop
     assert total == sum(p.numel() for p in model.parameters())
     # Two MoE layers, each running 1 of 4 experts per token.
     assert total - active == pytest.approx(2 * 3 * expert)
@@ -149,9 +160,15 @@ def test_override_into_an_unwritten_slot_starts_from_that_slot_default():
 def test_dotted_overrides_reach_into_transformers_configs():
     """`--set backbone.config.num_hidden_layers=3` edits one key of the LM's config; the rest of it stays."""
     base = audiomoe.compose("unimoe-audio-tiny")
-    model = audiomoe.compose("unimoe-audio-tiny", ["backbone.config.num_hidden_layers=3", "encoder.config.encoder_layers=1"])
+    model = audiomoe.compose(
+        "unimoe-audio-tiny", ["backbone.config.num_hidden_layers=3", "encoder.config.encoder_layers=1"]
+    )
     cfg = model.backbone.lm.config
-    assert cfg.num_hidden_layers == 3 and len(model.backbone.lm.model.layers) == 3 and base.backbone.lm.config.num_hidden_layers == 2
+    assert (
+        cfg.num_hidden_layers == 3
+        and len(model.backbone.lm.model.layers) == 3
+        and base.backbone.lm.config.num_hidden_layers == 2
+    )
     assert cfg.hidden_size == 64 and cfg.num_key_value_heads == 2  # untouched keys of the preset's config
     assert sum(type(m).__name__ == "MoELayer" for m in model.modules()) == 3  # every layer of the deeper LM upcycled
     assert model.encoder.model.config.encoder_layers == 1

@@ -13,13 +13,13 @@ import pytest
 import audiomoe
 from audiomoe import AmbiguousComponentError, PluginLoadError, Registry, UnknownComponentError
 
-ROUTER_PLUGIN = '''
+ROUTER_PLUGIN = """
 import audiomoe
 
 @audiomoe.hookimpl
 def audiomoe_register_components(register):
-    register("router", "{name}", "audiomoe.routers.linear_topk:LinearTopK", "{summary}")
-'''
+    register("router", "{name}", "audiomoe.routers.scored:ScoredRouter", "{summary}")
+"""
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -31,7 +31,7 @@ def test_import_and_listing_do_not_import_torch():
         "import sys, audiomoe\n"
         "names = [e.name for e in audiomoe.list_components()]\n"
         "presets = [p.name for p in audiomoe.list_presets()]\n"
-        "assert 'linear_topk' in names and 'tiny-moe-cls' in presets, (names, presets)\n"
+        "assert 'top_k' in names and 'tiny-moe-cls' in presets, (names, presets)\n"
         "from audiomoe.cli import main\n"
         "main(['list']); main(['list', 'router', '*top*']); main(['plugins'])\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
@@ -54,20 +54,27 @@ def test_cli_list_is_much_faster_than_importing_torch():
 def test_unknown_component_suggests_and_lists():
     reg = Registry.isolated()
     with pytest.raises(UnknownComponentError) as err:
-        reg.get_component("router", "linear_topq")
+        reg.get_component("router", "top_kk")
     msg = str(err.value)
-    assert "unknown router 'linear_topq'" in msg
-    assert "Did you mean 'linear_topk'" in msg
+    assert "unknown router 'top_kk'" in msg
+    assert "Did you mean 'top_k'" in msg
     available = msg.split("Available: ")[1].split(".")[0].split(", ")
-    assert "linear_topk" in available and available == sorted(available)
+    assert "top_k" in available and available == sorted(available)
 
 
 def test_broken_plugin_is_skipped_with_a_warning_naming_it_and_its_version(install_dist):
     install_dist(
-        "acme-broken", "0.3.1", {"broken": "acme_broken"},
+        "acme-broken",
+        "0.3.1",
+        {"broken": "acme_broken"},
         {"acme_broken": "import a_dependency_that_is_not_installed\n"},
     )
-    install_dist("acme-good", "1.2.0", {"good": "acme_good"}, {"acme_good": ROUTER_PLUGIN.format(name="good_router", summary="ok")})
+    install_dist(
+        "acme-good",
+        "1.2.0",
+        {"good": "acme_good"},
+        {"acme_good": ROUTER_PLUGIN.format(name="good_router", summary="ok")},
+    )
     with pytest.warns(RuntimeWarning) as rec:
         reg = Registry()
     text = " ".join(str(w.message) for w in rec)
@@ -102,7 +109,7 @@ def test_plugin_whose_hook_raises_contributes_nothing():
 
     @audiomoe.hookimpl
     def audiomoe_register_components(register):
-        register("router", "first_ok", "audiomoe.routers.linear_topk:LinearTopK", "")
+        register("router", "first_ok", "audiomoe.routers.scored:ScoredRouter", "")
         raise ValueError("second registration failed")
 
     mod.audiomoe_register_components = audiomoe_register_components
@@ -154,7 +161,7 @@ def test_same_name_from_two_plugins_is_an_error_only_when_used():
     assert "'plugin_a:dup' or 'plugin_b:dup'" in msg
     assert reg.get_component("router", "plugin_b:dup").summary == "from plugin_b"
     # Unrelated names still work.
-    assert reg.get_component("router", "linear_topk").plugin == "builtin"
+    assert reg.get_component("router", "top_k").plugin == "builtin"
 
 
 def test_ambiguous_name_in_a_spec_names_both_providers_and_qualified_name_builds():
@@ -176,7 +183,7 @@ def test_registry_yaml_is_loaded_safely_and_validated():
     from audiomoe.core.registry import load_registry_file
 
     data = load_registry_file()
-    assert data.defaults["router"] == "linear_topk"
+    assert data.defaults["router"] == "top_k"
     for kind, entries in data.components.items():
         for name, line in entries.items():
             assert ":" in line.target, (kind, name)
@@ -204,15 +211,56 @@ def test_a_broken_plugins_warning_is_one_line_on_the_command_line_and_strict_mod
     import subprocess
     import sys
 
-    info = install_dist("acme-broken", "0.3.1", {"broken": "acme_broken"}, {"acme_broken": "import a_dependency_that_is_not_installed\n"})
+    info = install_dist(
+        "acme-broken",
+        "0.3.1",
+        {"broken": "acme_broken"},
+        {"acme_broken": "import a_dependency_that_is_not_installed\n"},
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(info.parent), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "audiomoe", "list", "router", "top_p"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "audiomoe", "list", "router", "top_p"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0
     (line,) = [x for x in out.stderr.splitlines() if x.strip()]
-    assert line.startswith("audiomoe: plugin 'broken' (acme-broken 0.3.1) failed to import and was skipped: ModuleNotFoundError")
-    strict = subprocess.run([sys.executable, "-m", "audiomoe", "list", "router"], capture_output=True, text=True, timeout=120,
-                            env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"})
-    assert strict.returncode != 0 and "failed to import: ModuleNotFoundError" in strict.stderr and "skipped" not in strict.stderr
-    table = subprocess.run([sys.executable, "-m", "audiomoe", "plugins"], capture_output=True, text=True, timeout=120,
-                           env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"})
-    assert table.returncode == 0 and any(line.split()[:1] == ["broken"] and "failed" in line for line in table.stdout.splitlines())
+    assert line.startswith(
+        "audiomoe: plugin 'broken' (acme-broken 0.3.1) failed to import and was skipped: ModuleNotFoundError"
+    )
+    strict = subprocess.run(
+        [sys.executable, "-m", "audiomoe", "list", "router"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"},
+    )
+    assert (
+        strict.returncode != 0
+        and "failed to import: ModuleNotFoundError" in strict.stderr
+        and "skipped" not in strict.stderr
+    )
+    table = subprocess.run(
+        [sys.executable, "-m", "audiomoe", "plugins"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"},
+    )
+    assert table.returncode == 0 and any(
+        line.split()[:1] == ["broken"] and "failed" in line for line in table.stdout.splitlines()
+    )
+
+
+def test_the_old_kind_name_task_is_a_warning_alias_of_head():
+    reg = audiomoe.get_registry()
+    with pytest.warns(DeprecationWarning, match="kind 'task' is deprecated: use 'head'"):
+        old = reg.list_components("task")
+    assert old == reg.list_components("head") and {e.kind for e in old} == {"head"}
+    with pytest.warns(DeprecationWarning, match="kind 'task' is deprecated"):
+        assert reg.get_component("task", "classification") == reg.get_component("head", "classification")
+    with pytest.warns(DeprecationWarning, match=r"audiomoe\.Task is deprecated: subclass audiomoe\.Head"):
+        assert audiomoe.Task is audiomoe.Head
+    assert "task" not in reg.kinds() and "head" in reg.kinds()

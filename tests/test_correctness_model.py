@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import audiomoe
+from audiomoe.analysis.trace import RoutingTrace
 from audiomoe.routers.scored import ScoredRouter
 from audiomoe.testing import ConformanceError, check_component
-from audiomoe.analysis.trace import RoutingTrace
 from audiomoe.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 CODEC_MOE = ["tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2"]
@@ -23,7 +23,9 @@ def batch_for(model, b: int = 2, seconds: float = 0.4, seed: int = 0) -> audiomo
     tasks = [model.task_names[i % len(model.task_names)] for i in range(b)]
     n = int(seconds * model.encoder.sample_rate)
     targets = [model.heads[t].example_targets(1)[0] for t in tasks]
-    return audiomoe.AudioBatch(torch.randn(b, n, generator=g) * 0.1, int(model.encoder.sample_rate), tasks, targets=targets)
+    return audiomoe.AudioBatch(
+        torch.randn(b, n, generator=g) * 0.1, int(model.encoder.sample_rate), tasks, targets=targets
+    )
 
 
 def routers(model) -> list[ScoredRouter]:
@@ -105,8 +107,12 @@ def test_codec_head_moe_routing_and_aux_are_reported_unscaled():
     task = out.losses["task/codec"]
     torch.testing.assert_close(out.loss, 2.0 * task + sum(aux.values()))
     # the task term is the cross-entropy alone: the head's own loss() still adds its aux on top
-    torch.testing.assert_close(model.heads["codec"].loss(out.outputs["codec"], model.heads["codec"].make_targets(
-        batch_for(model).targets, model.device)), task + sum(aux.values()))  # fmt: skip
+    torch.testing.assert_close(
+        model.heads["codec"].loss(
+            out.outputs["codec"], model.heads["codec"].make_targets(batch_for(model).targets, model.device)
+        ),
+        task + sum(aux.values()),
+    )
 
 
 def test_trace_reports_applied_weights_after_shared_gating():
@@ -137,7 +143,10 @@ def test_mowe_active_parameters_count_only_the_selected_weak_encoders():
     model.probe()
     mix = model.encoder
     total, active = count_parameters(model)
-    weak = [sum(p.numel() for p in e.parameters()) + sum(p.numel() for p in q.parameters()) for e, q in zip(mix.weak, mix.proj)]
+    weak = [
+        sum(p.numel() for p in e.parameters()) + sum(p.numel() for p in q.parameters())
+        for e, q in zip(mix.weak, mix.proj)
+    ]
     used = sum(w * u for w, u in zip(weak, mix._last_use))
     assert sum(mix._last_use) == pytest.approx(1.0)  # top-1: one weak encoder per sample
     assert active == pytest.approx(total - sum(weak) + used)
@@ -183,7 +192,7 @@ class HalfExpert(Expert):
         return self.lin(x)
 '''
 
-BAD_REGISTER = '''
+BAD_REGISTER = """
 import audiomoe
 
 @audiomoe.hookimpl
@@ -191,24 +200,36 @@ def audiomoe_register_components(register):
     register("encoder", "wide", "acme_bad.parts:WideEncoder", "wrong width")
     register("expert", "half", "acme_bad.parts:HalfExpert", "wrong width")
     register("task", "one_row", "acme_bad.parts:OneRowHead", "wrong rows")
-'''
+"""
 
 
 def test_wrong_shaped_outputs_are_named_at_run_time_and_by_the_check(install_dist):
-    install_dist("acme-bad", "0.1.0", {"acme": "acme_bad"}, {"acme_bad.parts": BAD_PARTS, "acme_bad.__init__": BAD_REGISTER})
+    install_dist(
+        "acme-bad", "0.1.0", {"acme": "acme_bad"}, {"acme_bad.parts": BAD_PARTS, "acme_bad.__init__": BAD_REGISTER}
+    )
     audiomoe.reset_registry()
     model = audiomoe.compose("tiny-cls", ["encoder=wide"])
-    with pytest.raises(audiomoe.AudioMoEError, match=r"encoder WideEncoder returned features of shape \(2, \d+, 5\), expected \[B=2, N, output_dim=8\]"):
+    with pytest.raises(
+        audiomoe.AudioMoEError,
+        match=r"encoder WideEncoder returned features of shape \(2, \d+, 5\), expected \[B=2, N, output_dim=8\]",
+    ):
         model(batch_for(model))
     with pytest.raises(ConformanceError, match=r"features must be \[2, N, output_dim=8\], got \(2, \d+, 5\)"):
         check_component("encoder", "wide")
     moe = audiomoe.compose("tiny-moe-cls", ["backbone.moe.expert=half"])
-    with pytest.raises(audiomoe.AudioMoEError, match=r"expert HalfExpert returned shape \(\d+, 16\) for input \(\d+, 32\)"):
+    with pytest.raises(
+        audiomoe.AudioMoEError, match=r"expert HalfExpert returned shape \(\d+, 16\) for input \(\d+, 32\)"
+    ):
         moe(batch_for(moe))
-    with pytest.raises(ConformanceError, match=r"expected float32 \[7, 16\] for input \[7, 16\], got torch.float32 \(7, 8\)"):
+    with pytest.raises(
+        ConformanceError, match=r"expected float32 \[7, 16\] for input \[7, 16\], got torch.float32 \(7, 8\)"
+    ):
         check_component("expert", "half")
     head = audiomoe.compose("tiny-cls", ["tasks.cls=one_row", "tasks.cls.num_classes=4"])
-    with pytest.raises(audiomoe.AudioMoEError, match=r"head 'cls' \(OneRowHead\) returned outputs of shape \(1, 4\), expected \[2, \.\.\.\]"):
+    with pytest.raises(
+        audiomoe.AudioMoEError,
+        match=r"head 'cls' \(OneRowHead\) returned outputs of shape \(1, 4\), expected \[2, \.\.\.\]",
+    ):
         head(batch_for(head))
     with pytest.raises(ConformanceError, match=r"expected \[3, \.\.\.\] \(one row per item\).*got \(1, 4\)"):
         check_component("task", "one_row", params={"num_classes": 4})

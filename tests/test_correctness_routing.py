@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from unimoe_reference import sparse_mixer_row, unimoe_block
 
 import audiomoe
 from audiomoe.core.interfaces import Routing
@@ -16,8 +17,6 @@ from audiomoe.routers.functional import sparse_mixer_weights, top_k_select, top_
 from audiomoe.routers.selectors.top_k import TopK
 from audiomoe.routers.selectors.top_p import TopP
 from audiomoe.testing import ConformanceError, build_component, check_component
-
-from unimoe_reference import sparse_mixer_row, unimoe_block
 
 RENORM_TOP1 = '''
 """A top-1 router that renormalises its single pick: weight P/P = 1 (the bug the check must catch)."""
@@ -57,19 +56,24 @@ class SometimesNothing(Router):
         return make_routing(logits, mask, probs * mask, item_mask)
 '''
 
-REGISTER = '''
+REGISTER = """
 import audiomoe
 
 @audiomoe.hookimpl
 def audiomoe_register_components(register):
     register("router", "renorm_top1", "acme_routers.routers:RenormTop1", "p/p top-1")
     register("router", "sometimes_nothing", "acme_routers.routers:SometimesNothing", "expert choice")
-'''
+"""
 
 
 @pytest.fixture
 def acme(install_dist):
-    install_dist("acme-routers", "0.1.0", {"acme": "acme_routers"}, {"acme_routers.routers": RENORM_TOP1, "acme_routers.__init__": REGISTER})
+    install_dist(
+        "acme-routers",
+        "0.1.0",
+        {"acme": "acme_routers"},
+        {"acme_routers.routers": RENORM_TOP1, "acme_routers.__init__": REGISTER},
+    )
     audiomoe.reset_registry()
 
 
@@ -89,7 +93,9 @@ def test_mowe_router_gets_a_task_gradient_on_every_parameter():
     model = audiomoe.compose("mowe-tiny")
     tasks = model.task_names
     batch = audiomoe.AudioBatch(
-        torch.randn(4, 8000) * 0.1, 16000, [tasks[i % len(tasks)] for i in range(4)],
+        torch.randn(4, 8000) * 0.1,
+        16000,
+        [tasks[i % len(tasks)] for i in range(4)],
         targets=[model.heads[tasks[i % len(tasks)]].example_targets(1)[0] for i in range(4)],
     )
     grads = _task_grads(model, batch)
@@ -169,14 +175,27 @@ def moe(d_model: int, **params) -> MoELayer:
 
 
 def _unimoe_layer(d: int = 16, fp32="train") -> MoELayer:
-    router = {"name": "top_p", "params": {
-        "input_jitter": 0.01, "unimoe_aux_weight": 1.0, "unimoe_aux_weight_end": None,
-        "scorer": {"name": "linear", "params": {"fp32": fp32}},
-        "selector": {"name": "top_p", "params": {"p": 0.7, "weights": "unimoe_code", "mixer_eps": 0.01}},
-    }}  # fmt: skip
+    router = {
+        "name": "top_p",
+        "params": {
+            "input_jitter": 0.01,
+            "unimoe_aux_weight": 1.0,
+            "unimoe_aux_weight_end": None,
+            "scorer": {"name": "linear", "params": {"fp32": fp32}},
+            "selector": {"name": "top_p", "params": {"p": 0.7, "weights": "unimoe_code", "mixer_eps": 0.01}},
+        },
+    }
     torch.manual_seed(0)
-    return moe(d, router=router, expert={"name": "swiglu", "params": {"d_ff": 8}}, num_experts=8, num_null=1, num_shared=2,
-               shared_mode="gated", shared_d_ff=4)  # fmt: skip
+    return moe(
+        d,
+        router=router,
+        expert={"name": "swiglu", "params": {"d_ff": 8}},
+        num_experts=8,
+        num_null=1,
+        num_shared=2,
+        shared_mode="gated",
+        shared_d_ff=4,
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -214,8 +233,17 @@ def _null_routing(n: int = 8) -> Routing:
 @pytest.mark.parametrize("null_capacity", [False, True])
 def test_null_capacity_limits_null_picks_by_logit(null_capacity):
     torch.manual_seed(0)
-    layer = moe(4, num_experts=1, num_null=1, router={"name": "linear_topk", "params": {"k": 1}}, capacity_factor=1.0,
-                capacity_basis="tokens", drop_policy="probs", renormalize_drops=True, null_capacity=null_capacity)  # fmt: skip
+    layer = moe(
+        4,
+        num_experts=1,
+        num_null=1,
+        router={"name": "top_k", "params": {"k": 1}},
+        capacity_factor=1.0,
+        capacity_basis="tokens",
+        drop_policy="probs",
+        renormalize_drops=True,
+        null_capacity=null_capacity,
+    )
     r = _null_routing()
     layer.combine(torch.randn(8, 4), r)
     # C = ceil(1.0 * 8 tokens / 2 columns) = 4 per column; the routed column keeps its 4 largest logits

@@ -18,7 +18,10 @@ def clips(n=6, seconds=1.0, sr=16000):
     out = []
     for i in range(n):
         f = 200 * 1.5 ** (i % 4)
-        out.append(0.3 * torch.sin(2 * math.pi * f * t) * (1 + 0.5 * torch.sin(2 * math.pi * 3 * t)) + 0.02 * torch.randn(len(t), generator=g))
+        out.append(
+            0.3 * torch.sin(2 * math.pi * f * t) * (1 + 0.5 * torch.sin(2 * math.pi * 3 * t))
+            + 0.02 * torch.randn(len(t), generator=g)
+        )
     return out
 
 
@@ -46,9 +49,17 @@ def test_fit_encode_decode_and_residual_stages():
     assert errs[2] < 0.85 * errs[0]
     wav = codec.decode(codes)
     assert wav.shape == (2, (codes.shape[-1] - 1) * 256) and torch.isfinite(wav).all() and wav.abs().max() > 0
-    for n in (0, 1, 2, 4, 5):  # a few generated frames (fewer than n_fft / hop + 1) still decode, to (n - 1) * hop samples
+    for n in (
+        0,
+        1,
+        2,
+        4,
+        5,
+    ):  # a few generated frames (fewer than n_fft / hop + 1) still decode, to (n - 1) * hop samples
         short = codec.decode(codes[:, :, :n])
-        assert short.shape == (2, max(n - 1, 0) * 256) and torch.isfinite(short).all() and (n < 2 or short.abs().max() > 0)
+        assert (
+            short.shape == (2, max(n - 1, 0) * 256) and torch.isfinite(short).all() and (n < 2 or short.abs().max() > 0)
+        )
 
 
 def test_fit_is_seeded_and_state_round_trips():
@@ -67,12 +78,10 @@ def test_too_little_audio_is_a_named_error():
 
 
 def test_generation_pairs_get_codec_targets_the_codec_head_takes(tmp_path):
-    from audiomoe.data import build_loader, encode_manifest, make_corpus
-
     import numpy as np
     import soundfile as sf
 
-    from audiomoe.data import read_manifest
+    from audiomoe.data import build_loader, encode_manifest, make_corpus, read_manifest
 
     manifest = make_corpus(tmp_path, "tiny", seed=0, workers=1, progress=False)
     pairs, _ = read_manifest(manifest, only_tasks=["tts", "text_to_music"])
@@ -91,5 +100,7 @@ def test_generation_pairs_get_codec_targets_the_codec_head_takes(tmp_path):
     assert set(batch.tasks) <= {"tts", "text_to_music"} and all(isinstance(p, str) for p in batch.prompts)
     for codes in batch.targets:
         assert codes.dtype == torch.long and codes.shape[0] == 4 and int(codes.max()) < 16
-    head = audiomoe.component_builder("task", {"name": "codec_generation", "params": {"num_codebooks": 4, "codebook_size": 16, "max_frames": 400}})(d_model=16)
+    head = audiomoe.component_builder(
+        "task", {"name": "codec_generation", "params": {"num_codebooks": 4, "codebook_size": 16, "max_frames": 400}}
+    )(d_model=16)
     head.make_targets(list(batch.targets), torch.device("cpu"))

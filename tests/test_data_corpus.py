@@ -14,7 +14,11 @@ from audiomoe.data.corpus.speech import Espeak
 
 
 def digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +59,13 @@ def test_corpus_tasks_labels_and_loading(tiny):
     qa = next(x for x in lines if x["task"] == "qa" and x["prompt"]["question"] == "Which language is spoken?")
     assert qa["target"] in info["tasks"]["language"]["labels"]
     assert len({x["audio"] for x in lines}) == info["clips"] == sum(max(int(n * 0.05), 11) for n in COUNTS.values())
-    loader = build_loader({"sources": {"c": {"path": str(tiny / "manifest.jsonl"), "only_tasks": ["asr", "speaker"]}},
-                           "max_seconds": 20, "num_workers": 0})
+    loader = build_loader(
+        {
+            "sources": {"c": {"path": str(tiny / "manifest.jsonl"), "only_tasks": ["asr", "speaker"]}},
+            "max_seconds": 20,
+            "num_workers": 0,
+        }
+    )
     batch = next(iter(loader))
     assert batch.sample_rate == 16000 and set(batch.tasks) <= {"asr", "speaker"}
     assert float(batch.waveforms.abs().max()) > 0.05

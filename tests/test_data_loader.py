@@ -21,7 +21,9 @@ def sampler(n_per_group=(6000, 3000, 1000), **kw):
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(len(n_per_group)), n_per_group)
     kw.setdefault("max_seconds", 30.0)
-    return BucketBatchSampler(rng.uniform(0.5, 4.0, len(groups)), groups, kw.pop("weights", [1.0] * len(n_per_group)), **kw)
+    return BucketBatchSampler(
+        rng.uniform(0.5, 4.0, len(groups)), groups, kw.pop("weights", [1.0] * len(n_per_group)), **kw
+    )
 
 
 def drawn_groups(s, epoch=0):
@@ -29,11 +31,14 @@ def drawn_groups(s, epoch=0):
     return np.bincount(s.groups[idx], minlength=len(s.weights)) / len(idx), idx
 
 
-@pytest.mark.parametrize("mode, weights, expected", [
-    ("weights", [1.0, 2.0, 1.0], [0.25, 0.5, 0.25]),
-    ("temperature", [1.0, 1.0, 1.0], np.sqrt([6000, 3000, 1000]) / np.sqrt([6000, 3000, 1000]).sum()),
-    ("natural", [1.0, 1.0, 1.0], [0.6, 0.3, 0.1]),
-])
+@pytest.mark.parametrize(
+    "mode, weights, expected",
+    [
+        ("weights", [1.0, 2.0, 1.0], [0.25, 0.5, 0.25]),
+        ("temperature", [1.0, 1.0, 1.0], np.sqrt([6000, 3000, 1000]) / np.sqrt([6000, 3000, 1000]).sum()),
+        ("natural", [1.0, 1.0, 1.0], [0.6, 0.3, 0.1]),
+    ],
+)
 def test_sampler_proportions_within_2_percent_over_10k(mode, weights, expected):
     s = sampler(weights=weights, mode=mode, alpha=0.5, epoch_items=10_000)
     for epoch in (0, 1):
@@ -103,8 +108,13 @@ def corpus(tmp_path_factory):
 
 
 def config(root, **kw):
-    return {"sources": {"s": {"path": str(root / "m.jsonl")}}, "max_seconds": 3.0, "seed": 1,
-            "augment": {"p": 0.7, "snr_db": [5, 20], "gain_db": [-6, 6], "reverb": 0.3}, **kw}
+    return {
+        "sources": {"s": {"path": str(root / "m.jsonl")}},
+        "max_seconds": 3.0,
+        "seed": 1,
+        "augment": {"p": 0.7, "snr_db": [5, 20], "gain_db": [-6, 6], "reverb": 0.3},
+        **kw,
+    }
 
 
 def flat(batches):
@@ -135,7 +145,7 @@ def test_loader_batches_pad_resample_and_augment(corpus):
         for w, n, t in zip(b.waveforms, b.lengths, b.targets):
             x, sr = sf.read(corpus / f"{t}.wav", dtype="float32")
             assert int(n) == -(-len(x) * 16000 // sr)  # resampled (torchaudio: ceil of the scaled length)
-            assert torch.all(w[int(n):] == 0)
+            assert torch.all(w[int(n) :] == 0)
             if sr == 16000:
                 assert torch.allclose(w[: int(n)], torch.from_numpy(x))
     aug = flat(build_loader(config(corpus), num_workers=0))
@@ -144,12 +154,24 @@ def test_loader_batches_pad_resample_and_augment(corpus):
 
 
 def test_rank_loaders_split_the_items(corpus):
-    seen = [sorted(t for b in build_loader(config(corpus, augment=None), rank=r, world_size=2, num_workers=0) for t in b.targets) for r in (0, 1)]
+    seen = [
+        sorted(
+            t
+            for b in build_loader(config(corpus, augment=None), rank=r, world_size=2, num_workers=0)
+            for t in b.targets
+        )
+        for r in (0, 1)
+    ]
     assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(48))
 
 
 def test_loader_groups_by_task_with_temperature(corpus):
-    loader = build_loader(config(corpus, augment=None, sampling={"mode": "temperature", "alpha": 0.0, "group_by": "task", "epoch_items": 400}), num_workers=0)
+    loader = build_loader(
+        config(
+            corpus, augment=None, sampling={"mode": "temperature", "alpha": 0.0, "group_by": "task", "epoch_items": 400}
+        ),
+        num_workers=0,
+    )
     assert loader.group_names == ["a", "b"] or loader.group_names == ["b", "a"]
     tasks = [t for b in loader for t in b.tasks]
     assert len(tasks) == 400 and tasks.count("b") == 200  # alpha 0: uniform over tasks (12 vs 36 items)

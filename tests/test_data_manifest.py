@@ -46,12 +46,33 @@ def wavs(tmp_path):
 
 
 def test_reads_fields_relative_paths_and_header_durations(wavs):
-    p = manifest(wavs, [good(0), {"audio": "wav/1.wav", "task": "asr", "target": "hi", "offset": 0.1, "duration": 0.2,
-                                  "prompt": "q", "dataset": "d", "split": "test", "meta": {"x": 1}}])
+    p = manifest(
+        wavs,
+        [
+            good(0),
+            {
+                "audio": "wav/1.wav",
+                "task": "asr",
+                "target": "hi",
+                "offset": 0.1,
+                "duration": 0.2,
+                "prompt": "q",
+                "dataset": "d",
+                "split": "test",
+                "meta": {"x": 1},
+            },
+        ],
+    )
     items, bad = read_manifest(p)
     assert bad == [] and len(items) == 2
     assert items[0].duration == pytest.approx(0.5) and items[0].audio == str(wavs / "wav" / "0.wav")
-    assert (items[1].offset, items[1].duration, items[1].prompt, items[1].split, items[1].meta) == (0.1, 0.2, "q", "test", {"x": 1})
+    assert (items[1].offset, items[1].duration, items[1].prompt, items[1].split, items[1].meta) == (
+        0.1,
+        0.2,
+        "q",
+        "test",
+        {"x": 1},
+    )
     assert items[1].origin.endswith("m.jsonl:2")
     assert [i.task for i in read_manifest(p, split="test")[0]] == ["asr"]
     assert [i.task for i in read_manifest(p, only_tasks=["cls"])[0]] == ["cls"]
@@ -125,7 +146,14 @@ def test_data_config_reports_every_problem_with_dotted_keys(wavs):
     with pytest.raises(ConfigError) as e:
         load_data_spec(cfg)
     text = str(e.value)
-    for key in ("data.max_seconds", "data.sampling.mode", "data.sources.a.weight", "data.sources.b", "data.sources.c.splt", "data.sources.d.path"):
+    for key in (
+        "data.max_seconds",
+        "data.sampling.mode",
+        "data.sources.a.weight",
+        "data.sources.b",
+        "data.sources.c.splt",
+        "data.sources.d.path",
+    ):
         assert key in text, (key, text)
     assert "Did you mean 'manifest'" in text
     spec, sources = load_data_spec({"data": {"sources": {"a": {"path": "m.jsonl"}}}}, base_dir=wavs)
@@ -142,15 +170,22 @@ def test_csv_helper_and_cli(wavs, tmp_path, capsys):
     out = manifest_from_csv(wavs / "wav" / "labels.csv", wavs / "own.jsonl", task="animal")
     items, _ = read_manifest(out)
     assert [(i.target, i.split, i.meta) for i in items] == [("dog", "train", {"speaker": "s1"}), ("cat", "test", {})]
-    assert main(["data", "from-csv", str(wavs / "wav" / "labels.csv"), str(tmp_path / "cli.jsonl"), "--task", "animal"]) == 0
+    assert (
+        main(["data", "from-csv", str(wavs / "wav" / "labels.csv"), str(tmp_path / "cli.jsonl"), "--task", "animal"])
+        == 0
+    )
     assert (tmp_path / "cli.jsonl").read_text() == out.read_text()
     # the printed flags give a head that reads the manifest: its labels in order, as class indices
     hint = capsys.readouterr().out.splitlines()[-1]
     overrides = [a for a in shlex.split(hint.split(": ", 1)[1]) if a != "--set"]
     model = audiomoe.compose("tiny-cls", ["tasks.cls=null", *overrides])
-    assert model.task_names == ["animal"] and model.heads["animal"].make_targets(["cat", "dog"], torch.device("cpu")).tolist() == [0, 1]
+    assert model.task_names == ["animal"] and model.heads["animal"].make_targets(
+        ["cat", "dog"], torch.device("cpu")
+    ).tolist() == [0, 1]
     # a model whose heads have other names is told which tasks the manifest has
-    with pytest.raises(AudioMoEError, match=r"no items with split 'train' for task\(s\) \['cls'\], only for 'animal' \(1\)"):
+    with pytest.raises(
+        AudioMoEError, match=r"no items with split 'train' for task\(s\) \['cls'\], only for 'animal' \(1\)"
+    ):
         read_manifest(out, split="train", only_tasks=["cls"])
 
 
@@ -161,15 +196,21 @@ def test_hf_saved_dataset_and_audiofolder(wavs):
     ds = ds.cast_column("audio", datasets.Audio()).cast_column("label", datasets.ClassLabel(names=["dog", "cat"]))
     ds.save_to_disk(str(wavs / "hf"))
     (wavs / "wav" / "metadata.csv").write_text("file_name,label\n0.wav,dog\n1.wav,cat\n")
-    cfg = {"num_workers": 0, "max_seconds": 100, "sources": {
-        "saved": {"type": "hf", "path": str(wavs / "hf"), "task": "animal", "prompt_column": "q"},
-        "folder": {"type": "hf", "path": str(wavs / "wav"), "task": "animal"},
-    }}
+    cfg = {
+        "num_workers": 0,
+        "max_seconds": 100,
+        "sources": {
+            "saved": {"type": "hf", "path": str(wavs / "hf"), "task": "animal", "prompt_column": "q"},
+            "folder": {"type": "hf", "path": str(wavs / "wav"), "task": "animal"},
+        },
+    }
     batches = list(build_loader(cfg))
     got = sorted(t for b in batches for t in b.targets)
     assert got == sorted(["dog", "cat", "dog", "cat", "dog", "cat"])
     with pytest.raises(AudioMoEError, match=r"unknown column 'lable'\. Did you mean 'label'\?"):
-        build_loader({**cfg, "sources": {"s": {"type": "hf", "path": str(wavs / "hf"), "task": "a", "target_column": "lable"}}})
+        build_loader(
+            {**cfg, "sources": {"s": {"type": "hf", "path": str(wavs / "hf"), "task": "a", "target_column": "lable"}}}
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(build_loader({**cfg, "sources": {"f": cfg["sources"]["folder"]}}).dataset) == 2
@@ -212,7 +253,9 @@ def test_a_plugin_adds_a_data_source(wavs):
 
     plugin.audiomoe_register_components = audiomoe_register_components
     reg = Registry.isolated(plugin)
-    loader = build_loader({"num_workers": 0, "sources": {"g": {"type": "glob", "folder": str(wavs / "wav")}}}, registry=reg)
+    loader = build_loader(
+        {"num_workers": 0, "sources": {"g": {"type": "glob", "folder": str(wavs / "wav")}}}, registry=reg
+    )
     assert sorted(t for b in loader for t in b.targets) == ["0", "1", "2", "3"]
     with pytest.raises(ConfigError, match=r"data\.sources\.g\.folder: required"):
         build_loader({"sources": {"g": {"type": "glob"}}}, registry=reg)
@@ -224,8 +267,10 @@ def test_training_crops_only_clip_level_labels_never_a_transcripts_clip(tmp_path
     from audiomoe.train.data import build_data
 
     wav(tmp_path / "wav" / "long.wav", seconds=8.0)
-    lines = [{"audio": "wav/long.wav", "task": "asr", "target": "hello there", "split": "train"},
-             {"audio": "wav/long.wav", "task": "emotion", "target": 1, "split": "train"}]
+    lines = [
+        {"audio": "wav/long.wav", "task": "asr", "target": "hello there", "split": "train"},
+        {"audio": "wav/long.wav", "task": "emotion", "target": 1, "split": "train"},
+    ]
     p = manifest(tmp_path, lines)
     model = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null"])
     assert {t: h.clip_level for t, h in model.heads.items()} == {"emotion": True, "asr": False}
@@ -239,7 +284,7 @@ def test_training_crops_only_clip_level_labels_never_a_transcripts_clip(tmp_path
     # the loader's own rule: crop_tasks names the croppable tasks, None crops every task
     items, _ = read_manifest(p)
     spec = {"sources": {"m": {"path": str(p)}}, "max_clip_seconds": 2.0, "num_workers": 0}
-    lengths = lambda cfg: sorted(n for b in build_loader(cfg) for n in b.lengths.tolist())  # noqa: E731
+    lengths = lambda cfg: sorted(n for b in build_loader(cfg) for n in b.lengths.tolist())
     assert lengths(spec) == [32000, 32000]
     assert lengths({**spec, "crop_tasks": ["emotion"]}) == [32000, 128000]
 
@@ -250,10 +295,14 @@ def test_a_head_without_training_items_is_refused_naming_it_and_the_fix(tmp_path
     from audiomoe.train.data import build_data
 
     wav(tmp_path / "wav" / "a.wav")
-    lines = [{"audio": "wav/a.wav", "task": "emotion", "target": 1, "split": "train"},
-             {"audio": "wav/a.wav", "task": "asr", "target": "hi", "split": "test"}]
+    lines = [
+        {"audio": "wav/a.wav", "task": "emotion", "target": 1, "split": "train"},
+        {"audio": "wav/a.wav", "task": "asr", "target": "hi", "split": "test"},
+    ]
     model = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null"])
-    with pytest.raises(AudioMoEError, match=r"no training items for head\(s\) asr in .*it has: emotion.*--set tasks.asr=null"):
+    with pytest.raises(
+        AudioMoEError, match=r"no training items for head\(s\) asr in .*it has: emotion.*--set tasks.asr=null"
+    ):
         build_data(model, str(manifest(tmp_path, lines)), None, batch_size=2, seed=0, eval_batches=0)
     fed = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null", "tasks.asr=null"])
     build_data(fed, str(manifest(tmp_path, lines)), None, batch_size=2, seed=0, eval_batches=1)  # the fix works
@@ -265,13 +314,18 @@ def test_bad_targets_are_named_by_file_and_line_before_training(tmp_path):
     from audiomoe.train.data import build_data
 
     wav(tmp_path / "wav" / "a.wav")
-    lines = [{"audio": "wav/a.wav", "task": "emotion", "target": 1, "split": "train"},
-             {"audio": "wav/a.wav", "task": "asr", "target": "hello", "split": "train"},
-             {"audio": "wav/a.wav", "task": "asr", "target": "", "split": "train"},
-             {"audio": "wav/a.wav", "task": "emotion", "target": 99, "split": "test"}]
+    lines = [
+        {"audio": "wav/a.wav", "task": "emotion", "target": 1, "split": "train"},
+        {"audio": "wav/a.wav", "task": "asr", "target": "hello", "split": "train"},
+        {"audio": "wav/a.wav", "task": "asr", "target": "", "split": "train"},
+        {"audio": "wav/a.wav", "task": "emotion", "target": 99, "split": "test"},
+    ]
     p = manifest(tmp_path, lines)
     model = compose("tiny-multitask", ["tasks.tags=null", "tasks.llm=null"])
-    with pytest.raises(AudioMoEError, match=r"2 item\(s\) with a target their head cannot use: .*m.jsonl:3: empty transcript.*m.jsonl:4: label 99 is outside"):
+    with pytest.raises(
+        AudioMoEError,
+        match=r"2 item\(s\) with a target their head cannot use: .*m.jsonl:3: empty transcript.*m.jsonl:4: label 99 is outside",
+    ):
         build_data(model, str(p), None, batch_size=2, seed=0, eval_batches=1)
 
 
@@ -285,7 +339,10 @@ def test_csv_with_an_empty_cell_is_refused_before_writing_and_transcripts_get_no
     assert not out.exists()
     rows = "".join(f"{i % 4}.wav,utterance number {i},{'train' if i < 10 else 'test'}\n" for i in range(12))
     (wavs / "wav" / "asr.csv").write_text("file,text,split\n" + rows)
-    assert main(["data", "from-csv", str(wavs / "wav" / "asr.csv"), str(out), "--task", "asr", "--target-column", "text"]) == 0
+    assert (
+        main(["data", "from-csv", str(wavs / "wav" / "asr.csv"), str(out), "--task", "asr", "--target-column", "text"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "look like transcripts (12 distinct of 12)" in text and "tasks.asr=classification" not in text
     assert "only outside the train split" in text
@@ -293,7 +350,9 @@ def test_csv_with_an_empty_cell_is_refused_before_writing_and_transcripts_get_no
 
 def test_a_corrupt_file_found_by_a_loader_worker_is_one_line_naming_its_line(wavs):
     (wavs / "wav" / "bad.wav").write_bytes(b"RIFF....WAVEfmt garbage")
-    p = manifest(wavs, [good(0), {"audio": "wav/bad.wav", "task": "cls", "target": "a", "duration": 0.5}])  # a duration: no header read up front
+    p = manifest(
+        wavs, [good(0), {"audio": "wav/bad.wav", "task": "cls", "target": "a", "duration": 0.5}]
+    )  # a duration: no header read up front
     loader = build_loader({"sources": {"m": {"path": str(p)}}, "num_workers": 1, "max_items": 1})
     with pytest.raises(AudioMoEError) as err:
         list(loader)
@@ -303,7 +362,9 @@ def test_a_corrupt_file_found_by_a_loader_worker_is_one_line_naming_its_line(wav
 
 def test_an_empty_split_names_the_splits_there_and_an_offset_past_the_end_says_so(wavs):
     p = manifest(wavs, [{**good(0), "split": "train"}, good(1)])
-    with pytest.raises(AudioMoEError, match=r"no usable items with split 'validation'.*its lines' splits: 'train' \(2\)"):  # unsplit = train
+    with pytest.raises(
+        AudioMoEError, match=r"no usable items with split 'validation'.*its lines' splits: 'train' \(2\)"
+    ):  # unsplit = train
         read_manifest(p, split="validation")
     late = manifest(wavs, [{**good(0), "offset": 4.0}], name="late.jsonl")
     with pytest.raises(AudioMoEError, match=r"late.jsonl:1: offset 4.0 s is past the end of .*0.wav' \(0.500 s long\)"):

@@ -76,6 +76,7 @@ def test_a_clips_cached_features_do_not_depend_on_the_batch_it_came_in():
     a(x, n)  # the short clip first seen beside a longer one (padded)
     alone = x[short : short + 1, : int(n[short])]
     b(alone, n[short : short + 1])  # ... and alone
+
     def by_clip(mix):  # (slot, digest, length, rate) -> features; the weights' version differs between two models
         return {(k[0], *k[2:]): v for k, v in mix.feature_cache._items.items() if k[-2] == int(n[short])}
 

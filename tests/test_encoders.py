@@ -49,7 +49,9 @@ def test_waveform_normalisation_matches_wav2vec2_feature_extractor():
     x = _audio(2, 4000)
     lengths = torch.tensor([4000, 1500])
     ref = fe([x[0].numpy(), x[1, :1500].numpy()], sampling_rate=SR, padding=True, return_tensors="pt").input_values
-    torch.testing.assert_close(normalize_waveforms(x * (torch.arange(4000) < lengths[:, None]), lengths), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        normalize_waveforms(x * (torch.arange(4000) < lengths[:, None]), lengths), ref, atol=1e-5, rtol=0
+    )
 
 
 # -- Whisper ---------------------------------------------------------------------------------------
@@ -244,8 +246,13 @@ def test_prepare_waveforms_checks():
 
 def test_model_resamples_other_rates_to_the_encoder_rate():
     import audiomoe
+
     model = audiomoe.compose(
-        {"d_model": 16, "encoder": {"name": "hubert"}, "tasks": {"cls": {"name": "classification", "params": {"num_classes": 2}}}}
+        {
+            "d_model": 16,
+            "encoder": {"name": "hubert"},
+            "tasks": {"cls": {"name": "classification", "params": {"num_classes": 2}}},
+        }
     ).eval()
     x = _audio(1, 44100)  # one second at 44.1 kHz
     with torch.no_grad():

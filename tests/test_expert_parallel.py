@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.train import fsdp as parallel
 from audiomoe.core.errors import AudioMoEError
+from audiomoe.train import fsdp as parallel
 
 WORKER = Path(__file__).with_name("expert_parallel_worker.py")
 sys.path.insert(0, str(WORKER.parent))
@@ -38,11 +38,26 @@ def _free_port() -> int:
 
 def _torchrun(out: Path, nproc: int, only: str = "") -> list[dict]:
     """Run the worker under ``torchrun --nproc_per_node nproc`` on 127.0.0.1; each rank's results."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on the loopback device
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(WORKER), "--out", str(out), *(["--only", only] if only else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(WORKER),
+        "--out",
+        str(out),
+        *(["--only", only] if only else []),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=WORKER.parents[1])
     if proc.returncode:
         pytest.fail(f"torchrun worker failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
@@ -64,7 +79,10 @@ def test_ep_layer_equals_one_process_layer_in_outputs_and_gradients(dist_run, ca
         r = dist_run[0][rank]["layer"][case]
         empty = case == "rank1_all_padding" and rank == 1
         assert r["out_diff"] < 1e-12 and r["xgrad_diff"] < 1e-12, (rank, r)
-        assert r["grad_diff"] < 1e-12 and r["grad_mag"] > 0.1, (rank, r)  # every rank's grads were compared, and were not ~0
+        assert r["grad_diff"] < 1e-12 and r["grad_mag"] > 0.1, (
+            rank,
+            r,
+        )  # every rank's grads were compared, and were not ~0
         assert empty or (r["out_mag"] > 0.05 and r["xgrad_mag"] > 0.05), (rank, r)
         assert r["expert_params"] >= 2 and r["local_experts"] == W.E // 2
         # null columns stay local: exactly the routed pairs travel (and null picks happened)
@@ -113,7 +131,9 @@ def test_four_ranks_ep2_with_expert_replicas_match_one_process(tmp_path):
     for r in _torchrun(tmp_path, 4, "replicas"):
         for layout in ("ddp_ep", "fsdp_ep"):
             res = r["replicas"][layout]
-            assert res["loss_diff"] < 1e-9 and res["weight_diff"] < 1e-9 and res["moved"] > 1e-3 and res["keys_match"], res
+            assert (
+                res["loss_diff"] < 1e-9 and res["weight_diff"] < 1e-9 and res["moved"] > 1e-3 and res["keys_match"]
+            ), res
             assert max(abs(a - b) / b for a, b in zip(res["norms"], res["ref_norms"])) < 1e-6
 
 
@@ -133,7 +153,9 @@ def test_checkpoint_saved_sharded_loads_in_one_process_and_at_ep2(dist_run, layo
         assert r["one_process_diff"] < 1e-12 and r["out_mag"] > 0.1, r  # one process, no EP, plain load_state_dict
         assert r["reload_diff"] < 1e-12, r  # re-sharded into a fresh EP-2 (and FSDP) layout
         assert r["file_keys"] == r["unique_keys"] and r["file_keys"] + 1 == len(head)  # each expert once
-        assert len(r["expert_shapes"]) == 2 and all(s == [W.E, 16, W.D] for s in r["expert_shapes"].values()), "full stacked experts, not one block"
+        assert len(r["expert_shapes"]) == 2 and all(s == [W.E, 16, W.D] for s in r["expert_shapes"].values()), (
+            "full stacked experts, not one block"
+        )
     assert os.stat(out / f"{layout}.safetensors").st_mode & 0o044, "readable like any file the user creates"
 
 
@@ -142,7 +164,12 @@ def test_optimizer_state_gathers_to_one_process_and_loads_back(dist_run, layout)
     """AdamW moments of sharded experts (and FSDP shards) gathered = the one-process run's; reloaded at EP 2 = the same."""
     for rank in RANKS:
         r = dist_run[0][rank]["train"][layout]
-        assert r["opt_diff"] < 1e-12 and r["opt_mag"] > 1e-3 and r["opt_roundtrip"] == 0.0 and r["opt_entries"] == r["file_keys"] - 2, r
+        assert (
+            r["opt_diff"] < 1e-12
+            and r["opt_mag"] > 1e-3
+            and r["opt_roundtrip"] == 0.0
+            and r["opt_entries"] == r["file_keys"] - 2
+        ), r
 
 
 def test_fsdp_bf16_mixed_precision_trains_and_saves_fp32_masters(dist_run):
@@ -150,7 +177,9 @@ def test_fsdp_bf16_mixed_precision_trains_and_saves_fp32_masters(dist_run):
         r = dist_run[0][rank]["train"]["fsdp_ep_bf16"]
         assert r["pred_dtype"] == "torch.bfloat16" and r["master_dtypes"] == ["torch.float32"], r
         assert "torch.float32" in r["file_dtypes"] and "torch.bfloat16" not in r["file_dtypes"]
-        assert max(abs(a - b) / b for a, b in zip(r["losses"], r["ref_losses"])) < 2e-2, r  # bf16 compute, fp32 reference
+        assert max(abs(a - b) / b for a, b in zip(r["losses"], r["ref_losses"])) < 2e-2, (
+            r
+        )  # bf16 compute, fp32 reference
         assert r["one_vs_reload_diff"] < 1e-6, "the saved fp32 masters load the same in one process and sharded"
 
 
@@ -158,7 +187,9 @@ def test_fsdp_parameters_a_rank_skipped_get_zero_gradients(dist_run):
     """Rank 1 skips a layer rank 0 uses (and one layer is never used): FSDP must reduce the same set on both."""
     for rank in RANKS:
         r = dist_run[0][rank]["fsdp_unused"]
-        assert r["grad_diff"] < 1e-12 and r["grad_mag"] > 0.01 and r["never_used_grad_max"] == 0.0 and r["params"] == 10, r
+        assert (
+            r["grad_diff"] < 1e-12 and r["grad_mag"] > 0.01 and r["never_used_grad_max"] == 0.0 and r["params"] == 10
+        ), r
 
 
 def test_layouts_that_do_not_divide_are_named(dist_run):
@@ -228,7 +259,9 @@ def test_a_model_built_on_the_meta_device_loads_the_full_checkpoint():
     """Build without memory (``torch.device("meta")``), then take the weights from a full state dict."""
     src = _layer(2)
     with torch.device("meta"):
-        empty = audiomoe.component_builder("moe", W.moe_spec(W.TOPP, "swiglu", 2, num_null=1, num_shared=1))(d_model=W.D)
+        empty = audiomoe.component_builder("moe", W.moe_spec(W.TOPP, "swiglu", 2, num_null=1, num_shared=1))(
+            d_model=W.D
+        )
     parallel.load_full_state_dict(empty, src.state_dict())
     assert not any(p.is_meta for p in empty.parameters())
     x = torch.randn(7, W.D, dtype=torch.float64)

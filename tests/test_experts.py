@@ -64,10 +64,21 @@ def test_unimoe_layout_and_active_parameters():
 def test_moe_transformer_options_reach_every_layer():
     model = audiomoe.compose(
         "tiny-moe-cls",
-        overrides=["backbone.moe.num_null=2", "backbone.moe.num_shared=1", "backbone.moe.shared_mode=unit", "backbone.moe.capacity_factor=1.0", "backbone.moe.expert=swiglu"],
+        overrides=[
+            "backbone.moe.num_null=2",
+            "backbone.moe.num_shared=1",
+            "backbone.moe.shared_mode=unit",
+            "backbone.moe.capacity_factor=1.0",
+            "backbone.moe.expert=swiglu",
+        ],
     )
     for b in model.backbone.blocks:
-        assert (b.moe.num_null, b.moe.num_shared, b.moe.params.shared_mode, b.moe.params.capacity_factor) == (2, 1, "unit", 1.0)
+        assert (b.moe.num_null, b.moe.num_shared, b.moe.params.shared_mode, b.moe.params.capacity_factor) == (
+            2,
+            1,
+            "unit",
+            1.0,
+        )
     bb = model.backbone
     out = bb(torch.randn(3, 20, 32), torch.zeros(3, 20, dtype=torch.bool))
     assert out.routing["layer0"].null_columns == 2
@@ -135,19 +146,29 @@ def test_moe_backbone_runs_causally_and_serves_as_the_codec_decoder():
     assert torch.allclose(bb(changed, pad, causal=True).hidden[:, :4], full[:, :4], atol=1e-5)
     assert not torch.allclose(bb(changed, pad).hidden[:, :4], bb(x, pad).hidden[:, :4], atol=1e-5)
     # The codec head accepts the MoE stack (top-p, shared and null experts) as its decoder.
-    model = audiomoe.compose("tiny-codec", ["tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2"])
+    model = audiomoe.compose(
+        "tiny-codec", ["tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2"]
+    )
     from audiomoe.testing import check_preset
 
-    assert "compose(model.spec) rebuilds identical parameters" in check_preset(
-        "tiny-codec", ("tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2")
-    ).checks
-    assert any(k.startswith("layer") for k in model.heads["codec"].decoder(torch.randn(1, 3, model.params.d_model), torch.zeros(1, 3, dtype=torch.bool), causal=True).routing)
+    assert (
+        "compose(model.spec) rebuilds identical parameters"
+        in check_preset(
+            "tiny-codec", ("tasks.codec.decoder=unimoe_transformer", "tasks.codec.decoder.num_heads=2")
+        ).checks
+    )
+    assert any(
+        k.startswith("layer")
+        for k in model.heads["codec"]
+        .decoder(torch.randn(1, 3, model.params.d_model), torch.zeros(1, 3, dtype=torch.bool), causal=True)
+        .routing
+    )
 
 
 def test_task_ids_reach_the_backbone_routers(recwarn):
     """Token-level oracle routing: every valid token of a sample goes to its task's expert, no warning."""
-    from audiomoe.data.synthetic import tone_batch
     from audiomoe.analysis.trace import RoutingTrace
+    from audiomoe.data.synthetic import tone_batch
 
     model = audiomoe.compose("tiny-moe-cls", overrides=["backbone.moe.router=oracle"])
     model.eval()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.core.errors import AudioMoEError
-from audiomoe.encoders.align import align_time, stack_frames  # noqa: F401 - stack_frames tested below
-from audiomoe.encoders.hf_common import MissingPretrainedError
 from audiomoe.core.batch import AudioBatch
+from audiomoe.core.errors import AudioMoEError
+from audiomoe.encoders.align import align_time, stack_frames
+from audiomoe.encoders.hf_common import MissingPretrainedError
 from audiomoe.testing import build_component
 
 SR = 16000
@@ -20,10 +20,15 @@ def _mixture(combine: str = "concat", router=None, router_input: str = "pooled",
     """A mixture of tiny encoders; ``combine`` names the fusion, ``router`` its router (one-router fusions)."""
     fusion = {"router_input": router_input}
     if combine != "mowe":
-        fusion["router"] = router or {"name": "linear_topk", "params": {"k": 1}}
+        fusion["router"] = router or {"name": "top_k", "params": {"k": 1}}
     spec = {
         "base": {"name": "whisper", "params": WIN},
-        "weak": [{"name": "whisper", "params": {"window": "trim"}}, {"name": "hubert"}, {"name": "wavlm"}, {"name": "hubert"}],
+        "weak": [
+            {"name": "whisper", "params": {"window": "trim"}},
+            {"name": "hubert"},
+            {"name": "wavlm"},
+            {"name": "hubert"},
+        ],
         "fusion": {"name": combine, "params": fusion},
     }
     spec.update(params)
@@ -34,9 +39,11 @@ def _count_calls(mix):
     calls = [0] * len(mix.weak)
     batch_sizes: list[list[int]] = [[] for _ in mix.weak]
     for k, enc in enumerate(mix.weak):
+
         def hook(_m, args, _out, k=k):
             calls[k] += 1
             batch_sizes[k].append(args[0].shape[0])
+
         enc.register_forward_hook(hook)
     return calls, batch_sizes
 
@@ -46,9 +53,9 @@ def test_only_selected_weak_encoders_run_on_their_samples():
     mix = _mixture().eval()
     calls, sizes = _count_calls(mix)
     with torch.no_grad():  # force a known routing: samples 0, 2 -> weak 1; sample 1 -> weak 3
-        mix.fusion.router.gate.weight.zero_()
-        mix.fusion.router.gate.weight[1, 0] = 10.0
-        mix.fusion.router.gate.weight[3, 0] = -10.0
+        mix.fusion.router.scorer.layers[0].weight.zero_()
+        mix.fusion.router.scorer.layers[0].weight[1, 0] = 10.0
+        mix.fusion.router.scorer.layers[0].weight[3, 0] = -10.0
         x = torch.randn(3, SR) * 0.1
         x[1] *= -1
         out = mix(x)
@@ -106,7 +113,7 @@ def test_combine_and_align_modes_train(combine, align):
         assert mix.fusion.dependent.scorer.layers[0].weight.grad.abs().max() > 0
     else:
         assert "router/balance" in out.aux_losses
-        assert mix.fusion.router.gate.weight.grad is not None
+        assert mix.fusion.router.scorer.layers[0].weight.grad is not None
 
 
 def test_router_aux_loss_is_weighted_by_the_mixture():
@@ -188,7 +195,9 @@ def test_mowe_tiny_composes_and_trains_a_step():
     assert type(model.encoder).__name__ == "MoWEMixture" and len(model.encoder.weak) == 4
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(4, SR) * 0.1
-    batch = AudioBatch(x, SR, ["emotion", "speaker", "emotion", "speaker"], torch.tensor([SR, 9000, 3000, SR]), [0, 1, 2, 3])
+    batch = AudioBatch(
+        x, SR, ["emotion", "speaker", "emotion", "speaker"], torch.tensor([SR, 9000, 3000, SR]), [0, 1, 2, 3]
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = model(batch)
     assert torch.isfinite(out.loss) and "aux/encoder/router/balance" in out.losses
@@ -227,7 +236,9 @@ def test_mowe_audio_partial_cache_names_only_the_missing(tmp_path):
     assert "hubert-base" not in str(info.value)
 
 
-@pytest.mark.parametrize("name, params, stride", [("linear", {}, 1), ("stack_mlp", {"stack": 3}, 3), ("conv", {"stride": 2, "kernel": 4}, 2)])
+@pytest.mark.parametrize(
+    "name, params, stride", [("linear", {}, 1), ("stack_mlp", {"stack": 3}, 3), ("conv", {"stride": 2, "kernel": 4}, 2)]
+)
 def test_adapters_map_width_and_rate_and_keep_padding(name, params, stride):
     torch.manual_seed(0)
     ad = build_component("adapter", name, params, {"in_dim": 12, "d_model": 8})

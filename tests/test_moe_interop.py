@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+from unimoe_reference import unimoe_block
 
 import audiomoe
-from audiomoe.core.interfaces import Routing
 from audiomoe.backbones.interop import hf_experts_state, load_hf_experts, load_unimoe_block
-
-from unimoe_reference import unimoe_block
+from audiomoe.core.interfaces import Routing
 
 D, F_, E, K = 16, 8, 4, 2
 
@@ -58,26 +57,49 @@ def test_experts_load_from_and_into_transformers_mixtral_experts(impl):
     torch.testing.assert_close(fresh(x, top_i, top_w), ours, rtol=1e-5, atol=1e-5)
 
 
-def unimoe_state(prefix: str, e_r: int = 8, e_n: int = 1, e_s: int = 2, f: int = 8, f_s: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+def unimoe_state(
+    prefix: str, e_r: int = 8, e_n: int = 1, e_s: int = 2, f: int = 8, f_s: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A tiny random state dict in UniMoE-Audio's MoE block key layout (DeepSpeed-MoE naming)."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3
     state = {f"{prefix}gate.weight": r(e_r + e_n + e_s, D)}
     for e in range(e_r):
         base = f"{prefix}dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.{e}."
-        state |= {base + "gate_proj.weight": r(f, D), base + "up_proj.weight": r(f, D), base + "down_proj.weight": r(D, f)}
+        state |= {
+            base + "gate_proj.weight": r(f, D),
+            base + "up_proj.weight": r(f, D),
+            base + "down_proj.weight": r(D, f),
+        }
     for s in range(e_s):
         base = f"{prefix}fixed_real_moe.{s}."
-        state |= {base + "gate_proj.weight": r(f_s, D), base + "up_proj.weight": r(f_s, D), base + "down_proj.weight": r(D, f_s)}
+        state |= {
+            base + "gate_proj.weight": r(f_s, D),
+            base + "up_proj.weight": r(f_s, D),
+            base + "down_proj.weight": r(D, f_s),
+        }
     state[f"{prefix}dynamic_real_moe.deepspeed_moe.gate.wg.weight"] = r(1, D)  # unrelated keys are ignored
     return state
 
 
 def unimoe_layer():
-    router = {"name": "top_p", "params": {"unimoe_aux_weight": 0.0, "unimoe_aux_weight_end": None,
-              "selector": {"name": "top_p", "params": {"p": 0.7, "weights": "unimoe_code"}}}}  # fmt: skip
-    return moe(router=router, expert={"name": "swiglu", "params": {"d_ff": 8}}, num_experts=8, num_null=1, num_shared=2,
-               shared_mode="gated", shared_d_ff=4)  # fmt: skip
+    router = {
+        "name": "top_p",
+        "params": {
+            "unimoe_aux_weight": 0.0,
+            "unimoe_aux_weight_end": None,
+            "selector": {"name": "top_p", "params": {"p": 0.7, "weights": "unimoe_code"}},
+        },
+    }
+    return moe(
+        router=router,
+        expert={"name": "swiglu", "params": {"d_ff": 8}},
+        num_experts=8,
+        num_null=1,
+        num_shared=2,
+        shared_mode="gated",
+        shared_d_ff=4,
+    )
 
 
 def test_unimoe_audio_block_imports_with_the_documented_key_map():
@@ -85,8 +107,17 @@ def test_unimoe_audio_block_imports_with_the_documented_key_map():
     state = unimoe_state(prefix)
     layer = unimoe_layer().eval()
     load_unimoe_block(layer, state, prefix)
+
     # the reference block built by hand from the same tensors, as the released code computes it
-    ffn = lambda p: (lambda t: F.linear(F.silu(F.linear(t, state[p + "gate_proj.weight"])) * F.linear(t, state[p + "up_proj.weight"]), state[p + "down_proj.weight"]))  # noqa: E731
+    def ffn(p):
+        def run(t):
+            return F.linear(
+                F.silu(F.linear(t, state[p + "gate_proj.weight"])) * F.linear(t, state[p + "up_proj.weight"]),
+                state[p + "down_proj.weight"],
+            )
+
+        return run
+
     experts = [ffn(f"{prefix}dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts.{e}.") for e in range(8)]
     shared = [ffn(f"{prefix}fixed_real_moe.{s}.") for s in range(2)]
     x = torch.randn(50, D)
@@ -104,8 +135,14 @@ def test_unimoe_import_names_what_does_not_fit():
     del state[f"{prefix}fixed_real_moe.1.down_proj.weight"]
     with pytest.raises(audiomoe.AudioMoEError, match=r"missing \['shared.1.down_proj'\]"):
         load_unimoe_block(unimoe_layer(), state, prefix)
-    with pytest.raises(audiomoe.AudioMoEError, match="gate.weight has 11 rows; the layer has 8 routed \\+ 0 null \\+ 2 shared"):
-        load_unimoe_block(moe(num_experts=8, num_shared=2, expert={"name": "swiglu", "params": {"d_ff": 8}}, shared_d_ff=4), unimoe_state(prefix), prefix)
+    with pytest.raises(
+        audiomoe.AudioMoEError, match="gate.weight has 11 rows; the layer has 8 routed \\+ 0 null \\+ 2 shared"
+    ):
+        load_unimoe_block(
+            moe(num_experts=8, num_shared=2, expert={"name": "swiglu", "params": {"d_ff": 8}}, shared_d_ff=4),
+            unimoe_state(prefix),
+            prefix,
+        )
     with pytest.raises(audiomoe.AudioMoEError, match="not a UniMoE-Audio MoE block under prefix 'other.'"):
         load_unimoe_block(unimoe_layer(), unimoe_state(prefix), "other.")
     with pytest.raises(audiomoe.AudioMoEError, match="do not match d_model=16, d_ff=8"):

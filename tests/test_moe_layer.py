@@ -21,7 +21,7 @@ D, E, NULL = 16, 5, 2
 
 def moe(d_model: int = D, router=None, expert=None, **params) -> MoELayer:
     """An MoE layer built through the registry, as a backbone builds it."""
-    spec = {"router": router or {"name": "linear_topk", "params": {"k": 2}}, "expert": expert or {"name": "swiglu"}, **params}
+    spec = {"router": router or {"name": "top_k", "params": {"k": 2}}, "expert": expert or {"name": "swiglu"}, **params}
     return audiomoe.component_builder("moe", {"name": "moe", "params": spec})(d_model=d_model)
 
 
@@ -124,7 +124,17 @@ CASES = [
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 @pytest.mark.parametrize(
     "expert,dispatch",
-    [("swiglu", "auto"), ("swiglu", "fused"), ("swiglu", "loop"), ("swiglu", "xformers"), ("swiglu", "gathered"), ("swiglu", "dense"), ("mlp", "auto"), ("mlp", "xformers"), ("mlp", "dense")],
+    [
+        ("swiglu", "auto"),
+        ("swiglu", "fused"),
+        ("swiglu", "loop"),
+        ("swiglu", "xformers"),
+        ("swiglu", "gathered"),
+        ("swiglu", "dense"),
+        ("mlp", "auto"),
+        ("mlp", "xformers"),
+        ("mlp", "dense"),
+    ],
 )
 def test_fast_dispatch_matches_reference_loop(kind, kw, expert, dispatch):
     layer = make_layer(expert, dispatch=dispatch, **kw)
@@ -202,7 +212,11 @@ def test_grouped_mm_path_matches_loop():
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, f, block_rows", [(2100, 64, None), (2100, 64, 300), (8200, 16, 700)], ids=["one-block", "per-expert-blocks", "narrow"])
+@pytest.mark.parametrize(
+    "n, f, block_rows",
+    [(2100, 64, None), (2100, 64, 300), (8200, 16, 700)],
+    ids=["one-block", "per-expert-blocks", "narrow"],
+)
 def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_autograd(n, f, block_rows, monkeypatch):
     """Sizes above the workspace threshold: two layers in one graph share the CPU scratch buffers.
 
@@ -211,6 +225,7 @@ def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_auto
     one expert per block and with narrow experts (2F < d: the down-projection gradient transposed).
     """
     from audiomoe.moe import dispatcher, fused
+
     d, e = 64, 8
     assert 2 * n * f >= 1 << 18  # S * f above 2**18 elements: the scratch path
     if block_rows:
@@ -229,17 +244,26 @@ def test_fused_dispatch_reusing_scratch_across_stacked_layers_matches_plain_auto
     def plain(layer, x, r):
         exp, tok, counts = dispatcher.sorted_pairs(r.mask, e)
         chunks = x.index_select(0, tok).split(counts.tolist())
-        ys = torch.cat([layer.experts.expert_forward(i, c) for i, c in enumerate(chunks)]) * r.weights[tok, exp].unsqueeze(-1)
+        ys = torch.cat([layer.experts.expert_forward(i, c) for i, c in enumerate(chunks)]) * r.weights[
+            tok, exp
+        ].unsqueeze(-1)
         return torch.zeros_like(x).index_add(0, tok, ys)
 
     x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
-    params = [x] + [r.weights for r in routings] + [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    params = (
+        [x] + [r.weights for r in routings] + [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    )
     outs = []
     for combine in (lambda layer, h, r: layer.combine(h, r), plain):
         h = x
         for layer, r in zip(layers, routings):
             h = torch.tanh(combine(layer, h, r)) + h
-        gr = torch.autograd.grad(h, params, torch.randn(n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64), allow_unused=True)
+        gr = torch.autograd.grad(
+            h,
+            params,
+            torch.randn(n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64),
+            allow_unused=True,
+        )
         outs.append((h.detach(), [torch.zeros_like(p) if v is None else v for p, v in zip(params, gr)]))
     assert layers[0].last_plan == "fused"
     (h_fast, g_fast), (h_ref, g_ref) = outs
@@ -351,7 +375,11 @@ def test_cuda_dispatch_plans_match_the_loop(plan, dtype):
     results = {}
     for p in ("loop", plan):
         torch.manual_seed(0)
-        layer = moe(64, expert={"name": "swiglu", "params": {"d_ff": 64}}, num_experts=8, num_shared=1, dispatch=p).cuda().to(dtype)
+        layer = (
+            moe(64, expert={"name": "swiglu", "params": {"d_ff": 64}}, num_experts=8, num_shared=1, dispatch=p)
+            .cuda()
+            .to(dtype)
+        )
         xi = x.clone().requires_grad_(True)
         y, _ = layer(xi)
         y.float().square().sum().backward()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_moe_layer import D, E, hand_routing, make_layer, reference
 
 from audiomoe.core.errors import AudioMoEError
-from test_moe_layer import D, E, hand_routing, make_layer, reference
 
 
 def test_plan_is_decided_without_timing_and_read_from_a_plan_table(tmp_path):
@@ -43,7 +43,10 @@ def test_a_plan_table_decides_training_calls_but_not_decoding_steps(tmp_path):
     assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D, dtype=torch.float64)) == "loop"
     with torch.no_grad():
         assert layer.dispatcher.plan_for(layer.experts, torch.zeros(3, D, dtype=torch.float64)) == "dense"
-        assert layer.dispatcher.plan_for(layer.experts, torch.zeros(50_000, D, dtype=torch.float64), pairs=100_000) == "loop"
+        assert (
+            layer.dispatcher.plan_for(layer.experts, torch.zeros(50_000, D, dtype=torch.float64), pairs=100_000)
+            == "loop"
+        )
 
 
 def test_auto_takes_dense_then_gathered_only_without_autograd_and_for_small_steps():
@@ -54,20 +57,33 @@ def test_auto_takes_dense_then_gathered_only_without_autograd_and_for_small_step
     layer = make_layer()
     per_pair = 3 * D * 8
     few_tokens, few_pairs = GATHER_LIMIT // (E * per_pair), GATHER_LIMIT // per_pair
-    plan = lambda n, pairs=None: layer.dispatcher.plan_for(layer.experts, torch.zeros(n, D), pairs=pairs)  # noqa: E731
+    plan = lambda n, pairs=None: layer.dispatcher.plan_for(layer.experts, torch.zeros(n, D), pairs=pairs)
     assert plan(few_tokens) == "fused" and plan(3, 1) == "fused"  # grad enabled: never dense nor gathered
     with torch.no_grad():
         assert plan(few_tokens) == "dense" and plan(few_tokens + 1) == "fused"
         assert plan(few_tokens + 1, few_pairs) == "gathered" and plan(few_tokens + 1, few_pairs + 1) == "fused"
-        for kw, n in ((dict(), 6), (dict(num_shared=2, shared_d_ff=4), 6), (dict(capacity_factor=0.8), 6), (dict(), few_tokens + 40)):
+        for kw, n in (
+            (dict(), 6),
+            (dict(num_shared=2, shared_d_ff=4), 6),
+            (dict(capacity_factor=0.8), 6),
+            (dict(), few_tokens + 40),
+        ):
             layer = make_layer(**kw)
             r, tokens = hand_routing(n, "topp"), torch.randn(n, D, dtype=torch.float64)
             fast = layer.combine(tokens, r)
             assert layer.last_plan == ("dense" if n <= few_tokens else "gathered"), kw
-            if layer.last_plan == "dense" and "capacity_factor" not in kw:  # a decoding step does not wait on its statistics
+            if (
+                layer.last_plan == "dense" and "capacity_factor" not in kw
+            ):  # a decoding step does not wait on its statistics
                 assert layer.last_stats._stats is None
-                assert dict(layer.last_stats) == {"tokens": n, "routed_pairs": int(r.mask[:, :E].sum()), "dropped_pairs": 0, "capacity": -1,
-                                                  "routed_per_token": int(r.mask[:, :E].sum()) / n, "expert_loads": r.mask[:, :E].sum(0).tolist()}  # fmt: skip
+                assert dict(layer.last_stats) == {
+                    "tokens": n,
+                    "routed_pairs": int(r.mask[:, :E].sum()),
+                    "dropped_pairs": 0,
+                    "capacity": -1,
+                    "routed_per_token": int(r.mask[:, :E].sum()) / n,
+                    "expert_loads": r.mask[:, :E].sum(0).tolist(),
+                }
             torch.testing.assert_close(fast, reference(layer, tokens, r), rtol=1e-10, atol=1e-10)
             if not kw.get("num_shared"):
                 assert torch.all(fast[0] == 0), "a null-only token without shared experts is zero"

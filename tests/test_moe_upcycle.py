@@ -7,11 +7,17 @@ import torch
 import transformers
 
 import audiomoe
-
-from audiomoe.core.errors import AudioMoEError
 from audiomoe.backbones.upcycle import UpcycledMLP, moe_aux_losses, upcycle_causal_lm
+from audiomoe.core.errors import AudioMoEError
 
-KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+KW = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+)
 
 
 def tiny(kind: str = "llama", seed: int = 0):
@@ -25,7 +31,7 @@ def test_copy_upcycled_model_matches_dense_and_trains(kind):
     model = tiny(kind)
     ids = torch.randint(0, 97, (2, 9))
     dense = model(ids).logits
-    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "linear_topk", "params": {"k": 2}}})
+    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "top_k", "params": {"k": 2}}})
     assert all(isinstance(layer.mlp, UpcycledMLP) for layer in model.model.layers)
     out = model(ids).logits
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
@@ -33,7 +39,8 @@ def test_copy_upcycled_model_matches_dense_and_trains(kind):
     loss = model(ids, labels=ids).loss + sum(moe_aux_losses(model).values())
     loss.backward()
     moe = model.model.layers[0].mlp.moe
-    assert moe.router.gate.weight.grad is not None and moe.router.gate.weight.grad.abs().sum() > 0
+    gate = moe.router.scorer.layers[0].weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
     assert any(p.grad is not None for p in moe.experts.parameters())
     assert set(moe_aux_losses(model)) == {"model.layers.0.mlp/balance", "model.layers.1.mlp/balance"}
 
@@ -42,7 +49,12 @@ def test_each_expert_from_its_own_checkpoint(tmp_path):
     a, b = tiny(seed=1), tiny(seed=2)
     a.save_pretrained(tmp_path / "a")
     base = tiny(seed=3)
-    upcycle_causal_lm(base, {"num_experts": 3, "num_shared": 1, "num_null": 1}, sources=[tmp_path / "a", b, tmp_path / "a"], average_non_mlp=True)
+    upcycle_causal_lm(
+        base,
+        {"num_experts": 3, "num_shared": 1, "num_null": 1},
+        sources=[tmp_path / "a", b, tmp_path / "a"],
+        average_non_mlp=True,
+    )
     for i, layer in enumerate(base.model.layers):
         moe = layer.mlp.moe
         for e, src in enumerate([a, b, a]):
@@ -62,7 +74,17 @@ def test_slice_init_gives_fine_grained_experts_that_sum_to_dense():
     dense_mlp = model.model.layers[0].mlp
     x = torch.randn(5, 32)
     want = dense_mlp(x)
-    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "linear_topk", "params": {"k": 4, "normalize": False}}}, init="slice")
+    upcycle_causal_lm(
+        model,
+        {
+            "num_experts": 4,
+            "router": {
+                "name": "top_k",
+                "params": {"k": 4, "selector": {"name": "top_k", "params": {"normalize": False}}},
+            },
+        },
+        init="slice",
+    )
     moe = model.model.layers[0].mlp.moe
     assert moe.experts.d_ff == 16
     # the slices partition the intermediate dimension: the unweighted sum of all experts is the dense MLP
@@ -81,7 +103,7 @@ def test_bad_upcycling_inputs_are_named(tmp_path):
 
 def test_padded_tokens_are_not_routed_in_forward_or_generate():
     model = tiny()
-    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "linear_topk", "params": {"k": 2}}})
+    upcycle_causal_lm(model, {"num_experts": 4, "router": {"name": "top_k", "params": {"k": 2}}})
     ids = torch.randint(1, 97, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 4:] = 0  # right padding
@@ -105,10 +127,19 @@ def test_padded_tokens_are_not_routed_in_forward_or_generate():
 def test_upcycling_keeps_every_moe_option():
     """No silent defaults: the upcycled layers carry exactly the options of the moe spec given."""
     spec = {
-        "num_experts": 4, "num_null": 1, "num_shared": 1, "shared_mode": "unit", "router": {"name": "top_p", "params": {"p": 0.6}},
-        "capacity_factor": 1.5, "drop_policy": "probs", "min_capacity": 3, "capacity_basis": "tokens",
-        "renormalize_drops": True, "null_capacity": True, "dispatch": "loop",
-    }  # fmt: skip
+        "num_experts": 4,
+        "num_null": 1,
+        "num_shared": 1,
+        "shared_mode": "unit",
+        "router": {"name": "top_p", "params": {"p": 0.6}},
+        "capacity_factor": 1.5,
+        "drop_policy": "probs",
+        "min_capacity": 3,
+        "capacity_basis": "tokens",
+        "renormalize_drops": True,
+        "null_capacity": True,
+        "dispatch": "loop",
+    }
     model = tiny()
     upcycle_causal_lm(model, spec)
     moe = model.model.layers[1].mlp.moe
@@ -116,7 +147,8 @@ def test_upcycling_keeps_every_moe_option():
     for key, value in spec.items():
         if key != "router":
             assert got[key] == value, key
-    assert type(moe.router).__name__ == "TopPRouter" and moe.router.selector.params.p == 0.6
+    assert moe.router.audiomoe_component.name == "top_p" and type(moe.router.selector).__name__ == "TopP"
+    assert moe.router.selector.params.p == 0.6
     assert moe.shared.d_ff == 64 and moe.experts.d_ff == 64  # dense width for copies and the shared expert
     ids = torch.randint(0, 97, (2, 9))
     model.train()

@@ -109,9 +109,15 @@ def test_a_default_that_breaks_its_own_limit_is_refused_at_validate_naming_the_k
 
 
 def test_a_constructor_valueerror_is_a_config_error_naming_the_component_and_where(oops, capsys):
-    assert main(["validate", "tiny-moe-cls", "--set", "backbone.moe.router=picky", "--set", "backbone.moe.router.k=9"]) == 2
+    assert (
+        main(["validate", "tiny-moe-cls", "--set", "backbone.moe.router=picky", "--set", "backbone.moe.router.k=9"])
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "router 'picky' (oops 0.3.0) at 'backbone.moe.router' refused its params: k=9 is larger than num_experts=4" in err
+    assert (
+        "router 'picky' (oops 0.3.0) at 'backbone.moe.router' refused its params: k=9 is larger than num_experts=4"
+        in err
+    )
     assert "--set backbone.moe.router.<param>=" in err and "unexpected error" not in err
     audiomoe.compose("tiny-moe-cls", ["backbone.moe.router=picky", "backbone.moe.router.k=2"])  # in range: builds
 
@@ -124,7 +130,10 @@ def _batch(model):
 
 def test_a_router_breaking_the_routing_contract_at_run_time_is_named(oops):
     model = audiomoe.compose("tiny-moe-cls", ["backbone.moe.router=floatmask"])
-    with pytest.raises(AudioMoEError, match=r"router 'floatmask' \(oops 0.3.0\) at 'backbone.moe.router' broke the Routing contract: routing.mask must be bool, got torch.float32"):
+    with pytest.raises(
+        AudioMoEError,
+        match=r"router 'floatmask' \(oops 0.3.0\) at 'backbone.moe.router' broke the Routing contract: routing.mask must be bool, got torch.float32",
+    ):
         model(_batch(model))
     with pytest.raises(ConformanceError, match="routing.mask must be bool"):
         check_component("router", "floatmask")
@@ -137,6 +146,9 @@ def test_indices_outside_the_columns_fail_the_conformance_check(oops):
 
 
 def test_a_scorer_is_checked_against_the_router_contract_through_the_composite(oops):
-    with pytest.raises(ConformanceError, match="as the scorer of router 'scored': WideScorer logits have 5 columns, expected num_experts=4"):
+    with pytest.raises(
+        ConformanceError,
+        match="as the scorer of router 'scored': WideScorer logits have 5 columns, expected num_experts=4",
+    ):
         check_component("scorer", "wide")
     check_component("scorer", "linear")

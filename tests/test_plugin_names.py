@@ -22,12 +22,12 @@ from audiomoe import AudioMoEError, ConfigError, PluginLoadError, Registry, Unkn
 from audiomoe.cli import main
 
 #: A plugin whose router is also called ``top_p`` (a different class), with a preset of its own.
-CLASH_PLUGIN = '''
+CLASH_PLUGIN = """
 import audiomoe
 
 @audiomoe.hookimpl
 def audiomoe_register_components(register):
-    register("router", "top_p", "audiomoe.routers.linear_topk:LinearTopK", "acme's own top_p")
+    register("router", "top_p", "audiomoe.routers.scored:ScoredRouter", "acme's own top_p")
 
 @audiomoe.hookimpl
 def audiomoe_register_presets(register):
@@ -37,7 +37,7 @@ def audiomoe_register_presets(register):
         "backbone": {"name": "moe_transformer", "params": {"num_layers": 1, "num_heads": 2, "moe": {"name": "moe", "params": {"router": "top_p"}}}},
         "tasks": {"cls": {"name": "classification", "params": {"num_classes": 3}}},
     }, "acme's preset, routed by acme's top_p")
-'''
+"""
 
 
 @pytest.fixture
@@ -54,39 +54,41 @@ def _routers(model) -> list:
     return [m for m in model.modules() if getattr(getattr(m, "audiomoe_component", None), "kind", None) == "router"]
 
 
+def _which(router) -> tuple[str, str, str]:
+    """Class, selector class and plugin: the built-in top_p preset picks by top-p, acme's top_p class by top-k."""
+    return type(router).__name__, type(router.selector).__name__, router.audiomoe_component.plugin
+
+
+BUILTIN_TOP_P, ACME_TOP_P = ("ScoredRouter", "TopP", "builtin"), ("ScoredRouter", "TopK", "acme")
+
+
 # -- a clash never changes what a preset builds -----------------------------------------------
 
 
 def test_builtin_preset_composes_with_a_clashing_plugin_installed(acme_clash, capsys):
-    from audiomoe.routers.named import TopPRouter
-
     model = audiomoe.compose("tiny-unimoe")
     routers = _routers(model)
-    assert routers and all(type(r) is TopPRouter and r.audiomoe_component.plugin == "builtin" for r in routers)
-    assert type(routers[0]).__module__ == "audiomoe.routers.named"
+    assert routers and all(_which(r) == BUILTIN_TOP_P for r in routers)
+    assert type(routers[0]).__module__ == "audiomoe.routers.scored"
     # The recorded spec names the clashing component qualified, so it recomposes as it is.
     assert model.spec["backbone"]["params"]["moe"]["params"]["router"]["name"] == "builtin:top_p"
     again = audiomoe.compose(model.spec)
-    assert all(type(r) is TopPRouter for r in _routers(again))
+    assert all(_which(r) == BUILTIN_TOP_P for r in _routers(again))
     # The same through the command line, for everyone in the environment.
     assert main(["compose", "tiny-unimoe", "--no-probe"]) == 0
     assert "router/builtin:top_p" in capsys.readouterr().out
 
 
 def test_override_inside_a_preset_keeps_the_presets_provider(acme_clash):
-    from audiomoe.routers.named import TopPRouter
-
     # Walking into the router (a Params default of the built-in backbone) resolves it as built-in.
     model = audiomoe.compose("tiny-unimoe", ["backbone.moe.router.p=0.6"])
-    assert all(type(r) is TopPRouter for r in _routers(model))
+    assert all(_which(r) == BUILTIN_TOP_P for r in _routers(model))
     assert model.spec["backbone"]["params"]["moe"]["params"]["router"]["params"]["selector"]["params"]["p"] == 0.6
 
 
 def test_plugin_preset_means_the_plugins_own_component(acme_clash):
-    from audiomoe.routers.linear_topk import LinearTopK
-
     model = audiomoe.compose("acme-tiny")
-    assert [type(r) for r in _routers(model)] == [LinearTopK]
+    assert [_which(r) for r in _routers(model)] == [ACME_TOP_P]
     assert _routers(model)[0].audiomoe_component.plugin == "acme"
     # Its built-in parts (no clash) still resolve: a plugin's preset may use any provider's names.
     assert model.encoder.audiomoe_component.plugin == "builtin"
@@ -97,9 +99,6 @@ def _suggestions(message: str, name: str) -> list[str]:
 
 
 def test_a_clashing_name_typed_by_the_user_is_an_error_whose_suggestions_work(acme_clash):
-    from audiomoe.routers.linear_topk import LinearTopK
-    from audiomoe.routers.named import TopPRouter
-
     with pytest.raises(ConfigError) as err:
         audiomoe.compose("tiny-unimoe", ["backbone.moe.router=top_p"])
     msg = str(err.value)
@@ -107,10 +106,10 @@ def test_a_clashing_name_typed_by_the_user_is_an_error_whose_suggestions_work(ac
     assert "(2.0.0):" not in msg and "builtin (" not in msg  # the old, unusable suggestion
     suggested = _suggestions(msg, "top_p")
     assert suggested == ["acme:top_p", "builtin:top_p"]
-    expected = {"acme:top_p": (LinearTopK, "acme"), "builtin:top_p": (TopPRouter, "builtin")}
+    expected = {"acme:top_p": ACME_TOP_P, "builtin:top_p": BUILTIN_TOP_P}
     for name in suggested:  # pasted back, each one works
         routers = _routers(audiomoe.compose("tiny-unimoe", [f"backbone.moe.router={name}"]))
-        assert {(type(r), r.audiomoe_component.plugin) for r in routers} == {expected[name]}
+        assert {_which(r) for r in routers} == {expected[name]}
     # describe and the CLI give the same advice, and it works there too.
     with pytest.raises(audiomoe.AmbiguousComponentError) as err2:
         audiomoe.describe("router", "top_p")
@@ -158,19 +157,26 @@ def test_shadowed_plugin_warns_naming_where_its_module_came_from(install_dist, t
     (work / "acme_shadow" / "__init__.py").write_text("# the user's own scratch package\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOMOE_")}
     env["PYTHONPATH"] = str(site)
-    out = subprocess.run([sys.executable, "-m", "audiomoe.cli", "plugins"], cwd=work, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "audiomoe.cli", "plugins"], cwd=work, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     shadow = str(work / "acme_shadow" / "__init__.py")
     assert "plugin 'shadow' (acme-shadow 1.4.0) loaded but registered 0 components and 0 presets" in out.stderr
     assert f"imported from {shadow}" in out.stderr and "working directory" in out.stderr
     assert re.search(r"^shadow\s+acme-shadow\s+1\.4\.0\s+empty\b", out.stdout, re.M), out.stdout
     # From another directory the same installation is fine.
-    ok = subprocess.run([sys.executable, "-m", "audiomoe.cli", "plugins"], cwd=site, env=env, capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "audiomoe.cli", "plugins"], cwd=site, env=env, capture_output=True, text=True
+    )
     assert "registered 0 components" not in ok.stderr and re.search(r"^shadow .* loaded", ok.stdout, re.M)
     # Strict mode refuses it.
     strict = subprocess.run(
-        [sys.executable, "-m", "audiomoe.cli", "list"], cwd=work, env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"},
-        capture_output=True, text=True,
+        [sys.executable, "-m", "audiomoe.cli", "list"],
+        cwd=work,
+        env={**env, "AUDIOMOE_STRICT_PLUGINS": "1"},
+        capture_output=True,
+        text=True,
     )
     assert strict.returncode == 2 and "strict mode" in strict.stderr and shadow in strict.stderr
 
@@ -204,18 +210,20 @@ def _plugin(name: str, src: str) -> types.ModuleType:
     return mod
 
 
-TYPO_KIND = '''
+TYPO_KIND = """
 @audiomoe.hookimpl
 def audiomoe_register_components(register):
-    register("routr", "my_router", "audiomoe.routers.linear_topk:LinearTopK", "")
-'''
+    register("routr", "my_router", "audiomoe.routers.scored:ScoredRouter", "")
+"""
 
 
 def test_a_plugin_registering_a_misspelled_kind_is_refused_with_a_suggestion(install_dist):
     with pytest.raises(PluginLoadError, match=r"unknown kind 'routr'\. Did you mean 'router'\?"):
         Registry.isolated(_plugin("typo_plugin", TYPO_KIND))
     install_dist("acme-typo", "0.1.0", {"typo": "acme_typo"}, {"acme_typo": "import audiomoe\n" + TYPO_KIND})
-    with pytest.warns(RuntimeWarning, match=r"'typo' \(acme-typo 0.1.0\).*unknown kind 'routr'\. Did you mean 'router'"):
+    with pytest.warns(
+        RuntimeWarning, match=r"'typo' \(acme-typo 0.1.0\).*unknown kind 'routr'\. Did you mean 'router'"
+    ):
         reg = Registry()
     assert "routr" not in reg.kinds() and reg.plugins["typo"].status == "failed"
 
@@ -246,16 +254,21 @@ class TypoTask(audiomoe.Task):
 
 
 def test_a_slot_of_a_misspelled_kind_is_a_config_error_with_a_suggestion(install_dist):
-    install_dist("acme-slot", "0.1.0", {"slot": "acme_slot"}, {
-        "acme_slot": "import audiomoe\n@audiomoe.hookimpl\ndef audiomoe_register_components(register):\n"
-                     "    register('task', 'typo_task', 'acme_slot_task:TypoTask', '')\n",
-        "acme_slot_task": TYPO_SLOT,
-    })
+    install_dist(
+        "acme-slot",
+        "0.1.0",
+        {"slot": "acme_slot"},
+        {
+            "acme_slot": "import audiomoe\n@audiomoe.hookimpl\ndef audiomoe_register_components(register):\n"
+            "    register('task', 'typo_task', 'acme_slot_task:TypoTask', '')\n",
+            "acme_slot_task": TYPO_SLOT,
+        },
+    )
     with pytest.raises(ConfigError, match=r"tasks\.cls\.helper.*unknown kind 'routr'\. Did you mean 'router'\?"):
         audiomoe.core.composer.resolve("tiny-cls", ["tasks.cls=typo_task"])
 
 
-NEW_KIND = '''
+NEW_KIND = """
 @audiomoe.hookimpl
 def audiomoe_register_kinds(register):
     register("decoder", "turns states into audio", default="acme_decoder")
@@ -266,14 +279,18 @@ def audiomoe_register_components(register):
     register("decoder", "acme_decoder", "audiomoe.encoders.conv_frontend:ConvFrontend", "a decoder")
     register("encoder", "acme_conv", "audiomoe.encoders.conv_frontend:ConvFrontend", "acme's front-end")
     register("task", "acme_cls", "audiomoe.heads.classification:Classification", "acme's head")
-'''
+"""
 
 
 def test_a_declared_kind_and_its_default_work_without_the_builtins():
     reg = Registry.isolated(_plugin("acme_kinds", NEW_KIND), builtin=False)
     assert "decoder" in reg.kinds() and [e.name for e in reg.list_components("decoder")] == ["acme_decoder"]
     assert reg.get_component("decoder", None).plugin == "acme_kinds"
-    spec = {"d_model": 16, "encoder": {"params": {"dim": 16, "channels": 16}}, "tasks": {"cls": {"name": "acme_cls", "params": {"num_classes": 2}}}}
+    spec = {
+        "d_model": 16,
+        "encoder": {"params": {"dim": 16, "channels": 16}},
+        "tasks": {"cls": {"name": "acme_cls", "params": {"num_classes": 2}}},
+    }
     model = audiomoe.compose(spec, registry=reg)  # the encoder slot names nothing: acme's default
     assert model.encoder.audiomoe_component.plugin == "acme_kinds" and model.spec["encoder"]["name"] == "acme_conv"
     # With the built-ins loaded, the built-in default wins: installing acme changes nothing.
@@ -284,7 +301,16 @@ def test_a_declared_kind_and_its_default_work_without_the_builtins():
 def test_an_isolated_registry_without_builtins_has_no_builtin_defaults_components_or_presets():
     reg = Registry.isolated(builtin=False)
     assert reg.defaults == {} and reg.list_components() == [] and reg.list_presets() == []
-    assert reg.kinds() == ["adapter", "backbone", "encoder", "expert", "fusion", "moe", "router", "task"]  # the core kinds only
+    assert reg.kinds() == [
+        "adapter",
+        "backbone",
+        "encoder",
+        "expert",
+        "fusion",
+        "head",
+        "moe",
+        "router",
+    ]  # the core kinds only ('task' became 'head'; the old name is an alias, not a kind)
     with pytest.raises(AudioMoEError, match="no encoder named and no loaded plugin gives a default encoder"):
         reg.get_component("encoder", None)
     with pytest.raises(ConfigError, match=r"encoder.*no loaded plugin gives a default encoder"):
@@ -300,7 +326,12 @@ def test_describe_a_preset_shows_its_summary_plugin_and_spec(capsys):
     reg = audiomoe.get_registry()
     info = audiomoe.describe("preset", "tiny-unimoe")
     entry = reg.get_preset("tiny-unimoe")
-    assert (info["kind"], info["plugin"], info["summary"], info["spec"]) == ("preset", "builtin", entry.summary, dict(entry.spec))
+    assert (info["kind"], info["plugin"], info["summary"], info["spec"]) == (
+        "preset",
+        "builtin",
+        entry.summary,
+        dict(entry.spec),
+    )
     assert main(["describe", "preset/tiny-unimoe"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("preset/tiny-unimoe  (plugin builtin") and entry.summary in out
@@ -326,7 +357,7 @@ def test_list_star_searches_every_kind_and_presets(capsys):
     assert main(["list", "*", "top_p", "--json"]) == 0
     kinds = sorted(r["kind"] for r in json.loads(capsys.readouterr().out))
     assert kinds == ["router", "selector"]
-    assert main(["list", "rout*"]) == 0 and "linear_topk" in capsys.readouterr().out
+    assert main(["list", "rout*"]) == 0 and "top_k" in capsys.readouterr().out
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["list", "x*"]) == 2
@@ -344,7 +375,7 @@ def test_describe_renders_every_registered_component():
 
 
 #: A plugin whose backbone and preset names are also built-in names used by the built-in recipes.
-RECIPE_CLASH_PLUGIN = '''
+RECIPE_CLASH_PLUGIN = """
 import audiomoe
 
 @audiomoe.hookimpl
@@ -355,7 +386,7 @@ def audiomoe_register_components(register):
 def audiomoe_register_presets(register):
     register("mowe-tiny", {"d_model": 16, "encoder": {"name": "conv_frontend", "params": {"dim": 16, "channels": 16}},
                            "tasks": {"cls": {"name": "classification", "params": {"num_classes": 3}}}}, "acme's mowe-tiny")
-'''
+"""
 
 
 def test_builtin_recipes_mean_builtin_names_with_a_clashing_plugin_installed(install_dist, tmp_path):
@@ -371,7 +402,9 @@ def test_builtin_recipes_mean_builtin_names_with_a_clashing_plugin_installed(ins
     assert base_only.model.preset == "builtin:mowe-tiny"
     assert base_only.model.resolve().to_dict()["encoder"]["name"] == "whisper"
     mine = tmp_path / "mine.yaml"
-    mine.write_text("model: {preset: tiny-unimoe, overrides: [backbone=unimoe_transformer]}\nstages: [{name: a, steps: 1}]\n")
+    mine.write_text(
+        "model: {preset: tiny-unimoe, overrides: [backbone=unimoe_transformer]}\nstages: [{name: a, steps: 1}]\n"
+    )
     with pytest.raises(AudioMoEError, match="registered by more than one plugin"):
         load_recipe(str(mine)).model.resolve()
 

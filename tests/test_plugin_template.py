@@ -23,13 +23,31 @@ def plugin_python(tmp_path_factory) -> str:
     py = str(env_dir / "bin" / "python")
     # See this interpreter's packages (torch, the editable audiomoe) whether or not it is itself a
     # venv: addsitedir also processes their .pth files, which a plain path line would not.
-    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
     Path(purelib, "_audiomoe_parent.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
     # pip from this interpreter, installing into the venv (no network needed: no build isolation).
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-build-isolation", "-q", str(TEMPLATE)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            py,
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(TEMPLATE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return py
 

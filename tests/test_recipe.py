@@ -22,12 +22,23 @@ def test_every_problem_is_reported_at_once_under_its_dotted_key():
         "model": {"preset": "tiny-cls", "spec": {}},
         "optim": {"lr": -1, "betaz": [0.9, 0.99]},
         "schedule": {"kind": "exp"},
-        "stages": [{"name": "a", "steps": 0, "init": {}}, {"name": "a", "steps": 2, "data": {"balanced": 4, "weights": {"x": 1}}}],
+        "stages": [
+            {"name": "a", "steps": 0, "init": {}},
+            {"name": "a", "steps": 2, "data": {"balanced": 4, "weights": {"x": 1}}},
+        ],
     }
     with pytest.raises(ConfigError) as exc:
         load_recipe(bad)
     keys = {p.key for p in exc.value.problems}
-    assert {"model", "optim.lr", "optim.betaz", "schedule.kind", "stages.0.steps", "stages.0.init", "stages.1.data"} <= keys, keys
+    assert {
+        "model",
+        "optim.lr",
+        "optim.betaz",
+        "schedule.kind",
+        "stages.0.steps",
+        "stages.0.init",
+        "stages.1.data",
+    } <= keys, keys
     assert "give exactly one of 'preset' and 'spec'" in str(exc.value)
 
 
@@ -38,12 +49,17 @@ def test_stage_references_and_stage_optim_overrides_are_checked():
     raw = {**BASE, "stages": [{"name": "a", "steps": 2, "optim": {"lr": 0}}]}
     with pytest.raises(ConfigError, match=r"stages\.0\.optim.*lr"):
         load_recipe(raw)
-    ok = load_recipe({**BASE, "optim": {"lr": 0.01, "grad_clip": 2.0}, "stages": [{"name": "a", "steps": 2, "optim": {"lr": 0.5}}]})
+    ok = load_recipe(
+        {**BASE, "optim": {"lr": 0.01, "grad_clip": 2.0}, "stages": [{"name": "a", "steps": 2, "optim": {"lr": 0.5}}]}
+    )
     assert ok.stage_optim(ok.stages[0]).lr == 0.5 and ok.stage_optim(ok.stages[0]).grad_clip == 2.0
 
 
 def test_set_changes_recipe_sections_and_sends_other_keys_to_the_model():
-    r = load_recipe("unimoe-curriculum-tiny", ["optim.lr=0.01", "stages.warmup.steps=7", "stages.3.train=[router]", "backbone.moe.router.p=0.6"])
+    r = load_recipe(
+        "unimoe-curriculum-tiny",
+        ["optim.lr=0.01", "stages.warmup.steps=7", "stages.3.train=[router]", "backbone.moe.router.p=0.6"],
+    )
     assert r.optim.lr == 0.01 and r.stages[2].steps == 7 and r.stages[3].train == ["router"]
     assert r.model.overrides[-1] == "backbone.moe.router.p=0.6"
     with pytest.raises(ConfigError, match="no stage 'nope'"):
@@ -62,7 +78,9 @@ def test_built_in_recipes_load_and_the_tiny_ones_compose(name):
     if name.endswith("-tiny") or name.startswith("unimoe"):
         try:
             validate(r.model.source(), r.model.overrides)  # the model composes (on the meta device)
-        except MissingPretrainedError as exc:  # a full-size recipe on local weights: composes up to the checkpoints it names
+        except (
+            MissingPretrainedError
+        ) as exc:  # a full-size recipe on local weights: composes up to the checkpoints it names
             assert not name.endswith("-tiny") and "Qwen/Qwen2.5-3B" in str(exc)
 
 
@@ -77,7 +95,9 @@ def test_a_preset_is_a_one_stage_recipe_training_everything():
     assert [(s.name, s.steps, s.train) for s in r.stages] == [("train", 12, ["all"])]
     assert r.model.preset == "tiny-cls" and r.model.overrides == ["seed=3"] and r.optim.lr == 0.01
     # --set of a recipe section sets the one-stage recipe (after the flags), not the model, as for a recipe
-    r = recipe_for_preset("tiny-cls", ["compile=true", "optim.lr=0.02", "d_model=32", "data=tones"], steps=4, optim={"lr": 0.01})
+    r = recipe_for_preset(
+        "tiny-cls", ["compile=true", "optim.lr=0.02", "d_model=32", "data=tones"], steps=4, optim={"lr": 0.01}
+    )
     assert r.compile is True and r.optim.lr == 0.02 and r.data == "tones" and r.model.overrides == ["d_model=32"]
     with pytest.raises(ConfigError, match=r"stages\.nope.*no stage 'nope'"):
         recipe_for_preset("tiny-cls", ["stages.nope.steps=3"], steps=4)
@@ -94,7 +114,9 @@ def test_named_groups_are_found_by_module_type_and_name():
     assert g["heads.emotion"] == {"heads.emotion.head.weight", "heads.emotion.head.bias"}
     mowe = audiomoe.compose("mowe-tiny")
     g = named_groups(mowe)
-    assert all(n.startswith("encoder.base.") for n in g["encoder.base"]) and all(n.startswith("encoder.weak.") for n in g["encoder.weak"])
+    assert all(n.startswith("encoder.base.") for n in g["encoder.base"]) and all(
+        n.startswith("encoder.weak.") for n in g["encoder.weak"]
+    )
     assert {n for n in g["router"]} <= g["fusion"] and any(n.startswith("encoder.proj.") for n in g["fusion"])
     assert resolve_group(mowe, "encoder.weak.*.model", "t") == {n for n in g["encoder.weak"] if ".model." in n}
 
@@ -103,7 +125,10 @@ def test_a_group_matching_nothing_lists_the_groups_the_model_has():
     with pytest.raises(AudioMoEError) as exc:
         resolve_group(audiomoe.compose("tiny-cls"), "experts", "stages.0.train.0")
     msg = str(exc.value)
-    assert msg.startswith("stages.0.train.0: 'experts' matches no parameter") and "Groups this model has: all, encoder" in msg
+    assert (
+        msg.startswith("stages.0.train.0: 'experts' matches no parameter")
+        and "Groups this model has: all, encoder" in msg
+    )
     assert "it has no encoder.base, encoder.weak, fusion, router, experts" in msg
 
 

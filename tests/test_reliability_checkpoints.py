@@ -14,7 +14,15 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.train import CheckpointError, RunDirError, TrainConfig, load_checkpoint, load_trainer_state, save_checkpoint, train
+from audiomoe.train import (
+    CheckpointError,
+    RunDirError,
+    TrainConfig,
+    load_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    train,
+)
 from audiomoe.train import checkpoint as ckpt_mod
 from audiomoe.train.rundir import open_run_dir
 
@@ -64,7 +72,9 @@ def test_a_run_its_latest_pointer_or_a_step_dir_all_load_the_same_checkpoint(tmp
 
     save_checkpoint(model, tmp_path, 5, keep=2)
     newest = save_checkpoint(model, tmp_path, 7, keep=2)
-    assert resolve_checkpoint(tmp_path) == resolve_checkpoint(tmp_path / "latest") == newest == resolve_checkpoint(newest)
+    assert (
+        resolve_checkpoint(tmp_path) == resolve_checkpoint(tmp_path / "latest") == newest == resolve_checkpoint(newest)
+    )
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(CheckpointError, match="notes.txt' is not an audiomoe checkpoint"):
         resolve_checkpoint(tmp_path / "notes.txt")
@@ -94,7 +104,9 @@ def test_resaving_a_step_moves_the_new_one_in_before_removing_the_old(tmp_path, 
     assert _same(load_checkpoint(tmp_path).state_dict(), _weights(changed))
 
 
-@pytest.mark.parametrize("pointer", ["../other-run/step-000001", "/etc", "step-000001/../../x", "model.safetensors", ""])
+@pytest.mark.parametrize(
+    "pointer", ["../other-run/step-000001", "/etc", "step-000001/../../x", "model.safetensors", ""]
+)
 def test_latest_is_only_followed_to_a_step_dir_of_this_run(tmp_path, model, pointer):
     other = tmp_path / "other-run"
     save_checkpoint(model, other, 1)
@@ -128,7 +140,11 @@ def test_latest_through_a_symlink_out_of_the_run_is_refused(tmp_path, model):
 def test_temp_dirs_of_dead_writers_are_removed_by_the_next_save(tmp_path, model):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    stale = [tmp_path / f".step-000003.{pid}.abcd", tmp_path / f".del-step-000001.{pid}.ef01", tmp_path / f".step-000004.{os.getpid()}.zz"]
+    stale = [
+        tmp_path / f".step-000003.{pid}.abcd",
+        tmp_path / f".del-step-000001.{pid}.ef01",
+        tmp_path / f".step-000004.{os.getpid()}.zz",
+    ]
     (tmp_path / f".latest.{pid}.tmp").write_text("step-000003")
     for p in stale:
         p.mkdir(parents=True)
@@ -144,7 +160,12 @@ def test_temp_dirs_of_dead_writers_are_removed_by_the_next_save(tmp_path, model)
 
 @pytest.mark.parametrize(
     "failure",
-    [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed")],
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+        ),
+    ],
 )
 def test_disk_full_mid_save_names_the_step_and_the_intact_checkpoint(tmp_path, model, monkeypatch, failure):
     save_checkpoint(model, tmp_path, 10)
@@ -157,7 +178,10 @@ def test_disk_full_mid_save_names_the_step_and_the_intact_checkpoint(tmp_path, m
     monkeypatch.setattr(ckpt_mod, "save_file", full)
     with pytest.raises(CheckpointError) as exc:
         save_checkpoint(model, tmp_path, 20)
-    assert str(exc.value) == f"disk full while writing step 20 in '{tmp_path}'; the previous checkpoint step-000010 is intact"
+    assert (
+        str(exc.value)
+        == f"disk full while writing step 20 in '{tmp_path}'; the previous checkpoint step-000010 is intact"
+    )
     assert _dirs(tmp_path) == before  # no half-written temp dir is left
     monkeypatch.undo()
     load_checkpoint(tmp_path)
@@ -207,7 +231,9 @@ def test_resume_continues_exactly_where_an_unbroken_run_would_be(tmp_path):
     # a constant lr: extending a 3-step run to 6 under a decaying schedule would change the lr of the steps done
     whole = train("tiny-cls", (), TrainConfig(steps=6, out_dir=str(tmp_path / "a"), schedule="constant", **FAST))
     train("tiny-cls", (), TrainConfig(steps=3, out_dir=str(tmp_path / "b"), schedule="constant", **FAST))
-    resumed = train(None, (), TrainConfig(steps=6, out_dir=str(tmp_path / "b"), resume=True, schedule="constant", **FAST))
+    resumed = train(
+        None, (), TrainConfig(steps=6, out_dir=str(tmp_path / "b"), resume=True, schedule="constant", **FAST)
+    )
     assert resumed["start_step"] == 3 and whole["final_loss"] == resumed["final_loss"]
     assert _same(load_checkpoint(tmp_path / "a").state_dict(), load_checkpoint(tmp_path / "b").state_dict())
     with pytest.raises(audiomoe.AudioMoEError, match="already at step 6; ask for more --steps"):
@@ -220,7 +246,9 @@ def test_a_run_directory_holding_a_run_is_refused_unless_resume_or_overwrite(tmp
     out = tmp_path / "run"
     train("tiny-cls", (), TrainConfig(steps=2, out_dir=str(out), **FAST))
     first = _weights(load_checkpoint(out))
-    with pytest.raises(RunDirError, match=r"already holds a training run \(checkpoints up to step 2\); continue it with --resume"):
+    with pytest.raises(
+        RunDirError, match=r"already holds a training run \(checkpoints up to step 2\); continue it with --resume"
+    ):
         train("tiny-moe-cls", (), TrainConfig(steps=1, out_dir=str(out), **FAST))
     assert _same(_weights(load_checkpoint(out)), first)  # nothing of the first run was touched
     (out / "notes.txt").write_text("mine")
@@ -235,13 +263,19 @@ def test_a_run_directory_holding_a_run_is_refused_unless_resume_or_overwrite(tmp
 def test_a_locked_run_directory_is_refused_by_a_second_train(tmp_path):
     run = open_run_dir(tmp_path / "run")
     try:
-        out = subprocess.run(EXE + ["train", "tiny-cls", "--steps", "1", "--out", str(tmp_path / "run"), "--resume"], capture_output=True, text=True, env=ENV)
+        out = subprocess.run(
+            EXE + ["train", "tiny-cls", "--steps", "1", "--out", str(tmp_path / "run"), "--resume"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+        )
     finally:
         run.close()
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         f"audiomoe train: error: '{tmp_path / 'run'}' is in use by another `audiomoe train` (pid {os.getpid()}, since "
-        + out.stderr.split("since ")[1].split(")")[0] + "); wait for it to finish or give another --out"
+        + out.stderr.split("since ")[1].split(")")[0]
+        + "); wait for it to finish or give another --out"
     ]
     assert not (tmp_path / "run" / "latest").exists()
 
@@ -259,8 +293,25 @@ def test_out_that_is_a_file_fails_before_training(tmp_path):
 def test_ctrl_c_stops_cleanly_and_names_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        EXE + ["train", "tiny-cls", "--steps", "1000000", "--save-every", "1", "--batch-size", "2", "--eval-batches", "0", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        EXE
+        + [
+            "train",
+            "tiny-cls",
+            "--steps",
+            "1000000",
+            "--save-every",
+            "1",
+            "--batch-size",
+            "2",
+            "--eval-batches",
+            "0",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
     t0 = time.monotonic()
     while not (out / "latest").exists() and time.monotonic() - t0 < 60:

@@ -57,20 +57,28 @@ def test_a_whole_float_rate_is_the_same_as_the_int(model):
 
 
 def test_waveforms_as_a_python_list_say_how_to_convert(model):
-    with pytest.raises(audiomoe.AudioMoEError, match=r"got list; convert it first, e.g. torch.tensor\(samples, dtype=torch.float32\)"):
+    with pytest.raises(
+        audiomoe.AudioMoEError, match=r"got list; convert it first, e.g. torch.tensor\(samples, dtype=torch.float32\)"
+    ):
         _run(model, [[0.0] * 4000])
 
 
 def test_a_clip_shorter_than_the_receptive_field_names_the_minimum(model):
     x = torch.randn(3, 4000)
-    with pytest.raises(audiomoe.AudioMoEError, match=r"item\(s\) \[1\] have \[100\] samples, .* needs at least 160 samples \(10.0 ms at 16000 Hz\); pad"):
+    with pytest.raises(
+        audiomoe.AudioMoEError,
+        match=r"item\(s\) \[1\] have \[100\] samples, .* needs at least 160 samples \(10.0 ms at 16000 Hz\); pad",
+    ):
         model(audiomoe.AudioBatch(x, 16000, "cls", lengths=torch.tensor([4000, 100, 4000])))
     _run(model, torch.randn(1, 160))  # the named minimum works
 
 
 def test_stereo_in_the_wrong_layout_is_refused_and_the_right_one_down_mixed(model):
     stereo = torch.randn(2, 2, 4000)
-    with pytest.raises(audiomoe.AudioMoEError, match=r"shape \(2, 4000, 2\) look like \[batch, samples, channels\]; .*transpose\(1, 2\)"):
+    with pytest.raises(
+        audiomoe.AudioMoEError,
+        match=r"shape \(2, 4000, 2\) look like \[batch, samples, channels\]; .*transpose\(1, 2\)",
+    ):
         _run(model, stereo.transpose(1, 2))
     with pytest.raises(audiomoe.AudioMoEError, match=r"shape \(4000, 2\) look like \[samples, channels\] of one clip"):
         _run(model, stereo[0].T)
@@ -84,7 +92,9 @@ def test_odd_sample_rates_resample_through_a_close_ratio_fast(model):
     t0 = time.monotonic()
     _run(model, torch.randn(1, 48001), 48001)  # was a 3 GB resampling kernel
     assert time.monotonic() - t0 < 5
-    with pytest.raises(audiomoe.AudioMoEError, match=r"cannot resample 7919 Hz to 16000 Hz: .*resample the audio to a standard rate"):
+    with pytest.raises(
+        audiomoe.AudioMoEError, match=r"cannot resample 7919 Hz to 16000 Hz: .*resample the audio to a standard rate"
+    ):
         _run(model, torch.randn(1, 7919), 7919)
 
 
@@ -92,7 +102,10 @@ def test_overflowing_samples_are_an_error_naming_the_items(model):
     x = torch.randn(3, 4000) * 0.1
     silent = _run(model, torch.zeros(1, 4000)).outputs["cls"]
     x[1] *= 1e21
-    with pytest.raises(audiomoe.AudioMoEError, match=r"waveform item\(s\) \[1\] are too loud to process .*float audio should lie in \[-1, 1\]"):
+    with pytest.raises(
+        audiomoe.AudioMoEError,
+        match=r"waveform item\(s\) \[1\] are too loud to process .*float audio should lie in \[-1, 1\]",
+    ):
         _run(model, x)
     assert not torch.equal(_run(model, x[:1]).outputs["cls"], silent)
     from audiomoe.encoders.features import normalize_waveforms
@@ -102,11 +115,18 @@ def test_overflowing_samples_are_an_error_naming_the_items(model):
 
 
 def test_train_refuses_heads_the_synthetic_data_cannot_feed(tmp_path):
-    out = subprocess.run(EXE + ["train", "tiny-tags", "--steps", "1", "--out", str(tmp_path / "r")], capture_output=True, text=True, env=ENV)
+    out = subprocess.run(
+        EXE + ["train", "tiny-tags", "--steps", "1", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
     tags = next(iter(audiomoe.compose("tiny-tags").spec["tasks"]))
-    assert line.startswith("audiomoe train: error: the built-in synthetic data feeds only single-label classification heads")
+    assert line.startswith(
+        "audiomoe train: error: the built-in synthetic data feeds only single-label classification heads"
+    )
     assert f"'{tags}' (classification, multi-label) would never train" in line and f"--set tasks.{tags}=null" in line
     assert not (tmp_path / "r" / "run.json").exists()  # nothing started: a fixed retry needs no --overwrite
     specs = audiomoe.compose("tiny-multitask").spec["tasks"]
@@ -115,7 +135,11 @@ def test_train_refuses_heads_the_synthetic_data_cannot_feed(tmp_path):
     with pytest.raises(audiomoe.AudioMoEError) as exc:
         train("tiny-multitask", (), TrainConfig(steps=1, out_dir=str(tmp_path / "r"), progress=False))
     assert all(f"'{n}' ({specs[n]['name']}" in str(exc.value) for n in unfed)
-    fixed = train("tiny-multitask", [f"tasks.{n}=null" for n in unfed], TrainConfig(steps=1, batch_size=4, eval_batches=0, out_dir=str(tmp_path / "r"), progress=False))
+    fixed = train(
+        "tiny-multitask",
+        [f"tasks.{n}=null" for n in unfed],
+        TrainConfig(steps=1, batch_size=4, eval_batches=0, out_dir=str(tmp_path / "r"), progress=False),
+    )
     assert fixed["untrained_heads"] == [] and set(fixed["eval_before"]) == set()
 
 
@@ -152,14 +176,46 @@ def test_off_a_terminal_progress_is_a_line_every_n_steps():
 
 def test_cli_train_logs_lines_and_quiet_prints_nothing(tmp_path, capsys):
     # capsys' stderr is not a terminal, like a log file or CI: lines, not a redrawn bar
-    argv = ["train", "tiny-cls", "--steps", "6", "--log-every", "3", "--batch-size", "2", "--eval-batches", "1", "--eval-every", "3"]
+    argv = [
+        "train",
+        "tiny-cls",
+        "--steps",
+        "6",
+        "--log-every",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--eval-every",
+        "3",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr()
     assert [line.split()[1] for line in out.err.splitlines() if line.startswith("step ")] == ["3/6", "6/6"]
-    assert "\r" not in out.err and out.out.startswith("trained 6 steps")  # a summary, not a JSON dump (--json prints that)
+    assert "\r" not in out.err and out.out.startswith(
+        "trained 6 steps"
+    )  # a summary, not a JSON dump (--json prints that)
     assert cli.main(argv[:2] + ["--steps", "2", "--batch-size", "2", "--eval-batches", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
-    assert cli.main(["train", "tiny-cls", "--steps", "2", "--batch-size", "2", "--eval-batches", "0", "--quiet", "--out", str(tmp_path / "q")]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tiny-cls",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--eval-batches",
+                "0",
+                "--quiet",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert json.loads((tmp_path / "q" / "summary.json").read_text())["steps"] == 2

@@ -27,7 +27,20 @@ _HERE = Path(sys.executable).parent / "audiomoe"
 EXE = [str(_HERE)] if _HERE.exists() else [sys.executable, "-m", "audiomoe.cli"]
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: threads only contend with other tests
-TRAIN = ["tiny-cls", "--steps", "1000000", "--save-every", "1", "--batch-size", "2", "--eval-batches", "0", "--keep", "2", "--quiet"]
+TRAIN = [
+    "tiny-cls",
+    "--steps",
+    "1000000",
+    "--save-every",
+    "1",
+    "--batch-size",
+    "2",
+    "--eval-batches",
+    "0",
+    "--keep",
+    "2",
+    "--quiet",
+]
 
 # Reads one argv per line, forks a child that runs cli.main(argv), prints its pid, then how it ended.
 SERVER = server_source(
@@ -66,7 +79,9 @@ def _wait_for_step(out: Path, after: int, timeout: float = 30.0) -> None:
 def test_twenty_random_kill_9_leave_latest_on_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     rng = random.Random(1234)
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV
+    )
     try:
         assert server.stdout.readline().strip() == "ready"
         step, kills = 0, 0
@@ -91,7 +106,13 @@ def test_twenty_random_kill_9_leave_latest_on_a_loadable_checkpoint(tmp_path):
         server.stdin.close()
         server.wait(timeout=30)
     # the next save cleans what the kills left behind (temp directories of dead writers)
-    train(None, (), TrainConfig(steps=_check_latest(out) + 1, batch_size=2, eval_batches=0, out_dir=str(out), resume=True, progress=False))
+    train(
+        None,
+        (),
+        TrainConfig(
+            steps=_check_latest(out) + 1, batch_size=2, eval_batches=0, out_dir=str(out), resume=True, progress=False
+        ),
+    )
     assert not [p.name for p in out.iterdir() if p.name.startswith((".step-", ".old-", ".del-", ".latest."))]
     assert len([p for p in out.glob("step-*")]) == 2
 

@@ -41,14 +41,20 @@ def no_launch(monkeypatch):
     return started
 
 
-@pytest.mark.parametrize("args, says", [
-    (["tiny-cls", "--batch-size", "3"], "batch_size 3 must be a multiple of the number of processes (2)"),
-    (["tiny-unimoe", "--batch-size", "4", "--expert-parallel", "3"], "expert_parallel=3 does not divide"),  # 8 experts
-    (["tiny-unimoe", "--batch-size", "4", "--expert-parallel", "4"], "world size 2 is not a multiple of"),
-    (["tiny-cls", "--batch-size", "4", "--expert-parallel", "2"], "this model has no MoE layer"),
-    (["tiny-moe-cls", "--batch-size", "4", "--set", "backbone.moe.routr=top_p"], "Did you mean 'router'?"),
-    (["tiny-cls", "--batch-size", "4", "--data", "missing.jsonl"], "--data"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["tiny-cls", "--batch-size", "3"], "batch_size 3 must be a multiple of the number of processes (2)"),
+        (
+            ["tiny-unimoe", "--batch-size", "4", "--expert-parallel", "3"],
+            "expert_parallel=3 does not divide",
+        ),  # 8 experts
+        (["tiny-unimoe", "--batch-size", "4", "--expert-parallel", "4"], "world size 2 is not a multiple of"),
+        (["tiny-cls", "--batch-size", "4", "--expert-parallel", "2"], "this model has no MoE layer"),
+        (["tiny-moe-cls", "--batch-size", "4", "--set", "backbone.moe.routr=top_p"], "Did you mean 'router'?"),
+        (["tiny-cls", "--batch-size", "4", "--data", "missing.jsonl"], "--data"),
+    ],
+)
 def test_a_configuration_error_is_refused_before_any_process_starts(args, says, no_launch, tmp_path, capsys):
     opts = OPTS if "--data" in args else TONES
     rc = cli.main(["train", *args, *opts, "--nproc", "2", "--out", str(tmp_path / "run")])
@@ -70,16 +76,28 @@ def _records(folder, monkeypatch, *records):
 
 def test_the_rank_that_failed_for_its_own_reason_is_reported(tmp_path, monkeypatch):
     # rank 1's configuration error, then rank 0 losing its peer in a collective
-    _records(tmp_path / "a", monkeypatch, (1, 2, "audiomoe train: error: bad data"),
-             (0, 1, "audiomoe train: unexpected error: gloo closed"))
+    _records(
+        tmp_path / "a",
+        monkeypatch,
+        (1, 2, "audiomoe train: error: bad data"),
+        (0, 1, "audiomoe train: unexpected error: gloo closed"),
+    )
     assert failure_report(tmp_path / "a", "train", 1) == (2, "audiomoe train: error: bad data")
     # rank 0's own error outranks the others' "rank 0 failed", whichever was written first
-    _records(tmp_path / "b", monkeypatch, (1, 2, "audiomoe train: error: rank 0 failed while x"),
-             (0, 2, "audiomoe train: error: the real one"))
+    _records(
+        tmp_path / "b",
+        monkeypatch,
+        (1, 2, "audiomoe train: error: rank 0 failed while x"),
+        (0, 2, "audiomoe train: error: the real one"),
+    )
     assert failure_report(tmp_path / "b", "train", 1) == (2, "audiomoe train: error: the real one")
     # two unexpected errors: the first written
-    _records(tmp_path / "c", monkeypatch, (1, 1, "audiomoe train: unexpected error: first"),
-             (0, 1, "audiomoe train: unexpected error: then"))
+    _records(
+        tmp_path / "c",
+        monkeypatch,
+        (1, 1, "audiomoe train: unexpected error: first"),
+        (0, 1, "audiomoe train: unexpected error: then"),
+    )
     assert failure_report(tmp_path / "c", "train", 1)[1].endswith("first")
 
 
@@ -136,15 +154,21 @@ def test_ablate_refuses_a_misspelled_grid_key_before_any_run(tmp_path, capsys):
     assert not (out / "runs").exists() and not (out / "plan.json").exists()
 
 
-@pytest.mark.parametrize("grid, train, says", [
-    ("backbone.moe.router.k=1,99", [], "config 'k=99' cannot train: router k=99"),
-    ("backbone.moe.num_experts=4,5", ["--train", "nproc=2", "--train", "expert_parallel=2"], "'num_experts=5' cannot"),
-    ("backbone.moe.router=top_k,nope", [], "unknown router 'nope'"),
-])
+@pytest.mark.parametrize(
+    "grid, train, says",
+    [
+        ("backbone.moe.router.k=1,99", [], "config 'k=99' cannot train: router k=99"),
+        (
+            "backbone.moe.num_experts=4,5",
+            ["--train", "nproc=2", "--train", "expert_parallel=2"],
+            "'num_experts=5' cannot",
+        ),
+        ("backbone.moe.router=top_k,nope", [], "unknown router 'nope'"),
+    ],
+)
 def test_ablate_refuses_a_bad_grid_value_before_any_run(grid, train, says, tmp_path, capsys):
     out = tmp_path / "study"
-    rc = cli.main(["ablate", "tiny-moe-cls", "--grid", grid, *train, "--seeds", "1", "--steps", "2",
-                   "--out", str(out)])
+    rc = cli.main(["ablate", "tiny-moe-cls", "--grid", grid, *train, "--seeds", "1", "--steps", "2", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and says in err, err
     assert not (out / "runs").exists()

@@ -122,8 +122,10 @@ def test_a_long_transcript_is_refused_by_name_in_eval_and_scored_whole_above_the
     rng = np.random.default_rng(0)
     clip = tmp_path / "long.wav"
     sf.write(clip, (0.1 * rng.standard_normal(40 * sr)).astype(np.float32), sr, subtype="PCM_16")
-    lines = [{"audio": str(clip), "task": "asr", "target": "a long utterance of forty seconds", "split": "test"},
-             {"audio": str(clip), "task": "emotion", "target": 1, "split": "test"}]
+    lines = [
+        {"audio": str(clip), "task": "asr", "target": "a long utterance of forty seconds", "split": "test"},
+        {"audio": str(clip), "task": "emotion", "target": 1, "split": "test"},
+    ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     model = audiomoe.compose("tiny-multitask", ["tasks.llm=null"])
@@ -172,7 +174,9 @@ def test_the_periodic_eval_during_training_scores_transcripts_whole(tmp_path):
     for split in ("train", "test"):
         for task, target in (("asr", "eight seconds of speech"), ("emotion", 1)):
             path = tmp_path / f"{split}-{task}.wav"
-            sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(8 * sr)).astype(np.float32), sr, subtype="PCM_16")
+            sf.write(
+                path, (0.1 * np.random.default_rng(0).standard_normal(8 * sr)).astype(np.float32), sr, subtype="PCM_16"
+            )
             lines.append({"audio": str(path), "task": task, "target": target, "split": split})
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))

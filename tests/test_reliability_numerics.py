@@ -87,8 +87,12 @@ def plugin(install_dist):
 
 def _nan_expert(good: int) -> list[str]:
     # every routed expert of both layers is the plugin's, one layer: each is called once per training forward
-    return ["backbone.moe.expert=nanback", f"backbone.moe.expert.good={good}", "backbone.moe.expert.d_ff=32",
-            "backbone.num_layers=1"]
+    return [
+        "backbone.moe.expert=nanback",
+        f"backbone.moe.expert.good={good}",
+        "backbone.moe.expert.d_ff=32",
+        "backbone.num_layers=1",
+    ]
 
 
 def _all_finite(path: Path) -> bool:
@@ -135,8 +139,10 @@ def test_on_nonfinite_is_a_recipe_option_checked_like_the_others(tmp_path):
     with pytest.raises(audiomoe.AudioMoEError, match=r"on_nonfinite \('ignore'\) must be one of stop, skip"):
         train("tiny-cls", (), TrainConfig(steps=1, on_nonfinite="ignore", **FAST))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {preset: tiny-cls}\ndata: tones\nbatch_size: 2\neval: {batches: 0}\n"
-                      "optim: {on_nonfinite: skip}\nstages: [{name: one, steps: 1}]\n")
+    recipe.write_text(
+        "model: {preset: tiny-cls}\ndata: tones\nbatch_size: 2\neval: {batches: 0}\n"
+        "optim: {on_nonfinite: skip}\nstages: [{name: one, steps: 1}]\n"
+    )
     from audiomoe.train.recipe import load_recipe
 
     assert load_recipe(str(recipe)).optim.on_nonfinite == "skip"
@@ -160,8 +166,10 @@ def test_a_state_with_nan_or_inf_is_never_written_and_latest_keeps_the_good_one(
             bad = "optimizer-state tensor 'optimizer.state.0.exp_avg'"
     with pytest.raises(CheckpointError) as exc:
         save_checkpoint(model, tmp_path, 20, opt)
-    assert str(exc.value) == (f"refusing to write step 20 in '{tmp_path}': {bad} holds NaN or inf; "
-                              f"the previous checkpoint {good.name} is intact")
+    assert str(exc.value) == (
+        f"refusing to write step 20 in '{tmp_path}': {bad} holds NaN or inf; "
+        f"the previous checkpoint {good.name} is intact"
+    )
     assert sorted(x.name for x in tmp_path.iterdir()) == ["latest", "step-000010"]  # no temp dir, no step-20
     assert load_trainer_state(tmp_path)["step"] == 10 and _all_finite(good)
 
@@ -174,15 +182,19 @@ def test_a_router_whose_gate_gets_no_gradient_is_named_but_not_a_head_whose_task
     with pytest.warns(RuntimeWarning, match=r"never had an item for head\(s\) \['speaker'\]"):
         result = train("tiny-moe-cls", ["backbone.moe.router=deaf"], cfg, data=only_emotion)
     (warn,) = [w["warning"] for w in result["warnings"] if "got no gradient" in w["warning"]]
-    assert warn.startswith("2 trainable tensor(s) got no gradient (none, or exactly zero) in each of the first 3 steps "
-                           "of stage 'train': backbone.blocks.0.moe.router.gate.weight, "
-                           "backbone.blocks.1.moe.router.gate.weight."), warn
+    assert warn.startswith(
+        "2 trainable tensor(s) got no gradient (none, or exactly zero) in each of the first 3 steps "
+        "of stage 'train': backbone.blocks.0.moe.router.gate.weight, "
+        "backbone.blocks.1.moe.router.gate.weight."
+    ), warn
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {"step": 3, "warning": warn} in logged
     # the same model with the gate frozen does not train it on purpose: nothing to warn about
     frozen = tmp_path / "frozen.yaml"
-    frozen.write_text("model: {preset: tiny-moe-cls, overrides: [backbone.moe.router=deaf]}\ndata: tones\n"
-                      "batch_size: 4\neval: {batches: 0}\nstages: [{name: one, steps: 3, freeze: [router]}]\n")
+    frozen.write_text(
+        "model: {preset: tiny-moe-cls, overrides: [backbone.moe.router=deaf]}\ndata: tones\n"
+        "batch_size: 4\neval: {batches: 0}\nstages: [{name: one, steps: 3, freeze: [router]}]\n"
+    )
     from audiomoe.train.recipe import load_recipe
     from audiomoe.train.trainer import RunOptions, run_recipe
 

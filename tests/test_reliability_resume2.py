@@ -21,8 +21,21 @@ import audiomoe
 from audiomoe import cli
 from audiomoe.train import CheckpointError, load_trainer_state, save_checkpoint
 
-ARGS = ["--data", "tones", "--batch-size", "2", "--eval-batches", "0", "--save-every", "1", "--keep", "0",
-        "--device", "cpu", "--json"]
+ARGS = [
+    "--data",
+    "tones",
+    "--batch-size",
+    "2",
+    "--eval-batches",
+    "0",
+    "--save-every",
+    "1",
+    "--keep",
+    "0",
+    "--device",
+    "cpu",
+    "--json",
+]
 
 
 def _train(capsys, out: Path, *extra: str) -> tuple[dict, str]:
@@ -92,8 +105,10 @@ def test_resume_takes_a_step_directory_and_ends_where_the_unbroken_run_did(run, 
 def test_resume_with_nothing_intact_or_a_bad_step_directory_is_one_clear_error(run, capsys):
     assert cli.main(["train", "--resume", str(run / "step-000009")]) == 2
     err = capsys.readouterr().err.strip()
-    assert (f"cannot resume from '{run / 'step-000009'}': it does not exist; "
-            "checkpoints of this run: step-000001, step-000002, step-000003") in err
+    assert (
+        f"cannot resume from '{run / 'step-000009'}': it does not exist; "
+        "checkpoints of this run: step-000001, step-000002, step-000003"
+    ) in err
     for p in run.glob("step-*"):
         (p / "trainer.json").write_text('{"format": 1, "step": "3"}')
     assert cli.main(["train", "--resume", str(run)]) == 2
@@ -115,10 +130,18 @@ def saved(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "change, field",
-    [({"step": -3}, "step"), ({"step": 2.7}, "step"), ({"step": "40"}, "step"), ({"step": True}, "step"),
-     ({"step": 7}, "step"), ({"format": True}, "format"), ({"extra": {"__dict__": [["world", 0]]}}, "extra.world"),
-     ({"rng": [1]}, "rng"),
-     ({"optimizer": {"__tensor__": "nope"}}, "optimizer"), ({"surprise": 1}, "surprise")],
+    [
+        ({"step": -3}, "step"),
+        ({"step": 2.7}, "step"),
+        ({"step": "40"}, "step"),
+        ({"step": True}, "step"),
+        ({"step": 7}, "step"),
+        ({"format": True}, "format"),
+        ({"extra": {"__dict__": [["world", 0]]}}, "extra.world"),
+        ({"rng": [1]}, "rng"),
+        ({"optimizer": {"__tensor__": "nope"}}, "optimizer"),
+        ({"surprise": 1}, "surprise"),
+    ],
 )
 def test_a_malformed_trainer_state_is_a_clear_error_naming_the_file_and_the_field(saved, tmp_path, change, field):
     ckpt = tmp_path / "step-000040"
@@ -135,14 +158,20 @@ _JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-_ENCODED = _JSON | st.fixed_dictionaries({"__dict__": st.lists(st.lists(_JSON, min_size=0, max_size=3), max_size=3)}) \
+_ENCODED = (
+    _JSON
+    | st.fixed_dictionaries({"__dict__": st.lists(st.lists(_JSON, min_size=0, max_size=3), max_size=3)})
     | st.fixed_dictionaries({"__tensor__": _JSON | st.sampled_from(["optimizer.state.0.exp_avg", "rng.torch"])})
+)
 _FIELDS = st.sampled_from(["format", "step", "optimizer", "rng", "extra", "other"])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(changes=st.dictionaries(_FIELDS, _ENCODED, max_size=3), drop=st.lists(_FIELDS, max_size=2),
-       raw=st.none() | st.binary(max_size=40))
+@given(
+    changes=st.dictionaries(_FIELDS, _ENCODED, max_size=3),
+    drop=st.lists(_FIELDS, max_size=2),
+    raw=st.none() | st.binary(max_size=40),
+)
 def test_random_malformed_trainer_states_give_a_valid_state_or_a_clean_error_naming_the_file(saved, changes, drop, raw):
     meta_path = saved / "trainer.json"
     original = meta_path.read_bytes()

@@ -41,8 +41,9 @@ def _main_error(capsys, *argv: str) -> str:
 
 def _from_csv(capsys, tmp_path: Path, data: bytes) -> str:
     (tmp_path / "in.csv").write_bytes(data)
-    return _main_error(capsys, "data", "from-csv", str(tmp_path / "in.csv"), str(tmp_path / "out.jsonl"),
-                       "--task", "cls")
+    return _main_error(
+        capsys, "data", "from-csv", str(tmp_path / "in.csv"), str(tmp_path / "out.jsonl"), "--task", "cls"
+    )
 
 
 # -- CSV import ---------------------------------------------------------------------------------------------------
@@ -56,17 +57,30 @@ def test_a_csv_with_an_excel_bom_imports(tmp_path, capsys):
     assert [it.target for it in items] == ["dog", "cat"]
 
 
-@pytest.mark.parametrize("data, expected", [
-    (b"file,label\nwav/0.wav,dog\nwav/1.wav,caf\xe9\n", "in.csv:3: not UTF-8 (byte 0xe9 at column 14"),
-    (b"file,label,offset\nwav/0.wav,dog,abc\n", "in.csv:2: 'offset' must be a number of seconds >= 0, got 'abc'"),
-    (b"file,label,duration\nwav/0.wav,dog,0.1\nwav/1.wav,cat,-0.5\n",
-     "in.csv:3: 'duration' must be a number of seconds >= 0, got '-0.5'"),
-    (b"file,label,offset\nwav/0.wav,dog,0.5\n", "in.csv:2: offset 0.5 s is at or past the end of"),
-    (b"file,label\nwav/0.wav,dog,extra\n", "in.csv:2: 3 cells for 2 columns"),
-    (b"file,label,label\nwav/0.wav,dog,cat\n", "in.csv:1: column(s) ['label'] appear more than once"),
-    (b"file,label\nwav/0.wav,\"dog\nwav/1.wav,cat\n", "in.csv:2: not a readable CSV row (unexpected end of data)"),
-], ids=["latin-1", "offset-text", "negative-duration", "offset-past-end", "extra-cell", "duplicate-column",
-        "open-quote"])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"file,label\nwav/0.wav,dog\nwav/1.wav,caf\xe9\n", "in.csv:3: not UTF-8 (byte 0xe9 at column 14"),
+        (b"file,label,offset\nwav/0.wav,dog,abc\n", "in.csv:2: 'offset' must be a number of seconds >= 0, got 'abc'"),
+        (
+            b"file,label,duration\nwav/0.wav,dog,0.1\nwav/1.wav,cat,-0.5\n",
+            "in.csv:3: 'duration' must be a number of seconds >= 0, got '-0.5'",
+        ),
+        (b"file,label,offset\nwav/0.wav,dog,0.5\n", "in.csv:2: offset 0.5 s is at or past the end of"),
+        (b"file,label\nwav/0.wav,dog,extra\n", "in.csv:2: 3 cells for 2 columns"),
+        (b"file,label,label\nwav/0.wav,dog,cat\n", "in.csv:1: column(s) ['label'] appear more than once"),
+        (b'file,label\nwav/0.wav,"dog\nwav/1.wav,cat\n', "in.csv:2: not a readable CSV row (unexpected end of data)"),
+    ],
+    ids=[
+        "latin-1",
+        "offset-text",
+        "negative-duration",
+        "offset-past-end",
+        "extra-cell",
+        "duplicate-column",
+        "open-quote",
+    ],
+)
 def test_csv_problems_name_the_file_and_line(tmp_path, capsys, data, expected):
     _wavs(tmp_path)
     err = _from_csv(capsys, tmp_path, data)
@@ -80,8 +94,10 @@ def test_csv_problems_name_the_file_and_line(tmp_path, capsys, data, expected):
 def test_a_manifest_line_that_is_not_utf8_is_named(tmp_path):
     _wavs(tmp_path)
     p = tmp_path / "m.jsonl"
-    p.write_bytes(b'{"audio": "wav/0.wav", "task": "cls", "target": "a"}\n'
-                  b'{"audio": "wav/1.wav", "task": "cls", "target": "caf\xe9"}\n')
+    p.write_bytes(
+        b'{"audio": "wav/0.wav", "task": "cls", "target": "a"}\n'
+        b'{"audio": "wav/1.wav", "task": "cls", "target": "caf\xe9"}\n'
+    )
     with pytest.raises(AudioMoEError, match=r"m\.jsonl:2: not UTF-8 \(byte 0xe9 at column 53"):
         read_manifest(p)
     items, bad = read_manifest(p, skip_bad=True)
@@ -115,18 +131,24 @@ def test_a_local_hf_dataset_with_a_corrupt_info_file_names_the_file(tmp_path):
 # -- command-line numbers and splits ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["eval", "run", "--batch-size", "0"], "argument --batch-size: must be an integer in [1, 4096], got '0'"),
-    (["eval", "run", "--max-items", "-1"], "argument --max-items: must be an integer >= 1, got '-1'"),
-    (["bench", "moe", "tiny-moe-cls", "--reps", "0"], "argument --reps: must be an integer in [1, 1000], got '0'"),
-    (["bench", "moe", "tiny-moe-cls", "--tokens", "0"],
-     "argument --tokens: must be an integer in [1, 16777216], got '0'"),
-    (["train", "tiny-cls", "--nproc", "0"], "argument --nproc: must be an integer in [1, 4096], got '0'"),
-    (["train", "tiny-cls", "--workers", "-1"], "argument --workers: must be an integer in [0, 256], got '-1'"),
-    (["data", "make", "d", "--workers", "0"], "argument --workers: must be an integer in [1, 256], got '0'"),
-    (["ablate", "tiny-cls", "--timeout", "nan"], "argument --timeout: must be a finite number > 0, got 'nan'"),
-    (["report", "d", "--batches", "0"], "argument --batches: must be an integer in [1, 1000], got '0'"),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eval", "run", "--batch-size", "0"], "argument --batch-size: must be an integer in [1, 4096], got '0'"),
+        (["eval", "run", "--max-items", "-1"], "argument --max-items: must be an integer >= 1, got '-1'"),
+        (["bench", "moe", "tiny-moe-cls", "--reps", "0"], "argument --reps: must be an integer in [1, 1000], got '0'"),
+        (
+            ["bench", "moe", "tiny-moe-cls", "--tokens", "0"],
+            "argument --tokens: must be an integer in [1, 16777216], got '0'",
+        ),
+        (["train", "tiny-cls", "--nproc", "0"], "argument --nproc: must be an integer in [1, 4096], got '0'"),
+        (["train", "tiny-cls", "--workers", "-1"], "argument --workers: must be an integer in [0, 256], got '-1'"),
+        (["data", "make", "d", "--workers", "0"], "argument --workers: must be an integer in [1, 256], got '0'"),
+        (["ablate", "tiny-cls", "--timeout", "nan"], "argument --timeout: must be a finite number > 0, got 'nan'"),
+        (["report", "d", "--batches", "0"], "argument --batches: must be an integer in [1, 1000], got '0'"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
 def test_numeric_flags_have_declared_ranges(capsys, argv, expected):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
@@ -147,8 +169,12 @@ def test_eval_split_the_data_does_not_have_names_its_splits(tmp_path, capsys):
     _wavs(tmp_path)
     save_checkpoint(audiomoe.compose("tiny-cls"), tmp_path / "run", 1)
     m = tmp_path / "m.jsonl"
-    m.write_text("".join(json.dumps({"audio": f"wav/{i}.wav", "task": "cls", "target": "0", "split": s}) + "\n"
-                         for i, s in enumerate(["train", "dev"])))
+    m.write_text(
+        "".join(
+            json.dumps({"audio": f"wav/{i}.wav", "task": "cls", "target": "0", "split": s}) + "\n"
+            for i, s in enumerate(["train", "dev"])
+        )
+    )
     err = _main_error(capsys, "eval", str(tmp_path / "run"), "--data", str(m), "--split", "test")
     assert "no line has that split; its lines' splits: 'dev' (1), 'train' (1)" in err and "--split NAME" in err
 
@@ -157,10 +183,10 @@ def test_eval_split_the_data_does_not_have_names_its_splits(tmp_path, capsys):
 
 CRASHY = '''
 import audiomoe
-from audiomoe.routers.linear_topk import LinearTopK
+from audiomoe.routers.scored import ScoredRouter
 
 
-class Crashy(LinearTopK):
+class Crashy(ScoredRouter):
     """A router whose constructor fails the way a plugin's does (a missing kernel)."""
 
     def __init__(self, params, **kw):
@@ -172,15 +198,15 @@ def audiomoe_register_components(register):
     register("router", "crashy", "crashy_plugin:Crashy", "a router that cannot be built")
 '''
 
-MANY = '''
+MANY = """
 import audiomoe
 
 
 @audiomoe.hookimpl
 def audiomoe_register_components(register):
     for i in range(20_000):
-        register("router", f"gate_{i:05d}", "audiomoe.routers.linear_topk:LinearTopK", "one of many")
-'''
+        register("router", f"gate_{i:05d}", "audiomoe.routers.scored:ScoredRouter", "one of many")
+"""
 
 
 def _moe() -> str:
@@ -195,8 +221,10 @@ def test_a_plugin_constructor_error_names_component_plugin_and_message(install_d
     assert cli.main(["validate", "tiny-moe-cls", "--set", f"{moe}.router=crashy"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unexpected error" not in err, err
-    assert (f"router 'crashy' (crashy 0.2.0) at '{moe}.router' failed while being built: "
-            "RuntimeError: fused kernel not built for this GPU") in err
+    assert (
+        f"router 'crashy' (crashy 0.2.0) at '{moe}.router' failed while being built: "
+        "RuntimeError: fused kernel not built for this GPU"
+    ) in err
     assert "of plugin 'crashy': report it to its authors" in err
     monkeypatch.setenv("AUDIOMOE_DEBUG", "1")  # the traceback on request, as for any unexpected error
     with pytest.raises(AudioMoEError) as exc:
@@ -219,17 +247,23 @@ def test_an_unknown_name_among_20000_lists_a_few_close_matches(install_dist, cap
 
 # -- property-based: random malformed lines and rows through the real readers -------------------------------------
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                     max_leaves=6)
-_KEYS = st.sampled_from(["audio", "task", "target", "offset", "duration", "prompt", "dataset", "split", "meta",
-                         "aduio"])
-_VALUES = st.one_of(_JSON,
-                    st.sampled_from(["wav/0.wav", "wav/1.wav", "wav", "wav/../wav/0.wav", "cls", "test", "a\x00b"]),
-                    st.floats(-5, 5))
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
+)
+_KEYS = st.sampled_from(
+    ["audio", "task", "target", "offset", "duration", "prompt", "dataset", "split", "meta", "aduio"]
+)
+_VALUES = st.one_of(
+    _JSON,
+    st.sampled_from(["wav/0.wav", "wav/1.wav", "wav", "wav/../wav/0.wav", "cls", "test", "a\x00b"]),
+    st.floats(-5, 5),
+)
 _LINE = st.one_of(
     st.dictionaries(_KEYS, _VALUES, max_size=9).map(json.dumps),
-    st.dictionaries(_KEYS, _VALUES, max_size=9).map(json.dumps)
+    st.dictionaries(_KEYS, _VALUES, max_size=9)
+    .map(json.dumps)
     .map(lambda s: s.replace('"task"', '"task": 1, "task"', 1)),  # a duplicate key
     _JSON.map(json.dumps),
     st.text(max_size=40),
@@ -245,8 +279,12 @@ def _assert_names_file_and_line(exc: AudioMoEError, path: Path) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lines=st.lists(_LINE_BYTES, min_size=1, max_size=6), skip_bad=st.booleans(),
-       split=st.sampled_from([None, "train", "test"]), only=st.sampled_from([None, ["cls"]]))
+@given(
+    lines=st.lists(_LINE_BYTES, min_size=1, max_size=6),
+    skip_bad=st.booleans(),
+    split=st.sampled_from([None, "train", "test"]),
+    only=st.sampled_from([None, ["cls"]]),
+)
 def test_random_manifest_lines_give_items_or_a_named_error(lines, skip_bad, split, only):
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -264,16 +302,19 @@ def test_random_manifest_lines_give_items_or_a_named_error(lines, skip_bad, spli
             assert str(path) in problem
 
 
-_CELL = st.one_of(st.sampled_from(["wav/0.wav", "wav/1.wav", "wav", "0.1", "-1", "1e999", "nan", "abc", "", "x,y",
-                                   '"q"']),
-                  st.text(max_size=8))
-_COLUMNS = st.lists(st.sampled_from(["offset", "duration", "split", "prompt", "dataset", "extra", "label"]),
-                    max_size=3)
+_CELL = st.one_of(
+    st.sampled_from(["wav/0.wav", "wav/1.wav", "wav", "0.1", "-1", "1e999", "nan", "abc", "", "x,y", '"q"']),
+    st.text(max_size=8),
+)
+_COLUMNS = st.lists(st.sampled_from(["offset", "duration", "split", "prompt", "dataset", "extra", "label"]), max_size=3)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(extra=_COLUMNS, rows=st.lists(st.lists(_CELL, min_size=1, max_size=6), max_size=4),
-       encoding=st.sampled_from(["utf-8", "utf-8-sig", "latin-1"]))
+@given(
+    extra=_COLUMNS,
+    rows=st.lists(st.lists(_CELL, min_size=1, max_size=6), max_size=4),
+    encoding=st.sampled_from(["utf-8", "utf-8-sig", "latin-1"]),
+)
 def test_random_csv_rows_give_a_valid_manifest_or_a_named_error(extra, rows, encoding):
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -294,7 +335,20 @@ def test_random_csv_rows_give_a_valid_manifest_or_a_named_error(extra, rows, enc
 def test_the_cli_script_reports_a_bad_csv_in_one_line(tmp_path):
     """The installed entry point, in a subprocess: no traceback for a bad CSV."""
     (tmp_path / "in.csv").write_bytes(b"file,label\nx.wav,caf\xe9\n")
-    r = subprocess.run([sys.executable, "-m", "audiomoe", "data", "from-csv", str(tmp_path / "in.csv"),
-                        str(tmp_path / "o.jsonl"), "--task", "cls"],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "audiomoe",
+            "data",
+            "from-csv",
+            str(tmp_path / "in.csv"),
+            str(tmp_path / "o.jsonl"),
+            "--task",
+            "cls",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "in.csv:2: not UTF-8" in r.stderr, r.stderr

@@ -58,8 +58,9 @@ LIMITED = textwrap.dedent("""
 
 def _run_limited(limit: int, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-c", LIMITED, str(limit), *argv], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", LIMITED, str(limit), *argv], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_disk_full_during_from_csv_keeps_the_old_manifest_and_leaves_no_temp_file(tmp_path):
@@ -115,8 +116,9 @@ def test_from_csv_output_that_is_a_directory_or_a_link_loop_is_named(tmp_path, c
 
 
 def test_a_missing_csv_is_a_clean_error(tmp_path, capsys):
-    err = _main_error(capsys, "data", "from-csv", str(tmp_path / "nope.csv"), str(tmp_path / "m.jsonl"),
-                      "--task", "cls")
+    err = _main_error(
+        capsys, "data", "from-csv", str(tmp_path / "nope.csv"), str(tmp_path / "m.jsonl"), "--task", "cls"
+    )
     assert err == f"audiomoe data: error: CSV file '{tmp_path / 'nope.csv'}' does not exist; check the path"
     assert not (tmp_path / "m.jsonl").exists()
 
@@ -164,8 +166,9 @@ def test_eval_json_into_a_missing_folder_is_refused_before_the_eval(tmp_path, ca
     save_checkpoint(audiomoe.compose("tiny-cls"), tmp_path / "run", 1)
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text("not json\n")  # the eval would fail on it: the output is checked first
-    err = _main_error(capsys, "eval", str(tmp_path / "run"), "--data", str(bad_data),
-                      "--json", str(tmp_path / "no" / "e.json"))
+    err = _main_error(
+        capsys, "eval", str(tmp_path / "run"), "--data", str(bad_data), "--json", str(tmp_path / "no" / "e.json")
+    )
     assert f"--json '{tmp_path / 'no' / 'e.json'}': folder '{tmp_path / 'no'}' does not exist" in err
     err = _main_error(capsys, "eval", str(tmp_path / "run"), "--data", str(bad_data), "--json", str(bad_data))
     assert "is the same file as the input" in err and bad_data.read_text() == "not json\n"
@@ -176,8 +179,13 @@ def test_eval_json_into_a_missing_folder_is_refused_before_the_eval(tmp_path, ca
 def test_report_on_a_study_whose_plan_lacks_keys_is_a_clean_error(tmp_path, capsys):
     study = tmp_path / "study"
     study.mkdir()
-    plan = {"configs": [{"name": "a", "target": "tiny-cls"}], "seeds": [0], "baselines": {}, "skipped": {},
-            "metric": "mean/accuracy"}
+    plan = {
+        "configs": [{"name": "a", "target": "tiny-cls"}],
+        "seeds": [0],
+        "baselines": {},
+        "skipped": {},
+        "metric": "mean/accuracy",
+    }
     (study / "plan.json").write_text(json.dumps(plan))  # no measure_batches
     err = _main_error(capsys, "report", str(study))
     assert f"{study / 'plan.json'}: key 'measure_batches' must be an integer, it is missing" in err

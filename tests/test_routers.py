@@ -96,7 +96,9 @@ def test_uniform_logits_top_p_keeps_ceil_p_times_e(e, p):
 
 
 distinct_logits = st.integers(2, 16).flatmap(
-    lambda e: st.lists(st.integers(-50, 50), min_size=e, max_size=e, unique=True).map(lambda v: torch.tensor([v], dtype=torch.float32) / 10)
+    lambda e: st.lists(st.integers(-50, 50), min_size=e, max_size=e, unique=True).map(
+        lambda v: torch.tensor([v], dtype=torch.float32) / 10
+    )
 )
 
 
@@ -176,7 +178,7 @@ def test_switch_z_and_entropy_losses_hand_examples():
 
 
 def test_scheduled_weight_linear_and_cosine():
-    w = lambda s, kind="linear": F.scheduled_weight(0.025, 0.001, 10000, torch.tensor(s), kind).item()  # noqa: E731
+    w = lambda s, kind="linear": F.scheduled_weight(0.025, 0.001, 10000, torch.tensor(s), kind).item()
     assert w(0) == pytest.approx(0.025)
     assert w(5000) == pytest.approx(0.013)
     assert w(10000) == pytest.approx(0.001)
@@ -242,6 +244,6 @@ def test_sparse_mixer_weights_match_the_all_rows_definition_with_gradients():
     b = definition(logits, order, k, 0.01)
     torch.testing.assert_close(a, b)
     c = torch.randn(300, 9, generator=g, dtype=torch.float64)
-    ga, = torch.autograd.grad((a * c).sum(), logits)
-    gb, = torch.autograd.grad((b * c).sum(), logits)
+    (ga,) = torch.autograd.grad((a * c).sum(), logits)
+    (gb,) = torch.autograd.grad((b * c).sum(), logits)
     torch.testing.assert_close(ga, gb)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.core.errors import AudioMoEError, ConfigError
+from audiomoe.analysis.trace import RoutingTrace
 from audiomoe.core.batch import AudioBatch
+from audiomoe.core.errors import AudioMoEError, ConfigError
 from audiomoe.routers.functional import make_routing
 from audiomoe.testing import build_component, check_preset
-from audiomoe.analysis.trace import RoutingTrace
 
-NAMED = ["scored", "top_k", "top_p", "dense", "mowe", "uniform", "random", "oracle", "hash", "linear_topk"]
+NAMED = ["scored", "top_k", "top_p", "dense", "mowe", "uniform", "random", "oracle", "hash"]
 
 
 def router(name: str, params=None, **context):
@@ -51,7 +51,12 @@ def test_shortcuts_and_slot_overrides_reach_the_selector_and_scorer():
     assert r["selector"]["params"]["p"] == 0.5
     m = audiomoe.compose(
         "tiny-moe-cls",
-        ["backbone.moe.router=top_k", "backbone.moe.router.scorer=mlp", "backbone.moe.router.scorer.depth=2", "backbone.moe.router.k=1"],
+        [
+            "backbone.moe.router=top_k",
+            "backbone.moe.router.scorer=mlp",
+            "backbone.moe.router.scorer.depth=2",
+            "backbone.moe.router.k=1",
+        ],
     )
     r = m.spec["backbone"]["params"]["moe"]["params"]["router"]["params"]
     assert r["scorer"] == {"name": "mlp", "params": r["scorer"]["params"]} and r["scorer"]["params"]["depth"] == 2
@@ -147,7 +152,11 @@ def test_generation_mode_skips_aux_losses_only_inside_it_and_keeps_the_selection
         lean = r(x)
         raise RuntimeError("leaving the block by an error resets the mode")
     assert lean.aux_losses == {} and not is_generating()
-    assert torch.equal(lean.mask, full.mask) and torch.equal(lean.weights, full.weights) and torch.equal(lean.indices, full.indices)
+    assert (
+        torch.equal(lean.mask, full.mask)
+        and torch.equal(lean.weights, full.weights)
+        and torch.equal(lean.indices, full.indices)
+    )
     assert set(r(x).aux_losses) == set(full.aux_losses)
 
 
@@ -177,8 +186,11 @@ def test_training_noise_changes_routing_only_in_training():
 
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
 def test_sequence_routing_pools_valid_frames_only(pooling):
-    r = router("mowe", {"scorer": {"name": "combined", "params": {"dependent": {"name": "mlp", "params": {"pooling": pooling}}}}},
-               task_names=["asr", "emotion"])
+    r = router(
+        "mowe",
+        {"scorer": {"name": "combined", "params": {"dependent": {"name": "mlp", "params": {"pooling": pooling}}}}},
+        task_names=["asr", "emotion"],
+    )
     r.eval()
     x = torch.randn(3, 7, 16)
     valid = torch.ones(3, 7, dtype=torch.bool)
@@ -199,8 +211,11 @@ def test_sequence_routing_pools_valid_frames_only(pooling):
 
 
 def test_data_independent_scorer_uses_the_task_table():
-    r = router("scored", {"scorer": {"name": "data_independent", "params": {"init_std": 1.0}}, "selector": "dense"},
-               task_names=["a", "b"])
+    r = router(
+        "scored",
+        {"scorer": {"name": "data_independent", "params": {"init_std": 1.0}}, "selector": "dense"},
+        task_names=["a", "b"],
+    )
     x = torch.randn(4, 16)
     out = r(x, task_ids=torch.tensor([0, 1, 0, 1]))
     torch.testing.assert_close(out.logits[0], out.logits[2])

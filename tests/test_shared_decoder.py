@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.moe.layer import MoELayer
-from audiomoe.core.errors import MissingPretrainedError
 from audiomoe.core.batch import AudioBatch
+from audiomoe.core.errors import MissingPretrainedError
+from audiomoe.moe.layer import MoELayer
 from audiomoe.testing import GRAD_TOL, build_component
 
 GREEDY = ["tasks.tts.temperature=0", "tasks.tts.max_frames=12", "tasks.asr.max_new_tokens=10"]
@@ -52,7 +52,9 @@ def test_text_and_codec_targets_in_one_batch_both_train_the_same_llm():
         grads[task] = [0.0 if x is None else float(x.abs().max()) for x in g]
     # every attention tensor of the one LM learns from both tasks, with real magnitudes
     assert min(grads["asr"]) > GRAD_TOL and min(grads["tts"]) > GRAD_TOL, grads
-    assert any(k.startswith("aux/heads/tts/decoder/layer0") for k in out.losses)  # the LM's MoE routes the codec sequence
+    assert any(
+        k.startswith("aux/heads/tts/decoder/layer0") for k in out.losses
+    )  # the LM's MoE routes the codec sequence
     before = {n: p.detach().clone() for n, p in attn}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     out.loss.backward()
@@ -60,19 +62,37 @@ def test_text_and_codec_targets_in_one_batch_both_train_the_same_llm():
     assert all(not torch.equal(before[n], p) for n, p in attn)
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("mowe-unimoe-tiny", []),
-    ("tiny-cls", ["d_model=64", "encoder.dim=64", "backbone=moe_transformer", "backbone.positions=rope", "backbone.num_layers=2",
-                  "tasks.cls=null", "tasks.tts=codec", "tasks.tts.num_codebooks=3", "tasks.tts.codebook_size=16",
-                  "tasks.tts.temperature=0", "tasks.tts.max_frames=12"]),
-])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("mowe-unimoe-tiny", []),
+        (
+            "tiny-cls",
+            [
+                "d_model=64",
+                "encoder.dim=64",
+                "backbone=moe_transformer",
+                "backbone.positions=rope",
+                "backbone.num_layers=2",
+                "tasks.cls=null",
+                "tasks.tts=codec",
+                "tasks.tts.num_codebooks=3",
+                "tasks.tts.codebook_size=16",
+                "tasks.tts.temperature=0",
+                "tasks.tts.max_frames=12",
+            ],
+        ),
+    ],
+)
 def test_generation_with_the_kv_cache_equals_rerunning_the_sequence(preset, overrides):
     torch.manual_seed(0)
     model = audiomoe.compose(preset, overrides + (GREEDY[:2] if "mowe" in preset else [])).eval()
     wav = 0.1 * torch.randn(3, 16000)
     audio, pad, _, _ = model.adapt(wav, torch.tensor([16000, 9000, 12000]), 16000)  # padding: rows of unequal length
-    for name, head in model.heads.items():
-        inputs = head(audio, pad, prompts=[{"text": "hello"}, {"text": "a longer prompt"}, None], decoder=model.backbone)
+    for head in model.heads.values():
+        inputs = head(
+            audio, pad, prompts=[{"text": "hello"}, {"text": "a longer prompt"}, None], decoder=model.backbone
+        )
         cached = head.generate(inputs)
         # a cached step of this small model runs the no-autograd dense dispatch, and generation takes no aux losses
         moes = [m for m in model.backbone.modules() if isinstance(m, MoELayer)]
@@ -80,16 +100,24 @@ def test_generation_with_the_kv_cache_equals_rerunning_the_sequence(preset, over
         assert all(not getattr(m, "routing", None) or not m.routing.aux_losses for m in model.backbone.modules())
         full = head.generate(inputs, use_cache=False)
         if isinstance(cached[0], torch.Tensor):
-            assert [c.shape for c in cached] == [f.shape for f in full] and all(torch.equal(a, b) for a, b in zip(cached, full))
+            assert [c.shape for c in cached] == [f.shape for f in full] and all(
+                torch.equal(a, b) for a, b in zip(cached, full)
+            )
             assert cached[0].shape[1] >= 1
         else:
             assert cached == full and any(cached)
 
 
-@pytest.mark.parametrize("name, params", [
-    ("causal_lm", {"moe": {"name": "moe", "params": {"num_experts": 4, "router": "top_p", "num_null": 1, "num_shared": 1}}}),
-    ("moe_transformer", {"positions": "rope", "num_layers": 2}),
-])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        (
+            "causal_lm",
+            {"moe": {"name": "moe", "params": {"num_experts": 4, "router": "top_p", "num_null": 1, "num_shared": 1}}},
+        ),
+        ("moe_transformer", {"positions": "rope", "num_layers": 2}),
+    ],
+)
 def test_decoding_step_by_step_equals_one_pass(name, params):
     torch.manual_seed(0)
     bb = build_component("backbone", name, params, {"d_model": 32}).eval()
@@ -128,7 +156,11 @@ def test_paper_presets_have_the_published_layouts():
     head = model.heads["tts"]
     assert len(head.sizes) == 12 and head.vocab == 1024 + 3 and head.delays == [0, *range(8, 19)]
     mowe = audiomoe.compose("mowe-audio-tiny")
-    assert type(mowe.encoder).__name__ == "MoWEMixture" and len(mowe.encoder.weak) == 4 and causal_lms(mowe) == ["backbone.lm.base_model.model"]
+    assert (
+        type(mowe.encoder).__name__ == "MoWEMixture"
+        and len(mowe.encoder.weak) == 4
+        and causal_lms(mowe) == ["backbone.lm.base_model.model"]
+    )
     assert {type(h).__name__ for h in mowe.heads.values()} == {"TextHead"}
 
 
@@ -146,11 +178,14 @@ def test_tiny_twins_train_a_step(preset):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("preset, expect", [
-    ("unimoe-audio", ["encoder: ", "openai/whisper-large-v3", "backbone: ", "Qwen/Qwen2.5-3B"]),
-    ("mowe-unimoe", ["5 of 5 encoders", "superb/hubert-base-superb-er", "backbone: ", "Qwen/Qwen2.5-3B"]),
-    ("mowe-audio", ["5 of 5 encoders", "Qwen/Qwen2.5-1.5B-Instruct"]),
-])
+@pytest.mark.parametrize(
+    "preset, expect",
+    [
+        ("unimoe-audio", ["encoder: ", "openai/whisper-large-v3", "backbone: ", "Qwen/Qwen2.5-3B"]),
+        ("mowe-unimoe", ["5 of 5 encoders", "superb/hubert-base-superb-er", "backbone: ", "Qwen/Qwen2.5-3B"]),
+        ("mowe-audio", ["5 of 5 encoders", "Qwen/Qwen2.5-1.5B-Instruct"]),
+    ],
+)
 def test_full_size_presets_name_every_missing_checkpoint(preset, expect):
     with pytest.raises(MissingPretrainedError) as info:
         audiomoe.compose(preset)

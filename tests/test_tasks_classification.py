@@ -85,7 +85,9 @@ def test_padded_frames_do_not_change_the_output(pooling):
 
 
 def test_label_names_and_multi_hot_targets():
-    head = Classification(Classification.Params(num_classes=3, labels=["dog", "cat", "car"], multi_label=True), d_model=4)
+    head = Classification(
+        Classification.Params(num_classes=3, labels=["dog", "cat", "car"], multi_label=True), d_model=4
+    )
     t = head.make_targets([["dog", 2], []], torch.device("cpu"))
     assert t.tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
     assert head.decode(torch.tensor([[0.9, 0.1, 0.6]])) == [["dog", "car"]]

@@ -52,13 +52,20 @@ def test_frames_loss_is_the_sum_of_per_codebook_means_with_their_gradients():
     from types import SimpleNamespace
 
     torch.manual_seed(0)
-    head = CodecGeneration(CodecGeneration.Params(num_codebooks=3, codebook_size=[5, 9, 7], delays=[0, 1, 2]), d_model=8)
+    head = CodecGeneration(
+        CodecGeneration.Params(num_codebooks=3, codebook_size=[5, 9, 7], delays=[0, 1, 2]), d_model=8
+    )
     logits = torch.randn(2, 6, 3, head.vocab, requires_grad=True)
     labels = torch.randint(0, 5, (2, 6, 3))
     labels[0, :2] = -100
     labels[..., 2] = -100  # codebook 2 scores nothing
     loss = head.frames_loss(logits, SimpleNamespace(labels=labels))
-    ref = sum(nn.functional.cross_entropy(logits[..., j, :].reshape(-1, head.vocab), labels[..., j].reshape(-1), ignore_index=-100) for j in (0, 1))
+    ref = sum(
+        nn.functional.cross_entropy(
+            logits[..., j, :].reshape(-1, head.vocab), labels[..., j].reshape(-1), ignore_index=-100
+        )
+        for j in (0, 1)
+    )
     torch.testing.assert_close(loss, ref)
     g, g_ref = torch.autograd.grad(loss, logits, retain_graph=True)[0], torch.autograd.grad(ref, logits)[0]
     torch.testing.assert_close(g, g_ref)
@@ -67,7 +74,9 @@ def test_frames_loss_is_the_sum_of_per_codebook_means_with_their_gradients():
 
 def test_frame_embedder_equals_the_sum_of_per_codebook_embeddings():
     torch.manual_seed(0)
-    head = CodecGeneration(CodecGeneration.Params(num_codebooks=3, codebook_size=[3, 17, 5], delays=[0, 2, 1]), d_model=16)
+    head = CodecGeneration(
+        CodecGeneration.Params(num_codebooks=3, codebook_size=[3, 17, 5], delays=[0, 2, 1]), d_model=16
+    )
     frames = torch.stack([torch.randint(0, head.vocab, (2, 7)) for _ in range(3)], -1)  # [B, S, K], specials included
     one = head.frame_embedder()(frames)
     torch.testing.assert_close(one, head.embed_frames(frames), rtol=1e-6, atol=1e-6)
@@ -77,7 +86,9 @@ def test_frame_embedder_equals_the_sum_of_per_codebook_embeddings():
 def test_step_logits_equal_frame_logits_with_the_same_disallowed_ids():
     """One decoding position's logits through the pre-transposed weight and the -inf bias = frame_logits."""
     torch.manual_seed(0)
-    head = CodecGeneration(CodecGeneration.Params(num_codebooks=3, codebook_size=[3, 17, 5], delays=[0, 2, 1]), d_model=16)
+    head = CodecGeneration(
+        CodecGeneration.Params(num_codebooks=3, codebook_size=[3, 17, 5], delays=[0, 2, 1]), d_model=16
+    )
     nn.init.normal_(head.out.bias)
     h = torch.randn(4, 16)
     with torch.no_grad():
@@ -120,7 +131,8 @@ def test_sample_logits_filters():
 def test_codec_head_learns_class_conditional_codes():
     torch.manual_seed(0)
     head = CodecGeneration(
-        CodecGeneration.Params(num_codebooks=2, codebook_size=16, delays=[0, 1], temperature=0.0, max_frames=8), d_model=32
+        CodecGeneration.Params(num_codebooks=2, codebook_size=16, delays=[0, 1], temperature=0.0, max_frames=8),
+        d_model=32,
     )
     gen = torch.Generator().manual_seed(0)
     means = torch.randn(2, 32) * 2
@@ -187,7 +199,9 @@ class _NonCausalBackbone(_CausalMLPBackbone):
 def test_decoder_hook_uses_a_causal_backbone_and_adds_its_aux_losses():
     torch.manual_seed(0)
     p = CodecGeneration.Params(num_codebooks=2, codebook_size=8)
-    head = CodecGeneration(p, d_model=8, decoder=lambda d_model: _CausalMLPBackbone(_CausalMLPBackbone.Params(), d_model=d_model))
+    head = CodecGeneration(
+        p, d_model=8, decoder=lambda d_model: _CausalMLPBackbone(_CausalMLPBackbone.Params(), d_model=d_model)
+    )
     torch.manual_seed(0)
     x, pad = torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.bool)
     targets = head.make_targets(head.example_targets(2), torch.device("cpu"))
@@ -196,11 +210,15 @@ def test_decoder_hook_uses_a_causal_backbone_and_adds_its_aux_losses():
     assert set(aux) == {"balance"}
     assert loss.item() == pytest.approx(
         sum(
-            nn.functional.cross_entropy(logits[..., j, :].reshape(-1, head.vocab), targets.labels[..., j].reshape(-1)).item()
+            nn.functional.cross_entropy(
+                logits[..., j, :].reshape(-1, head.vocab), targets.labels[..., j].reshape(-1)
+            ).item()
             for j in range(2)
         )
         + 0.25,
         rel=1e-5,
     )
     with pytest.raises(AudioMoEError, match="cannot run causally"):
-        CodecGeneration(p, d_model=8, decoder=lambda d_model: _NonCausalBackbone(_NonCausalBackbone.Params(), d_model=d_model))
+        CodecGeneration(
+            p, d_model=8, decoder=lambda d_model: _NonCausalBackbone(_NonCausalBackbone.Params(), d_model=d_model)
+        )

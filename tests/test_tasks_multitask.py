@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.batch import AudioBatch
+from audiomoe.core.errors import AudioMoEError
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

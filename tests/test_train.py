@@ -6,16 +6,20 @@ import pytest
 import torch
 
 import audiomoe
-from audiomoe.train import checkpoint as train_mod
 from audiomoe.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from audiomoe.train import checkpoint as train_mod
 
 
 def test_training_beats_chance_and_checkpoints_reload(tmp_path):
-    result = train("tiny-moe-cls", [], TrainConfig(steps=40, batch_size=16, eval_every=20, out_dir=str(tmp_path), progress=False))
+    result = train(
+        "tiny-moe-cls", [], TrainConfig(steps=40, batch_size=16, eval_every=20, out_dir=str(tmp_path), progress=False)
+    )
     after = result["eval_after"]
     # emotion has 4 classes (chance 0.25), speaker 8 (chance 0.125)
     assert after["emotion/accuracy"] > 0.6 and after["speaker/accuracy"] > 0.5, result
-    assert [e["step"] for e in result["eval_history"]] == [20, 40] and result["eval_history"][-1] == after  # every eval, not just the last
+    assert [e["step"] for e in result["eval_history"]] == [20, 40] and result["eval_history"][
+        -1
+    ] == after  # every eval, not just the last
     assert (tmp_path / "latest").read_text().strip() == "step-000040"
     model = load_checkpoint(tmp_path)
     batch = audiomoe.AudioBatch(torch.randn(2, 6000), 16000, ["emotion", "speaker"])

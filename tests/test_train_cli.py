@@ -11,8 +11,14 @@ import yaml
 from audiomoe import cli
 from audiomoe.train.recipe import list_recipes
 
-ONE = {"name": "one", "model": {"preset": "tiny-cls"}, "data": "tones", "batch_size": 4, "eval": {"batches": 0},
-       "stages": [{"name": "only", "steps": 2}]}
+ONE = {
+    "name": "one",
+    "model": {"preset": "tiny-cls"},
+    "data": "tones",
+    "batch_size": 4,
+    "eval": {"batches": 0},
+    "stages": [{"name": "only", "steps": 2}],
+}
 
 
 def _yaml(tmp_path, recipe):
@@ -33,7 +39,9 @@ def test_a_recipe_yaml_trains_and_resumes_from_its_run_directory(tmp_path, capsy
     assert cli.main(["train", path, "--out", str(out), "--quiet", "--device", "cpu", "--set", "optim.lr=0.01"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["recipe"]["name"] == "one" and info["recipe"]["optim"]["lr"] == 0.01
-    assert cli.main(["train", "--resume", str(out), "--steps", "4", "--quiet"]) == 0  # the recipe is read back from run.json
+    assert (
+        cli.main(["train", "--resume", str(out), "--steps", "4", "--quiet"]) == 0
+    )  # the recipe is read back from run.json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start_step"] == 2 and summary["steps"] == 4 and summary["recipe"] == "one"
     assert (out / "latest").read_text().strip() == "step-000004"
@@ -42,7 +50,10 @@ def test_a_recipe_yaml_trains_and_resumes_from_its_run_directory(tmp_path, capsy
 def test_steps_on_a_multi_stage_recipe_asks_for_the_stage(capsys):
     assert cli.main(["train", "unimoe-curriculum-tiny", "--steps", "10", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--steps sets the steps of a one-stage run; this recipe has 4 stages (foundation, specialists, warmup, joint)" in err
+    assert (
+        "--steps sets the steps of a one-stage run; this recipe has 4 stages (foundation, specialists, warmup, joint)"
+        in err
+    )
     assert "--set stages.NAME.steps=N" in err
 
 
@@ -62,8 +73,30 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
 
 def test_bf16_autocast_trains_on_cpu_with_fp32_weights(tmp_path):
     out = tmp_path / "run"
-    assert cli.main(["train", "tiny-moe-cls", "--data", "tones", "--steps", "3", "--batch-size", "4", "--eval-batches", "0",
-                     "--precision", "bf16", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tiny-moe-cls",
+                "--data",
+                "tones",
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--eval-batches",
+                "0",
+                "--precision",
+                "bf16",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     from safetensors.torch import load_file
 
     weights = load_file(str(out / "step-000003" / "model.safetensors"))
@@ -78,7 +111,9 @@ def test_compile_trains_the_same_steps_as_eager(tmp_path):
     losses = {}
     for mode in ("eager", "compiled"):
         out = tmp_path / mode
-        argv = ["train", "tiny-cls", "--steps", "3", "--out", str(out), "--quiet"] + (["--compile"] if mode == "compiled" else [])
+        argv = ["train", "tiny-cls", "--steps", "3", "--out", str(out), "--quiet"] + (
+            ["--compile"] if mode == "compiled" else []
+        )
         assert cli.main(argv) == 0
         rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         losses[mode] = [r["loss"] for r in rows if "loss" in r]  # eval rows carry metrics only

@@ -45,7 +45,11 @@ def test_auto_picks_the_corpus_for_corpus_heads_and_tones_otherwise(tiny_corpus,
 
 
 def test_training_on_a_manifest_runs_and_evaluates_its_heads(tiny_corpus):
-    result = train("tiny-corpus", [], TrainConfig(steps=6, batch_size=8, eval_every=6, eval_batches=2, progress=False, data=str(tiny_corpus)))
+    result = train(
+        "tiny-corpus",
+        [],
+        TrainConfig(steps=6, batch_size=8, eval_every=6, eval_batches=2, progress=False, data=str(tiny_corpus)),
+    )
     assert result["steps"] == 6 and result["final_loss"] == result["final_loss"]  # finite
     assert {"language/accuracy", "speaker/accuracy"} <= set(result["eval_after"])
     assert result["data"]["items"] > 0 and result["data"]["bad_items"] == 0  # the loader's counts reach the summary
@@ -58,8 +62,17 @@ def test_resume_on_the_corpus_restores_the_sampler_and_ends_bit_identical(tiny_c
     from safetensors.torch import load_file
 
     def cfg(out, steps, **kw):
-        return TrainConfig(steps=steps, batch_size=4, eval_every=100, eval_batches=1, progress=False, data=str(tiny_corpus), out_dir=str(out),
-                           schedule="constant", **kw)
+        return TrainConfig(
+            steps=steps,
+            batch_size=4,
+            eval_every=100,
+            eval_batches=1,
+            progress=False,
+            data=str(tiny_corpus),
+            out_dir=str(out),
+            schedule="constant",
+            **kw,
+        )
 
     train("tiny-corpus", [], cfg(tmp_path / "whole", 6))
     train("tiny-corpus", [], cfg(tmp_path / "split", 3))
@@ -71,7 +84,12 @@ def test_resume_on_the_corpus_restores_the_sampler_and_ends_bit_identical(tiny_c
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-SMALL_CODEC = ["tasks.tts.num_codebooks=4", "tasks.tts.codebook_size=16", "tasks.tts.delays=[0,1,2,3]", "tasks.tts.max_frames=8"]
+SMALL_CODEC = [
+    "tasks.tts.num_codebooks=4",
+    "tasks.tts.codebook_size=16",
+    "tasks.tts.delays=[0,1,2,3]",
+    "tasks.tts.max_frames=8",
+]
 
 
 def test_every_paper_preset_trains_on_the_corpus_by_default():
@@ -97,12 +115,16 @@ def test_codec_heads_read_codes_of_the_voice_prompted_pairs_made_once_for_their_
     assert items and len(items) == len(source)
     for it, src in zip(items, source):
         codes = np.load(it.target["codes"])
-        assert codes.shape[0] == 4 and codes.max() < 16 and it.audio == src.audio != src.target["audio"]  # input: the voice prompt
+        assert (
+            codes.shape[0] == 4 and codes.max() < 16 and it.audio == src.audio != src.target["audio"]
+        )  # input: the voice prompt
     stamp = (tiny_corpus.parent / "codes-k4-v16" / "generation.jsonl").stat().st_mtime_ns
     assert corpus_paths(model, str(tiny_corpus), ["tts"]) == paths  # cached: not fitted again
     assert (tiny_corpus.parent / "codes-k4-v16" / "generation.jsonl").stat().st_mtime_ns == stamp
     wrong = audiomoe.compose("tiny-corpus", ["tasks.tts=classification", "tasks.tts.num_classes=2"])
-    with pytest.raises(audiomoe.AudioMoEError, match="corpus task 'tts' has codec-code targets, but head 'tts' \\(classification\\)"):
+    with pytest.raises(
+        audiomoe.AudioMoEError, match="corpus task 'tts' has codec-code targets, but head 'tts' \\(classification\\)"
+    ):
         corpus_paths(wrong, str(tiny_corpus), ["tts"])
 
 
@@ -113,15 +135,28 @@ def test_builtin_training_feeds_text_and_codec_heads_of_one_llm(tiny_corpus, mon
     """
     import audiomoe.data as data_pkg
 
-    monkeypatch.setattr(data_pkg, "builtin_corpus", lambda progress=True, **_: tiny_corpus)  # the small corpus takes 15 s to make
-    cfg = TrainConfig(steps=4, batch_size=8, eval_every=4, eval_batches=1, progress=False, data="builtin", out_dir=str(tmp_path / "run"), logs=True)
+    monkeypatch.setattr(
+        data_pkg, "builtin_corpus", lambda progress=True, **_: tiny_corpus
+    )  # the small corpus takes 15 s to make
+    cfg = TrainConfig(
+        steps=4,
+        batch_size=8,
+        eval_every=4,
+        eval_batches=1,
+        progress=False,
+        data="builtin",
+        out_dir=str(tmp_path / "run"),
+        logs=True,
+    )
     with caplog.at_level("WARNING", logger="audiomoe.train"):
         result = train("mowe-unimoe-tiny", SMALL_CODEC, cfg)
     assert result["steps"] == 4 and result["final_loss"] == result["final_loss"]
     steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     tts = [s["losses"]["task/tts"] for s in steps if "losses" in s and "task/tts" in s["losses"]]
     assert tts and all(v > 1.0 for v in tts), "the codec head trains on the corpus's pairs (4 codebooks x ln 19)"
-    assert any(k.startswith("asr/") for k in result["eval_after"]) and not any(k.startswith("tts/") for k in result["eval_after"])
+    assert any(k.startswith("asr/") for k in result["eval_after"]) and not any(
+        k.startswith("tts/") for k in result["eval_after"]
+    )
     assert "no held-out ('test' split) items for task(s) tts" in caplog.text
 
 
@@ -133,16 +168,36 @@ def test_the_unimoe_preset_trains_and_evaluates_tts_on_the_small_corpus(tmp_path
     import sys
 
     env = {**os.environ, "AUDIOMOE_CACHE": str(tmp_path / "cache")}
-    run = [sys.executable, "-m", "audiomoe", "train", "unimoe-audio-tiny", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
-           "--out", str(tmp_path / "run"), "--quiet"]  # fmt: skip
+    run = [
+        sys.executable,
+        "-m",
+        "audiomoe",
+        "train",
+        "unimoe-audio-tiny",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    ]
     subprocess.run(run, check=True, env=env, timeout=900)
     from audiomoe.data.corpus.make import VERSION
 
     assert (tmp_path / "cache" / f"corpus-v{VERSION}-small-seed0" / "codes-k12-v1024" / "generation.jsonl").exists()
     last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert {"tts/code_accuracy", "tts/length_error"} <= set(last["eval"])
-    out = subprocess.run([sys.executable, "-m", "audiomoe", "eval", str(tmp_path / "run"), "--max-items", "4"], env=env,
-                         capture_output=True, text=True, timeout=900, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "audiomoe", "eval", str(tmp_path / "run"), "--max-items", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
     assert "tts" in out.stdout and "code_accuracy" in out.stdout
 
 
@@ -154,11 +209,23 @@ def test_the_unimoe_audio_curriculum_runs_on_speech_and_music_specialists(tiny_c
 
     monkeypatch.setattr(data_pkg, "builtin_corpus", lambda progress=True, **_: tiny_corpus)
     small = SMALL_CODEC + [s.replace("tasks.tts.", "tasks.text_to_music.") for s in SMALL_CODEC]
-    sets = small + ["stages.0.steps=2", "stages.1.steps=2", "stages.2.steps=2", "eval.every=2", "eval.batches=1", "batch_size=4"]
-    summary = run_recipe(load_recipe("unimoe-audio-curriculum-tiny", sets), RunOptions(out_dir=str(tmp_path / "run"), progress=False, device="cpu"))
+    sets = small + [
+        "stages.0.steps=2",
+        "stages.1.steps=2",
+        "stages.2.steps=2",
+        "eval.every=2",
+        "eval.batches=1",
+        "batch_size=4",
+    ]
+    summary = run_recipe(
+        load_recipe("unimoe-audio-curriculum-tiny", sets),
+        RunOptions(out_dir=str(tmp_path / "run"), progress=False, device="cpu"),
+    )
     init = summary["stages"][1]["init"]
     assert [s["member"] for s in summary["stages"][0]["specialists"]] == ["speech", "music"]
-    assert init["heads_from"] == {"tts": 0, "text_to_music": 1} and len(init["moe_layers"]) == 2  # every LM layer is an MoE
+    assert (
+        init["heads_from"] == {"tts": 0, "text_to_music": 1} and len(init["moe_layers"]) == 2
+    )  # every LM layer is an MoE
     assert summary["steps"] == 4
     steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     joint = {k for s in steps if s.get("stage") == "joint" for k in s.get("losses", {})}
@@ -178,8 +245,19 @@ def test_predict_gives_labels_text_and_listenable_codec_audio(tiny_corpus, monke
 
     monkeypatch.setattr(data_pkg, "builtin_corpus", lambda progress=True, **_: tiny_corpus)
     for preset, over in (("mowe-unimoe-tiny", SMALL_CODEC), ("tiny-corpus", [])):
-        train(preset, over, TrainConfig(steps=1, batch_size=4, eval_every=100, eval_batches=0, progress=False, data="builtin",
-                                        out_dir=str(tmp_path / preset)))  # fmt: skip
+        train(
+            preset,
+            over,
+            TrainConfig(
+                steps=1,
+                batch_size=4,
+                eval_every=100,
+                eval_batches=0,
+                progress=False,
+                data="builtin",
+                out_dir=str(tmp_path / preset),
+            ),
+        )
     clip = read_manifest(tiny_corpus, only_tasks=["speaker"])[0][0].audio
     codec = tiny_corpus.parent / "codes-k4-v16"
     rows = predict_files(str(tmp_path / "mowe-unimoe-tiny"), [clip], prompt="the cat sleeps", codec=str(codec))
@@ -187,10 +265,14 @@ def test_predict_gives_labels_text_and_listenable_codec_audio(tiny_corpus, monke
     assert set(by_task) == {"asr", "tts"} and isinstance(by_task["asr"]["prediction"], str)
     wav, sr = sf.read(by_task["tts"]["wav"])
     frames = np.load(by_task["tts"]["codes"]).shape[1]
-    assert sr == 16000 and len(wav) == (frames - 1) * 256 and 1 <= frames <= 8 and np.isfinite(wav).all()  # max_frames=8
+    assert (
+        sr == 16000 and len(wav) == (frames - 1) * 256 and 1 <= frames <= 8 and np.isfinite(wav).all()
+    )  # max_frames=8
     from audiomoe.train.evaluate import evaluate_checkpoint
 
-    report = evaluate_checkpoint(str(tmp_path / "mowe-unimoe-tiny"), "builtin", split="train", max_items=2)  # codes loaded for the codec head
+    report = evaluate_checkpoint(
+        str(tmp_path / "mowe-unimoe-tiny"), "builtin", split="train", max_items=2
+    )  # codes loaded for the codec head
     assert set(report["tasks"]) == {"asr", "tts"} and report["items"] == {"asr": 2, "tts": 2}
     assert "code_accuracy" in report["tasks"]["tts"] and "wer" in report["tasks"]["asr"]
     labels = predict_files(str(tmp_path / "tiny-corpus"), [clip])
@@ -213,8 +295,13 @@ def test_predict_gives_labels_text_and_listenable_codec_audio(tiny_corpus, monke
         predict_files(str(tmp_path / "tiny-corpus"), [str(tmp_path / "empty")])
     with pytest.raises(audiomoe.AudioMoEError, match="no fitted codec in"):
         predict_files(str(tmp_path / "mowe-unimoe-tiny"), [clip], tasks=["tts"], codec=str(tmp_path))
-    cli = subprocess.run([sys.executable, "-m", "audiomoe", "predict", str(tmp_path / "tiny-corpus"), clip, "--task", "speaker"],
-                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    cli = subprocess.run(
+        [sys.executable, "-m", "audiomoe", "predict", str(tmp_path / "tiny-corpus"), clip, "--task", "speaker"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert "[speaker]  spk" in cli.stdout
 
 
@@ -228,7 +315,9 @@ def _cache_rank(rank: int, port: int, manifest: str, out: str) -> None:
     from audiomoe.data import corpus_codes
     from audiomoe.train.data import rank_zero_first
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120)
+    )
     made = Path(manifest).parent / "codes-k2-v8" / "generation.jsonl"
 
     def fn():

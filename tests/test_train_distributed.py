@@ -37,11 +37,22 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{
 if Path("/sys/class/net/lo").exists():
     ENV.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on the loopback device
 RECIPE = {
-    "name": "ep-tiny", "data": "tones", "batch_size": 8,
-    "model": {"preset": "tiny-unimoe", "overrides": ["tasks.speaker=null", "backbone.moe.router.unimoe_aux_weight=0.0",
-                                                     "backbone.moe.router.unimoe_aux_weight_end=0.0"]},
-    "optim": {"lr": 3e-3, "eps": 1e-6, "grad_clip": 1.0}, "eval": {"every": 2, "batches": 1}, "log": {"routing_every": 2},
-    "checkpoint": {"every": 1, "keep": 0}, "distributed": {"expert_parallel": 2},
+    "name": "ep-tiny",
+    "data": "tones",
+    "batch_size": 8,
+    "model": {
+        "preset": "tiny-unimoe",
+        "overrides": [
+            "tasks.speaker=null",
+            "backbone.moe.router.unimoe_aux_weight=0.0",
+            "backbone.moe.router.unimoe_aux_weight_end=0.0",
+        ],
+    },
+    "optim": {"lr": 3e-3, "eps": 1e-6, "grad_clip": 1.0},
+    "eval": {"every": 2, "batches": 1},
+    "log": {"routing_every": 2},
+    "checkpoint": {"every": 1, "keep": 0},
+    "distributed": {"expert_parallel": 2},
     "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "freeze": ["encoder"]}],
 }
 STEPS, TOL = 4, 1e-5
@@ -49,9 +60,22 @@ STEPS, TOL = 4, 1e-5
 
 def _audiomoe(*args: str, torchrun: bool = False, check: bool = True) -> subprocess.CompletedProcess:
     """``audiomoe ARGS`` in a subprocess; ``torchrun``: under ``python -m torch.distributed.run`` with 2 processes."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--master-addr=127.0.0.1",
-              f"--master-port={free_port()}"] if torchrun else [sys.executable]  # fmt: skip
-    res = subprocess.run([*launch, "-m", "audiomoe", *args], env=ENV, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            "--nnodes=1",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+        ]
+        if torchrun
+        else [sys.executable]
+    )
+    res = subprocess.run(
+        [*launch, "-m", "audiomoe", *args], env=ENV, capture_output=True, text=True, timeout=300, cwd=str(ROOT)
+    )
     if check:
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return res
@@ -77,12 +101,28 @@ def runs(tmp_path_factory):
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     # the same recipe in one process: the layout is not part of what is trained
-    run_recipe(load_recipe(str(recipe), ["distributed.expert_parallel=1"]), RunOptions(out_dir=str(root / "one"), progress=False, device="cpu"))
+    run_recipe(
+        load_recipe(str(recipe), ["distributed.expert_parallel=1"]),
+        RunOptions(out_dir=str(root / "one"), progress=False, device="cpu"),
+    )
     _audiomoe("train", str(recipe), "--out", str(root / "ep"), "--device", "cpu", "--quiet", torchrun=True)
     # FSDP also re-inits stage b from its own step-2 checkpoint: a later stage's init runs on a gathered
     # full copy and is loaded back into the shards (layout.on_full_model); the weights must come back whole
-    _audiomoe("train", str(recipe), "--set", "distributed.fsdp=true", "--set", f"stages.b.init.from_checkpoint={root / 'fsdp' / 'step-000002'}",
-              "--nproc", "2", "--out", str(root / "fsdp"), "--device", "cpu", "--quiet")
+    _audiomoe(
+        "train",
+        str(recipe),
+        "--set",
+        "distributed.fsdp=true",
+        "--set",
+        f"stages.b.init.from_checkpoint={root / 'fsdp' / 'step-000002'}",
+        "--nproc",
+        "2",
+        "--out",
+        str(root / "fsdp"),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     return {"recipe": recipe, **{name: root / name for name in ("one", "ep", "fsdp")}}
 
 
@@ -93,16 +133,23 @@ def test_two_processes_with_expert_parallel_match_one_process(runs, layout):
     loss_diff = max(abs(x - y) for x, y in zip(a, b))
     weight_diff = max(_max_diff(_weights(runs["one"], s), _weights(runs[layout], s)) for s in (2, STEPS))
     first, last = _weights(runs["one"], 1), _weights(runs["one"], STEPS)
-    moved = max(float((first[k] - last[k]).abs().max()) for k in first if first[k].is_floating_point())  # not the step counters
+    moved = max(
+        float((first[k] - last[k]).abs().max()) for k in first if first[k].is_floating_point()
+    )  # not the step counters
     print(f"{layout}: loss diff {loss_diff:.2e}, weight diff {weight_diff:.2e} (moved {moved:.2e})")
     assert loss_diff < TOL and weight_diff < TOL and moved > 1e-3, (a, b)
     summary = json.loads((runs[layout] / "summary.json").read_text())
     assert summary["layout"] == {"world": 2, "data_parallel": 1, "expert_parallel": 2, "fsdp": layout == "fsdp"}
-    norms = [r["grad_norm"] for r in map(json.loads, (runs[layout] / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    norms = [
+        r["grad_norm"] for r in map(json.loads, (runs[layout] / "log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert max(norms) > RECIPE["optim"]["grad_clip"], "clipping must act, so a wrong gradient scale would show"
     assert "eval" in summary["stages"][-1], "every rank evaluated (a sharded forward is collective); rank 0 recorded it"
     if layout == "fsdp":
-        assert summary["stages"][1]["init"]["loaded"] == len(_weights(runs["one"], 2)) and not summary["stages"][1]["init"]["missing"]
+        assert (
+            summary["stages"][1]["init"]["loaded"] == len(_weights(runs["one"], 2))
+            and not summary["stages"][1]["init"]["missing"]
+        )
 
 
 def test_ep2_checkpoint_is_one_process_files_that_load_with_load_checkpoint(runs):
@@ -114,11 +161,15 @@ def test_ep2_checkpoint_is_one_process_files_that_load_with_load_checkpoint(runs
     with torch.no_grad():
         a, b = ep.eval()(batch), one.eval()(batch)
     out_diff = float((a.outputs["emotion"] - b.outputs["emotion"]).abs().max())  # the head's logits [3, 4]
-    print(f"one-process outputs of the EP-2 checkpoint vs the one-process run's: {out_diff:.2e}, loss {abs(float(a.loss - b.loss)):.2e}")
+    print(
+        f"one-process outputs of the EP-2 checkpoint vs the one-process run's: {out_diff:.2e}, loss {abs(float(a.loss - b.loss)):.2e}"
+    )
     assert out_diff < TOL and abs(float(a.loss - b.loss)) < TOL and float(a.loss) > 0.1
     opt = load_trainer_state(runs["ep"])["optimizer"]["state"]
     stacked = [v["exp_avg"].shape for v in opt.values() if v["exp_avg"].dim() == 3]
-    assert stacked and all(s[0] in (8, 2) for s in stacked), "AdamW moments of all 8 routed experts (and the 2 shared), gathered"
+    assert stacked and all(s[0] in (8, 2) for s in stacked), (
+        "AdamW moments of all 8 routed experts (and the 2 shared), gathered"
+    )
     assert not list(runs["ep"].rglob("*.pt")) and not list(runs["ep"].rglob("*.pkl"))
 
 
@@ -147,17 +198,43 @@ def test_ep2_run_resumes_in_one_process_at_expert_parallel_1(runs, tmp_path):
     out = tmp_path / "one-process"
     _as_killed_after(runs["ep"], out, 3)
     with pytest.warns(RuntimeWarning, match="2-process run with 1 processes"):
-        run_recipe(load_recipe(str(runs["recipe"]), ["distributed.expert_parallel=1"]), RunOptions(out_dir=str(out), resume=True, progress=False, device="cpu"))
+        run_recipe(
+            load_recipe(str(runs["recipe"]), ["distributed.expert_parallel=1"]),
+            RunOptions(out_dir=str(out), resume=True, progress=False, device="cpu"),
+        )
     assert _max_diff(_weights(runs["one"], STEPS), _weights(out, STEPS)) < TOL
 
 
-@pytest.mark.parametrize("change, args, message", [
-    ({}, ["--expert-parallel", "3"], r"distributed.expert_parallel=3 does not divide backbone.moe.num_experts=8: .* \[1, 2, 4, 8\]"),
-    ({"distributed": {}}, ["--fsdp"], r"fsdp needs several processes, but this is one process .*audiomoe train RECIPE --nproc 2"),
-    ({}, [], r"expert_parallel=2 needs several processes.*--nproc 2 \(or torchrun --nproc-per-node 2 -m audiomoe train"),
-    ({}, ["--set", "backbone.moe.expert_parallel=4"], r"distributed.expert_parallel=2 but the model spec sets backbone.moe.expert_parallel=4"),
-    ({"model": {"preset": "tiny-cls"}}, [], r"distributed.expert_parallel=2: this model has no MoE layer \(backbone.moe\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, args, message",
+    [
+        (
+            {},
+            ["--expert-parallel", "3"],
+            r"distributed.expert_parallel=3 does not divide backbone.moe.num_experts=8: .* \[1, 2, 4, 8\]",
+        ),
+        (
+            {"distributed": {}},
+            ["--fsdp"],
+            r"fsdp needs several processes, but this is one process .*audiomoe train RECIPE --nproc 2",
+        ),
+        (
+            {},
+            [],
+            r"expert_parallel=2 needs several processes.*--nproc 2 \(or torchrun --nproc-per-node 2 -m audiomoe train",
+        ),
+        (
+            {},
+            ["--set", "backbone.moe.expert_parallel=4"],
+            r"distributed.expert_parallel=2 but the model spec sets backbone.moe.expert_parallel=4",
+        ),
+        (
+            {"model": {"preset": "tiny-cls"}},
+            [],
+            r"distributed.expert_parallel=2: this model has no MoE layer \(backbone.moe\)",
+        ),
+    ],
+)
 def test_layouts_that_cannot_run_are_refused_in_one_process(tmp_path, capsys, change, args, message):
     import re
 
@@ -172,9 +249,14 @@ def test_layouts_that_cannot_run_are_refused_in_one_process(tmp_path, capsys, ch
 def test_world_size_not_a_multiple_of_expert_parallel_is_refused_under_torchrun(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**RECIPE, "distributed": {"expert_parallel": 4}}))
-    res = _audiomoe("train", str(recipe), "--nproc", "2", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet", check=False)
+    res = _audiomoe(
+        "train", str(recipe), "--nproc", "2", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet", check=False
+    )
     assert res.returncode != 0
-    assert "world size 2 is not a multiple of distributed.expert_parallel=4" in res.stderr and "--nproc-per-node 4" in res.stderr, res.stderr[-2000:]
+    assert (
+        "world size 2 is not a multiple of distributed.expert_parallel=4" in res.stderr
+        and "--nproc-per-node 4" in res.stderr
+    ), res.stderr[-2000:]
     assert not (tmp_path / "run" / "run.json").exists()
 
 
@@ -188,7 +270,11 @@ def test_data_parallel_times_expert_parallel_must_be_the_world_size():
     spec = resolve("tiny-unimoe").to_dict()
     lay = plan_layout(DistributedSpec(expert_parallel=2), spec, 4)
     assert (lay.data_parallel, lay.expert_parallel, lay.sharded) == (2, 2, True)
-    assert lay.build_spec(spec)["backbone"]["params"]["moe"]["params"]["expert_parallel"] == 2 and spec != lay.build_spec(spec)
-    with pytest.raises(AudioMoEError, match=r"data_parallel=2 x expert_parallel=2 = 4 processes, but 2 were started; run .*--nproc 4"):
+    assert lay.build_spec(spec)["backbone"]["params"]["moe"]["params"][
+        "expert_parallel"
+    ] == 2 and spec != lay.build_spec(spec)
+    with pytest.raises(
+        AudioMoEError, match=r"data_parallel=2 x expert_parallel=2 = 4 processes, but 2 were started; run .*--nproc 4"
+    ):
         plan_layout(DistributedSpec(expert_parallel=2, data_parallel=2), spec, 2)
     assert not plan_layout(DistributedSpec(), spec, 2).sharded  # plain DDP

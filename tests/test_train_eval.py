@@ -43,9 +43,15 @@ def test_eval_prints_a_table_per_task_and_writes_json(corpus, tmp_path, capsys):
     with torch.no_grad():
         batch, _ = collate([(ds.load(i, 0), it) for i, it in enumerate(items)], 16000)
         out = model(audiomoe.AudioBatch(batch.waveforms, 16000, batch.tasks, batch.lengths))
-    want = float((out.predictions["language"] == model.heads["language"].make_targets(batch.targets, torch.device("cpu"))).float().mean())
+    want = float(
+        (out.predictions["language"] == model.heads["language"].make_targets(batch.targets, torch.device("cpu")))
+        .float()
+        .mean()
+    )
     assert report["tasks"]["language"]["accuracy"] == pytest.approx(want, abs=1e-6)
-    lo, hi = report["interval"]["language"]["accuracy"]  # Wilson's interval around the item-level accuracy, inside [0, 1]
+    lo, hi = report["interval"]["language"][
+        "accuracy"
+    ]  # Wilson's interval around the item-level accuracy, inside [0, 1]
     assert 0.0 <= lo <= want <= hi <= 1.0 and 1 / 8 <= report["chance"]["language"]["accuracy"] < 1.0
 
 
@@ -61,7 +67,10 @@ def test_per_dataset_rows_when_the_data_has_several(corpus, tmp_path):
     save_checkpoint(model, tmp_path / "run", 1)
     report = evaluate_checkpoint(str(tmp_path / "run"), str(two))
     per = report["datasets"]["event"]
-    assert set(per) == {"builtin-event", "other-events"} and sum(d["items"] for d in per.values()) == report["items"]["event"]
+    assert (
+        set(per) == {"builtin-event", "other-events"}
+        and sum(d["items"] for d in per.values()) == report["items"]["event"]
+    )
     assert "language" not in report["datasets"]
 
 
@@ -113,7 +122,26 @@ def test_eval_defaults_to_the_manifest_the_run_trained_on_from_any_directory(cor
 def test_resuming_a_preset_run_keeps_its_data_and_options_and_changes_only_what_is_given(corpus, tmp_path, capsys):
     """`train --resume DIR` continues on the run's own manifest, lr and batch size (not the CLI defaults)."""
     run = tmp_path / "run"
-    assert cli.main(["train", "tiny-corpus", "--data", str(corpus), "--lr", "0.001", "--batch-size", "4", "--steps", "1", "--out", str(run), "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tiny-corpus",
+                "--data",
+                str(corpus),
+                "--lr",
+                "0.001",
+                "--batch-size",
+                "4",
+                "--steps",
+                "1",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
     def recipe():
         return json.loads((run / "run.json").read_text())["recipe"]
@@ -121,7 +149,10 @@ def test_resuming_a_preset_run_keeps_its_data_and_options_and_changes_only_what_
     assert cli.main(["train", "--resume", str(run), "--steps", "2", "--quiet"]) == 0
     r = recipe()
     assert (r["data"], r["optim"]["lr"], r["batch_size"], r["stages"][0]["steps"]) == (str(corpus), 0.001, 4, 2)
-    assert cli.main(["train", "tiny-corpus", "--resume", str(run), "--steps", "3", "--set", "optim.lr=0.002", "--quiet"]) == 0
+    assert (
+        cli.main(["train", "tiny-corpus", "--resume", str(run), "--steps", "3", "--set", "optim.lr=0.002", "--quiet"])
+        == 0
+    )
     r = recipe()
     assert (r["data"], r["optim"]["lr"], r["batch_size"], r["stages"][0]["steps"]) == (str(corpus), 0.002, 4, 3)
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
@@ -145,7 +176,21 @@ def test_eval_reads_a_data_spec_at_the_split_asked_and_a_manifest_of_any_extensi
     spec = tmp_path / "data.yaml"
     spec.write_text(f"sources:\n  all: {{path: {corpus}, split: train}}\n")
     for split, n in (("test", n_test), ("train", n_train)):
-        assert cli.main(["eval", str(tmp_path / "run"), "--data", str(spec), "--split", split, "--json", str(tmp_path / f"{split}.json")]) == 0
+        assert (
+            cli.main(
+                [
+                    "eval",
+                    str(tmp_path / "run"),
+                    "--data",
+                    str(spec),
+                    "--split",
+                    split,
+                    "--json",
+                    str(tmp_path / f"{split}.json"),
+                ]
+            )
+            == 0
+        )
         assert sum(json.loads((tmp_path / f"{split}.json").read_text())["items"].values()) == n
     other = shutil.copy(corpus, corpus.parent / "all.manifest")
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(other), "--json", str(tmp_path / "m.json")]) == 0
@@ -158,10 +203,18 @@ def test_train_takes_a_data_yaml_and_a_plain_list_of_batches(corpus, tmp_path):
 
     spec = corpus.parent / "data.yaml"
     spec.write_text(f"sources:\n  all: {{path: {corpus.name}, split: train}}\nmax_clip_seconds: 2\n")
-    assert cli.main(["train", "tiny-corpus", "--data", str(spec), "--steps", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (
+        cli.main(
+            ["train", "tiny-corpus", "--data", str(spec), "--steps", "1", "--out", str(tmp_path / "run"), "--quiet"]
+        )
+        == 0
+    )
     model = audiomoe.compose("tiny-cls")
     sr = int(model.encoder.sample_rate)
-    batches = [audiomoe.AudioBatch(torch.randn(2, sr // 4), sr, ["cls"] * 2, torch.tensor([sr // 4] * 2), [0, 1]) for _ in range(2)]
+    batches = [
+        audiomoe.AudioBatch(torch.randn(2, sr // 4), sr, ["cls"] * 2, torch.tensor([sr // 4] * 2), [0, 1])
+        for _ in range(2)
+    ]
     assert train("tiny-cls", config=TrainConfig(steps=2, eval_batches=0, progress=False), data=batches)["steps"] == 2
     with pytest.raises(audiomoe.AudioMoEError, match="the data ran out at step 3 of 3"):
         train("tiny-cls", config=TrainConfig(steps=3, eval_batches=0, progress=False), data=batches)

@@ -19,23 +19,41 @@ from audiomoe.train.stages import apply_init, foundation_recipe
 from audiomoe.train.trainer import RunOptions, run_recipe
 
 QUIET = {"progress": False, "device": "cpu"}
-MEMBERS = {"members": [{"name": "emo", "data": {"tasks": ["emotion"]}},
-                       {"name": "spk", "data": {"tasks": ["speaker"]}}]}
+MEMBERS = {
+    "members": [{"name": "emo", "data": {"tasks": ["emotion"]}}, {"name": "spk", "data": {"tasks": ["speaker"]}}]
+}
 
 
 def _mini(stages, eval_batches: int = 1):
-    return load_recipe({"name": "mini", "model": {"preset": "tiny-unimoe"}, "data": "tones", "batch_size": 8,
-                        "eval": {"batches": eval_batches, "every": 50, "final": False}, "log": {"tensorboard": False},
-                        "schedule": {"kind": "constant", "warmup": 0}, "stages": stages})
+    return load_recipe(
+        {
+            "name": "mini",
+            "model": {"preset": "tiny-unimoe"},
+            "data": "tones",
+            "batch_size": 8,
+            "eval": {"batches": eval_batches, "every": 50, "final": False},
+            "log": {"tensorboard": False},
+            "schedule": {"kind": "constant", "warmup": 0},
+            "stages": stages,
+        }
+    )
 
 
 def test_specialists_with_init_start_from_the_foundation_weights(tmp_path):
-    recipe = _mini([
-        {"name": "foundation", "steps": 3, "foundation": {}},
-        # the members train only their own heads: every other tensor must be the foundation's, bit for bit
-        {"name": "specialists", "steps": 2, "init": {"from_checkpoint": "stage:foundation"}, "train": ["heads"],
-         "specialists": MEMBERS},
-    ], eval_batches=0)
+    recipe = _mini(
+        [
+            {"name": "foundation", "steps": 3, "foundation": {}},
+            # the members train only their own heads: every other tensor must be the foundation's, bit for bit
+            {
+                "name": "specialists",
+                "steps": 2,
+                "init": {"from_checkpoint": "stage:foundation"},
+                "train": ["heads"],
+                "specialists": MEMBERS,
+            },
+        ],
+        eval_batches=0,
+    )
     run_recipe(recipe, RunOptions(out_dir=str(tmp_path / "run"), **QUIET))
     found = load_file(str(tmp_path / "run/foundation/foundation/step-000003/model.safetensors"))
     dense = foundation_recipe(recipe, 0, audiomoe.compose("tiny-unimoe").spec).model.overrides
@@ -110,9 +128,17 @@ def _merged_error(root, task: str, batches) -> float:
 
 @pytest.mark.slow
 def test_a_merge_of_specialists_from_one_foundation_keeps_their_predictions(tmp_path):
-    shared = _mini([{"name": "foundation", "steps": 30, "foundation": {}},
-                    {"name": "specialists", "steps": 10, "init": {"from_checkpoint": "stage:foundation"},
-                     "specialists": MEMBERS}])
+    shared = _mini(
+        [
+            {"name": "foundation", "steps": 30, "foundation": {}},
+            {
+                "name": "specialists",
+                "steps": 10,
+                "init": {"from_checkpoint": "stage:foundation"},
+                "specialists": MEMBERS,
+            },
+        ]
+    )
     apart = _mini([{"name": "specialists", "steps": 40, "specialists": MEMBERS}])
     run_recipe(shared, RunOptions(out_dir=str(tmp_path / "shared"), **QUIET))
     run_recipe(apart, RunOptions(out_dir=str(tmp_path / "apart"), **QUIET))

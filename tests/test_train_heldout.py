@@ -54,7 +54,11 @@ def test_every_item_is_scored_once_and_matches_a_direct_forward_pass(corpus):
         with torch.no_grad():
             batch, _ = collate([(ds.load(i, 0), it) for i, it in enumerate(mine)], 16000)
             out = model(audiomoe.AudioBatch(batch.waveforms, 16000, batch.tasks, batch.lengths))
-        want = (out.predictions[task] == model.heads[task].make_targets(batch.targets, torch.device("cpu"))).long().tolist()
+        want = (
+            (out.predictions[task] == model.heads[task].make_targets(batch.targets, torch.device("cpu")))
+            .long()
+            .tolist()
+        )
         assert res["per_item"] == want  # item by item, in manifest order
         assert res["metrics"]["accuracy"] == pytest.approx(sum(want) / len(want))
         lo, hi = res["interval"]["accuracy"]
@@ -66,7 +70,9 @@ def test_every_item_is_scored_once_and_matches_a_direct_forward_pass(corpus):
     accs = [scores["tasks"][t]["metrics"]["accuracy"] for t in model.task_names]
     assert flat["mean/accuracy"] == pytest.approx(sum(accs) / len(accs)) and flat["worst/accuracy"] == min(accs)
     table = summary_table(scores)
-    assert table.splitlines()[0].split()[:3] == ["task", "items", "accuracy"] and all(t in table for t in model.task_names)
+    assert table.splitlines()[0].split()[:3] == ["task", "items", "accuracy"] and all(
+        t in table for t in model.task_names
+    )
 
 
 def test_the_cap_takes_the_same_first_items_of_every_task(corpus):
@@ -84,7 +90,20 @@ def test_train_ends_with_the_whole_split_scored_and_a_summary_table(corpus, tmp_
     from audiomoe import cli
 
     out = tmp_path / "run"
-    argv = ["train", "tiny-corpus", "--data", str(corpus), "--steps", "2", "--batch-size", "4", "--eval-batches", "1", "--out", str(out)]
+    argv = [
+        "train",
+        "tiny-corpus",
+        "--data",
+        str(corpus),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-batches",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from forkserver import server_source
 import torch
 import yaml
+from forkserver import server_source
 from safetensors.torch import load_file
 
 from audiomoe.train.recipe import load_recipe
@@ -25,10 +25,18 @@ from audiomoe.train.trainer import RunOptions, run_recipe
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 RECIPE = {
-    "name": "kill-me", "data": "tones", "batch_size": 4,
-    "model": {"preset": "tiny-unimoe", "overrides": ["backbone.moe.router.input_jitter=0.01"]},  # training draws from the RNG
-    "optim": {"lr": 3e-3, "grad_clip": 1.0}, "schedule": {"kind": "cosine", "warmup": 3},
-    "eval": {"batches": 0}, "log": {"routing_every": 5}, "checkpoint": {"every": 1, "keep": 2},
+    "name": "kill-me",
+    "data": "tones",
+    "batch_size": 4,
+    "model": {
+        "preset": "tiny-unimoe",
+        "overrides": ["backbone.moe.router.input_jitter=0.01"],
+    },  # training draws from the RNG
+    "optim": {"lr": 3e-3, "grad_clip": 1.0},
+    "schedule": {"kind": "cosine", "warmup": 3},
+    "eval": {"batches": 0},
+    "log": {"routing_every": 5},
+    "checkpoint": {"every": 1, "keep": 2},
     "stages": [
         {"name": "gates", "steps": 15, "train": ["router", "shared_experts"]},
         {"name": "joint", "steps": 25, "freeze": ["encoder"], "aux_weight": {"start": 0.025, "end": 0.001}},
@@ -47,7 +55,9 @@ SERVER = server_source(
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        (r["step"], r["loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 def _step(out: Path) -> int:
@@ -77,7 +87,11 @@ def _wait_for_write(out: Path, pid: int, timeout: float = 30.0) -> None:
 
 def _mid_write(out: Path, pid: int) -> bool:
     """The kill landed inside a checkpoint write: a temp file of that writer is left behind."""
-    return any(f".{pid}." in p.name or p.name.endswith(f".{pid}") for p in out.iterdir() if p.name.startswith((".step-", ".old-", ".del-", ".latest.")))
+    return any(
+        f".{pid}." in p.name or p.name.endswith(f".{pid}")
+        for p in out.iterdir()
+        if p.name.startswith((".step-", ".old-", ".del-", ".latest."))
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -90,13 +104,22 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, neede
     ref = tmp_path / "ref"
     run_recipe(load_recipe(str(path)), RunOptions(out_dir=str(ref), progress=False, device="cpu"))
     out, rng = tmp_path / "run", random.Random(2024)
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd=str(tmp_path))
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=str(tmp_path),
+    )
     kills, mid_write, finished = 0, 0, False
     try:
         assert server.stdout.readline().strip() == "ready"
         for i in range(10 * needed):
             resume = ["--resume"] if out.exists() and holds_run(out) else []
-            server.stdin.write(" ".join(["train", str(path), "--out", str(out), "--quiet", "--device", "cpu", *resume]) + "\n")
+            server.stdin.write(
+                " ".join(["train", str(path), "--out", str(out), "--quiet", "--device", "cpu", *resume]) + "\n"
+            )
             server.stdin.flush()
             pid = int(server.stdout.readline())
             last = kills >= needed and mid_write >= 1
@@ -131,14 +154,18 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, neede
 
 
 def test_resume_loads_no_pickle(tmp_path, monkeypatch):
-    recipe = load_recipe({**RECIPE, "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "freeze": ["encoder"]}]})
+    recipe = load_recipe(
+        {**RECIPE, "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "freeze": ["encoder"]}]}
+    )
     run_recipe(recipe, RunOptions(out_dir=str(tmp_path / "r"), progress=False, device="cpu"))
 
     def no_pickle(*a, **k):
         raise AssertionError("torch.load must not be used")
 
     monkeypatch.setattr(torch, "load", no_pickle)
-    longer = load_recipe({**RECIPE, "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 3, "freeze": ["encoder"]}]})
+    longer = load_recipe(
+        {**RECIPE, "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 3, "freeze": ["encoder"]}]}
+    )
     res = run_recipe(longer, RunOptions(out_dir=str(tmp_path / "r"), resume=True, progress=False, device="cpu"))
     assert res["start_step"] == 4 and res["steps"] == 5
     assert not list((tmp_path / "r").rglob("*.pt")) and not list((tmp_path / "r").rglob("*.pkl"))

@@ -21,13 +21,26 @@ from audiomoe.train.trainer import RunOptions, run_recipe
 
 JITTER = ["backbone.moe.router.input_jitter=0.01"]  # training draws from the RNG: a resume must restore it
 RECIPE = {
-    "name": "two-stage", "model": {"preset": "tiny-unimoe", "overrides": JITTER}, "data": "tones", "batch_size": 8,
-    "eval": {"batches": 0}, "log": {"routing_every": 0}, "checkpoint": {"every": 1, "keep": 0},
-    "schedule": {"kind": "constant"},  # the default is cosine with warmup; the lr test below reads a constant first stage
+    "name": "two-stage",
+    "model": {"preset": "tiny-unimoe", "overrides": JITTER},
+    "data": "tones",
+    "batch_size": 8,
+    "eval": {"batches": 0},
+    "log": {"routing_every": 0},
+    "checkpoint": {"every": 1, "keep": 0},
+    "schedule": {
+        "kind": "constant"
+    },  # the default is cosine with warmup; the lr test below reads a constant first stage
     "stages": [
         {"name": "gates", "steps": 3, "train": ["router", "shared_experts"]},
-        {"name": "rest", "steps": 4, "freeze": ["encoder", "backbone.blocks.0"], "optim": {"lr": 0.01},
-         "schedule": {"kind": "linear"}, "aux_weight": {"start": 0.5, "end": 0.1, "steps": 4}},
+        {
+            "name": "rest",
+            "steps": 4,
+            "freeze": ["encoder", "backbone.blocks.0"],
+            "optim": {"lr": 0.01},
+            "schedule": {"kind": "linear"},
+            "aux_weight": {"start": 0.5, "end": 0.1, "steps": 4},
+        },
     ],
 }
 
@@ -86,8 +99,10 @@ def test_the_step_counter_runs_across_stages_with_each_stages_lr(two_stage):
 
 def test_the_aux_weight_schedule_restarts_with_its_stage(two_stage):
     out, _ = two_stage
-    positions = lambda step: {k: int(v) for k, v in _w(out, step).items() if k.endswith("router.step")}  # noqa: E731
-    assert set(positions(3).values()) == {3} and set(positions(7).values()) == {4}  # reset to 0 at stage 2, then 4 steps
+    positions = lambda step: {k: int(v) for k, v in _w(out, step).items() if k.endswith("router.step")}
+    assert set(positions(3).values()) == {3} and set(positions(7).values()) == {
+        4
+    }  # reset to 0 at stage 2, then 4 steps
     model = audiomoe.compose("tiny-unimoe")
     assert apply_aux_weight(model, load_recipe(RECIPE).stages[1].aux_weight, 4, True, "stages.1") == 2
     r = aux_routers(model)[0]
@@ -95,7 +110,9 @@ def test_the_aux_weight_schedule_restarts_with_its_stage(two_stage):
     for _ in range(4):
         model.advance_schedules()
     assert float(r.aux_weight()) == pytest.approx(0.1)
-    with pytest.raises(audiomoe.AudioMoEError, match="stages.1.aux_weight: this model has no router with a UniMoE aux loss"):
+    with pytest.raises(
+        audiomoe.AudioMoEError, match="stages.1.aux_weight: this model has no router with a UniMoE aux loss"
+    ):
         apply_aux_weight(audiomoe.compose("tiny-cls"), load_recipe(RECIPE).stages[1].aux_weight, 4, True, "stages.1")
 
 
@@ -120,7 +137,12 @@ def test_a_stage_that_trains_nothing_is_refused(tmp_path):
 
 
 def test_accumulation_of_two_half_batches_is_one_full_batch(tmp_path):
-    base = {"model": {"preset": "tiny-cls"}, "data": "tones", "eval": {"batches": 0}, "stages": [{"name": "a", "steps": 4}]}
+    base = {
+        "model": {"preset": "tiny-cls"},
+        "data": "tones",
+        "eval": {"batches": 0},
+        "stages": [{"name": "a", "steps": 4}],
+    }
     full = _run(tmp_path / "full", {**base, "name": "full", "batch_size": 8})
     half = _run(tmp_path / "half", {**base, "name": "half", "batch_size": 4, "optim": {"accumulation": 2}})
     la = [json.loads(x)["loss"] for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]

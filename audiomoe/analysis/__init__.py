@@ -11,7 +11,7 @@ From Python (names load on first use; nothing here imports torch or matplotlib u
 Modules: ``stats`` (mean, std, t intervals, paired tests), ``grid`` (grid / variant expansion),
 ``study`` (study files, the built-in ``papers`` study), ``launch`` (local pool / submitit),
 ``measure`` + ``routing_stats`` (per-run eval pass: routing, active parameters, MoE FLOPs),
-``results`` (tables), ``claims`` (paper claims in plain words), ``plots``, ``report``, ``ablate``.
+``results`` (tables), ``claims`` (paper claims in plain words), ``plots`` + ``routing_plots``, ``report`` (+ ``report_blocks``, ``report_html``), ``ablate``.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
-from audiomoe.core.atomic import write_text
-from audiomoe.core.errors import AudioMoEError, did_you_mean
 from audiomoe.analysis.grid import Config, Plan
 from audiomoe.analysis.results import collect, read_json, run_metrics
+from audiomoe.core.atomic import write_text
+from audiomoe.core.errors import AudioMoEError, did_you_mean
 
 PLAN_FILE = "plan.json"
 
@@ -25,8 +25,16 @@ PLAN_FILE = "plan.json"
 def save_plan(plan: Plan, root: Path, meta: dict[str, Any]) -> Path:
     """Write the plan (and the study's title, description, claims) as ``root/plan.json``."""
     root.mkdir(parents=True, exist_ok=True)
-    data = {"configs": [asdict(c) for c in plan.configs], "seeds": plan.seeds, "baselines": plan.baselines, "skipped": plan.skipped,
-            "metric": plan.metric, "measure_batches": plan.measure_batches, "skipped_configs": plan.skipped_configs, **meta}  # fmt: skip
+    data = {
+        "configs": [asdict(c) for c in plan.configs],
+        "seeds": plan.seeds,
+        "baselines": plan.baselines,
+        "skipped": plan.skipped,
+        "metric": plan.metric,
+        "measure_batches": plan.measure_batches,
+        "skipped_configs": plan.skipped_configs,
+        **meta,
+    }
     path = root / PLAN_FILE
     write_text(path, json.dumps(data, indent=1, default=str), what="study plan")
     return path
@@ -36,7 +44,9 @@ def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
     """Read ``root/plan.json`` back: the plan and its meta (title, description, claims)."""
     data = read_json(root / PLAN_FILE)
     if data is None:
-        raise AudioMoEError(f"'{root}' has no {PLAN_FILE}: it is not a study directory written by audiomoe ablate / demo")
+        raise AudioMoEError(
+            f"'{root}' has no {PLAN_FILE}: it is not a study directory written by audiomoe ablate / demo"
+        )
     check_plan(data, root / PLAN_FILE)
     configs = []
     for c in data["configs"]:
@@ -44,14 +54,28 @@ def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
         for key in ("overrides", "labels", "train"):
             c[key] = tuple(tuple(x) if isinstance(x, list) else x for x in c.get(key, ()))
         configs.append(Config(**c))
-    plan = Plan(configs, data["seeds"], data["baselines"], data["skipped"], data["metric"], data["measure_batches"], data.get("skipped_configs", {}))
+    plan = Plan(
+        configs,
+        data["seeds"],
+        data["baselines"],
+        data["skipped"],
+        data["metric"],
+        data["measure_batches"],
+        data.get("skipped_configs", {}),
+    )
     meta = {k: v for k, v in data.items() if k in ("title", "description", "claims", "seconds")}
     return plan, meta
 
 
 #: plan.json's keys, their types and how a message names them; a config's own keys are Config's fields.
-_PLAN_KEYS = {"configs": (list, "a list"), "seeds": (list, "a list"), "baselines": (dict, "an object"),
-              "skipped": (dict, "an object"), "metric": (str, "a string"), "measure_batches": (int, "an integer")}
+_PLAN_KEYS = {
+    "configs": (list, "a list"),
+    "seeds": (list, "a list"),
+    "baselines": (dict, "an object"),
+    "skipped": (dict, "an object"),
+    "metric": (str, "a string"),
+    "measure_batches": (int, "an integer"),
+}
 
 
 def check_plan(data: Any, path: Path) -> None:
@@ -80,13 +104,25 @@ def _progress(total: int, metric: str, stream: TextIO) -> Any:
         state["n"] += 1
         head = f"[{state['n']}/{total}] {run.config.name} seed {run.seed}:"
         if out.get("status") != "ok":
-            print(f"{head} FAILED in {out.get('stage')} (exit {out.get('returncode', '?')}): {out.get('error', '')[:200]}  -> {run.path}", file=stream, flush=True)
+            print(
+                f"{head} FAILED in {out.get('stage')} (exit {out.get('returncode', '?')}): {out.get('error', '')[:200]}  -> {run.path}",
+                file=stream,
+                flush=True,
+            )
             return
         summary = read_json(run.path / "train" / "summary.json") or {}
-        held = (summary.get("heldout") or {}).get("metrics")  # the whole split, as the tables; else the last eval batches
+        held = (summary.get("heldout") or {}).get(
+            "metrics"
+        )  # the whole split, as the tables; else the last eval batches
         value = (held or run_metrics(summary)).get(metric)
         secs = out.get("wall_seconds")
-        where = "already finished" if out.get("skipped") else f"{secs:.1f} s" if isinstance(secs, (int, float)) else "measured now"
+        where = (
+            "already finished"
+            if out.get("skipped")
+            else f"{secs:.1f} s"
+            if isinstance(secs, (int, float))
+            else "measured now"
+        )
         shown = f"{metric} {value:.3f}" if isinstance(value, float) else f"{metric} n/a"
         print(f"{head} ok, {where}, {shown}", file=stream, flush=True)
 
@@ -98,14 +134,27 @@ def _check_metric(metric: str, rows: Sequence[Mapping[str, Any]]) -> None:
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok or any(isinstance(r.get(metric), (int, float)) for r in ok):
         return
-    known = sorted({k for r in ok for k, v in r.items() if isinstance(v, (int, float)) and ("/" in k or k == "final_loss")})
-    raise AudioMoEError(f"--metric {metric!r} is in no run's results.{did_you_mean(metric, known)} They have: {', '.join(known)}; "
-                        "the runs are kept: the same command with another --metric reports them without training")
+    known = sorted(
+        {k for r in ok for k, v in r.items() if isinstance(v, (int, float)) and ("/" in k or k == "final_loss")}
+    )
+    raise AudioMoEError(
+        f"--metric {metric!r} is in no run's results.{did_you_mean(metric, known)} They have: {', '.join(known)}; "
+        "the runs are kept: the same command with another --metric reports them without training"
+    )
 
 
 def run_ablation(
-    plan: Plan, root: str | Path, *, title: str, description: str = "", claims: Sequence[Any] = (), jobs: int = 1, launcher: str = "local",
-    timeout: Optional[float] = None, submitit_cluster: Optional[str] = None, submitit_options: Optional[dict] = None,
+    plan: Plan,
+    root: str | Path,
+    *,
+    title: str,
+    description: str = "",
+    claims: Sequence[Any] = (),
+    jobs: int = 1,
+    launcher: str = "local",
+    timeout: Optional[float] = None,
+    submitit_cluster: Optional[str] = None,
+    submitit_options: Optional[dict] = None,
     stream: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Run ``plan`` under ``root`` (finished runs skipped), then write the tables and the report; returns paths and counts."""
@@ -122,14 +171,29 @@ def run_ablation(
         print(f"skipping '{arm}': {why}", file=stream, flush=True)
     states = [run_state(r) for r in runs]
     finished, stale = states.count("done"), states.count("stale")
-    print(f"{len(runs)} runs ({len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {len(plan.seeds)} seed{'s' * (len(plan.seeds) != 1)}) in {root}; {finished} already finished, "
-          f"{len(runs) - finished} to run with {jobs} job(s) ({launcher})", file=stream, flush=True)  # fmt: skip
+    print(
+        f"{len(runs)} runs ({len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {len(plan.seeds)} seed{'s' * (len(plan.seeds) != 1)}) in {root}; {finished} already finished, "
+        f"{len(runs) - finished} to run with {jobs} job(s) ({launcher})",
+        file=stream,
+        flush=True,
+    )
     if stale:
-        print(f"{stale} of them were trained here with other settings (steps, --set or options): trained again with these",
-              file=stream, flush=True)  # fmt: skip
+        print(
+            f"{stale} of them were trained here with other settings (steps, --set or options): trained again with these",
+            file=stream,
+            flush=True,
+        )
     t0 = time.perf_counter()
-    outcomes = launch(runs, jobs=jobs, launcher=launcher, batches=plan.measure_batches, timeout=timeout, done=_progress(len(runs), plan.metric, stream),
-                      submitit_cluster=submitit_cluster, submitit_options=submitit_options)  # fmt: skip
+    outcomes = launch(
+        runs,
+        jobs=jobs,
+        launcher=launcher,
+        batches=plan.measure_batches,
+        timeout=timeout,
+        done=_progress(len(runs), plan.metric, stream),
+        submitit_cluster=submitit_cluster,
+        submitit_options=submitit_options,
+    )
     seconds = time.perf_counter() - t0
     collected = collect(runs, plan.baselines, root)
     _check_metric(plan.metric, collected["rows"])
@@ -138,8 +202,16 @@ def run_ablation(
     write_claims(root, verdicts)
     md, page = study_report(root, title, description, plan, collected, verdicts, seconds, ran=len(runs) - finished)
     failed = [o for o in outcomes if o.get("status") != "ok"]
-    return {"root": root, "report_md": md, "report_html": page, "runs": len(runs), "failed": len(failed), "seconds": seconds,
-            "claims": verdicts, "collected": collected}  # fmt: skip
+    return {
+        "root": root,
+        "report_md": md,
+        "report_html": page,
+        "runs": len(runs),
+        "failed": len(failed),
+        "seconds": seconds,
+        "claims": verdicts,
+        "collected": collected,
+    }
 
 
 def rerender(root: str | Path) -> dict[str, Any]:
@@ -168,7 +240,7 @@ def write_claims(root: Path, verdicts: Sequence[dict[str, Any]]) -> None:
     write_text(root / "controls.json", json.dumps(controls, indent=1, default=str), what="controls")
 
 
-def _Claim(**kw: Any) -> Any:  # noqa: N802 - a validated claim object from its dict (plan.json stores dicts)
+def _Claim(**kw: Any) -> Any:
     from audiomoe.analysis.study import ClaimSpec
 
     return ClaimSpec(**kw)

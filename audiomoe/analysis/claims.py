@@ -25,7 +25,14 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-from audiomoe.analysis.stats import PairedTest, equivalence, metric_range, minimum_detectable_effect, paired_test, summarize
+from audiomoe.analysis.stats import (
+    PairedTest,
+    equivalence,
+    metric_range,
+    minimum_detectable_effect,
+    paired_test,
+    summarize,
+)
 
 
 def _by_seed(rows: Sequence[Mapping[str, Any]], config: str, key: str) -> dict[Any, Any]:
@@ -46,14 +53,22 @@ def _test(rows: Sequence[Mapping[str, Any]], cand: str, ref: str, key: str) -> P
 
 def _record(ref: str, t: PairedTest, margin: float) -> dict[str, Any]:
     eq = equivalence(t, margin) if t.n >= 2 else {"p": math.nan, "equivalent": False}
-    return {"reference": ref, "difference": _num(t.mean_diff), "interval": None if t.deterministic or t.n < 2 else [t.ci_low, t.ci_high],
-            "p": None if t.deterministic else _num(t.p), "n": t.n, "deterministic": t.deterministic,
-            "minimum_detectable_effect": _num(minimum_detectable_effect(t.n, t.std_diff)),
-            "equivalence_p": _num(eq["p"]), "equivalent": bool(eq["equivalent"])}
+    return {
+        "reference": ref,
+        "difference": _num(t.mean_diff),
+        "interval": None if t.deterministic or t.n < 2 else [t.ci_low, t.ci_high],
+        "p": None if t.deterministic else _num(t.p),
+        "n": t.n,
+        "deterministic": t.deterministic,
+        "minimum_detectable_effect": _num(minimum_detectable_effect(t.n, t.std_diff)),
+        "equivalence_p": _num(eq["p"]),
+        "equivalent": bool(eq["equivalent"]),
+    }
 
 
 def _binding(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The comparison closest to failing (lowest interval end): the one a claim over several references stands on."""
+
     def low(r: dict[str, Any]) -> float:
         return r["interval"][0] if r["interval"] else (r["difference"] if r["difference"] is not None else -math.inf)
 
@@ -80,17 +95,19 @@ def _plain_better(claim: Any, verdict: str, metric: str, records: Sequence[dict[
     mde = f"; these seeds detect a difference of {max(mdes):.3f} or more (power 0.8)" if mdes else ""
     return {
         "holds": f"Holds at this scale: {claim.candidate} scores higher {metric} than {' and '.join(claim.reference)}; "
-                 "every interval lies above 0.",
+        "every interval lies above 0.",
         "does not hold": f"Does not hold at this scale: {claim.candidate} scores lower {metric} than a reference, "
-                         "with an interval below 0.",
+        "with an interval below 0.",
         "equivalent": f"Equivalent at this scale: {claim.candidate} and {refs} differ by less than ±{claim.margin} on {metric} "
-                      "(two one-sided tests).",
+        "(two one-sided tests).",
         "not resolved": f"Not resolved at this scale: an interval contains 0 and the difference is not shown to be within "
-                        f"±{claim.margin}{mde}.",
+        f"±{claim.margin}{mde}.",
     }[verdict]
 
 
-def _cheaper(claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, tests: Mapping[str, PairedTest]) -> tuple[str, str, list[str], list[str]]:
+def _cheaper(
+    claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, tests: Mapping[str, PairedTest]
+) -> tuple[str, str, list[str], list[str]]:
     costs = {ref: _test(rows, claim.candidate, ref, claim.cost) for ref in claim.reference}
     measured = [_cfg_text(rows, n, claim.cost, 2) for n in [claim.candidate, *claim.reference]]
     parts = [f"{claim.cost} {claim.candidate} - {ref}: {t.text(2)}" for ref, t in costs.items()]
@@ -120,20 +137,35 @@ def _cheaper(claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, tests: 
         q_words = f"is worse by more than {m}"
     else:
         q_words = f"cannot be shown within the -{m} quality margin"
-    plain = (f"{verdict.capitalize()} at this scale: {claim.candidate} {cost_words} in {claim.cost} than "
-             f"{' / '.join(claim.reference)} and {q_words} on {metric}.")
+    plain = (
+        f"{verdict.capitalize()} at this scale: {claim.candidate} {cost_words} in {claim.cost} than "
+        f"{' / '.join(claim.reference)} and {q_words} on {metric}."
+    )
     return verdict, plain, measured, parts
 
 
-def evaluate_claim(claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, arm_of: Mapping[str, str],
-                   skipped: Mapping[str, str]) -> dict[str, Any]:
+def evaluate_claim(
+    claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, arm_of: Mapping[str, str], skipped: Mapping[str, str]
+) -> dict[str, Any]:
     """One claim's (or control's) verdict, its numbers (difference, interval, p, minimum detectable effect) and a sentence."""
     names = [claim.candidate, *claim.reference]
     key = getattr(claim, "metric", None) or metric
     role = getattr(claim, "role", "claim")
-    out: dict[str, Any] = {"id": claim.id, "role": role, "claim": claim.text, "source": claim.source, "candidate": claim.candidate,
-                           "reference": list(claim.reference), "arms": sorted({arm_of.get(n, "") for n in names}), "metric": key,
-                           "margin": claim.margin, "difference": None, "interval": None, "p": None, "minimum_detectable_effect": None}
+    out: dict[str, Any] = {
+        "id": claim.id,
+        "role": role,
+        "claim": claim.text,
+        "source": claim.source,
+        "candidate": claim.candidate,
+        "reference": list(claim.reference),
+        "arms": sorted({arm_of.get(n, "") for n in names}),
+        "metric": key,
+        "margin": claim.margin,
+        "difference": None,
+        "interval": None,
+        "p": None,
+        "minimum_detectable_effect": None,
+    }
     missing = [n for n in names if not _by_seed(rows, n, key)]
     if missing:
         why = sorted({skipped[arm_of[n]] for n in missing if arm_of.get(n) in skipped})
@@ -152,12 +184,22 @@ def evaluate_claim(claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, a
         measured, parts = measured + cost_measured, parts + cost_parts
     for extra in claim.also:
         for ref in claim.reference:
-            parts.append(f"exploratory {extra} {claim.candidate} - {ref}: {_test(rows, claim.candidate, ref, extra).text()}")
+            parts.append(
+                f"exploratory {extra} {claim.candidate} - {ref}: {_test(rows, claim.candidate, ref, extra).text()}"
+            )
     bind = _binding(records)
-    out.update(verdict=verdict, measured="; ".join(measured), differences="; ".join(parts), plain=plain,
-               difference=bind["difference"], interval=bind["interval"], p=bind["p"],
-               minimum_detectable_effect=bind["minimum_detectable_effect"], comparisons=records,
-               tests={ref: t.as_dict() for ref, t in tests.items()})
+    out.update(
+        verdict=verdict,
+        measured="; ".join(measured),
+        differences="; ".join(parts),
+        plain=plain,
+        difference=bind["difference"],
+        interval=bind["interval"],
+        p=bind["p"],
+        minimum_detectable_effect=bind["minimum_detectable_effect"],
+        comparisons=records,
+        tests={ref: t.as_dict() for ref, t in tests.items()},
+    )
     if role == "control":
         out["resolved"] = verdict == "holds"
     return out
@@ -174,25 +216,61 @@ def gate_on_controls(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if v.get("role") == "control" or v["verdict"] == "not measured":
             continue
         v["raw_verdict"], v["verdict"] = v["verdict"], "not interpreted"
-        v["plain"] = (f"Not interpreted: the positive control {names} did not resolve, so this study could not detect a known "
-                      f"effect; its raw reading was '{v['raw_verdict']}'. Run more seeds or steps.")
+        v["plain"] = (
+            f"Not interpreted: the positive control {names} did not resolve, so this study could not detect a known "
+            f"effect; its raw reading was '{v['raw_verdict']}'. Run more seeds or steps."
+        )
     return verdicts
 
 
-def evaluate_claims(claims: Sequence[Any], rows: Sequence[Mapping[str, Any]], metric: str, arm_of: Mapping[str, str],
-                    skipped: Mapping[str, str]) -> list[dict[str, Any]]:
+def evaluate_claims(
+    claims: Sequence[Any],
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    arm_of: Mapping[str, str],
+    skipped: Mapping[str, str],
+) -> list[dict[str, Any]]:
     """Every claim and control of a study, in file order, gated on the controls (:func:`gate_on_controls`)."""
     return gate_on_controls([evaluate_claim(c, rows, metric, arm_of, skipped) for c in claims])
 
 
 def claims_files(verdicts: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(claims.json rows, controls.json rows)``: the fields a reader or another tool needs, without the prose."""
-    keys = ("id", "claim", "source", "arms", "candidate", "reference", "metric", "difference", "interval", "p", "verdict",
-            "minimum_detectable_effect", "margin", "comparisons")
-    claims = [{k: v.get(k) for k in keys} | ({"raw_verdict": v["raw_verdict"]} if "raw_verdict" in v else {})
-              for v in verdicts if v.get("role") != "control"]
-    controls = [{"control": v["claim"], "id": v["id"], "candidate": v["candidate"], "reference": v["reference"], "metric": v.get("metric"),
-                 "difference": v.get("difference"), "interval": v.get("interval"), "p": v.get("p"),
-                 "minimum_detectable_effect": v.get("minimum_detectable_effect"), "resolved": bool(v.get("resolved"))}
-                for v in verdicts if v.get("role") == "control"]
+    keys = (
+        "id",
+        "claim",
+        "source",
+        "arms",
+        "candidate",
+        "reference",
+        "metric",
+        "difference",
+        "interval",
+        "p",
+        "verdict",
+        "minimum_detectable_effect",
+        "margin",
+        "comparisons",
+    )
+    claims = [
+        {k: v.get(k) for k in keys} | ({"raw_verdict": v["raw_verdict"]} if "raw_verdict" in v else {})
+        for v in verdicts
+        if v.get("role") != "control"
+    ]
+    controls = [
+        {
+            "control": v["claim"],
+            "id": v["id"],
+            "candidate": v["candidate"],
+            "reference": v["reference"],
+            "metric": v.get("metric"),
+            "difference": v.get("difference"),
+            "interval": v.get("interval"),
+            "p": v.get("p"),
+            "minimum_detectable_effect": v.get("minimum_detectable_effect"),
+            "resolved": bool(v.get("resolved")),
+        }
+        for v in verdicts
+        if v.get("role") == "control"
+    ]
     return claims, controls

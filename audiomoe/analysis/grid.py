@@ -22,8 +22,22 @@ from audiomoe.core.errors import AudioMoEError, did_you_mean
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 # nproc / expert_parallel make each run itself distributed (audiomoe train starts torchrun's launcher)
-TRAIN_OPTIONS = ("batch_size", "lr", "weight_decay", "schedule", "warmup", "grad_clip", "eval_every", "eval_batches", "data", "log_every",
-                 "save_every", "keep", "nproc", "expert_parallel")
+TRAIN_OPTIONS = (
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "warmup",
+    "grad_clip",
+    "eval_every",
+    "eval_batches",
+    "data",
+    "log_every",
+    "save_every",
+    "keep",
+    "nproc",
+    "expert_parallel",
+)
 
 
 @dataclass(frozen=True)
@@ -153,7 +167,9 @@ def expand(
     short = _short_keys(keys)
     train_t = train_options(train or {}, "train options")
     out = []
-    for (vname, vover), combo in itertools.product(list(variants) or [("", ())], itertools.product(*[v for _, v in grids])):
+    for (vname, vover), combo in itertools.product(
+        list(variants) or [("", ())], itertools.product(*[v for _, v in grids])
+    ):
         labels = tuple((short[k], v) for k, v in zip(keys, combo))
         parts = ([vname] if vname else []) + [f"{k}={v}" for k, v in labels]
         name = "+".join(parts) or "default"

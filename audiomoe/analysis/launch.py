@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from audiomoe.core.atomic import write_text
-from audiomoe.core.errors import AudioMoEError
 from audiomoe.analysis.grid import Run
 from audiomoe.analysis.measure import MEASURE_FILE
 from audiomoe.analysis.results import FAILED_FILE, OUTCOME_FILE, read_json
+from audiomoe.core.atomic import write_text
+from audiomoe.core.errors import AudioMoEError
 
 TAIL_LINES = 40
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -74,8 +74,10 @@ def check_runs(runs: Sequence[Run]) -> None:
         (name, why), more = next(iter(failed.items())), list(failed)[1:]
         names = ", ".join(more[:5]) + (", ..." if len(more) > 5 else "")
         also = f" (so do {len(more)} other config(s): {names})" if more else ""
-        raise AudioMoEError(f"config '{name}' cannot train: {why}{also}. Nothing was trained; fix the --grid / "
-                            "--variant / --set / --train value (or the study file) and run again")
+        raise AudioMoEError(
+            f"config '{name}' cannot train: {why}{also}. Nothing was trained; fix the --grid / "
+            "--variant / --set / --train value (or the study file) and run again"
+        )
 
 
 def measure_command(run: Run, batches: int, python: str = sys.executable) -> list[str]:
@@ -127,7 +129,9 @@ def _step(cmd: list[str], log: Path, env: dict[str, str], timeout: Optional[floa
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
         try:
-            return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False).returncode
+            return subprocess.run(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False
+            ).returncode
         except subprocess.TimeoutExpired:
             fh.write(f"\n[audiomoe ablate] killed after the run timeout of {timeout} s\n")
             return 124
@@ -140,7 +144,12 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
     env = _env(threads)
     t0 = time.perf_counter()
     state = run_state(run)
-    outcome: dict[str, Any] = {"config": run.config.name, "seed": run.seed, "path": str(run.path), "skipped": state == "done"}
+    outcome: dict[str, Any] = {
+        "config": run.config.name,
+        "seed": run.seed,
+        "path": str(run.path),
+        "skipped": state == "done",
+    }
     if state in ("todo", "stale"):  # the settings first: a run killed mid-training is still known as this run's
         write_text(run.path / SETTINGS_FILE, json.dumps(run_settings(run)), what="run settings")
     stages = [("train", train_command(run), run.path / "train.log")] if state in ("todo", "stale") else []
@@ -152,7 +161,9 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
             tail = _tail(log)
             fail = {"stage": stage, "returncode": rc, "command": cmd, "stderr_tail": tail, "log": str(log)}
             write_text(run.path / FAILED_FILE, json.dumps(fail, indent=1), what="failure record")
-            outcome.update(status="failed", stage=stage, returncode=rc, error=next((x for x in reversed(tail) if x.strip()), ""))
+            outcome.update(
+                status="failed", stage=stage, returncode=rc, error=next((x for x in reversed(tail) if x.strip()), "")
+            )
             break
     else:
         outcome["status"] = "ok"
@@ -165,7 +176,9 @@ def execute_run(run: Run, batches: int = 4, threads: int = 1, timeout: Optional[
     return outcome
 
 
-def _local(runs: Sequence[Run], jobs: int, batches: int, timeout: Optional[float], done: Callable[[Run, dict], None]) -> list[dict]:
+def _local(
+    runs: Sequence[Run], jobs: int, batches: int, timeout: Optional[float], done: Callable[[Run, dict], None]
+) -> list[dict]:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results = []
     pool = ThreadPoolExecutor(max_workers=jobs)
@@ -176,22 +189,41 @@ def _local(runs: Sequence[Run], jobs: int, batches: int, timeout: Optional[float
             try:
                 out = fut.result()
             except OSError as exc:  # the run directory itself is unusable (disk full, permissions): report, go on
-                out = {"config": run.config.name, "seed": run.seed, "path": str(run.path), "status": "failed", "stage": "setup", "error": str(exc)}
+                out = {
+                    "config": run.config.name,
+                    "seed": run.seed,
+                    "path": str(run.path),
+                    "status": "failed",
+                    "stage": "setup",
+                    "error": str(exc),
+                }
             results.append(out)
             done(run, out)
     except KeyboardInterrupt:  # Ctrl-C reaches the running children too; start no further runs
         pool.shutdown(wait=False, cancel_futures=True)
-        raise KeyboardInterrupt("ablation interrupted; rerun the same command to continue (finished runs are kept)") from None
+        raise KeyboardInterrupt(
+            "ablation interrupted; rerun the same command to continue (finished runs are kept)"
+        ) from None
     pool.shutdown(wait=True)
     return results
 
 
-def _submitit(runs: Sequence[Run], jobs: int, batches: int, timeout: Optional[float], done: Callable[[Run, dict], None],
-              folder: Path, cluster: Optional[str], options: Mapping[str, Any]) -> list[dict]:
+def _submitit(
+    runs: Sequence[Run],
+    jobs: int,
+    batches: int,
+    timeout: Optional[float],
+    done: Callable[[Run, dict], None],
+    folder: Path,
+    cluster: Optional[str],
+    options: Mapping[str, Any],
+) -> list[dict]:
     try:
         import submitit
     except ImportError:
-        raise AudioMoEError("--launcher submitit needs the submitit package: pip install 'audiomoe[slurm]' (or pip install submitit)") from None
+        raise AudioMoEError(
+            "--launcher submitit needs the submitit package: pip install 'audiomoe[slurm]' (or pip install submitit)"
+        ) from None
     if cluster == "local":
         executor: Any = submitit.LocalExecutor(folder=str(folder))
     else:
@@ -216,18 +248,36 @@ def _submitit(runs: Sequence[Run], jobs: int, batches: int, timeout: Optional[fl
                 out = job.result()
             except Exception as exc:  # noqa: BLE001 - the job itself died (node failure, timeout): report it, go on
                 text = " ".join(str(exc).split())[-300:]
-                out = {"config": r.config.name, "seed": r.seed, "path": str(r.path), "status": "failed", "stage": "job", "error": text}
+                out = {
+                    "config": r.config.name,
+                    "seed": r.seed,
+                    "path": str(r.path),
+                    "status": "failed",
+                    "stage": "job",
+                    "error": text,
+                }
                 r.path.mkdir(parents=True, exist_ok=True)
-                write_text(r.path / FAILED_FILE, json.dumps({"stage": "job", "stderr_tail": [text]}, indent=1), what="failure record")
+                write_text(
+                    r.path / FAILED_FILE,
+                    json.dumps({"stage": "job", "stderr_tail": [text]}, indent=1),
+                    what="failure record",
+                )
             results.append(out)
             done(r, out)
     return results
 
 
 def launch(
-    runs: Sequence[Run], *, jobs: int = 1, launcher: str = "local", batches: int = 4, timeout: Optional[float] = None,
-    done: Optional[Callable[[Run, dict], None]] = None, submitit_folder: Optional[str | Path] = None,
-    submitit_cluster: Optional[str] = None, submitit_options: Optional[Mapping[str, Any]] = None,
+    runs: Sequence[Run],
+    *,
+    jobs: int = 1,
+    launcher: str = "local",
+    batches: int = 4,
+    timeout: Optional[float] = None,
+    done: Optional[Callable[[Run, dict], None]] = None,
+    submitit_folder: Optional[str | Path] = None,
+    submitit_cluster: Optional[str] = None,
+    submitit_options: Optional[Mapping[str, Any]] = None,
 ) -> list[dict]:
     """Run every run (finished ones are skipped inside :func:`execute_run`); ``done(run, outcome)`` after each."""
     if jobs < 1:

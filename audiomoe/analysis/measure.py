@@ -33,7 +33,11 @@ MEASURE_VERSION = 3
 
 def measure_is_current(measure: Optional[dict[str, Any]], summary: dict[str, Any]) -> bool:
     """Whether a stored measurement is of this version and of the run's final checkpoint (not one before a resume)."""
-    return bool(measure) and measure.get("version") == MEASURE_VERSION and measure.get("checkpoint") == str(summary.get("checkpoint"))
+    return (
+        bool(measure)
+        and measure.get("version") == MEASURE_VERSION
+        and measure.get("checkpoint") == str(summary.get("checkpoint"))
+    )
 
 
 def train_dir(run_dir: str | Path) -> Path:
@@ -46,7 +50,9 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     """The run's ``summary.json`` (a clear error when training has not finished there)."""
     path = train_dir(run_dir) / "summary.json"
     if not path.is_file():
-        raise AudioMoEError(f"'{run_dir}' has no summary.json: the run did not finish; train it (audiomoe train ... --out DIR) or rerun the ablation")
+        raise AudioMoEError(
+            f"'{run_dir}' has no summary.json: the run did not finish; train it (audiomoe train ... --out DIR) or rerun the ablation"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -76,8 +82,15 @@ def heldout_batches(model: Any, config: dict[str, Any], n: int) -> tuple[list[An
     if isinstance(choice, str) and choice not in ("auto", "builtin", "tones") and not os.path.isfile(choice):
         raise AudioMoEError(f"the run's data '{choice}' is no longer a file; measure it with --data PATH")
     resolved = resolve_choice(model, choice)
-    _, batches = build_data(model, resolved, None, batch_size=int(config.get("batch_size", 16)), seed=int(config.get("seed", 0)),
-                            eval_batches=n, workers=0)  # fmt: skip
+    _, batches = build_data(
+        model,
+        resolved,
+        None,
+        batch_size=int(config.get("batch_size", 16)),
+        seed=int(config.get("seed", 0)),
+        eval_batches=n,
+        workers=0,
+    )
     if not batches:
         raise AudioMoEError(f"no held-out batches for tasks {model.task_names} in the run's data '{choice}'")
     return batches, resolved if isinstance(resolved, str) else "data spec"
@@ -106,14 +119,19 @@ def _trained_scores(run_dir: Path, summary: dict[str, Any], max_per_task: Option
     return scores if scores.get("max_per_task") == max_per_task and scores.get("tasks") else None
 
 
-def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str] = None, data: Optional[str] = None,
-                max_per_task: Optional[int] = MAX_PER_TASK) -> dict[str, Any]:
+def measure_run(
+    run_dir: str | Path,
+    batches: int = 4,
+    checkpoint: Optional[str] = None,
+    data: Optional[str] = None,
+    max_per_task: Optional[int] = MAX_PER_TASK,
+) -> dict[str, Any]:
     """Measure one run (its ``checkpoint`` or the run's latest): routing on ``batches`` held-out batches, quality on the
     whole held-out split (up to ``max_per_task`` items per task); write ``measure.json`` and ``heldout.json``."""
     import torch
 
-    from audiomoe.train.checkpoint import load_checkpoint
     from audiomoe.analysis.routing_stats import measure_model
+    from audiomoe.train.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -132,9 +150,21 @@ def measure_run(run_dir: str | Path, batches: int = 4, checkpoint: Optional[str]
     scores = scores or score_heldout(model, config, max_per_task)
     if scores is not None:  # per-item outcomes beside the measurement: studies pair runs item by item
         write_text(run_dir / HELDOUT_FILE, json.dumps(scores, indent=1), what="held-out scores")
-        out["heldout"] = {"split": scores["split"], "metrics": flat_metrics(scores),
-                          "tasks": {t: {k: v for k, v in r.items() if k not in ("per_item", "item_ids")} for t, r in scores["tasks"].items()}}
-    out.update({"version": MEASURE_VERSION, "checkpoint": str(ckpt), "data": data_name, "seconds": round(time.perf_counter() - t0, 2)})
+        out["heldout"] = {
+            "split": scores["split"],
+            "metrics": flat_metrics(scores),
+            "tasks": {
+                t: {k: v for k, v in r.items() if k not in ("per_item", "item_ids")} for t, r in scores["tasks"].items()
+            },
+        }
+    out.update(
+        {
+            "version": MEASURE_VERSION,
+            "checkpoint": str(ckpt),
+            "data": data_name,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
     write_text(run_dir / MEASURE_FILE, json.dumps(out, indent=1), what="measurements")
     return out
 
@@ -146,7 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batches", type=int, default=4, help="held-out batches of the routing pass [4]")
     p.add_argument("--checkpoint", default=None, help="measure this checkpoint instead of the run's last")
     p.add_argument("--data", default=None, help="held-out data instead of the run's (builtin, tones, a manifest)")
-    p.add_argument("--max-per-task", type=int, default=MAX_PER_TASK, help=f"held-out items scored per task [{MAX_PER_TASK}]")
+    p.add_argument(
+        "--max-per-task", type=int, default=MAX_PER_TASK, help=f"held-out items scored per task [{MAX_PER_TASK}]"
+    )
     args = p.parse_args(argv)
     if args.batches < 1 or args.max_per_task < 1:
         print("measure: error: --batches and --max-per-task must be >= 1", file=sys.stderr)

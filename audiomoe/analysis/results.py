@@ -17,15 +17,23 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from audiomoe.core.atomic import atomic_open
 from audiomoe.analysis.grid import Run
 from audiomoe.analysis.measure import MEASURE_FILE
 from audiomoe.analysis.stats import aggregate, compare
+from audiomoe.core.atomic import atomic_open
 
 OUTCOME_FILE = "outcome.json"
 FAILED_FILE = "failed.json"
 _STEP_LINE = re.compile(r"^step (\d+)/\d+\s+loss ([-+0-9.eE]+|nan|inf)")
-COST_KEYS = ("train_seconds", "wall_seconds", "params_total", "params_active", "moe_mflops_per_audio_s", "real_experts_per_token", "null_share")
+COST_KEYS = (
+    "train_seconds",
+    "wall_seconds",
+    "params_total",
+    "params_active",
+    "moe_mflops_per_audio_s",
+    "real_experts_per_token",
+    "null_share",
+)
 
 
 def run_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
@@ -69,9 +77,15 @@ def training_curve(run_dir: str | Path) -> tuple[list[int], list[float], str]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if not (isinstance(rec, dict) and isinstance(rec.get("step"), int) and isinstance(rec.get("loss"), (int, float))):
+            if not (
+                isinstance(rec, dict) and isinstance(rec.get("step"), int) and isinstance(rec.get("loss"), (int, float))
+            ):
                 continue
-            terms = {k: float(v) for k, v in (rec.get("losses") or {}).items() if k.startswith("task/") and isinstance(v, (int, float))}
+            terms = {
+                k: float(v)
+                for k, v in (rec.get("losses") or {}).items()
+                if k.startswith("task/") and isinstance(v, (int, float))
+            }
             latest.update(terms)
             if terms or not latest:
                 steps.append(rec["step"])
@@ -100,7 +114,11 @@ def eval_curve(run_dir: str | Path, metric: str = "accuracy") -> tuple[list[int]
     hist = summary.get("eval_history") or summary.get("history") or []  # the recipe trainer's key, then the older one
     steps, values = [], []
     for h in hist:
-        vs = [float(v) for k, v in h.items() if isinstance(k, str) and k.endswith(f"/{metric}") and isinstance(v, (int, float))]
+        vs = [
+            float(v)
+            for k, v in h.items()
+            if isinstance(k, str) and k.endswith(f"/{metric}") and isinstance(v, (int, float))
+        ]
         if isinstance(h.get("step"), int) and vs:
             steps.append(h["step"])
             values.append(sum(vs) / len(vs))
@@ -141,7 +159,9 @@ def run_row(run: Run) -> dict[str, Any]:
     heldout = (measure or {}).get("heldout")
     if heldout:  # quality on the whole held-out split, item by item (measure.py), never a mean of a few batches
         row.update(heldout["metrics"])
-        row["scored_on"] = f"whole {heldout['split']} split ({min(t['items'] for t in heldout['tasks'].values())}+ items/task)"
+        row["scored_on"] = (
+            f"whole {heldout['split']} split ({min(t['items'] for t in heldout['tasks'].values())}+ items/task)"
+        )
     else:
         row.update(run_metrics(summary))
         row["scored_on"] = "eval batches"
@@ -183,7 +203,9 @@ def _json(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def collect(runs: Sequence[Run], baselines: Mapping[str, str], root: str | Path, confidence: float = 0.95) -> dict[str, Any]:
+def collect(
+    runs: Sequence[Run], baselines: Mapping[str, str], root: str | Path, confidence: float = 0.95
+) -> dict[str, Any]:
     """Rows, aggregates and comparisons of ``runs``; written to ``root`` as ``results``, ``aggregate``, ``comparisons`` (.csv + .jsonl)."""
     root = Path(root)
     rows = [run_row(r) for r in runs]

@@ -43,11 +43,20 @@ class RoutingStats:
         for name, lt in trace.layers.items():
             layer_tasks = tasks[name] if isinstance(tasks, Mapping) else tasks
             e = lt.num_columns
-            rec = self.layers.setdefault(name, {
-                "kind": "token" if lt.ids.dim() == 3 else "sample", "columns": e, "null_columns": lt.null_columns,
-                "items": defaultdict(float), "picks": defaultdict(float), "null": defaultdict(float),
-                "load": defaultdict(lambda: [0.0] * e), "samples": defaultdict(float), "selected": defaultdict(lambda: [0.0] * e),
-            })  # fmt: skip
+            rec = self.layers.setdefault(
+                name,
+                {
+                    "kind": "token" if lt.ids.dim() == 3 else "sample",
+                    "columns": e,
+                    "null_columns": lt.null_columns,
+                    "items": defaultdict(float),
+                    "picks": defaultdict(float),
+                    "null": defaultdict(float),
+                    "load": defaultdict(lambda e=e: [0.0] * e),  # bound now: a later layer may have another width
+                    "samples": defaultdict(float),
+                    "selected": defaultdict(lambda e=e: [0.0] * e),
+                },
+            )
             for t in sorted(set(layer_tasks)):
                 idx = torch.tensor([i for i, x in enumerate(layer_tasks) if x == t])
                 ids, valid = lt.ids[idx], lt.valid[idx]
@@ -97,21 +106,27 @@ class RoutingStats:
             picks = sum(r["picks"].values())
             null = sum(r["null"].values())
             row: dict[str, Any] = {
-                "kind": r["kind"], "columns": r["columns"], "null_columns": r["null_columns"],
+                "kind": r["kind"],
+                "columns": r["columns"],
+                "null_columns": r["null_columns"],
                 "column_labels": self.column_labels.get(name) or _labels(r["columns"], r["null_columns"], r["kind"]),
                 "items": items,
                 "experts_per_token": picks / max(items, 1.0),
                 "real_experts_per_token": (picks - null) / max(items, 1.0),
                 "null_share": null / max(picks, 1.0),
                 "load_by_task": {t: r["load"][t] for t in tasks},
-                "real_experts_per_token_by_task": {t: (r["picks"][t] - r["null"][t]) / max(r["items"][t], 1.0) for t in tasks},
+                "real_experts_per_token_by_task": {
+                    t: (r["picks"][t] - r["null"][t]) / max(r["items"][t], 1.0) for t in tasks
+                },
                 "null_share_by_task": {t: r["null"][t] / max(r["picks"][t], 1.0) for t in tasks},
-            }  # fmt: skip
+            }
             conf = self.confidence.get(name)
             if conf and conf[1]:
                 row["top_prob"], row["uniform_prob"] = conf[0] / conf[1], 1.0 / max(r["columns"], 1)
             if self.confidence_by_task.get(name):
-                row["top_prob_by_task"] = {t: a[0] / a[1] for t, a in sorted(self.confidence_by_task[name].items()) if a[1]}
+                row["top_prob_by_task"] = {
+                    t: a[0] / a[1] for t, a in sorted(self.confidence_by_task[name].items()) if a[1]
+                }
             if r["kind"] == "sample":
                 row["selection_by_task"] = {t: [v / max(r["samples"][t], 1.0) for v in r["selected"][t]] for t in tasks}
             out[name] = row
@@ -142,14 +157,28 @@ class MoEFlops:
 
         self.layers: dict[str, dict[str, float]] = {}
         self._handles = []
-        count = lambda m: 0 if m is None else sum(q.numel() for q in m.parameters())  # noqa: E731
+        count = lambda m: 0 if m is None else sum(q.numel() for q in m.parameters())
         for path, module in model.named_modules():
             if not isinstance(module, MoE) or not hasattr(module, "experts"):
                 continue
             experts = module.experts
-            per_expert = float(experts.num_expert_parameters()) if hasattr(experts, "num_expert_parameters") else count(experts) / max(len(experts), 1)
-            fixed = count(getattr(module, "router", None)) + count(getattr(module, "shared", None)) + count(getattr(module, "shared_gate", None))
-            self.layers[path] = {"expert_params": per_expert, "fixed_params": float(fixed), "tokens": 0.0, "pairs": 0.0, "flops": 0.0}
+            per_expert = (
+                float(experts.num_expert_parameters())
+                if hasattr(experts, "num_expert_parameters")
+                else count(experts) / max(len(experts), 1)
+            )
+            fixed = (
+                count(getattr(module, "router", None))
+                + count(getattr(module, "shared", None))
+                + count(getattr(module, "shared_gate", None))
+            )
+            self.layers[path] = {
+                "expert_params": per_expert,
+                "fixed_params": float(fixed),
+                "tokens": 0.0,
+                "pairs": 0.0,
+                "flops": 0.0,
+            }
             self._handles.append(module.register_forward_hook(self._hook(path)))
 
     def _hook(self, path: str) -> Any:
@@ -174,7 +203,11 @@ class MoEFlops:
         per = {}
         total = 0.0
         for path, r in self.layers.items():
-            per[path] = {**r, "routed_per_token": r["pairs"] / max(r["tokens"], 1.0), "mflops_per_audio_s": r["flops"] / 1e6 / max(audio_seconds, 1e-9)}
+            per[path] = {
+                **r,
+                "routed_per_token": r["pairs"] / max(r["tokens"], 1.0),
+                "mflops_per_audio_s": r["flops"] / 1e6 / max(audio_seconds, 1e-9),
+            }
             total += r["flops"]
         return {"moe_layers": per, "moe_mflops_per_audio_s": total / 1e6 / max(audio_seconds, 1e-9) if per else None}
 
@@ -183,14 +216,14 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
     """Run ``model`` (eval mode, no grad, teacher-forced) on ``batches``; routing stats, MoE FLOPs, measured active parameters."""
     import torch
 
-    from audiomoe.core.composer import count_parameters
-    from audiomoe.core.batch import AudioBatch
     from audiomoe.analysis.trace import RoutingTrace
+    from audiomoe.core.batch import AudioBatch
+    from audiomoe.core.composer import count_parameters
 
     labels = weak_encoder_labels(model)
     # a head that writes through the shared decoder routes in the backbone's layers: its records are those layers'
     readers = [f"heads/{n}/decoder/" for n, h in model.heads.items() if getattr(h, "reads_decoder", False)]
-    shared_layer = lambda name: next((f"backbone/{name[len(r):]}" for r in readers if name.startswith(r)), name)  # noqa: E731
+    shared_layer = lambda name: next((f"backbone/{name[len(r) :]}" for r in readers if name.startswith(r)), name)
     stats = RoutingStats()
     flops = MoEFlops(model)
     was = model.training
@@ -202,14 +235,24 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
                 tasks = batch.task_list()
                 # teacher-forced, as in training: a head that writes through the shared decoder (text, codec) routes its
                 # sequence only in its loss pass, so the targets go in; autoregressive predictions are not needed
-                out = model(AudioBatch(batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, batch.targets, batch.prompts), predict=False)
+                out = model(
+                    AudioBatch(
+                        batch.waveforms, batch.sample_rate, batch.tasks, batch.lengths, batch.targets, batch.prompts
+                    ),
+                    predict=False,
+                )
                 trace, per_layer = RoutingTrace.from_routing(out.routing, len(tasks)), out.routing_tasks(tasks)
-                for name, layer in trace.layers.items():  # one record at a time: several heads' passes may share a layer
+                for (
+                    name,
+                    layer,
+                ) in trace.layers.items():  # one record at a time: several heads' passes may share a layer
                     shared = shared_layer(name)
                     stats.add(RoutingTrace({shared: layer}), {shared: per_layer[name]})
                     layer_tasks = per_layer[name] if isinstance(per_layer, Mapping) else per_layer
                     stats.add_confidence({shared: out.routing[name]}, {shared: layer_tasks})
-                lengths = batch.lengths if batch.lengths is not None else torch.full((len(tasks),), batch.waveforms.shape[-1])
+                lengths = (
+                    batch.lengths if batch.lengths is not None else torch.full((len(tasks),), batch.waveforms.shape[-1])
+                )
                 audio_s += float(lengths.sum()) / float(batch.sample_rate)
                 active_sum += count_parameters(model)[1] * len(tasks)  # measured: what this batch's routing used
                 n_items += len(tasks)
@@ -217,7 +260,9 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
         flops.remove()
         model.train(was)
     if labels:
-        stats.column_labels = {n: labels for n, r in stats.layers.items() if r["kind"] == "sample" and r["columns"] == len(labels)}
+        stats.column_labels = {
+            n: labels for n, r in stats.layers.items() if r["kind"] == "sample" and r["columns"] == len(labels)
+        }
     total = sum(p.numel() for p in model.parameters())
     return {
         "params_total": int(total),

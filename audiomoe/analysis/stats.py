@@ -168,7 +168,9 @@ def summarize(values: Iterable[Any], confidence: float = 0.95, bounds: Bounds = 
     if n == 1:
         return Summary(1, mean, nan, nan, nan, nan, confidence)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    if std <= CONSTANT_TOL * max(1.0, abs(mean)):  # float noise of equal values (0.5 - 0.468 vs 0.6 - 0.568) is no spread
+    if std <= CONSTANT_TOL * max(
+        1.0, abs(mean)
+    ):  # float noise of equal values (0.5 - 0.468 vs 0.6 - 0.568) is no spread
         std = 0.0
     sem = std / math.sqrt(n)
     half = t_critical(n - 1, confidence) * sem
@@ -176,8 +178,9 @@ def summarize(values: Iterable[Any], confidence: float = 0.95, bounds: Bounds = 
     return Summary(n, mean, std, sem, lo, hi, confidence)
 
 
-def paired_test(candidate: Mapping[Any, Any], baseline: Mapping[Any, Any], confidence: float = 0.95,
-                bounds: Bounds = None) -> PairedTest:
+def paired_test(
+    candidate: Mapping[Any, Any], baseline: Mapping[Any, Any], confidence: float = 0.95, bounds: Bounds = None
+) -> PairedTest:
     """Paired comparison of ``{seed: value}`` maps over the seeds both have finite values for (the
     difference's interval clipped to ``bounds``)."""
     seeds = tuple(sorted(s for s in candidate if s in baseline and _finite([candidate[s]]) and _finite([baseline[s]])))
@@ -198,7 +201,9 @@ def paired_test(candidate: Mapping[Any, Any], baseline: Mapping[Any, Any], confi
     return PairedTest(s.n, s.mean, s.std, s.ci_low, s.ci_high, t, p, seeds, confidence)
 
 
-def aggregate(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], by: str = "config", confidence: float = 0.95) -> list[dict[str, Any]]:
+def aggregate(
+    rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], by: str = "config", confidence: float = 0.95
+) -> list[dict[str, Any]]:
     """One row per ``by`` value (first-seen order): ``runs``, ``ok`` and per metric ``<m>/mean, /std, /ci_low, /ci_high, /n``."""
     groups: dict[Any, list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -215,7 +220,12 @@ def aggregate(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], by: str
 
 
 def compare(
-    rows: Sequence[Mapping[str, Any]], baseline: str, metrics: Sequence[str], by: str = "config", seed_key: str = "seed", confidence: float = 0.95,
+    rows: Sequence[Mapping[str, Any]],
+    baseline: str,
+    metrics: Sequence[str],
+    by: str = "config",
+    seed_key: str = "seed",
+    confidence: float = 0.95,
     configs: Optional[Sequence[str]] = None,
 ) -> list[dict[str, Any]]:
     """Every other config against ``baseline``, paired by seed, per metric: one row per (config, metric)."""
@@ -225,7 +235,9 @@ def compare(
             by_cfg.setdefault(r.get(by), {})[r.get(seed_key)] = r
     names = list(configs) if configs is not None else list(dict.fromkeys(r.get(by) for r in rows))
     if baseline not in names:
-        raise AudioMoEError(f"baseline '{baseline}' is not one of the configs ({', '.join(map(str, names))}); pass --baseline with one of them")
+        raise AudioMoEError(
+            f"baseline '{baseline}' is not one of the configs ({', '.join(map(str, names))}); pass --baseline with one of them"
+        )
     base = by_cfg.get(baseline, {})
     out = []
     for name in names:
@@ -233,8 +245,12 @@ def compare(
             continue
         cand = by_cfg.get(name, {})
         for m in metrics:
-            test = paired_test({s: r.get(m) for s, r in cand.items()}, {s: r.get(m) for s, r in base.items()}, confidence,
-                               metric_range(m, difference=True))
+            test = paired_test(
+                {s: r.get(m) for s, r in cand.items()},
+                {s: r.get(m) for s, r in base.items()},
+                confidence,
+                metric_range(m, difference=True),
+            )
             out.append({by: name, "baseline": baseline, "metric": m, **test.as_dict(), "verdict": test.verdict()})
     return out
 
@@ -259,7 +275,13 @@ def equivalence(test: PairedTest, margin: float, alpha: float = 0.05) -> dict[st
         return out
     if test.deterministic:
         inside = abs(test.mean_diff) < margin
-        return {**out, "p": 0.0 if inside else 1.0, "equivalent": inside, "ci_low": test.mean_diff, "ci_high": test.mean_diff}
+        return {
+            **out,
+            "p": 0.0 if inside else 1.0,
+            "equivalent": inside,
+            "ci_low": test.mean_diff,
+            "ci_high": test.mean_diff,
+        }
     from scipy import stats as sps
 
     df, se = test.n - 1, test.std_diff / math.sqrt(test.n)

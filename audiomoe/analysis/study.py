@@ -20,9 +20,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from audiomoe.analysis.grid import NAME_RE, Config, Plan, expand
 from audiomoe.core.atomic import write_text
 from audiomoe.core.errors import AudioMoEError, did_you_mean
-from audiomoe.analysis.grid import NAME_RE, Config, Plan, expand
 
 STUDIES = Path(__file__).parent / "studies"
 
@@ -36,7 +36,9 @@ class VariantSpec(_Strict):
 
     target: Optional[str] = None
     set: list[str] = Field(default_factory=list)
-    compact_set: list[str] = Field(default_factory=list, description="further overrides in the compact form (audiomoe demo)")
+    compact_set: list[str] = Field(
+        default_factory=list, description="further overrides in the compact form (audiomoe demo)"
+    )
 
 
 class ArmSpec(_Strict):
@@ -47,11 +49,19 @@ class ArmSpec(_Strict):
     set: list[str] = Field(default_factory=list, description="overrides every variant of the arm gets first")
     variants: dict[str, Union[list[str], VariantSpec]]
     baseline: Optional[str] = None
-    requires: list[str] = Field(default_factory=list, description="recipes that must exist (audiomoe train RECIPE) or the arm is skipped")
+    requires: list[str] = Field(
+        default_factory=list, description="recipes that must exist (audiomoe train RECIPE) or the arm is skipped"
+    )
     placeholder: str = Field("", description="why the arm may be skipped (printed with the skip message)")
-    steps: Optional[Union[int, Literal["recipe"]]] = Field(None, description="steps of this arm (default: the study's); 'recipe': the recipe decides")
-    train: Optional[dict[str, Any]] = Field(None, description="training options of this arm instead of the study's ({}: none, e.g. for recipes)")
-    compact_set: list[str] = Field(default_factory=list, description="further overrides of every variant in the compact form")
+    steps: Optional[Union[int, Literal["recipe"]]] = Field(
+        None, description="steps of this arm (default: the study's); 'recipe': the recipe decides"
+    )
+    train: Optional[dict[str, Any]] = Field(
+        None, description="training options of this arm instead of the study's ({}: none, e.g. for recipes)"
+    )
+    compact_set: list[str] = Field(
+        default_factory=list, description="further overrides of every variant in the compact form"
+    )
 
 
 class ClaimSpec(_Strict):
@@ -71,10 +81,16 @@ class ClaimSpec(_Strict):
     candidate: str
     reference: list[str]
     role: Literal["claim", "control"] = "claim"
-    metric: Optional[str] = Field(None, description="the metric this claim is tested on (default: the study's key metric)")
+    metric: Optional[str] = Field(
+        None, description="the metric this claim is tested on (default: the study's key metric)"
+    )
     cost: str = "moe_mflops_per_audio_s"
-    margin: float = Field(0.02, gt=0.0, description="equivalence margin (better) / quality margin (cheaper_at_equal_quality)")
-    also: list[str] = Field(default_factory=list, description="further metrics reported with the claim (e.g. the worst task)")
+    margin: float = Field(
+        0.02, gt=0.0, description="equivalence margin (better) / quality margin (cheaper_at_equal_quality)"
+    )
+    also: list[str] = Field(
+        default_factory=list, description="further metrics reported with the claim (e.g. the worst task)"
+    )
 
 
 class Compact(_Strict):
@@ -83,8 +99,12 @@ class Compact(_Strict):
     steps: Optional[int] = Field(None, ge=1)
     seeds: Optional[int] = Field(None, ge=1)
     measure_batches: Optional[int] = Field(None, ge=1)
-    train: dict[str, Any] = Field(default_factory=dict, description="training options changed in the compact form (merged over the study's)")
-    variants: Optional[list[str]] = Field(None, description="the variants the compact form runs (default: all); claims on the others say 'not measured'")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="training options changed in the compact form (merged over the study's)"
+    )
+    variants: Optional[list[str]] = Field(
+        None, description="the variants the compact form runs (default: all); claims on the others say 'not measured'"
+    )
 
 
 class StudySpec(_Strict):
@@ -145,25 +165,37 @@ def _check(spec: StudySpec, path: Any) -> None:
             raise AudioMoEError(f"study '{path}': arm name '{arm}' must be letters, digits, '_', '.', '-'")
         for v in a.variants:
             if not NAME_RE.match(v):
-                raise AudioMoEError(f"study '{path}': arms.{arm}.variants: name '{v}' must be letters, digits, '_', '.', '-'")
+                raise AudioMoEError(
+                    f"study '{path}': arms.{arm}.variants: name '{v}' must be letters, digits, '_', '.', '-'"
+                )
         if a.baseline is not None and a.baseline not in a.variants:
-            raise AudioMoEError(f"study '{path}': arms.{arm}.baseline '{a.baseline}' is not one of its variants.{did_you_mean(a.baseline, a.variants)}")
+            raise AudioMoEError(
+                f"study '{path}': arms.{arm}.baseline '{a.baseline}' is not one of its variants.{did_you_mean(a.baseline, a.variants)}"
+            )
         names += list(a.variants)
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise AudioMoEError(f"study '{path}': variant names {dup} appear in more than one arm; variant names must be unique across arms")
+        raise AudioMoEError(
+            f"study '{path}': variant names {dup} appear in more than one arm; variant names must be unique across arms"
+        )
     for n in spec.compact.variants or []:
         if n not in names:
-            raise AudioMoEError(f"study '{path}': compact.variants names '{n}', which is no arm's variant.{did_you_mean(n, names)}")
+            raise AudioMoEError(
+                f"study '{path}': compact.variants names '{n}', which is no arm's variant.{did_you_mean(n, names)}"
+            )
     keep = set(spec.compact.variants or names)
     for arm, a in spec.arms.items():
         base = a.baseline or next(iter(a.variants))
         if keep & set(a.variants) and base not in keep:
-            raise AudioMoEError(f"study '{path}': compact.variants keeps part of arm '{arm}' but not its baseline '{base}'; add it (or leave the whole arm out)")
+            raise AudioMoEError(
+                f"study '{path}': compact.variants keeps part of arm '{arm}' but not its baseline '{base}'; add it (or leave the whole arm out)"
+            )
     for c in spec.claims:
         for n in [c.candidate, *c.reference]:
             if n not in names:
-                raise AudioMoEError(f"study '{path}': claim {c.id} names '{n}', which is no arm's variant.{did_you_mean(n, names)}")
+                raise AudioMoEError(
+                    f"study '{path}': claim {c.id} names '{n}', which is no arm's variant.{did_you_mean(n, names)}"
+                )
 
 
 def recipe_exists(name: str) -> bool:
@@ -180,20 +212,27 @@ def recipe_exists(name: str) -> bool:
 
     try:
         train = importlib.import_module("audiomoe.train")
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - any import failure means: no recipes to look in
         return False
     for attr in ("list_recipes", "recipe_names", "available_recipes"):
         fn = getattr(train, attr, None)
         if callable(fn):
             try:
                 return name in {getattr(r, "name", r) for r in fn()}
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a listing that fails cannot confirm the name
                 return False
     return False
 
 
-def plan_study(spec: StudySpec, root: str | Path, *, compact: bool = False, seeds: Optional[int] = None, steps: Optional[int] = None,
-               exists: Any = recipe_exists) -> Plan:
+def plan_study(
+    spec: StudySpec,
+    root: str | Path,
+    *,
+    compact: bool = False,
+    seeds: Optional[int] = None,
+    steps: Optional[int] = None,
+    exists: Any = recipe_exists,
+) -> Plan:
     """The configs of ``spec`` (inline models written to ``root/specs``), skipping arms whose recipes are missing."""
     n_seeds = seeds or (spec.compact.seeds if compact and spec.compact.seeds else spec.seeds)
     n_steps = steps or (spec.compact.steps if compact and spec.compact.steps else spec.steps)
@@ -220,7 +259,9 @@ def plan_study(spec: StudySpec, root: str | Path, *, compact: bool = False, seed
         left_out = [v for v in a.variants if chosen is not None and v not in chosen]
         if left_out:  # the compact form (audiomoe demo) runs fewer configs; the full study runs these
             key = arm if len(left_out) == len(a.variants) else f"{arm} (compact)"
-            skipped[key] = f"{', '.join(left_out)} left out of the compact form (audiomoe demo); the full study (audiomoe ablate {spec.study}) runs {'them' if len(left_out) > 1 else 'it'}"
+            skipped[key] = (
+                f"{', '.join(left_out)} left out of the compact form (audiomoe demo); the full study (audiomoe ablate {spec.study}) runs {'them' if len(left_out) > 1 else 'it'}"
+            )
             skipped_configs.update({v: key for v in left_out})
             if key == arm:
                 continue
@@ -236,7 +277,9 @@ def plan_study(spec: StudySpec, root: str | Path, *, compact: bool = False, seed
                 variants.append((vname, v))
         target = model_paths.get(a.target or "", a.target or "")
         if not target and len(targets) < len(variants):
-            raise AudioMoEError(f"study '{spec.study}': arm '{arm}' has no target; give arms.{arm}.target or a target per variant")
+            raise AudioMoEError(
+                f"study '{spec.study}': arm '{arm}' has no target; give arms.{arm}.target or a target per variant"
+            )
         arm_steps = None if a.steps == "recipe" else (a.steps or n_steps)
         if compact and isinstance(a.steps, int) and spec.compact.steps:
             arm_steps = min(a.steps, spec.compact.steps)
@@ -244,6 +287,8 @@ def plan_study(spec: StudySpec, root: str | Path, *, compact: bool = False, seed
         if compact and a.train is None:
             train.update(spec.compact.train)
         sets = a.set + (a.compact_set if compact else [])
-        configs += expand(target, (), variants, overrides=sets, train=train, steps=arm_steps, arm=arm, variant_targets=targets)
+        configs += expand(
+            target, (), variants, overrides=sets, train=train, steps=arm_steps, arm=arm, variant_targets=targets
+        )
         baselines[arm] = a.baseline or variants[0][0]
     return Plan(configs, list(range(n_seeds)), baselines, skipped, spec.metric, batches, skipped_configs)

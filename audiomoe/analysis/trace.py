@@ -84,7 +84,9 @@ def _layer_from_routing(r: Routing, batch_size: Optional[int]) -> LayerTrace:
         ids = r.indices.detach()
         applied = r.weights if r.applied is None else r.applied
         w = applied.detach().float().gather(-1, ids.clamp_min(0)) * (ids >= 0)
-        valid = torch.ones(n, dtype=torch.bool, device=ids.device) if r.item_mask is None else r.item_mask.detach().bool()
+        valid = (
+            torch.ones(n, dtype=torch.bool, device=ids.device) if r.item_mask is None else r.item_mask.detach().bool()
+        )
         logp = r.logits.detach().float().log_softmax(-1)
         ent = -(logp.exp() * logp).sum(-1)
         entropy_sum = float(ent[valid].sum())
@@ -170,7 +172,9 @@ class RoutingTrace:
             k = max(p.ids.shape[-1] for p in parts)
             tmax = max(p.ids.shape[1] for p in parts) if nd == 3 else 0
 
-            def pad(x: torch.Tensor, fill: float, last: bool = True) -> torch.Tensor:
+            def pad(
+                x: torch.Tensor, fill: float, last: bool = True, tmax: int = tmax, nd: int = nd, k: int = k
+            ) -> torch.Tensor:
                 sizes = [x.shape[0]] + ([tmax] if nd == 3 else []) + ([k] if last else [])
                 y = torch.full(sizes, fill, dtype=x.dtype)
                 y[tuple(slice(0, s) for s in x.shape)] = x
@@ -186,6 +190,8 @@ class RoutingTrace:
                 dropped=None
                 if any(p.dropped is None for p in parts)
                 else torch.cat([pad(p.dropped, 0, last=False) for p in parts]),
-                shared=None if any(p.shared is None for p in parts) else torch.cat([_pad_shared(p.shared, tmax) for p in parts]),
+                shared=None
+                if any(p.shared is None for p in parts)
+                else torch.cat([_pad_shared(p.shared, tmax) for p in parts]),
             )
         return cls(out)

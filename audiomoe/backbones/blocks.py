@@ -37,9 +37,12 @@ class MoEBackboneParams(Params):
     attention: Literal["auto", "torch", "xformers"] = Field(
         "auto", description="attention kernel: torch SDPA, or xformers' packed attention (CUDA; auto = torch)"
     )
-    positions: Literal["none", "rope"] = Field("none", description="rotary position embeddings on q and k (rope), or none")
+    positions: Literal["none", "rope"] = Field(
+        "none", description="rotary position embeddings on q and k (rope), or none"
+    )
     moe: Annotated[ComponentSpec, Slot("moe")] = Field(
-        default_factory=lambda: ComponentSpec(name="moe"), description="the MoE FFN of every block (router, experts, shared, null, capacity)"
+        default_factory=lambda: ComponentSpec(name="moe"),
+        description="the MoE FFN of every block (router, experts, shared, null, capacity)",
     )
 
 
@@ -75,14 +78,18 @@ class SelfAttention(nn.Module):
         b, n, d = x.shape
         positions = None
         if self.rope:
-            real = torch.ones(b, n, dtype=torch.long, device=x.device) if padding_mask is None else (~padding_mask).long()
+            real = (
+                torch.ones(b, n, dtype=torch.long, device=x.device) if padding_mask is None else (~padding_mask).long()
+            )
             positions = (real.cumsum(1) - 1).clamp_min(0)
         q, k, v = self._qkv(x, positions)
         kernel = resolve_backend(self.backend, x.device)
         out = attention(q, k, v, padding_mask, kernel, causal)
         return self.out(out.reshape(b, n, d))
 
-    def cached(self, x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, past: Optional[tuple]) -> tuple[torch.Tensor, tuple]:
+    def cached(
+        self, x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, past: Optional[tuple]
+    ) -> tuple[torch.Tensor, tuple]:
         """Causal attention of new positions ``x`` [B, L, D] over ``past`` keys/values and their own.
 
         ``keep`` [B, past + L] is True at real tokens. A query attends to real keys at or before its
@@ -96,7 +103,9 @@ class SelfAttention(nn.Module):
         cols = torch.arange(total, device=x.device)
         rows = cols[total - n :, None]
         mask = (keep[:, None, :] & (cols[None, None, :] <= rows[None])) | (cols[None, None, :] == rows[None])
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None]
+        )
         return self.out(out.transpose(1, 2).reshape(b, n, d)), (k, v)
 
 
@@ -111,7 +120,13 @@ class MoEBlock(nn.Module):
         self.moe = moe
         self.drop = nn.Dropout(p.dropout)
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], causal: bool = False, task_ids: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        causal: bool = False,
+        task_ids: Optional[torch.Tensor] = None,
+    ):
         """``x`` [B, N, D] -> ``(x', routing)``; ``task_ids`` [B] goes to the MoE router."""
         x = x + self.drop(self.attn(self.norm1(x), padding_mask, causal))
         y, routing = self.moe(self.norm2(x), padding_mask, task_ids)
@@ -132,12 +147,16 @@ class MoEStackBackbone(Backbone):
     accepts_task_ids = True
     supports_decoding = True
 
-    def __init__(self, params: MoEBackboneParams, *, d_model: int, moe: Any, task_names: Optional[list[str]] = None) -> None:
+    def __init__(
+        self, params: MoEBackboneParams, *, d_model: int, moe: Any, task_names: Optional[list[str]] = None
+    ) -> None:
         super().__init__(params)
         p = self.params
         if d_model % p.num_heads:
             raise AudioMoEError(f"backbone num_heads={p.num_heads} must divide d_model={d_model}")
-        self.blocks = nn.ModuleList(MoEBlock(d_model, p, moe(d_model=d_model, task_names=task_names)) for _ in range(p.num_layers))
+        self.blocks = nn.ModuleList(
+            MoEBlock(d_model, p, moe(d_model=d_model, task_names=task_names)) for _ in range(p.num_layers)
+        )
         self.norm = nn.RMSNorm(d_model) if p.norm == "rmsnorm" else nn.LayerNorm(d_model)
 
     def num_active_parameters(self) -> float:
@@ -164,7 +183,9 @@ class MoEStackBackbone(Backbone):
         out.hidden = self.norm(x)
         return out
 
-    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None) -> DecoderState:
+    def decode(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None
+    ) -> DecoderState:
         """Causal pass of new positions against the KV ``cache`` (a list of per-block ``(k, v)``; None: empty)."""
         keep = attention_mask.bool()
         x, new = embeds, []

@@ -24,13 +24,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from audiomoe.backbones.hf_lm import LoRAParams, apply_lora, check_one_source, lm_and_tokenizer
+from audiomoe.backbones.upcycle import UpcycledMLP, upcycle_causal_lm
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Backbone, BackboneOutput, DecoderState
 from audiomoe.core.specs import ComponentSpec, Params, Slot
-from audiomoe.backbones.upcycle import UpcycledMLP, upcycle_causal_lm
-from audiomoe.backbones.hf_lm import LoRAParams, apply_lora, check_one_source, lm_and_tokenizer
 
-TINY_LM = {"model_type": "llama", "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+TINY_LM = {
+    "model_type": "llama",
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
 
 
 class CausalLMBackbone(Backbone):
@@ -41,13 +47,23 @@ class CausalLMBackbone(Backbone):
     supports_decoding = True
 
     class Params(Params):
-        pretrained: Optional[str] = Field(None, max_length=4096, description="local directory of the LM (HF layout); None: a random config")
-        config: Optional[dict[str, Any]] = Field(None, description="transformers config of a random LM (model_type needed); default: a tiny Llama of width d_model")
-        lora: Optional[LoRAParams] = Field(None, description="LoRA adapters (the LM is then frozen); null = train the LM itself")
-        moe: Annotated[Optional[ComponentSpec], Slot("moe")] = Field(
-            None, description="upcycle the dense MLPs into MoE layers: the moe component (num_experts, router, shared, null, ...)"
+        pretrained: Optional[str] = Field(
+            None, max_length=4096, description="local directory of the LM (HF layout); None: a random config"
         )
-        moe_init: Literal["copy", "slice"] = Field("copy", description="experts copy the dense MLP, or take consecutive slices of it")
+        config: Optional[dict[str, Any]] = Field(
+            None,
+            description="transformers config of a random LM (model_type needed); default: a tiny Llama of width d_model",
+        )
+        lora: Optional[LoRAParams] = Field(
+            None, description="LoRA adapters (the LM is then frozen); null = train the LM itself"
+        )
+        moe: Annotated[Optional[ComponentSpec], Slot("moe")] = Field(
+            None,
+            description="upcycle the dense MLPs into MoE layers: the moe component (num_experts, router, shared, null, ...)",
+        )
+        moe_init: Literal["copy", "slice"] = Field(
+            "copy", description="experts copy the dense MLP, or take consecutive slices of it"
+        )
 
         @model_validator(mode="after")
         def _one_source(self) -> "CausalLMBackbone.Params":
@@ -95,7 +111,9 @@ class CausalLMBackbone(Backbone):
                 out.aux_losses.update({f"layer{i}/{k}": v for k, v in mlp.routing.aux_losses.items()})
         return out
 
-    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None) -> DecoderState:
+    def decode(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None
+    ) -> DecoderState:
         """Causal pass of new positions through the LM's decoder with a KV cache (see :mod:`audiomoe.core.decoding`)."""
         from transformers import DynamicCache
 
@@ -109,7 +127,11 @@ class CausalLMBackbone(Backbone):
             m.attention_mask = mask
         try:
             out = self.lm.get_decoder()(
-                inputs_embeds=self.into(embeds), attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+                inputs_embeds=self.into(embeds),
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
             )
         finally:
             for m in upcycled:

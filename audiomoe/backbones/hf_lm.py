@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from pydantic import Field
@@ -24,10 +24,13 @@ from pydantic import Field
 from audiomoe.core.errors import AudioMoEError, MissingPretrainedError
 from audiomoe.core.specs import Params
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
-def byte_tokenizer() -> "transformers.PreTrainedTokenizerFast":  # noqa: F821
+def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer that needs no files: 4 specials + 256 byte tokens (260 ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -79,7 +82,7 @@ def assemble_soft_prompt(
     real = torch.zeros(b, length, dtype=torch.bool)
     is_audio = torch.zeros(b, length, dtype=torch.bool)
     labels = torch.full((b, length), -100, dtype=torch.long)
-    for i, (lp, na, ls, la) in enumerate(sizes):
+    for i, (lp, na, ls, _la) in enumerate(sizes):
         o = length - total[i]
         real[i, o:] = True
         ids[i, o : o + lp] = torch.tensor(list(prefix_ids[i]), dtype=torch.long)
@@ -112,7 +115,9 @@ def check_one_source(pretrained: Optional[str], config: Optional[Mapping[str, An
         raise ValueError("give either 'pretrained' (a local LM directory) or 'config' (a random LM), not both")
 
 
-def load_lm(pretrained: Optional[str], config: Mapping[str, Any], dtype: torch.dtype = torch.float32, **overrides: Any) -> torch.nn.Module:
+def load_lm(
+    pretrained: Optional[str], config: Mapping[str, Any], dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
     """A causal LM from a local directory (only local files are read) or from ``config`` (needs ``model_type``).
 
     ``overrides`` (e.g. the tokenizer's ids) are added to a random config.
@@ -137,7 +142,12 @@ def load_lm(pretrained: Optional[str], config: Mapping[str, Any], dtype: torch.d
     return AutoModelForCausalLM.from_config(cfg).to(dtype)
 
 
-def lm_and_tokenizer(pretrained: Optional[str], config: Optional[Mapping[str, Any]], default: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+def lm_and_tokenizer(
+    pretrained: Optional[str],
+    config: Optional[Mapping[str, Any]],
+    default: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.nn.Module, Any]:
     """An LM and its tokenizer: both from a local directory, or a random ``config`` (else ``default``) with the byte tokenizer.
 
     A random LM gets the byte tokenizer's vocabulary size and special ids, so any text round-trips.
@@ -148,11 +158,15 @@ def lm_and_tokenizer(pretrained: Optional[str], config: Optional[Mapping[str, An
     if pretrained is not None:
         lm = load_lm(pretrained, {}, dtype)  # names a missing directory first
         path = Path(pretrained).expanduser()
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        if not any(
+            (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        ):
             return lm, None
         return lm, AutoTokenizer.from_pretrained(path, local_files_only=True)
     tok = byte_tokenizer()
-    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    ids = dict(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     return load_lm(None, config or default, dtype, **ids), tok
 
 
@@ -163,5 +177,9 @@ def apply_lora(lm: torch.nn.Module, lora: LoRAParams) -> torch.nn.Module:
     names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
     missing = [t for t in lora.targets if t not in names]
     if missing:
-        raise AudioMoEError(f"LoRA targets {missing} are not modules of this LM; candidates include {sorted(names)[:20]}")
-    return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets)))
+        raise AudioMoEError(
+            f"LoRA targets {missing} are not modules of this LM; candidates include {sorted(names)[:20]}"
+        )
+    return get_peft_model(
+        lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets))
+    )

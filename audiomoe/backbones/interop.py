@@ -58,7 +58,12 @@ def _collect(state: Mapping[str, torch.Tensor], pattern: re.Pattern) -> dict[int
 
 
 def _load_group(group: GroupedSwiGLU, found: dict[int, dict[str, torch.Tensor]], what: str) -> None:
-    missing = [f"{what}.{e}.{p}" for e in range(len(group)) for p in ("gate_proj", "up_proj", "down_proj") if p not in found.get(e, {})]
+    missing = [
+        f"{what}.{e}.{p}"
+        for e in range(len(group))
+        for p in ("gate_proj", "up_proj", "down_proj")
+        if p not in found.get(e, {})
+    ]
     extra = sorted(set(found) - set(range(len(group))))
     if missing or extra:
         raise AudioMoEError(
@@ -69,7 +74,9 @@ def _load_group(group: GroupedSwiGLU, found: dict[int, dict[str, torch.Tensor]],
     for e in range(len(group)):
         t = found[e]
         w_in = torch.cat([t["gate_proj"], t["up_proj"]])
-        if tuple(w_in.shape) != tuple(group.gate_up_proj.shape[1:]) or tuple(t["down_proj"].shape) != tuple(group.down_proj.shape[1:]):
+        if tuple(w_in.shape) != tuple(group.gate_up_proj.shape[1:]) or tuple(t["down_proj"].shape) != tuple(
+            group.down_proj.shape[1:]
+        ):
             raise AudioMoEError(
                 f"{what} expert {e}: gate/up {tuple(t['gate_proj'].shape)}, down {tuple(t['down_proj'].shape)} do not match "
                 f"d_model={group.d_model}, d_ff={group.d_ff} of the layer"
@@ -85,9 +92,11 @@ def load_unimoe_block(layer: torch.nn.Module, state: Mapping[str, torch.Tensor],
     routed experts and, with shared experts, ``shared_mode="gated"`` (the released block gates
     them through the one ``gate``). See :data:`UNIMOE_KEY_MAP`.
     """
-    block = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    block = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if "gate.weight" not in block:
-        raise AudioMoEError(f"no '{prefix}gate.weight' in the state dict: not a UniMoE-Audio MoE block under prefix '{prefix}'")
+        raise AudioMoEError(
+            f"no '{prefix}gate.weight' in the state dict: not a UniMoE-Audio MoE block under prefix '{prefix}'"
+        )
     if not isinstance(layer.experts, GroupedSwiGLU):
         raise AudioMoEError("UniMoE-Audio experts are SwiGLU: build the layer with expert 'swiglu' to import them")
     gate = block["gate.weight"]

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from audiomoe.core.specs import ComponentSpec, Slot
 from audiomoe.backbones.blocks import MoEBackboneParams, MoEStackBackbone
+from audiomoe.core.specs import ComponentSpec, Slot
 
 #: UniMoE-Audio's MoE block (Table II): top-p 0.7 over 8 routed + 1 null columns, 2 gated shared experts.
 UNIMOE_MOE = {"router": {"name": "top_p"}, "num_experts": 8, "num_null": 1, "num_shared": 2, "shared_mode": "gated"}

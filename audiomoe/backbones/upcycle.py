@@ -10,7 +10,7 @@ dimension (``init="slice"``). Works for models whose decoder layers hold ``mlp.g
 The MoE layers are built from one ``moe`` spec (the ``moe`` component's params: router, experts,
 null and shared experts, capacity, dispatch), exactly as a backbone builds them, so no option is
 lost or given another default here. With ``init="copy"``, no null experts, no shared experts and a
-router whose weights sum to 1 over the picks (e.g. ``linear_topk`` with ``normalize`` and k > 1),
+router whose weights sum to 1 over the picks (e.g. ``top_k`` with ``normalize`` and k > 1),
 the upcycled model computes exactly the dense model.
 """
 
@@ -50,11 +50,18 @@ class UpcycledMLP(nn.Module):
         """Apply the MoE FFN to ``hidden_states`` [B, T, D] (padding from the hooked ``attention_mask``)."""
         pad = None
         mask = self.attention_mask
-        if mask is not None and mask.dim() == 2 and hidden_states.dim() == 3 and mask.shape[0] == hidden_states.shape[0]:
+        if (
+            mask is not None
+            and mask.dim() == 2
+            and hidden_states.dim() == 3
+            and mask.shape[0] == hidden_states.shape[0]
+        ):
             t = hidden_states.shape[1]
             if mask.shape[1] >= t:  # with a KV cache the mask covers past + current: the current are last
                 pad = mask[:, -t:].to(hidden_states.device) == 0
-                if not torch.is_grad_enabled() and not bool(pad.any()):  # a decoding step: unmasked is the same, fewer ops
+                if not torch.is_grad_enabled() and not bool(
+                    pad.any()
+                ):  # a decoding step: unmasked is the same, fewer ops
                     pad = None
         y, self.routing = self.moe(hidden_states, pad)
         return y
@@ -97,7 +104,9 @@ def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise AudioMoEError(f"{type(model).__name__} has no .model.layers: upcycling supports Llama/Qwen2-style causal LMs")
+        raise AudioMoEError(
+            f"{type(model).__name__} has no .model.layers: upcycling supports Llama/Qwen2-style causal LMs"
+        )
     return layers
 
 
@@ -109,7 +118,9 @@ def _dense_mlp(layer: nn.Module, where: str) -> nn.Module:
     probe = torch.linspace(-6, 6, 25, device="cpu")  # explicit: the composer may build on the meta device
     # transformers has its own activation classes: compare values, not types
     if act is not None and not torch.allclose(act(probe), torch.nn.functional.silu(probe), atol=1e-6):
-        raise AudioMoEError(f"{where}.mlp uses {type(act).__name__}; upcycling into SwiGLU experts needs SiLU (hidden_act='silu')")
+        raise AudioMoEError(
+            f"{where}.mlp uses {type(act).__name__}; upcycling into SwiGLU experts needs SiLU (hidden_act='silu')"
+        )
     if any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
         raise AudioMoEError(f"{where}.mlp has biases; SwiGLU experts are bias-free")
     return mlp
@@ -138,14 +149,24 @@ def _fill(experts: GroupedSwiGLU, e: int, mlp: nn.Module, offset: int) -> None:
 
 def _moe_spec(moe: Any, width: int, inter: int) -> dict[str, Any]:
     """The ``moe`` spec with SwiGLU experts of ``width`` and shared experts of the dense width unless given."""
-    spec = {"name": "moe", "params": {}} if moe is None else (moe.model_dump() if hasattr(moe, "model_dump") else dict(moe))
+    spec = (
+        {"name": "moe", "params": {}}
+        if moe is None
+        else (moe.model_dump() if hasattr(moe, "model_dump") else dict(moe))
+    )
     if "name" not in spec:
         spec = {"name": "moe", "params": spec}
     params = dict(spec.get("params") or {})
     expert = params.get("expert", "swiglu")
-    expert = {"name": expert, "params": {}} if isinstance(expert, str) else {"name": expert.get("name", "swiglu"), "params": dict(expert.get("params") or {})}
+    expert = (
+        {"name": expert, "params": {}}
+        if isinstance(expert, str)
+        else {"name": expert.get("name", "swiglu"), "params": dict(expert.get("params") or {})}
+    )
     if expert["name"] != "swiglu":
-        raise AudioMoEError(f"upcycling copies dense SwiGLU MLPs into experts: moe.expert must be 'swiglu', got '{expert['name']}'")
+        raise AudioMoEError(
+            f"upcycling copies dense SwiGLU MLPs into experts: moe.expert must be 'swiglu', got '{expert['name']}'"
+        )
     # None is "unset" too: a spec resolved by the composer carries every default, d_ff=None included
     if expert["params"].get("d_ff") is None:
         expert["params"]["d_ff"] = width
@@ -199,7 +220,9 @@ def upcycle_causal_lm(
     builder = component_builder("moe", _moe_spec(moe, width, inter))
     srcs = [_load(s) for s in sources] if sources is not None else None
     if srcs is not None and len(srcs) != num_experts:
-        raise AudioMoEError(f"sources has {len(srcs)} checkpoints; need one per routed expert (num_experts={num_experts})")
+        raise AudioMoEError(
+            f"sources has {len(srcs)} checkpoints; need one per routed expert (num_experts={num_experts})"
+        )
     src_layers = [_decoder_layers(s) for s in srcs] if srcs else None
     if src_layers and any(len(sl) != len(decoder) for sl in src_layers):
         raise AudioMoEError("every source checkpoint must have as many decoder layers as the model")

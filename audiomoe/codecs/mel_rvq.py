@@ -66,7 +66,9 @@ class MelRVQ(Codec):
         p = self.params
         self.sample_rate, self.num_codebooks, self.codebook_size = p.sample_rate, p.num_codebooks, p.codebook_size
         self.frame_rate = p.sample_rate / p.hop_length
-        self.mel = torchaudio.transforms.MelSpectrogram(p.sample_rate, n_fft=p.n_fft, hop_length=p.hop_length, n_mels=p.n_mels, power=1.0)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            p.sample_rate, n_fft=p.n_fft, hop_length=p.hop_length, n_mels=p.n_mels, power=1.0
+        )
         g = torch.Generator().manual_seed(p.seed)
         self.register_buffer("codebooks", torch.randn(p.num_codebooks, p.codebook_size, p.n_mels, generator=g))
         self.register_buffer("mean", torch.zeros(p.n_mels))
@@ -96,7 +98,9 @@ class MelRVQ(Codec):
         return self
 
     @torch.no_grad()
-    def encode(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes [B, Q, F], frame lengths [B])``; frames past a clip's length are codes of padding."""
         x = self.frames(waveforms)
         b, f, d = x.shape
@@ -126,11 +130,14 @@ class MelRVQ(Codec):
         frames = mel.shape[-1]
         if frames < 2:  # (F - 1) * hop samples: nothing to hear
             return mel.new_zeros(mel.shape[0], 0)
-        short = p.n_fft // p.hop_length + 1 - frames  # the centred inverse STFT needs n_fft / 2 samples of padding each side
+        short = (
+            p.n_fft // p.hop_length + 1 - frames
+        )  # the centred inverse STFT needs n_fft / 2 samples of padding each side
         if short > 0:  # a few generated frames: pad with the quietest frame, decode, keep the frames' own samples
             mel = torch.cat([mel, mel.amin(-1, keepdim=True).expand(*mel.shape[:2], short)], -1)
         inv = torchaudio.transforms.InverseMelScale(p.n_fft // 2 + 1, p.n_mels, p.sample_rate)
         spec = inv(mel).clamp(min=0)
-        gl = torchaudio.transforms.GriffinLim(n_fft=p.n_fft, hop_length=p.hop_length, n_iter=p.griffin_lim_iters, power=1.0,
-                                              rand_init=False)
+        gl = torchaudio.transforms.GriffinLim(
+            n_fft=p.n_fft, hop_length=p.hop_length, n_iter=p.griffin_lim_iters, power=1.0, rand_init=False
+        )
         return gl(spec)[:, : (frames - 1) * p.hop_length]

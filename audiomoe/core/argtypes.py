@@ -40,8 +40,9 @@ def int_in(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable[[str]
     return parse
 
 
-def float_in(lo: Optional[float] = None, hi: Optional[float] = None, *,
-             lo_open: bool = False) -> Callable[[str], float]:
+def float_in(
+    lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False
+) -> Callable[[str], float]:
     """An argparse ``type``: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
 
     def parse(text: str) -> float:

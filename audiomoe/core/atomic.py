@@ -50,8 +50,9 @@ def _target(path: Path, what: str) -> Path:
         return Path(os.path.realpath(path))
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise OutputError(f"{_label(path, what)} is a symbolic link loop; remove the link or pick another path",
-                              exc.errno) from None
+            raise OutputError(
+                f"{_label(path, what)} is a symbolic link loop; remove the link or pick another path", exc.errno
+            ) from None
         raise OutputError(f"cannot write {_label(path, what)}: {exc.strerror or exc}", exc.errno) from None
 
 
@@ -66,8 +67,13 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
             return False
 
 
-def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), what: str = "output",
-                 make_parent: bool = False) -> Path:
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output",
+    make_parent: bool = False,
+) -> Path:
     """``path`` as a Path, or a named :class:`OutputError` if it cannot be written.
 
     Refused: a directory, a symlink loop, a folder that does not exist (created instead with
@@ -87,8 +93,10 @@ def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike]
     target = _target(path, what)
     for src in inputs:
         if src is not None and same_file(target, src):
-            raise OutputError(f"{label} is the same file as the input '{src}': writing it would destroy the input; "
-                              "give another output path")
+            raise OutputError(
+                f"{label} is the same file as the input '{src}': writing it would destroy the input; "
+                "give another output path"
+            )
     parent = target.parent
     if make_parent:
         try:
@@ -134,8 +142,14 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", *, what: str = "", encoding: Optional[str] = "utf-8",
-                newline: Optional[str] = None) -> Iterator[IO[Any]]:
+def atomic_open(
+    path: str | os.PathLike,
+    mode: str = "w",
+    *,
+    what: str = "",
+    encoding: Optional[str] = "utf-8",
+    newline: Optional[str] = None,
+) -> Iterator[IO[Any]]:
     """Open a temporary file that replaces ``path`` when the block ends without an exception.
 
     ``mode`` is ``"w"`` (text) or ``"wb"``. On any failure the temporary file is removed, ``path``
@@ -151,7 +165,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, what: str = "", enc
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.chmod(tmp, _file_mode(target))
         binary = "b" in mode
-        with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as fh:
+        text: dict[str, Any] = {} if binary else {"encoding": encoding, "newline": newline}
+        with os.fdopen(fd, mode, **text) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -160,8 +175,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, what: str = "", enc
         _fsync_dir(target.parent)
     except OSError as exc:
         hint = _HINTS.get(exc.errno or -1, "")
-        raise OutputError(f"cannot write {_label(path, what)}: {exc.strerror or exc}"
-                          f"{'; ' + hint if hint else ''} (nothing was changed)", exc.errno) from exc
+        raise OutputError(
+            f"cannot write {_label(path, what)}: {exc.strerror or exc}"
+            f"{'; ' + hint if hint else ''} (nothing was changed)",
+            exc.errno,
+        ) from exc
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

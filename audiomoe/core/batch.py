@@ -78,4 +78,7 @@ class ModelOutput:
 
     def routing_tasks(self, tasks: Sequence[str]) -> dict[str, list[str]]:
         """The task of each sample of every routing record, from the batch's task per item."""
-        return {n: [tasks[i] for i in self.routing_rows[n].tolist()] if n in self.routing_rows else list(tasks) for n in self.routing}
+        return {
+            n: [tasks[i] for i in self.routing_rows[n].tolist()] if n in self.routing_rows else list(tasks)
+            for n in self.routing
+        }

@@ -7,7 +7,8 @@ Three steps, each usable alone:
    walks component params without writing ``params`` (``backbone.moe.router.k=2``). Assigning a name
    to a component key swaps the component and *resets its params* to the new one's defaults.
 2. :func:`resolve` validates the whole tree against each component's ``Params`` and reports every
-   problem at once (:class:`ConfigError`), each with its dotted key.
+   problem at once (:class:`ConfigError`), each with its dotted key. A component preset's defaults
+   lie beneath the params given (:mod:`.entries`); a deprecated alias warns and records the new name.
 3. :func:`build_model` builds the parts bottom-up, injecting sizes the composer knows and
    :class:`Builder` callables for child components, under a fixed seed.
 
@@ -17,19 +18,19 @@ from it rebuilds the same architecture and, with the same seed, the same paramet
 
 from __future__ import annotations
 
-import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from audiomoe.core.errors import AudioMoEError, ConfigError, ConfigProblem, constructor_error, did_you_mean
+from audiomoe.core.builder import Builder, ComponentInfo, builders  # noqa: F401 - ComponentInfo is public here too
+from audiomoe.core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
 from audiomoe.core.limits import MAX_PARAMETERS
 from audiomoe.core.names import USER, Origin, author, field_default, recorded_name, source_origin
+from audiomoe.core.overrides import SpecSource, apply_overrides, load_spec, parse_override  # noqa: F401 - parse_override is public here too
 from audiomoe.core.registry import ComponentEntry, Registry, get_registry
 from audiomoe.core.specs import ComponentSpec, ModelSpec, Params, slot_fields
-
-from audiomoe.core.overrides import SpecSource, apply_overrides, load_spec, parse_override  # noqa: F401 - parse_override is public here too
 
 
 @dataclass
@@ -94,7 +95,7 @@ def _validation_problems(exc: ValidationError, path: str, params_cls: type[BaseM
         else:
             msg = err["msg"]
             if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+                msg = msg[len("Value error, ") :]
         has_value = err["type"] != "missing"
         out.append(ConfigProblem(key or "<root>", msg, err.get("input"), has_value))
     return out
@@ -107,11 +108,11 @@ def _resolve_params(
     registry: Registry,
     problems: list[ConfigProblem],
     origin: Origin = USER,
-    owner: Optional[str] = None,
+    entry: Optional[ComponentEntry] = None,
     typed: frozenset[str] = frozenset(),
 ) -> tuple[Optional[BaseModel], dict[str, Any]]:
-    # origin: who wrote ``raw``; owner: the plugin of the component these params belong to, the
-    # author of its Params defaults; typed: paths whose names overrides assigned (core/names.py).
+    # origin: who wrote ``raw``; entry: the component these params belong to, whose plugin (or
+    # preset) wrote the defaults; typed: paths whose names overrides assigned (core/names.py).
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -130,21 +131,25 @@ def _resolve_params(
         elif slot in raw:
             value = raw[slot]
         else:
-            f = params_cls.model_fields[slot]
-            value = f.default_factory() if f.default_factory is not None else f.default
+            value = field_default(params_cls.model_fields[slot])
         slot_path = _join(path, slot)
-        so = origin.slot(slot, owner, field_default(params_cls.model_fields[slot]))
+        f = params_cls.model_fields[slot]
+        so = origin.slot(slot, None, field_default(f)) if entry is None else entry.origin_of(origin, slot, params_cls)
         if how == "one":
-            children[slot] = None if value is None else _resolve_component(kind, value, slot_path, registry, problems, so, typed)
+            children[slot] = (
+                None if value is None else _resolve_component(kind, value, slot_path, registry, problems, so, typed)
+            )
         elif how == "list":
             items = value if isinstance(value, list) else []
             children[slot] = [
-                _resolve_component(kind, v, _join(slot_path, i), registry, problems, so.item(i), typed) for i, v in enumerate(items)
+                _resolve_component(kind, v, _join(slot_path, i), registry, problems, so.item(i), typed)
+                for i, v in enumerate(items)
             ]
         else:
-            items = value if isinstance(value, Mapping) else {}
+            named = value if isinstance(value, Mapping) else {}
             children[slot] = {
-                k: _resolve_component(kind, v, _join(slot_path, k), registry, problems, so.item(k), typed) for k, v in items.items()
+                k: _resolve_component(kind, v, _join(slot_path, k), registry, problems, so.item(k), typed)
+                for k, v in named.items()
             }
     return validated, children
 
@@ -182,22 +187,37 @@ def _resolve_component(
     base = BASES.get(kind)
     if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
         problems.append(
-            ConfigProblem(path, f"{entry.target} (plugin '{entry.plugin}') is registered as a {kind} but does not subclass audiomoe.{base.__name__}")
+            ConfigProblem(
+                path,
+                f"{entry.target} (plugin '{entry.plugin}') is registered as a {kind} but does not subclass audiomoe.{base.__name__}",
+            )
         )
         return None
     params_cls = getattr(cls, "Params", None)
     if not (isinstance(params_cls, type) and issubclass(params_cls, BaseModel)):
         problems.append(ConfigProblem(path, f"{entry.target} has no pydantic Params class"))
         return None
-    validated, children = _resolve_params(params_cls, spec.params, path, registry, problems, params_origin, entry.plugin, typed)
+    if entry.alias_of:
+        warnings.warn(entry.deprecation(spec.params), DeprecationWarning, stacklevel=2)
+    raw = entry.params_over_defaults(spec.params, params_cls)  # a component preset's defaults beneath
+    validated, children = _resolve_params(params_cls, raw, path, registry, problems, params_origin, entry, typed)
     if validated is None:
         return None
-    name = recorded_name(registry, kind, spec.name, entry)
-    return Node(kind, name, entry, cls, validated, children, path)  # type: ignore[arg-type]
+    # an alias is recorded under the name it stands for, so the spec outlives the old name
+    name = (
+        recorded_name(registry, kind, spec.name, entry)
+        if not entry.alias_of
+        else recorded_name(registry, kind, None, registry.get_component(kind, entry.canonical))
+    )
+    return Node(kind, name, entry, cls, validated, children, path)  # type: ignore[arg-type]  # validated is set on every path that reaches here
 
 
 def resolve(
-    source: SpecSource, overrides: Iterable[str] = (), registry: Optional[Registry] = None, *, authored: Iterable[str] = ()
+    source: SpecSource,
+    overrides: Iterable[str] = (),
+    registry: Optional[Registry] = None,
+    *,
+    authored: Iterable[str] = (),
 ) -> ResolvedSpec:
     """Validate ``source`` + ``overrides``; raise :class:`ConfigError` listing every problem.
 
@@ -216,78 +236,10 @@ def resolve(
     validated, children = _resolve_params(ModelSpec, raw, "", registry, problems, origin, None, frozenset(typed))
     if problems or validated is None:
         raise ConfigError(problems, source=label)
-    return ResolvedSpec(validated, children)  # type: ignore[arg-type]
+    return ResolvedSpec(validated, children)  # type: ignore[arg-type]  # validated is set on every path that reaches here
 
 
-# -- step 3: build ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ComponentInfo:
-    """Where a built part came from: kind, registry name, plugin (and version), dotted path."""
-
-    kind: str
-    name: str
-    plugin: str
-    version: str
-    path: str
-
-
-class Builder:
-    """Builds a fresh instance of one resolved component; call it with the sizes it needs.
-
-    A parent receives one Builder per child slot and calls it as often as it needs instances
-    (an MoE layer builds ``num_experts`` experts from one expert Builder)::
-
-        self.router = router(d_model=d_model, num_experts=num_experts)
-    """
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.children = {slot: _builders(child) for slot, child in node.children.items()}
-
-    @property
-    def name(self) -> str:
-        """The component's registry name."""
-        return self.node.name
-
-    @property
-    def cls(self) -> type:
-        """The component's class."""
-        return self.node.cls
-
-    def __repr__(self) -> str:
-        return f"Builder({self.node.kind}:{self.node.name})"
-
-    def __call__(self, **context: Any) -> Any:
-        """Build the component; keyword arguments are the sizes its constructor may ask for."""
-        cls = self.node.cls
-        sig = inspect.signature(cls.__init__)
-        kwargs: dict[str, Any] = {}
-        takes_var_kw = False
-        for pname, p in list(sig.parameters.items())[2:]:  # self, params
-            if p.kind is inspect.Parameter.VAR_KEYWORD:
-                takes_var_kw = True
-            elif pname in self.children:
-                kwargs[pname] = self.children[pname]
-            elif pname in context:
-                kwargs[pname] = context[pname]
-            elif p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_POSITIONAL:
-                raise AudioMoEError(
-                    f"{self.node.kind} '{self.node.name}' at '{self.node.path}' needs '{pname}', which its parent "
-                    f"does not provide (it provides: {', '.join(sorted(context)) or 'nothing'})"
-                )
-        if takes_var_kw:
-            kwargs.update({k: v for k, v in context.items() if k not in kwargs})
-        e = self.node.entry
-        try:
-            module = cls(self.node.params.model_copy(deep=True), **kwargs)
-        except AudioMoEError:  # a child's builder already named its component
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever a component raises names it, its plugin and where it sits
-            raise constructor_error(e.kind, self.node.name, e.plugin, e.version, self.node.path, exc) from exc
-        module.audiomoe_component = ComponentInfo(e.kind, self.node.name, e.plugin, e.version, self.node.path)
-        return module
+# -- step 3: build (one component: core/builder.py) ---------------------------------------------
 
 
 def component_builder(kind: str, spec: Any, registry: Optional[Registry] = None) -> Builder:
@@ -303,16 +255,6 @@ def component_builder(kind: str, spec: Any, registry: Optional[Registry] = None)
     return Builder(node)
 
 
-def _builders(child: Any) -> Any:
-    if isinstance(child, Node):
-        return Builder(child)
-    if isinstance(child, list):
-        return [Builder(c) for c in child]
-    if isinstance(child, dict):
-        return {k: Builder(c) for k, c in child.items()}
-    return None
-
-
 #: The model class, named by import string as the registry names components: core imports nothing above it.
 MODEL_TARGET = "audiomoe.model:AudioModel"
 
@@ -325,7 +267,7 @@ def build_model(resolved: ResolvedSpec) -> Any:
 
     module, _, name = MODEL_TARGET.partition(":")
     AudioModel = getattr(importlib.import_module(module), name)
-    children = {slot: _builders(child) for slot, child in resolved.children.items()}
+    children = {slot: builders(child) for slot, child in resolved.children.items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(resolved.params.seed)
         model = AudioModel(resolved.params.model_copy(deep=True), **children)

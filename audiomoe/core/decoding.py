@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from audiomoe.core.routing import Routing
 
 
-
 @dataclass
 class DecoderState:
     """One :meth:`Backbone.decode` call: ``hidden`` [B, L, D] of the new positions, the ``cache`` to pass

@@ -1,4 +1,8 @@
-"""Describe a registered component: its params (type, default, limits, description) and an example."""
+"""Describe a registered component: its params (type, default, limits, description) and an example.
+
+A component preset (``top_p``: ``scored`` with other defaults) is described as its class with the
+preset's defaults in the table and the example, and says whose preset it is.
+"""
 
 from __future__ import annotations
 
@@ -31,10 +35,7 @@ def _limits(field: FieldInfo) -> list[str]:
 
 
 def _default(field: FieldInfo) -> Any:
-    if field.default_factory is not None:
-        value = field.default_factory()
-    else:
-        value = field.default
+    value = field.get_default(call_default_factory=True)
     return _plain(value)
 
 
@@ -73,7 +74,7 @@ def describe_preset(name: str, *, registry: Optional[Registry] = None) -> dict[s
 
 
 def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> dict[str, Any]:
-    """Return ``{kind, name, plugin, version, target, summary, doc, params, example}`` for a component.
+    """Return ``{kind, name, plugin, version, target, summary, doc, preset_of, alias_of, params, example}`` for a component.
 
     ``params`` is a list of ``{name, type, default, limits, description, slot}``; ``example`` is a
     YAML snippet using the component with its defaults. Imports the component (and torch).
@@ -84,7 +85,7 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
     if kind in RESERVED_KINDS:
         return describe_preset(name, registry=reg)
     entry = reg.get_component(kind, name)
-    cls = entry.load()
+    cls: Any = entry.load()
     params_cls = cls.Params
     slots = slot_fields(params_cls)
     rows = []
@@ -93,16 +94,19 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
             {
                 "name": fname,
                 "type": f"{slots[fname][0]} component" if fname in slots else _type_name(field.annotation),
-                "default": _default(field),
+                "default": _plain(entry.params[fname]) if fname in entry.params else _default(field),
                 "limits": _limits(field),
                 "description": field.description or "",
                 "slot": slots.get(fname, (None,))[0],
             }
         )
     defaults = {r["name"]: r["default"] for r in rows}
-    example = yaml.safe_dump({kind: {"name": entry.name, "params": defaults}}, sort_keys=False).rstrip()
+    use_as = entry.canonical.rpartition(":")[2] if entry.alias_of else entry.name
+    example = yaml.safe_dump({kind: {"name": use_as, "params": defaults}}, sort_keys=False).rstrip()
     injected = [
-        p for p in list(inspect.signature(cls.__init__).parameters)[2:] if p not in slots and p not in ("args", "kwargs")
+        p
+        for p in list(inspect.signature(cls.__init__).parameters)[2:]
+        if p not in slots and p not in ("args", "kwargs")
     ]
     info = {
         "kind": kind,
@@ -111,7 +115,9 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
         "version": entry.version,
         "target": entry.target,
         "summary": entry.summary,
-        "doc": inspect.cleandoc(inspect.getmodule(cls).__doc__ or cls.__doc__ or ""),
+        "doc": _preset_line(entry) + inspect.cleandoc(inspect.getmodule(cls).__doc__ or cls.__doc__ or ""),
+        "preset_of": entry.preset_of or None,
+        "alias_of": entry.alias_of or None,
         "params": rows,
         "injected": injected,
         "example": example,
@@ -121,13 +127,32 @@ def describe(kind: str, name: str, *, registry: Optional[Registry] = None) -> di
     from audiomoe.core.interfaces import BASES  # the class is imported already, so torch is too
 
     base = BASES.get(kind)
-    problems = [f"does not subclass audiomoe.{base.__name__}: models refuse it"] if base is not None and not issubclass(cls, base) else []
-    try:  # a default that breaks its own field's limits (Params validate their defaults)
-        params_cls()
+    problems = (
+        [f"does not subclass audiomoe.{base.__name__}: models refuse it"]
+        if base is not None and not issubclass(cls, base)
+        else []
+    )
+    try:  # a default that breaks its own field's limits (Params validate their defaults), a preset's too
+        params_cls.model_validate(entry.params_over_defaults({}, params_cls))
     except Exception as exc:  # noqa: BLE001 - reported, not raised: describe shows what is wrong
         problems.append(f"its defaults do not validate: {' '.join(str(exc).split())[:300]}")
     info["problems"] = problems
     return info
+
+
+def _preset_line(entry: Any) -> str:
+    """What a component preset or alias is, for the head of its ``doc`` (empty for a component with its own class)."""
+    if entry.alias_of:
+        renamed = ", ".join(f"{old} -> {new}" for old, new in entry.renamed.items())
+        return (
+            f"Deprecated alias of {entry.kind} '{entry.alias_of}' (specs record that name)"
+            + (f"; old params read as: {renamed}" if renamed else "")
+            + ".\n\n"
+        )
+    if entry.preset_of:
+        own = yaml.safe_dump(_plain(dict(entry.params)), default_flow_style=True, sort_keys=False, width=10**6).strip()
+        return f"Preset of {entry.kind} '{entry.preset_of}': the same component with the defaults {own}.\n\n"
+    return ""
 
 
 def _grouped_form(cls: type) -> str:
@@ -135,6 +160,6 @@ def _grouped_form(cls: type) -> str:
     from audiomoe.core.interfaces import Expert
 
     grouped = getattr(cls, "grouped", None)
-    if grouped is None or getattr(grouped, "__func__", None) is Expert.grouped.__func__:
+    if grouped is None or getattr(grouped, "__func__", None) is getattr(Expert.grouped, "__func__", None):
         return "no: an MoE layer runs these experts with a per-expert loop (dispatch 'loop')"
     return "yes: an MoE layer holds them as one stacked-weight module (fused / grouped_mm dispatch)"

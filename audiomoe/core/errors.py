@@ -82,8 +82,10 @@ class UnknownComponentError(AudioMoEError, KeyError):
     def plugin_missing(cls, kind: str, name: str, plugin: str, state: str) -> "UnknownComponentError":
         """``plugin:name`` where that plugin is not loaded here (``state``: not installed, disabled, failed, empty)."""
         exc = cls(kind, name, [])
-        exc.message = (f"{kind} '{name}' comes from plugin '{plugin}', which is {state} here (see `audiomoe plugins`); "
-                       "install the package that provides it, or name another component")
+        exc.message = (
+            f"{kind} '{name}' comes from plugin '{plugin}', which is {state} here (see `audiomoe plugins`); "
+            "install the package that provides it, or name another component"
+        )
         return exc
 
 
@@ -130,13 +132,17 @@ def constructor_error(kind: str, name: str, plugin: str, version: str, path: str
     text = " ".join(str(exc).split())
     text = text if len(text) <= 1000 else text[:997] + "..."  # a message is a line, not a dump
     if isinstance(exc, (ValueError, AssertionError)):
-        return AudioMoEError(f"{who} at {where} refused its params: {text or type(exc).__name__}; "
-                             f"change them with --set {key}<param>=...")
+        return AudioMoEError(
+            f"{who} at {where} refused its params: {text or type(exc).__name__}; "
+            f"change them with --set {key}<param>=..."
+        )
     if plugin == "builtin":
         fix = "a bug in audiomoe: set AUDIOMOE_DEBUG=1 for the traceback, and please report it"
     else:
-        fix = (f"a bug (or a missing requirement) of plugin '{plugin}': report it to its authors with the traceback "
-               f"(AUDIOMOE_DEBUG=1 shows it), or use another {kind}")
+        fix = (
+            f"a bug (or a missing requirement) of plugin '{plugin}': report it to its authors with the traceback "
+            f"(AUDIOMOE_DEBUG=1 shows it), or use another {kind}"
+        )
     return ComponentError(f"{who} at {where} failed while being built: {type(exc).__name__}: {text}. This is {fix}")
 
 

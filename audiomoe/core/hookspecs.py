@@ -27,11 +27,23 @@ ENTRY_POINT_GROUP = "audiomoe"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+
 class RegisterComponent(Protocol):
     """The callback passed to :func:`audiomoe_register_components`."""
 
-    def __call__(self, kind: str, name: str, target: str, summary: str = "") -> None:
-        """Register component ``name`` of ``kind`` implemented by ``target`` (``"pkg.module:Class"``)."""
+    def __call__(
+        self,
+        kind: str,
+        name: str,
+        target: Optional[str] = None,
+        summary: str = "",
+        *,
+        preset_of: Optional[str] = None,
+        params: Optional[Mapping[str, Any]] = None,
+        alias_of: Optional[str] = None,
+        renamed_params: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        """Register ``name`` of ``kind``: implemented by ``target`` (``"pkg.module:Class"``), or a preset / alias of another."""
 
 
 class RegisterKind(Protocol):
@@ -66,6 +78,13 @@ def audiomoe_register_components(register: RegisterComponent) -> None:
           built or described, so listing stays fast. The class must subclass the base class of its
           kind and define a nested pydantic ``Params`` model.
         - ``summary``: one line shown by ``audiomoe list``.
+        - ``preset_of`` + ``params`` (instead of ``target``): a *component preset*, the component
+          ``preset_of`` of the same kind (yours or another plugin's, ``plugin:name`` to pick one)
+          with other defaults. ``params`` lie beneath the user's, merged per top-level param (a
+          user's slot spec replaces the preset's), and specs record the preset's name.
+        - ``alias_of`` (instead of ``target``): a deprecated old name of another component; using
+          it warns and specs record the new name. ``renamed_params`` maps its old param names to
+          new ones (``"slot.param"`` writes into a slot's params).
 
     Example::
 
@@ -74,6 +93,7 @@ def audiomoe_register_components(register: RegisterComponent) -> None:
         @audiomoe.hookimpl
         def audiomoe_register_components(register):
             register("router", "acme_topk", "acme_router.router:AcmeTopK", "Top-k with a twist")
+            register("router", "acme_top3", summary="builtin top_k with k=3", preset_of="builtin:top_k", params={"k": 3})
     """
 
 

@@ -14,7 +14,6 @@ Masks: ``padding_mask`` is ``True`` at padded positions (PyTorch's key-padding c
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional
 
@@ -22,21 +21,21 @@ import torch
 from torch import nn
 
 from audiomoe.core.decoding import DecoderState, positions_from_mask  # noqa: F401 (re-exported)
-from audiomoe.core.routing import Routing  # noqa: F401 (re-exported)
-from audiomoe.core.specs import Params
+from audiomoe.core.routing import Routing
+from audiomoe.core.specs import Params as BaseParams  # the name a class attribute `Params` cannot shadow
 
 
 class Component(nn.Module):
     """Common base: every component has a ``Params`` model and keeps its validated params."""
 
     kind: ClassVar[str] = "component"
-    Params: ClassVar[type[Params]] = Params
+    Params: ClassVar[type[BaseParams]] = BaseParams
     #: Glob patterns (``fnmatch``, on parameter names relative to the component) of tensors that get
     #: no task gradient by construction, each justified where it is declared (a key-projection bias
     #: under softmax, LoRA's A while B is zero). The conformance check exempts and lists them.
     gradient_exempt: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: Optional[Params] = None) -> None:
+    def __init__(self, params: Optional[BaseParams] = None) -> None:
         super().__init__()
         if params is None:
             params = self.Params()
@@ -118,7 +117,9 @@ class Adapter(Component):
     kind: ClassVar[str] = "adapter"
     stride: int
 
-    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def forward(
+        self, features: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         """Adapt ``features`` (``padding_mask`` True = padded)."""
         raise NotImplementedError
 
@@ -139,11 +140,15 @@ class Fusion(Component):
     kind: ClassVar[str] = "fusion"
     output_dim: int
 
-    def route(self, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> dict[str, "Routing"]:  # pragma: no cover
+    def route(
+        self, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor] = None
+    ) -> dict[str, "Routing"]:  # pragma: no cover
         """Routing records by name (``""`` for a fusion with one router)."""
         raise NotImplementedError
 
-    def forward(self, base: torch.Tensor, weak: Mapping[int, tuple[torch.Tensor, torch.Tensor]], routing: dict[str, "Routing"]) -> torch.Tensor:  # pragma: no cover
+    def forward(
+        self, base: torch.Tensor, weak: Mapping[int, tuple[torch.Tensor, torch.Tensor]], routing: dict[str, "Routing"]
+    ) -> torch.Tensor:  # pragma: no cover
         """The fused features [B, N, ``output_dim``]."""
         raise NotImplementedError
 
@@ -179,7 +184,9 @@ class Expert(Component):
     kind: ClassVar[str] = "expert"
 
     @classmethod
-    def grouped(cls, params: Params, *, num_experts: int, d_model: int, d_ff: Optional[int] = None) -> Optional[nn.Module]:
+    def grouped(
+        cls, params: BaseParams, *, num_experts: int, d_model: int, d_ff: Optional[int] = None
+    ) -> Optional[nn.Module]:
         """``num_experts`` experts of this kind as one stacked-weight module, or None (a per-expert loop runs them).
 
         A grouped module implements ``forward_sorted(xs, counts)`` (expert-sorted rows) and
@@ -246,17 +253,23 @@ class Backbone(Component):
         """Transform ``x`` [B, N, D]; ``padding_mask`` [B, N] is True at padded frames (see ``accepts_task_ids``)."""
         raise NotImplementedError
 
-    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None) -> Any:
+    def decode(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None
+    ) -> Any:
         """Causal pass over new positions ``embeds`` [B, L, D] -> :class:`~audiomoe.core.decoding.DecoderState`.
 
         ``attention_mask`` [B, past + L] (1 = real token) covers the cached positions and the new
         ones; ``position_ids`` [B, L] count real tokens; ``cache`` is the previous state's cache.
         """
-        raise NotImplementedError(f"{type(self).__name__} cannot decode an interleaved sequence (supports_decoding = False)")
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot decode an interleaved sequence (supports_decoding = False)"
+        )
 
     def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
         """The ``cache`` of batch rows ``rows`` (repeats allowed; beam search keeps the surviving beams)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot select rows of its decoding cache (beam search needs it)")
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot select rows of its decoding cache (beam search needs it)"
+        )
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Text token ids [..] -> input embeddings [.., D] (backbones with a vocabulary)."""
@@ -350,7 +363,9 @@ class Codec(Component):
 
     kind = "codec"
 
-    def encode(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def encode(
+        self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         """``(codes [B, Q, F] long, frame lengths [B])`` of ``waveforms`` [B, T] at ``sample_rate``."""
         raise NotImplementedError
 
@@ -375,6 +390,8 @@ BASES: dict[str, type[Component]] = {
 def __getattr__(name: str) -> Any:
     # ``Task`` was the base class's name before heads got their own kind; kept one release.
     if name == "Task":
-        warnings.warn("audiomoe.Task is deprecated: subclass audiomoe.Head (same class)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "audiomoe.Task is deprecated: subclass audiomoe.Head (same class)", DeprecationWarning, stacklevel=2
+        )
         return Head
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

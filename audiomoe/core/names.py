@@ -82,7 +82,9 @@ def mark_typed(typed: set[str], path: str, container: bool = False) -> None:
     typed.add(f"{path}.*" if container else path)
 
 
-def author(origin: Origin, name: Optional[str], path: str, typed: "set[str] | frozenset[str]") -> tuple[Optional[str], Origin]:
+def author(
+    origin: Origin, name: Optional[str], path: str, typed: "set[str] | frozenset[str]"
+) -> tuple[Optional[str], Origin]:
     """``(plugin to prefer for name, origin of the component's params)`` at ``path``.
 
     The author keeps its say only while the name is still its own: typed over, or changed by a

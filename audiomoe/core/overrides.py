@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from audiomoe.core.errors import AudioMoEError, ConfigProblem, did_you_mean, short_repr
 from audiomoe.core.limits import MAX_PRESET_CHAIN, MAX_QUOTED_VALUE
 from audiomoe.core.names import USER, Origin, author, field_default, mark_typed
-from audiomoe.core.registry import Registry, get_registry
+from audiomoe.core.registry import ComponentEntry, Registry, get_registry
 from audiomoe.core.safe_yaml import YAMLSyntaxError, load_yaml_file, load_yaml_text
 from audiomoe.core.specs import ModelSpec, Params, slot_fields
 
@@ -45,15 +46,21 @@ def load_spec(
     if text.endswith((".yaml", ".yml")) or (path.suffix and path.exists()):
         key = os.path.realpath(text)
         if key in _chain:
-            raise AudioMoEError(f"config file '{text}' includes itself through 'preset:' ({' -> '.join(_chain + (key,))})")
+            raise AudioMoEError(
+                f"config file '{text}' includes itself through 'preset:' ({' -> '.join(_chain + (key,))})"
+            )
         if len(_chain) >= MAX_PRESET_CHAIN:
             raise AudioMoEError(f"config file '{text}': more than {MAX_PRESET_CHAIN} nested 'preset:' includes")
         data = load_yaml_file(text)
         if not isinstance(data, Mapping):
-            raise AudioMoEError(f"config file '{text}' must hold a mapping (d_model, encoder, tasks, ...), not {type(data).__name__}")
+            raise AudioMoEError(
+                f"config file '{text}' must hold a mapping (d_model, encoder, tasks, ...), not {type(data).__name__}"
+            )
         if "preset" in data:  # a YAML may start from a preset and change some keys
             if not isinstance(data["preset"], str):
-                raise AudioMoEError(f"config file '{text}': 'preset' must be a preset name or YAML path, got {short_repr(data['preset'])}")
+                raise AudioMoEError(
+                    f"config file '{text}': 'preset' must be a preset name or YAML path, got {short_repr(data['preset'])}"
+                )
             base, _ = load_spec(data["preset"], registry, _chain + (key,))
             rest = {k: v for k, v in data.items() if k != "preset"}
             return _deep_merge(base, rest), f"'{text}'"
@@ -67,7 +74,9 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
     out = dict(base)
     for k, v in update.items():
         old = out.get(k)
-        swapped = isinstance(v, Mapping) and isinstance(old, Mapping) and "name" in v and v.get("name") != old.get("name")
+        swapped = (
+            isinstance(v, Mapping) and isinstance(old, Mapping) and "name" in v and v.get("name") != old.get("name")
+        )
         if isinstance(v, Mapping) and isinstance(old, Mapping) and not swapped:
             out[k] = _deep_merge(dict(out[k]), v)
         else:
@@ -152,11 +161,16 @@ def _set_nested(node: dict[str, Any], keys: list[str], value: Any, where: str) -
 
 
 def _apply_one(
-    raw: dict[str, Any], parts: list[str], value: Any, registry: Registry, origin: Origin = USER, typed: Optional[set[str]] = None
+    raw: dict[str, Any],
+    parts: list[str],
+    value: Any,
+    registry: Registry,
+    origin: Origin = USER,
+    typed: Optional[set[str]] = None,
 ) -> Optional[str]:
     # origin / typed / owner: whose names the walked nodes hold (see core/names.py).
     typed = set() if typed is None else typed
-    owner: Optional[str] = None
+    entry: Optional[ComponentEntry] = None  # the component whose params are being walked (None: the model's)
     params_cls: type[BaseModel] = ModelSpec
     container: dict[str, Any] = raw
     i = 0
@@ -165,6 +179,11 @@ def _apply_one(
         last = i == len(parts) - 1
         slots = slot_fields(params_cls)
         fields = params_cls.model_fields
+        renamed = entry.renamed.get(part, "") if entry is not None and part not in fields else ""
+        if renamed.split(".")[0] in fields:  # a deprecated alias's old param name
+            warnings.warn(entry.deprecation({part: value}), DeprecationWarning, stacklevel=4)  # type: ignore[union-attr]  # entry is an alias here
+            parts[i : i + 1] = renamed.split(".")
+            continue
         if part not in fields:
             return f"unknown key '{part}'.{did_you_mean(part, fields)} Valid keys here: {', '.join(fields)}"
         if part not in slots:
@@ -175,7 +194,7 @@ def _apply_one(
                 node = container.get(part)
                 if node is None:
                     f = fields[part]
-                    node = f.default_factory() if f.default_factory is not None else f.default
+                    node = f.get_default(call_default_factory=True)
                 if node is not None and not isinstance(node, dict):
                     return f"'{part}' is {short_repr(node)}, not a mapping"
                 container[part] = node = copy.deepcopy(node or {})
@@ -183,20 +202,23 @@ def _apply_one(
             container[part] = value
             return None
         kind, how = slots[part]
-        slot_origin = origin.slot(part, owner, field_default(fields[part]))
+        if entry is None:
+            slot_origin = origin.slot(part, None, field_default(fields[part]))
+        else:
+            slot_origin = entry.origin_of(origin, part, params_cls)
         if how == "one":
             if last:  # swap: new name, params back to the new component's defaults
                 container[part] = None if value is None else _as_component(value)
                 mark_typed(typed, ".".join(parts))
                 return None
             node_origin = slot_origin
-            if container.get(part) is None and fields[part].default is None and fields[part].default_factory is None:
-                return f"'{part}' is not set; set it first with {'.'.join(parts[: i + 1])}=<{kind} name>"
+            # not written in the config: start from the default (a component preset's, else the field's)
             node = container.get(part)
-            if node is None:  # not written in the config: start from the field's own default
-                f = fields[part]
-                default = f.default_factory() if f.default_factory is not None else f.default
-                node = default.model_dump() if isinstance(default, BaseModel) else {}
+            if node is None:
+                node = field_default(fields[part]) if entry is None else entry.default_of(part, params_cls)
+                if node is None:
+                    return f"'{part}' is not set; set it first with {'.'.join(parts[: i + 1])}=<{kind} name>"
+                node = node.model_dump() if isinstance(node, BaseModel) else node
             node = container[part] = _as_component(node)
         else:
             coll = container.setdefault(part, {} if how == "dict" else [])
@@ -242,7 +264,6 @@ def _apply_one(
         try:
             entry = registry.get_component(kind, node.get("name"), prefer=prefer)
             cls = entry.load()
-            owner = entry.plugin
         except AudioMoEError:
             # The unknown/ambiguous name itself is reported once, by validation.
             return f"not applied: '{'.'.join(parts[: i + 1])}' does not name a usable {kind} ({node.get('name')!r})"
@@ -254,5 +275,3 @@ def _apply_one(
 
 
 # -- step 2: resolve and validate -------------------------------------------------------------
-
-

@@ -99,7 +99,11 @@ class PluginHost:
             module = importlib.import_module(BUILTIN_MODULE)
             self._add_plugin(module, BUILTIN_PLUGIN, "audiomoe", audiomoe_version(), BUILTIN_MODULE)
         for plugin in plugins:
-            name = getattr(plugin, "__audiomoe_plugin_name__", None) or getattr(plugin, "__name__", None) or type(plugin).__name__
+            name = (
+                getattr(plugin, "__audiomoe_plugin_name__", None)
+                or getattr(plugin, "__name__", None)
+                or type(plugin).__name__
+            )
             self._add_plugin(plugin, str(name), str(name), "", repr(plugin))
         if entry_points:
             self._load_entry_points()

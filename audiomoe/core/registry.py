@@ -13,6 +13,9 @@
 - A kind's default (used when a spec names no component) comes from the plugins: the built-in
   plugin's default wins, otherwise the one plugin giving a default; ``Registry.isolated(builtin=False)``
   therefore has no built-in defaults, components or presets.
+- A component may be registered as a *preset* of another of its kind (``preset_of`` + ``params``:
+  ``top_p`` is ``scored`` with other defaults) or as a deprecated *alias* (``alias_of``); the
+  entries and their linking are in :mod:`.entries`, the packaged file's schema in :mod:`.registry_file`.
 
 Nothing here imports torch: components are import strings, loaded only when built or described.
 """
@@ -20,19 +23,28 @@ Nothing here imports torch: components are import strings, loaded only when buil
 from __future__ import annotations
 
 import fnmatch
-import importlib
-import re
 import warnings
-from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from audiomoe.core.errors import AmbiguousComponentError, AudioMoEError, UnknownComponentError, did_you_mean
-from audiomoe.core.plugin_loading import BUILTIN_MODULE, BUILTIN_PLUGIN, DISABLE_ENV, STRICT_ENV, PluginHost, PluginRecord
+from audiomoe.core.entries import NAME_RE as _NAME_RE
+from audiomoe.core.entries import (
+    ComponentEntry,
+    KindEntry,
+    PresetEntry,
+    check_preset_params,
+    check_registration,
+    link_presets,
+)
+from audiomoe.core.errors import AmbiguousComponentError, AudioMoEError, UnknownComponentError
+from audiomoe.core.plugin_loading import (
+    BUILTIN_MODULE,
+    BUILTIN_PLUGIN,
+    DISABLE_ENV,
+    STRICT_ENV,
+    PluginHost,
+    PluginRecord,
+)
+from audiomoe.core.registry_file import RegistryFile, load_registry_file
 
 #: Kinds with a base class in :mod:`audiomoe.core.interfaces`: known even without any plugin.
 CORE_KINDS = ("encoder", "fusion", "adapter", "router", "expert", "moe", "head", "backbone")
@@ -41,99 +53,26 @@ KIND_ALIASES = {"task": "head"}
 KNOWN_KINDS = CORE_KINDS  # the name used before kinds could be declared
 #: Not component kinds: ``audiomoe list`` / ``describe`` use them for presets.
 RESERVED_KINDS = ("preset", "presets")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _GLOB_CHARS = set("*?[")
-
-
-@dataclass(frozen=True)
-class KindEntry:
-    """A declared kind: ``plugin`` says the kind exists and may give its ``default`` component."""
-
-    kind: str
-    summary: str
-    plugin: str
-    default: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class ComponentEntry:
-    """One registration: ``kind/name`` implemented by ``target``, provided by ``plugin``."""
-
-    kind: str
-    name: str
-    target: str
-    summary: str
-    plugin: str
-    version: str = ""
-
-    @property
-    def qualified_name(self) -> str:
-        """``plugin:name``, unique even when two plugins register the same name."""
-        return f"{self.plugin}:{self.name}"
-
-    def load(self) -> type:
-        """Import and return the class behind ``target`` (this may import torch)."""
-        module_name, _, attr = self.target.partition(":")
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the plugin named
-            hint = (f"Check the class name after ':' in the target '{self.target}'" if isinstance(exc, AttributeError)
-                    else "Check that the plugin is installed with its dependencies")  # fmt: skip
-            raise AudioMoEError(
-                f"{self.kind} '{self.name}' from plugin '{self.plugin}' {self.version}: cannot import "
-                f"'{self.target}': {type(exc).__name__}: {exc}. {hint}."
-            ) from exc
-        return obj
-
-
-@dataclass(frozen=True)
-class PresetEntry:
-    """A named model spec (a recipe), provided by ``plugin``."""
-
-    name: str
-    spec: Mapping[str, Any]
-    summary: str
-    plugin: str
-    version: str = ""
-
-
-class _RegistryFile(BaseModel):
-    """Schema of ``audiomoe/registry.yaml``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    version: int = 1
-    defaults: dict[str, str] = Field(default_factory=dict)
-    components: dict[str, dict[str, "_ComponentLine"]] = Field(default_factory=dict)
-    presets: dict[str, "_PresetLine"] = Field(default_factory=dict)
-
-
-class _ComponentLine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    target: str
-    summary: str = ""
-
-
-class _PresetLine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    summary: str = ""
-    spec: dict[str, Any]
-
-
-_RegistryFile.model_rebuild()
-
-
-@lru_cache(maxsize=None)
-def load_registry_file() -> _RegistryFile:
-    """Load and validate the packaged ``registry.yaml`` with a safe YAML loader."""
-    text = resources.files("audiomoe").joinpath("registry.yaml").read_text(encoding="utf-8")
-    try:
-        return _RegistryFile.model_validate(yaml.safe_load(text) or {})
-    except ValidationError as exc:  # a packaging bug, but say where
-        raise AudioMoEError(f"audiomoe/registry.yaml is invalid:\n{exc}") from exc
+__all__ = [  # what other modules import from here, some defined in entries.py / registry_file.py
+    "BUILTIN_MODULE",
+    "BUILTIN_PLUGIN",
+    "CORE_KINDS",
+    "ComponentEntry",
+    "DISABLE_ENV",
+    "KIND_ALIASES",
+    "KNOWN_KINDS",
+    "KindEntry",
+    "PresetEntry",
+    "RESERVED_KINDS",
+    "Registry",
+    "RegistryFile",
+    "STRICT_ENV",
+    "canonical_kind",
+    "get_registry",
+    "load_registry_file",
+    "reset_registry",
+]
 
 
 class Registry(PluginHost):
@@ -180,7 +119,7 @@ class Registry(PluginHost):
 
         Kinds first, from every plugin, so that a component may use a kind another plugin declares.
         """
-        loaded = lambda: [n for n in sorted(self.plugins) if self.plugins[n].status == "loaded"]  # noqa: E731
+        loaded = lambda: [n for n in sorted(self.plugins) if self.plugins[n].status == "loaded"]
         for pname in loaded():
             kinds: list[KindEntry] = []
 
@@ -202,16 +141,47 @@ class Registry(PluginHost):
                 self._kinds.setdefault(k.kind, []).append(k)
         for pname in loaded():
             self._collect_one(self.plugins[pname])
+        # Presets are linked once every plugin has registered: a base may come from any of them.
+        self._components = link_presets(self._components, self._select)
 
     def _collect_one(self, record: PluginRecord) -> None:
         comps: list[ComponentEntry] = []
         presets: list[PresetEntry] = []
         known = self.kinds()
 
-        def reg_component(kind: str, name: str, target: str, summary: str = "") -> None:
+        def reg_component(
+            kind: str,
+            name: str,
+            target: Optional[str] = None,
+            summary: str = "",
+            *,
+            preset_of: Optional[str] = None,
+            params: Optional[Mapping[str, Any]] = None,
+            alias_of: Optional[str] = None,
+            renamed_params: Optional[Mapping[str, str]] = None,
+        ) -> None:
             kind = canonical_kind(kind) if isinstance(kind, str) else kind
-            _check_registration(kind, name, target, known)
-            comps.append(ComponentEntry(kind, name, target, str(summary).strip(), record.name, record.version))
+            if preset_of is not None and alias_of is not None:
+                raise ValueError(f"{kind} '{name}': give preset_of or alias_of, not both")
+            base = preset_of if alias_of is None else alias_of
+            check_registration(kind, name, target, known, base)
+            how = "alias" if alias_of is not None else "preset" if preset_of is not None else None
+            check_preset_params(kind, name, params or {}, renamed_params or {}, how)
+            params, renamed = dict(params or {}), dict(renamed_params or {})
+            comps.append(
+                ComponentEntry(
+                    kind,
+                    name,
+                    target or "",
+                    str(summary).strip(),
+                    record.name,
+                    record.version,
+                    preset_of or "",
+                    alias_of or "",
+                    params,
+                    renamed,
+                )
+            )
 
         def reg_preset(name: str, spec: Mapping[str, Any], summary: str = "") -> None:
             if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -263,9 +233,11 @@ class Registry(PluginHost):
         # The built-in default wins so that no plugin can change what built-in presets build.
         if builtin or len(givers) == 1:
             k = (builtin or givers)[0]
-            return k.default, k.plugin  # type: ignore[return-value]
+            return k.default, k.plugin  # type: ignore[return-value]  # givers all have a default
         if not givers:
-            raise AudioMoEError(f"no {kind} named and no loaded plugin gives a default {kind}: name one (audiomoe list {kind})")
+            raise AudioMoEError(
+                f"no {kind} named and no loaded plugin gives a default {kind}: name one (audiomoe list {kind})"
+            )
         choices = " or ".join(f"'{k.plugin}:{k.default}'" for k in givers)
         raise AudioMoEError(f"no {kind} named and plugins give different defaults: name one, e.g. {choices}")
 
@@ -301,7 +273,11 @@ class Registry(PluginHost):
     def providers(self, kind: str, name: str) -> list[str]:
         """The plugins registering ``kind/name`` (bare name; kind ``preset``: a preset), sorted; two or more means a clash."""
         kind = canonical_kind(kind)
-        entries = self._presets.get(name.rpartition(":")[2], []) if kind == "preset" else self._components.get((kind, name.rpartition(":")[2]), [])
+        entries = (
+            self._presets.get(name.rpartition(":")[2], [])
+            if kind == "preset"
+            else self._components.get((kind, name.rpartition(":")[2]), [])
+        )
         return sorted(e.plugin for e in entries)
 
     def get_component(self, kind: str, name: Optional[str], *, prefer: Optional[str] = None) -> ComponentEntry:
@@ -315,6 +291,12 @@ class Registry(PluginHost):
         kind = self.check_kind(kind)
         if name is None:
             name, prefer = self.default_for(kind)
+        entry = self._select(kind, name, prefer)
+        if entry.problem:  # a preset whose base cannot be used
+            raise AudioMoEError(entry.problem)
+        return entry
+
+    def _select(self, kind: str, name: str, prefer: Optional[str]) -> ComponentEntry:
         plugin, sep, bare = name.rpartition(":")
         entries = self._components.get((kind, bare), [])
         if sep:
@@ -323,8 +305,12 @@ class Registry(PluginHost):
             entries = [e for e in entries if e.plugin == prefer] or entries
         if not entries:
             record = self.plugins.get(plugin)
-            if sep and (record is None or record.status != "loaded"):  # a spec (a checkpoint's) naming a plugin not loaded here
-                raise UnknownComponentError.plugin_missing(kind, name, plugin, "not installed" if record is None else record.status)
+            if sep and (
+                record is None or record.status != "loaded"
+            ):  # a spec (a checkpoint's) naming a plugin not loaded here
+                raise UnknownComponentError.plugin_missing(
+                    kind, name, plugin, "not installed" if record is None else record.status
+                )
             available = sorted({n for (k, n) in self._components if k == kind})
             if sep and self._components.get((kind, bare)):
                 available = [f"{p}:{bare}" for p in self.providers(kind, bare)]
@@ -367,24 +353,12 @@ def canonical_kind(kind: str) -> str:
     new = KIND_ALIASES.get(kind)
     if new is None:
         return kind
-    warnings.warn(f"component kind '{kind}' is deprecated: use '{new}' (the alias goes in the next release)", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"component kind '{kind}' is deprecated: use '{new}' (the alias goes in the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return new
-
-
-def _check_registration(kind: Any, name: Any, target: Any, known: Sequence[str]) -> None:
-    if not isinstance(kind, str) or kind not in known:
-        # A typo must not create a new kind that nothing uses: new kinds are declared.
-        raise ValueError(
-            f"unknown kind {kind!r}.{did_you_mean(str(kind), known)} Known kinds: {', '.join(known)}. "
-            "A plugin adding a kind declares it in audiomoe_register_kinds"
-        )
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"{kind} name {name!r} must match {_NAME_RE.pattern} (no ':' - that qualifies by plugin)")
-    if not isinstance(target, str) or not _TARGET_RE.match(target):
-        raise ValueError(
-            f"{kind} '{name}': target {target!r} must be an import string 'package.module:ClassName' "
-            "(register strings, not classes, so listing stays fast)"
-        )
 
 
 _default: Optional[Registry] = None

@@ -96,7 +96,9 @@ def indices_problems(r: "Routing") -> list[str]:
     if ids.numel() == 0:
         return []
     if int(ids.min()) < -1 or int(ids.max()) >= e:
-        return [f"routing.indices must be column ids in [0, {e}) or -1 padding, got values in [{int(ids.min())}, {int(ids.max())}]"]
+        return [
+            f"routing.indices must be column ids in [0, {e}) or -1 padding, got values in [{int(ids.min())}, {int(ids.max())}]"
+        ]
     picked = ids >= 0
     if not torch.equal(picked.sum(-1), r.mask.sum(-1)) or not r.mask.gather(-1, ids.clamp_min(0))[picked].all():
         return ["routing.indices must list exactly the columns routing.mask selects (then -1 padding)"]

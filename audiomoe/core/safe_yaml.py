@@ -34,7 +34,7 @@ class _StrictLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D401 - PyYAML hook
+    def compose_node(self, parent: Any, index: Any) -> Any:
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
@@ -44,7 +44,7 @@ class _StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: D401 - PyYAML hook
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -78,7 +78,9 @@ def _expanded_size(root: Any) -> int:
             total += sum(size(k) + size(v) for k, v in node.value)
         active.discard(key)
         if total > MAX_YAML_NODES:
-            raise AudioMoEError(f"expands to more than {MAX_YAML_NODES:,} values (aliases counted at each use); write it out plainly")
+            raise AudioMoEError(
+                f"expands to more than {MAX_YAML_NODES:,} values (aliases counted at each use); write it out plainly"
+            )
         sizes[key] = total
         return total
 
@@ -115,7 +117,9 @@ def read_text_file(path: str | os.PathLike, what: str = "config file", limit: in
     try:
         size = p.stat().st_size
         if size > limit:
-            raise AudioMoEError(f"{what} '{p}' is {size:,} bytes; a config is at most {limit:,} (is this the right file?)")
+            raise AudioMoEError(
+                f"{what} '{p}' is {size:,} bytes; a config is at most {limit:,} (is this the right file?)"
+            )
         data = p.read_bytes()
     except OSError as exc:
         raise AudioMoEError(f"cannot read {what} '{p}': {exc.strerror or exc}") from None

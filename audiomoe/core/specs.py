@@ -85,7 +85,7 @@ class SlotInfo:
     kind: str
 
 
-def Slot(kind: str) -> SlotInfo:  # noqa: N802 - reads like a type annotation
+def Slot(kind: str) -> SlotInfo:
     """Mark a field as a child component of ``kind``: ``router: Annotated[ComponentSpec, Slot("router")]``."""
     return SlotInfo(kind)
 
@@ -119,21 +119,24 @@ class ModelSpec(Params):
 
         d_model: 64
         encoder: {name: conv_frontend, params: {channels: 32}}
-        backbone: {name: moe_stack, params: {num_layers: 2, router: linear_topk}}
+        backbone: {name: moe_stack, params: {num_layers: 2, router: top_k}}
         tasks:
           emotion: {name: classification, params: {num_classes: 4}}
     """
 
     d_model: int = Field(256, ge=1, le=MAX_D_MODEL, description="width of the shared representation after the encoder")
     seed: int = Field(
-        0, ge=0, le=MAX_SEED,
+        0,
+        ge=0,
+        le=MAX_SEED,
         description="fixes the initial parameters (same spec + seed = same model); `train --seed` fixes the data order and dropout",
     )
     encoder: Annotated[ComponentSpec, Slot("encoder")] = Field(
         default_factory=ComponentSpec, description="the audio encoder (or mixture of encoders)"
     )
     adapter: Annotated[Optional[ComponentSpec], Slot("adapter")] = Field(
-        None, description="encoder frames -> d_model (linear, stack_mlp, conv); None: a linear map, identity when the widths match"
+        None,
+        description="encoder frames -> d_model (linear, stack_mlp, conv); None: a linear map, identity when the widths match",
     )
     backbone: Annotated[Optional[ComponentSpec], Slot("backbone")] = Field(
         None, description="optional sequence model between encoder and heads (e.g. an MoE transformer)"

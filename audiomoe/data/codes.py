@@ -82,7 +82,9 @@ def encode_manifest(
     return out
 
 
-def corpus_codes(manifest: str | Path, num_codebooks: int, codebook_size: int, tasks: Sequence[str] = ("tts", "text_to_music")) -> Path:
+def corpus_codes(
+    manifest: str | Path, num_codebooks: int, codebook_size: int, tasks: Sequence[str] = ("tts", "text_to_music")
+) -> Path:
     """The generation manifest of a corpus for one codebook layout, made once beside it (atomically).
 
     ``<corpus>/codes-k<K>-v<V>/generation.jsonl``: ``mel_rvq`` with ``num_codebooks`` stages of
@@ -91,4 +93,7 @@ def corpus_codes(manifest: str | Path, num_codebooks: int, codebook_size: int, t
     manifest = Path(manifest)
     params = {"num_codebooks": num_codebooks, "codebook_size": codebook_size}
     final = manifest.parent / f"codes-k{num_codebooks}-v{codebook_size}"
-    return build_once(final, "generation.jsonl", lambda tmp: encode_manifest(manifest, tasks, params=params, out_dir=tmp)) / "generation.jsonl"
+    return (
+        build_once(final, "generation.jsonl", lambda tmp: encode_manifest(manifest, tasks, params=params, out_dir=tmp))
+        / "generation.jsonl"
+    )

@@ -36,8 +36,9 @@ def read_csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, 
             rows.append((reader.line_num, row))
             start = reader.line_num + 1
     except csv.Error as exc:
-        raise AudioMoEError(f"{csv_path}:{start}: not a readable CSV row ({exc}); fix the quotes of the row starting "
-                            "on this line") from None
+        raise AudioMoEError(
+            f"{csv_path}:{start}: not a readable CSV row ({exc}); fix the quotes of the row starting on this line"
+        ) from None
     return header, rows
 
 
@@ -50,8 +51,10 @@ def _seconds(origin: str, key: str, cell: Optional[str]) -> Optional[float]:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise AudioMoEError(f"{origin}: '{key}' must be a number of seconds >= 0, got {short_repr(cell)}; "
-                            "fix the cell or leave it empty")
+        raise AudioMoEError(
+            f"{origin}: '{key}' must be a number of seconds >= 0, got {short_repr(cell)}; "
+            "fix the cell or leave it empty"
+        )
     return value
 
 
@@ -80,14 +83,16 @@ def manifest_from_csv(
         raise AudioMoEError(f"{csv_path}:1: column(s) {twice} appear more than once in the header; rename one")
     for col in (audio_column, target_column):
         if col not in header:
-            raise AudioMoEError(f"{csv_path}: no column '{col}' (columns: {header}); name it with "
-                                f"--{'audio' if col == audio_column else 'target'}-column")
+            raise AudioMoEError(
+                f"{csv_path}: no column '{col}' (columns: {header}); name it with "
+                f"--{'audio' if col == audio_column else 'target'}-column"
+            )
     root = out.resolve().parent
     items = []
     for lineno, row in rows:
         origin = f"{csv_path}:{lineno}"
         if None in row:  # more cells than header names: DictReader files them under None
-            cells = len(row[None]) + len(header)  # type: ignore[index]
+            cells = len(row[None]) + len(header)  # type: ignore[index]  # DictReader's None key holds the extra cells
             raise AudioMoEError(f"{origin}: {cells} cells for {len(header)} columns; quote cells that hold commas")
         row = {k: v or "" for k, v in row.items()}  # fewer cells than columns: the missing ones are empty
         audio, target = (row.pop(c).strip() for c in (audio_column, target_column))
@@ -100,12 +105,30 @@ def manifest_from_csv(
             duration = audio_info(path, origin) - (offset or 0.0)
             if duration <= 0:
                 raise AudioMoEError(f"{origin}: offset {offset} s is at or past the end of '{path}'; fix the offset")
-        raw: dict[str, Any] = {"audio": path, "task": task, "target": target, "offset": offset or 0.0,
-                               "duration": duration, "meta": {k: v for k, v in row.items() if v and k not in COPIED}}
+        raw: dict[str, Any] = {
+            "audio": path,
+            "task": task,
+            "target": target,
+            "offset": offset or 0.0,
+            "duration": duration,
+            "meta": {k: v for k, v in row.items() if v and k not in COPIED},
+        }
         raw.update({k: row[k] for k in COPIED if row.get(k)})
         it = validate_line(raw, root, origin, None, check_files=True)  # the manifest's own rules, with this row named
-        items.append(Item(it.audio, task, target, it.offset, it.duration, it.prompt, it.dataset, row.get("split", ""),
-                          it.meta, origin))
+        items.append(
+            Item(
+                it.audio,
+                task,
+                target,
+                it.offset,
+                it.duration,
+                it.prompt,
+                it.dataset,
+                row.get("split", ""),
+                it.meta,
+                origin,
+            )
+        )
     if not items:
         raise AudioMoEError(f"{csv_path}: no rows under the header; add one row per audio file")
     return write_manifest(items, out)

@@ -19,9 +19,9 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from audiomoe.core.batch import AudioBatch
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.resample import resample_audio
-from audiomoe.core.batch import AudioBatch
 from audiomoe.data.augment import augment
 from audiomoe.data.manifest import Item
 from audiomoe.data.sampling import BucketBatchSampler
@@ -38,9 +38,15 @@ class ItemDataset(torch.utils.data.Dataset):
     """Map-style dataset over items; ``ds[(index, seed)]`` -> ``(float32 mono tensor, item)``."""
 
     def __init__(
-        self, items: Sequence[Item], sample_rate: int, *, max_clip_seconds: Optional[float] = None, augment: Any = None,
-        skip_bad: bool = False, crop_tasks: Optional[Sequence[str]] = None,
-    ) -> None:  # fmt: skip
+        self,
+        items: Sequence[Item],
+        sample_rate: int,
+        *,
+        max_clip_seconds: Optional[float] = None,
+        augment: Any = None,
+        skip_bad: bool = False,
+        crop_tasks: Optional[Sequence[str]] = None,
+    ) -> None:
         self.items, self.sample_rate = list(items), int(sample_rate)
         self.max_clip_seconds, self.augment, self.skip_bad = max_clip_seconds, augment, skip_bad
         self.crop_tasks = None if crop_tasks is None else set(crop_tasks)  # None: every task's clips may be cropped
@@ -123,8 +129,14 @@ def collate(samples: Sequence[Any], sample_rate: int) -> tuple[Optional[AudioBat
         wav[i, : w.numel()] = w
     items = [it for _, it in good]
     prompts = [it.prompt for it in items]
-    return AudioBatch(wav, sample_rate, [it.task for it in items], lengths, [it.target for it in items],
-                      prompts if any(p is not None for p in prompts) else None), bad
+    return AudioBatch(
+        wav,
+        sample_rate,
+        [it.task for it in items],
+        lengths,
+        [it.target for it in items],
+        prompts if any(p is not None for p in prompts) else None,
+    ), bad
 
 
 def _worker_init(_: int) -> None:
@@ -134,7 +146,9 @@ def _worker_init(_: int) -> None:
 class AudioLoader:
     """Iterable of :class:`AudioBatch` (one epoch per ``iter``) with a resumable ``state_dict``."""
 
-    def __init__(self, dataset: ItemDataset, sampler: BucketBatchSampler, num_workers: int = 0, warn_bad: bool = True) -> None:
+    def __init__(
+        self, dataset: ItemDataset, sampler: BucketBatchSampler, num_workers: int = 0, warn_bad: bool = True
+    ) -> None:
         self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
         self.bad: list[str] = []
         self.warn_bad = warn_bad
@@ -144,7 +158,9 @@ class AudioLoader:
         from functools import partial
 
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
             collate_fn=partial(collate, sample_rate=self.dataset.sample_rate),
             worker_init_fn=_worker_init if self.num_workers else None,
             prefetch_factor=4 if self.num_workers else None,
@@ -159,14 +175,20 @@ class AudioLoader:
                 self.bad += bad
                 if batch is not None:
                     yield batch
-        except AudioMoEError as exc:  # from a worker: torch wraps it in its traceback; the item's own line is the message
+        except (
+            AudioMoEError
+        ) as exc:  # from a worker: torch wraps it in its traceback; the item's own line is the message
             text = str(exc).strip()
             if "Original Traceback" not in text:
                 raise
             raise AudioMoEError(text.splitlines()[-1].split("AudioMoEError: ", 1)[-1]) from None
         self._state = {"epoch": epoch + 1, "batch": 0}
         if self.warn_bad and len(self.bad) > before:
-            warnings.warn(f"audiomoe data: skipped {len(self.bad) - before} bad item(s) in epoch {epoch} (skip_bad); first: {self.bad[before]}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"audiomoe data: skipped {len(self.bad) - before} bad item(s) in epoch {epoch} (skip_bad); first: {self.bad[before]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __len__(self) -> int:
         return len(self.sampler.epoch_batches(self._state["epoch"])) - self._state["batch"]
@@ -188,7 +210,12 @@ class AudioLoader:
     def summary(self) -> dict[str, Any]:
         """Counts for a run's summary: items, total hours, bad items skipped so far."""
         hours = float(self.sampler.durations.sum()) / 3600
-        return {"items": len(self.dataset), "hours": round(hours, 3), "bad_items": len(self.bad), "bad_examples": self.bad[:5]}
+        return {
+            "items": len(self.dataset),
+            "hours": round(hours, 3),
+            "bad_items": len(self.bad),
+            "bad_examples": self.bad[:5],
+        }
 
 
 def _group_key(by: str, source: str, domain: Optional[str], it: Item) -> str:
@@ -202,7 +229,15 @@ def _group_key(by: str, source: str, domain: Optional[str], it: Item) -> str:
     return domain or it.meta.get("domain") or it.dataset or source
 
 
-def build_loader(config: Any, *, rank: int = 0, world_size: int = 1, num_workers: Optional[int] = None, base_dir: Any = None, registry: Any = None) -> AudioLoader:
+def build_loader(
+    config: Any,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: Optional[int] = None,
+    base_dir: Any = None,
+    registry: Any = None,
+) -> AudioLoader:
     """Validate a ``data:`` config (mapping or YAML path), read its sources, return an :class:`AudioLoader`."""
     from audiomoe.data.spec import load_data_spec
 
@@ -225,15 +260,37 @@ def build_loader(config: Any, *, rank: int = 0, world_size: int = 1, num_workers
             items.append(it)
             groups.append(names[key])
     if bad:
-        warnings.warn(f"audiomoe data: skipped {len(bad)} bad item(s) while indexing (skip_bad); first: {bad[0]}", RuntimeWarning, stacklevel=2)
-    ds = ItemDataset(items, spec.sample_rate, max_clip_seconds=spec.max_clip_seconds, augment=spec.augment, skip_bad=spec.skip_bad,
-                     crop_tasks=spec.crop_tasks)
-    durations = [min(it.duration, spec.max_clip_seconds or math.inf) if ds.croppable(it) else it.duration for it in items]
+        warnings.warn(
+            f"audiomoe data: skipped {len(bad)} bad item(s) while indexing (skip_bad); first: {bad[0]}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    ds = ItemDataset(
+        items,
+        spec.sample_rate,
+        max_clip_seconds=spec.max_clip_seconds,
+        augment=spec.augment,
+        skip_bad=spec.skip_bad,
+        crop_tasks=spec.crop_tasks,
+    )
+    durations = [
+        min(it.duration, spec.max_clip_seconds or math.inf) if ds.croppable(it) else it.duration for it in items
+    ]
     s = spec.sampling
     sampler = BucketBatchSampler(
-        durations, groups, weights, max_seconds=spec.max_seconds, mode=s.mode, alpha=s.alpha, per_group=s.per_group,
-        epoch_items=s.epoch_items, max_items=spec.max_items, bucket_batches=spec.bucket_batches, seed=spec.seed,
-        rank=rank, world_size=world_size,
+        durations,
+        groups,
+        weights,
+        max_seconds=spec.max_seconds,
+        mode=s.mode,
+        alpha=s.alpha,
+        per_group=s.per_group,
+        epoch_items=s.epoch_items,
+        max_items=spec.max_items,
+        bucket_batches=spec.bucket_batches,
+        seed=spec.seed,
+        rank=rank,
+        world_size=world_size,
     )
     loader = AudioLoader(ds, sampler, spec.num_workers if num_workers is None else num_workers)
     loader.bad += bad

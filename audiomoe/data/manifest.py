@@ -56,7 +56,12 @@ class Item:
         out = {k: v for k, v in asdict(self).items() if k in FIELDS}
         out["audio"] = os.path.relpath(self.audio, root) if self.audio else None
         if isinstance(self.target, dict):
-            out["target"] = {k: os.path.relpath(v, root) if k in ("codes", "audio") and isinstance(v, str) and os.path.isabs(v) else v for k, v in self.target.items()}
+            out["target"] = {
+                k: os.path.relpath(v, root)
+                if k in ("codes", "audio") and isinstance(v, str) and os.path.isabs(v)
+                else v
+                for k, v in self.target.items()
+            }
         if not out["offset"]:
             del out["offset"]
         return {k: v for k, v in out.items() if v not in (None, "", {})}
@@ -70,8 +75,10 @@ def audio_info(path: str, origin: str) -> float:
         raise AudioMoEError(f"{origin}: audio file '{path}' does not exist")
     try:
         info = sf.info(path)
-    except Exception as exc:  # noqa: BLE001 - soundfile raises several types for bad headers
-        raise AudioMoEError(f"{origin}: cannot read audio file '{path}' (corrupt or unsupported format): {exc}") from exc
+    except Exception as exc:
+        raise AudioMoEError(
+            f"{origin}: cannot read audio file '{path}' (corrupt or unsupported format): {exc}"
+        ) from exc
     return info.frames / float(info.samplerate)
 
 
@@ -94,8 +101,10 @@ def parse_line(text: str, origin: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as exc:
-        raise AudioMoEError(f"{origin}: key {short_repr(exc.args[0])} appears twice in one object; keep one "
-                            "(JSON would silently keep the last)") from None
+        raise AudioMoEError(
+            f"{origin}: key {short_repr(exc.args[0])} appears twice in one object; keep one "
+            "(JSON would silently keep the last)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise AudioMoEError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, thousands of nested brackets
@@ -106,8 +115,10 @@ def _undecodable(path: Path, data: bytes, exc: UnicodeDecodeError, how: str, lin
     """The error for bytes that are not UTF-8: file, line and column (``data``: the file, or line ``lineno``)."""
     start = data.rfind(b"\n", 0, exc.start) + 1
     line = lineno or data.count(b"\n", 0, exc.start) + 1
-    return AudioMoEError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start - start + 1}; "
-                         f"Latin-1 or another legacy encoding?): save the file as UTF-8 ({how})")
+    return AudioMoEError(
+        f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start - start + 1}; "
+        f"Latin-1 or another legacy encoding?): save the file as UTF-8 ({how})"
+    )
 
 
 def read_text_file(path: Path, what: str, how: str) -> str:
@@ -141,14 +152,18 @@ def validate_line(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], 
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         hint = did_you_mean(unknown[0], FIELDS)
-        raise AudioMoEError(f"{origin}: unknown column(s) {unknown}.{hint} Allowed: {', '.join(FIELDS)} (free fields go under 'meta')")
+        raise AudioMoEError(
+            f"{origin}: unknown column(s) {unknown}.{hint} Allowed: {', '.join(FIELDS)} (free fields go under 'meta')"
+        )
     if not isinstance(raw.get("audio"), str) or not raw["audio"]:
         raise AudioMoEError(f"{origin}: 'audio' (a path relative to the manifest) is required")
     task = raw.get("task")
     if not isinstance(task, str) or not task:
         raise AudioMoEError(f"{origin}: 'task' is required (or set a task for the whole source in the data config)")
     if tasks is not None and task not in tasks:
-        raise AudioMoEError(f"{origin}: unknown task '{task}'.{did_you_mean(task, tasks)} Known tasks: {', '.join(sorted(tasks))}")
+        raise AudioMoEError(
+            f"{origin}: unknown task '{task}'.{did_you_mean(task, tasks)} Known tasks: {', '.join(sorted(tasks))}"
+        )
     path = resolve_path(root, raw["audio"], origin)
     offset = raw.get("offset", 0.0) or 0.0
     duration = raw.get("duration")
@@ -165,16 +180,26 @@ def validate_line(raw: Any, root: Path, origin: str, tasks: Optional[set[str]], 
     if duration <= 0:
         raise AudioMoEError(f"{origin}: zero-length clip '{path}' (duration {duration} s)")
     target = raw.get("target")
-    for key in ("codes", "audio"):  # codec codes (a .npy path) or the clip to encode into them: relative to the manifest
+    for key in (
+        "codes",
+        "audio",
+    ):  # codec codes (a .npy path) or the clip to encode into them: relative to the manifest
         if isinstance(target, dict) and isinstance(target.get(key), str):
             target = {**target, key: resolve_path(root, target[key], origin)}
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise AudioMoEError(f"{origin}: 'meta' must be an object, got {type(meta).__name__}")
     return Item(
-        audio=path, task=task, target=target, offset=float(offset), duration=float(duration),
-        prompt=raw.get("prompt"), dataset=str(raw.get("dataset") or ""), split=str(raw.get("split") or "train"),
-        meta=meta, origin=origin,
+        audio=path,
+        task=task,
+        target=target,
+        offset=float(offset),
+        duration=float(duration),
+        prompt=raw.get("prompt"),
+        dataset=str(raw.get("dataset") or ""),
+        split=str(raw.get("split") or "train"),
+        meta=meta,
+        origin=origin,
     )
 
 
@@ -221,8 +246,12 @@ def read_manifest(
                     if not isinstance(raw_split, str):
                         raise AudioMoEError(f"{origin}: 'split' must be a string, got {short_repr(raw_split)}")
                     splits[raw_split] = splits.get(raw_split, 0) + 1
-                    line_task = raw.get("task") if isinstance(raw.get("task"), str) else None  # a list cannot be looked up
-                if isinstance(raw, dict) and (split is not None and raw_split != split or only and line_task not in only):
+                    line_task = (
+                        raw.get("task") if isinstance(raw.get("task"), str) else None
+                    )  # a list cannot be looked up
+                if isinstance(raw, dict) and (
+                    split is not None and raw_split != split or only and line_task not in only
+                ):
                     if only and (split is None or raw_split == split):
                         other_tasks[str(raw.get("task"))] = other_tasks.get(str(raw.get("task")), 0) + 1
                     continue
@@ -242,10 +271,16 @@ def read_manifest(
                 "items of their own task name; name the head as the manifest's task (e.g. --set tasks.<task>=classification) "
                 "or write the manifest with the head's name (audiomoe data from-csv ... --task <head>)"
             )
-        found = f"; its lines' splits: {', '.join(f'{s!r} ({n})' for s, n in sorted(splits.items()))}" if split is not None and splits else ""
+        found = (
+            f"; its lines' splits: {', '.join(f'{s!r} ({n})' for s, n in sorted(splits.items()))}"
+            if split is not None and splits
+            else ""
+        )
         if found and split not in splits:  # a split the data does not have: name the ones it has
-            raise AudioMoEError(f"manifest '{path}' has no usable items{what}: no line has that split{found}; "
-                                "pick one of them (eval: --split NAME)")
+            raise AudioMoEError(
+                f"manifest '{path}' has no usable items{what}: no line has that split{found}; "
+                "pick one of them (eval: --split NAME)"
+            )
         raise AudioMoEError(f"manifest '{path}' is empty: no usable items{what} ({len(bad)} bad lines skipped){found}")
     return items, bad
 

@@ -103,7 +103,9 @@ class BucketBatchSampler:
         if self.mode == "balanced":
             return rng.permutation(self._subset)
         sizes = [len(m) for m in self.members]
-        counts = exact_counts(group_shares(sizes, self.weights, self.mode, self.alpha), self.epoch_items or len(self.durations))
+        counts = exact_counts(
+            group_shares(sizes, self.weights, self.mode, self.alpha), self.epoch_items or len(self.durations)
+        )
         drawn = []
         for g, (m, c) in enumerate(zip(self.members, counts)):
             if c == 0:
@@ -126,7 +128,9 @@ class BucketBatchSampler:
             batches += self._window(shard, positions, np.arange(start, min(start + window, len(shard))), rng)
         return batches
 
-    def _window(self, shard: np.ndarray, positions: np.ndarray, sl: np.ndarray, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
+    def _window(
+        self, shard: np.ndarray, positions: np.ndarray, sl: np.ndarray, rng: np.random.Generator
+    ) -> list[list[tuple[int, int]]]:
         # Sort by duration inside the window; the augmentation seed is the epoch position, so an
         # item drawn twice in an epoch gets two different augmentations, identically on resume.
         local = self._batches_of(shard[sl], rng)

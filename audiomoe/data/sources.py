@@ -40,7 +40,9 @@ class DataSource:
         """``(key, message)`` for params that are valid types but unusable (a missing path)."""
         return []
 
-    def items(self, *, task: Optional[str], tasks: Optional[Iterable[str]], skip_bad: bool) -> tuple[list[Item], list[str]]:
+    def items(
+        self, *, task: Optional[str], tasks: Optional[Iterable[str]], skip_bad: bool
+    ) -> tuple[list[Item], list[str]]:
         """Every item (``task`` overrides the items' own; ``tasks`` are the known names)."""
         raise NotImplementedError
 
@@ -65,7 +67,9 @@ class ManifestSource(DataSource):
         """A missing or absent manifest path."""
         return _path_problems(self.params.path)
 
-    def items(self, *, task: Optional[str], tasks: Optional[Iterable[str]], skip_bad: bool) -> tuple[list[Item], list[str]]:
+    def items(
+        self, *, task: Optional[str], tasks: Optional[Iterable[str]], skip_bad: bool
+    ) -> tuple[list[Item], list[str]]:
         """Read the manifest (every problem names the file and line)."""
         p = self.params
         return read_manifest(p.path, task=task, tasks=tasks, split=p.split, only_tasks=p.only_tasks, skip_bad=skip_bad)
@@ -96,7 +100,9 @@ class HFSource(DataSource):
             ds = datasets.load_from_disk(p.path)
             if isinstance(ds, datasets.DatasetDict):
                 if p.split not in ds:
-                    raise AudioMoEError(f"{p.path}: no split '{p.split}'.{did_you_mean(p.split, ds)} Splits: {', '.join(ds)}")
+                    raise AudioMoEError(
+                        f"{p.path}: no split '{p.split}'.{did_you_mean(p.split, ds)} Splits: {', '.join(ds)}"
+                    )
                 ds = ds[p.split]
             if p.audio_column in ds.column_names:
                 ds = ds.cast_column(p.audio_column, datasets.Audio(decode=False))  # decode in the workers
@@ -104,7 +110,9 @@ class HFSource(DataSource):
             return ds.column_names, ds, label.names if isinstance(label, datasets.ClassLabel) else None
         return _audiofolder(Path(p.path), p.split)
 
-    def items(self, *, task: Optional[str], tasks: Optional[Iterable[str]], skip_bad: bool) -> tuple[list[Item], list[str]]:
+    def items(
+        self, *, task: Optional[str], tasks: Optional[Iterable[str]], skip_bad: bool
+    ) -> tuple[list[Item], list[str]]:
         """One item per row; audio stays encoded (decoded in the loader's workers)."""
         import io
 
@@ -114,7 +122,9 @@ class HFSource(DataSource):
         columns, rows, names = self._load()
         for col in (p.audio_column, p.target_column, p.task_column, p.prompt_column):
             if col is not None and col not in columns:
-                raise AudioMoEError(f"{p.path}: unknown column '{col}'.{did_you_mean(col, columns)} Columns: {', '.join(columns)}")
+                raise AudioMoEError(
+                    f"{p.path}: unknown column '{col}'.{did_you_mean(col, columns)} Columns: {', '.join(columns)}"
+                )
         known = set(tasks) if tasks is not None else None
         items: list[Item] = []
         bad: list[str] = []
@@ -132,7 +142,7 @@ class HFSource(DataSource):
                     raise AudioMoEError(f"{origin}: unknown task '{row_task}'.{did_you_mean(row_task, known)}")
                 try:
                     info = sf.info(io.BytesIO(blob)) if blob is not None else sf.info(path)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     raise AudioMoEError(f"{origin}: cannot read audio (corrupt or unsupported): {exc}") from exc
                 if info.frames == 0:
                     raise AudioMoEError(f"{origin}: zero-length clip")
@@ -140,8 +150,18 @@ class HFSource(DataSource):
                 if names is not None and target is not None:
                     target = names[target]
                 prompt = row[p.prompt_column] if p.prompt_column else None
-                items.append(Item(None if blob is not None else path, row_task, target, 0.0, info.frames / info.samplerate,
-                                  prompt, origin=origin, blob=blob))
+                items.append(
+                    Item(
+                        None if blob is not None else path,
+                        row_task,
+                        target,
+                        0.0,
+                        info.frames / info.samplerate,
+                        prompt,
+                        origin=origin,
+                        blob=blob,
+                    )
+                )
             except AudioMoEError as exc:
                 if not skip_bad:
                     raise
@@ -167,8 +187,9 @@ def check_saved_dataset(root: Path) -> None:
             try:
                 json.loads(f.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                raise AudioMoEError(f"{f}: corrupt dataset file ({exc}); save the dataset again with "
-                                    "save_to_disk") from None
+                raise AudioMoEError(
+                    f"{f}: corrupt dataset file ({exc}); save the dataset again with save_to_disk"
+                ) from None
 
 
 _AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3", ".opus")
@@ -195,5 +216,11 @@ def _audiofolder(root: Path, split: str) -> tuple[list[str], list[dict[str, Any]
         files = sorted(f for f in base.rglob("*") if f.suffix.lower() in _AUDIO_EXT)
         rows = [{"file_name": str(f.relative_to(base)), "label": f.parent.name} for f in files]
     columns = ["audio"] + sorted({k for r in rows for k in r} - {"file_name"})
-    out = [{**{k: v for k, v in r.items() if k != "file_name"}, "audio": {"bytes": None, "path": str(base / r.get("file_name", ""))}} for r in rows]
+    out = [
+        {
+            **{k: v for k, v in r.items() if k != "file_name"},
+            "audio": {"bytes": None, "path": str(base / r.get("file_name", ""))},
+        }
+        for r in rows
+    ]
     return columns, out, None

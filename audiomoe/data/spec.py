@@ -73,8 +73,12 @@ class DataSpec(BaseModel):
     sample_rate: int = Field(16000, ge=1000, description="every clip is resampled to this rate")
     max_seconds: float = Field(60.0, gt=0.0, description="padded audio seconds per batch")
     max_items: Optional[int] = Field(None, ge=1, description="cap on items per batch")
-    max_clip_seconds: Optional[float] = Field(None, gt=0.0, description="crop longer clips (random window) of the crop_tasks")
-    crop_tasks: Optional[list[str]] = Field(None, description="tasks whose clips may be cropped (clip-level labels); None: every task")
+    max_clip_seconds: Optional[float] = Field(
+        None, gt=0.0, description="crop longer clips (random window) of the crop_tasks"
+    )
+    crop_tasks: Optional[list[str]] = Field(
+        None, description="tasks whose clips may be cropped (clip-level labels); None: every task"
+    )
     bucket_batches: int = Field(50, ge=1, description="batches formed together by length (bucketing window)")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
     seed: int = 0
@@ -98,7 +102,9 @@ def _problems(exc: ValidationError, prefix: str) -> list[ConfigProblem]:
     return out
 
 
-def load_data_spec(config: Any, base_dir: Optional[str | Path] = None, registry: Any = None) -> tuple[DataSpec, dict[str, Any]]:
+def load_data_spec(
+    config: Any, base_dir: Optional[str | Path] = None, registry: Any = None
+) -> tuple[DataSpec, dict[str, Any]]:
     """Validate a ``data:`` mapping (or a YAML path holding one); return the spec and built sources.
 
     Relative source paths are taken from ``base_dir`` (default: the YAML file's folder). Raises
@@ -135,7 +141,9 @@ def load_data_spec(config: Any, base_dir: Optional[str | Path] = None, registry:
         try:
             source = component_builder("data_source", {"name": raw.get("type", "manifest"), "params": params}, reg)()
         except ConfigError as exc:  # re-key "data_source.x" problems under this source
-            problems += [ConfigProblem(key + p.key[len("data_source"):], p.message, p.value, p.has_value) for p in exc.problems]
+            problems += [
+                ConfigProblem(key + p.key[len("data_source") :], p.message, p.value, p.has_value) for p in exc.problems
+            ]
             continue
         problems += [ConfigProblem(f"{key}.{k}", m) for k, m in source.problems()]
         built[name] = source

@@ -51,7 +51,9 @@ def tone_batch(
     return AudioBatch(wav, sample_rate, tasks, lengths, targets)
 
 
-def tone_stream(task_classes: dict[str, int], batch_size: int, sample_rate: int = 16000, seed: int = 0) -> Iterator[AudioBatch]:
+def tone_stream(
+    task_classes: dict[str, int], batch_size: int, sample_rate: int = 16000, seed: int = 0
+) -> Iterator[AudioBatch]:
     """An endless, seeded stream of :func:`tone_batch` batches."""
     g = torch.Generator().manual_seed(seed)
     while True:

@@ -46,7 +46,9 @@ def align_time(
         start = torch.minimum(start, last)
         end = torch.minimum(torch.maximum(end, start + 1), last + 1)
         csum = F.pad(feats.cumsum(1), (0, 0, 1, 0))  # [b, Nw + 1, C], csum[:, i] = sum of frames < i
-        total = csum.gather(1, end[..., None].expand(b, n_out, c)) - csum.gather(1, start[..., None].expand(b, n_out, c))
+        total = csum.gather(1, end[..., None].expand(b, n_out, c)) - csum.gather(
+            1, start[..., None].expand(b, n_out, c)
+        )
         out = total / (end - start).to(feats.dtype)[..., None]
     else:
         raise AudioMoEError(f"align mode must be 'interpolate' or 'pool', got {mode!r}")

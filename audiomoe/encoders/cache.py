@@ -130,7 +130,7 @@ class FeatureCache:
             count = int((~out.padding_mask[0]).sum())
             feats[i] = out.features[0, :count].detach().clone()
             self._put(keys[i], feats[i])
-        return self._assemble(feats)  # type: ignore[arg-type]
+        return self._assemble(feats)  # type: ignore[arg-type]  # every slot is filled above
 
     @staticmethod
     def _assemble(feats: list[torch.Tensor]) -> EncoderOutput:

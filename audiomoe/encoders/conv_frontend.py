@@ -24,14 +24,18 @@ class ConvFrontend(Encoder):
         sample_rate: int = Field(16000, gt=0, description="input sample rate in Hz")
         dim: int = Field(64, ge=1, description="output feature width")
         channels: int = Field(64, ge=1, description="conv channels")
-        kernels: list[int] = Field(default_factory=lambda: [10, 4, 4], min_length=1, description="kernel size per layer")
+        kernels: list[int] = Field(
+            default_factory=lambda: [10, 4, 4], min_length=1, description="kernel size per layer"
+        )
         strides: list[int] = Field(default_factory=lambda: [10, 4, 4], min_length=1, description="stride per layer")
         normalize: bool = Field(True, description="zero-mean unit-variance per utterance over valid samples")
 
         @model_validator(mode="after")
         def _same_length(self) -> "ConvFrontend.Params":
             if len(self.kernels) != len(self.strides):
-                raise ValueError(f"kernels ({len(self.kernels)}) and strides ({len(self.strides)}) need one entry per layer")
+                raise ValueError(
+                    f"kernels ({len(self.kernels)}) and strides ({len(self.strides)}) need one entry per layer"
+                )
             if any(k < s for k, s in zip(self.kernels, self.strides)) or min(self.strides) < 1:
                 raise ValueError("each kernel must be >= its stride >= 1 (otherwise samples are skipped)")
             return self

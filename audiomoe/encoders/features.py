@@ -31,8 +31,15 @@ from audiomoe.core.resample import resample_batch as resample
 from audiomoe.core.resample import resample_ratio
 
 __all__ = [
-    "check_min_length", "check_sample_rate", "frames_mask", "mel_filters", "normalize_waveforms", "prepare_waveforms",
-    "resample", "resample_ratio", "whisper_log_mel",
+    "check_min_length",
+    "check_sample_rate",
+    "frames_mask",
+    "mel_filters",
+    "normalize_waveforms",
+    "prepare_waveforms",
+    "resample",
+    "resample_ratio",
+    "whisper_log_mel",
 ]
 
 
@@ -48,7 +55,9 @@ def check_sample_rate(sample_rate: Any) -> int:
     if isinstance(sr, bool) or not isinstance(sr, int):
         raise AudioMoEError(f"sample_rate must be a whole number of Hz (e.g. 16000), got {short_repr(sample_rate)}")
     if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
-        raise AudioMoEError(f"sample_rate {sr} Hz is outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]; give the clip's real rate in Hz")
+        raise AudioMoEError(
+            f"sample_rate {sr} Hz is outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]; give the clip's real rate in Hz"
+        )
     return sr
 
 
@@ -101,7 +110,9 @@ def prepare_waveforms(
     x = x.to(torch.float32)
     b, t = x.shape
     if b == 0 or t == 0:
-        raise AudioMoEError(f"empty waveform batch (shape {tuple(x.shape)}): give at least one item with at least one sample")
+        raise AudioMoEError(
+            f"empty waveform batch (shape {tuple(x.shape)}): give at least one item with at least one sample"
+        )
     if lengths is None:
         lengths = torch.full((b,), t, dtype=torch.long, device=x.device)
     else:
@@ -164,7 +175,9 @@ def normalize_waveforms(x: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-
     var = ((xm - mean) * valid).pow(2).sum(1, keepdim=True) / n
     bad = ~torch.isfinite(var.flatten())
     if bool(bad.any()):
-        raise AudioMoEError(f"the variance of waveform item(s) {bad.nonzero().flatten().tolist()} overflows float32; scale them into [-1, 1]")
+        raise AudioMoEError(
+            f"the variance of waveform item(s) {bad.nonzero().flatten().tolist()} overflows float32; scale them into [-1, 1]"
+        )
     return ((x - mean) / torch.sqrt(var + eps)) * valid
 
 

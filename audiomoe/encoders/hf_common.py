@@ -21,10 +21,9 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from audiomoe.core.errors import AudioMoEError, MissingPretrainedError  # noqa: F401 (re-exported)
+from audiomoe.core.errors import AudioMoEError, MissingPretrainedError
 
 LayerChoice = Union[str, int]
-
 
 
 def resolve_pretrained(pretrained: str, what: str) -> Path:
@@ -32,16 +31,20 @@ def resolve_pretrained(pretrained: str, what: str) -> Path:
     path = Path(os.path.expanduser(pretrained))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise MissingPretrainedError(f"{what}: pretrained directory '{path}' has no config.json (expected a Hugging Face save_pretrained layout)")
+            raise MissingPretrainedError(
+                f"{what}: pretrained directory '{path}' has no config.json (expected a Hugging Face save_pretrained layout)"
+            )
         return path
     if path.exists():
-        raise MissingPretrainedError(f"{what}: pretrained '{pretrained}' is a file; give a directory in Hugging Face layout or a model id")
+        raise MissingPretrainedError(
+            f"{what}: pretrained '{pretrained}' is a file; give a directory in Hugging Face layout or a model id"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE as cache
 
     try:
         local = snapshot_download(pretrained, local_files_only=True)
-    except Exception as exc:  # the hub raises several types (not cached, bad repo id, ...)
+    except Exception as exc:  # noqa: BLE001 - the hub raises several types (not cached, bad repo id, ...)
         raise MissingPretrainedError(
             f"{what}: pretrained weights '{pretrained}' are missing: not a local directory and not in the local "
             f"Hugging Face cache ({cache}). audiomoe never downloads; fetch them where there is network "
@@ -55,7 +58,9 @@ def check_model_type(path: Path, expected: str, what: str) -> None:
     """Refuse a checkpoint whose ``config.json`` names another architecture than ``expected``."""
     found = json.loads((path / "config.json").read_text()).get("model_type")
     if found != expected:
-        raise AudioMoEError(f"{what}: checkpoint '{path}' is a '{found}' model, not '{expected}'; use the matching encoder")
+        raise AudioMoEError(
+            f"{what}: checkpoint '{path}' is a '{found}' model, not '{expected}'; use the matching encoder"
+        )
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -92,10 +97,10 @@ def load_prefixed_state_dict(path: Path, prefixes: Sequence[str]) -> dict[str, t
         names = [k for k, g in wanted.items() if g == f]
         if f.suffix == ".safetensors":
             with safe_open(str(f), framework="pt") as h:
-                out.update({k[len(prefix):]: h.get_tensor(k) for k in names})
+                out.update({k[len(prefix) :]: h.get_tensor(k) for k in names})
         else:
             sd = torch.load(f, map_location="cpu", weights_only=True)
-            out.update({k[len(prefix):]: sd[k] for k in names})
+            out.update({k[len(prefix) :]: sd[k] for k in names})
     return out
 
 
@@ -110,7 +115,9 @@ class LayerSelect(nn.Module):
             self.weights = nn.Parameter(torch.zeros(num_states))
         elif isinstance(layer, int):
             if not -num_states <= layer < num_states:
-                raise AudioMoEError(f"layer={layer} is out of range: this encoder has {num_states} hidden states (0..{num_states - 1}, or negative from the end)")
+                raise AudioMoEError(
+                    f"layer={layer} is out of range: this encoder has {num_states} hidden states (0..{num_states - 1}, or negative from the end)"
+                )
         elif layer != "last":
             raise AudioMoEError(f"layer must be 'last', 'weighted' or an int index, got {layer!r}")
 

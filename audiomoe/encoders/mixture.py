@@ -59,23 +59,38 @@ class MoWEMixture(Encoder):
             default_factory=lambda: ComponentSpec(name="whisper"), description="the strong base encoder"
         )
         weak: Annotated[list[ComponentSpec], Slot("encoder")] = Field(
-            default_factory=lambda: [ComponentSpec(name="whisper", params={"window": "trim"}), ComponentSpec(name="hubert")],
+            default_factory=lambda: [
+                ComponentSpec(name="whisper", params={"window": "trim"}),
+                ComponentSpec(name="hubert"),
+            ],
             min_length=1,
             description="the pool of weak encoders the router picks from",
         )
         fusion: Annotated[ComponentSpec, Slot("fusion")] = Field(
-            default_factory=lambda: ComponentSpec(name="concat", params={"router": {"name": "mowe", "params": {"balance_weight": 1.0}}}),
+            default_factory=lambda: ComponentSpec(
+                name="concat", params={"router": {"name": "mowe", "params": {"balance_weight": 1.0}}}
+            ),
             description="how weak features join the base features; holds the router(s) that pick them",
         )
-        align: Literal["interpolate", "pool"] = Field("interpolate", description="how weak frames are resampled to the base frame rate")
-        proj_dim: Optional[int] = Field(None, ge=1, le=65536, description="common width C of projected weak features (None = base width)")
-        aux_loss_weight: float = Field(0.1, ge=0.0, le=100.0, description="multiplies the router's aux losses (MoWE: 0.1)")
+        align: Literal["interpolate", "pool"] = Field(
+            "interpolate", description="how weak frames are resampled to the base frame rate"
+        )
+        proj_dim: Optional[int] = Field(
+            None, ge=1, le=65536, description="common width C of projected weak features (None = base width)"
+        )
+        aux_loss_weight: float = Field(
+            0.1, ge=0.0, le=100.0, description="multiplies the router's aux losses (MoWE: 0.1)"
+        )
         feature_cache_mb: float = Field(
-            256.0, ge=0.0, le=1e6,
+            256.0,
+            ge=0.0,
+            le=1e6,
             description="LRU budget (MiB) of the frozen encoders' per-clip feature cache (0: off; encoders/cache.py)",
         )
 
-    def __init__(self, params: Params, *, base: Any, weak: Any, fusion: Any, task_names: Optional[list[str]] = None) -> None:
+    def __init__(
+        self, params: Params, *, base: Any, weak: Any, fusion: Any, task_names: Optional[list[str]] = None
+    ) -> None:
         super().__init__(params)
         p = self.params
         missing: list[str] = []
@@ -89,7 +104,8 @@ class MoWEMixture(Encoder):
                 built.append(None)
         if missing:
             raise MissingPretrainedError(
-                f"mowe_mixture: {len(missing)} of {len(built)} encoders have no local weights:\n  - " + "\n  - ".join(missing)
+                f"mowe_mixture: {len(missing)} of {len(built)} encoders have no local weights:\n  - "
+                + "\n  - ".join(missing)
             )
         self.base = built[0]
         self.weak = nn.ModuleList(built[1:])
@@ -108,14 +124,16 @@ class MoWEMixture(Encoder):
         """Weak encoders (and their projections) no sample selected in the last forward."""
         if self._last_selected is None:
             return []
-        return [f"{part}.{k}" for k in range(len(self.weak)) if k not in self._last_selected for part in ("weak", "proj")]
+        return [
+            f"{part}.{k}" for k in range(len(self.weak)) if k not in self._last_selected for part in ("weak", "proj")
+        ]
 
     def num_active_parameters(self) -> float:
         """Base + fusion (with its routers) + projections, plus the weak encoders an average sample ran (measured last forward).
 
         Before any forward: the router's ``k`` weak encoders of average size (or all of them).
         """
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        count = lambda m: sum(p.numel() for p in m.parameters())
         weak = [count(e) + count(p) for e, p in zip(self.weak, self.proj)]
         fixed = count(self) - sum(weak)
         if self._last_use is not None:
@@ -135,7 +153,9 @@ class MoWEMixture(Encoder):
             return self.feature_cache.encode(slot, enc, wav, lengths, sr)
         return run_frozen(enc, wav, lengths)
 
-    def forward(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> EncoderOutput:
+    def forward(
+        self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> EncoderOutput:
         """Encode ``waveforms`` [B, T] at the base sample rate; ``task_ids`` [B] go to the router."""
         p = self.params
         dev = self.proj[0].weight.device
@@ -149,7 +169,9 @@ class MoWEMixture(Encoder):
         records: dict = {}
         for name, r in routings.items():
             records["mowe" + (f"/{name}" if name else "")] = r
-            aux.update({"router/" + (f"{name}/" if name else "") + k: p.aux_loss_weight * v for k, v in r.aux_losses.items()})
+            aux.update(
+                {"router/" + (f"{name}/" if name else "") + k: p.aux_loss_weight * v for k, v in r.aux_losses.items()}
+            )
         aux.update({f"base/{k}": v for k, v in base.aux_losses.items()})
         records.update({f"base/{k}": v for k, v in base.routing.items()})
         mask = torch.stack([r.mask for r in routings.values()]).any(0)  # run the union of every router's picks
@@ -166,7 +188,9 @@ class MoWEMixture(Encoder):
             if enc.sample_rate != self.sample_rate:
                 wav, lk = resample(wav, lk, self.sample_rate, int(enc.sample_rate))
             out = self._encode(f"weak{k}", enc, wav, lk, int(enc.sample_rate))
-            feats = align_time(out.features, (~out.padding_mask).sum(1), enc.frame_rate, self.base.frame_rate, n, p.align)
+            feats = align_time(
+                out.features, (~out.padding_mask).sum(1), enc.frame_rate, self.base.frame_rate, n, p.align
+            )
             weak_feats[k] = (idx, self.proj[k](feats) * valid[idx, :, None])
             aux.update({f"weak{k}/{name}": v for name, v in out.aux_losses.items()})
             records.update({f"weak{k}/{name}": v for name, v in out.routing.items()})

@@ -25,14 +25,28 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Encoder, EncoderOutput
 from audiomoe.core.specs import Params
 from audiomoe.encoders.features import frames_mask, normalize_waveforms, prepare_waveforms
-from audiomoe.encoders.hf_common import LayerSelect, MissingPretrainedError, check_model_type, freeze_, resolve_pretrained
+from audiomoe.encoders.hf_common import (
+    LayerSelect,
+    MissingPretrainedError,
+    check_model_type,
+    freeze_,
+    resolve_pretrained,
+)
 
 TINY_SSL = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    conv_dim=(32, 32, 32), conv_stride=(5, 4, 16), conv_kernel=(10, 8, 16),
-    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.0,
-)  # fmt: skip  (320 samples per frame, like the real models, at a fraction of the cost; no random
-#   layer skipping in the random-init twins, so a training step is reproducible and reaches every layer)
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    conv_dim=(32, 32, 32),
+    conv_stride=(5, 4, 16),
+    conv_kernel=(10, 8, 16),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    layerdrop=0.0,
+)
+# 320 samples per frame, like the real models, at a fraction of the cost; no random layer skipping in the
+# random-init twins, so a training step is reproducible and reaches every layer.
 
 
 class SSLParams(Params):
@@ -42,14 +56,17 @@ class SSLParams(Params):
         None, description="local directory (HF layout) or model id in the local HF cache; None = random init"
     )
     config: dict[str, Any] = Field(
-        default_factory=dict, description="config overrides (random init starts from a tiny config: hidden 32, 2 layers)"
+        default_factory=dict,
+        description="config overrides (random init starts from a tiny config: hidden 32, 2 layers)",
     )
     freeze: bool = Field(False, description="no gradients to the pretrained weights (kept in eval mode)")
     layer: Union[Literal["last", "weighted"], int] = Field(
-        "last", description="'last', a hidden-state index (0 = after the conv encoder) or 'weighted' (SUPERB learned sum)"
+        "last",
+        description="'last', a hidden-state index (0 = after the conv encoder) or 'weighted' (SUPERB learned sum)",
     )
     normalize: Optional[bool] = Field(
-        None, description="per-utterance waveform normalisation; None = as the checkpoint's feature extractor (or feat_extract_norm == 'layer')"
+        None,
+        description="per-utterance waveform normalisation; None = as the checkpoint's feature extractor (or feat_extract_norm == 'layer')",
     )
     spec_augment: bool = Field(False, description="keep the model's SpecAugment time/feature masking during training")
 
@@ -77,7 +94,9 @@ class SSLEncoder(Encoder):
             path = resolve_pretrained(p.pretrained, f"encoder '{self.family}'")
             check_model_type(path, config_cls.model_type, f"encoder '{self.family}'")
             overrides = {**p.config, "apply_spec_augment": p.spec_augment}
-            model, info = model_cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True, **overrides)
+            model, info = model_cls.from_pretrained(
+                str(path), local_files_only=True, output_loading_info=True, **overrides
+            )
             missing = [k for k in info["missing_keys"] if "masked_spec_embed" not in k] + list(info["mismatched_keys"])
             if missing:
                 raise MissingPretrainedError(

@@ -33,12 +33,25 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Encoder, EncoderOutput
 from audiomoe.core.specs import Params
 from audiomoe.encoders.features import frames_mask, prepare_waveforms, whisper_log_mel
-from audiomoe.encoders.hf_common import LayerSelect, check_model_type, freeze_, load_prefixed_state_dict, resolve_pretrained
+from audiomoe.encoders.hf_common import (
+    LayerSelect,
+    check_model_type,
+    freeze_,
+    load_prefixed_state_dict,
+    resolve_pretrained,
+)
 
 TINY_WHISPER = dict(
-    d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-    decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500,
-)  # fmt: skip
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    decoder_layers=1,
+    decoder_attention_heads=2,
+    decoder_ffn_dim=64,
+    num_mel_bins=80,
+    max_source_positions=1500,
+)
 
 
 class Whisper(Encoder):
@@ -49,16 +62,21 @@ class Whisper(Encoder):
 
     class Params(Params):
         pretrained: Optional[str] = Field(
-            None, description="local directory (HF layout) or model id in the local HF cache, e.g. openai/whisper-tiny; None = random init"
+            None,
+            description="local directory (HF layout) or model id in the local HF cache, e.g. openai/whisper-tiny; None = random init",
         )
         config: dict[str, Any] = Field(
-            default_factory=dict, description="WhisperConfig overrides (random init starts from a tiny config: d_model 32, 2 layers)"
+            default_factory=dict,
+            description="WhisperConfig overrides (random init starts from a tiny config: d_model 32, 2 layers)",
         )
         freeze: bool = Field(False, description="no gradients to the Whisper weights (kept in eval mode)")
         layer: Union[Literal["last", "weighted"], int] = Field(
-            "last", description="'last', a hidden-state index (0 = embeddings; negative from the end) or 'weighted' (SUPERB learned sum)"
+            "last",
+            description="'last', a hidden-state index (0 = embeddings; negative from the end) or 'weighted' (SUPERB learned sum)",
         )
-        window: Literal["pad30", "trim"] = Field("pad30", description="pad every clip to the 30 s window, or run on the true length")
+        window: Literal["pad30", "trim"] = Field(
+            "pad30", description="pad every clip to the 30 s window, or run on the true length"
+        )
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
@@ -128,7 +146,9 @@ class Whisper(Encoder):
         if mel_valid is not None:
             pad = frames_mask(torch.div(mel_valid + self.stride - 1, self.stride, rounding_mode="floor"), n)
             x = x * pad.logical_not()[..., None]
-            attn_mask = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, torch.finfo(x.dtype).min)
+            attn_mask = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(
+                pad, torch.finfo(x.dtype).min
+            )
             attn_mask = attn_mask[:, None, None, :]
         h = x + m.embed_positions.weight[:n]
         h = nn.functional.dropout(h, p=m.dropout, training=m.training)
@@ -152,7 +172,9 @@ class Whisper(Encoder):
         max_chunks = int(chunks.max())
         x = nn.functional.pad(x, (0, max_chunks * win - x.shape[1]))[:, : max_chunks * win]
         seg_item = torch.repeat_interleave(torch.arange(b, device=dev), chunks)
-        seg_idx = torch.arange(seg_item.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(chunks, 0) - chunks, chunks)
+        seg_idx = torch.arange(seg_item.numel(), device=dev) - torch.repeat_interleave(
+            torch.cumsum(chunks, 0) - chunks, chunks
+        )
         seg_len = (lengths[seg_item] - seg_idx * win).clamp(0, win)
         segs = x.view(b, max_chunks, win)[seg_item, seg_idx]
         if self.params.window == "pad30":

@@ -23,11 +23,14 @@ class RouterInput(Params):
     """What the routers of a fusion look at."""
 
     router_input: Literal["sequence", "pooled"] = Field(
-        "sequence", description="give the routers base features [B, N, D] + frame mask, or their mean over valid frames [B, D]"
+        "sequence",
+        description="give the routers base features [B, N, D] + frame mask, or their mean over valid frames [B, D]",
     )
 
 
-def route(router: torch.nn.Module, how: str, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor]) -> Routing:
+def route(
+    router: torch.nn.Module, how: str, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor]
+) -> Routing:
     """One per-sample routing decision over the weak encoders from the base features ``[B, N, D]``."""
     if how == "sequence":
         r = router(base, valid, task_ids)

@@ -20,7 +20,11 @@ from audiomoe.fusion.base import RouterInput, WeakFeatures, route, weighted_sum
 
 
 def _router(scorer: str) -> Any:
-    spec = {"scorer": {"name": scorer}, "selector": {"name": "top_k", "params": {"k": 1, "top1": "raw"}}, "balance_weight": 1.0}
+    spec = {
+        "scorer": {"name": scorer},
+        "selector": {"name": "top_k", "params": {"k": 1, "top1": "raw"}},
+        "balance_weight": 1.0,
+    }
     return lambda: ComponentSpec(name="scored", params=spec)
 
 
@@ -29,14 +33,23 @@ class MoWETwoRouters(Fusion):
 
     class Params(RouterInput):
         independent: Annotated[ComponentSpec, Slot("router")] = Field(
-            default_factory=_router("data_independent"), description="the data-independent router (per-task logits, ignores the audio)"
+            default_factory=_router("data_independent"),
+            description="the data-independent router (per-task logits, ignores the audio)",
         )
         dependent: Annotated[ComponentSpec, Slot("router")] = Field(
             default_factory=_router("mlp"), description="the data-dependent router (scores the pooled base features)"
         )
 
     def __init__(
-        self, params: Params, *, independent: Any, dependent: Any, d_base: int, weak_dim: int, num_weak: int, task_names: Optional[list[str]] = None
+        self,
+        params: Params,
+        *,
+        independent: Any,
+        dependent: Any,
+        d_base: int,
+        weak_dim: int,
+        num_weak: int,
+        task_names: Optional[list[str]] = None,
     ) -> None:
         super().__init__(params)
         ctx = {"d_model": d_base, "num_experts": num_weak, "task_names": list(task_names or [])}
@@ -44,7 +57,9 @@ class MoWETwoRouters(Fusion):
         self.weak_dim = weak_dim
         self.output_dim = d_base + 2 * weak_dim
 
-    def route(self, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> dict[str, Routing]:
+    def route(
+        self, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor] = None
+    ) -> dict[str, Routing]:
         """``{"independent": ..., "dependent": ...}``: two decisions per sample."""
         how = self.params.router_input
         return {name: route(getattr(self, name), how, base, valid, task_ids) for name in ("independent", "dependent")}

@@ -33,7 +33,16 @@ class _SingleRouter(Fusion):
             description="picks weak encoders per sample from the base features (and task)",
         )
 
-    def __init__(self, params: Params, *, router: Any, d_base: int, weak_dim: int, num_weak: int, task_names: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        params: Params,
+        *,
+        router: Any,
+        d_base: int,
+        weak_dim: int,
+        num_weak: int,
+        task_names: Optional[list[str]] = None,
+    ) -> None:
         super().__init__(params)
         if self.adds and weak_dim != d_base:
             raise AudioMoEError(
@@ -45,7 +54,9 @@ class _SingleRouter(Fusion):
         self.output_dim = d_base if self.adds else d_base + weak_dim
         self.gate = nn.Linear(2 * weak_dim, weak_dim) if self.gated else None
 
-    def route(self, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> dict[str, Routing]:
+    def route(
+        self, base: torch.Tensor, valid: torch.Tensor, task_ids: Optional[torch.Tensor] = None
+    ) -> dict[str, Routing]:
         """``{"": routing}``: one decision per sample."""
         return {"": route(self.router, self.params.router_input, base, valid, task_ids)}
 

@@ -30,11 +30,26 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from audiomoe.backbones.hf_lm import (
+    LoRAParams,
+    SoftPrompt,
+    apply_lora,
+    assemble_soft_prompt,
+    check_one_source,
+    lm_and_tokenizer,
+)
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Head
 from audiomoe.heads.functional import generation
-from audiomoe.heads.prompting import LLMTarget, PromptParams, item_fields, prompt_parts, text_metrics, text_targets, token_ids
-from audiomoe.backbones.hf_lm import LoRAParams, SoftPrompt, apply_lora, assemble_soft_prompt, check_one_source, lm_and_tokenizer
+from audiomoe.heads.prompting import (
+    LLMTarget,
+    PromptParams,
+    item_fields,
+    prompt_parts,
+    text_metrics,
+    text_targets,
+    token_ids,
+)
 
 _TINY_LM = {
     "model_type": "llama",
@@ -47,6 +62,8 @@ _TINY_LM = {
     # A random LM with the usual 0.02 init has near-uniform outputs that a low-rank update barely moves.
     "initializer_range": 0.2,
 }
+
+
 @dataclass
 class AudioLLMOutput:
     """Adapted audio ``soft_tokens`` [B, M, H], ``lengths`` [B] valid ones, and per-item prompt fields."""
@@ -65,15 +82,20 @@ class AudioLLM(Head):
     gradient_exempt = ("*lora_A*",)
 
     class Params(PromptParams):
-        pretrained: Optional[str] = Field(None, description="local directory holding the LM and its tokenizer (HF layout)")
+        pretrained: Optional[str] = Field(
+            None, description="local directory holding the LM and its tokenizer (HF layout)"
+        )
         config: Optional[dict[str, Any]] = Field(
-            None, description="transformers config of a randomly initialised LM (needs model_type); default: a tiny Llama"
+            None,
+            description="transformers config of a randomly initialised LM (needs model_type); default: a tiny Llama",
         )
         dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="LM weight dtype")
         lora: Optional[LoRAParams] = Field(default_factory=LoRAParams, description="LoRA on the LM; null = none")
         train_lm: bool = Field(False, description="without LoRA: fine-tune all LM weights (else the LM is frozen)")
         downsample: int = Field(1, ge=1, le=64, description="audio frames stacked into one soft token")
-        adapter_hidden: int = Field(0, ge=0, le=65536, description="hidden width of the adapter MLP (0: one linear layer)")
+        adapter_hidden: int = Field(
+            0, ge=0, le=65536, description="hidden width of the adapter MLP (0: one linear layer)"
+        )
         num_beams: int = Field(1, ge=1, le=64, description="beam search width for generation (1: greedy)")
 
         @model_validator(mode="after")
@@ -91,13 +113,17 @@ class AudioLLM(Head):
         self.context = getattr(cfg.get_text_config(), "max_position_embeddings", None)
         din = d_model * p.downsample
         if p.adapter_hidden:
-            self.adapter = nn.Sequential(nn.Linear(din, p.adapter_hidden), nn.GELU(), nn.Linear(p.adapter_hidden, width))
+            self.adapter = nn.Sequential(
+                nn.Linear(din, p.adapter_hidden), nn.GELU(), nn.Linear(p.adapter_hidden, width)
+            )
         else:
             self.adapter = nn.Sequential(nn.Linear(din, width))
         self.adapter.to(self._lm_dtype)
         if self.tokenizer.eos_token_id is None:
             raise AudioMoEError("the LM's tokenizer has no eos token; answers need one to stop generation")
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
 
     @property
     def _lm_dtype(self) -> torch.dtype:
@@ -107,7 +133,9 @@ class AudioLLM(Head):
         p = self.params
         lm, tok = lm_and_tokenizer(p.pretrained, p.config, _TINY_LM, self._lm_dtype)
         if tok is None:
-            raise AudioMoEError(f"'{p.pretrained}' holds no tokenizer files; the AudioLLM head needs the LM's tokenizer beside it")
+            raise AudioMoEError(
+                f"'{p.pretrained}' holds no tokenizer files; the AudioLLM head needs the LM's tokenizer beside it"
+            )
         if p.lora is not None:
             lm = apply_lora(lm, p.lora)
         elif not p.train_lm:
@@ -227,10 +255,18 @@ class AudioLLM(Head):
             from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
 
-            saved = json.loads((src / "adapter_config.json").read_text()) if (src / "adapter_config.json").is_file() else None
+            saved = (
+                json.loads((src / "adapter_config.json").read_text())
+                if (src / "adapter_config.json").is_file()
+                else None
+            )
             if saved is None or saved.get("r") != self.params.lora.r:
-                raise AudioMoEError(f"'{src}' has no LoRA adapter of rank {self.params.lora.r} (found {saved and saved.get('r')})")
+                raise AudioMoEError(
+                    f"'{src}' has no LoRA adapter of rank {self.params.lora.r} (found {saved and saved.get('r')})"
+                )
             result = set_peft_model_state_dict(self.lm, load_peft_weights(str(src), device="cpu"))
             if getattr(result, "unexpected_keys", None):
-                raise AudioMoEError(f"LoRA weights in '{src}' do not fit this LM: unexpected {result.unexpected_keys[:5]}")
+                raise AudioMoEError(
+                    f"LoRA weights in '{src}' do not fit this LM: unexpected {result.unexpected_keys[:5]}"
+                )
         self.adapter.load_state_dict(load_file(str(src / "audio_adapter.safetensors")))

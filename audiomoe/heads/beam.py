@@ -17,8 +17,18 @@ import torch
 from audiomoe.core.decoding import positions_from_mask
 
 
-def beam_search(dec: Any, eos: int, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *,
-                limit: int, beams: int, length_penalty: float, use_cache: bool = True) -> list[list[int]]:  # fmt: skip
+def beam_search(
+    dec: Any,
+    eos: int,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    limit: int,
+    beams: int,
+    length_penalty: float,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Token ids of the best hypothesis per item (eos excluded) for the left-padded prefixes ``embeds`` [B, N, D]."""
     b = embeds.shape[0]
     rows = torch.arange(b, device=embeds.device).repeat_interleave(beams)

@@ -37,10 +37,16 @@ class Classification(Head):
 
     class Params(Params):
         num_classes: int = Field(2, ge=2, le=100_000, description="number of classes")
-        multi_label: bool = Field(False, description="independent sigmoid per class (sound events, tags) instead of softmax")
-        labels: Optional[list[str]] = Field(None, description="class names (targets may then be names); length num_classes")
+        multi_label: bool = Field(
+            False, description="independent sigmoid per class (sound events, tags) instead of softmax"
+        )
+        labels: Optional[list[str]] = Field(
+            None, description="class names (targets may then be names); length num_classes"
+        )
         pooling: Literal["mean", "attention"] = Field("mean", description="pooling over valid frames")
-        threshold: float = Field(0.5, gt=0.0, lt=1.0, description="multi-label: probability above which a class is predicted")
+        threshold: float = Field(
+            0.5, gt=0.0, lt=1.0, description="multi-label: probability above which a class is predicted"
+        )
         label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="single-label cross-entropy label smoothing")
         loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="weight of this head's loss in the total loss")
 
@@ -155,6 +161,8 @@ class Classification(Head):
         decided = (predictions >= self.params.threshold).long()
         return {
             "mAP": m_ap,
-            "macro_f1": float(tmc.multilabel_f1_score(predictions, t, num_labels=c, threshold=self.params.threshold, average="macro")),
+            "macro_f1": float(
+                tmc.multilabel_f1_score(predictions, t, num_labels=c, threshold=self.params.threshold, average="macro")
+            ),
             "subset_accuracy": float((decided == t).all(-1).float().mean()),
         }

@@ -59,7 +59,8 @@ class CodecGeneration(CodecFrames, Head):
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="built-in decoder dropout")
         max_positions: int = Field(1024, ge=8, le=65536, description="longest conditioning + codec sequence")
         decoder: Annotated[Optional[ComponentSpec], Slot("backbone")] = Field(
-            None, description="a registered backbone used causally instead of the built-in decoder (e.g. moe_transformer)"
+            None,
+            description="a registered backbone used causally instead of the built-in decoder (e.g. moe_transformer)",
         )
 
     def __init__(self, params: Params, *, d_model: int, decoder: Any = None) -> None:
@@ -80,13 +81,23 @@ class CodecGeneration(CodecFrames, Head):
             if d_model % p.num_heads:
                 raise AudioMoEError(f"codec decoder num_heads={p.num_heads} must divide d_model={d_model}")
             layer = nn.TransformerEncoderLayer(
-                d_model, p.num_heads, p.ffn_mult * d_model, p.dropout, activation="gelu", batch_first=True, norm_first=True
+                d_model,
+                p.num_heads,
+                p.ffn_mult * d_model,
+                p.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
             )
-            self.decoder = nn.TransformerEncoder(layer, p.num_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+            self.decoder = nn.TransformerEncoder(
+                layer, p.num_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False
+            )
 
     # -- decoder --------------------------------------------------------------------------------
 
-    def _decode(self, cond: CodecCondition, frames: torch.Tensor, frame_pad: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    def _decode(
+        self, cond: CodecCondition, frames: torch.Tensor, frame_pad: torch.Tensor
+    ) -> tuple[torch.Tensor, dict, dict]:
         """Logits [B, S, K, V] for codec input frames [B, S, K] after the prefix, aux losses, routing records."""
         x = torch.cat([cond.memory, self.embed_frames(frames)], 1)
         pad = torch.cat([cond.padding_mask, frame_pad], 1)
@@ -126,7 +137,9 @@ class CodecGeneration(CodecFrames, Head):
         logits, aux, routing = self._decode(outputs, targets.inputs, targets.padding_mask)
         total = self.frames_loss(logits, targets)
         # the decoder's router losses are not task loss: they must not be scaled by loss_weight
-        return TaskLoss(total, {f"decoder/{k}": v for k, v in aux.items()}, {f"decoder/{k}": v for k, v in routing.items()})
+        return TaskLoss(
+            total, {f"decoder/{k}": v for k, v in aux.items()}, {f"decoder/{k}": v for k, v in routing.items()}
+        )
 
     @generation
     def generate(self, outputs: CodecCondition, **sampling: Any) -> list[torch.Tensor]:
@@ -134,6 +147,7 @@ class CodecGeneration(CodecFrames, Head):
 
         ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``max_frames``, ``generator`` (default: params).
         """
+
         def step(frames: torch.Tensor) -> torch.Tensor:
             pad = torch.zeros(frames.shape[:2], dtype=torch.bool, device=frames.device)
             return self._decode(outputs, frames, pad)[0][:, -1]

@@ -31,7 +31,9 @@ class CodecFrameParams(Params):
     """Codebook layout, delays and sampling: the knobs both codec heads declare through this class."""
 
     num_codebooks: int = Field(4, ge=1, le=64, description="codebooks per frame (DAC 16 kHz: 12)")
-    codebook_size: int | list[int] = Field(64, description="codes per codebook (one value for all, or one per codebook)")
+    codebook_size: int | list[int] = Field(
+        64, description="codes per codebook (one value for all, or one per codebook)"
+    )
     delays: Optional[list[int]] = Field(None, description="delay per codebook in frames; default 0, 1, ..., K-1")
     max_frames: int = Field(64, ge=1, le=65536, description="generation: most codec frames per clip")
     min_frames: int = Field(1, ge=1, le=65536, description="generation: eos is not allowed before this many frames")
@@ -106,7 +108,9 @@ class CodecFrames(nn.Module):
         than over the [K*V, D] weight at a decoding step's few rows) and the -inf of disallowed ids
         folded into the bias, so a step is one ``addmm``.
         """
-        w = self.out.weight.detach().float().t().contiguous()  # in float32 whatever the model's dtype: sampling reads it
+        w = (
+            self.out.weight.detach().float().t().contiguous()
+        )  # in float32 whatever the model's dtype: sampling reads it
         b = self.out.bias.detach().float() if self.out.bias is not None else w.new_zeros(w.shape[1])
         bias = b.masked_fill(~self.allowed.reshape(-1), float("-inf"))
         k = len(self.sizes)
@@ -124,7 +128,9 @@ class CodecFrames(nn.Module):
         for i, item in enumerate(raw):
             c = torch.as_tensor(item, dtype=torch.long)
             if c.dim() != 2 or c.shape[0] != k:
-                raise AudioMoEError(f"codec target of item {i} must be [num_codebooks={k}, frames], got shape {tuple(c.shape)}")
+                raise AudioMoEError(
+                    f"codec target of item {i} must be [num_codebooks={k}, frames], got shape {tuple(c.shape)}"
+                )
             if c.shape[1] == 0:
                 raise AudioMoEError(f"codec target of item {i} is empty (0 frames)")
             for j, s in enumerate(self.sizes):
@@ -161,15 +167,25 @@ class CodecFrames(nn.Module):
         """
         k = len(self.sizes)
         labels = targets.labels.reshape(-1, k)
-        ce = nn.functional.cross_entropy(logits.reshape(-1, self.vocab), labels.reshape(-1), ignore_index=-100, reduction="none")
+        ce = nn.functional.cross_entropy(
+            logits.reshape(-1, self.vocab), labels.reshape(-1), ignore_index=-100, reduction="none"
+        )
         scored = (labels != -100).sum(0)
         per_book = ce.view(-1, k).sum(0) / scored.clamp_min(1)
         return per_book[scored > 0].sum()  # a codebook with nothing to score (all delayed past the end) is skipped
 
     def sample_frames(
-        self, step: Callable[[torch.Tensor], torch.Tensor], b: int, device: torch.device, params: CodecFrameParams, *,
-        temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-        max_frames: Optional[int] = None, generator: Optional[torch.Generator] = None,
+        self,
+        step: Callable[[torch.Tensor], torch.Tensor],
+        b: int,
+        device: torch.device,
+        params: CodecFrameParams,
+        *,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        max_frames: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> list[torch.Tensor]:
         """Sample codes [K, T_i] per item frame by frame; ``step(frames [B, s, K])`` gives the last frame's logits [B, K, V].
 

@@ -23,8 +23,8 @@ from typing import Any, Optional
 import torch
 from pydantic import Field
 
-from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.decoding import positions_from_mask
+from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Head, TaskLoss
 from audiomoe.heads.codec_frames import CodecFrameParams, CodecFrames, CodecTargets
 from audiomoe.heads.functional import generation
@@ -48,7 +48,9 @@ class CodecHead(CodecFrames, Head):
     reads_decoder = True
 
     class Params(CodecFrameParams):
-        prompt: Optional[str] = Field(None, max_length=4096, description="text template before the audio ('{text}' etc.; needs a tokenizer)")
+        prompt: Optional[str] = Field(
+            None, max_length=4096, description="text template before the audio ('{text}' etc.; needs a tokenizer)"
+        )
 
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
@@ -57,7 +59,9 @@ class CodecHead(CodecFrames, Head):
     def _prompt_embeds(self, decoder: Any, fields: dict[str, Any], i: int) -> torch.Tensor:
         tok = decoder.tokenizer
         if tok is None:
-            raise AudioMoEError(f"codec head prompt {self.params.prompt!r} needs a backbone with a tokenizer (causal_lm)")
+            raise AudioMoEError(
+                f"codec head prompt {self.params.prompt!r} needs a backbone with a tokenizer (causal_lm)"
+            )
         fields = {"text": fields.get("question", "")} | fields
         try:
             text = self.params.prompt.format(**fields)
@@ -66,7 +70,13 @@ class CodecHead(CodecFrames, Head):
         ids = torch.tensor(token_ids(tok, text), dtype=torch.long, device=self.out.weight.device)
         return decoder.embed_tokens(ids)
 
-    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, prompts: Optional[list[Any]] = None, decoder: Any = None) -> CodecPrefix:
+    def forward(
+        self,
+        features: torch.Tensor,
+        padding_mask: torch.Tensor,
+        prompts: Optional[list[Any]] = None,
+        decoder: Any = None,
+    ) -> CodecPrefix:
         """The conditioning: each item's prompt tokens (if a template is set) then its valid audio frames, left-padded."""
         check_decoder("codec", decoder)
         fields = item_fields(prompts, features.shape[0])
@@ -114,7 +124,11 @@ class CodecHead(CodecFrames, Head):
                 first = seq["state"] is None
                 x = torch.cat([seq["embeds"], new], 1) if first else new
                 # every new position is real: one past the last one (no cumsum over the whole mask per step)
-                pos = positions_from_mask(mask) if first else seq["pos"] + torch.arange(1, x.shape[1] + 1, device=mask.device)
+                pos = (
+                    positions_from_mask(mask)
+                    if first
+                    else seq["pos"] + torch.arange(1, x.shape[1] + 1, device=mask.device)
+                )
                 seq["pos"] = pos[:, -1:]
                 seq["state"] = dec.decode(x, mask, pos[:, -x.shape[1] :], None if first else seq["state"].cache)
             else:  # the whole sequence again each frame: what the cache must reproduce

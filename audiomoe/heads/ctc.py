@@ -104,7 +104,9 @@ class CTCASR(Head):
                     i += n
                     break
             else:
-                raise AudioMoEError(f"transcript {text!r}: no token in the vocabulary spells {s[i:]!r} (outside the label set)")
+                raise AudioMoEError(
+                    f"transcript {text!r}: no token in the vocabulary spells {s[i:]!r} (outside the label set)"
+                )
         return ids
 
     def decode_ids(self, ids: list[int]) -> str:
@@ -152,7 +154,12 @@ class CTCASR(Head):
                 f"{int(outputs.lengths[i])}; use longer audio, a higher frame rate or a token vocabulary"
             )
         return nn.functional.ctc_loss(
-            outputs.log_probs.transpose(0, 1), targets.labels, outputs.lengths, targets.lengths, blank=0, zero_infinity=False
+            outputs.log_probs.transpose(0, 1),
+            targets.labels,
+            outputs.lengths,
+            targets.lengths,
+            blank=0,
+            zero_infinity=False,
         )
 
     def predict(self, outputs: CTCOutput) -> list[str]:

@@ -45,6 +45,7 @@ def generation(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     return wrapper
 
+
 # -- pooling ----------------------------------------------------------------------------------
 
 
@@ -137,7 +138,9 @@ def apply_delay_pattern(
     return torch.where(src > n, torch.full_like(out, pad), out)
 
 
-def revert_delay_pattern(delayed: torch.Tensor, lengths: torch.Tensor, delays: Sequence[int], *, pad: int) -> torch.Tensor:
+def revert_delay_pattern(
+    delayed: torch.Tensor, lengths: torch.Tensor, delays: Sequence[int], *, pad: int
+) -> torch.Tensor:
     """Inverse of :func:`apply_delay_pattern`: delayed [B, K, S] -> codes [B, K, max(lengths)] (``pad`` beyond a length)."""
     b, k, s = delayed.shape
     t = int(lengths.max()) if lengths.numel() else 0

@@ -32,7 +32,9 @@ TEMPLATES = {
 class PromptParams(Params):
     """Templates, the default mode, the generation length and the loss weight of a text-writing head."""
 
-    templates: dict[str, str] = Field(default_factory=lambda: dict(TEMPLATES), description="prompt template per mode; '{audio}' once")
+    templates: dict[str, str] = Field(
+        default_factory=lambda: dict(TEMPLATES), description="prompt template per mode; '{audio}' once"
+    )
     mode: str = Field("asr", min_length=1, description="template used when an item names no mode")
     max_new_tokens: int = Field(32, ge=1, le=8192, description="generation length limit")
     loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="weight of this head's loss in the total loss")
@@ -72,7 +74,9 @@ def item_fields(prompts: Optional[Sequence[Any]], b: int) -> list[dict[str, Any]
         elif isinstance(pr, Mapping):
             items.append(dict(pr))
         else:
-            raise AudioMoEError(f"prompt of item {i} must be a mapping of template fields or a string, got {type(pr).__name__}")
+            raise AudioMoEError(
+                f"prompt of item {i} must be a mapping of template fields or a string, got {type(pr).__name__}"
+            )
     return items
 
 
@@ -108,7 +112,9 @@ def prompt_parts(tokenizer: Any, params: PromptParams, fields: Mapping[str, Any]
     try:
         pre, post = before.format(**fields), after.format(**fields)
     except KeyError as exc:
-        raise AudioMoEError(f"template '{mode}' needs the field {exc} (give it in the item's prompt or target)") from None
+        raise AudioMoEError(
+            f"template '{mode}' needs the field {exc} (give it in the item's prompt or target)"
+        ) from None
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + token_ids(tokenizer, pre), token_ids(tokenizer, post)
 

@@ -22,13 +22,21 @@ from typing import Any, Mapping, Optional
 import torch
 from pydantic import Field
 
+from audiomoe.backbones.hf_lm import SoftPrompt, assemble_soft_prompt
 from audiomoe.core.decoding import positions_from_mask
 from audiomoe.core.interfaces import Head, TaskLoss
 from audiomoe.heads.beam import beam_search
 from audiomoe.heads.functional import generation, sample_logits
-from audiomoe.backbones.hf_lm import SoftPrompt, assemble_soft_prompt
 from audiomoe.heads.prompting import (
-    LLMTarget, PromptParams, check_decoder, inference, item_fields, prompt_parts, text_metrics, text_targets, token_ids,
+    LLMTarget,
+    PromptParams,
+    check_decoder,
+    inference,
+    item_fields,
+    prompt_parts,
+    text_metrics,
+    text_targets,
+    token_ids,
 )
 
 
@@ -51,14 +59,24 @@ class TextHead(Head):
 
     class Params(PromptParams):
         temperature: float = Field(0.0, ge=0.0, le=100.0, description="generation temperature (0: greedy)")
-        num_beams: int = Field(1, ge=1, le=64, description="beam search width (1: greedy or sampled; >1: beam search, temperature unused)")
-        length_penalty: float = Field(1.0, ge=0.0, le=10.0, description="beam search: hypothesis score = sum log p / length ** length_penalty")
+        num_beams: int = Field(
+            1, ge=1, le=64, description="beam search width (1: greedy or sampled; >1: beam search, temperature unused)"
+        )
+        length_penalty: float = Field(
+            1.0, ge=0.0, le=10.0, description="beam search: hypothesis score = sum log p / length ** length_penalty"
+        )
 
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
         self.loss_weight = self.params.loss_weight
 
-    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, prompts: Optional[list[Any]] = None, decoder: Any = None) -> TextInputs:
+    def forward(
+        self,
+        features: torch.Tensor,
+        padding_mask: torch.Tensor,
+        prompts: Optional[list[Any]] = None,
+        decoder: Any = None,
+    ) -> TextInputs:
         """Keep the adapted audio, the prompt fields and the decoder for :meth:`loss` and :meth:`generate`."""
         check_decoder("text", decoder, text=True)
         return TextInputs(features, padding_mask, item_fields(prompts, features.shape[0]), decoder)
@@ -86,8 +104,13 @@ class TextHead(Head):
     def example_targets(self, n: int) -> list[Any]:
         """``n`` short answers, with a value for every field the default template asks for (e.g. ``question``)."""
         words = ["yes", "no", "a dog barks", "hello world"]
-        names = {f for _, f, _, _ in string.Formatter().parse(self.params.templates[self.params.mode]) if f and f != "audio"}
-        return [{"answer": words[i % len(words)], **{f: "what is it?" for f in names}} if names else words[i % len(words)] for i in range(n)]
+        names = {
+            f for _, f, _, _ in string.Formatter().parse(self.params.templates[self.params.mode]) if f and f != "audio"
+        }
+        return [
+            {"answer": words[i % len(words)], **{f: "what is it?" for f in names}} if names else words[i % len(words)]
+            for i in range(n)
+        ]
 
     def loss(self, outputs: TextInputs, targets: list[LLMTarget]) -> torch.Tensor:
         """Next-token cross-entropy over the answer tokens (+ the decoder's router losses)."""
@@ -99,13 +122,25 @@ class TextHead(Head):
         batch = self.build_inputs(outputs, targets)
         state = outputs.decoder.decode(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
         logits = outputs.decoder.text_logits(state.hidden[:, :-1]).float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100)
-        return TaskLoss(loss, {f"decoder/{k}": v for k, v in state.aux_losses.items()}, {f"decoder/{k}": v for k, v in state.routing.items()})
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        return TaskLoss(
+            loss,
+            {f"decoder/{k}": v for k, v in state.aux_losses.items()},
+            {f"decoder/{k}": v for k, v in state.routing.items()},
+        )
 
     @generation
     def generate(
-        self, outputs: TextInputs, *, use_cache: bool = True, max_new_tokens: Optional[int] = None,
-        temperature: Optional[float] = None, generator: Optional[torch.Generator] = None, num_beams: Optional[int] = None,
+        self,
+        outputs: TextInputs,
+        *,
+        use_cache: bool = True,
+        max_new_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        num_beams: Optional[int] = None,
     ) -> list[str]:
         """An answer per item: the prompt once, then one token per decoder call (KV cache); stops at eos.
 
@@ -118,8 +153,17 @@ class TextHead(Head):
         with inference(dec):
             batch = self.build_inputs(outputs)
             if beams > 1:
-                ids = beam_search(dec, tok.eos_token_id, batch.inputs_embeds, batch.attention_mask, batch.position_ids,
-                                  limit=limit, beams=beams, length_penalty=self.params.length_penalty, use_cache=use_cache)  # fmt: skip
+                ids = beam_search(
+                    dec,
+                    tok.eos_token_id,
+                    batch.inputs_embeds,
+                    batch.attention_mask,
+                    batch.position_ids,
+                    limit=limit,
+                    beams=beams,
+                    length_penalty=self.params.length_penalty,
+                    use_cache=use_cache,
+                )
                 return [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
             embeds, mask = batch.inputs_embeds, batch.attention_mask
             state = dec.decode(embeds, mask, batch.position_ids)
@@ -156,4 +200,3 @@ class TextHead(Head):
     def metrics(self, predictions: list[str], targets: list[LLMTarget]) -> Mapping[str, float]:
         """WER and CER (jiwer), corpus BLEU (sacrebleu) and exact-match accuracy, on normalised text."""
         return text_metrics(predictions, targets)
-

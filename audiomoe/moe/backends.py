@@ -100,7 +100,7 @@ def _xformers_packed(
     valid = ~padding_mask
     lens = valid.sum(-1).tolist()
     flat = valid.reshape(-1).nonzero(as_tuple=True)[0]
-    pack = lambda t: t.reshape(b * n, h, dh).index_select(0, flat).unsqueeze(0)  # noqa: E731
+    pack = lambda t: t.reshape(b * n, h, dh).index_select(0, flat).unsqueeze(0)
     bias = (BlockDiagonalCausalMask if causal else BlockDiagonalMask).from_seqlens([int(x) for x in lens if x > 0])
     out = xops.memory_efficient_attention(pack(q), pack(k), pack(v), attn_bias=bias)[0]
     return q.new_zeros(b * n, h, dh).index_copy(0, flat, out).reshape(b, n, h, dh)

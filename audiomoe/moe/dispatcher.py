@@ -84,7 +84,9 @@ def load_plan_table(path: Optional[str]) -> dict[str, str]:
         with open(os.fspath(path), encoding="utf-8") as fh:
             table = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise AudioMoEError(f"cannot read the MoE plan table '{path}': {exc}; write one with `audiomoe bench moe MODEL --tune FILE`") from exc
+        raise AudioMoEError(
+            f"cannot read the MoE plan table '{path}': {exc}; write one with `audiomoe bench moe MODEL --tune FILE`"
+        ) from exc
     bad = {k: v for k, v in table.items() if v not in PLANS} if isinstance(table, dict) else {"<file>": table}
     if bad:
         raise AudioMoEError(f"plan table '{path}' names unknown plans {bad}; plans are {', '.join(PLANS)}")
@@ -122,17 +124,28 @@ class Dispatcher(nn.Module):
             plan = self.plan
         elif not grouped:
             plan = "loop"
-        elif not torch.is_grad_enabled() and tokens.shape[0] * len(experts) * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
+        elif (
+            not torch.is_grad_enabled()
+            and tokens.shape[0] * len(experts) * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT
+        ):
             plan = "dense"
-        elif not torch.is_grad_enabled() and pairs is not None and pairs * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT:
+        elif (
+            not torch.is_grad_enabled()
+            and pairs is not None
+            and pairs * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT
+        ):
             plan = "gathered"
-        elif self.table and plan_key(tokens.device, tokens.dtype, experts) in self.table:  # tuned on fwd+bwd: not for decoding steps
+        elif (
+            self.table and plan_key(tokens.device, tokens.dtype, experts) in self.table
+        ):  # tuned on fwd+bwd: not for decoding steps
             plan = self.table[plan_key(tokens.device, tokens.dtype, experts)]
         elif tokens.device.type == "cuda" and grouped_mm_usable(experts.d_model, experts.d_ff, tokens.dtype):
             plan = "grouped_mm"
         else:
             plan = "fused"
-        if plan == "grouped_mm" and not grouped_mm_usable(getattr(experts, "d_model", 0), getattr(experts, "d_ff", 0), tokens.dtype):
+        if plan == "grouped_mm" and not grouped_mm_usable(
+            getattr(experts, "d_model", 0), getattr(experts, "d_ff", 0), tokens.dtype
+        ):
             raise AudioMoEError(
                 f"dispatch='grouped_mm' needs torch's F.grouped_mm, float32/bfloat16/float16 and widths whose rows are "
                 f"multiples of 16 bytes (d_model={getattr(experts, 'd_model', '?')}, dtype {tokens.dtype}); use 'auto', 'fused' or 'loop'"
@@ -140,13 +153,21 @@ class Dispatcher(nn.Module):
         return plan
 
     def forward(
-        self, tokens: torch.Tensor, base: Optional[torch.Tensor], exp: torch.Tensor, tok: torch.Tensor,
-        counts: Sequence[int], w_pairs: torch.Tensor, experts: nn.Module,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        tokens: torch.Tensor,
+        base: Optional[torch.Tensor],
+        exp: torch.Tensor,
+        tok: torch.Tensor,
+        counts: Sequence[int],
+        w_pairs: torch.Tensor,
+        experts: nn.Module,
+    ) -> torch.Tensor:
         """``base + sum_p w_p * expert_{e_p}(tokens[tok_p])`` [N, D] for expert-sorted pairs; ``base`` is never modified."""
         plan = self.last_plan = self.plan_for(experts, tokens, tok.numel())
         if plan == "fused":
-            return FusedSwiGLUMoE.apply(tokens, base, tok, w_pairs, list(counts), experts.gate_up_proj, experts.down_proj)
+            return FusedSwiGLUMoE.apply(
+                tokens, base, tok, w_pairs, list(counts), experts.gate_up_proj, experts.down_proj
+            )
         out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
         if plan == "gathered":
             return out.index_add_(0, tok, experts.forward_gathered(tokens.index_select(0, tok), exp, w_pairs))
@@ -163,7 +184,9 @@ class Dispatcher(nn.Module):
 # -- the xformers plan: unique token indices per call ---------------------------------------------
 
 
-def slot_order(exp: torch.Tensor, tok: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+def slot_order(
+    exp: torch.Tensor, tok: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, list[int], list[list[int]]]:
     """Reorder expert-sorted pairs into *slots*: slot ``j`` holds every token's ``j``-th pick.
 
     Within a slot each token appears at most once (what xformers' ``index_select_cat`` and
@@ -186,7 +209,14 @@ def slot_order(exp: torch.Tensor, tok: torch.Tensor, num_experts: int) -> tuple[
     return order, groups.sum(-1).tolist(), groups.tolist()
 
 
-def _slots(tokens: torch.Tensor, out: torch.Tensor, exp: torch.Tensor, tok: torch.Tensor, w_pairs: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+def _slots(
+    tokens: torch.Tensor,
+    out: torch.Tensor,
+    exp: torch.Tensor,
+    tok: torch.Tensor,
+    w_pairs: torch.Tensor,
+    experts: nn.Module,
+) -> torch.Tensor:
     """Slot dispatch: one gather over all slots, each slot's sorted compute, one scatter per slot."""
     use_x = resolve_backend("xformers", tokens.device) == "xformers"  # logs once when it falls back
     order, sizes, groups = slot_order(exp, tok, len(experts))
@@ -197,7 +227,11 @@ def _slots(tokens: torch.Tensor, out: torch.Tensor, exp: torch.Tensor, tok: torc
         xs = xops.index_select_cat([tokens] * len(slots), list(slots)).view(-1, tokens.shape[1])
     else:
         xs = tokens.index_select(0, torch.cat(list(slots)))
-    grouped = isinstance(experts, GroupedSwiGLU) and tokens.device.type == "cuda" and grouped_mm_usable(experts.d_model, experts.d_ff, tokens.dtype)
+    grouped = (
+        isinstance(experts, GroupedSwiGLU)
+        and tokens.device.type == "cuda"
+        and grouped_mm_usable(experts.d_model, experts.d_ff, tokens.dtype)
+    )
     run = experts.forward_grouped_mm if grouped else experts.forward_sorted
     ys = torch.cat([run(chunk, g) for chunk, g in zip(xs.split(sizes), groups)])
     ys = ys * w_pairs[order].to(ys.dtype).unsqueeze(-1)

@@ -99,12 +99,12 @@ class AllToAll(torch.autograd.Function):
     """Differentiable variable-split all-to-all: forward sends ``in_splits`` rows to each rank, backward the inverse."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
+    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]  # autograd.Function's own signature
         ctx.splits, ctx.group = (list(out_splits), list(in_splits)), group
         return _exchange(x, list(out_splits), list(in_splits), group)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):  # type: ignore[override]  # autograd.Function's own signature
         out_splits, in_splits = ctx.splits
         return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
 
@@ -130,8 +130,15 @@ class ExpertShard:
         return self  # a layout with process groups: a copied model shares it (groups cannot be copied)
 
 
-def ep_combine(layer: nn.Module, tokens: torch.Tensor, base: Optional[torch.Tensor], exp: torch.Tensor, tok: torch.Tensor,
-               counts: torch.Tensor, w_pairs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def ep_combine(
+    layer: nn.Module,
+    tokens: torch.Tensor,
+    base: Optional[torch.Tensor],
+    exp: torch.Tensor,
+    tok: torch.Tensor,
+    counts: torch.Tensor,
+    w_pairs: torch.Tensor,
+) -> torch.Tensor:
     """``base + sum_p w_p expert_{e_p}(tokens[tok_p])`` [N, D] with the experts spread over the EP group.
 
     Collective: every rank of the group calls it once per layer forward, with or without pairs.
@@ -139,7 +146,9 @@ def ep_combine(layer: nn.Module, tokens: torch.Tensor, base: Optional[torch.Tens
     shard: ExpertShard = layer.ep_shard
     n, local = shard.size, shard.local
     send_counts = counts.to(torch.long).contiguous()  # [E]: pairs per global expert, grouped by owner
-    recv_counts = _exchange(send_counts, [local] * n, [local] * n, shard.group)  # [N * L]: source rank, then local expert
+    recv_counts = _exchange(
+        send_counts, [local] * n, [local] * n, shard.group
+    )  # [N * L]: source rank, then local expert
     send_splits = send_counts.view(n, local).sum(1).tolist()
     recv_2d = recv_counts.view(n, local)
     recv_splits = recv_2d.sum(1).tolist()
@@ -158,19 +167,28 @@ def ep_combine(layer: nn.Module, tokens: torch.Tensor, base: Optional[torch.Tens
 
 def warn_unsharded(layer: nn.Module) -> None:
     """Log once when a layer configured for EP runs unsharded inside a multi-rank job (correct, but every rank holds all experts)."""
-    if getattr(layer, "_ep_warned", False) or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if (
+        getattr(layer, "_ep_warned", False)
+        or not (dist.is_available() and dist.is_initialized())
+        or dist.get_world_size() == 1
+    ):
         return
     layer._ep_warned = True
     log.warning(
         "MoE layer with expert_parallel=%d runs unsharded on %d ranks (every rank holds all experts); "
         "call audiomoe.moe.expert_parallel.shard_experts(model) after init_process_group",
-        layer.params.expert_parallel, dist.get_world_size(),
-    )  # fmt: skip
+        layer.params.expert_parallel,
+        dist.get_world_size(),
+    )
 
 
 def ep_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` of every MoE layer in ``model`` configured with ``expert_parallel > 1``."""
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "ep_shard") and getattr(m.params, "expert_parallel", 1) > 1]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "ep_shard") and getattr(m.params, "expert_parallel", 1) > 1
+    ]
 
 
 def expert_groups(expert_parallel: int) -> tuple[object, object]:
@@ -191,8 +209,12 @@ def expert_groups(expert_parallel: int) -> tuple[object, object]:
         )
     cached = _GROUPS.get(expert_parallel)
     if cached is None or cached[0] is not dist.group.WORLD:  # a new process group invalidates the old subgroups
-        ep, _ = dist.new_subgroups_by_enumeration([list(range(k, k + expert_parallel)) for k in range(0, world, expert_parallel)])
-        rep, _ = dist.new_subgroups_by_enumeration([list(range(i, world, expert_parallel)) for i in range(expert_parallel)])
+        ep, _ = dist.new_subgroups_by_enumeration(
+            [list(range(k, k + expert_parallel)) for k in range(0, world, expert_parallel)]
+        )
+        rep, _ = dist.new_subgroups_by_enumeration(
+            [list(range(i, world, expert_parallel)) for i in range(expert_parallel)]
+        )
         cached = _GROUPS[expert_parallel] = (dist.group.WORLD, ep, rep)
     return cached[1], cached[2]
 
@@ -207,7 +229,9 @@ def _slice(experts: nn.Module, lo: int, hi: int) -> nn.Module:
         return experts
     if isinstance(experts, LoopExperts):
         return LoopExperts(list(experts)[lo:hi])
-    raise AudioMoEError(f"expert group {type(experts).__name__} cannot be sharded for expert parallelism; use expert kind 'swiglu' or a per-expert kind")
+    raise AudioMoEError(
+        f"expert group {type(experts).__name__} cannot be sharded for expert parallelism; use expert kind 'swiglu' or a per-expert kind"
+    )
 
 
 def shard_experts(model: nn.Module, group=None, replica_group=None) -> list[str]:
@@ -231,9 +255,13 @@ def shard_experts(model: nn.Module, group=None, replica_group=None) -> list[str]
                 g, rep = group, replica_group
                 size, world = dist.get_world_size(g), dist.get_world_size()
                 if size != n:
-                    raise AudioMoEError(f"{name or 'the MoE layer'}: moe.expert_parallel={n} but the EP group given has {size} ranks; make them equal")
+                    raise AudioMoEError(
+                        f"{name or 'the MoE layer'}: moe.expert_parallel={n} but the EP group given has {size} ranks; make them equal"
+                    )
                 if world != n * (1 if rep is None else dist.get_world_size(rep)):
-                    raise AudioMoEError(f"world size {world} != expert_parallel {n} x expert replicas; pass replica_group, or group=None")
+                    raise AudioMoEError(
+                        f"world size {world} != expert_parallel {n} x expert replicas; pass replica_group, or group=None"
+                    )
             r = dist.get_rank(g)
             per = layer.num_experts // n
             layer.experts = _slice(layer.experts, r * per, (r + 1) * per)
@@ -290,15 +318,22 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
 
     experts = {id(p): shard for _, p, shard in expert_parameters(model)}
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    plain = [g.detach().double().square().sum() for p in model.parameters()
-             if (g := p.grad) is not None and id(p) not in experts and not isinstance(g, DTensor)]  # fmt: skip
+    plain = [
+        g.detach().double().square().sum()
+        for p in model.parameters()
+        if (g := p.grad) is not None and id(p) not in experts and not isinstance(g, DTensor)
+    ]
     sq = torch.stack(plain).sum().cpu() if plain else torch.zeros((), dtype=torch.float64)
     dts = [g for g in grads if isinstance(g, DTensor)]
     if dts:  # FSDP shards: DTensor's norm reduces over the mesh
         sq = sq + torch.nn.utils.get_total_norm(dts).full_tensor().double().cpu().square()
     groups: dict[int, tuple[object, list[torch.Tensor]]] = {}
     for _, p, shard in expert_parameters(model):  # a missing gradient counts as zero: every rank joins the reduce
-        part = torch.zeros((), dtype=torch.float64, device=p.device) if p.grad is None else p.grad.detach().double().square().sum()
+        part = (
+            torch.zeros((), dtype=torch.float64, device=p.device)
+            if p.grad is None
+            else p.grad.detach().double().square().sum()
+        )
         groups.setdefault(id(shard.group), (shard.group, []))[1].append(part)
     for group, parts in groups.values():  # each EP rank holds different experts: sum over the group
         part = torch.stack(parts).sum()

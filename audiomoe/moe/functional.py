@@ -28,7 +28,12 @@ def capacity_of(num_selected: int, num_columns: int, capacity_factor: float, min
 
 
 def drop_over_capacity(
-    exp: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor, capacity: int, policy: str = "position", scores: Optional[torch.Tensor] = None
+    exp: torch.Tensor,
+    tok: torch.Tensor,
+    counts: torch.Tensor,
+    capacity: int,
+    policy: str = "position",
+    scores: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep at most ``capacity`` pairs per column: ``(exp, tok, counts)`` kept, then ``(exp, tok)`` dropped.
 
@@ -70,7 +75,9 @@ def renormalize_after_drops(weights: torch.Tensor, mask: torch.Tensor, kept: tor
     total = weights.sum(-1, keepdim=True)
     # the double where keeps the unused branch finite, so no NaN reaches the gradient (UniMoE: +1e-6)
     has = total != 0
-    return weights * torch.where(has, selected / torch.where(has, total, torch.ones_like(total)), torch.zeros_like(total))
+    return weights * torch.where(
+        has, selected / torch.where(has, total, torch.ones_like(total)), torch.zeros_like(total)
+    )
 
 
 def gate_shared(

@@ -59,7 +59,9 @@ def bounds_of(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _swiglu_input_grad(d_act: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+def _swiglu_input_grad(
+    d_act: torch.Tensor, h: torch.Tensor, silu: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor
+) -> torch.Tensor:
     """dL/dH [S, 2F] from dL/dact for ``act = silu(g) * u``: up half ``d_act * silu(g)``, gate half ``silu'(g) * d_act * u``."""
     f = silu.shape[1]
     torch.mul(d_act, silu, out=out[:, f:])
@@ -73,7 +75,9 @@ def _swiglu_input_grad(d_act: torch.Tensor, h: torch.Tensor, silu: torch.Tensor,
 BLOCK_BYTES = 4 << 20
 
 
-def blocks_of(bounds: list[tuple[int, int, int]], total: int, row_bytes: int = 0) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+def blocks_of(
+    bounds: list[tuple[int, int, int]], total: int, row_bytes: int = 0
+) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
     """Group consecutive expert slices into blocks of about ``BLOCK_BYTES / row_bytes`` rows: ``(start, stop, slices)``.
 
     ``row_bytes`` 0: four blocks of about ``total / 4`` rows. An expert's slice is never split.
@@ -108,7 +112,7 @@ class FusedSwiGLUMoE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tokens, base, tok, w, counts, gate_up, down):  # type: ignore[override]
+    def forward(ctx, tokens, base, tok, w, counts, gate_up, down):  # type: ignore[override]  # autograd.Function's own signature
         f = gate_up.shape[1] // 2
         d, n_pairs = tokens.shape[1], tok.numel()
         blocks = blocks_of(bounds_of(counts), n_pairs, d * tokens.element_size())
@@ -132,12 +136,16 @@ class FusedSwiGLUMoE(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):  # type: ignore[override]  # autograd.Function's own signature
         tokens, h, w, tok, gate_up, down = ctx.saved_tensors
         f, blocks, bmax = ctx.f, ctx.blocks, ctx.bmax
         d = tokens.shape[1]
         dout = dout.contiguous()
-        need_x, need_w, need_pw = ctx.needs_input_grad[0], ctx.needs_input_grad[5] or ctx.needs_input_grad[6], ctx.needs_input_grad[3]
+        need_x, need_w, need_pw = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[5] or ctx.needs_input_grad[6],
+            ctx.needs_input_grad[3],
+        )
         dtokens = dout.new_zeros(tokens.shape) if need_x else None
         d_gate_up = _weight_grad_buffer(gate_up, blocks) if need_w else None
         d_down = _weight_grad_buffer(down, blocks) if need_w else None

@@ -42,8 +42,8 @@ from audiomoe.core.routing import routing_problems
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.moe.dispatcher import PLANS, Dispatcher, check_plan, load_plan_table, sorted_pairs
 from audiomoe.moe.expert_parallel import check_divisible, ep_combine, warn_unsharded
-from audiomoe.moe.grouped import LoopExperts, build_experts
 from audiomoe.moe.functional import capacity_of, drop_over_capacity, gate_shared, null_drops, renormalize_after_drops
+from audiomoe.moe.grouped import LoopExperts, build_experts
 
 
 class DenseStepStats(Mapping):
@@ -58,9 +58,13 @@ class DenseStepStats(Mapping):
             counts = self._loads.tolist()
             pairs = sum(counts)
             self._stats = {
-                "tokens": self._n_valid, "routed_pairs": pairs, "dropped_pairs": 0, "capacity": -1,
-                "routed_per_token": pairs / max(self._n_valid, 1), "expert_loads": counts,
-            }  # fmt: skip
+                "tokens": self._n_valid,
+                "routed_pairs": pairs,
+                "dropped_pairs": 0,
+                "capacity": -1,
+                "routed_per_token": pairs / max(self._n_valid, 1),
+                "expert_loads": counts,
+            }
         return self._stats
 
     def __getitem__(self, key: str) -> Any:
@@ -78,37 +82,55 @@ class MoELayer(MoE):
 
     class Params(Params):
         router: Annotated[ComponentSpec, Slot("router")] = Field(
-            default_factory=lambda: ComponentSpec(name="linear_topk"), description="routing policy (asked for num_experts + num_null columns)"
+            default_factory=lambda: ComponentSpec(name="top_k"),
+            description="routing policy (asked for num_experts + num_null columns)",
         )
         expert: Annotated[ComponentSpec, Slot("expert")] = Field(
             default_factory=lambda: ComponentSpec(name="swiglu"), description="expert FFN kind (routed and shared)"
         )
         num_experts: int = Field(4, ge=1, le=4096, description="routed experts")
-        num_null: int = Field(0, ge=0, le=4096, description="null experts (router columns with zero output, never computed)")
-        num_shared: int = Field(0, ge=0, le=64, description="shared experts (always run)")
-        shared_d_ff: Optional[int] = Field(None, ge=1, le=1_048_576, description="width of each shared expert (None: the expert's own)")
-        shared_mode: Literal["gated", "unit"] = Field(
-            "gated", description="shared weighting: gated = joint softmax with the routed mass (UniMoE-Audio), unit = weight 1 (DeepSeekMoE)"
+        num_null: int = Field(
+            0, ge=0, le=4096, description="null experts (router columns with zero output, never computed)"
         )
-        capacity_factor: Optional[float] = Field(None, gt=0.0, le=64.0, description="per-expert capacity factor; None = dropless")
+        num_shared: int = Field(0, ge=0, le=64, description="shared experts (always run)")
+        shared_d_ff: Optional[int] = Field(
+            None, ge=1, le=1_048_576, description="width of each shared expert (None: the expert's own)"
+        )
+        shared_mode: Literal["gated", "unit"] = Field(
+            "gated",
+            description="shared weighting: gated = joint softmax with the routed mass (UniMoE-Audio), unit = weight 1 (DeepSeekMoE)",
+        )
+        capacity_factor: Optional[float] = Field(
+            None, gt=0.0, le=64.0, description="per-expert capacity factor; None = dropless"
+        )
         min_capacity: int = Field(1, ge=1, le=1 << 30, description="lower bound of the per-expert capacity")
         drop_policy: Literal["position", "probs"] = Field("position", description="which pairs survive over capacity")
         capacity_basis: Literal["pairs", "tokens"] = Field(
-            "pairs", description="capacity from selected pairs (GShard cf*k*T/E) or from valid tokens (cf*T/E; UniMoE-Audio counts all rows, padding too)"
+            "pairs",
+            description="capacity from selected pairs (GShard cf*k*T/E) or from valid tokens (cf*T/E; UniMoE-Audio counts all rows, padding too)",
         )
         null_capacity: bool = Field(False, description="capacity also limits null-column picks (UniMoE-Audio's code)")
         renormalize_drops: bool = Field(
-            False, description="after drops, rescale kept weights to the token's selected mass and gate shared experts over kept columns (UniMoE-Audio)"
+            False,
+            description="after drops, rescale kept weights to the token's selected mass and gate shared experts over kept columns (UniMoE-Audio)",
         )
         dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "gathered", "dense", "loop"] = Field(
-            "auto", description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, dense or gathered for a no-grad decoding step, or the plan table's entry)"
+            "auto",
+            description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, dense or gathered for a no-grad decoding step, or the plan table's entry)",
         )
-        plan_table: Optional[str] = Field(None, max_length=4096, description="JSON plan table written by `audiomoe bench moe MODEL --tune FILE`")
+        plan_table: Optional[str] = Field(
+            None, max_length=4096, description="JSON plan table written by `audiomoe bench moe MODEL --tune FILE`"
+        )
         expert_parallel: int = Field(
-            1, ge=1, le=4096, description="expert-parallel ranks N: each holds num_experts / N routed experts after expert_parallel.shard_experts (1 = off)"
+            1,
+            ge=1,
+            le=4096,
+            description="expert-parallel ranks N: each holds num_experts / N routed experts after expert_parallel.shard_experts (1 = off)",
         )
 
-    def __init__(self, params: Params, *, d_model: int, router: Any, expert: Any, task_names: Optional[list[str]] = None) -> None:
+    def __init__(
+        self, params: Params, *, d_model: int, router: Any, expert: Any, task_names: Optional[list[str]] = None
+    ) -> None:
         super().__init__(params)
         p = self.params
         self.d_model = d_model
@@ -116,7 +138,9 @@ class MoELayer(MoE):
         self.router = router(d_model=d_model, num_experts=p.num_experts + p.num_null, task_names=task_names)
         self.experts = build_experts(expert, p.num_experts, d_model)
         self.shared = build_experts(expert, p.num_shared, d_model, p.shared_d_ff) if p.num_shared else None
-        self.shared_gate = nn.Linear(d_model, p.num_shared, bias=False) if p.num_shared and p.shared_mode == "gated" else None
+        self.shared_gate = (
+            nn.Linear(d_model, p.num_shared, bias=False) if p.num_shared and p.shared_mode == "gated" else None
+        )
         check_plan(p.dispatch, self.experts)
         check_divisible(p.num_experts, p.expert_parallel)
         self.ep_shard = None  # set by expert_parallel.shard_experts: this rank's block of experts and its groups
@@ -146,14 +170,18 @@ class MoELayer(MoE):
             if x.dim() == 3 and tuple(task_ids.shape) == (shape[0],):
                 task_ids = task_ids[:, None].expand(shape[0], shape[1])
             if task_ids.numel() != tokens.shape[0]:
-                raise AudioMoEError(f"task_ids of shape {tuple(task_ids.shape)} match neither the batch ({shape[0]},) nor the tokens {tuple(shape[:-1])}")
+                raise AudioMoEError(
+                    f"task_ids of shape {tuple(task_ids.shape)} match neither the batch ({shape[0]},) nor the tokens {tuple(shape[:-1])}"
+                )
             kwargs["task_ids"] = task_ids.reshape(-1)
         routing = self.router(tokens, item_mask=item_mask, **kwargs)
         bad = routing_problems(routing, tokens.shape[0], self.num_experts + self.num_null)
         if bad:
             who = getattr(self.router, "audiomoe_component", None)
             name = f"'{who.name}' ({who.plugin} {who.version}) at '{who.path}'" if who else type(self.router).__name__
-            raise AudioMoEError(f"router {name} broke the Routing contract: {'; '.join(bad)} (audiomoe.testing.check_component checks a router)")
+            raise AudioMoEError(
+                f"router {name} broke the Routing contract: {'; '.join(bad)} (audiomoe.testing.check_component checks a router)"
+            )
         routing.null_columns = self.num_null
         routing.item_shape = tuple(shape[:-1])
         if routing.item_mask is None:
@@ -171,14 +199,20 @@ class MoELayer(MoE):
         item_mask = routing.item_mask
         mask = routing.mask if item_mask is None else routing.mask & item_mask[:, None]
         n_valid = int(mask.shape[0] if item_mask is None else item_mask.sum())
-        if p.capacity_factor is None and self.ep_shard is None and self.dispatcher.plan_for(self.experts, tokens) == "dense":
+        if (
+            p.capacity_factor is None
+            and self.ep_shard is None
+            and self.dispatcher.plan_for(self.experts, tokens) == "dense"
+        ):
             return self._dense_step(tokens, routing, mask, item_mask, n_valid)
         exp, tok, counts = sorted_pairs(mask, self.num_experts)
         weights, gate_mask, kept = routing.weights, mask, mask
         dropped, capacity = 0, None
         routing.dropped = None
         if p.capacity_factor is not None:
-            capacity = capacity_of(int(mask.sum()) if p.capacity_basis == "pairs" else n_valid, n_cols, p.capacity_factor, p.min_capacity)
+            capacity = capacity_of(
+                int(mask.sum()) if p.capacity_basis == "pairs" else n_valid, n_cols, p.capacity_factor, p.min_capacity
+            )
             scores = routing.logits.detach()[tok, exp] if p.drop_policy == "probs" else None
             exp, tok, counts, d_exp, d_tok = drop_over_capacity(exp, tok, counts, capacity, p.drop_policy, scores)
             if p.null_capacity and self.num_null:
@@ -213,7 +247,9 @@ class MoELayer(MoE):
         }
         return out
 
-    def _dense_step(self, tokens: torch.Tensor, routing: Routing, mask: torch.Tensor, item_mask, n_valid: int) -> torch.Tensor:
+    def _dense_step(
+        self, tokens: torch.Tensor, routing: Routing, mask: torch.Tensor, item_mask, n_valid: int
+    ) -> torch.Tensor:
         """Dropless combine through the ``dense`` plan: no pair is sorted (a decoding step's few ops)."""
         routing.dropped = None
         weights, shared_w = self._gate_shared(tokens, routing, routing.weights, mask)
@@ -235,27 +271,35 @@ class MoELayer(MoE):
         weights, shared_w = gate_shared(weights, routing.logits, gate_mask, shared_logits)
         return weights, shared_w.to(tokens.dtype)
 
-    def _record(self, routing: Routing, weights: torch.Tensor, kept: torch.Tensor, shared_w, tokens: torch.Tensor, item_mask) -> None:
+    def _record(
+        self, routing: Routing, weights: torch.Tensor, kept: torch.Tensor, shared_w, tokens: torch.Tensor, item_mask
+    ) -> None:
         """Write what was applied onto the routing record (a dropped pair contributes nothing, renormalised or not)."""
         routing.applied = (weights * kept).detach()
         if self.num_shared:
             sw = tokens.new_ones(tokens.shape[0], self.num_shared) if shared_w is None else shared_w.detach()
             routing.shared_weights = sw if item_mask is None else sw * item_mask[:, None]
 
-    def _shared_output(self, tokens: torch.Tensor, item_mask: Optional[torch.Tensor], shared_w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _shared_output(
+        self, tokens: torch.Tensor, item_mask: Optional[torch.Tensor], shared_w: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
         """Shared experts' output [N, D] (None without shared experts); padded rows are zero."""
         if self.shared is None:
             return None
         if item_mask is None or bool(item_mask.all()):
             return self.shared.forward_all(tokens, shared_w)
         idx = item_mask.nonzero(as_tuple=True)[0]
-        ys = self.shared.forward_all(tokens.index_select(0, idx), None if shared_w is None else shared_w.index_select(0, idx))
+        ys = self.shared.forward_all(
+            tokens.index_select(0, idx), None if shared_w is None else shared_w.index_select(0, idx)
+        )
         return tokens.new_zeros(tokens.shape).index_add_(0, idx, ys)
 
     def idle_children(self) -> list[str]:
         """Per-expert modules no token picked in the last forward (grouped experts are one tensor: none)."""
         loads = self.last_stats.get("expert_loads")
-        if loads is None or not isinstance(self.experts, LoopExperts) or self.ep_shard is not None:  # EP: loads come from every rank
+        if (
+            loads is None or not isinstance(self.experts, LoopExperts) or self.ep_shard is not None
+        ):  # EP: loads come from every rank
             return []
         return [f"experts.{e}" for e, n in enumerate(loads) if n == 0]
 
@@ -264,12 +308,19 @@ class MoELayer(MoE):
 
         Before any forward: the router's ``k`` if it has one, else every routed expert (an upper bound).
         """
-        count = lambda m: 0 if m is None else sum(q.numel() for q in m.parameters())  # noqa: E731
+        count = lambda m: 0 if m is None else sum(q.numel() for q in m.parameters())
         fixed = count(self.router) + count(self.shared) + count(self.shared_gate)
         if "routed_per_token" in self.last_stats:
             k = self.last_stats["routed_per_token"]
         else:
-            k = min(float(getattr(self.router, "k", None) or getattr(getattr(self.router, "params", None), "k", None) or self.num_experts), self.num_experts)
+            k = min(
+                float(
+                    getattr(self.router, "k", None)
+                    or getattr(getattr(self.router, "params", None), "k", None)
+                    or self.num_experts
+                ),
+                self.num_experts,
+            )
         return fixed + self.experts.num_expert_parameters() * k
 
 

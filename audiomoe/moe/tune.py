@@ -79,9 +79,13 @@ def _median_fwd_bwd(layer: MoELayer, x: torch.Tensor, routing, reps: int) -> flo
 
 
 def tune_plans(
-    model: nn.Module, tokens: int = 4096, device: str = "cpu", dtype: torch.dtype = torch.float32, reps: int = 5,
+    model: nn.Module,
+    tokens: int = 4096,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    reps: int = 5,
     progress: Callable[[str], None] = lambda s: None,
-) -> tuple[dict[str, str], list[PlanTiming]]:  # fmt: skip
+) -> tuple[dict[str, str], list[PlanTiming]]:
     """Time every runnable plan on each distinct MoE layer shape of ``model``: ``(plan table, timings)``.
 
     A plan whose output differs from ``loop`` by more than the dtype's tolerance is reported and never chosen.
@@ -94,7 +98,14 @@ def tune_plans(
     table, rows = {}, []
     for key, original in layers.items():
         if not isinstance(original.experts, GroupedSwiGLU):
-            rows.append(PlanTiming(key, "loop", None, note=f"{type(original.experts).__name__} experts run only the loop plan: nothing to tune"))
+            rows.append(
+                PlanTiming(
+                    key,
+                    "loop",
+                    None,
+                    note=f"{type(original.experts).__name__} experts run only the loop plan: nothing to tune",
+                )
+            )
             continue
         layer = copy.deepcopy(original).to(dev, dtype).train()
         layer.ep_shard = None
@@ -126,4 +137,3 @@ def tune_plans(
             progress(f"{key}  {plan:<10} fwd+bwd {timed[plan] * 1e3:9.2f} ms  max|diff| vs loop {diff:.1e}")
         table[key] = min(timed, key=timed.__getitem__)
     return table, rows
-

@@ -1,6 +1,6 @@
 """Base classes of a router's two halves: what it looks at (``Scorer``) and how many it picks (``Selector``).
 
-A composite router (``scored`` and the named routers built on it) holds one of each as slots, so
+A composite router (``scored`` and its registry presets ``top_k``, ``top_p``, ...) holds one of each as slots, so
 an ablation crosses them by config: ``--set backbone.moe.router.scorer=mlp --set backbone.moe.router.selector=top_p``.
 
 - ``Scorer``: inputs [N, D] (tokens or samples; ``item_mask`` [N]) or sequences [N, T, D]

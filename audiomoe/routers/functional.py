@@ -40,7 +40,9 @@ def picked_indices(mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The selected columns of each item [N, K] in descending weight order, ``-1`` padded (K = the most any item picked)."""
     k = int(mask.sum(-1).max()) if mask.numel() else 0
     # unselected columns sort last and are marked -1
-    order = torch.where(mask, weights.detach(), torch.full_like(weights.detach(), -1.0)).argsort(-1, descending=True)[:, :k]
+    order = torch.where(mask, weights.detach(), torch.full_like(weights.detach(), -1.0)).argsort(-1, descending=True)[
+        :, :k
+    ]
     picked = mask.gather(-1, order)
     return torch.where(picked, order, torch.full_like(order, -1))
 
@@ -49,7 +51,7 @@ class _LazyIndicesRouting(Routing):
     """A :class:`Routing` whose ``indices`` are computed from ``mask`` and ``weights`` when first read."""
 
     @property
-    def indices(self) -> torch.Tensor:  # type: ignore[override]
+    def indices(self) -> torch.Tensor:  # type: ignore[override]  # a property here, a method on the base
         if self.__dict__.get("_indices") is None:
             self.__dict__["_indices"] = picked_indices(self.mask, self.weights)
         return self.__dict__["_indices"]
@@ -59,7 +61,9 @@ class _LazyIndicesRouting(Routing):
         self.__dict__["_indices"] = value
 
 
-def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor, item_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def switch_balance_loss(
+    probs: torch.Tensor, mask: torch.Tensor, item_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Switch Transformer load balance ``E * sum_i f_i * P_i`` over valid items.
 
     ``f_i`` is the share of selections going to column i (a fraction of all picks), ``P_i`` the
@@ -98,8 +102,12 @@ def check_logits(logits: torch.Tensor, num_columns: Optional[int] = None, where:
 
 def check_k(k: int, num_columns: int, what: str = "k") -> None:
     """Raise if ``k`` is not in ``[1, num_columns]`` (naming the value and the limit)."""
-    if not 1 <= int(k) <= num_columns:
-        raise AudioMoEError(f"{what}={k} must be between 1 and the number of columns ({num_columns})")
+    if int(k) > num_columns:
+        raise AudioMoEError(
+            f"router {what}={k} is larger than the number of columns ({num_columns}); use {what} <= {num_columns}"
+        )
+    if int(k) < 1:
+        raise AudioMoEError(f"router {what}={k} must be at least 1 (and at most the number of columns, {num_columns})")
 
 
 def check_p(p: float) -> None:
@@ -266,7 +274,9 @@ def entropy_loss(probs: torch.Tensor, item_mask: Optional[torch.Tensor] = None) 
     return (h * keep).sum() / n
 
 
-def scheduled_weight(start: float, end: Optional[float], steps: int, step: torch.Tensor, kind: str = "linear") -> torch.Tensor:
+def scheduled_weight(
+    start: float, end: Optional[float], steps: int, step: torch.Tensor, kind: str = "linear"
+) -> torch.Tensor:
     """Loss weight at ``step``: ``start`` -> ``end`` over ``steps`` (``linear`` or ``cosine``), then ``end``.
 
     ``end=None`` means constant ``start``. Computed as a tensor so no device sync is needed.

@@ -1,7 +1,10 @@
 """Composite router: a scorer (what it looks at) x a selector (how many it picks) + balance losses.
 
-The shared base of the named routers (:mod:`audiomoe.routers.named`, where ``scored`` itself is
-registered), not a registered part, so parts import it as they import ``audiomoe.Router``.
+Registered as ``scored``; ``top_k``, ``top_p``, ``dense``, ``mowe``, ``uniform``, ``random``,
+``oracle`` and ``hash`` are registry presets of it (other defaults, see ``registry.yaml``), and
+``linear_topk`` is a deprecated alias of ``top_k``. Selector knobs used in everyday ablations have
+shortcuts on the router (``backbone.moe.router.k=1``, ``backbone.moe.router.p=0.6``), written into
+the selector's params at validation so the resolved spec stays consistent.
 
 ``logits = scorer(x)`` -> optional training noise -> ``selection = selector(logits)``. Routes
 tokens [N, D] (``item_mask`` [N]) or, for encoder-level routing, samples given as sequences
@@ -20,6 +23,9 @@ Training noise: ``input_jitter`` multiplies the scorer's input by ``U(1 - eps, 1
 (UniMoE-Audio: 0.01; after the cast to the scorer's compute dtype, as the released code), and the
 jittered input is handed on (``Routing.inputs``) so an MoE layer's gated shared experts score it
 too; ``logit_noise`` adds ``N(0, sigma^2)`` to the logits before selection.
+
+Checkpoints of the old ``linear_topk`` class (a bare ``gate`` and no schedule buffer) load: their
+``gate.weight`` is read as the linear scorer's weight and the schedule starts at step 0.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from audiomoe.core.decoding import is_generating
 from audiomoe.core.errors import AudioMoEError
@@ -54,8 +60,12 @@ class ScoredRouter(Router):
         selector: Annotated[ComponentSpec, Slot("selector")] = Field(
             default_factory=lambda: ComponentSpec(name="top_k"), description="how many columns it picks"
         )
-        input_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="training: scorer input x U(1-eps, 1+eps) (UniMoE: 0.01)")
-        logit_noise: float = Field(0.0, ge=0.0, le=100.0, description="training: std of Gaussian noise added to the logits")
+        input_jitter: float = Field(
+            0.0, ge=0.0, lt=1.0, description="training: scorer input x U(1-eps, 1+eps) (UniMoE: 0.01)"
+        )
+        logit_noise: float = Field(
+            0.0, ge=0.0, le=100.0, description="training: std of Gaussian noise added to the logits"
+        )
         balance_weight: float = Field(0.01, ge=0.0, le=100.0, description="weight of the Switch load-balance loss")
         unimoe_aux_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of UniMoE's aux loss at step 0")
         unimoe_aux_weight_end: Optional[float] = Field(
@@ -64,7 +74,31 @@ class ScoredRouter(Router):
         unimoe_aux_steps: int = Field(10000, ge=1, le=10**9, description="optimizer steps over which the weight moves")
         unimoe_aux_schedule: Literal["linear", "cosine"] = Field("linear", description="shape of the weight schedule")
         z_loss_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of the router z-loss (ST-MoE: 1e-3)")
-        entropy_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of the router entropy (Huang et al.: 1e-4)")
+        entropy_weight: float = Field(
+            0.0, ge=0.0, le=100.0, description="weight of the router entropy (Huang et al.: 1e-4)"
+        )
+        k: Optional[int] = Field(
+            None,
+            ge=1,
+            le=4096,
+            description="columns selected per item: a shortcut for selector.k (None: the selector's own)",
+        )
+        p: Optional[float] = Field(
+            None, gt=0.0, le=1.0, description="top-p threshold: a shortcut for selector.p (None: the selector's own)"
+        )
+
+        @model_validator(mode="after")
+        def _push_shortcuts(self) -> Any:
+            # Written into the selector's params, so the resolved spec says once what the selector
+            # does; a selector without that knob then rejects it under its own key.
+            for name in ("k", "p"):
+                value = getattr(self, name)
+                if value is not None:
+                    sel = self.selector
+                    object.__setattr__(
+                        self, "selector", ComponentSpec(name=sel.name, params={**sel.params, name: value})
+                    )
+            return self
 
     def __init__(
         self,
@@ -84,6 +118,7 @@ class ScoredRouter(Router):
         # advance_schedule, once per optimizer step), never a forward: generation, eval and
         # gradient accumulation would otherwise advance it. Persistent, so checkpoints resume it.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_from_linear_topk)
 
     @property
     def k(self) -> Optional[int]:
@@ -103,7 +138,12 @@ class ScoredRouter(Router):
 
         The component's spec is not changed: a resumed stage sets it again.
         """
-        update = {"unimoe_aux_weight": start, "unimoe_aux_weight_end": end, "unimoe_aux_steps": steps, "unimoe_aux_schedule": kind}
+        update = {
+            "unimoe_aux_weight": start,
+            "unimoe_aux_weight_end": end,
+            "unimoe_aux_steps": steps,
+            "unimoe_aux_schedule": kind,
+        }
         self.params = type(self.params).model_validate({**self.params.model_dump(), **update})
 
     def advance_schedule(self) -> None:
@@ -113,14 +153,20 @@ class ScoredRouter(Router):
     def aux_weight(self) -> torch.Tensor:
         """The UniMoE aux-loss weight at the current step."""
         p = self.params
-        return scheduled_weight(p.unimoe_aux_weight, p.unimoe_aux_weight_end, p.unimoe_aux_steps, self.step, p.unimoe_aux_schedule)
+        return scheduled_weight(
+            p.unimoe_aux_weight, p.unimoe_aux_weight_end, p.unimoe_aux_steps, self.step, p.unimoe_aux_schedule
+        )
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> Routing:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> Routing:
         """Route tokens [N, D] (``item_mask`` [N]) or samples [B, T, D] (``item_mask`` [B, T]); True = valid."""
         if inputs.dim() == 3:
             b, t = inputs.shape[:2]
             if item_mask is not None and tuple(item_mask.shape) != (b, t):
-                raise AudioMoEError(f"router item_mask must be [B, T]={(b, t)} for sequence inputs, got {tuple(item_mask.shape)}")
+                raise AudioMoEError(
+                    f"router item_mask must be [B, T]={(b, t)} for sequence inputs, got {tuple(item_mask.shape)}"
+                )
             frame_mask = item_mask
             valid = None if item_mask is None else item_mask.any(-1)
         elif inputs.dim() == 2:
@@ -128,7 +174,9 @@ class ScoredRouter(Router):
                 raise AudioMoEError(f"router item_mask must be [N]={inputs.shape[0]}, got {tuple(item_mask.shape)}")
             frame_mask = valid = item_mask
         else:
-            raise AudioMoEError(f"router inputs must be [N, D] tokens or [B, T, D] sequences, got shape {tuple(inputs.shape)}")
+            raise AudioMoEError(
+                f"router inputs must be [N, D] tokens or [B, T, D] sequences, got shape {tuple(inputs.shape)}"
+            )
         p = self.params
         cast = getattr(self.scorer, "compute_dtype", None)  # a scorer not built on Scorer keeps the dtype
         x = inputs if cast is None else inputs.to(cast(inputs.dtype))
@@ -160,3 +208,11 @@ class ScoredRouter(Router):
         if p.entropy_weight > 0:
             aux["entropy"] = p.entropy_weight * entropy_loss(sel.probs, valid)
         return aux
+
+
+def _from_linear_topk(module: Any, state: dict, prefix: str, *_: Any) -> None:
+    """Read a state dict of the old ``LinearTopK`` router (``gate.weight``, no ``step``) as this router's."""
+    old, new = f"{prefix}gate.weight", f"{prefix}scorer.layers.0.weight"
+    if old in state and new not in state and isinstance(getattr(module.scorer, "layers", None), torch.nn.ModuleList):
+        state[new] = state.pop(old)
+        state.setdefault(f"{prefix}step", torch.zeros((), dtype=torch.long))

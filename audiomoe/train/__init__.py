@@ -10,12 +10,23 @@ from __future__ import annotations
 from audiomoe.core.lazy import lazy_getattr
 
 _LAZY = {
-    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "load_trainer_state": "checkpoint", "save_checkpoint": "checkpoint",
-    "evaluate": "evaluate", "evaluate_checkpoint": "evaluate", "format_report": "evaluate",
-    "TrainConfig": "loop", "TrainingInterrupted": "loop", "train": "loop",
-    "Recipe": "recipe", "list_recipes": "recipe", "load_recipe": "recipe",
-    "RunDirError": "rundir", "open_run_dir": "rundir",
-    "RunOptions": "trainer", "run_recipe": "trainer",
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "load_trainer_state": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "evaluate": "evaluate",
+    "evaluate_checkpoint": "evaluate",
+    "format_report": "evaluate",
+    "TrainConfig": "loop",
+    "TrainingInterrupted": "loop",
+    "train": "loop",
+    "Recipe": "recipe",
+    "list_recipes": "recipe",
+    "load_recipe": "recipe",
+    "RunDirError": "rundir",
+    "open_run_dir": "rundir",
+    "RunOptions": "trainer",
+    "run_recipe": "trainer",
 }
 
 __all__ = sorted(_LAZY)

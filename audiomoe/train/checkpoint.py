@@ -133,7 +133,7 @@ def clean_run_dir(root: str | os.PathLike) -> None:
         if pid is None or _pid_alive(pid):
             continue
         if p.name.startswith(".old-"):
-            final = root / p.name[len(".old-"):].split(".")[0]
+            final = root / p.name[len(".old-") :].split(".")[0]
             if not final.exists() and p.is_dir():
                 os.replace(p, final)  # the re-save died between its renames: keep the old copy
                 continue
@@ -164,8 +164,14 @@ def _fsync_write(path: Path, data: bytes) -> None:
 _Tensors = dict[str, torch.Tensor]
 
 
-def _contents(model: torch.nn.Module, step: int, optimizer: Any, extra: dict[str, Any], model_state: Optional[_Tensors],
-              optimizer_state: Optional[dict[str, Any]]) -> tuple[_Tensors, dict[str, Any], _Tensors]:
+def _contents(
+    model: torch.nn.Module,
+    step: int,
+    optimizer: Any,
+    extra: dict[str, Any],
+    model_state: Optional[_Tensors],
+    optimizer_state: Optional[dict[str, Any]],
+) -> tuple[_Tensors, dict[str, Any], _Tensors]:
     """``(weights, trainer.json, trainer tensors)`` of a checkpoint, on the CPU."""
     source = model.state_dict() if model_state is None else model_state
     state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
@@ -224,7 +230,7 @@ def save_checkpoint(
     with the trainer state and returned by :func:`load_trainer_state`. A failed write raises
     :class:`CheckpointError` saying which checkpoint is still intact. ``model_state`` /
     ``optimizer_state``: state dicts to write instead of ``model.state_dict()`` / ``optimizer.state_dict()``
-    (a sharded run's gathered one-process dicts, :func:`audiomoe.train.fsdp.full_state_dict`).
+    (a sharded run's gathered one-process dicts, :func:`audiomoe.train.fullstate.full_state_dict`).
     A state with a NaN / inf tensor is refused before anything is written: ``latest`` stays on the last good one.
     """
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEPS:
@@ -237,8 +243,9 @@ def save_checkpoint(
     for what, part in (("model tensor", state), ("optimizer-state tensor", moments)):
         bad = first_nonfinite(part)
         if bad is not None:
-            raise CheckpointError(f"refusing to write step {step} in '{root}': {what} '{bad}' holds NaN or inf; "
-                                  f"{_intact(root)}")
+            raise CheckpointError(
+                f"refusing to write step {step} in '{root}': {what} '{bad}' holds NaN or inf; {_intact(root)}"
+            )
     root.mkdir(parents=True, exist_ok=True)
     clean_run_dir(root)
     final = root / f"step-{step:06d}"
@@ -305,7 +312,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if p.is_dir() and all((p / f).is_file() for f in REQUIRED):
         return p
     if p.is_dir() and STEP_RE.match(p.name) is None and list_checkpoints(p):
-        raise CheckpointError(f"run directory '{p}' has checkpoints but no 'latest' pointer; load one of them: {list_checkpoints(p)[-1][1]}")
+        raise CheckpointError(
+            f"run directory '{p}' has checkpoints but no 'latest' pointer; load one of them: {list_checkpoints(p)[-1][1]}"
+        )
     raise CheckpointError(f"'{p}' is not an audiomoe checkpoint (needs spec.yaml and model.safetensors)")
 
 
@@ -346,12 +355,14 @@ def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.
     """Read a checkpoint's trainer state; load it into ``optimizer``; return ``{step, rng, extra, path, optimizer}``.
 
     ``optimizer`` in the result is the saved one-process optimizer state (None when there is none), for a
-    sharded run to load at its layout (:func:`audiomoe.train.fsdp.load_full_optimizer_state_dict`).
+    sharded run to load at its layout (:func:`audiomoe.train.fullstate.load_full_optimizer_state_dict`).
     """
     p = resolve_checkpoint(path)
     meta_path = p / "trainer.json"
     if not meta_path.is_file() or not (p / "trainer.safetensors").is_file():
-        raise CheckpointError(f"checkpoint '{p}' has no trainer state (trainer.json + trainer.safetensors); it cannot be resumed")
+        raise CheckpointError(
+            f"checkpoint '{p}' has no trainer state (trainer.json + trainer.safetensors); it cannot be resumed"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
@@ -371,8 +382,10 @@ def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.
         except RecursionError:
             problem = "its values are nested too deeply"
     if problem is not None:
-        raise CheckpointError(f"'{meta_path}' is not a valid trainer state: {problem}; resume from another checkpoint "
-                              "of the run (--resume RUN/step-N) or start over with --overwrite")
+        raise CheckpointError(
+            f"'{meta_path}' is not a valid trainer state: {problem}; resume from another checkpoint "
+            "of the run (--resume RUN/step-N) or start over with --overwrite"
+        )
     if optimizer is not None and saved is not None:
         try:
             optimizer.load_state_dict(saved)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from audiomoe.core.argtypes import float_in, int_in, positive_int
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.limits import MAX_BATCH_SIZE
+from audiomoe.train.cli_eval import cmd_eval, cmd_predict
+from audiomoe.train.cli_flags import _apply_flags, _resumed, _stored_recipe, _train_config
 
 TRAIN_DESCRIPTION = """Train a recipe or a preset. A recipe (built-in: `audiomoe train --list`, or a YAML with
 `stages:`) names the model, the data, the optimizer, the schedule and the stages (what trains, on
@@ -45,86 +46,20 @@ ranks (all-to-all), --fsdp shards everything else with FSDP2; checkpoints stay o
 (they load with load_checkpoint and resume at any layout), e.g.
   audiomoe train RECIPE --nproc 2 --expert-parallel 2 [--fsdp] --out DIR"""
 
-#: (flag dest, legacy default, recipe path) for options a recipe also has
-_FLAGS = [
-    ("steps", 200, None), ("batch_size", 16, "batch_size"), ("lr", 3e-3, "optim.lr"), ("weight_decay", 0.01, "optim.weight_decay"),
-    ("eval_every", 50, "eval.every"), ("eval_batches", 4, "eval.batches"), ("seed", 0, "seed"), ("save_every", 0, "checkpoint.every"),
-    ("keep", 2, "checkpoint.keep"), ("data", "auto", "data"), ("precision", "fp32", "precision"), ("grad_clip", 1.0, "optim.grad_clip"),
-    ("accumulation", 1, "optim.accumulation"), ("warmup", None, "schedule.warmup"), ("schedule", "cosine", "schedule.kind"),
-    ("expert_parallel", None, "distributed.expert_parallel"), ("fsdp", False, "distributed.fsdp"),
-]
 _PARSER: dict[str, argparse.ArgumentParser] = {}
-
-
-def _apply_flags(recipe: Any, args: argparse.Namespace) -> Any:
-    """The recipe with every option given on the command line written into it."""
-    from audiomoe.train.recipe import Recipe
-
-    raw = recipe.model_dump()
-    for dest, _, path in _FLAGS:
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if dest == "steps":
-            main = [s for s in raw["stages"] if s.get("specialists") is None]
-            if len(raw["stages"]) != 1:
-                raise AudioMoEError(f"--steps sets the steps of a one-stage run; this recipe has {len(raw['stages'])} stages "
-                                    f"({', '.join(s['name'] for s in raw['stages'])}): use --set stages.NAME.steps=N")
-            main[0]["steps"] = value
-            continue
-        node = raw
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    if args.compile:
-        raw["compile"] = True
-    if args.no_logs:
-        raw["log"].update(jsonl=False, tensorboard=False)
-    return Recipe.model_validate(raw)
-
-
-def _stored_recipe(out: str) -> Any:
-    """The recipe a run directory recorded (every run records one, a preset's as one stage), or None."""
-    from audiomoe.train.recipe import Recipe
-
-    info = Path(out) / "run.json"
-    try:
-        raw = json.loads(info.read_text(encoding="utf-8")).get("recipe") if info.is_file() else None
-        return Recipe.model_validate(raw) if raw else None
-    except ValueError:
-        return None
-
-
-def _resumed(stored: Any, args: argparse.Namespace) -> Any:
-    """A resumed run's own recipe (its data, optimizer, schedule, ...) with only what this command line gave changed."""
-    from audiomoe.core.overrides import parse_override
-    from audiomoe.core.composer import resolve
-    from audiomoe.train.recipe import RECIPE_KEYS, load_recipe
-
-    sets = [t for t in args.set if parse_override(t)[0].split(".")[0] in RECIPE_KEYS]
-    model_sets = [t for t in args.set if t not in sets]
-    if args.target is not None:  # the model named again: it must be the run's
-        if resolve(args.target, model_sets).to_dict() != stored.model.resolve().to_dict():
-            raise AudioMoEError(f"'{args.resume}' was trained from a different spec than {args.target!r} with these --set overrides; "
-                                "resume without PRESET/--set to continue it, or use --overwrite to start over")
-    elif model_sets:
-        raise AudioMoEError(f"--set {model_sets[0]} changes the model; a resumed run keeps its model (recipe keys "
-                            f"{', '.join(RECIPE_KEYS)} may change), or use --overwrite to start over")
-    return _apply_flags(load_recipe(stored.model_dump(), sets) if sets else stored, args)
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
     """The command line of ``args`` again, without ``--nproc`` (what each torchrun worker runs)."""
     p = _PARSER["train"]
     out = ["train"] + ([args.target] if args.target else [])
-    for a in p._actions:  # noqa: SLF001 - argparse has no public list of actions
+    for a in p._actions:
         if not a.option_strings or a.dest in ("help", "nproc", "target"):
             continue
         v, flag = getattr(args, a.dest), a.option_strings[0]
         if v == a.default or v is None:
             continue
-        if isinstance(a, argparse._StoreTrueAction):  # noqa: SLF001
+        if isinstance(a, argparse._StoreTrueAction):
             out.append(flag)
         elif isinstance(a, argparse.BooleanOptionalAction):  # --fsdp / --no-fsdp
             out.append(flag if v else "--no-" + flag[2:])
@@ -135,16 +70,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
         else:
             out += [flag, str(v)]
     return out
-
-
-def _train_config(args: argparse.Namespace, out: Any, main: bool) -> Any:
-    """The flat options of a preset run (:class:`audiomoe.train.TrainConfig`) from the command line."""
-    from audiomoe.train import TrainConfig
-
-    flags = {dest: getattr(args, dest) for dest, _, _ in _FLAGS if getattr(args, dest) is not None}  # else TrainConfig's defaults
-    return TrainConfig(**flags, out_dir=out, progress=not args.quiet and main, log_every=args.log_every or 0,
-                       resume=bool(args.resume), overwrite=args.overwrite, device=args.device, logs=not args.no_logs,
-                       compile=args.compile, workers=args.workers)
 
 
 def _check_launch(args: argparse.Namespace, out: Any, is_recipe: bool, stored: Any) -> None:
@@ -202,7 +127,7 @@ def check_command(argv: Sequence[str]) -> None:
     def refuse(message: str) -> NoReturn:
         raise AudioMoEError(f"audiomoe {' '.join(argv)}: {message}")
 
-    parser.error = refuse  # type: ignore[method-assign]
+    parser.error = refuse  # type: ignore[method-assign]  # argparse's documented way to change how it reports errors
     if not argv or argv[0] != "train":
         raise AudioMoEError(f"not an audiomoe train command line: {list(argv)[:3]}")
     args = parser.parse_args(list(argv[1:]))
@@ -232,7 +157,9 @@ def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
             raise AudioMoEError(f"--resume '{args.resume}' and --out '{out}' name different directories; give one")
         out = args.resume
     if args.target is None and not args.resume:
-        raise AudioMoEError("give a PRESET (or YAML path) to train, or --resume DIR to continue a run; recipes: audiomoe train --list")
+        raise AudioMoEError(
+            "give a PRESET (or YAML path) to train, or --resume DIR to continue a run; recipes: audiomoe train --list"
+        )
     is_recipe = find_recipe(args.target) is not None if args.target else False
     stored = _stored_recipe(str(resume_target(out)[0])) if args.resume and out and not is_recipe else None
     if check_only:
@@ -244,9 +171,16 @@ def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
     main = int(os.environ.get("RANK", "0")) == 0
     if is_recipe or stored is not None:  # a resumed preset run keeps its recorded options too, not the defaults
         recipe = _apply_flags(load_recipe(args.target, args.set), args) if is_recipe else None
-        opts = RunOptions(out_dir=out, resume=bool(args.resume), overwrite=args.overwrite, device=args.device,
-                          progress=not args.quiet and main, print_every=args.log_every or 0, workers=args.workers,
-                          adjust=(lambda r: _apply_flags(r, args)) if is_recipe else (lambda r: _resumed(r, args)))
+        opts = RunOptions(
+            out_dir=out,
+            resume=bool(args.resume),
+            overwrite=args.overwrite,
+            device=args.device,
+            progress=not args.quiet and main,
+            print_every=args.log_every or 0,
+            workers=args.workers,
+            adjust=(lambda r: _apply_flags(r, args)) if is_recipe else (lambda r: _resumed(r, args)),
+        )
         result = run_recipe(recipe, opts)
     else:
         result = train(args.target, args.set, _train_config(args, out, main))
@@ -257,102 +191,201 @@ def _cmd_train(args: argparse.Namespace, check_only: bool = False) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint per task and per dataset; print tables and write JSON."""
-    from audiomoe.train.checkpoint import resolve_checkpoint
-    from audiomoe.core.atomic import check_output, write_text
-    from audiomoe.train.evaluate import evaluate_checkpoint, format_report
-
-    ckpt = resolve_checkpoint(args.checkpoint)
-    path = args.json or str(ckpt.parent / f"eval-{args.split}.json")
-    check_output(path, what="--json", inputs=[args.data])  # before the eval, which may take long, not after it
-    report = evaluate_checkpoint(str(ckpt), args.data, split=args.split, batch_size=args.batch_size, max_items=args.max_items,
-                                 device=args.device, max_seconds=args.max_seconds)
-    write_text(path, json.dumps(report, indent=2), what="--json")
-    print(f"{ckpt} on {report['data']} ({args.split}):\n")
-    print(format_report(report))
-    print(f"\nwritten to {path}")
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Run a checkpoint on audio files: one line per file and head (codec heads also write .npy / .wav)."""
-    from audiomoe.train.predict import predict_files
-
-    rows = predict_files(args.checkpoint, args.audio, tasks=args.task or None, prompt=args.prompt, codec=args.codec,
-                         out_dir=args.out, device=args.device, max_seconds=args.max_seconds)  # fmt: skip
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for r in rows:
-        extra = "".join(f"  {k}: {r[k]}" for k in ("codes", "wav", "window_seconds") if r.get(k))
-        print(f"{r['audio']}  [{r['task']}]  {r['prediction']}{extra}")
-    return 0
-
-
 def register(sub: Any) -> None:
     """Add the ``train``, ``eval`` and ``predict`` commands to the CLI's subparsers."""
-    p = sub.add_parser("train", help="train a recipe (stages, specialists, freezing) or a preset, with checkpoints and logs",
-                       description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train a recipe (stages, specialists, freezing) or a preset, with checkpoints and logs",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _PARSER["train"] = p
-    p.add_argument("target", nargs="?", default=None, metavar="RECIPE|PRESET", help="recipe name, recipe YAML, preset name or spec YAML (optional with --resume)")
+    p.add_argument(
+        "target",
+        nargs="?",
+        default=None,
+        metavar="RECIPE|PRESET",
+        help="recipe name, recipe YAML, preset name or spec YAML (optional with --resume)",
+    )
     p.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe or model override, e.g. optim.lr=1e-3, backbone.moe.router.k=1 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe or model override, e.g. optim.lr=1e-3, backbone.moe.router.k=1 (repeatable)",
+    )
     # The options a recipe also has are range-checked together, all problems at once, by TrainConfig / the recipe.
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps of a one-stage run (a resumed run continues up to this) [200]")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="total optimizer steps of a one-stage run (a resumed run continues up to this) [200]",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="global items per forward [16]")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate, > 0 [0.003]")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay, >= 0 [0.01]")
-    p.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip the global gradient norm [1.0]; --set optim.grad_clip=null: no clipping")
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=None,
+        metavar="NORM",
+        help="clip the global gradient norm [1.0]; --set optim.grad_clip=null: no clipping",
+    )
     p.add_argument("--accumulation", type=int, default=None, metavar="N", help="micro-batches per optimizer step [1]")
     p.add_argument("--warmup", type=int, default=None, metavar="N", help="linear lr warmup steps [5%% of the steps]")
-    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=None, help="lr decay after warmup, to a tenth of the peak [cosine]")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16: autocast forward (weights stay fp32) [fp32]")
+    p.add_argument(
+        "--schedule",
+        choices=["constant", "linear", "cosine"],
+        default=None,
+        help="lr decay after warmup, to a tenth of the peak [cosine]",
+    )
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default=None, help="bf16: autocast forward (weights stay fp32) [fp32]"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and encoder")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="auto: CUDA when available [auto]")
-    p.add_argument("--nproc", type=int_in(1, 4096), default=None, metavar="N", help="train with N processes on this host (DDP through torchrun's launcher)")
-    p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
-                   help="spread each MoE layer's routed experts over N ranks (distributed.expert_parallel; needs --nproc)")
-    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
-                   help="shard the model with FSDP2 over every rank (distributed.fsdp; needs --nproc)")
-    p.add_argument("--workers", type=int_in(0, 256), default=1, metavar="N", help="data-loader worker processes per rank (0: load in the training process) [1]")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate (and checkpoint, with --out) every N steps, >= 1 [50]")
+    p.add_argument(
+        "--nproc",
+        type=int_in(1, 4096),
+        default=None,
+        metavar="N",
+        help="train with N processes on this host (DDP through torchrun's launcher)",
+    )
+    p.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="spread each MoE layer's routed experts over N ranks (distributed.expert_parallel; needs --nproc)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shard the model with FSDP2 over every rank (distributed.fsdp; needs --nproc)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int_in(0, 256),
+        default=1,
+        metavar="N",
+        help="data-loader worker processes per rank (0: load in the training process) [1]",
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=None, help="evaluate (and checkpoint, with --out) every N steps, >= 1 [50]"
+    )
     p.add_argument("--eval-batches", type=int, default=None, help="held-out batches per evaluation [4]")
-    p.add_argument("--seed", type=int, default=None, help="fixes the data stream, eval batches and training randomness; the spec's seed fixes the initial weights [0]")
-    p.add_argument("--out", default=None, metavar="DIR", help="run directory: checkpoints step-N/, latest, log.jsonl, tb/, summary.json")
-    p.add_argument("--save-every", type=int, default=None, metavar="N", help="also checkpoint every N steps (0: at evaluations and stage ends) [0]")
-    p.add_argument("--keep", type=int, default=None, metavar="N", help="checkpoints kept in --out, newest by step (0: all) [2]")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR", help="continue the run in DIR (default: --out) from its last good checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes its checkpoints and logs)")
-    p.add_argument("--log-every", type=int, default=None, metavar="N", help="off a terminal, print a progress line every N steps (0: ~10 lines per run) [0]")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="fixes the data stream, eval batches and training randomness; the spec's seed fixes the initial weights [0]",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="run directory: checkpoints step-N/, latest, log.jsonl, tb/, summary.json",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also checkpoint every N steps (0: at evaluations and stage ends) [0]",
+    )
+    p.add_argument(
+        "--keep", type=int, default=None, metavar="N", help="checkpoints kept in --out, newest by step (0: all) [2]"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="DIR",
+        help="continue the run in DIR (default: --out) from its last good checkpoint",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds a run (deletes its checkpoints and logs)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="off a terminal, print a progress line every N steps (0: ~10 lines per run) [0]",
+    )
     p.add_argument("--no-logs", action="store_true", help="write no log.jsonl / TensorBoard events")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors (the summary is still written to --out)")
-    p.add_argument("--json", action="store_true", help="print the whole run summary as JSON instead of the summary table")
-    p.add_argument("--data", default=None, metavar="auto|builtin|tones|MANIFEST",
-                   help="training data: the built-in corpus, synthetic tones, or a JSONL manifest; auto = the corpus when every head is one of its tasks [auto]")
+    p.add_argument(
+        "--quiet", action="store_true", help="print nothing but errors (the summary is still written to --out)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the whole run summary as JSON instead of the summary table"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="auto|builtin|tones|MANIFEST",
+        help="training data: the built-in corpus, synthetic tones, or a JSONL manifest; auto = the corpus when every head is one of its tasks [auto]",
+    )
     p.set_defaults(func=cmd_train)
 
-    q = sub.add_parser("eval", help="evaluate a checkpoint per task and dataset (accuracy, macro-F1, mAP, WER/CER, BLEU, exact match)")
+    q = sub.add_parser(
+        "eval", help="evaluate a checkpoint per task and dataset (accuracy, macro-F1, mAP, WER/CER, BLEU, exact match)"
+    )
     q.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a run directory (its latest)")
-    q.add_argument("--data", default="auto", metavar="auto|builtin|tones|MANIFEST|DATA.yaml", help="what to evaluate on [auto: the run's own data when it trained on a manifest or data file, else the corpus or tones]")
+    q.add_argument(
+        "--data",
+        default="auto",
+        metavar="auto|builtin|tones|MANIFEST|DATA.yaml",
+        help="what to evaluate on [auto: the run's own data when it trained on a manifest or data file, else the corpus or tones]",
+    )
     q.add_argument("--split", default="test", help="manifest split [test]")
     q.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=16, help="items per forward [16]")
     q.add_argument("--max-items", type=positive_int, default=None, help="evaluate only the first N items of each task")
     q.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
-    q.add_argument("--max-seconds", type=float_in(0, lo_open=True), default=30.0, metavar="S",
-                   help="longest clip fed to a head: longer ones are cropped for clip-level labels, refused for others [30]")
-    q.add_argument("--json", default=None, metavar="FILE", help="where to write the JSON report [RUN_DIR/eval-SPLIT.json]")
+    q.add_argument(
+        "--max-seconds",
+        type=float_in(0, lo_open=True),
+        default=30.0,
+        metavar="S",
+        help="longest clip fed to a head: longer ones are cropped for clip-level labels, refused for others [30]",
+    )
+    q.add_argument(
+        "--json", default=None, metavar="FILE", help="where to write the JSON report [RUN_DIR/eval-SPLIT.json]"
+    )
     q.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("predict", help="run a checkpoint on audio files: labels, text, or codec codes written as .npy and .wav")
+    r = sub.add_parser(
+        "predict", help="run a checkpoint on audio files: labels, text, or codec codes written as .npy and .wav"
+    )
     r.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory or a run directory (its latest)")
-    r.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg; resampled to the encoder's rate)")
-    r.add_argument("--task", action="append", default=[], metavar="TASK", help="only this head (repeatable) [every head]")
+    r.add_argument(
+        "audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg; resampled to the encoder's rate)"
+    )
+    r.add_argument(
+        "--task", action="append", default=[], metavar="TASK", help="only this head (repeatable) [every head]"
+    )
     r.add_argument("--prompt", default=None, help="text for prompted heads: the question, the text to speak")
-    r.add_argument("--codec", default=None, metavar="DIR", help="fitted codec for codec heads' audio [the corpus's codes codec for the layout]")
-    r.add_argument("--out", default=None, metavar="DIR", help="where codec heads write .npy/.wav [CHECKPOINT/../predictions]")
+    r.add_argument(
+        "--codec",
+        default=None,
+        metavar="DIR",
+        help="fitted codec for codec heads' audio [the corpus's codes codec for the layout]",
+    )
+    r.add_argument(
+        "--out", default=None, metavar="DIR", help="where codec heads write .npy/.wav [CHECKPOINT/../predictions]"
+    )
     r.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
-    r.add_argument("--max-seconds", type=float_in(0, lo_open=True), default=30.0, metavar="S",
-                   help="longest audio fed to a head: a longer file is cropped for clip-level labels, refused for others [30]")
+    r.add_argument(
+        "--max-seconds",
+        type=float_in(0, lo_open=True),
+        default=30.0,
+        metavar="S",
+        help="longest audio fed to a head: a longer file is cropped for clip-level labels, refused for others [30]",
+    )
     r.add_argument("--json", action="store_true", help="print the rows as JSON")
     r.set_defaults(func=cmd_predict)

@@ -23,7 +23,11 @@ def _fields_at(schema: Any, loc: tuple) -> list[str]:
         field = getattr(node, "model_fields", {}).get(part)
         if field is None:
             return []
-        kinds = [field.annotation, *get_args(field.annotation), *(a for g in get_args(field.annotation) for a in get_args(g))]
+        kinds = [
+            field.annotation,
+            *get_args(field.annotation),
+            *(a for g in get_args(field.annotation) for a in get_args(g)),
+        ]
         node = next((k for k in kinds if isinstance(k, type) and hasattr(k, "model_fields")), None)
     return list(getattr(node, "model_fields", {}))
 
@@ -36,8 +40,14 @@ def problems_of(exc: ValidationError, schema: Any = None) -> list[ConfigProblem]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden" and schema is not None:
             known = _fields_at(schema, tuple(err["loc"][:-1]))
-            msg = f"unknown key '{err['loc'][-1]}'.{did_you_mean(str(err['loc'][-1]), known)} Keys here: {', '.join(known)}" if known else msg
-        out.append(ConfigProblem(key, msg, err.get("input"), "input" in err and err["type"] not in ("missing", "value_error")))
+            msg = (
+                f"unknown key '{err['loc'][-1]}'.{did_you_mean(str(err['loc'][-1]), known)} Keys here: {', '.join(known)}"
+                if known
+                else msg
+            )
+        out.append(
+            ConfigProblem(key, msg, err.get("input"), "input" in err and err["type"] not in ("missing", "value_error"))
+        )
     return out
 
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from audiomoe.core.batch import AudioBatch
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.data.synthetic import classification_tasks, tone_batch, tone_stream
-from audiomoe.core.batch import AudioBatch
 from audiomoe.train.recipe import StageData
 
 log = logging.getLogger("audiomoe.train")
@@ -44,14 +44,16 @@ def resolve_choice(model: Any, data: Any) -> Any:
     if data == "auto":
         return "builtin" if set(model.task_names) <= set(CORPUS_TASKS) else "tones"
     if data not in ("builtin", "tones") and not os.path.isfile(data):
-        raise AudioMoEError(f"--data {data!r} is not 'auto', 'builtin', 'tones', an existing manifest (.jsonl) or a data YAML")
+        raise AudioMoEError(
+            f"--data {data!r} is not 'auto', 'builtin', 'tones', an existing manifest (.jsonl) or a data YAML"
+        )
     if str(data).endswith((".yaml", ".yml")):  # a data spec: its relative source paths are the YAML's folder's
         from audiomoe.core.safe_yaml import load_yaml_file
 
         raw = load_yaml_file(data, "data config")
         raw = raw["data"] if isinstance(raw, dict) and set(raw) == {"data"} else raw
         if not isinstance(raw, dict):
-            raise AudioMoEError(f"--data {data!r}: a data YAML holds a mapping with 'sources:' (see README, Data)")
+            raise AudioMoEError(f"--data {data!r}: a data YAML holds a mapping with 'sources:' (see docs/data.md)")
         for src in (raw.get("sources") or {}).values():
             if isinstance(src, dict) and isinstance(src.get("path"), str):
                 src["path"] = os.path.join(os.path.dirname(os.path.abspath(data)), os.path.expanduser(src["path"]))
@@ -89,7 +91,9 @@ class LoaderStream:
 class ToneStream:
     """The seeded tone stream, this rank's slice of each global batch; its position is the batch count."""
 
-    def __init__(self, tasks: dict[str, int], batch_size: int, sr: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, tasks: dict[str, int], batch_size: int, sr: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.args, self.rank, self.world, self.local = (tasks, batch_size, sr, seed), rank, world, batch_size // world
         self.count, self._it = 0, tone_stream(tasks, batch_size, sr, seed=seed)
 
@@ -116,7 +120,9 @@ class ToneStream:
         self.count = int(state["batch"])
 
 
-def _tones(model: Any, tasks: Sequence[str], batch_size: int, seed: int, rank: int, world: int, eval_batches: int) -> tuple[Any, list[AudioBatch]]:
+def _tones(
+    model: Any, tasks: Sequence[str], batch_size: int, seed: int, rank: int, world: int, eval_batches: int
+) -> tuple[Any, list[AudioBatch]]:
     classes = classification_tasks(model, tasks)
     unfed = [n for n in tasks if n not in classes]
     if unfed:
@@ -147,10 +153,14 @@ def corpus_paths(model: Any, manifest: str, tasks: Sequence[str]) -> dict[str, s
         k, size = getattr(p, "num_codebooks", None), getattr(p, "codebook_size", None)
         sizes = set(size) if isinstance(size, list) else {size}
         if k is None or None in sizes:
-            raise AudioMoEError(f"corpus task '{t}' has codec-code targets, but head '{t}' ({_head_kind(model, t)}) takes none; "
-                                "give it a codec head (codec or codec_generation) or drop it")
+            raise AudioMoEError(
+                f"corpus task '{t}' has codec-code targets, but head '{t}' ({_head_kind(model, t)}) takes none; "
+                "give it a codec head (codec or codec_generation) or drop it"
+            )
         if len(sizes) != 1:
-            raise AudioMoEError(f"head '{t}' has codebooks of sizes {sorted(sizes)}; the corpus's codec (mel_rvq) writes one size for all")
+            raise AudioMoEError(
+                f"head '{t}' has codebooks of sizes {sorted(sizes)}; the corpus's codec (mel_rvq) writes one size for all"
+            )
         out[t] = str(corpus_codes(manifest, int(k), int(sizes.pop()), tasks=CODE_TASKS))
     return out
 
@@ -160,23 +170,43 @@ def manifest_sources(paths: dict[str, str], split: str) -> dict[str, Any]:
     by_path: dict[str, list[str]] = {}
     for t, p in paths.items():
         by_path.setdefault(p, []).append(t)
-    return {("data" if i == 0 else f"data{i}"): {"path": p, "split": split, "only_tasks": ts} for i, (p, ts) in enumerate(by_path.items())}
+    return {
+        ("data" if i == 0 else f"data{i}"): {"path": p, "split": split, "only_tasks": ts}
+        for i, (p, ts) in enumerate(by_path.items())
+    }
 
 
-def _manifest_spec(paths: dict[str, str], split: str, sd: Optional[StageData], local: int, seed: int, sr: int, workers: int) -> dict[str, Any]:
+def _manifest_spec(
+    paths: dict[str, str], split: str, sd: Optional[StageData], local: int, seed: int, sr: int, workers: int
+) -> dict[str, Any]:
     """A data spec over the manifests ``paths`` (task -> manifest), shaped by a stage's subset / weights / balance."""
     sampling: dict[str, Any] = {}
     tasks = list(paths)
     sources = manifest_sources(paths, split)
     if sd is not None and sd.weights is not None:
-        sources = {t: {"path": paths[t], "split": split, "only_tasks": [t], "weight": float(sd.weights.get(t, 1.0))} for t in tasks}
-        sampling = {"mode": "weights", "group_by": "source", **({"epoch_items": sd.epoch_items} if sd.epoch_items else {})}
+        sources = {
+            t: {"path": paths[t], "split": split, "only_tasks": [t], "weight": float(sd.weights.get(t, 1.0))}
+            for t in tasks
+        }
+        sampling = {
+            "mode": "weights",
+            "group_by": "source",
+            **({"epoch_items": sd.epoch_items} if sd.epoch_items else {}),
+        }
     elif sd is not None and sd.balanced is not None:
         sampling = {"mode": "balanced", "group_by": "task", "per_group": sd.balanced}
     elif sd is not None and sd.temperature is not None:
         sampling = {"mode": "temperature", "group_by": "task", "alpha": sd.temperature}
-    return {"sources": sources, "max_seconds": 3.0 * local, "max_items": local, "max_clip_seconds": 5.0,
-            "num_workers": workers, "seed": seed, "sample_rate": sr, **({"sampling": sampling} if sampling else {})}
+    return {
+        "sources": sources,
+        "max_seconds": 3.0 * local,
+        "max_items": local,
+        "max_clip_seconds": 5.0,
+        "num_workers": workers,
+        "seed": seed,
+        "sample_rate": sr,
+        **({"sampling": sampling} if sampling else {}),
+    }
 
 
 def _narrow(spec: dict[str, Any], tasks: list[str], sd: Optional[StageData], local: int, seed: int) -> dict[str, Any]:
@@ -188,21 +218,36 @@ def _narrow(spec: dict[str, Any], tasks: list[str], sd: Optional[StageData], loc
     spec.setdefault("max_items", local)
     spec.setdefault("seed", seed)
     if sd is not None and sd.weights is not None:
-        raise AudioMoEError("stage data 'weights' needs the recipe's data as a manifest path or 'builtin'; "
-                            "with a data spec, give the stage a whole 'spec' with source weights")
+        raise AudioMoEError(
+            "stage data 'weights' needs the recipe's data as a manifest path or 'builtin'; "
+            "with a data spec, give the stage a whole 'spec' with source weights"
+        )
     if sd is not None and (sd.balanced is not None or sd.temperature is not None):
-        mode = {"mode": "balanced", "per_group": sd.balanced} if sd.balanced is not None else {"mode": "temperature", "alpha": sd.temperature}
+        mode = (
+            {"mode": "balanced", "per_group": sd.balanced}
+            if sd.balanced is not None
+            else {"mode": "temperature", "alpha": sd.temperature}
+        )
         spec["sampling"] = {**spec.get("sampling", {}), "group_by": "task", **mode}
     return spec
 
 
 def build_data(
-    model: Any, data: Any, stage: Optional[StageData], *, batch_size: int, seed: int, eval_batches: int,
-    rank: int = 0, world: int = 1, progress: bool = False, workers: int = 1, eval_tasks: Optional[Sequence[str]] = None,
+    model: Any,
+    data: Any,
+    stage: Optional[StageData],
+    *,
+    batch_size: int,
+    seed: int,
+    eval_batches: int,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = False,
+    workers: int = 1,
+    eval_tasks: Optional[Sequence[str]] = None,
 ) -> tuple[Any, list[AudioBatch]]:
     """``(endless train stream for this rank, eval batches)`` for ``model`` from the recipe's ``data`` and a stage's."""
     from audiomoe.data import build_loader, builtin_corpus
-
     from audiomoe.train.layout import check_batch
 
     check_batch(batch_size, world)  # also what `train --nproc` checks before it starts the ranks
@@ -228,13 +273,17 @@ def build_data(
         eval_spec = {"crop_tasks": clip_level, **_narrow(choice, evaluate_on, None, local, seed)}
         eval_spec["num_workers"] = 0
     else:
+
         def caches() -> tuple[str, dict[str, str]]:  # made once: rank 0 first, the others then read them
             p = str(builtin_corpus(progress=progress) if choice == "builtin" else choice)
             return p, (corpus_paths(model, p, list(dict.fromkeys(tasks + evaluate_on))) if choice == "builtin" else {})
 
         path, paths = rank_zero_first(rank, world, caches)
         paths = {t: paths.get(t, path) for t in dict.fromkeys(tasks + evaluate_on)}
-        train_spec = {**_manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers), "crop_tasks": clip_level}
+        train_spec = {
+            **_manifest_spec({t: paths[t] for t in tasks}, "train", stage, local, seed, sr, workers),
+            "crop_tasks": clip_level,
+        }
         evaluate_on = _held_out(paths, evaluate_on) if eval_batches else []
         eval_spec = _manifest_spec({t: paths[t] for t in evaluate_on}, "test", None, local, seed, sr, 0)
         eval_spec["crop_tasks"] = clip_level  # held-out transcripts are scored whole, as eval scores them
@@ -303,7 +352,9 @@ def _held_out(paths: dict[str, str], tasks: Sequence[str]) -> list[str]:
         found[p] = {it.task for it in items}
     missing = [t for t in tasks if t not in found[paths[t]]]
     if missing:
-        log.warning("no held-out ('test' split) items for task(s) %s: they are trained but not evaluated", ", ".join(missing))
+        log.warning(
+            "no held-out ('test' split) items for task(s) %s: they are trained but not evaluated", ", ".join(missing)
+        )
     return [t for t in tasks if t not in missing]
 
 

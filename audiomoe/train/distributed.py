@@ -108,7 +108,9 @@ def setup(device: str = "auto") -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, rank=rank, world_size=world, **({"device_id": dev} if dev.type == "cuda" else {}))
+    torch.distributed.init_process_group(
+        backend, rank=rank, world_size=world, **({"device_id": dev} if dev.type == "cuda" else {})
+    )
     return Dist(rank, world, local, dev, True, True)
 
 
@@ -133,8 +135,18 @@ def launch(nproc: int, argv: Sequence[str], env: Optional[dict[str, str]] = None
     if not 1 <= nproc <= 4096:
         raise AudioMoEError(f"--nproc {nproc} must be in [1, 4096]")
     with tempfile.TemporaryDirectory(prefix="audiomoe-launch-") as tmp:
-        cmd = [sys.executable, "-c", _AGENT, f"--nproc-per-node={nproc}", "--nnodes=1", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "-m", "audiomoe", *argv]
+        cmd = [
+            sys.executable,
+            "-c",
+            _AGENT,
+            f"--nproc-per-node={nproc}",
+            "--nnodes=1",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "audiomoe",
+            *argv,
+        ]
         env = {**os.environ, **(env or {}), FAILURE_DIR_ENV: tmp}
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         agent = subprocess.Popen(cmd, env=env)

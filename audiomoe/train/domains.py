@@ -52,22 +52,28 @@ def apply_domains(recipe: Any) -> None:
     for i, st in enumerate(recipe.stages):
         if st.specialists is not None and st.specialists.members is None:
             if not doms:
-                raise ValueError(f"stages.{i}.specialists: give 'members', or declare the recipe's 'domains' "
-                                 "(one specialist each)")
-            st.specialists.members = [SpecialistMember(name=n, data=StageData(tasks=list(d.tasks)))
-                                      for n, d in doms.items()]
+                raise ValueError(
+                    f"stages.{i}.specialists: give 'members', or declare the recipe's 'domains' (one specialist each)"
+                )
+            st.specialists.members = [
+                SpecialistMember(name=n, data=StageData(tasks=list(d.tasks))) for n, d in doms.items()
+            ]
         if not doms:
             continue
         # a specialists stage's data is its members' (each on its own tasks)
         members = enumerate(st.specialists.members or []) if st.specialists else ()
-        owners = [(f"stages.{i}.specialists.members.{j}", m) for j, m in members] if st.specialists \
+        owners = (
+            [(f"stages.{i}.specialists.members.{j}", m) for j, m in members]
+            if st.specialists
             else [(f"stages.{i}", st)]
+        )
         for where, owner in owners:
             sd = owner.data or StageData()
             if any(x is not None for x in (sd.weights, sd.balanced, sd.temperature, sd.spec)):
                 continue
             outside = [t for t in (sd.tasks or []) if t not in seen]
             if outside:
-                raise ValueError(f"{where}.data.tasks: {', '.join(outside)} in no domain; "
-                                 "add them to the recipe's domains")
+                raise ValueError(
+                    f"{where}.data.tasks: {', '.join(outside)} in no domain; add them to the recipe's domains"
+                )
             owner.data = sd.model_copy(update={"weights": domain_weights(doms, sd.tasks)})

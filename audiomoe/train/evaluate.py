@@ -1,6 +1,8 @@
 """Evaluation: the periodic eval during training, and ``audiomoe eval CHECKPOINT --data ...``.
 
-:func:`evaluate` (training) averages every head's ``metrics()`` over a few held-out batches.
+:func:`evaluate` (training) averages every head's ``metrics()`` over a few held-out batches;
+:class:`Evaluator` runs it before a run's first step and every ``eval.every`` steps (and at each
+stage's end), keeping the history in the run state.
 :func:`evaluate_checkpoint` (the command) runs a checkpoint over a whole split and computes each
 head's metrics once over *all* its items (so macro-F1, mAP, WER and BLEU are corpus-level, not
 means of batch values), per task and per dataset: accuracy and macro-F1 (single-label), mAP,
@@ -13,13 +15,17 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 
-from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.batch import AudioBatch
+from audiomoe.core.errors import AudioMoEError
 from audiomoe.train.longaudio import DEFAULT_MAX_SECONDS, check_max_seconds
+
+if TYPE_CHECKING:
+    from audiomoe.train.distributed import Dist
+    from audiomoe.train.run_state import RunState
 
 
 @torch.no_grad()
@@ -41,6 +47,44 @@ def evaluate(model: torch.nn.Module, batches: Iterable[AudioBatch]) -> dict[str,
     return {k: sums[k] / counts[k] for k in sorted(sums)}
 
 
+class Evaluator:
+    """A stage's evaluations during training, on ``batches`` (held out), into ``state.history`` and the log.
+
+    Rank 0 evaluates; under a sharded layout every rank does (its forward is collective) with the same
+    batches, and rank 0 records. Whether there is anything to evaluate is rank 0's answer, given to every
+    rank (collective, at construction). An evaluation never moves the training RNG.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, dist: Dist, batches: list[AudioBatch], every: int, state: RunState
+    ) -> None:
+        self.model, self.dist, self.batches, self.every, self.state = model, dist, batches, every, state
+        self.enabled = int(dist.gather(torch.tensor([len(batches)]))[0, 0]) > 0
+        self.latest: Optional[dict[str, float]] = None  # this stage's last metrics (the stage summary's ``eval``)
+
+    def run(self) -> dict[str, float]:
+        """The metrics of the model now (:func:`evaluate`), with the caller's RNG state untouched."""
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return evaluate(self.model, self.batches)
+
+    def before(self) -> None:
+        """The run's evaluation before its first step (once per process, by the first stage that trains)."""
+        if self.state.before is None and self.batches:
+            self.state.before = self.run()
+
+    def maybe_run(self, step: int, final: bool, train_loss: float) -> bool:
+        """Evaluate when due (every ``every`` steps, and at the stage's ``final`` step); whether it was due."""
+        due = self.enabled and (step % self.every == 0 or final)
+        if due and self.batches:  # rank 0, or every rank of a sharded run
+            metrics = self.latest = self.run()
+            # train_loss is the step's training batch, not held out
+            self.state.history.append({"step": step, "train_loss": train_loss, **metrics})
+            if self.state.log is not None:
+                self.state.log.eval(step, metrics)
+        return due
+
+
 def _items(model: Any, data: Any, split: str) -> list[Any]:
     """The items of ``data`` (builtin, a manifest path, a data YAML or mapping) for the model's tasks."""
     from audiomoe.data import builtin_corpus
@@ -49,7 +93,11 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
 
     tasks = list(model.task_names)
     base_dir = None
-    if isinstance(data, (str, os.PathLike)) and data not in ("auto", "builtin") and not str(data).endswith((".yaml", ".yml")):
+    if (
+        isinstance(data, (str, os.PathLike))
+        and data not in ("auto", "builtin")
+        and not str(data).endswith((".yaml", ".yml"))
+    ):
         if not os.path.isfile(data):  # a manifest, whatever its extension (.jsonl, .manifest, .json)
             raise AudioMoEError(f"--data '{data}': no such manifest file")
         config: Any = {"sources": manifest_sources({t: str(data) for t in tasks}, split)}
@@ -78,8 +126,16 @@ def _items(model: Any, data: Any, split: str) -> list[Any]:
 
 @torch.no_grad()
 def evaluate_checkpoint(
-    checkpoint: str, data: Any = "auto", *, split: str = "test", batch_size: int = 16, max_items: Optional[int] = None,
-    device: str = "auto", tone_batches: int = 8, seed: int = 0, max_seconds: float = DEFAULT_MAX_SECONDS,
+    checkpoint: str,
+    data: Any = "auto",
+    *,
+    split: str = "test",
+    batch_size: int = 16,
+    max_items: Optional[int] = None,
+    device: str = "auto",
+    tone_batches: int = 8,
+    seed: int = 0,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint per task and per dataset: ``{"tasks": {...}, "datasets": {...}, "items": {...}}``.
 
@@ -88,8 +144,8 @@ def evaluate_checkpoint(
     clip of any other head (a transcript, an answer, codes) is refused before the model runs, naming it.
     """
     from audiomoe.train.checkpoint import load_checkpoint
-    from audiomoe.train.heldout import pick_items, predict_items, score_task, task_metrics
     from audiomoe.train.distributed import pick_device
+    from audiomoe.train.heldout import pick_items, predict_items, score_task, task_metrics
     from audiomoe.train.rundir import recorded_data
 
     max_seconds = check_max_seconds(max_seconds)
@@ -112,8 +168,16 @@ def evaluate_checkpoint(
         for name, triples in predict_items(model, items, batch_size, max_seconds, "eval").items():
             for pred, target, item in triples:
                 groups.setdefault((name, item.dataset or "data"), []).append((pred, target))
-    report: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data if isinstance(data, str) else "spec", "split": split,
-                              "tasks": {}, "datasets": {}, "items": {}, "interval": {}, "chance": {}}
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "data": data if isinstance(data, str) else "spec",
+        "split": split,
+        "tasks": {},
+        "datasets": {},
+        "items": {},
+        "interval": {},
+        "chance": {},
+    }
     for task in model.task_names:
         keys = sorted(d for t, d in groups if t == task)
         if not keys:
@@ -124,7 +188,10 @@ def evaluate_checkpoint(
         if "interval" in scored:  # single-label accuracy: Wilson's 95% interval and the majority-class rate
             report["interval"][task], report["chance"][task] = scored["interval"], scored["chance"]
         if len(keys) > 1:
-            report["datasets"][task] = {d: {**task_metrics(head, groups[(task, d)], model.device), "items": len(groups[(task, d)])} for d in keys}
+            report["datasets"][task] = {
+                d: {**task_metrics(head, groups[(task, d)], model.device), "items": len(groups[(task, d)])}
+                for d in keys
+            }
     return report
 
 
@@ -138,7 +205,10 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as text tables: one row per task, then one per (task, dataset) when there are several."""
     names = sorted({k for m in report["tasks"].values() for k in m})
     head = ["task", "items"] + names
-    rows = [[t, str(report["items"][t])] + [f"{m[k]:.4f}" if k in m else "-" for k in names] for t, m in report["tasks"].items()]
+    rows = [
+        [t, str(report["items"][t])] + [f"{m[k]:.4f}" if k in m else "-" for k in names]
+        for t, m in report["tasks"].items()
+    ]
     if report.get("interval"):  # accuracy's 95% interval and the rate of always answering the most frequent label
         head += ["accuracy 95% interval", "chance"]
         for row, t in zip(rows, report["tasks"]):
@@ -146,7 +216,11 @@ def format_report(report: dict[str, Any]) -> str:
             row += [f"[{iv[0]:.4f}, {iv[1]:.4f}]", f"{ch:.4f}"] if iv else ["-", "-"]
     text = _table(rows, head)
     if report["datasets"]:
-        drows = [[t, d, str(m["items"])] + [f"{m[k]:.4f}" if k in m else "-" for k in names] for t, per in report["datasets"].items() for d, m in per.items()]
+        drows = [
+            [t, d, str(m["items"])] + [f"{m[k]:.4f}" if k in m else "-" for k in names]
+            for t, per in report["datasets"].items()
+            for d, m in per.items()
+        ]
         text += "\n\nper dataset:\n" + _table(drows, ["task", "dataset", "items"] + names)
     return text
 

@@ -42,6 +42,7 @@ def _first_cause(records: list[dict]) -> dict:
     fails with a connection error after the peer's own error); within the first two rank 0's comes first
     (the others only say that rank 0 failed; it names the last checkpoint), else the earliest written.
     """
+
     def order(r: dict) -> tuple:
         kind = {2: 0, 130: 1}.get(int(r["code"]), 2)
         return kind, kind < 2 and r["rank"] != 0, r["time"], r["rank"]
@@ -71,8 +72,10 @@ def failure_report(folder: Path, command: str, agent_code: int) -> tuple[int, st
     ended = agent.get("failures") or {}
     ranks = sorted(ended.items(), key=lambda kv: int(kv[0]))
     how = ", ".join(f"rank {r} {_ending(c)}" for r, c in ranks) or f"exit code {agent_code}"
-    return 1, (f"audiomoe {command}: unexpected error: a process ended without a message ({how}): killed for memory? "
-               f"see the lines above, and please report it")
+    return 1, (
+        f"audiomoe {command}: unexpected error: a process ended without a message ({how}): killed for memory? "
+        f"see the lines above, and please report it"
+    )
 
 
 def _ending(code: int) -> str:

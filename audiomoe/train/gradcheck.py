@@ -60,17 +60,23 @@ class ZeroGradWatch:
     held; it returns the warning once, after the ``steps``-th call (None before and after).
     """
 
-    def __init__(self, model: torch.nn.Module, named: Iterable[tuple[str, torch.nn.Parameter]], stage: str,
-                 steps: int = ZERO_GRAD_STEPS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        named: Iterable[tuple[str, torch.nn.Parameter]],
+        stage: str,
+        steps: int = ZERO_GRAD_STEPS,
+    ) -> None:
         self.stage, self.steps, self.left = stage, steps, steps
         # no gradient by construction (a key bias under softmax, LoRA's A while B is 0): exempt, as in check_component
-        exempt = [f"{path}.{g}" if path else g for path, m in model.named_modules()
-                  for g in getattr(m, "gradient_exempt", ())]  # fmt: skip
+        exempt = [
+            f"{path}.{g}" if path else g for path, m in model.named_modules() for g in getattr(m, "gradient_exempt", ())
+        ]
         self.params = {n: p for n, p in named if not any(fnmatch.fnmatchcase(n, g) for g in exempt)}
         self.pending = set(self.params)
         self.counted = dict.fromkeys(self.params, 0)
         groups = named_groups(model)
-        self.task_of = {n: g[len("heads."):] for g, names in groups.items() if g.startswith("heads.") for n in names}
+        self.task_of = {n: g[len("heads.") :] for g, names in groups.items() if g.startswith("heads.") for n in names}
         self.unit_of: dict[str, str] = {}
         proj = {n for n in groups.get("fusion", set()) if n.startswith("encoder.proj.")}
         for n in groups.get("experts", set()) | groups.get("encoder.weak", set()) | proj:
@@ -107,7 +113,9 @@ class ZeroGradWatch:
         if not dead:
             return None
         shown = ", ".join(dead[:_SHOWN]) + (f" and {len(dead) - _SHOWN} more" if len(dead) > _SHOWN else "")
-        return (f"{len(dead)} trainable tensor(s) got no gradient (none, or exactly zero) in each of the first "
-                f"{self.steps} steps of stage '{self.stage}': {shown}. They do not train: their module's output does "
-                "not reach the loss (audiomoe.testing.check_component finds this in a plugin), or freeze them in the "
-                "stage's 'freeze'")
+        return (
+            f"{len(dead)} trainable tensor(s) got no gradient (none, or exactly zero) in each of the first "
+            f"{self.steps} steps of stage '{self.stage}': {shown}. They do not train: their module's output does "
+            "not reach the loss (audiomoe.testing.check_component finds this in a plugin), or freeze them in the "
+            "stage's 'freeze'"
+        )

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError, did_you_mean
-from audiomoe.core.interfaces import MoE, Fusion, Router
+from audiomoe.core.interfaces import Fusion, MoE, Router
 
 
 def _under(model: nn.Module, prefixes: Iterable[str]) -> set[str]:
@@ -74,12 +74,25 @@ def resolve_group(model: nn.Module, name: str, where: str, groups: dict[str, set
     else:
         hit = {n for n in params if n == name or n.startswith(name + ".")}
     if not hit:
-        known = ["all", "encoder", "encoder.base", "encoder.weak", "fusion", "router", "experts", "shared_experts",
-                 "adapter", "backbone", "lora", "heads"] + [f"heads.{t}" for t in getattr(model, "task_names", [])]
+        known = [
+            "all",
+            "encoder",
+            "encoder.base",
+            "encoder.weak",
+            "fusion",
+            "router",
+            "experts",
+            "shared_experts",
+            "adapter",
+            "backbone",
+            "lora",
+            "heads",
+        ] + [f"heads.{t}" for t in getattr(model, "task_names", [])]
         absent = [g for g in known if g not in groups]
         raise AudioMoEError(
             f"{where}: '{name}' matches no parameter of this model.{did_you_mean(name, list(groups))} "
-            f"Groups this model has: {', '.join(groups)}" + (f" (it has no {', '.join(absent)})" if absent else "")
+            f"Groups this model has: {', '.join(groups)}"
+            + (f" (it has no {', '.join(absent)})" if absent else "")
             + "; or give a glob over parameter names, e.g. 'backbone.blocks.*.attn'"
         )
     return hit
@@ -94,7 +107,9 @@ def select(model: nn.Module, names: Sequence[str], where: str) -> set[str]:
     return out
 
 
-def trainable_names(model: nn.Module, train: Sequence[str], freeze: Sequence[str], built: set[str], where: str) -> set[str]:
+def trainable_names(
+    model: nn.Module, train: Sequence[str], freeze: Sequence[str], built: set[str], where: str
+) -> set[str]:
     """Tensors a stage trains: ``train`` minus ``freeze``, within those the model built as trainable.
 
     ``built`` are the names with ``requires_grad`` when the model was composed: a component that

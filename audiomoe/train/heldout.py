@@ -65,8 +65,9 @@ def _single_label(head: Any) -> bool:
     return hasattr(params, "num_classes") and not getattr(params, "multi_label", False)
 
 
-def predict_items(model: Any, items: Sequence[Any], batch_size: int = 16, max_seconds: float = 30.0,
-                  command: str = "eval") -> dict[str, list[tuple[Any, Any, Any]]]:
+def predict_items(
+    model: Any, items: Sequence[Any], batch_size: int = 16, max_seconds: float = 30.0, command: str = "eval"
+) -> dict[str, list[tuple[Any, Any, Any]]]:
     """``{task: [(prediction, target, item), ...]}`` for ``items`` in their order (clip-level heads cropped, others whole;
     a longer clip of any other head is refused by name, see :func:`audiomoe.train.longaudio.refuse_long_clips`)."""
     import torch
@@ -127,18 +128,30 @@ def score_task(head: Any, pairs: Sequence[tuple[Any, ...]], device: "torch.devic
         preds = _merge([p[0] for p in pairs]).view(-1).to(targets.device)
         correct = (preds == targets).tolist()
         k = int(sum(correct))
-        res["metrics"]["accuracy"] = round(k / len(correct), 6)  # the same number as the head's, from the stored outcomes
+        res["metrics"]["accuracy"] = round(
+            k / len(correct), 6
+        )  # the same number as the head's, from the stored outcomes
         res["interval"] = {"accuracy": list(wilson_interval(k, len(correct)))}
         counts = torch.bincount(targets, minlength=int(head.params.num_classes))
-        res["chance"] = {"accuracy": round(max(float(counts.max()) / len(correct), 1.0 / int(head.params.num_classes)), 6)}
+        res["chance"] = {
+            "accuracy": round(max(float(counts.max()) / len(correct), 1.0 / int(head.params.num_classes)), 6)
+        }
         res["per_item"] = [int(c) for c in correct]
     else:
         res["per_item"] = [task_metrics(head, [pair], device) for pair in pairs]
     return res
 
 
-def score_model(model: Any, items: Sequence[Any], *, split: str = "test", max_per_task: Optional[int] = MAX_PER_TASK,
-                batch_size: int = 16, max_seconds: float = 30.0, max_generated: int = MAX_GENERATED_PER_TASK) -> dict[str, Any]:
+def score_model(
+    model: Any,
+    items: Sequence[Any],
+    *,
+    split: str = "test",
+    max_per_task: Optional[int] = MAX_PER_TASK,
+    batch_size: int = 16,
+    max_seconds: float = 30.0,
+    max_generated: int = MAX_GENERATED_PER_TASK,
+) -> dict[str, Any]:
     """Score ``model`` on the held-out ``items`` (capped per task): ``{"split", "max_per_task", "tasks": {task: ...}}``.
 
     Each task holds ``metrics``, ``items``, and for single-label heads ``interval``, ``chance`` and
@@ -176,7 +189,16 @@ def summary_table(scores: dict[str, Any]) -> str:
         if "accuracy" in res.get("interval", {}):
             lo, hi = res["interval"]["accuracy"]
             ch = res["chance"]["accuracy"]
-            rows.append([t, str(res["items"]), f"{m['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{ch:.3f}", "yes" if lo > ch else "no"])
+            rows.append(
+                [
+                    t,
+                    str(res["items"]),
+                    f"{m['accuracy']:.3f}",
+                    f"[{lo:.3f}, {hi:.3f}]",
+                    f"{ch:.3f}",
+                    "yes" if lo > ch else "no",
+                ]
+            )
         else:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.items()))
             rows.append([t, str(res["items"]), shown or "–", "", "", ""])
@@ -209,28 +231,46 @@ def final_score(model: Any, recipe: Any, root: Optional[Any], bar: Any = None) -
     if items is None:
         return None
     if bar is not None:
-        bar.note(f"scoring the whole held-out split (up to {recipe.eval.max_per_task} items per task, "
-                 f"{recipe.eval.max_generated_per_task} for generating heads)")
-    scores = score_model(model, items, max_per_task=recipe.eval.max_per_task, batch_size=recipe.batch_size,
-                         max_generated=recipe.eval.max_generated_per_task)
+        bar.note(
+            f"scoring the whole held-out split (up to {recipe.eval.max_per_task} items per task, "
+            f"{recipe.eval.max_generated_per_task} for generating heads)"
+        )
+    scores = score_model(
+        model,
+        items,
+        max_per_task=recipe.eval.max_per_task,
+        batch_size=recipe.batch_size,
+        max_generated=recipe.eval.max_generated_per_task,
+    )
     if root is not None:
         from audiomoe.core.atomic import write_text
 
         write_text(Path(root) / HELDOUT_FILE, json.dumps(scores, indent=1), what="held-out scores")
-    return {"split": scores["split"], "metrics": flat_metrics(scores),
-            "tasks": {t: {k: v for k, v in r.items() if k not in ("per_item", "item_ids")} for t, r in scores["tasks"].items()}}
+    return {
+        "split": scores["split"],
+        "metrics": flat_metrics(scores),
+        "tasks": {
+            t: {k: v for k, v in r.items() if k not in ("per_item", "item_ids")} for t, r in scores["tasks"].items()
+        },
+    }
 
 
 def run_summary_text(summary: dict[str, Any], out: Optional[str] = None) -> str:
     """What ``audiomoe train`` prints at the end: the run in a few lines and its held-out score per task."""
-    lines = [f"trained {summary.get('steps')} steps in {summary.get('seconds', 0):.0f} s; final training loss "
-             f"{summary.get('final_loss', float('nan')):.4f}"]
+    lines = [
+        f"trained {summary.get('steps')} steps in {summary.get('seconds', 0):.0f} s; final training loss "
+        f"{summary.get('final_loss', float('nan')):.4f}"
+    ]
     if summary.get("skipped_steps"):
         lines.append(f"skipped {summary['skipped_steps']} optimizer steps with a NaN/inf gradient norm")
     held = summary.get("heldout")
     if held and "tasks" in held:
-        lines += ["", f"held-out score on the '{held['split']}' split, item by item (chance: always the most frequent label; "
-                      "a generating head is scored on a sample, see items):", summary_table(held)]
+        lines += [
+            "",
+            f"held-out score on the '{held['split']}' split, item by item (chance: always the most frequent label; "
+            "a generating head is scored on a sample, see items):",
+            summary_table(held),
+        ]
         if "mean/accuracy" in held["metrics"]:
             lines.append(f"mean accuracy over tasks: {held['metrics']['mean/accuracy']:.3f}")
     elif held and "skipped" in held:

@@ -16,8 +16,8 @@
 With EP or FSDP (:attr:`Layout.sharded`) the trainer calls :meth:`Layout.prepare` once (after the
 first stage's init, before its optimizer), :meth:`Layout.wrap` per stage (DDP with the experts
 ignored, or the FSDP model itself), :meth:`Layout.clip` per optimizer step (expert gradients
-reduced, the global norm over shards), and gathers full state dicts for every checkpoint
-(collective; rank 0 writes). Plain DDP is unchanged.
+reduced, the global norm over shards); the checkpointer gathers full state dicts for every checkpoint
+(collective; rank 0 writes, :mod:`.checkpointer` and :mod:`.fullstate`). Plain DDP is unchanged.
 """
 
 from __future__ import annotations
@@ -65,14 +65,19 @@ class Layout:
 
     def describe(self) -> dict[str, Any]:
         """The layout for the run summary."""
-        return {"world": self.world, "data_parallel": self.data_parallel, "expert_parallel": self.expert_parallel, "fsdp": self.fsdp}
+        return {
+            "world": self.world,
+            "data_parallel": self.data_parallel,
+            "expert_parallel": self.expert_parallel,
+            "fsdp": self.fsdp,
+        }
 
     def build_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         """``spec`` with ``backbone.moe.expert_parallel`` set to this layout's (the spec a rank builds)."""
         if self.expert_parallel == 1:
             return spec
         out = copy.deepcopy(spec)
-        moe_params(out)["expert_parallel"] = self.expert_parallel  # type: ignore[index]
+        moe_params(out)["expert_parallel"] = self.expert_parallel  # type: ignore[index]  # a dict by construction
         return out
 
     # -- per run / stage / step ----------------------------------------------------------------
@@ -86,7 +91,12 @@ class Layout:
         if self.expert_parallel > 1:
             parallel.shard_experts(model)
         if self.fsdp:
-            parallel.apply_fsdp(model, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype, reshard_after_forward=self.reshard_after_forward)
+            parallel.apply_fsdp(
+                model,
+                param_dtype=self.param_dtype,
+                reduce_dtype=self.reduce_dtype,
+                reshard_after_forward=self.reshard_after_forward,
+            )
         self.prepared = True
 
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -122,26 +132,6 @@ class Layout:
         parallel.reduce_expert_grads(model)
         return float(parallel.clip_grad_norm_(model, float("inf") if max_norm is None else max_norm))
 
-    def states(self, model: torch.nn.Module, optimizer: Any) -> tuple[Optional[dict], Optional[dict]]:
-        """``(model, optimizer)`` one-process state dicts for a checkpoint (collective; rank 0 gets them, None unsharded)."""
-        if not self.sharded:
-            return None, None
-        from audiomoe.train import fsdp as parallel
-
-        return parallel.full_state_dict(model, rank0_only=True), parallel.full_optimizer_state_dict(model, optimizer, rank0_only=True)
-
-    def load_optimizer(self, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
-        """A checkpoint's one-process optimizer state, sliced for this rank's experts / FSDP shards."""
-        from audiomoe.train import fsdp as parallel
-        from audiomoe.train.checkpoint import CheckpointError
-
-        if state is None:
-            raise CheckpointError("the checkpoint holds no optimizer state; it cannot continue a stage")
-        try:
-            parallel.load_full_optimizer_state_dict(model, optimizer, state)
-        except (ValueError, KeyError, RuntimeError, IndexError) as exc:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit this model at this layout: {exc}") from None
-
     def on_full_model(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run ``fn`` (a stage's init) on the full model: directly before sharding, else on a gathered copy.
 
@@ -151,14 +141,14 @@ class Layout:
         """
         if not self.prepared:
             return fn(model)
-        from audiomoe.train import fsdp as parallel
         from audiomoe.core.composer import build_model, resolve
+        from audiomoe.train.fullstate import full_state_dict, load_full_state_dict
 
         device = next(model.parameters()).device
         plain = build_model(resolve(model.spec))  # model.spec is layout-free: the one-process model
-        plain.load_state_dict(parallel.full_state_dict(model))
+        plain.load_state_dict(full_state_dict(model))
         result = fn(plain.to(device))
-        parallel.load_full_state_dict(model, plain.state_dict(), strict=True)
+        load_full_state_dict(model, plain.state_dict(), strict=True)
         return result
 
 
@@ -173,38 +163,58 @@ def plan_layout(section: Any, spec: dict[str, Any], world: int) -> Layout:
     own = int(moe.get("expert_parallel", 1)) if moe else 1
     asked = section.expert_parallel
     if asked is not None and asked > 1 and moe is None:
-        raise AudioMoEError(f"distributed.expert_parallel={asked}: this model has no MoE layer (backbone.moe) whose experts could be "
-                            "spread over ranks; remove distributed.expert_parallel (or use distributed.fsdp to shard a dense model)")
+        raise AudioMoEError(
+            f"distributed.expert_parallel={asked}: this model has no MoE layer (backbone.moe) whose experts could be "
+            "spread over ranks; remove distributed.expert_parallel (or use distributed.fsdp to shard a dense model)"
+        )
     if asked is not None and own > 1 and asked != own:
-        raise AudioMoEError(f"distributed.expert_parallel={asked} but the model spec sets backbone.moe.expert_parallel={own}; "
-                            "make them equal, or drop the model override and give the layout in distributed: only")
+        raise AudioMoEError(
+            f"distributed.expert_parallel={asked} but the model spec sets backbone.moe.expert_parallel={own}; "
+            "make them equal, or drop the model override and give the layout in distributed: only"
+        )
     ep = asked if asked is not None else own
     if moe is not None and ep > 1 and int(moe["num_experts"]) % ep:
         n = int(moe["num_experts"])
         ok = [k for k in range(1, n + 1) if n % k == 0]
-        raise AudioMoEError(f"distributed.expert_parallel={ep} does not divide backbone.moe.num_experts={n}: each rank holds "
-                            f"num_experts / expert_parallel routed experts; use expert_parallel in {ok}")
+        raise AudioMoEError(
+            f"distributed.expert_parallel={ep} does not divide backbone.moe.num_experts={n}: each rank holds "
+            f"num_experts / expert_parallel routed experts; use expert_parallel in {ok}"
+        )
     need = ep * (section.data_parallel or 1)
-    what = " and ".join([f"expert_parallel={ep}"] * (ep > 1) + ["fsdp"] * bool(section.fsdp) + [f"data_parallel={section.data_parallel}"] * bool(section.data_parallel))
+    what = " and ".join(
+        [f"expert_parallel={ep}"] * (ep > 1)
+        + ["fsdp"] * bool(section.fsdp)
+        + [f"data_parallel={section.data_parallel}"] * bool(section.data_parallel)
+    )
     if world == 1 and (ep > 1 or section.fsdp or (section.data_parallel or 1) > 1):
         n = max(need, 2)
-        raise AudioMoEError(f"distributed: {what} needs several processes, but this is one process (not under torchrun); "
-                            f"run {_CMD.format(n=n)}")
+        raise AudioMoEError(
+            f"distributed: {what} needs several processes, but this is one process (not under torchrun); "
+            f"run {_CMD.format(n=n)}"
+        )
     if world % ep:
-        raise AudioMoEError(f"world size {world} is not a multiple of distributed.expert_parallel={ep}: launch data_parallel x "
-                            f"expert_parallel processes, e.g. {_CMD.format(n=ep)}")
+        raise AudioMoEError(
+            f"world size {world} is not a multiple of distributed.expert_parallel={ep}: launch data_parallel x "
+            f"expert_parallel processes, e.g. {_CMD.format(n=ep)}"
+        )
     if section.data_parallel is not None and section.data_parallel * ep != world:
-        raise AudioMoEError(f"distributed.data_parallel={section.data_parallel} x expert_parallel={ep} = {need} processes, but "
-                            f"{world} were started; run {_CMD.format(n=need)}, or leave data_parallel unset (= world / expert_parallel)")
-    return Layout(world, ep, bool(section.fsdp), section.param_dtype, section.reduce_dtype, section.reshard_after_forward)
+        raise AudioMoEError(
+            f"distributed.data_parallel={section.data_parallel} x expert_parallel={ep} = {need} processes, but "
+            f"{world} were started; run {_CMD.format(n=need)}, or leave data_parallel unset (= world / expert_parallel)"
+        )
+    return Layout(
+        world, ep, bool(section.fsdp), section.param_dtype, section.reduce_dtype, section.reshard_after_forward
+    )
 
 
 def check_batch(batch_size: int, world: int) -> None:
     """The global batch must split evenly over the ``world`` ranks (each reads ``batch_size / world`` items)."""
     if batch_size % world:
         ok = [b for b in (batch_size - batch_size % world, batch_size - batch_size % world + world) if b > 0]
-        raise AudioMoEError(f"batch_size {batch_size} must be a multiple of the number of processes ({world}); "
-                            f"it is the global batch (e.g. {' or '.join(map(str, ok))})")
+        raise AudioMoEError(
+            f"batch_size {batch_size} must be a multiple of the number of processes ({world}); "
+            f"it is the global batch (e.g. {' or '.join(map(str, ok))})"
+        )
 
 
 def check_recipe(recipe: Any, world: int) -> Layout:
@@ -231,4 +241,3 @@ def check_recipe(recipe: Any, world: int) -> Layout:
             _slice(layer.experts, 0, layer.num_experts // layer.params.expert_parallel)
     resolve_choice(meta, recipe.data)
     return layout
-

@@ -18,9 +18,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator, Optional, Sequence, get_args
 
+from audiomoe.core.batch import AudioBatch
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
-from audiomoe.core.batch import AudioBatch
 from audiomoe.train.data import build_data
 from audiomoe.train.evaluate import evaluate
 from audiomoe.train.recipe import OptimSpec, Recipe, recipe_for_preset
@@ -63,9 +63,17 @@ class TrainConfig:
     workers: int = 1  # data-loader worker processes per rank
 
     _INT_RANGES = {
-        "steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH_SIZE), "eval_every": (1, MAX_STEPS),
-        "eval_batches": (0, 1000), "keep": (0, 1000), "seed": (0, MAX_SEED), "save_every": (0, MAX_STEPS),
-        "log_every": (0, MAX_STEPS), "accumulation": (1, 1024), "warmup": (0, MAX_STEPS), "workers": (0, 256),
+        "steps": (1, MAX_STEPS),
+        "batch_size": (1, MAX_BATCH_SIZE),
+        "eval_every": (1, MAX_STEPS),
+        "eval_batches": (0, 1000),
+        "keep": (0, 1000),
+        "seed": (0, MAX_SEED),
+        "save_every": (0, MAX_STEPS),
+        "log_every": (0, MAX_STEPS),
+        "accumulation": (1, 1024),
+        "warmup": (0, MAX_STEPS),
+        "workers": (0, 256),
     }
     _OPTIONAL = ("warmup",)  # None is valid: the recipe decides
 
@@ -83,7 +91,11 @@ class TrainConfig:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= hi
             if not ok or (v <= 0 if lo_open else v < 0):
                 out.append(f"{name} ({v!r}) must be a finite number in {'(0' if lo_open else '[0'}, {hi}]")
-        if self.expert_parallel is not None and (isinstance(self.expert_parallel, bool) or not isinstance(self.expert_parallel, int) or self.expert_parallel < 1):
+        if self.expert_parallel is not None and (
+            isinstance(self.expert_parallel, bool)
+            or not isinstance(self.expert_parallel, int)
+            or self.expert_parallel < 1
+        ):
             out.append(f"expert_parallel ({self.expert_parallel!r}) must be an integer >= 1 (or None: the spec's)")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             out.append(f"grad_clip ({self.grad_clip!r}) must be a number > 0 (or None: no clipping)")
@@ -107,9 +119,18 @@ class TrainConfig:
     def recipe_fields(self) -> dict[str, Any]:
         """These options as recipe sections (everything but the model and the steps)."""
         return {
-            "data": self.data, "batch_size": self.batch_size, "seed": self.seed, "precision": self.precision, "compile": self.compile,
-            "optim": {"lr": self.lr, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip,
-                      "accumulation": self.accumulation, "on_nonfinite": self.on_nonfinite},
+            "data": self.data,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "precision": self.precision,
+            "compile": self.compile,
+            "optim": {
+                "lr": self.lr,
+                "weight_decay": self.weight_decay,
+                "grad_clip": self.grad_clip,
+                "accumulation": self.accumulation,
+                "on_nonfinite": self.on_nonfinite,
+            },
             "schedule": {"kind": self.schedule, "warmup": self.warmup},
             "eval": {"every": self.eval_every, "batches": self.eval_batches},
             "checkpoint": {"every": self.save_every, "keep": self.keep},
@@ -131,7 +152,15 @@ def _default_data(model: Any, cfg: TrainConfig) -> tuple[Iterator[AudioBatch], l
     """The data used when none is passed, by ``cfg.data``: ``builtin`` (the built-in corpus, made once
     into the cache), ``tones`` (synthetic pitch classes), a manifest path, or ``auto``: the corpus
     when every head is named after one of its tasks, else tones."""
-    return build_data(model, cfg.data, None, batch_size=cfg.batch_size, seed=cfg.seed, eval_batches=cfg.eval_batches, progress=cfg.progress)
+    return build_data(
+        model,
+        cfg.data,
+        None,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        eval_batches=cfg.eval_batches,
+        progress=cfg.progress,
+    )
 
 
 def train(
@@ -155,7 +184,9 @@ def train(
         raise AudioMoEError("give a preset or spec to train (or --resume a run directory that has one)")
     recipe = None if preset is None else recipe_for_preset(preset, overrides, steps=cfg.steps, **cfg.recipe_fields())
 
-    def adjust(stored: Recipe) -> Recipe:  # a resumed run: its own recipe, with the options set away from their defaults
+    def adjust(
+        stored: Recipe,
+    ) -> Recipe:  # a resumed run: its own recipe, with the options set away from their defaults
         raw, base = stored.model_dump(), TrainConfig()
         _merge_changed(raw, cfg.recipe_fields(), base.recipe_fields())
         if cfg.steps != base.steps and len(raw["stages"]) == 1:
@@ -163,8 +194,16 @@ def train(
         return Recipe.model_validate(raw)
 
     opts = RunOptions(
-        out_dir=cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, device=cfg.device, progress=cfg.progress,
-        print_every=cfg.log_every, data=data, eval_data=eval_data, adjust=adjust, workers=cfg.workers,
+        out_dir=cfg.out_dir,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        device=cfg.device,
+        progress=cfg.progress,
+        print_every=cfg.log_every,
+        data=data,
+        eval_data=eval_data,
+        adjust=adjust,
+        workers=cfg.workers,
         config={k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
     )
     result = run_recipe(recipe, opts)

@@ -39,14 +39,18 @@ def lr_factor(step: int, total: int, schedule: ScheduleSpec) -> float:
     return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], spec: OptimSpec, mults: dict[str, float]) -> torch.optim.AdamW:
+def build_optimizer(
+    named: Iterable[tuple[str, torch.nn.Parameter]], spec: OptimSpec, mults: dict[str, float]
+) -> torch.optim.AdamW:
     """AdamW over ``named`` parameters, grouped by lr multiplier (groups keep a stable order)."""
     by_mult: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in named:
         by_mult.setdefault(mults.get(name, 1.0), []).append(p)
     groups = [{"params": ps, "lr_mult": m, "lr": spec.lr * m} for m, ps in sorted(by_mult.items())]
     # foreach=False: the same per-tensor kernels on every run and after every resume
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay, foreach=False)
+    return torch.optim.AdamW(
+        groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay, foreach=False
+    )
 
 
 def set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
@@ -72,7 +76,9 @@ def clip_and_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> f
         if bool(torch.isfinite(total)):
             torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=False)
         return float(total)
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in grads])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in grads]))
+    )
 
 
 def autocast(precision: str, device: torch.device) -> Any:
@@ -80,4 +86,3 @@ def autocast(precision: str, device: torch.device) -> Any:
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-

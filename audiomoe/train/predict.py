@@ -33,7 +33,9 @@ def load_codec(path: str | Path) -> Any:
     root = root / "codec" if (root / "codec").is_dir() else root
     params = sorted(root.glob("*.json")) if root.is_dir() else []
     if not params or not params[0].with_suffix(".safetensors").is_file():
-        raise AudioMoEError(f"no fitted codec in '{path}': expected <name>.json and <name>.safetensors (written by audiomoe.data.encode_manifest)")
+        raise AudioMoEError(
+            f"no fitted codec in '{path}': expected <name>.json and <name>.safetensors (written by audiomoe.data.encode_manifest)"
+        )
     codec = component_builder("codec", {"name": params[0].stem, "params": json.loads(params[0].read_text())})()
     codec.load_state_dict(load_file(str(params[0].with_suffix(".safetensors"))))
     return codec
@@ -56,8 +58,9 @@ def _waveform(path: str, sample_rate: int, max_seconds: Optional[float] = None) 
     from audiomoe.data.loader import ItemDataset
     from audiomoe.data.manifest import Item
 
-    return ItemDataset([Item(audio=str(Path(path).resolve()), task="predict", origin=path)], sample_rate,
-                       max_clip_seconds=max_seconds).load(0, 0)
+    return ItemDataset(
+        [Item(audio=str(Path(path).resolve()), task="predict", origin=path)], sample_rate, max_clip_seconds=max_seconds
+    ).load(0, 0)
 
 
 def _shown(head: Any, pred: Any) -> Any:
@@ -88,8 +91,14 @@ def _files(audio: Sequence[str]) -> list[str]:
 
 
 def predict_files(
-    checkpoint: str, audio: Sequence[str], *, tasks: Optional[Sequence[str]] = None, prompt: Optional[str] = None,
-    codec: Optional[str] = None, out_dir: Optional[str] = None, device: str = "auto",
+    checkpoint: str,
+    audio: Sequence[str],
+    *,
+    tasks: Optional[Sequence[str]] = None,
+    prompt: Optional[str] = None,
+    codec: Optional[str] = None,
+    out_dir: Optional[str] = None,
+    device: str = "auto",
     max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> list[dict[str, Any]]:
     """One row per (file, task): ``{"audio", "task", "prediction"}`` (+ ``codes`` / ``wav`` paths for codec heads).
@@ -97,8 +106,8 @@ def predict_files(
     A file longer than ``max_seconds`` is cropped to a window of that length for clip-level heads and
     refused, before any work, for the others (:mod:`audiomoe.train.longaudio`).
     """
-    from audiomoe.data.manifest import audio_info
     from audiomoe.core.batch import AudioBatch
+    from audiomoe.data.manifest import audio_info
     from audiomoe.train.checkpoint import load_checkpoint, resolve_checkpoint
     from audiomoe.train.distributed import pick_device
 
@@ -121,14 +130,23 @@ def predict_files(
         crop = seconds[path] > max_seconds  # then every chosen head is clip-level (the others were refused)
         wav = _waveform(path, sr, max_seconds if crop else None)
         for task in chosen:
-            batch = AudioBatch(wav[None].to(model.device), sr, [task], torch.tensor([wav.shape[0]], device=model.device), None, [prompt])
+            batch = AudioBatch(
+                wav[None].to(model.device),
+                sr,
+                [task],
+                torch.tensor([wav.shape[0]], device=model.device),
+                None,
+                [prompt],
+            )
             with torch.no_grad():
                 pred = model(batch).predictions[task]
             head = model.heads[task]
             row: dict[str, Any] = {"audio": path, "task": task}
             if crop:
                 row["window_seconds"] = max_seconds  # a clip-level label, from one window of the long file
-            if isinstance(pred, list) and pred and isinstance(pred[0], torch.Tensor) and pred[0].dim() == 2:  # codec codes [K, T]
+            if (
+                isinstance(pred, list) and pred and isinstance(pred[0], torch.Tensor) and pred[0].dim() == 2
+            ):  # codec codes [K, T]
                 row.update(_write_codes(pred[0], head, task, Path(path).stem, out, codec, codecs))
             else:
                 row["prediction"] = _shown(head, pred)
@@ -136,7 +154,9 @@ def predict_files(
     return rows
 
 
-def _write_codes(codes: torch.Tensor, head: Any, task: str, stem: str, out: Path, codec: Optional[str], cache: dict[str, Any]) -> dict[str, Any]:
+def _write_codes(
+    codes: torch.Tensor, head: Any, task: str, stem: str, out: Path, codec: Optional[str], cache: dict[str, Any]
+) -> dict[str, Any]:
     """Save codes (and, with a codec, their audio); return the row's fields."""
     import soundfile as sf
 
@@ -152,7 +172,9 @@ def _write_codes(codes: torch.Tensor, head: Any, task: str, stem: str, out: Path
         cache[str(where)] = load_codec(where)
     c = cache[str(where)]
     if (c.num_codebooks, c.codebook_size) != (codes.shape[0], head.params.codebook_size):
-        raise AudioMoEError(f"codec '{where}' writes {c.num_codebooks} x {c.codebook_size} codes, head '{task}' {codes.shape[0]} x {head.params.codebook_size}")
+        raise AudioMoEError(
+            f"codec '{where}' writes {c.num_codebooks} x {c.codebook_size} codes, head '{task}' {codes.shape[0]} x {head.params.codebook_size}"
+        )
     wav = c.decode(codes[None].cpu())[0].numpy() if codes.shape[1] else np.zeros(0, np.float32)
     path = out / f"{stem}.{task}.wav"
     sf.write(str(path), wav.astype(np.float32), c.sample_rate)

@@ -14,7 +14,9 @@ from typing import Any, Mapping, Optional, TextIO
 class Progress:
     """Reports steps of a run on ``stream`` (stderr by default); ``mode`` is ``bar``, ``lines`` or ``off``."""
 
-    def __init__(self, total: int, start: int = 0, mode: str = "auto", every: int = 0, stream: Optional[TextIO] = None) -> None:
+    def __init__(
+        self, total: int, start: int = 0, mode: str = "auto", every: int = 0, stream: Optional[TextIO] = None
+    ) -> None:
         self.stream = stream or sys.stderr
         if mode == "auto":
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
@@ -38,7 +40,9 @@ class Progress:
             self._bar.set_postfix(loss=f"{loss:.3f}")
         elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
             rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-            parts = f" ({', '.join(f'{t} {v:.4g}' for t, v in tasks.items())})" if tasks and 2 <= len(tasks) <= 4 else ""
+            parts = (
+                f" ({', '.join(f'{t} {v:.4g}' for t, v in tasks.items())})" if tasks and 2 <= len(tasks) <= 4 else ""
+            )
             print(f"step {step}/{self.total}  loss {loss:.4f}{parts}  {rate:.1f} steps/s", file=self.stream, flush=True)
 
     def note(self, text: str) -> None:

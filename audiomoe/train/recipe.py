@@ -28,7 +28,9 @@ Each stage has its own optimizer (rebuilt at the stage start over the tensors it
 tensors are not in it, so they get no update, no weight decay and no moments), its own schedule
 (``schedule`` / ``optim`` override the recipe's for that stage) and optionally an ``init`` run
 before its first step (``upcycle: stage:foundation``: the MoE from the dense foundation alone). The
-step counter runs across stages (checkpoint ``step-N`` is global).
+step counter runs across stages (checkpoint ``step-N`` is global). The section specs (``optim``, ``schedule``,
+...) are in :mod:`audiomoe.train.recipe_sections`, the stage's ``init`` / ``data`` / specialists specs in
+:mod:`audiomoe.train.stage_specs`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -41,18 +43,46 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from audiomoe.core.errors import AudioMoEError, ConfigError, ConfigProblem, did_you_mean
-from audiomoe.core.limits import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, MAX_STEPS
+from audiomoe.core.limits import MAX_BATCH_SIZE, MAX_SEED, MAX_STEPS
 from audiomoe.train.config_keys import problems_of, set_key
 from audiomoe.train.domains import DomainSpec, apply_domains
-from audiomoe.train.weak_pretrain import WeakSpecialistsSpec
+
+# re-exported: the section specs were first defined here, and the trainer's modules import them from here
+from audiomoe.train.recipe_sections import (  # noqa: F401 - re-exported: recipes' public spec names
+    AUTO_WARMUP,
+    AuxWeightSpec,
+    CheckpointSpec,
+    DistributedSpec,
+    EvalSpec,
+    HealthSpec,
+    LogSpec,
+    OptimOverride,
+    OptimSpec,
+    ScheduleSpec,
+)
+
 # re-exported: the stage specs were first defined here
-from audiomoe.train.stage_specs import FoundationSpec, InitSpec, SpecialistMember, SpecialistsSpec, StageData  # noqa: F401
+from audiomoe.train.stage_specs import FoundationSpec, InitSpec, SpecialistMember, SpecialistsSpec, StageData  # noqa: F401 - re-exported: recipes' public spec names
 from audiomoe.train.stage_specs import Strict as _Strict
+from audiomoe.train.weak_pretrain import WeakSpecialistsSpec
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level recipe keys that ``--set`` addresses; any other ``--set`` key is a model override.
-RECIPE_KEYS = ("data", "batch_size", "optim", "schedule", "precision", "eval", "log", "checkpoint", "stages", "compile",
-               "device", "distributed", "domains")
+RECIPE_KEYS = (
+    "data",
+    "batch_size",
+    "optim",
+    "schedule",
+    "precision",
+    "eval",
+    "log",
+    "checkpoint",
+    "stages",
+    "compile",
+    "device",
+    "distributed",
+    "domains",
+)
 
 
 class ModelSection(_Strict):
@@ -62,7 +92,8 @@ class ModelSection(_Strict):
     spec: Optional[dict[str, Any]] = Field(None, description="an inline model spec (d_model, encoder, backbone, tasks)")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides, as the CLI's --set")
     preset_overrides: list[str] = Field(
-        default_factory=list, description="overrides written by the preset's own plugin (applied first; their names mean its components)"
+        default_factory=list,
+        description="overrides written by the preset's own plugin (applied first; their names mean its components)",
     )
 
     @model_validator(mode="after")
@@ -82,118 +113,6 @@ class ModelSection(_Strict):
         return resolve(self.source(), self.overrides, authored=self.preset_overrides)
 
 
-class OptimSpec(_Strict):
-    """AdamW (the only optimizer so far) with clipping, accumulation and per-group lr multipliers."""
-
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-3, gt=0.0, le=MAX_LR, description="peak learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    eps: float = Field(1e-8, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
-    grad_clip: Optional[float] = Field(1.0, gt=0.0, description="clip the global gradient norm to this (null: no clipping)")
-    accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
-    lr_mult: dict[str, float] = Field(default_factory=dict, description="group name or glob -> lr multiplier (last match wins)")
-    on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="a NaN/inf gradient norm: stop naming the parameter, or skip that optimizer step (counted)")
-
-    @model_validator(mode="after")
-    def _betas(self) -> "OptimSpec":
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas {list(self.betas)} must lie in [0, 1)")
-        if any(not 0.0 <= m <= 1000.0 for m in self.lr_mult.values()):
-            raise ValueError("lr_mult values must lie in [0, 1000]")
-        return self
-
-
-class OptimOverride(_Strict):
-    """A stage's changes to the recipe's ``optim`` (only the keys given, not null, change)."""
-
-    lr: Optional[float] = Field(None, gt=0.0, le=MAX_LR)
-    betas: Optional[tuple[float, float]] = None
-    eps: Optional[float] = Field(None, gt=0.0, le=1.0)
-    weight_decay: Optional[float] = Field(None, ge=0.0, le=1.0)
-    grad_clip: Optional[float] = Field(None, gt=0.0)
-    accumulation: Optional[int] = Field(None, ge=1, le=1024)
-    lr_mult: Optional[dict[str, float]] = None
-
-
-#: warmup share of a stage's steps when ``schedule.warmup`` is not given
-AUTO_WARMUP = 0.05
-
-
-class ScheduleSpec(_Strict):
-    """Learning-rate schedule over a stage: linear warmup, then constant / linear / cosine decay.
-
-    The defaults train: warmup over 5% of the stage's steps, cosine decay to a tenth of the peak (with
-    ``optim.grad_clip`` 1.0). A constant 3e-3 with no warmup made the loss rise over the first steps.
-    """
-
-    kind: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup: Optional[int] = Field(None, ge=0, le=MAX_STEPS, description=f"linear warmup steps from 0 (null: {AUTO_WARMUP:.0%} of the stage's steps)")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="decay ends at lr * min_lr_ratio")
-
-    def warmup_steps(self, total: int) -> int:
-        """The warmup of a stage of ``total`` steps: the given one, else ``AUTO_WARMUP`` of the steps (rounded)."""
-        return self.warmup if self.warmup is not None else int(round(AUTO_WARMUP * total))
-
-
-class EvalSpec(_Strict):
-    """Periodic evaluation on a few held-out batches (a curve to watch, rank 0), and the final score: the whole
-    held-out split item by item (:mod:`audiomoe.train.heldout`), what the run's summary, report and studies rank by."""
-
-    every: int = Field(50, ge=1, le=MAX_STEPS)
-    batches: int = Field(4, ge=0, le=1000)
-    final: bool = Field(True, description="score the whole held-out split item by item at the end (heldout.json)")
-    max_per_task: int = Field(200, ge=1, le=1_000_000, description="held-out items per task of the final score")
-    max_generated_per_task: int = Field(16, ge=1, le=1_000_000, description="... for heads that generate (text, codes)")
-
-
-class HealthSpec(_Strict):
-    """Routing health warnings (logged and printed once per layer and kind)."""
-
-    unused_steps: int = Field(100, ge=1, description="warn when an expert got no token for this many steps")
-    max_load_share: float = Field(0.75, gt=0.0, le=1.0, description="warn when one expert takes more than this share of the load")
-    uniform_tolerance: float = Field(0.02, ge=0.0, le=1.0, description="router 'stuck at uniform': mean top probability within this of 1/E")
-    uniform_checks: int = Field(3, ge=1, description="... for this many routing reports in a row")
-
-
-class LogSpec(_Strict):
-    """Logs in the run directory: ``log.jsonl`` (one JSON object per logged step) and TensorBoard ``tb/``."""
-
-    every: int = Field(1, ge=1, le=MAX_STEPS, description="log a step every N steps")
-    jsonl: bool = True
-    tensorboard: bool = True
-    routing_every: int = Field(25, ge=0, le=MAX_STEPS, description="routing statistics per layer every N steps (0: off)")
-    health: HealthSpec = Field(default_factory=HealthSpec)
-
-
-class CheckpointSpec(_Strict):
-    """When checkpoints are written (besides at every evaluation and at the end of each stage)."""
-
-    every: int = Field(0, ge=0, le=MAX_STEPS, description="also every N steps (0: only at evaluations and stage ends)")
-    keep: int = Field(2, ge=0, le=1000, description="checkpoints kept, newest by step (0: all)")
-
-
-class DistributedSpec(_Strict):
-    """The process layout (:mod:`audiomoe.train.layout`): world = data_parallel x expert_parallel ranks."""
-
-    data_parallel: Optional[int] = Field(None, ge=1, le=65536, description="replicas of each EP group (None: world / expert_parallel)")
-    expert_parallel: Optional[int] = Field(None, ge=1, le=4096, description="ranks sharing the routed experts (None: the spec's, 1)")
-    fsdp: bool = Field(False, description="FSDP2: shard the blocks, the encoder and the rest over every rank")
-    param_dtype: Optional[Literal["bf16", "fp32"]] = Field(None, description="FSDP compute dtype (None: the parameters')")
-    reduce_dtype: Optional[Literal["bf16", "fp32"]] = Field(None, description="FSDP gradient-reduce dtype (None: param_dtype)")
-    reshard_after_forward: bool = Field(True, description="FSDP: free the gathered parameters after each unit's forward")
-
-
-class AuxWeightSpec(_Strict):
-    """The UniMoE aux-loss weight of every router that has one, scheduled over the stage."""
-
-    start: float = Field(ge=0.0, le=100.0)
-    end: Optional[float] = Field(None, ge=0.0, le=100.0, description="None: constant start")
-    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="steps from start to end (None: the stage's steps)")
-    kind: Literal["linear", "cosine"] = "linear"
-
-
 class StageSpec(_Strict):
     """One stage: a name, its steps, its data, what trains, its optimizer/schedule/aux weight, its init."""
 
@@ -208,14 +127,16 @@ class StageSpec(_Strict):
     init: Optional[InitSpec] = None
     specialists: Optional[SpecialistsSpec] = None
     foundation: Optional[FoundationSpec] = Field(
-        None, description="this stage trains a shared dense foundation (a run of its own)")
+        None, description="this stage trains a shared dense foundation (a run of its own)"
+    )
     weak_specialists: Optional[WeakSpecialistsSpec] = Field(None, description="first pretrain MoWE weak encoders")
 
     @model_validator(mode="after")
     def _checks(self) -> "StageSpec":
         if self.specialists is not None and self.init is not None and self.init.from_checkpoint is None:
-            raise ValueError("a specialists stage starts its members from one dense checkpoint: "
-                             "only init.from_checkpoint")
+            raise ValueError(
+                "a specialists stage starts its members from one dense checkpoint: only init.from_checkpoint"
+            )
         if self.foundation is not None and (self.specialists is not None or self.init is not None):
             raise ValueError("a foundation stage trains a new dense model: it takes no 'init' and no 'specialists'")
         return self
@@ -244,7 +165,8 @@ class Recipe(_Strict):
     compile: bool = Field(False, description="torch.compile the backbone (and encoder) blocks")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     domains: Optional[dict[str, DomainSpec]] = Field(
-        None, description="domain -> {tasks, proportion}: the mix of every stage naming no sampling of its own")
+        None, description="domain -> {tasks, proportion}: the mix of every stage naming no sampling of its own"
+    )
     stages: list[StageSpec] = Field(min_length=1)
 
     @field_validator("data")
@@ -252,7 +174,11 @@ class Recipe(_Strict):
     def _absolute_data(cls, v: Union[str, dict[str, Any]]) -> Union[str, dict[str, Any]]:
         # a manifest / data file is found from the working directory of the command given it: recorded absolute,
         # eval, report and resume find it from anywhere
-        return os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) and v not in ("auto", "builtin", "tones") else v
+        return (
+            os.path.abspath(os.path.expanduser(v))
+            if isinstance(v, str) and v not in ("auto", "builtin", "tones")
+            else v
+        )
 
     @model_validator(mode="after")
     def _stage_refs(self) -> "Recipe":
@@ -266,11 +192,13 @@ class Recipe(_Strict):
             refs += [(r, "foundation") for r in (init.from_checkpoint, init.upcycle) if r] if init else []
             for ref, kind in refs:
                 if ref.startswith("stage:"):
-                    target = ref[len("stage:"):]
+                    target = ref[len("stage:") :]
                     choices = [s.name for s in self.stages[:i] if getattr(s, kind) is not None]
                     if target not in choices:
-                        raise ValueError(f"stages.{i}.init: '{ref}' names no earlier {kind} stage "
-                                         f"(earlier: {', '.join(choices) or 'none'}){did_you_mean(target, choices)}")
+                        raise ValueError(
+                            f"stages.{i}.init: '{ref}' names no earlier {kind} stage "
+                            f"(earlier: {', '.join(choices) or 'none'}){did_you_mean(target, choices)}"
+                        )
         apply_domains(self)
         return self
 
@@ -324,8 +252,10 @@ def load_recipe(source: Union[str, os.PathLike, Mapping[str, Any]], sets: Sequen
         path = find_recipe(os.fspath(source))
         if path is None:
             known = list_recipes()
-            raise AudioMoEError(f"unknown recipe '{source}'.{did_you_mean(os.fspath(source), known)} Built-in recipes: {', '.join(known)}; "
-                                "or give a recipe YAML (a mapping with 'model' and 'stages')")
+            raise AudioMoEError(
+                f"unknown recipe '{source}'.{did_you_mean(os.fspath(source), known)} Built-in recipes: {', '.join(known)}; "
+                "or give a recipe YAML (a mapping with 'model' and 'stages')"
+            )
         raw, label = load_yaml_file(path, "recipe"), f"recipe '{source}'"
         if not isinstance(raw, Mapping):
             raise AudioMoEError(f"{label} must hold a mapping (model, stages, ...), not {type(raw).__name__}")
@@ -354,8 +284,11 @@ def recipe_for_preset(preset: Any, overrides: Sequence[str] = (), *, steps: int,
     (``compile=true``, ``optim.lr=...``) set the recipe, after ``fields``; the others the model.
     """
     source = {"preset": preset} if isinstance(preset, (str, os.PathLike)) else {"spec": dict(preset)}
-    raw = {"model": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in source.items()},
-           "stages": [{"name": "train", "steps": steps}], **copy.deepcopy(fields)}
+    raw = {
+        "model": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in source.items()},
+        "stages": [{"name": "train", "steps": steps}],
+        **copy.deepcopy(fields),
+    }
     return _validated(raw, overrides, "training options")
 
 

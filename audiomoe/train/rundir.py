@@ -30,14 +30,22 @@ from safetensors import safe_open
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.safe_yaml import load_yaml_file
-from audiomoe.train.checkpoint import LATEST, REQUIRED, STEP_RE, CheckpointError, clean_run_dir, list_checkpoints, read_latest
-from audiomoe.train.checkpoint import load_trainer_state
+from audiomoe.train.checkpoint import (
+    LATEST,
+    REQUIRED,
+    STEP_RE,
+    CheckpointError,
+    clean_run_dir,
+    list_checkpoints,
+    load_trainer_state,
+    read_latest,
+)
 from audiomoe.train.gradcheck import first_nonfinite
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl off POSIX: locking is skipped
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -133,7 +141,12 @@ def _remove_own_files(path: Path) -> None:
             shutil.rmtree(path / name)
     for p in path.glob("eval-*.json"):
         p.unlink(missing_ok=True)
-    for p in list(path.glob("step-*")) + list(path.glob(".step-*")) + list(path.glob(".old-step-*")) + list(path.glob(".del-step-*")):
+    for p in (
+        list(path.glob("step-*"))
+        + list(path.glob(".step-*"))
+        + list(path.glob(".old-step-*"))
+        + list(path.glob(".del-step-*"))
+    ):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
@@ -227,8 +240,14 @@ def _choices(root: Path) -> str:
     return f"checkpoints of this run: {', '.join(p.name for _, p in ckpts)}"
 
 
-def open_run_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-                 info: Optional[dict[str, Any]] = None, at: Optional[Path] = None) -> RunDir:
+def open_run_dir(
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    info: Optional[dict[str, Any]] = None,
+    at: Optional[Path] = None,
+) -> RunDir:
     """Create / check / lock ``out`` for a run; see the module doc. Raises :class:`RunDirError`.
 
     ``at``: the checkpoint to resume from (``--resume RUN/step-N``, :func:`resume_target`);

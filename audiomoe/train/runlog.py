@@ -69,7 +69,9 @@ class RoutingMonitor:
             idle = self.idle.get(name, torch.zeros_like(counts))
             self.idle[name] = torch.where(counts > 0, torch.zeros_like(idle), idle + 1)
 
-    def report(self, routing: dict[str, Any], tasks: Mapping[str, Sequence[str]], task_names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    def report(
+        self, routing: dict[str, Any], tasks: Mapping[str, Sequence[str]], task_names: Sequence[str]
+    ) -> tuple[dict[str, Any], list[str]]:
         """``({layer: statistics}, new warnings)`` from the last step's routing and the accumulated loads.
 
         ``tasks``: per layer, the task of each of its samples (``ModelOutput.routing_tasks``).
@@ -78,10 +80,14 @@ class RoutingMonitor:
         for name, r in routing.items():
             s = {k: round(v, 5) for k, v in r.summary().items()}
             s["experts_per_token"] = s.pop("columns_per_item", 0.0)
-            valid = r.item_mask if r.item_mask is not None else torch.ones(r.mask.shape[0], dtype=torch.bool, device=r.mask.device)
+            valid = (
+                r.item_mask
+                if r.item_mask is not None
+                else torch.ones(r.mask.shape[0], dtype=torch.bool, device=r.mask.device)
+            )
             mask, e = r.mask[valid], r.num_columns
             picks = mask.sum().clamp_min(1)
-            s["null_share"] = round(float(mask[:, e - r.null_columns:].sum() / picks), 5) if r.null_columns else 0.0
+            s["null_share"] = round(float(mask[:, e - r.null_columns :].sum() / picks), 5) if r.null_columns else 0.0
             probs = torch.softmax(r.logits.detach().float()[valid], -1)
             top = float(probs.max(-1).values.mean()) if probs.numel() else 0.0
             s["top_prob"] = round(top, 5)
@@ -97,11 +103,21 @@ class RoutingMonitor:
                     warns += self._once(name, "unused", c, f"{name}: expert {c} got no token for {int(idle[c])} steps")
             if real > 1 and float(share[:real].max()) > h.max_load_share:
                 c = int(share[:real].argmax())
-                warns += self._once(name, "overload", c, f"{name}: expert {c} takes {float(share[c]):.0%} of the load (over {h.max_load_share:.0%})")
+                warns += self._once(
+                    name,
+                    "overload",
+                    c,
+                    f"{name}: expert {c} takes {float(share[c]):.0%} of the load (over {h.max_load_share:.0%})",
+                )
             near = e > 1 and abs(top - 1.0 / e) <= h.uniform_tolerance
             self.uniform_run[name] = self.uniform_run.get(name, 0) + 1 if near else 0
             if self.uniform_run[name] >= h.uniform_checks:
-                warns += self._once(name, "uniform", -1, f"{name}: router stuck at uniform (mean top probability {top:.3f}, 1/E = {1 / e:.3f})")
+                warns += self._once(
+                    name,
+                    "uniform",
+                    -1,
+                    f"{name}: router stuck at uniform (mean top probability {top:.3f}, 1/E = {1 / e:.3f})",
+                )
         self.load.clear()
         return stats, warns
 
@@ -150,7 +166,11 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # the tensorboard package is a dependency; a broken install must not stop training
-                warnings.warn("TensorBoard logging is off: the 'tensorboard' package cannot be imported (pip install tensorboard)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "TensorBoard logging is off: the 'tensorboard' package cannot be imported (pip install tensorboard)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             else:
                 self.tb = SummaryWriter(str(root / TB_DIR), purge_step=start_step + 1 if start_step else None)
 

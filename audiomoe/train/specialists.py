@@ -48,8 +48,10 @@ def moe_layers(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, MoE):
             ex = getattr(m, "experts", None)
             if ex is None or not hasattr(ex, "gate_up_proj") or not hasattr(ex, "down_proj"):
-                raise AudioMoEError(f"{name}: from_specialists needs grouped SwiGLU experts (moe.expert=swiglu); "
-                                    f"this layer has {type(ex).__name__}")
+                raise AudioMoEError(
+                    f"{name}: from_specialists needs grouped SwiGLU experts (moe.expert=swiglu); "
+                    f"this layer has {type(ex).__name__}"
+                )
             out[name] = m
     return out
 
@@ -60,31 +62,47 @@ def dense_overrides(spec: dict[str, Any], num_specialists: int) -> list[str]:
     bp = (bb.get("params") or {}) if isinstance(bb, dict) else {}
     moe = bp.get("moe")
     if not isinstance(moe, dict) or bb.get("name") not in ("moe_transformer", "unimoe_transformer", "causal_lm"):
-        raise AudioMoEError("automatic specialists need a moe_transformer / unimoe_transformer backbone or a causal_lm "
-                            "backbone with a moe block; give the dense variant as specialists.overrides (model --set keys)")
+        raise AudioMoEError(
+            "automatic specialists need a moe_transformer / unimoe_transformer backbone or a causal_lm "
+            "backbone with a moe block; give the dense variant as specialists.overrides (model --set keys)"
+        )
     p = moe.get("params") or {}
     experts = int(p.get("num_experts", 4))
     expert = p.get("expert") or {}
     if (expert.get("name") or "swiglu") != "swiglu":
         raise AudioMoEError("from_specialists slices SwiGLU experts: set backbone.moe.expert=swiglu")
     if experts % num_specialists:
-        raise AudioMoEError(f"{experts} routed experts cannot be split evenly over {num_specialists} specialists; "
-                            "use a number of specialists that divides backbone.moe.num_experts")
+        raise AudioMoEError(
+            f"{experts} routed experts cannot be split evenly over {num_specialists} specialists; "
+            "use a number of specialists that divides backbone.moe.num_experts"
+        )
     d_ff = (expert.get("params") or {}).get("d_ff")
     if d_ff is None and bb.get("name") == "causal_lm":  # upcycling's default width: the LM's own, or its E-th slice
         inter = (bp.get("config") or {}).get("intermediate_size")
         if inter is None:
-            raise AudioMoEError("a causal_lm specialist's FFN width comes from backbone.moe.expert.d_ff: set it (the routed width)")
+            raise AudioMoEError(
+                "a causal_lm specialist's FFN width comes from backbone.moe.expert.d_ff: set it (the routed width)"
+            )
         d_ff = int(inter) // experts if bp.get("moe_init") == "slice" else int(inter)
     d_ff = int(d_ff or 4 * int(spec.get("d_model", 256)))
     width = d_ff * (experts // num_specialists)
-    return ["backbone.moe.num_experts=1", "backbone.moe.num_null=0", "backbone.moe.num_shared=0",
-            "backbone.moe.router=top_k", "backbone.moe.router.k=1", f"backbone.moe.expert.d_ff={width}"]
+    return [
+        "backbone.moe.num_experts=1",
+        "backbone.moe.num_null=0",
+        "backbone.moe.num_shared=0",
+        "backbone.moe.router=top_k",
+        "backbone.moe.router.k=1",
+        f"backbone.moe.expert.d_ff={width}",
+    ]
 
 
 @torch.no_grad()
 def build_from_specialists(
-    model: nn.Module, specialists: Sequence[nn.Module], *, heads: str = "owner", owners: Optional[Sequence[Sequence[str]]] = None,
+    model: nn.Module,
+    specialists: Sequence[nn.Module],
+    *,
+    heads: str = "owner",
+    owners: Optional[Sequence[Sequence[str]]] = None,
 ) -> dict[str, Any]:
     """Set ``model``'s weights from dense ``specialists`` (module doc); return what came from where."""
     n = len(specialists)
@@ -102,11 +120,15 @@ def build_from_specialists(
         gu, dp = f"{path}.experts.gate_up_proj", f"{path}.experts.down_proj"
         for i, st in enumerate(sp_states):
             if gu not in st or st[gu].shape[0] != 1:
-                raise AudioMoEError(f"specialist {i} has no dense FFN '{gu}' (one expert): train the specialists with "
-                                    "the dense overrides (specialists.py: dense_overrides)")
+                raise AudioMoEError(
+                    f"specialist {i} has no dense FFN '{gu}' (one expert): train the specialists with "
+                    "the dense overrides (specialists.py: dense_overrides)"
+                )
             if st[gu].shape[1] != 2 * f * slices:
-                raise AudioMoEError(f"specialist {i}: FFN width {st[gu].shape[1] // 2} at '{path}' is not {slices} slices x {f} "
-                                    f"(the routed expert width); set its expert d_ff to {f * slices}")
+                raise AudioMoEError(
+                    f"specialist {i}: FFN width {st[gu].shape[1] // 2} at '{path}' is not {slices} slices x {f} "
+                    f"(the routed expert width); set its expert d_ff to {f * slices}"
+                )
         for ex in range(e):
             src, j = sp_states[ex // slices], ex % slices
             dense_gu, dense_dp = src[gu][0], src[dp][0]

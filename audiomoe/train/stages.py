@@ -28,8 +28,8 @@ import torch
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.train.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
-from audiomoe.train.rundir import holds_run
 from audiomoe.train.recipe import AuxWeightSpec, InitSpec, Recipe, StageSpec
+from audiomoe.train.rundir import holds_run
 from audiomoe.train.specialists import build_from_specialists, dense_overrides, moe_layers
 
 SPECIALISTS_DIR = "specialists"
@@ -38,16 +38,24 @@ FOUNDATION_DIR = "foundation"
 
 def aux_routers(model: torch.nn.Module) -> list[Any]:
     """Routers with a UniMoE aux-loss schedule (``set_aux_schedule`` and ``set_step``)."""
-    return [m for m in model.modules() if callable(getattr(m, "set_aux_schedule", None)) and callable(getattr(m, "set_step", None))]
+    return [
+        m
+        for m in model.modules()
+        if callable(getattr(m, "set_aux_schedule", None)) and callable(getattr(m, "set_step", None))
+    ]
 
 
-def apply_aux_weight(model: torch.nn.Module, spec: Optional[AuxWeightSpec], stage_steps: int, fresh: bool, where: str) -> int:
+def apply_aux_weight(
+    model: torch.nn.Module, spec: Optional[AuxWeightSpec], stage_steps: int, fresh: bool, where: str
+) -> int:
     """Schedule the UniMoE aux weight of every such router over the stage; return how many routers."""
     if spec is None:
         return 0
     routers = aux_routers(model)
     if not routers:
-        raise AudioMoEError(f"{where}.aux_weight: this model has no router with a UniMoE aux loss (e.g. top_p); remove aux_weight")
+        raise AudioMoEError(
+            f"{where}.aux_weight: this model has no router with a UniMoE aux loss (e.g. top_p); remove aux_weight"
+        )
     for r in routers:
         # the model's spec (spec.yaml) keeps the preset's values: a resumed stage applies this again
         r.set_aux_schedule(spec.start, spec.end, spec.steps or stage_steps, spec.kind)
@@ -74,7 +82,7 @@ def _stage_path(ref: str, root: Optional[Path], where: str) -> Path:
         return Path(ref)
     if root is None:
         raise AudioMoEError(f"{where}.init: '{ref}' needs a run directory (--out) holding the foundation")
-    return foundation_dir(root, ref[len("stage:"):])
+    return foundation_dir(root, ref[len("stage:") :])
 
 
 def _tasks_seen(path: Path) -> Optional[list[str]]:
@@ -86,7 +94,9 @@ def _tasks_seen(path: Path) -> Optional[list[str]]:
     return list(seen) if isinstance(seen, list) else None
 
 
-def apply_init(model: torch.nn.Module, init: InitSpec, recipe: Recipe, root: Optional[Path], where: str) -> dict[str, Any]:
+def apply_init(
+    model: torch.nn.Module, init: InitSpec, recipe: Recipe, root: Optional[Path], where: str
+) -> dict[str, Any]:
     """Run a stage's ``init`` on ``model`` (in place, on every rank alike); return a short report."""
     if init.from_checkpoint is not None:
         return _from_checkpoint(model, init, _stage_path(init.from_checkpoint, root, where), where)
@@ -97,7 +107,7 @@ def apply_init(model: torch.nn.Module, init: InitSpec, recipe: Recipe, root: Opt
         if ref.startswith("stage:"):
             if root is None:
                 raise AudioMoEError(f"{where}.init: '{ref}' needs a run directory (--out) holding the specialists")
-            paths += member_dirs(recipe, ref[len("stage:"):], root)
+            paths += member_dirs(recipe, ref[len("stage:") :], root)
         else:
             paths.append(Path(ref))
     device = next(model.parameters()).device
@@ -129,9 +139,11 @@ def _upcycle(model: torch.nn.Module, path: Path, where: str) -> dict[str, Any]:
     total = moe.experts.num_experts * moe.experts.d_ff
     if width is None or total % width.shape[-1]:
         got = "no dense FFN there" if width is None else f"FFN width {width.shape[-1]}"
-        raise AudioMoEError(f"{where}.init.upcycle: '{path}' has {got} at '{name}'; the MoE's "
-                            f"{moe.experts.num_experts} x {moe.experts.d_ff} routed width must be a multiple of it: "
-                            "train it with the dense overrides (specialists.py: dense_overrides)")
+        raise AudioMoEError(
+            f"{where}.init.upcycle: '{path}' has {got} at '{name}'; the MoE's "
+            f"{moe.experts.num_experts} x {moe.experts.d_ff} routed width must be a multiple of it: "
+            "train it with the dense overrides (specialists.py: dense_overrides)"
+        )
     copies = total // width.shape[-1]
     report = build_from_specialists(model, [dense] * copies, heads="average")
     return {**report, "upcycled": str(path), "copies": copies}
@@ -143,13 +155,22 @@ def _from_checkpoint(model: torch.nn.Module, init: InitSpec, path: Path, where: 
     path = resolve_checkpoint(path)
     saved = load_file(str(path / "model.safetensors"))
     own = model.state_dict()
-    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if init.strict and (wrong or missing or unexpected):
-        parts = [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "", f"missing: {', '.join(missing[:5])}" if missing else "",
-                 f"not in this model: {', '.join(unexpected[:5])}" if unexpected else ""]
-        raise AudioMoEError(f"{where}.init.from_checkpoint '{path}' does not fit this model ({'; '.join(p for p in parts if p)}); "
-                            "use a checkpoint of the same architecture, or strict: false to load the tensors that match")
+        parts = [
+            f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+            f"missing: {', '.join(missing[:5])}" if missing else "",
+            f"not in this model: {', '.join(unexpected[:5])}" if unexpected else "",
+        ]
+        raise AudioMoEError(
+            f"{where}.init.from_checkpoint '{path}' does not fit this model ({'; '.join(p for p in parts if p)}); "
+            "use a checkpoint of the same architecture, or strict: false to load the tensors that match"
+        )
     with torch.no_grad():
         n = 0
         for k, v in own.items():
@@ -159,8 +180,9 @@ def _from_checkpoint(model: torch.nn.Module, init: InitSpec, path: Path, where: 
     return {"from_checkpoint": str(path), "loaded": n, "missing": missing, "shape_mismatch": wrong}
 
 
-def specialist_recipe(recipe: Recipe, stage: StageSpec, member: Any, spec: dict[str, Any],
-                      root: Optional[Path] = None) -> Recipe:
+def specialist_recipe(
+    recipe: Recipe, stage: StageSpec, member: Any, spec: dict[str, Any], root: Optional[Path] = None
+) -> Recipe:
     """The one-stage recipe of one member of a specialists stage."""
     assert stage.specialists is not None
     dense = stage.specialists.overrides
@@ -188,7 +210,7 @@ def foundation_width(recipe: Recipe, index: int) -> int:
     specialist per domain (a naive baseline's foundation is then the curriculum's); else 1 (the whole MoE width).
     """
     name = recipe.stages[index].name
-    for st in recipe.stages[index + 1:]:
+    for st in recipe.stages[index + 1 :]:
         if st.specialists is not None and st.init is not None and st.init.from_checkpoint == f"stage:{name}":
             return len(st.specialists.members or [])
     return len(recipe.domains) if recipe.domains else 1
@@ -211,7 +233,9 @@ def foundation_recipe(recipe: Recipe, index: int, spec: dict[str, Any]) -> Recip
     return Recipe.model_validate(raw)
 
 
-def run_specialists(recipe: Recipe, index: int, root: Optional[Path], spec: dict[str, Any], run_one: Callable[[Recipe, Path, bool], Any]) -> list[dict[str, Any]]:
+def run_specialists(
+    recipe: Recipe, index: int, root: Optional[Path], spec: dict[str, Any], run_one: Callable[[Recipe, Path, bool], Any]
+) -> list[dict[str, Any]]:
     """Train (or resume, or skip when finished) every member of specialists stage ``index``."""
     st = recipe.stages[index]
     if root is None:
@@ -224,7 +248,9 @@ def run_specialists(recipe: Recipe, index: int, root: Optional[Path], spec: dict
         if summary.is_file():
             done = json.loads(summary.read_text(encoding="utf-8"))
             if done.get("steps") == st.steps:
-                out.append({"member": m.name, "skipped": "finished", **{k: done.get(k) for k in ("final_loss", "eval_after")}})
+                out.append(
+                    {"member": m.name, "skipped": "finished", **{k: done.get(k) for k in ("final_loss", "eval_after")}}
+                )
                 continue
         resume = d.is_dir() and holds_run(d)  # killed mid-member: continue it
         res = run_one(specialist_recipe(recipe, st, m, spec, root), d, resume)
@@ -232,8 +258,9 @@ def run_specialists(recipe: Recipe, index: int, root: Optional[Path], spec: dict
     return out
 
 
-def run_foundation(recipe: Recipe, index: int, root: Optional[Path], spec: dict[str, Any],
-                   run_one: Callable[[Recipe, Path, bool], Any]) -> dict[str, Any]:
+def run_foundation(
+    recipe: Recipe, index: int, root: Optional[Path], spec: dict[str, Any], run_one: Callable[[Recipe, Path, bool], Any]
+) -> dict[str, Any]:
     """Train (or resume, or skip when finished) the dense model of foundation stage ``index``."""
     st = recipe.stages[index]
     if root is None:
@@ -255,5 +282,7 @@ def check_domains(recipe: Recipe, tasks: Sequence[str]) -> None:
     known = {t for d in recipe.domains.values() for t in d.tasks}
     loose = [t for t in tasks if t not in known]
     if loose:
-        raise AudioMoEError(f"the model's task(s) {', '.join(loose)} are in none of the recipe's domains "
-                            f"({', '.join(recipe.domains)}): add them to a domain's tasks, or drop their heads")
+        raise AudioMoEError(
+            f"the model's task(s) {', '.join(loose)} are in none of the recipe's domains "
+            f"({', '.join(recipe.domains)}): add them to a domain's tasks, or drop their heads"
+        )

@@ -2,7 +2,8 @@
 
 :func:`run_recipe` opens (rank 0) and locks the run directory, builds the model (or loads the
 last good checkpoint), then runs each stage (:mod:`.stages` for inits and specialists, the
-per-step work in :mod:`.steploop`). Everything a step depends on is in each checkpoint:
+per-step work in :mod:`.steploop`, checkpoints by :mod:`.checkpointer`; the stages share a typed
+:class:`~audiomoe.train.run_state.RunState`). Everything a step depends on is in each checkpoint:
 weights (with the routers' schedule positions), the stage's AdamW state, the global and stage
 step (the lr is a function of it), every rank's RNG state and data-sampler position, and the tasks
 seen; nothing is pickled. So a run killed at any moment resumes from its last complete checkpoint
@@ -21,19 +22,21 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from audiomoe.core.batch import AudioBatch
 from audiomoe.core.composer import build_meta, build_model, check_size, resolve
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.batch import AudioBatch
-from audiomoe.train.checkpoint import load_checkpoint, load_trainer_state, read_latest
+from audiomoe.train.checkpoint import load_checkpoint
+from audiomoe.train.checkpointer import Checkpointer
 from audiomoe.train.distributed import Dist, setup
 from audiomoe.train.evaluate import evaluate
 from audiomoe.train.heldout import final_score
 from audiomoe.train.layout import Layout, plan_layout
 from audiomoe.train.progress import Progress
 from audiomoe.train.recipe import ModelSection, Recipe
-from audiomoe.train.rundir import RUN_FILE, RunDir, open_run_dir, resume_point, resume_target
+from audiomoe.train.run_state import RunContext
+from audiomoe.train.rundir import RUN_FILE, RunDir, open_run_dir, resume_target
 from audiomoe.train.stages import check_domains, run_foundation, run_specialists
-from audiomoe.train.steploop import StageRun, TrainingInterrupted, restore_rng
+from audiomoe.train.steploop import StageRun, TrainingInterrupted
 
 
 @dataclass
@@ -133,11 +136,12 @@ def run_recipe(recipe: Optional[Recipe], opts: RunOptions) -> dict[str, Any]:
         if root is not None and opts.resume:  # --resume RUN/step-N continues RUN from that checkpoint
             root, at = resume_target(root)
         if root is not None:
-            run = _collective(dist, lambda: open_run_dir(root, resume=opts.resume, overwrite=opts.overwrite, at=at),
-                              "opening the run directory")
-        resume_from = run.resume_from if run is not None else None
-        if not dist.main and root is not None and opts.resume:  # rank 0 checked and cleaned the run: the same answer
-            resume_from = resume_point(root, at)[0]
+            run = _collective(
+                dist,
+                lambda: open_run_dir(root, resume=opts.resume, overwrite=opts.overwrite, at=at),
+                "opening the run directory",
+            )
+        resume_from = Checkpointer.choose(dist, run, root, at, opts.resume)
         if recipe is None:
             if root is None:
                 raise AudioMoEError("give a recipe or preset to train (or --resume DIR)")
@@ -152,29 +156,36 @@ def run_recipe(recipe: Optional[Recipe], opts: RunOptions) -> dict[str, Any]:
         dist.close()
 
 
-def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], root: Optional[Path], resume_from: Optional[Path]) -> dict[str, Any]:
+def _run(
+    recipe: Recipe,
+    opts: RunOptions,
+    dist: Dist,
+    run: Optional[RunDir],
+    root: Optional[Path],
+    resume_from: Optional[Path],
+) -> dict[str, Any]:
     model, layout = _model(recipe, resume_from, opts, str(root), dist.world)
     spec = model.spec
     recipe = recipe.model_copy(update={"model": ModelSection(spec=spec)})  # what resumes build: the spec trained
-    state = load_trainer_state(resume_from) if resume_from is not None else {"step": 0, "extra": {}}
-    start, total = int(state["step"]), recipe.total_steps()
+    checkpointer = Checkpointer(dist, run, root, resume_from, model, layout, recipe.checkpoint)
+    state, start, total = checkpointer.state, checkpointer.start, recipe.total_steps()
     if resume_from is not None and start >= total:
-        raise AudioMoEError(f"'{root}' is already at step {start}; ask for more --steps (total) to continue it, "
-                            "or give a stage more steps (--set stages.NAME.steps=N)")
+        raise AudioMoEError(
+            f"'{root}' is already at step {start}; ask for more --steps (total) to continue it, "
+            "or give a stage more steps (--set stages.NAME.steps=N)"
+        )
     check_domains(recipe, model.task_names)
     built = {n for n, p in model.named_parameters() if p.requires_grad}
     model.to(dist.device)
-    if resume_from is not None:
-        restore_rng(state, dist, recipe.seed)
+    checkpointer.restore_rng(recipe.seed)
     if recipe.compile:
         for part in (model.backbone, model.encoder):
             if part is not None:
                 part.compile(dynamic=True)
     bar = Progress(total, start, ("auto" if opts.progress else "off") if dist.main else "off", opts.print_every)
-    warns: list[dict[str, Any]] = []
     if run is not None and run.note:  # latest was missing or damaged: an older checkpoint was taken
         bar.note(f"warning: {run.note}")
-        warns.append({"step": start, "warning": run.note})
+        state.warnings.append({"step": start, "warning": run.note})
     if resume_from is not None:
         bar.note(f"resuming {root} from {resume_from.name} (step {start})")
     started = [run is None]
@@ -188,62 +199,91 @@ def _run(recipe: Recipe, opts: RunOptions, dist: Dist, run: Optional[RunDir], ro
 
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"recipe": recipe.name, "start_step": start, "stages": [], "warnings": []}
-    shared = {"start": start, "ckpt": resume_from, "fed": set((state["extra"] or {}).get("tasks_seen") or []), "before": None, "loss": float("nan"),
-              "history": [], "layout": layout, "warnings": warns, "skipped": state["extra"].get("skipped_steps") or 0}
+    ctx = RunContext(recipe, model, dist, layout, root, opts, bar, built, checkpointer, state, start_run)
     try:
-        for idx, st in enumerate(recipe.stages):
-            if st.side_run:  # specialists / a foundation: dense models trained as runs of their own
-                if int((state["extra"] or {}).get("stage", -1)) > idx or start > 0:
-                    continue  # the main model has trained past this stage: its side runs are done
-                start_run()
-
-                def one(sub: Recipe, d: Path, resume: bool, st=st, idx=idx) -> dict[str, Any]:
-                    what = "foundation" if st.foundation is not None else f"specialist '{d.name}'"
-                    bar.note(f"stage {idx} '{st.name}': {what} ({sub.stages[0].steps} steps) into {d}")
-                    o = RunOptions(out_dir=str(d), resume=resume, device=opts.device, progress=opts.progress, print_every=opts.print_every, workers=opts.workers)
-                    return run_recipe(sub, o)
-
-                kind, side = ("foundation", run_foundation) if st.foundation else ("specialists", run_specialists)
-                summary["stages"].append({"name": st.name, kind: side(recipe, idx, root, spec, one)})
-                continue
-            first = next(off for i, s, off in recipe.main_stages() if i == idx)
-            if start >= first + st.steps:
-                continue
-            stage = StageRun(recipe, idx, first, model, built, dist, run, root, opts, bar, shared, state if start > first else None, start_run)
-            summary["stages"].append(stage.run())
+        summary["stages"] = _stages(ctx)
     except KeyboardInterrupt as exc:
         bar.close()
-        ckpt = shared["ckpt"]
-        if run is not None:  # the interrupt may land inside a save, after `latest` moved on
-            try:
-                ckpt = read_latest(run.path) or ckpt
-            except AudioMoEError:
-                pass
-        raise TrainingInterrupted(getattr(exc, "step", shared.get("step", start)), ckpt) from None
+        raise TrainingInterrupted(getattr(exc, "step", state.step), checkpointer.last_good()) from None
     finally:
         bar.close()
-        if "log" in shared:
-            shared["log"].close()
+        if state.log is not None:
+            state.log.close()
     dist.barrier()
-    unfed = [n for n in model.task_names if n not in shared["fed"]]
+    return _finish(ctx, run, summary, t0)
+
+
+def _stages(ctx: RunContext) -> list[dict[str, Any]]:
+    """Every stage of the recipe not finished yet, in order: side runs (specialists, a foundation) and the main model's."""
+    recipe, reports = ctx.recipe, []
+    for idx, st in enumerate(recipe.stages):
+        if st.side_run:  # specialists / a foundation: dense models trained as runs of their own
+            if ctx.checkpointer.trained_past(idx):
+                continue  # the main model has trained past this stage: its side runs are done
+            ctx.start_run()
+            reports.append(_side_run(ctx, idx))
+            continue
+        first = next(off for i, s, off in recipe.main_stages() if i == idx)
+        if ctx.state.start >= first + st.steps:
+            continue
+        reports.append(StageRun(ctx, idx, first).run())
+    return reports
+
+
+def _side_run(ctx: RunContext, idx: int) -> dict[str, Any]:
+    """Stage ``idx``'s specialists or foundation, each a one-stage run in a directory of its own."""
+    st, opts = ctx.recipe.stages[idx], ctx.opts
+
+    def one(sub: Recipe, d: Path, resume: bool) -> dict[str, Any]:
+        what = "foundation" if st.foundation is not None else f"specialist '{d.name}'"
+        ctx.bar.note(f"stage {idx} '{st.name}': {what} ({sub.stages[0].steps} steps) into {d}")
+        o = RunOptions(
+            out_dir=str(d),
+            resume=resume,
+            device=opts.device,
+            progress=opts.progress,
+            print_every=opts.print_every,
+            workers=opts.workers,
+        )
+        return run_recipe(sub, o)
+
+    kind, side = ("foundation", run_foundation) if st.foundation else ("specialists", run_specialists)
+    return {"name": st.name, kind: side(ctx.recipe, idx, ctx.root, ctx.model.spec, one)}
+
+
+def _finish(ctx: RunContext, run: Optional[RunDir], summary: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The run summary (the final held-out score when the recipe asks), written to ``summary.json`` by rank 0."""
+    recipe, model, dist, state, opts = ctx.recipe, ctx.model, ctx.dist, ctx.state, ctx.opts
+    unfed = [n for n in model.task_names if n not in state.fed]
     if unfed and opts.data is not None:  # the caller's data never named these heads: say so
         warnings.warn(
             f"the training data never had an item for head(s) {unfed}: they did not train; "
-            "give batches for every task or drop those heads (tasks.NAME=null)", RuntimeWarning, stacklevel=4
+            "give batches for every task or drop those heads (tasks.NAME=null)",
+            RuntimeWarning,
+            stacklevel=5,
         )
-    summary.update({
-        "untrained_heads": unfed, "steps": total, "final_loss": shared["loss"], "eval_before": shared["before"] or {},
-        "eval_after": shared["history"][-1] if shared["history"] else {}, "eval_history": list(shared["history"]),
-        "checkpoint": str(shared["ckpt"]) if shared["ckpt"] else None,
-        "seconds": round(time.perf_counter() - t0, 2), "processes": dist.world, "device": str(dist.device), "layout": layout.describe(),
-        "config": opts.config,
-    })
-    summary["warnings"] = shared.get("warnings", [])
-    summary["skipped_steps"] = shared["skipped"]  # steps skipped for a NaN/inf gradient norm (optim.on_nonfinite)
-    if shared.get("data_summary") is not None:
-        summary["data"] = shared["data_summary"]
-    if recipe.eval.final and opts.data is None and dist.main and not layout.sharded:
-        summary["heldout"] = final_score(model, recipe, root, bar)
+    summary.update(
+        {
+            "untrained_heads": unfed,
+            "steps": recipe.total_steps(),
+            "final_loss": state.loss,
+            "eval_before": state.before or {},
+            "eval_after": state.history[-1] if state.history else {},
+            "eval_history": list(state.history),
+            "checkpoint": str(state.checkpoint) if state.checkpoint else None,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "processes": dist.world,
+            "device": str(dist.device),
+            "layout": ctx.layout.describe(),
+            "config": opts.config,
+        }
+    )
+    summary["warnings"] = state.warnings
+    summary["skipped_steps"] = state.skipped  # steps skipped for a NaN/inf gradient norm (optim.on_nonfinite)
+    if state.data_summary is not None:
+        summary["data"] = state.data_summary
+    if recipe.eval.final and opts.data is None and dist.main and not ctx.layout.sharded:
+        summary["heldout"] = final_score(model, recipe, ctx.root, ctx.bar)
     if run is not None and dist.main:
         from audiomoe.core.atomic import write_text
 

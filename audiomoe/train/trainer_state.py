@@ -6,7 +6,8 @@ are ``{"__tensor__": key}`` references into ``trainer.safetensors`` and whose ma
 file (``step: -3``, ``2.7``, ``"40"``, a step that is not its directory's) must not be trusted: steps
 would be retrained and a later checkpoint overwritten. These functions only say what is wrong;
 :func:`audiomoe.train.checkpoint.load_trainer_state` raises it as a ``CheckpointError`` naming the file.
-:func:`encode` / :func:`decode` are the codec between state dicts and that JSON + tensors form.
+:func:`encode` / :func:`decode` are the codec between state dicts and that JSON + tensors form. The
+schema of ``extra`` (:class:`~audiomoe.train.run_state.TrainerExtra`) lives with the run state it saves.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from audiomoe.core.limits import MAX_STEPS
+from audiomoe.train.run_state import TrainerExtra  # the saved run state's schema, next to the run state
 
 
 class TrainerMeta(BaseModel):
@@ -29,19 +31,6 @@ class TrainerMeta(BaseModel):
     optimizer: Optional[dict[str, Any]] = None
     rng: Optional[dict[str, Any]] = None
     extra: Optional[dict[str, Any]] = None
-
-
-class TrainerExtra(BaseModel):
-    """The decoded ``extra`` fields resuming reads (stage position, world size, counters); others pass through."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    stage: Optional[StrictInt] = Field(None, ge=0)
-    stage_name: Optional[StrictStr] = None
-    stage_step: Optional[StrictInt] = Field(None, ge=0, le=MAX_STEPS)
-    world: Optional[StrictInt] = Field(None, ge=1, le=1 << 20)
-    tasks_seen: Optional[list[StrictStr]] = None
-    skipped_steps: Optional[StrictInt] = Field(None, ge=0, le=MAX_STEPS)
 
 
 def _first(exc: ValidationError, prefix: str = "") -> str:
@@ -109,7 +98,7 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
             raise ValueError(f"field '{where}': a mapping must be a list of [key, value] pairs with str or int keys")
         return {k: decode(v, tensors, f"{where}.{k}") for k, v in pairs}
     if isinstance(obj, dict):
-        raise ValueError(f"field '{where}': an object must be a {{\"__tensor__\"}} or {{\"__dict__\"}} reference")
+        raise ValueError(f'field \'{where}\': an object must be a {{"__tensor__"}} or {{"__dict__"}} reference')
     if isinstance(obj, list):
         return [decode(v, tensors, f"{where}.{i}") for i, v in enumerate(obj)]
     return obj

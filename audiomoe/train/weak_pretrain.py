@@ -44,6 +44,8 @@ from audiomoe.core.errors import AudioMoEError
 if TYPE_CHECKING:  # torch is imported by the functions: the recipe module (and `audiomoe list`) stays torch-free
     import torch
 
+    from audiomoe.train.run_state import RunContext
+
 
 class WeakSpecialistsSpec(BaseModel):
     """Which weak encoders of the mixture pretrain on which tasks, for how long (module doc)."""
@@ -58,8 +60,11 @@ class WeakSpecialistsSpec(BaseModel):
     warmup: int = Field(10, ge=0, le=10**6, description="linear warmup steps")
     batch_size: Optional[int] = Field(None, ge=1, le=4096, description="items per step (None: the recipe's batch_size)")
     freeze: bool = Field(True, description="keep the pretrained weak encoders frozen in this and every later stage")
-    reuse: bool = Field(True, description="reuse a pretraining of the same initial weights, tasks, settings, seed and data "
-                                          "from the cache directory ($AUDIOMOE_CACHE/weak-specialists)")
+    reuse: bool = Field(
+        True,
+        description="reuse a pretraining of the same initial weights, tasks, settings, seed and data "
+        "from the cache directory ($AUDIOMOE_CACHE/weak-specialists)",
+    )
 
     @field_validator("encoders")
     @classmethod
@@ -230,9 +235,20 @@ def _reuse_key(enc: Any, tasks: list[str], spec: WeakSpecialistsSpec, recipe: An
     for name, t in sorted(enc.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps({"tasks": tasks, "spec": spec.model_dump(mode="json", exclude={"encoders", "freeze", "reuse"}),
-                         "seed": recipe.seed, "batch": recipe.batch_size, "data": recipe.data, "corpus": VERSION},
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {
+                "tasks": tasks,
+                "spec": spec.model_dump(mode="json", exclude={"encoders", "freeze", "reuse"}),
+                "seed": recipe.seed,
+                "batch": recipe.batch_size,
+                "data": recipe.data,
+                "corpus": VERSION,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -316,24 +332,24 @@ def pretrain_weak(
     return out
 
 
-def weak_stage(run: Any, fresh: bool) -> dict[str, Any]:
-    """The step loop's hook (before a stage picks its trainable tensors): pretrain this stage's weak specialists when it
-    starts fresh, and drop every weak encoder pretrained by this or an earlier stage (``freeze``) from what trains."""
-    recipe, st = run.recipe, run.recipe.stages[run.idx]
+def weak_stage(ctx: RunContext, idx: int, fresh: bool) -> dict[str, Any]:
+    """The step loop's hook (before stage ``idx`` picks its trainable tensors): pretrain this stage's weak specialists
+    when it starts fresh, and drop every weak encoder pretrained by this or an earlier stage (``freeze``) from what trains."""
+    recipe, where = ctx.recipe, f"stages.{idx}"
+    st = recipe.stages[idx]
     out: dict[str, Any] = {}
     spec = getattr(st, "weak_specialists", None)
     if spec is not None and fresh:
-        if run.shared["layout"].sharded:
+        if ctx.layout.sharded:
             raise AudioMoEError(
-                f"{run.where}.weak_specialists: pretrain the weak encoders in a one-process stage, "
-                "before sharding (FSDP / EP)"
+                f"{where}.weak_specialists: pretrain the weak encoders in a one-process stage, before sharding (FSDP / EP)"
             )
         out["weak_specialists"] = pretrain_weak(
-            run.model, spec, recipe, run.where, note=run.bar.note, workers=run.opts.workers
+            ctx.model, spec, recipe, where, note=ctx.bar.note, workers=ctx.opts.workers
         )
-    for earlier in recipe.stages[: run.idx + 1]:
+    for earlier in recipe.stages[: idx + 1]:
         ws = getattr(earlier, "weak_specialists", None)
         if ws is not None and ws.freeze:
             prefixes = tuple(f"encoder.weak.{k}." for k in ws.encoders)
-            run.built.difference_update({n for n in run.built if n.startswith(prefixes)})
+            ctx.built.difference_update({n for n in ctx.built if n.startswith(prefixes)})
     return out

@@ -65,20 +65,37 @@ def _speaker(seed: int, spk: int) -> dict[str, Any]:
     # steps higher, within reach of the per-utterance jitter (+-4): with a variant each, a tiny
     # model reached 100% in 300 steps.
     rng = np.random.default_rng([seed, 99, spk // 2])
-    v = {"variant": SPEAKER_VARIANTS[(spk // 2) % len(SPEAKER_VARIANTS)], "pitch": int(rng.integers(30, 60)),
-         "range": int(rng.integers(20, 80)), "rate": int(rng.integers(140, 200))}
+    v = {
+        "variant": SPEAKER_VARIANTS[(spk // 2) % len(SPEAKER_VARIANTS)],
+        "pitch": int(rng.integers(30, 60)),
+        "range": int(rng.integers(20, 80)),
+        "rate": int(rng.integers(140, 200)),
+    }
     v["pitch"] += 6 * (spk % 2)
     return v
 
 
 def _voice(rng: np.random.Generator) -> dict[str, Any]:
-    return {"variant": VARIANTS[int(rng.integers(len(VARIANTS)))], "pitch": int(rng.integers(25, 75)), "range": int(rng.integers(20, 80)), "rate": int(rng.integers(140, 200))}
+    return {
+        "variant": VARIANTS[int(rng.integers(len(VARIANTS)))],
+        "pitch": int(rng.integers(25, 75)),
+        "range": int(rng.integers(20, 80)),
+        "rate": int(rng.integers(140, 200)),
+    }
 
 
-def _say(text: str, lang: str, v: dict[str, Any], rng: np.random.Generator, jitter: bool = True) -> tuple[np.ndarray, int]:
+def _say(
+    text: str, lang: str, v: dict[str, Any], rng: np.random.Generator, jitter: bool = True
+) -> tuple[np.ndarray, int]:
     es = Espeak.get()
     j = (lambda a: int(rng.integers(-a, a + 1))) if jitter else (lambda a: 0)
-    x = es.synth(text, f"{lang}+{v['variant']}", rate=v["rate"] + j(10), pitch=v["pitch"] + j(4), pitch_range=max(v["range"] + j(8), 0))
+    x = es.synth(
+        text,
+        f"{lang}+{v['variant']}",
+        rate=v["rate"] + j(10),
+        pitch=v["pitch"] + j(4),
+        pitch_range=max(v["range"] + j(8), 0),
+    )
     return x.astype(np.float64) / 32768.0, es.sample_rate
 
 
@@ -91,7 +108,7 @@ def _clip(kind: str, i: int, seed: int) -> tuple[np.ndarray, int, list[dict[str,
     """One clip: (samples, rate, manifest lines without audio/split, metadata)."""
     rng = np.random.default_rng([seed, KIND_IDS[kind], i])
     lines: list[dict[str, Any]] = []
-    qa = lambda q, a: lines.append({"task": "qa", "prompt": {"mode": "qa", "question": q}, "target": a})  # noqa: E731
+    qa = lambda q, a: lines.append({"task": "qa", "prompt": {"mode": "qa", "question": q}, "target": a})
     if kind == "asr":
         text = english_sentence(rng)
         x, sr = _say(text, "en", _voice(rng), rng)
@@ -129,7 +146,10 @@ def _clip(kind: str, i: int, seed: int) -> tuple[np.ndarray, int, list[dict[str,
     elif kind == "event":
         name = sounds.EVENTS[i % len(sounds.EVENTS)]
         x, sr = sounds.event(name, float(rng.uniform(1.0, 2.5)), rng), sounds.SR
-        lines += [{"task": "event", "target": name}, {"task": "caption", "prompt": {"mode": "caption"}, "target": sounds.EVENT_CAPTIONS[name]}]
+        lines += [
+            {"task": "event", "target": name},
+            {"task": "caption", "prompt": {"mode": "caption"}, "target": sounds.EVENT_CAPTIONS[name]},
+        ]
         qa("What sound is this?", name)
         meta = {"event": name}
     elif kind == "music":
@@ -139,8 +159,13 @@ def _clip(kind: str, i: int, seed: int) -> tuple[np.ndarray, int, list[dict[str,
         key = MUSIC_KEYS[int(rng.integers(len(MUSIC_KEYS)))]
         x, sr = sounds.music(ins, tempo, key, mode, float(rng.uniform(2.5, 4.0)), rng), sounds.SR
         cap = sounds.music_caption(ins, tempo, key, mode)
-        lines += [{"task": "instrument", "target": ins}, {"task": "tempo", "target": tempo}, {"task": "mode", "target": mode},
-                  {"task": "caption", "prompt": {"mode": "caption"}, "target": cap}, {"task": "text_to_music", "prompt": cap}]
+        lines += [
+            {"task": "instrument", "target": ins},
+            {"task": "tempo", "target": tempo},
+            {"task": "mode", "target": mode},
+            {"task": "caption", "prompt": {"mode": "caption"}, "target": cap},
+            {"task": "text_to_music", "prompt": cap},
+        ]
         qa("What instrument is playing?", ins)
         meta = {"instrument": ins, "tempo": tempo, "key": key, "mode": mode}
     else:  # mix: speech over an event or music
@@ -150,7 +175,14 @@ def _clip(kind: str, i: int, seed: int) -> tuple[np.ndarray, int, list[dict[str,
         sp = resample_audio(sp, ssr, sounds.SR).astype(np.float64)  # the kit's one resampler (imports torch lazily)
         dur = len(sp) / sounds.SR
         if bg == "music":
-            back = sounds.music(sounds.INSTRUMENTS[int(rng.integers(4))], list(sounds.TEMPI)[int(rng.integers(3))], sounds.KEYS[int(rng.integers(12))], "major", dur, rng)
+            back = sounds.music(
+                sounds.INSTRUMENTS[int(rng.integers(4))],
+                list(sounds.TEMPI)[int(rng.integers(3))],
+                sounds.KEYS[int(rng.integers(12))],
+                "major",
+                dur,
+                rng,
+            )
         else:
             back = sounds.event(bg, dur, rng)
         back = np.pad(back, (0, max(len(sp) - len(back), 0)))[: len(sp)]  # rounding of seconds -> samples
@@ -174,7 +206,16 @@ def _job(args: tuple[str, int, int, str, bool]) -> list[dict[str, Any]]:
     sf.write(os.path.join(root, rel), np.clip(x, -1, 1).astype(np.float32), sr, subtype="PCM_16", format="WAV")
     out = []
     for line in lines:
-        out.append({"audio": rel, "duration": round(len(x) / sr, 6), "split": split, "dataset": f"builtin-{kind}", "meta": meta, **line})
+        out.append(
+            {
+                "audio": rel,
+                "duration": round(len(x) / sr, 6),
+                "split": split,
+                "dataset": f"builtin-{kind}",
+                "meta": meta,
+                **line,
+            }
+        )
     return out
 
 
@@ -188,7 +229,7 @@ def _voice_prompted(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The line's own clip becomes its target ``{"audio": ...}`` (the text says what to write, the
     reference how it sounds); a clip with no other clip of its group in its split gets no line.
     """
-    key = lambda line: (line["task"], line["meta"][REFERENCE_KEY[line["task"]]], line["split"])  # noqa: E731
+    key = lambda line: (line["task"], line["meta"][REFERENCE_KEY[line["task"]]], line["split"])
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for line in lines:
         if line["task"] in REFERENCE_KEY:
@@ -203,22 +244,40 @@ def _voice_prompted(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         ref = group[(group.index(line) + 1) % len(group)]
         meta = {**line["meta"], "reference": ref["audio"]}
-        out.append({**line, "audio": ref["audio"], "duration": ref["duration"], "target": {"audio": line["audio"]}, "meta": meta})
+        out.append(
+            {
+                **line,
+                "audio": ref["audio"],
+                "duration": ref["duration"],
+                "target": {"audio": line["audio"]},
+                "meta": meta,
+            }
+        )
     return out
 
 
 def _tasks_info() -> dict[str, Any]:
-    cls = lambda labels: {"head": "classification", "labels": labels}  # noqa: E731
+    cls = lambda labels: {"head": "classification", "labels": labels}
     return {
-        "asr": {"head": "ctc_asr"}, "language": cls([LANG_NAMES[k] for k in sorted(LANG_NAMES)]),
-        "speaker": cls([f"spk{i:02d}" for i in range(SPEAKERS)]), "style": cls(STYLES), "event": cls(sounds.EVENTS),
-        "instrument": cls(sounds.INSTRUMENTS), "tempo": cls(list(sounds.TEMPI)), "mode": cls(["major", "minor"]),
-        "mix_background": cls(BACKGROUNDS), "qa": {"head": "audiollm"}, "caption": {"head": "audiollm"},
-        "tts": {"head": "codec", "targets": "codes"}, "text_to_music": {"head": "codec", "targets": "codes"},
+        "asr": {"head": "ctc_asr"},
+        "language": cls([LANG_NAMES[k] for k in sorted(LANG_NAMES)]),
+        "speaker": cls([f"spk{i:02d}" for i in range(SPEAKERS)]),
+        "style": cls(STYLES),
+        "event": cls(sounds.EVENTS),
+        "instrument": cls(sounds.INSTRUMENTS),
+        "tempo": cls(list(sounds.TEMPI)),
+        "mode": cls(["major", "minor"]),
+        "mix_background": cls(BACKGROUNDS),
+        "qa": {"head": "audiollm"},
+        "caption": {"head": "audiollm"},
+        "tts": {"head": "codec", "targets": "codes"},
+        "text_to_music": {"head": "codec", "targets": "codes"},
     }
 
 
-def make_corpus(out_dir: str | os.PathLike, size: str = "small", seed: int = 0, workers: int = 2, progress: bool = True) -> Path:
+def make_corpus(
+    out_dir: str | os.PathLike, size: str = "small", seed: int = 0, workers: int = 2, progress: bool = True
+) -> Path:
     """Write the built-in corpus into ``out_dir``; return the manifest path (same seed: same bytes)."""
     from tqdm.auto import tqdm
 
@@ -233,7 +292,9 @@ def make_corpus(out_dir: str | os.PathLike, size: str = "small", seed: int = 0, 
         jobs += [(k, i, seed, str(root), False) for i in range(n_main)]
         jobs += [(k, i, seed, str(root), True) for i in range(n_main, n_main + TEST_EXTRA[size])]
     # off a terminal (CI logs, pipes) a carriage-return bar is a flood: tqdm's disable=None turns it off there
-    bar = tqdm(total=len(jobs), desc=f"corpus {size}", unit="clip", disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(jobs), desc=f"corpus {size}", unit="clip", disable=None if progress else True, dynamic_ncols=True
+    )
     results: list[list[dict[str, Any]]] = []
     if workers > 1:
         import multiprocessing as mp
@@ -253,8 +314,15 @@ def make_corpus(out_dir: str | os.PathLike, size: str = "small", seed: int = 0, 
         for line in lines:
             fh.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
     seconds = sum(r[0]["duration"] for r in results)
-    info = {"version": VERSION, "size": size, "seed": seed, "clips": len(results), "lines": len(lines),
-            "hours": round(seconds / 3600, 4), "tasks": _tasks_info()}
+    info = {
+        "version": VERSION,
+        "size": size,
+        "seed": seed,
+        "clips": len(results),
+        "lines": len(lines),
+        "hours": round(seconds / 3600, 4),
+        "tasks": _tasks_info(),
+    }
     (root / "corpus.json").write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
     return root / "manifest.jsonl"
 
@@ -264,7 +332,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("AUDIOMOE_CACHE") or Path.home() / ".cache" / "audiomoe")
 
 
-def builtin_corpus(cache_dir: Optional[str | os.PathLike] = None, size: str = "small", seed: int = 0, progress: bool = True) -> Path:
+def builtin_corpus(
+    cache_dir: Optional[str | os.PathLike] = None, size: str = "small", seed: int = 0, progress: bool = True
+) -> Path:
     """The built-in corpus's manifest, made once into ``cache_dir`` (atomically: a crash leaves no half corpus)."""
     final = Path(cache_dir or default_cache_dir()) / f"corpus-v{VERSION}-{size}-seed{seed}"
-    return build_once(final, "corpus.json", lambda tmp: make_corpus(tmp, size, seed, progress=progress)) / "manifest.jsonl"
+    return (
+        build_once(final, "corpus.json", lambda tmp: make_corpus(tmp, size, seed, progress=progress)) / "manifest.jsonl"
+    )

@@ -18,9 +18,16 @@ import numpy as np
 SR = 16000
 EVENTS = ["siren", "knock", "chirp", "engine", "rain", "bell", "beep", "clap", "wind", "footsteps"]
 EVENT_CAPTIONS = {
-    "siren": "a siren wailing up and down", "knock": "someone knocking on a door", "chirp": "a bird chirping",
-    "engine": "an engine humming", "rain": "rain falling", "bell": "a bell ringing", "beep": "an electronic alarm beeping",
-    "clap": "people clapping", "wind": "wind blowing", "footsteps": "footsteps walking",
+    "siren": "a siren wailing up and down",
+    "knock": "someone knocking on a door",
+    "chirp": "a bird chirping",
+    "engine": "an engine humming",
+    "rain": "rain falling",
+    "bell": "a bell ringing",
+    "beep": "an electronic alarm beeping",
+    "clap": "people clapping",
+    "wind": "wind blowing",
+    "footsteps": "footsteps walking",
 }
 INSTRUMENTS = ["organ", "plucked string", "clarinet", "electric piano"]
 TEMPI = {"slow": (50, 70), "moderate": (95, 115), "fast": (150, 180)}
@@ -59,7 +66,7 @@ def event(name: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
     """One clip of sound event ``name`` (float64, peak about 1 before the noise floor)."""
     t = _t(seconds)
     n = len(t)
-    u = lambda a, b: float(rng.uniform(a, b))  # noqa: E731
+    u = lambda a, b: float(rng.uniform(a, b))
     if name == "siren":
         f = u(500, 1200) + u(150, 500) * np.sin(2 * np.pi * u(0.3, 2.5) * t)
         x = np.sin(2 * np.pi * np.cumsum(f) / SR) + 0.3 * np.sin(4 * np.pi * np.cumsum(f) / SR)
@@ -97,7 +104,10 @@ def event(name: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
         x = np.zeros(n)
         for t0 in np.arange(0, seconds, u(0.6, 1.2)):
             tt = t[int(t0 * SR) :] - t0
-            ring = sum(a * np.sin(2 * np.pi * f0 * r * tt) * np.exp(-tt * d) for r, a, d in ((1, 1, 2.5), (2.76, 0.6, 4), (5.4, 0.4, 6), (8.9, 0.2, 9)))
+            ring = sum(
+                a * np.sin(2 * np.pi * f0 * r * tt) * np.exp(-tt * d)
+                for r, a, d in ((1, 1, 2.5), (2.76, 0.6, 4), (5.4, 0.4, 6), (8.9, 0.2, 9))
+            )
             x[int(t0 * SR) :] += ring
     elif name == "beep":
         f = u(1500, 3500)
@@ -137,7 +147,7 @@ def music(instrument: str, tempo: str, key: str, mode: str, seconds: float, rng:
     beat = 60.0 / bpm
     root = 48 + KEYS.index(key) + 12 * int(rng.integers(0, 2))  # MIDI C3.. B4
     scale = MODES[mode]
-    midi = lambda m: 440.0 * 2 ** ((m - 69) / 12)  # noqa: E731
+    midi = lambda m: 440.0 * 2 ** ((m - 69) / 12)
     n = int(seconds * SR)
     out = np.zeros(n)
     pos, degree = 0.0, int(rng.integers(0, 7))

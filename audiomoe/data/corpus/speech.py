@@ -33,7 +33,9 @@ class Espeak:
         try:
             import espeakng_loader
         except ImportError as exc:  # a declared dependency, but say what to install
-            raise AudioMoEError("speech synthesis needs the package espeakng-loader: pip install espeakng-loader") from exc
+            raise AudioMoEError(
+                "speech synthesis needs the package espeakng-loader: pip install espeakng-loader"
+            ) from exc
         self._paths = (espeakng_loader.get_library_path(), espeakng_loader.get_data_path().encode())
         self._chunks: list[np.ndarray] = []
         self._cb = _CALLBACK(self._collect)  # keep a reference: ctypes does not
@@ -73,7 +75,9 @@ class Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
 
-    def synth(self, text: str, voice: str = "en", rate: int = 175, pitch: int = 50, pitch_range: int = 50, volume: int = 100) -> np.ndarray:
+    def synth(
+        self, text: str, voice: str = "en", rate: int = 175, pitch: int = 50, pitch_range: int = 50, volume: int = 100
+    ) -> np.ndarray:
         """Speak ``text`` with ``voice``; int16 samples at :attr:`sample_rate` Hz."""
         with self._lock:
             self._load()
@@ -112,14 +116,23 @@ LANG_WORDS = {
     "nl": "het huis is heel groot en het water was koud vandaag zien we een goede vriend in de nacht".split(),
     "pl": "dom jest bardzo duży a woda była zimna dzisiaj widzimy dobrego przyjaciela w nocy".split(),
 }
-LANG_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "pl": "Polish"}
+LANG_NAMES = {
+    "en": "English",
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+    "pl": "Polish",
+}
 VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
 
 
 def english_sentence(rng: np.random.Generator) -> str:
     """A random English sentence of 4-8 words from a tiny grammar (the ASR transcripts)."""
     w = {k: list(v) for k, v in EN_WORDS.items()}
-    pick = lambda k: w[k][int(rng.integers(len(w[k])))]  # noqa: E731
+    pick = lambda k: w[k][int(rng.integers(len(w[k])))]
     words = [pick("det")] + ([pick("adj")] if rng.random() < 0.6 else []) + [pick("noun"), pick("verb"), pick("det")]
     words += ([pick("adj")] if rng.random() < 0.4 else []) + [pick("noun")]
     if rng.random() < 0.3:

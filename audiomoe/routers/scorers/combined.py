@@ -44,7 +44,9 @@ class CombinedScorer(Scorer):
         self.independent = independent(**ctx)
         self.dependent = dependent(**ctx)
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``(1 - mix) * independent + mix * dependent`` logits [N, E]."""
         m = self.params.mix
         a = self.independent(inputs, item_mask, task_ids)

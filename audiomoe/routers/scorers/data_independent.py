@@ -45,16 +45,22 @@ class DataIndependentScorer(Scorer):
         self.bias = nn.Parameter(torch.randn(num_experts) * std)
         self.table = nn.Parameter(torch.randn(rows, num_experts) * std)
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Logits [N, E]: the shared vector (+ the item's task row when task ids are given)."""
         n, scale = inputs.shape[0], self.params.logit_scale
         logits = (self.bias * scale).to(inputs.dtype).expand(n, -1)
         if task_ids is not None and self.params.per_task:
             rows = self.table.shape[0]
             if rows == 0:
-                raise AudioMoEError("data_independent scorer got task ids but was built without task_names; its parent must inject task_names")
+                raise AudioMoEError(
+                    "data_independent scorer got task ids but was built without task_names; its parent must inject task_names"
+                )
             bad = (task_ids < 0) | (task_ids >= rows)
             if bad.any():
-                raise AudioMoEError(f"task id {int(task_ids[bad][0])} is out of range: the scorer knows {rows} tasks {self.task_names}")
+                raise AudioMoEError(
+                    f"task id {int(task_ids[bad][0])} is out of range: the scorer knows {rows} tasks {self.task_names}"
+                )
             logits = logits + (self.table * scale).to(inputs.dtype)[task_ids]
         return logits

@@ -30,7 +30,9 @@ class HashScorer(Scorer):
         gen = torch.Generator().manual_seed(self.params.seed)
         self.register_buffer("projection", torch.randn(d_model, num_experts, generator=gen), persistent=False)
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Logits [N, E] with ``margin`` at each item's hashed column."""
         x = masked_mean(inputs, item_mask) if inputs.dim() == 3 else inputs
         with torch.no_grad():

@@ -36,9 +36,12 @@ class MLPScorer(Scorer):
         bias: bool = Field(False, description="bias on the output layer (hidden layers always have one)")
         input_norm: Literal["none", "layernorm", "rmsnorm"] = Field("none", description="normalise the input first")
         fp32: Union[bool, Literal["train"]] = Field(
-            False, description="compute the scorer in float32: true = always, 'train' = in training only (UniMoE-Audio's fp32_gate)"
+            False,
+            description="compute the scorer in float32: true = always, 'train' = in training only (UniMoE-Audio's fp32_gate)",
         )
-        pooling: Literal["mean", "attention"] = Field("mean", description="how a [B, T, D] sequence is pooled over valid frames")
+        pooling: Literal["mean", "attention"] = Field(
+            "mean", description="how a [B, T, D] sequence is pooled over valid frames"
+        )
 
     def __init__(self, params: Params, *, d_model: int, num_experts: int) -> None:
         super().__init__(params)
@@ -71,7 +74,9 @@ class MLPScorer(Scorer):
         fp32 = self.params.fp32
         return torch.float32 if fp32 is True or (fp32 == "train" and self.training) else dtype
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Logits [N, E] from tokens [N, D] or pooled sequences [N, T, D]."""
         dtype = self.compute_dtype(inputs.dtype)
         h = inputs.to(dtype)

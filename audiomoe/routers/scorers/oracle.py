@@ -23,7 +23,9 @@ class OracleScorer(Scorer):
     """One fixed column per task."""
 
     class Params(Params):
-        assignment: Optional[list[int]] = Field(None, description="column of each task, in task order (None: task t -> t mod E)")
+        assignment: Optional[list[int]] = Field(
+            None, description="column of each task, in task order (None: task t -> t mod E)"
+        )
         margin: float = Field(10.0, gt=0.0, le=1000.0, description="logit of the task's column (others 0)")
         require_task_ids: bool = Field(False, description="raise instead of using task 0 when no task ids are given")
 
@@ -31,13 +33,17 @@ class OracleScorer(Scorer):
         super().__init__(params)
         self.num_experts = num_experts
         n_tasks = max(len(task_names or []), 1)
-        cols = self.params.assignment if self.params.assignment is not None else [t % num_experts for t in range(n_tasks)]
+        cols = (
+            self.params.assignment if self.params.assignment is not None else [t % num_experts for t in range(n_tasks)]
+        )
         for t, c in enumerate(cols):
             if not 0 <= c < num_experts:
                 raise AudioMoEError(f"oracle assignment[{t}]={c} must be a column in [0, {num_experts - 1}]")
         self.register_buffer("columns", torch.tensor(cols, dtype=torch.long), persistent=False)
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Logits [N, E] with ``margin`` at each item's task column."""
         n = inputs.shape[0]
         if task_ids is None:
@@ -47,7 +53,9 @@ class OracleScorer(Scorer):
             task_ids = torch.zeros(n, dtype=torch.long, device=inputs.device)
         if ((task_ids < 0) | (task_ids >= len(self.columns))).any():
             bad = int(task_ids[(task_ids < 0) | (task_ids >= len(self.columns))][0])
-            raise AudioMoEError(f"task id {bad} has no oracle column: the assignment covers tasks 0..{len(self.columns) - 1}")
+            raise AudioMoEError(
+                f"task id {bad} has no oracle column: the assignment covers tasks 0..{len(self.columns) - 1}"
+            )
         cols = self.columns.to(inputs.device)[task_ids]
         logits = inputs.new_zeros(n, self.num_experts)
         return logits.scatter(-1, cols[:, None], self.params.margin)

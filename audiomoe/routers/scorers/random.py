@@ -27,9 +27,14 @@ class RandomScorer(Scorer):
         self.num_experts = num_experts
         self.calls = 0
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Fresh random logits [N, E]."""
         gen = torch.Generator(device=inputs.device).manual_seed(self.params.seed + self.calls)
         self.calls += 1
         shape = (inputs.shape[0], self.num_experts)
-        return torch.randn(shape, generator=gen, device=inputs.device, dtype=torch.float32).to(inputs.dtype) * self.params.scale
+        return (
+            torch.randn(shape, generator=gen, device=inputs.device, dtype=torch.float32).to(inputs.dtype)
+            * self.params.scale
+        )

@@ -24,6 +24,8 @@ class UniformScorer(Scorer):
         super().__init__(params)
         self.num_experts = num_experts
 
-    def forward(self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, item_mask: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Zeros [N, E]."""
         return inputs.new_zeros(inputs.shape[0], self.num_experts)

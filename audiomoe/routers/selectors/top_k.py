@@ -27,7 +27,8 @@ class TopK(Selector):
         k: int = Field(2, ge=1, le=4096, description="columns selected per item (at most the number of columns)")
         normalize: bool = Field(True, description="renormalise the k selected probabilities to sum to 1")
         top1: Literal["raw", "straight_through"] = Field(
-            "raw", description="k=1 with normalize: weight P (Switch) or straight-through 1 + P - sg(P); both give the router a task gradient"
+            "raw",
+            description="k=1 with normalize: weight P (Switch) or straight-through 1 + P - sg(P); both give the router a task gradient",
         )
 
     def __init__(self, params: Params, *, num_experts: int) -> None:

@@ -36,7 +36,9 @@ class TopP(Selector):
     """A variable number of columns per item: the smallest prefix whose probability reaches ``p``."""
 
     class Params(Params):
-        p: float = Field(0.7, gt=0.0, le=1.0, description="cumulative probability threshold, in (0, 1] (UniMoE-Audio: 0.7)")
+        p: float = Field(
+            0.7, gt=0.0, le=1.0, description="cumulative probability threshold, in (0, 1] (UniMoE-Audio: 0.7)"
+        )
         strict: bool = Field(False, description="Huang et al.'s 'cumsum > p' rule instead of UniMoE's 'cumsum >= p'")
         min_experts: int = Field(1, ge=1, le=4096, description="fewest columns per item")
         max_experts: Optional[int] = Field(None, ge=1, le=4096, description="most columns per item (None: no cap)")
@@ -45,7 +47,8 @@ class TopP(Selector):
         )
         mixer_eps: float = Field(0.01, ge=0.0, le=1.0, description="SparseMixer near-tie epsilon (unimoe_code weights)")
         top1: Literal["renorm", "raw", "straight_through"] = Field(
-            "renorm", description="renorm weights, tokens with one pick: constant 1 (no task gradient), P, or 1 + P - sg(P)"
+            "renorm",
+            description="renorm weights, tokens with one pick: constant 1 (no task gradient), P, or 1 + P - sg(P)",
         )
 
     def __init__(self, params: Params, *, num_experts: int) -> None:
@@ -60,7 +63,9 @@ class TopP(Selector):
         p = self.params
         probs = logits.softmax(-1)
         if p.max_experts is not None and p.max_experts > logits.shape[-1]:
-            raise AudioMoEError(f"max_experts={p.max_experts} is larger than the number of columns ({logits.shape[-1]})")
+            raise AudioMoEError(
+                f"max_experts={p.max_experts} is larger than the number of columns ({logits.shape[-1]})"
+            )
         k, order = top_p_count(probs, p.p, p.strict, p.min_experts, p.max_experts, logits=logits)
         mask = rank_mask(order, k)
         if p.weights == "unimoe_code":

@@ -10,7 +10,12 @@ import audiomoe
 @audiomoe.hookimpl
 def audiomoe_register_components(register):
     """Register the acme router."""
-    register("router", "acme_temperature", "acme_router.router:TemperatureTopK", "Top-k with a learned temperature per expert")
+    register(
+        "router",
+        "acme_temperature",
+        "acme_router.router:TemperatureTopK",
+        "Top-k with a learned temperature per expert",
+    )
 
 
 @audiomoe.hookimpl
@@ -25,7 +30,10 @@ def audiomoe_register_presets(register):
                 "name": "moe_transformer",
                 "params": {
                     "num_layers": 1,
-                    "moe": {"name": "moe", "params": {"num_experts": 4, "router": {"name": "acme_temperature", "params": {"k": 1}}}},
+                    "moe": {
+                        "name": "moe",
+                        "params": {"num_experts": 4, "router": {"name": "acme_temperature", "params": {"k": 1}}},
+                    },
                 },
             },
             "tasks": {"cls": {"name": "classification", "params": {"num_classes": 3}}},
