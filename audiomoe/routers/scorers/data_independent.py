@@ -10,7 +10,7 @@ about ``lr`` per step whatever the size of its gradient, so at lr 3e-3 a logit o
 less than 1 in 300 steps and the router stays near uniform (issue 26: top probability 0.335
 against 1/3); ``s`` makes the logits move ``s`` times faster (an lr multiplier that travels with
 the model spec, unlike ``optim.lr_mult``). Default 10: on tones with one pretrained weak encoder of
-three (tests/test_mowe_pretrained.py) the per-task top probability after 60 steps went 0.35 (s=1)
+three (tests/train/test_mowe_pretrained.py) the per-task top probability after 60 steps went 0.35 (s=1)
 -> 0.51 (s=10, top-1); the table is stored divided by ``s``, so ``init_std`` stays the logits' std.
 """
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from forkserver import server_source
 from safetensors.torch import load_file
 
 from audiomoe.train.recipe import load_recipe
 from audiomoe.train.rundir import holds_run
 from audiomoe.train.trainer import RunOptions, run_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.forkserver import server_source
+
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 RECIPE = {
     "name": "kill-me",

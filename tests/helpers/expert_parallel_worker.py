@@ -1,4 +1,4 @@
-"""The distributed half of tests/test_expert_parallel.py: run by ``torchrun --nproc_per_node 2`` (gloo, 127.0.0.1).
+"""The distributed half of tests/moe/test_expert_parallel.py: run by ``torchrun --nproc_per_node 2`` (gloo, 127.0.0.1).
 
 Each rank runs every scenario, compares against one-process references computed on the same rank from
 the same full weights, and writes ``rank<R>.json`` of measured differences and magnitudes (the pytest

@@ -196,7 +196,7 @@ def test_every_hook_is_documented_with_typed_args_and_an_example():
 
     from audiomoe.core import hookspecs
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     hooks = [f for n, f in vars(hookspecs).items() if n.startswith("audiomoe_register_")]
     assert len(hooks) == 3  # components, presets, kinds
     for fn in hooks:

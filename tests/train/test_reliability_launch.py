@@ -20,7 +20,7 @@ from audiomoe import cli
 from audiomoe.train import distributed
 from audiomoe.train.failures import FAILURE_DIR_ENV, failure_report, write_agent_report, write_failure
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 if Path("/sys/class/net/lo").exists():
     ENV.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on the loopback device

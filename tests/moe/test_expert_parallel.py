@@ -1,6 +1,6 @@
 """Expert parallelism (EP) and FSDP2 against one process, on real gloo process groups (2 ranks, 127.0.0.1).
 
-One ``torchrun --nproc_per_node 2`` of ``tests/expert_parallel_worker.py`` (about 10 s here) runs every
+One ``torchrun --nproc_per_node 2`` of ``tests/helpers/expert_parallel_worker.py`` (about 10 s here) runs every
 distributed scenario; each rank compares itself with one-process references built from the same
 full weights and reports differences and magnitudes, which the tests below judge. Layouts follow
 UniMoE-Audio (EP 4 on DeepSpeed-MoE) and torchtitan (FSDP2 + EP on torch.distributed).
@@ -23,9 +23,9 @@ import audiomoe
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.train import fsdp as parallel
 
-WORKER = Path(__file__).with_name("expert_parallel_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "helpers" / "expert_parallel_worker.py"
 sys.path.insert(0, str(WORKER.parent))
-import expert_parallel_worker as W  # noqa: E402  (the scenario definitions, shared with the worker)
+from helpers import expert_parallel_worker as W  # noqa: E402  (the scenario definitions, shared with the worker)
 
 RANKS = (0, 1)
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from audiomoe.train import TrainConfig, load_trainer_state, train
 from audiomoe.train.distributed import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 # a constant lr: the 3-step run resumed to 5 must match a 5-step run, which a decaying schedule would not allow
 ARGS = [

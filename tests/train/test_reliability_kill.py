@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from forkserver import server_source
 
 from audiomoe.train import TrainConfig, load_checkpoint, load_trainer_state, train
 from audiomoe.train.checkpoint import read_latest
+
+from helpers.forkserver import server_source
 
 _HERE = Path(sys.executable).parent / "audiomoe"
 EXE = [str(_HERE)] if _HERE.exists() else [sys.executable, "-m", "audiomoe.cli"]

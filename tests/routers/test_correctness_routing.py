@@ -1,14 +1,13 @@
 """Issue 10, routing side: routers learn from the task, UniMoE-exact edges, capacity on null columns.
 
 Every expectation is stated from the published semantics (shared/reference/papers.md §2.3-2.4,
-written out independently in ``tests/unimoe_reference.py``), not from audiomoe's own code.
+written out independently in ``tests/helpers/unimoe_reference.py``), not from audiomoe's own code.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from unimoe_reference import sparse_mixer_row, unimoe_block
 
 import audiomoe
 from audiomoe.core.interfaces import Routing
@@ -17,6 +16,8 @@ from audiomoe.routers.functional import sparse_mixer_weights, top_k_select, top_
 from audiomoe.routers.selectors.top_k import TopK
 from audiomoe.routers.selectors.top_p import TopP
 from audiomoe.testing import ConformanceError, build_component, check_component
+
+from helpers.unimoe_reference import sparse_mixer_row, unimoe_block
 
 RENORM_TOP1 = '''
 """A top-1 router that renormalises its single pick: weight P/P = 1 (the bug the check must catch)."""

@@ -32,7 +32,7 @@ from audiomoe.train.distributed import free_port
 from audiomoe.train.recipe import load_recipe
 from audiomoe.train.trainer import RunOptions, run_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 if Path("/sys/class/net/lo").exists():
     ENV.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on the loopback device

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-from unimoe_reference import unimoe_block
 
 import audiomoe
 from audiomoe.backbones.interop import hf_experts_state, load_hf_experts, load_unimoe_block
 from audiomoe.core.interfaces import Routing
+
+from helpers.unimoe_reference import unimoe_block
 
 D, F_, E, K = 16, 8, 4, 2
 
