@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmark scripts: component builders, interleaved timing (with an optional
-CPU contention guard), fwd / fwd+bwd case builders, and the JSON-lines report of the convention."""
+"""Helpers shared by the benchmark scripts: the size flags (``--quick``, ``--smoke``), component builders,
+interleaved timing (with an optional CPU contention guard), fwd / fwd+bwd case builders, and the JSON-lines
+report of the convention."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -12,6 +14,35 @@ from typing import Any, Callable, Optional
 import torch
 
 import audiomoe
+
+#: the run sizes every benchmark offers: the full measurement, ``--quick`` (reduced, under a minute) and
+#: ``--smoke`` (smallest sizes, one repetition, the same code paths: seconds; CI runs it)
+MODES = ("full", "quick", "smoke")
+#: set by :func:`mode_of` for smoke runs: :func:`measure` then skips its warm-up round and the guard's wait
+#: for a quiet machine (a shared CI machine is rarely quiet, and a smoke run's timings are not figures anyone reads)
+SMOKE = {"on": False}
+
+
+def add_mode_flags(ap: argparse.ArgumentParser, quick_help: str) -> None:
+    """Add the mutually exclusive ``--quick`` and ``--smoke`` flags to a benchmark's parser."""
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help=quick_help)
+    group.add_argument(
+        "--smoke", action="store_true", help="smallest sizes, 1 repetition, same code paths and checks (seconds; CI)"
+    )
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    """The run size chosen by the flags (one of :data:`MODES`); a smoke run turns :data:`SMOKE` on and uses one thread.
+
+    One thread: on a loaded machine (CI, other jobs) OpenMP's spinning threads slow tiny ops by 5x and more
+    (measured: a 30 s smoke run took 2 min 45 s with torch's default 2 threads while other processes ran).
+    """
+    mode = "smoke" if getattr(args, "smoke", False) else "quick" if getattr(args, "quick", False) else "full"
+    SMOKE["on"] = mode == "smoke"
+    if SMOKE["on"]:
+        torch.set_num_threads(1)
+    return mode
 
 
 def builder(kind: str, name: str, **params) -> "audiomoe.Builder":
@@ -54,18 +85,19 @@ GUARD_STATS = {"reps": 0, "clean": 0}
 def measure(
     cases: dict[Any, Callable[[], object]], reps: int, device: Optional[torch.device] = None, guard: bool = False
 ) -> dict[Any, float]:
-    """Median seconds per case; repetitions round-robin interleaved across cases (one warm-up each).
+    """Median seconds per case; repetitions round-robin interleaved across cases (one warm-up each, none in smoke runs).
 
-    ``guard`` (CPU, Linux): before each round wait (up to 10 s) for the machine to be quiet, and drop
+    ``guard`` (CPU, Linux): before each round wait (up to 10 s; not in smoke runs) for the machine to be quiet, and drop
     repetitions during which other processes used CPU when at least 3 clean ones remain (counted in
     ``GUARD_STATS``). On CUDA every repetition is synchronised.
     """
     cuda = device is not None and device.type == "cuda"
-    for fn in cases.values():
-        fn()
+    if not SMOKE["on"]:  # warm-up round
+        for fn in cases.values():
+            fn()
     samples: dict[Any, list[tuple[float, bool]]] = {name: [] for name in cases}
     for _ in range(reps):
-        if guard:
+        if guard and not SMOKE["on"]:
             deadline = time.time() + 10
             while other_load() > 0.1 and time.time() < deadline:
                 pass
@@ -115,11 +147,18 @@ def fwd_bwd_case(fn: Callable[[torch.Tensor], torch.Tensor], xg: torch.Tensor, g
 class Report:
     """The benchmark JSON-lines convention: a header line, then one line per ``emit``."""
 
-    def __init__(self, bench: str, quick: bool, device: str = "cpu", digits: Optional[int] = 4) -> None:
+    def __init__(self, bench: str, mode: str, device: str = "cpu", digits: Optional[int] = 4) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.bench, self.digits = bench, digits
-        self.lines: list[dict] = [
-            {"bench": bench, "header": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "quick": quick}
-        ]
+        header = {
+            "bench": bench,
+            "header": True,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": device,
+        }
+        self.lines: list[dict] = [{**header, "quick": mode == "quick", "mode": mode}]
 
     def emit(self, case: str, metric: str, value: float, unit: str) -> None:
         """Record one figure (ratios with ``unit="x"``)."""

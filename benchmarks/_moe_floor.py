@@ -75,7 +75,7 @@ def _gemm_cases(n: int, d: int, f: int, k: int, counts: list[int]) -> dict:
         for e, c, r in bounds:
             torch.mm(rows[:c], gu[e].t(), out=hs[r])
             torch.mm(a[:c], down[e].t(), out=rows[:c])
-        for e, c, r in bounds:
+        for e, c, _ in bounds:
             torch.mm(rows[:c], down[e], out=da[:c])
             torch.mm(a[:c].t(), rows[:c], out=ddown_t)  # the fused path's narrow-expert dW_down product
             ddown[e].copy_(ddown_t.t())
@@ -85,7 +85,9 @@ def _gemm_cases(n: int, d: int, f: int, k: int, counts: list[int]) -> dict:
     return {"gemm_dense": dense, "gemm_experts": experts}
 
 
-def floors(label: str, x: torch.Tensor, routing: Routing, shape: tuple[int, int, int], dense_s: float, reps: int, emit) -> None:
+def floors(
+    label: str, x: torch.Tensor, routing: Routing, shape: tuple[int, int, int], dense_s: float, reps: int, emit
+) -> None:
     """Print and emit the row-traffic and GEMM-shape parts of the fine point's moe/dense (``shape`` = experts, width, k)."""
     num_experts, f, k = shape
     _, tok, counts = sorted_pairs(routing.mask, num_experts)
@@ -103,4 +105,6 @@ def floors(label: str, x: torch.Tensor, routing: Routing, shape: tuple[int, int,
     print(f"{'GEMM shapes':>36} the six fwd+bwd GEMMs into warm outputs: dense {t['gemm_dense'] * 1e3:.1f} ms, "
           f"per expert {t['gemm_experts'] * 1e3:.1f} ms ({t['gemm_experts'] / t['gemm_dense']:.2f}x; {shapes:+.0%} of dense fwd+bwd)")  # fmt: skip
     print(f"{'':>36} each part timed alone; they do not simply add up (the fused path's warm scratch spares it the")
-    print(f"{'':>36} page faults the dense layer's fresh intermediates pay), but 1.15x leaves {0.15 - shapes:.0%} of dense for all the rows")
+    print(
+        f"{'':>36} page faults the dense layer's fresh intermediates pay), but 1.15x leaves {0.15 - shapes:.0%} of dense for all the rows"
+    )

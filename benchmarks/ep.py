@@ -13,7 +13,10 @@ wall time inside ``all_to_all_single`` (on CPU it includes waiting for the other
 On a lent GPU the issue also asks for FSDP2 + bf16 step time on ``unimoe-audio-tiny`` against DDP: not
 measured here (no CUDA device); the script says so.
 
-Usage: python benchmarks/ep.py [--quick] [--json FILE] [--reps N]
+``--quick``: d 256, 1024 tokens per rank, 3 repetitions; ``--smoke``: d 32, 64 tokens per rank, 1 repetition
+(the same 2 gloo ranks, both cases, the same exchanges: seconds).
+
+Usage: python benchmarks/ep.py [--quick | --smoke] [--json FILE] [--reps N]
 """
 
 from __future__ import annotations
@@ -31,36 +34,53 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 BENCH = "ep"
-TOPK = {"name": "linear_topk", "params": {"k": 2}}
+TOPK = {"name": "top_k", "params": {"k": 2}}
 TOPP = {"name": "top_p", "params": {"p": 0.7}}
 
 
-def cases(quick: bool) -> tuple[list[tuple[str, dict, int, int]], int]:
-    """``([(label, moe params, d_model, tokens per rank)], d_ff)``."""
-    d, f, t = (256, 512, 1024) if quick else (512, 1024, 4096)
+#: (d_model, d_ff, tokens per rank) per run size
+SIZES = {"full": (512, 1024, 4096), "quick": (256, 512, 1024), "smoke": (32, 64, 64)}
+
+
+def cases(mode: str) -> tuple[list[tuple[str, dict, int, int]], int]:
+    """``([(label, moe params, d_model, tokens per rank)], d_ff)`` for the run size ``mode``."""
+    d, f, t = SIZES[mode]
     return [
         (f"top-2 E=8 d={d} f={f} T={t}", {"router": TOPK, "num_experts": 8}, d, t),
-        (f"unimoe top-p E=8+1null+2sh d={d} T={t}", {"router": TOPP, "num_experts": 8, "num_null": 1, "num_shared": 2, "shared_mode": "gated",
-                                                      "shared_d_ff": f // 2}, d, t),  # fmt: skip
+        (
+            f"unimoe top-p E=8+1null+2sh d={d} T={t}",
+            {
+                "router": TOPP,
+                "num_experts": 8,
+                "num_null": 1,
+                "num_shared": 2,
+                "shared_mode": "gated",
+                "shared_d_ff": f // 2,
+            },
+            d,
+            t,
+        ),  # fmt: skip
     ], f
 
 
 def build(spec: dict, d: int, f: int, ep: int) -> torch.nn.Module:
+    """The registered ``moe`` layer of ``spec`` with SwiGLU experts of width ``f`` and ``expert_parallel=ep``."""
     import audiomoe
 
     params = {**spec, "expert": {"name": "swiglu", "params": {"d_ff": f}}, "expert_parallel": ep}
     return audiomoe.component_builder("moe", {"name": "moe", "params": params})(d_model=d)
 
 
-def worker(rank: int, port: int, quick: bool, reps: int, queue) -> None:
-    from audiomoe.train import fsdp as parallel
+def worker(rank: int, port: int, mode: str, reps: int, queue) -> None:
+    """One gloo rank: time EP and unsharded steps per case; rank 0 puts the slowest rank's medians on ``queue``."""
     from audiomoe.moe.expert_parallel import record_comm
+    from audiomoe.train import fsdp as parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 2 ranks on 2 cores
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
     rows = []
-    specs, f = cases(quick)
+    specs, f = cases(mode)
     for label, spec, d, t in specs:
         torch.manual_seed(0)
         local = build(spec, d, f, 1)
@@ -70,9 +90,9 @@ def worker(rank: int, port: int, quick: bool, reps: int, queue) -> None:
         x = torch.randn(t, d, generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
         g = torch.randn(t, d, generator=torch.Generator().manual_seed(10 + rank))
 
-        def step(layer):
+        def step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
             x.grad = None
-            y, routing = layer(x)
+            y, _ = layer(x)
             (y * g).sum().backward()
 
         samples = {"ep": [], "local": [], "comm": [], "bytes": [], "off": []}
@@ -81,7 +101,7 @@ def worker(rank: int, port: int, quick: bool, reps: int, queue) -> None:
                 dist.barrier()  # both ranks start together: the exchange times are not skewed by the other's backlog
                 with record_comm() as st:
                     t0 = time.perf_counter()
-                    step(layer)
+                    step(layer, x, g)
                     dt = time.perf_counter() - t0
                 if i:
                     samples[name].append(dt)
@@ -108,24 +128,27 @@ def _free_port() -> int:
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import Report
+    from _common import Report, add_mode_flags, mode_of
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced sizes and repetitions (< 1 minute), same code paths")
+    add_mode_flags(ap, "reduced sizes and repetitions (< 1 minute), same code paths")
     ap.add_argument("--json", metavar="FILE", help="also write JSON lines here")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
     args = ap.parse_args()
-    reps = args.reps or (3 if args.quick else 7)
+    mode = mode_of(args)
+    reps = args.reps or {"full": 7, "quick": 3, "smoke": 1}[mode]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(_free_port(), args.quick, reps, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(worker, args=(_free_port(), mode, reps, queue), nprocs=2, start_method="spawn")
     rows = queue.get()
-    report = Report(BENCH, args.quick, device="cpu x2 ranks (gloo)")
+    report = Report(BENCH, mode, device="cpu x2 ranks (gloo)")
     report.lines[0]["threads"] = 1  # per rank
     print(f"torch {torch.__version__}, 2 gloo ranks on 127.0.0.1, 1 thread each, float32; EP 2 vs the same layer unsharded; "
           f"fwd+bwd per step, medians of {reps}, slowest rank")  # fmt: skip
-    print(f"{'case':<40} {'pairs':>6} {'a2a MB':>8} {'off-rank MB':>11} {'EP ms':>8} {'comm ms':>8} {'comm share':>10} {'local ms':>9} {'EP/local':>9}")
-    for label, t_ep, t_local, t_comm, nbytes, off, pairs, tokens in rows:
+    print(
+        f"{'case':<40} {'pairs':>6} {'a2a MB':>8} {'off-rank MB':>11} {'EP ms':>8} {'comm ms':>8} {'comm share':>10} {'local ms':>9} {'EP/local':>9}"
+    )
+    for label, t_ep, t_local, t_comm, nbytes, off, pairs, _tokens in rows:
         print(f"{label:<40} {pairs:>6} {nbytes / 1e6:>8.2f} {off / 1e6:>11.2f} {t_ep * 1e3:>8.1f} {t_comm * 1e3:>8.1f} "
               f"{100 * t_comm / t_ep:>9.1f}% {t_local * 1e3:>9.1f} {t_ep / t_local:>8.2f}x")  # fmt: skip
         emit = report.emit

@@ -15,7 +15,10 @@ The anchor: transformers' own ``generate`` (``use_cache`` True / False) on the *
 same config (the LM before upcycling), from a prefix of the same length and batch, writing the same
 number of tokens: what a KV cache buys at this size with no MoE layer at all.
 
-Usage: python benchmarks/generation.py [--quick] [--json FILE] [--reps N]
+``--quick``: 40 frames / 16 tokens, 2 repetitions; ``--smoke``: one codec point (4 frames, 0.5 s, batch 1) and
+one text point (4 tokens), 1 repetition, with the same equality checks and the HF anchor (seconds).
+
+Usage: python benchmarks/generation.py [--quick | --smoke] [--json FILE] [--reps N]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 import audiomoe
 
-from _common import Report, measure
+from _common import Report, add_mode_flags, measure, mode_of
 
 BENCH = "generation"
 
@@ -45,7 +48,11 @@ def codec_cases(frames: int, seconds: float, batch: int) -> tuple[dict, list, tu
     same = [torch.equal(a, b) for a, b in zip(cached, head.generate(prefix, use_cache=False))]
     steps = cached[0].shape[1] + max(head.delays) + 1  # decoder calls: the frames, the delay tail, eos
     anchor = (hf_dense_cases(model, prefix.embeds.shape[1], batch, steps), prefix.embeds.shape[1], steps)
-    return {"cache": lambda: head.generate(prefix), "no cache": lambda: head.generate(prefix, use_cache=False)}, same, anchor
+    return (
+        {"cache": lambda: head.generate(prefix), "no cache": lambda: head.generate(prefix, use_cache=False)},
+        same,
+        anchor,
+    )
 
 
 def text_cases(tokens: int, seconds: float, batch: int) -> tuple[dict, list, tuple]:
@@ -60,7 +67,11 @@ def text_cases(tokens: int, seconds: float, batch: int) -> tuple[dict, list, tup
     same = [a == b for a, b in zip(head.generate(inputs), head.generate(inputs, use_cache=False))]
     n = head.build_inputs(inputs).inputs_embeds.shape[1]
     anchor = (hf_dense_cases(model, n, batch, tokens), n, tokens)
-    return {"cache": lambda: head.generate(inputs), "no cache": lambda: head.generate(inputs, use_cache=False)}, same, anchor
+    return (
+        {"cache": lambda: head.generate(inputs), "no cache": lambda: head.generate(inputs, use_cache=False)},
+        same,
+        anchor,
+    )
 
 
 def hf_dense_cases(model, prefix_len: int, batch: int, steps: int) -> dict:
@@ -77,23 +88,30 @@ def hf_dense_cases(model, prefix_len: int, batch: int, steps: int) -> dict:
 
 
 def main() -> None:
+    """Time cached and uncached generation per point and its HF anchor; print the table, write JSON lines."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer frames and repetitions (same code paths)")
+    add_mode_flags(ap, "fewer frames and repetitions (same code paths)")
     ap.add_argument("--json", default="", help="also write the figures as JSON lines here")
-    ap.add_argument("--reps", type=int, default=0, help="timed repetitions per case (default 5, quick 2)")
+    ap.add_argument("--reps", type=int, default=0, help="timed repetitions per case (default 5, quick 2, smoke 1)")
     args = ap.parse_args()
+    mode = mode_of(args)
     torch.manual_seed(0)
-    reps = args.reps or (2 if args.quick else 5)
-    frames = 40 if args.quick else 200
-    report = Report(BENCH, args.quick)
+    reps = args.reps or {"full": 5, "quick": 2, "smoke": 1}[mode]
+    report = Report(BENCH, mode)
     rows = []
-    # the ratio grows with what the no-cache run must redo each step: batch x (prompt + audio + frames so far)
-    points = [("codec", frames, 1.0, 1), ("codec", frames, 1.0, 4), ("codec", frames, 10.0, 1), ("codec", frames, 10.0, 4),
-              ("text", 16 if args.quick else 64, 1.0, 4)]
+    if mode == "smoke":
+        points = [("codec", 4, 0.5, 1), ("text", 4, 0.5, 1)]
+    else:
+        frames = 40 if mode == "quick" else 200
+        # the ratio grows with what the no-cache run must redo each step: batch x (prompt + audio + frames so far)
+        points = [("codec", frames, 1.0, 1), ("codec", frames, 1.0, 4), ("codec", frames, 10.0, 1), ("codec", frames, 10.0, 4),
+                  ("text", 16 if mode == "quick" else 64, 1.0, 4)]  # fmt: skip
     for head, n, seconds, batch in points:
         cases, same, anchor = (codec_cases if head == "codec" else text_cases)(n, seconds, batch)
         if not all(same):
-            raise SystemExit(f"{head}: generation with and without the KV cache differ ({same}); not timing a wrong result")
+            raise SystemExit(
+                f"{head}: generation with and without the KV cache differ ({same}); not timing a wrong result"
+            )
         case = f"{head} {n} {'frames' if head == 'codec' else 'tokens'}, {seconds:g} s audio, batch {batch}"
         for name, timed in ((case, cases), (f"  anchor: HF dense, prefix {anchor[1]}, {anchor[2]} tokens", anchor[0])):
             t = measure(timed, reps, guard=True)

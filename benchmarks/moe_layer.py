@@ -20,7 +20,11 @@ in bf16 at both points (speed vs loop and largest difference).
 ``--tune FILE`` writes the fastest plan per shape of this run as a plan table (JSON) that
 ``moe.plan_table`` reads: the layer itself never times anything.
 
-Usage: python benchmarks/moe_layer.py [--quick] [--json FILE] [--reps N] [--tune FILE]
+``--quick``: 2k / 1k / 2k tokens (fine / coarse / sweep), 3 repetitions; ``--smoke``: the same parts at the
+smallest shapes (fine d=128, 8 experts of width 32; coarse d=64, 4 experts of width 256; 256 / 128 / 256 tokens),
+1 repetition, with the output-equality checks against transformers (seconds).
+
+Usage: python benchmarks/moe_layer.py [--quick | --smoke] [--json FILE] [--reps N] [--tune FILE]
 """
 
 from __future__ import annotations
@@ -29,21 +33,26 @@ import argparse
 import json
 
 import torch
-import transformers
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from audiomoe.core.interfaces import Routing
 from audiomoe.moe.dispatcher import GATHER_LIMIT, PLANS, plan_key
 
-from _common import GUARD_STATS, Report, builder, fwd_bwd_case, fwd_case, measure
+from _common import GUARD_STATS, Report, add_mode_flags, builder, fwd_bwd_case, fwd_case, measure, mode_of
 from _moe_floor import floors
+from _moe_profile import breakdown
 
 BENCH = "moe_layer"
+#: (d_model, experts, expert width, k, tokens) of the fine and coarse points and the null sweep's tokens, per run size
+SHAPES = {
+    "full": ((1024, 32, 128, 2, 16384), (512, 8, 2048, 2, 4096), 8192),
+    "quick": ((1024, 32, 128, 2, 2048), (512, 8, 2048, 2, 1024), 2048),
+    "smoke": ((128, 8, 32, 2, 256), (64, 4, 256, 2, 128), 256),
+}
 
 
 def moe_layer(d: int, e: int, f: int, k: int, num_null: int = 0, dispatch: str = "auto"):
     """An audiomoe MoE layer built through the registry (grouped SwiGLU experts)."""
-    spec = {"num_experts": e, "num_null": num_null, "router": {"name": "linear_topk", "params": {"k": k}},
+    spec = {"num_experts": e, "num_null": num_null, "router": {"name": "top_k", "params": {"k": k}},
             "expert": {"name": "swiglu", "params": {"d_ff": f}}, "dispatch": dispatch}  # fmt: skip
     return builder("moe", "moe", **spec)(d_model=d)
 
@@ -59,10 +68,15 @@ def fixed_topk_routing(x: torch.Tensor, num_columns: int, k: int) -> Routing:
     return Routing(logits, mask, weights, top_i, mask.sum(0))
 
 
-def hf_experts(layer, impl: str) -> MixtralExperts:
+def hf_experts(layer, impl: str) -> torch.nn.Module:
     """transformers' MixtralExperts with ``impl`` and the layer's own weights (state dicts map one to one)."""
+    import transformers  # here, not at the top: the peak-memory child processes never need it
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
     ex = layer.experts
-    cfg = transformers.MixtralConfig(hidden_size=ex.d_model, intermediate_size=ex.d_ff, num_local_experts=len(ex), hidden_act="silu")
+    cfg = transformers.MixtralConfig(
+        hidden_size=ex.d_model, intermediate_size=ex.d_ff, num_local_experts=len(ex), hidden_act="silu"
+    )
     cfg._experts_implementation = impl
     hf = MixtralExperts(cfg)
     hf.load_state_dict({k: v.detach().clone() for k, v in ex.state_dict().items()}, strict=True)
@@ -91,35 +105,39 @@ def saved_bytes(fn, x: torch.Tensor, params) -> int:
     return sum(seen.values())
 
 
-def peak_child(name: str, t: int) -> None:
+def peak_child(name: str, shape: tuple[int, int, int, int], t: int) -> None:
     """In a fresh process: the resident-memory high-water mark added by one fwd+bwd of ``name`` (printed in bytes).
 
     Weights are frozen (so only activations, the input gradient and scratch count, not the E/k
     times larger MoE weight gradients); everything the step needs is built before the mark is read.
     """
+
     def hwm() -> int:  # VmHWM is this process's own mm: ru_maxrss would inherit the parent's peak across exec
         with open("/proc/self/status") as fh:
             return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) * 1024
 
+    d, e, f, k = shape
     torch.manual_seed(0)
-    layer = moe_layer(1024, 32, 128, 2) if name == "moe" else builder("expert", "swiglu", d_ff=256)(d_model=1024)
+    layer = moe_layer(d, e, f, k) if name == "moe" else builder("expert", "swiglu", d_ff=k * f)(d_model=d)
     for p in layer.parameters():
         p.requires_grad_(False)
-    x = torch.randn(t, 1024)
-    routing = fixed_topk_routing(x, 32, 2)
-    xg, g = x.clone().requires_grad_(True), torch.randn(t, 1024)
+    x = torch.randn(t, d)
+    routing = fixed_topk_routing(x, e, k)
+    xg, g = x.clone().requires_grad_(True), torch.randn(t, d)
     fn = (lambda inp: layer.combine(inp, routing)) if name == "moe" else layer
     before = hwm()
     fn(xg).backward(g)
     print(hwm() - before)
 
 
-def peak_rss(name: str, t: int) -> int:
+def peak_rss(name: str, shape: tuple[int, int, int, int], t: int) -> int:
     """:func:`peak_child` in a subprocess (a process's high-water mark never goes down)."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, __file__, "--peak-child", name, "--peak-tokens", str(t)], capture_output=True, text=True, check=True)
+    shape_arg = ",".join(map(str, shape))
+    cmd = [sys.executable, __file__, "--peak-child", name, "--peak-shape", shape_arg, "--peak-tokens", str(t)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -131,6 +149,7 @@ def workspace_bytes() -> int:
 
 
 def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, memory: bool = False) -> None:
+    """One point: moe vs dense vs transformers' experts (fwd, fwd+bwd; outputs checked equal first); ``memory``: the fine point's extras."""
     torch.manual_seed(0)
     layer = moe_layer(d, e, f, k)
     dense = builder("expert", "swiglu", d_ff=k * f)(d_model=d)
@@ -166,7 +185,9 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
             res_f.update({f"{n}@hf": v for n, v in rf.items()} | {n: v for n, v in rf.items() if n != "moe"})
             res_b.update({f"{n}@hf": v for n, v in b.items()} | {n: v for n, v in b.items() if n != "moe"})
     print(f"\n{label}   (plan {layer.last_plan}; transformers' outputs equal audiomoe's)")
-    print(f"{'':>9} {'dense':>8} {'moe':>8} {'hf_eager':>9} {'hf_grp':>8} | {'moe/dense':>9} {'hf_best/moe':>11}  (each ratio from its own interleaved group)")
+    print(
+        f"{'':>9} {'dense':>8} {'moe':>8} {'hf_eager':>9} {'hf_grp':>8} | {'moe/dense':>9} {'hf_best/moe':>11}  (each ratio from its own interleaved group)"
+    )
     for phase, res in (("fwd", res_f), ("fwd+bwd", res_b)):
         for name, sec in res.items():
             emit(label, f"{phase}_{name}_ms", sec * 1e3, "ms")
@@ -174,7 +195,9 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         emit(label, f"{phase}_moe_over_dense", res["moe"] / res["dense"], "x")
         emit(label, f"{phase}_hf_best_over_moe", best / res["moe@hf"], "x")
         ms = [res[n] * 1e3 for n in ("dense", "moe", "hf_eager", "hf_grouped_mm")]
-        print(f"{phase:>9} {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:9.1f} {ms[3]:8.1f} | {res['moe'] / res['dense']:8.2f}x {best / res['moe@hf']:10.2f}x")
+        print(
+            f"{phase:>9} {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:9.1f} {ms[3]:8.1f} | {res['moe'] / res['dense']:8.2f}x {best / res['moe@hf']:10.2f}x"
+        )
     if memory:
         emit(label, "fwd+bwd_fresh_grads_moe_over_dense", fresh["moe"] / fresh["dense"], "x")
         print(f"{'fwd+bwd':>9} {fresh['dense'] * 1e3:8.1f} {fresh['moe'] * 1e3:8.1f} {'':>18} | {fresh['moe'] / fresh['dense']:8.2f}x  "
@@ -189,7 +212,7 @@ def point(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, m
         emit(label, "fused_workspace_mb", workspace_bytes() / 2**20, "MB")
         print(f"{'saved MB':>9} {saved['dense'] / 2**20:8.1f} {saved['moe'] / 2**20:8.1f} {'':>18} | {saved['moe'] / saved['dense']:8.2f}x  "
               f"(kept for backward per layer; + {workspace_bytes() / 2**20:.0f} MB fused scratch shared by all layers)")  # fmt: skip
-        peak = {name: peak_rss(name, t) for name in ("moe", "dense")}
+        peak = {name: peak_rss(name, (d, e, f, k), t) for name in ("moe", "dense")}
         for name, b in peak.items():
             emit(label, f"fwd+bwd_peak_rss_mb_{name}", b / 2**20, "MB")
         emit(label, "fwd+bwd_peak_rss_moe_over_dense", peak["moe"] / max(peak["dense"], 1), "x")
@@ -206,39 +229,6 @@ def fresh_grads(run, module: torch.nn.Module):
         run()
 
     return step
-
-
-#: profiler op name -> the category the fine-point breakdown reports it under
-CATEGORIES = {
-    "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
-    "gather / scatter": ("aten::index_select", "aten::index_add_", "aten::scatter_add_", "aten::index", "aten::index_put_"),
-    "fill / copy": ("aten::fill_", "aten::zero_", "aten::copy_", "aten::cat", "aten::clone"),
-    "elementwise": ("aten::silu", "aten::silu_backward", "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sum"),
-}
-
-
-def breakdown(label: str, impls: dict, xg: torch.Tensor, g: torch.Tensor, emit) -> None:
-    """Where one fwd+bwd spends its time, moe vs dense: profiler self-CPU time per op category (one profiled run each)."""
-    from torch.profiler import profile
-
-    rows = {}
-    for name in ("dense", "moe"):
-        run = fwd_bwd_case(impls[name], xg, g)
-        run()  # warm: scratch buffers, allocator
-        with profile() as prof:
-            run()
-        cat = dict.fromkeys([*CATEGORIES, "other (dispatch, Python, autograd)"], 0.0)
-        for ev in prof.key_averages():
-            key = next((c for c, ops in CATEGORIES.items() if ev.key in ops), "other (dispatch, Python, autograd)")
-            cat[key] += ev.self_cpu_time_total / 1e3
-        rows[name] = cat
-    print(f"\n{label}: fwd+bwd self-CPU ms by op category (torch.profiler, one run each; profiling adds overhead)")
-    print(f"{'':>36} {'dense':>8} {'moe':>8} {'moe - dense':>12}")
-    for key in rows["dense"]:
-        a, b = rows["dense"][key], rows["moe"][key]
-        emit(label, f"breakdown_ms_{key.split(' ')[0]}_dense", a, "ms")
-        emit(label, f"breakdown_ms_{key.split(' ')[0]}_moe", b, "ms")
-        print(f"{key:>36} {a:8.1f} {b:8.1f} {b - a:+12.1f}")
 
 
 def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(0.0, 0.25, 0.5, 0.75, 1.0)) -> None:
@@ -268,10 +258,24 @@ def null_sweep(d: int, e: int, f: int, k: int, t: int, reps: int, emit, shares=(
         emit(case, f"fwd_rel@null={s}", res_f[s] / res_f[shares[0]], "x")
         emit(case, f"fwd+bwd_rel@null={s}", res_b[s] / res_b[shares[0]], "x")
         real = int(r.mask[:, :e].sum())
-        print(f"{s:>10.2f} {real:>10} {res_f[s] * 1e3:>8.1f} {res_f[s] / res_f[shares[0]]:>5.2f}x {res_b[s] * 1e3:>8.1f} {res_b[s] / res_b[shares[0]]:>5.2f}x")
+        print(
+            f"{s:>10.2f} {real:>10} {res_f[s] * 1e3:>8.1f} {res_f[s] / res_f[shares[0]]:>5.2f}x {res_b[s] * 1e3:>8.1f} {res_b[s] / res_b[shares[0]]:>5.2f}x"
+        )
 
 
-def plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, dev: torch.device, dtype: torch.dtype, table: dict) -> None:
+def plans(
+    label: str,
+    d: int,
+    e: int,
+    f: int,
+    k: int,
+    t: int,
+    reps: int,
+    emit,
+    dev: torch.device,
+    dtype: torch.dtype,
+    table: dict,
+) -> None:
     """Every dispatch plan side by side: time relative to ``loop``, largest difference from it; best into ``table``."""
     torch.manual_seed(0)
     x = torch.randn(t, d, device=dev, dtype=dtype)
@@ -279,10 +283,16 @@ def plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, d
     routing = Routing(*(v.to(dev) for v in (r.logits, r.mask, r.weights.to(dtype), r.indices, r.counts)))
     layers, outs = {}, {}
     for plan in ("loop", *[p for p in PLANS if p != "loop"]):
-        if plan == "gathered" and t * k * 3 * d * f > 64 * GATHER_LIMIT:  # copies every pair's weights: a decoding-step plan
-            print(f"  gathered: skipped ({t * k} pairs would gather {t * k * 3 * d * f * x.element_size() / 2**30:.0f} GiB of weights)")
+        if (
+            plan == "gathered" and t * k * 3 * d * f > 64 * GATHER_LIMIT
+        ):  # copies every pair's weights: a decoding-step plan
+            print(
+                f"  gathered: skipped ({t * k} pairs would gather {t * k * 3 * d * f * x.element_size() / 2**30:.0f} GiB of weights)"
+            )
             continue
-        if plan == "dense" and t * e * 3 * d * f > 64 * GATHER_LIMIT:  # every expert on every token: a decoding-step plan
+        if (
+            plan == "dense" and t * e * 3 * d * f > 64 * GATHER_LIMIT
+        ):  # every expert on every token: a decoding-step plan
             print(f"  dense: skipped (every expert on every token is {e // k}x the routed compute)")
             continue
         torch.manual_seed(0)
@@ -301,7 +311,9 @@ def plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, d
     print(f"\n{where} dispatch plans, {label}, {dtype}: time relative to loop, max |diff| vs loop")
     for p in layers:
         diff = float((outs[p] - outs["loop"]).abs().max())
-        print(f"  {p:<11} fwd {res_f[p] * 1e3:8.3f} ms {res_f[p] / res_f['loop']:5.2f}x | f+b {res_b[p] * 1e3:8.3f} ms {res_b[p] / res_b['loop']:5.2f}x | max diff {diff:.2e}")
+        print(
+            f"  {p:<11} fwd {res_f[p] * 1e3:8.3f} ms {res_f[p] / res_f['loop']:5.2f}x | f+b {res_b[p] * 1e3:8.3f} ms {res_b[p] / res_b['loop']:5.2f}x | max diff {diff:.2e}"
+        )
         emit(f"plans {dev.type} {label}", f"fwd+bwd_{p}_over_loop", res_b[p] / res_b["loop"], "x")
         emit(f"plans {dev.type} {label}", f"max_abs_diff_{p}", diff, "abs")
     best = min(res_b, key=res_b.__getitem__)
@@ -311,30 +323,37 @@ def plans(label: str, d: int, e: int, f: int, k: int, t: int, reps: int, emit, d
 
 
 def main() -> None:
+    """Run every part at the sizes of the chosen mode; print the tables, write JSON lines (and a plan table with --tune)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced sizes and repetitions (< 1 minute), same code paths")
+    add_mode_flags(ap, "reduced sizes and repetitions (< 1 minute), same code paths")
     ap.add_argument("--json", metavar="FILE", help="also write JSON lines here")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
     ap.add_argument("--tune", metavar="FILE", help="write the fastest plan per shape as a plan table (moe.plan_table)")
     ap.add_argument("--peak-child", choices=("moe", "dense"), help=argparse.SUPPRESS)
+    ap.add_argument("--peak-shape", default="1024,32,128,2", help=argparse.SUPPRESS)
     ap.add_argument("--peak-tokens", type=int, default=16384, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
-        return peak_child(args.peak_child, args.peak_tokens)
-    report = Report(BENCH, args.quick)
+        d, e, f, k = (int(v) for v in args.peak_shape.split(","))
+        return peak_child(args.peak_child, (d, e, f, k), args.peak_tokens)
+    import transformers
+
+    mode = mode_of(args)
+    report = Report(BENCH, mode)
     emit = report.emit
-    reps = args.reps or (3 if args.quick else 7)
-    fine_t, coarse_t, sweep_t = (2048, 1024, 2048) if args.quick else (16384, 4096, 8192)
+    reps = args.reps or {"full": 7, "quick": 3, "smoke": 1}[mode]
+    fine, coarse, sweep_t = SHAPES[mode]
+    fd, fe, ff, fk, fine_t = fine
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, cpu, float32; "
           f"fixed top-k routing (router excluded); medians of {reps}")  # fmt: skip
-    point(f"fine d=1024 E=32 f=128 k=2 T={fine_t}", 1024, 32, 128, 2, fine_t, reps, emit, memory=True)
-    point(f"coarse d=512 E=8 f=2048 k=2 T={coarse_t}", 512, 8, 2048, 2, coarse_t, reps, emit)
-    null_sweep(1024, 32, 128, 2, sweep_t, reps, emit)
+    for name, (d, e, f, k, t) in (("fine", fine), ("coarse", coarse)):
+        point(f"{name} d={d} E={e} f={f} k={k} T={t}", d, e, f, k, t, reps, emit, memory=name == "fine")
+    null_sweep(fd, fe, ff, fk, sweep_t, reps, emit)
     table: dict[str, str] = {}
-    plans(f"fine T={fine_t}", 1024, 32, 128, 2, fine_t, reps, emit, torch.device("cpu"), torch.float32, table)
+    plans(f"fine T={fine_t}", fd, fe, ff, fk, fine_t, reps, emit, torch.device("cpu"), torch.float32, table)
     if torch.cuda.is_available():
-        for label, d, e, f, t in (("fine", 1024, 32, 128, fine_t), ("coarse", 512, 8, 2048, coarse_t)):
-            plans(label, d, e, f, 2, t, max(reps, 10), emit, torch.device("cuda"), torch.bfloat16, table)
+        for label, (d, e, f, k, t) in (("fine", fine), ("coarse", coarse)):
+            plans(label, d, e, f, k, t, max(reps, 10), emit, torch.device("cuda"), torch.bfloat16, table)
     else:
         print("\nno CUDA device: GPU section (grouped_mm vs xformers vs loop in bf16) skipped")
     if args.tune:
@@ -343,7 +362,9 @@ def main() -> None:
         print(f"\nplan table ({len(table)} shapes) written to {args.tune}: set moe.plan_table to use it")
     print(f"\nclean repetitions (no other CPU use): {GUARD_STATS['clean']}/{GUARD_STATS['reps']}")
     emit("all", "clean_repetitions_share", GUARD_STATS["clean"] / max(GUARD_STATS["reps"], 1), "fraction")
-    print("\ntargets (fwd+bwd): moe/dense <= 1.15x (fine), <= 1.05x (coarse); hf_best/moe >= 2x (fine); saved-for-backward moe/dense <= 1.25x (fine)")
+    print(
+        "\ntargets (fwd+bwd): moe/dense <= 1.15x (fine), <= 1.05x (coarse); hf_best/moe >= 2x (fine); saved-for-backward moe/dense <= 1.25x (fine)"
+    )
     report.write(args.json)
 
 

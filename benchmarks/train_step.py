@@ -11,7 +11,10 @@
    (mean routed experts per token x 32 + 2 x 64). A full training step (forward, backward, AdamW)
    on one fixed corpus batch, interleaved, median over repetitions (target: MoE <= 1.3x dense).
 
-Usage: python benchmarks/train_step.py [--quick] [--json FILE] [--reps N]
+``--quick``: the first two presets, 6 steps, 5 repetitions; ``--smoke``: every preset and pair on the ``tiny``
+corpus (made once into the cache, ~10 s), batch 4, 1 step after 1 warm-up, 1 repetition (seconds).
+
+Usage: python benchmarks/train_step.py [--quick | --smoke] [--json FILE] [--reps N] [--batch-size N]
 """
 
 from __future__ import annotations
@@ -25,23 +28,33 @@ import torch
 import audiomoe
 from audiomoe.train.data import build_data
 
-from _common import Report, measure
+from _common import Report, add_mode_flags, measure, mode_of
 
 BENCH = "train_step"
 PRESETS = {
     "tiny-corpus (moe top-2)": ("tiny-corpus", []),
-    "tiny-corpus unimoe (top-p)": ("tiny-corpus", ["backbone=unimoe_transformer", "backbone.moe.expert.d_ff=32", "backbone.moe.shared_d_ff=64"]),
-    "mowe-tiny corpus heads": ("tiny-corpus", ["encoder={name: mowe_mixture, params: {base: {name: whisper, params: {config: {d_model: 48, max_source_positions: 250}}}, "
-                                               "weak: [{name: whisper, params: {config: {d_model: 16, max_source_positions: 250}}}, {name: hubert}]}}",
-                                               "adapter={name: stack_mlp, params: {stack: 2, layers: 2}}"]),
+    "tiny-corpus unimoe (top-p)": (
+        "tiny-corpus",
+        ["backbone=unimoe_transformer", "backbone.moe.expert.d_ff=32", "backbone.moe.shared_d_ff=64"],
+    ),
+    "mowe-tiny corpus heads": (
+        "tiny-corpus",
+        [
+            "encoder={name: mowe_mixture, params: {base: {name: whisper, params: {config: {d_model: 48, max_source_positions: 250}}}, "
+            "weak: [{name: whisper, params: {config: {d_model: 16, max_source_positions: 250}}}, {name: hubert}]}}",
+            "adapter={name: stack_mlp, params: {stack: 2, layers: 2}}",
+        ],
+    ),
 }
 DENSE = ["backbone.moe.num_experts=1", "backbone.moe.router=top_k", "backbone.moe.router.k=1"]
 
 
-def split(preset: str, sets: list[str], workers: int, steps: int, warmup: int, batch: int) -> dict[str, float]:
-    """Median seconds of data / forward / backward / optimizer / step over ``steps`` training steps."""
+def split(
+    preset: str, sets: list[str], workers: int, steps: int, warmup: int, batch: int, corpus: str = "builtin"
+) -> dict[str, float]:
+    """Median seconds of data / forward / backward / optimizer / step over ``steps`` training steps on ``corpus``."""
     model = audiomoe.compose(preset, sets)
-    data, _ = build_data(model, "builtin", None, batch_size=batch, seed=0, eval_batches=0, workers=workers)
+    data, _ = build_data(model, corpus, None, batch_size=batch, seed=0, eval_batches=0, workers=workers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     parts: dict[str, list[float]] = {k: [] for k in ("data", "forward", "backward", "optimizer", "step")}
     for i in range(warmup + steps):
@@ -76,21 +89,36 @@ def step_case(model: torch.nn.Module, batch: audiomoe.AudioBatch):
     return run
 
 
-def moe_vs_dense(report: Report, reps: int, batch_size: int) -> list[list[str]]:
-    """Step-time ratio of each MoE preset to its equal-active-FLOPs dense twin, on one fixed corpus batch."""
+def moe_vs_dense(report: Report, reps: int, batch_size: int, corpus: str = "builtin") -> list[list[str]]:
+    """Step-time ratio of each MoE preset to its equal-active-FLOPs dense twin, on one fixed batch of ``corpus``."""
     probe = audiomoe.compose("tiny-corpus")
-    data, _ = build_data(probe, "builtin", None, batch_size=batch_size, seed=0, eval_batches=0, workers=0)
+    data, _ = build_data(probe, corpus, None, batch_size=batch_size, seed=0, eval_batches=0, workers=0)
     batch = next(data)
     uni = PRESETS["tiny-corpus unimoe (top-p)"][1]
     moe_u = audiomoe.compose("tiny-corpus", uni)
     with torch.no_grad():
         routing = moe_u(batch, predict=False).routing
-    per_token = statistics.mean(r.summary()["columns_per_item"] for k, r in routing.items() if k.startswith("backbone/"))
-    null_share = statistics.mean(float(r.mask[r.item_mask][:, -1].float().mean()) for k, r in routing.items() if k.startswith("backbone/"))
+    per_token = statistics.mean(
+        r.summary()["columns_per_item"] for k, r in routing.items() if k.startswith("backbone/")
+    )
+    null_share = statistics.mean(
+        float(r.mask[r.item_mask][:, -1].float().mean()) for k, r in routing.items() if k.startswith("backbone/")
+    )
     width = max(1, round((per_token - null_share) * 32 + 2 * 64))  # routed picks that compute + the two shared experts
     pairs = {
-        "tiny-corpus top-2 vs dense d_ff 128": (audiomoe.compose("tiny-corpus"), audiomoe.compose("tiny-corpus", DENSE + ["backbone.moe.expert.d_ff=128"])),
-        f"unimoe top-p vs dense d_ff {width}": (moe_u, audiomoe.compose("tiny-corpus", uni + DENSE + ["backbone.moe.num_null=0", "backbone.moe.num_shared=0", f"backbone.moe.expert.d_ff={width}"])),
+        "tiny-corpus top-2 vs dense d_ff 128": (
+            audiomoe.compose("tiny-corpus"),
+            audiomoe.compose("tiny-corpus", DENSE + ["backbone.moe.expert.d_ff=128"]),
+        ),
+        f"unimoe top-p vs dense d_ff {width}": (
+            moe_u,
+            audiomoe.compose(
+                "tiny-corpus",
+                uni
+                + DENSE
+                + ["backbone.moe.num_null=0", "backbone.moe.num_shared=0", f"backbone.moe.expert.d_ff={width}"],
+            ),
+        ),
     }
     rows = []
     for name, (moe, dense) in pairs.items():
@@ -105,34 +133,52 @@ def moe_vs_dense(report: Report, reps: int, batch_size: int) -> list[list[str]]:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     w = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    return "\n".join(["  ".join(h.ljust(x) for h, x in zip(header, w)), "  ".join("-" * x for x in w)]
-                     + ["  ".join(str(c).ljust(x) for c, x in zip(r, w)) for r in rows])
+    return "\n".join(
+        ["  ".join(h.ljust(x) for h, x in zip(header, w)), "  ".join("-" * x for x in w)]
+        + ["  ".join(str(c).ljust(x) for c, x in zip(r, w)) for r in rows]
+    )
 
 
 def main() -> None:
     """Run the split and the MoE-vs-dense ratio; print tables, write JSON lines with --json."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions (under a minute)")
+    add_mode_flags(ap, "fewer steps and repetitions (under a minute)")
     ap.add_argument("--json", default=None, metavar="FILE")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None, help="items per batch (default 16, smoke 4)")
     args = ap.parse_args()
-    steps, warmup = (6, 2) if args.quick else (30, 5)
-    reps = args.reps or (5 if args.quick else 15)
-    report = Report(BENCH, args.quick)
+    mode = mode_of(args)
+    steps, warmup = {"full": (30, 5), "quick": (6, 2), "smoke": (1, 1)}[mode]
+    reps = args.reps or {"full": 15, "quick": 5, "smoke": 1}[mode]
+    args.batch_size = args.batch_size or (4 if mode == "smoke" else 16)
+    corpus = "builtin"
+    # smoke: the tiny corpus (seconds to make, once), not the built-in small one (minutes on a clean machine)
+    if mode == "smoke":
+        from audiomoe.data import builtin_corpus
+
+        corpus = str(builtin_corpus(None, "tiny", progress=False))
+    report = Report(BENCH, mode)
     rows = []
-    presets = dict(list(PRESETS.items())[:2]) if args.quick else PRESETS
+    presets = dict(list(PRESETS.items())[:2]) if mode == "quick" else PRESETS
     for case, (preset, sets) in presets.items():
         for workers in (0, 2):
-            m = split(preset, sets, workers, steps, warmup, args.batch_size)
+            m = split(preset, sets, workers, steps, warmup, args.batch_size, corpus)
             for k in ("data", "forward", "backward", "optimizer", "step"):
                 report.emit(f"{case}, {workers} workers", k, m[k], "s")
             report.emit(f"{case}, {workers} workers", "data_share", m["data_share"], "fraction")
-            rows.append([case, str(workers)] + [f"{m[k] * 1e3:.1f}" for k in ("data", "forward", "backward", "optimizer", "step")] + [f"{m['data_share']:.1%}"])
-    print(f"training step split (batch {args.batch_size}, built-in corpus, medians in ms over {steps} steps)\n")
+            rows.append(
+                [case, str(workers)]
+                + [f"{m[k] * 1e3:.1f}" for k in ("data", "forward", "backward", "optimizer", "step")]
+                + [f"{m['data_share']:.1%}"]
+            )
+    print(
+        f"training step split (batch {args.batch_size}, built-in {'tiny' if mode == 'smoke' else 'small'} corpus, medians in ms over {steps} steps)\n"
+    )
     print(_table(rows, ["preset", "workers", "data", "forward", "backward", "optimizer", "step", "data share"]))
-    print(f"\nMoE vs dense with the same active FLOPs (full training step on one batch, median of {reps}, interleaved)\n")
-    print(_table(moe_vs_dense(report, reps, args.batch_size), ["case", "MoE", "dense", "ratio"]))
+    print(
+        f"\nMoE vs dense with the same active FLOPs (full training step on one batch, median of {reps}, interleaved)\n"
+    )
+    print(_table(moe_vs_dense(report, reps, args.batch_size, corpus), ["case", "MoE", "dense", "ratio"]))
     report.write(args.json)
 
 

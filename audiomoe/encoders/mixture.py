@@ -41,7 +41,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from audiomoe.core.interfaces import Encoder, EncoderOutput
+from audiomoe.core.interfaces import Encoder, EncoderOutput, Router
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.encoders.align import align_time
 from audiomoe.encoders.cache import FeatureCache, is_frozen, run_frozen
@@ -138,7 +138,9 @@ class MoWEMixture(Encoder):
         fixed = count(self) - sum(weak)
         if self._last_use is not None:
             return fixed + sum(w * u for w, u in zip(weak, self._last_use))
-        k = getattr(self.router, "k", None) or len(self.weak)
+        # the fusion owns the router(s); with several (MoWE's two-router form) each picks its own k
+        ks = [r.k for r in self.fusion.modules() if isinstance(r, Router) and getattr(r, "k", None)]
+        k = sum(ks) if ks else len(self.weak)
         return fixed + sum(weak) * min(float(k), len(self.weak)) / len(self.weak)
 
     def num_frames(self, lengths: torch.Tensor) -> torch.Tensor:

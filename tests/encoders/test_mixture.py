@@ -263,3 +263,14 @@ def test_adapter_is_one_swap_in_a_preset():
     assert torch.isfinite(out.loss)
     with pytest.raises(audiomoe.ConfigError, match="kernel=2 must be >= stride=4"):
         audiomoe.compose("mowe-tiny", ["adapter=conv", "adapter.stride=4", "adapter.kernel=2"])
+
+
+def test_active_parameters_before_any_forward_count_the_routers_k_weak_encoders():
+    """Before a forward the estimate is base + fusion + k average weak encoders (k from the fusion's router)."""
+    model = audiomoe.compose("mowe-tiny")
+    mix = model.encoder
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    weak = [count(e) + count(p) for e, p in zip(mix.weak, mix.proj)]
+    fixed = count(mix) - sum(weak)
+    k = 1  # the mowe router picks one weak encoder per sample
+    assert mix.num_active_parameters() == pytest.approx(fixed + sum(weak) * k / len(weak))
