@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -23,8 +24,14 @@ from audiomoe.core.errors import AudioMoEError
 
 
 def capacity_of(num_selected: int, num_columns: int, capacity_factor: float, min_capacity: int) -> int:
-    """Per-column capacity ``max(min_capacity, ceil(factor * num_selected / num_columns))``."""
-    return max(int(min_capacity), math.ceil(capacity_factor * num_selected / max(num_columns, 1)))
+    """Per-column capacity ``max(min_capacity, ceil(factor * num_selected / num_columns))``, computed exactly.
+
+    The factor is read as the decimal it was written as (``1.1`` is 11/10), so cf 1.1 with 90 tokens over 9
+    columns gives 11, as the exact value and UniMoE-Audio's code do; in float64 ``1.1 * 90 / 9`` is
+    11.000000000000002, whose ceiling (12) would keep one pair per column too many.
+    """
+    exact = Fraction(repr(float(capacity_factor))) * int(num_selected) / max(int(num_columns), 1)
+    return max(int(min_capacity), math.ceil(exact))
 
 
 def drop_over_capacity(

@@ -6,6 +6,8 @@ written out independently in ``tests/helpers/unimoe_reference.py``), not from au
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -271,3 +273,37 @@ def test_a_router_may_leave_items_without_a_pick(acme):
     lonely = ~r.mask.any(-1)
     assert lonely.any()
     torch.testing.assert_close(y[lonely], layer.shared.expert_forward(0, x[lonely]))  # shared-only output, no error
+
+
+def test_capacity_is_exact_where_float_arithmetic_rounds_up():
+    """cf 1.1, 90 tokens, 9 columns: exactly 11 per column (float64 gives 11.000000000000002 -> 12)."""
+    from audiomoe.moe.functional import capacity_of
+
+    assert math.ceil(1.1 * 90 / 9) == 12  # the case is real: the naive formula is one too many
+    assert capacity_of(90, 9, 1.1, 0) == 11
+    # against integer arithmetic for factors written with one decimal (cf = a / 10)
+    for a in range(5, 31):
+        for t in (1, 7, 90, 128, 1000, 4096):
+            for e in (1, 2, 3, 8, 9, 11):
+                assert capacity_of(t, e, a / 10, 0) == -(-a * t // (10 * e)), (a, t, e)
+    assert capacity_of(3, 9, 1.0, 4) == 4  # min_capacity still a floor
+
+
+def test_a_layer_at_the_rounding_case_keeps_exactly_the_released_capacity():
+    """Every one of 90 tokens picks column 0 of 9 (8 routed + 1 null): the layer keeps 11, drops 79."""
+    layer = moe(
+        8,
+        num_experts=8,
+        num_null=1,
+        router={"name": "top_k", "params": {"k": 1}},
+        capacity_factor=1.1,
+        capacity_basis="tokens",
+    )
+    n = 90
+    logits = torch.full((n, 9), -5.0)
+    logits[:, 0] = 5.0
+    mask = torch.zeros(n, 9, dtype=torch.bool)
+    mask[:, 0] = True
+    r = Routing(logits, mask, mask.float(), torch.zeros(n, 1, dtype=torch.long), mask.sum(0))
+    layer.combine(torch.randn(n, 8), r)
+    assert int((r.applied[:, 0] > 0).sum()) == 11 and int(r.dropped.sum()) == n - 11
