@@ -54,6 +54,11 @@ class CausalLMBackbone(Backbone):
             None,
             description="transformers config of a random LM (model_type needed); default: a tiny Llama of width d_model",
         )
+        tokenizer: Optional[str] = Field(
+            None,
+            max_length=4096,
+            description="with 'config': a local tokenizer directory instead of the byte tokenizer (an imported release)",
+        )
         lora: Optional[LoRAParams] = Field(
             None, description="LoRA adapters (the LM is then frozen); null = train the LM itself"
         )
@@ -73,7 +78,9 @@ class CausalLMBackbone(Backbone):
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
         p = self.params
-        self.lm, self.tokenizer = lm_and_tokenizer(p.pretrained, p.config, {**TINY_LM, "hidden_size": d_model})
+        self.lm, self.tokenizer = lm_and_tokenizer(
+            p.pretrained, p.config, {**TINY_LM, "hidden_size": d_model}, tokenizer=p.tokenizer
+        )
         if p.moe is not None:
             upcycle_causal_lm(self.lm, p.moe.model_dump(), init=p.moe_init)
         if p.lora is not None:
@@ -95,13 +102,14 @@ class CausalLMBackbone(Backbone):
         decoder = self.lm.get_decoder()
         mask = (~padding_mask).long()
         upcycled = self._upcycled
+        padded = None if torch.is_grad_enabled() else bool(padding_mask.any())  # read once, not once per layer
         for m in upcycled:  # the decoder is called directly, past upcycling's hook on the LM: hand the mask over here
-            m.attention_mask = mask
+            m.attention_mask, m.padded = mask, padded
         try:
             h = decoder(inputs_embeds=self.into(x), attention_mask=mask).last_hidden_state
         finally:
             for m in upcycled:
-                m.attention_mask = None
+                m.attention_mask, m.padded = None, None
         return self._routed(upcycled, BackboneOutput(self.out(h).masked_fill(padding_mask[..., None], 0.0)))
 
     def _routed(self, upcycled: list[UpcycledMLP], out: Any) -> Any:

@@ -45,6 +45,7 @@ class UpcycledMLP(nn.Module):
         self.moe = moe
         self.routing: Optional[Routing] = None
         self.attention_mask: Optional[torch.Tensor] = None
+        self.padded: Optional[bool] = None  # whether the call's mask has a padded position (None: not known)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Apply the MoE FFN to ``hidden_states`` [B, T, D] (padding from the hooked ``attention_mask``)."""
@@ -57,12 +58,10 @@ class UpcycledMLP(nn.Module):
             and mask.shape[0] == hidden_states.shape[0]
         ):
             t = hidden_states.shape[1]
-            if mask.shape[1] >= t:  # with a KV cache the mask covers past + current: the current are last
+            # with a KV cache the mask covers past + current: the current are last; a no-grad call of an unpadded
+            # batch (a decoding step) runs unmasked: the same output in fewer ops (padding read once per model call)
+            if mask.shape[1] >= t and (torch.is_grad_enabled() or self.padded is not False):
                 pad = mask[:, -t:].to(hidden_states.device) == 0
-                if not torch.is_grad_enabled() and not bool(
-                    pad.any()
-                ):  # a decoding step: unmasked is the same, fewer ops
-                    pad = None
         y, self.routing = self.moe(hidden_states, pad)
         return y
 
@@ -75,14 +74,17 @@ def _install_mask_hook(model: nn.Module) -> None:
     # the hooks use the module they are called with (not a closure), so a deep copy stays separate
     def before(module, args, kwargs):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = mask if isinstance(mask, torch.Tensor) else None
+        # read once per call, not once per layer (a host sync on CUDA); only no-grad calls use it
+        padded = None if mask is None or torch.is_grad_enabled() else bool((mask == 0).any())
         for m in module.modules():
             if isinstance(m, UpcycledMLP):
-                m.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+                m.attention_mask, m.padded = mask, padded
 
     def after(module, _args, _kwargs, _output):
         for m in module.modules():
             if isinstance(m, UpcycledMLP):
-                m.attention_mask = None
+                m.attention_mask, m.padded = None, None
 
     model._audiomoe_mask_hooks = (
         model.register_forward_pre_hook(before, with_kwargs=True),

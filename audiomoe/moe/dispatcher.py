@@ -19,6 +19,10 @@ gradients:
   projection (about ten ops whatever the number of experts): the default when no gradient is
   taken and the pairs' gathered weights are small but ``dense`` is not (a decoding step of a
   larger model, where the per-expert plans pay per-expert call overhead for one token);
+- ``picked``: each picked expert on its own tokens through views of the stacked weights (no weight
+  copy, no sort; the picks are read on the host): the CPU default for a no-grad call of at most
+  :data:`PICKED_TOKENS` tokens that ``dense`` does not take (a decoding step of a larger model reads
+  only the ``k`` picked experts' weights, as transformers' MoE blocks do);
 - ``loop``: one call per expert, plain autograd: the reference, and the only plan for expert kinds
   without a grouped form.
 
@@ -46,10 +50,13 @@ from audiomoe.moe.fused import FusedSwiGLUMoE
 from audiomoe.moe.grouped import GroupedSwiGLU
 
 log = logging.getLogger("audiomoe.experts")
-PLANS = ("fused", "grouped_mm", "xformers", "gathered", "dense", "loop")
+PLANS = ("fused", "grouped_mm", "xformers", "gathered", "dense", "picked", "loop")
 #: without autograd, ``auto`` takes ``dense`` while every expert on every token (N x E x 3FD) is at most this many
 #: multiply-adds, else ``gathered`` while the pairs' gathered weights (S x 3FD) are at most this many elements
 GATHER_LIMIT = 1 << 20
+#: without autograd on CPU, ``auto`` takes ``picked`` for calls of at most this many tokens that ``dense`` does not take
+#: (per-expert calls stay few; reading the picks on the host is free on CPU, a sync on CUDA, where ``gathered`` runs)
+PICKED_TOKENS = 16
 
 
 def sorted_pairs(mask: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +104,7 @@ def check_plan(plan: str, experts: nn.Module) -> None:
     """Refuse at build time a plan the expert kind cannot run (named, with what to use instead)."""
     if plan not in ("auto", *PLANS):
         raise AudioMoEError(f"dispatch {plan!r} is not one of 'auto', {', '.join(repr(p) for p in PLANS)}")
-    if plan in ("fused", "grouped_mm", "gathered") and not isinstance(experts, GroupedSwiGLU):
+    if plan in ("fused", "grouped_mm", "gathered", "picked") and not isinstance(experts, GroupedSwiGLU):
         raise AudioMoEError(
             f"dispatch={plan!r} needs grouped SwiGLU experts (expert kind here has no grouped form: {type(experts).__name__}); use 'loop' or 'auto'"
         )
@@ -129,6 +136,8 @@ class Dispatcher(nn.Module):
             and tokens.shape[0] * len(experts) * 3 * experts.d_model * experts.d_ff <= GATHER_LIMIT
         ):
             plan = "dense"
+        elif not torch.is_grad_enabled() and tokens.device.type == "cpu" and tokens.shape[0] <= PICKED_TOKENS:
+            plan = "picked"
         elif (
             not torch.is_grad_enabled()
             and pairs is not None
@@ -171,9 +180,12 @@ class Dispatcher(nn.Module):
         out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
         if plan == "gathered":
             return out.index_add_(0, tok, experts.forward_gathered(tokens.index_select(0, tok), exp, w_pairs))
-        if plan == "dense":
+        if plan in ("dense", "picked"):
             w = w_pairs.new_zeros(tokens.shape[0], len(experts)).index_put((tok, exp), w_pairs)
-            return out + experts.forward_all(tokens, w)
+            if plan == "dense":
+                return out + experts.forward_all(tokens, w)
+            picked = torch.zeros_like(w, dtype=torch.bool).index_put((tok, exp), torch.ones_like(tok, dtype=torch.bool))
+            return out + experts.forward_picked(tokens, picked, w)
         if plan == "xformers":
             return _slots(tokens, out, exp, tok, w_pairs, experts)
         xs = tokens.index_select(0, tok)

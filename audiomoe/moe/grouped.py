@@ -70,6 +70,25 @@ class GroupedSwiGLU(nn.Module):
         act = F.silu(g) * u * w.to(h.dtype).unsqueeze(-1)
         return torch.bmm(self.down_proj.index_select(0, exp), act.unsqueeze(-1)).squeeze(-1)
 
+    def forward_picked(self, x: torch.Tensor, picked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_{e picked} w_e FFN_e(x)`` [N, D]: each picked expert on its own tokens through views of the weights.
+
+        ``picked`` [N, E] bool, ``weights`` [N, E]. No weight is copied and no pair sorted; the picks are
+        read on the host (free on CPU), so this is the CPU plan of a few-token call (a decoding step).
+        """
+        out = x.new_zeros(x.shape)
+        w = weights.to(x.dtype)
+        every = x.shape[0] == 1  # one token: every picked expert sees all rows
+        for e in picked.any(0).nonzero().flatten().tolist():
+            if every:
+                out = out + self.expert_forward(e, x) * w[:, e : e + 1]
+                continue
+            rows = picked[:, e].nonzero().flatten()
+            out.index_add_(
+                0, rows, self.expert_forward(e, x.index_select(0, rows)) * w.index_select(0, rows)[:, e : e + 1]
+            )
+        return out
+
     def forward_all(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``sum_e w_e FFN_e(x)`` over every expert on every token (shared experts); ``weights`` [N, E] or None = 1.
 

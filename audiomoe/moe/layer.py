@@ -49,20 +49,20 @@ from audiomoe.moe.grouped import LoopExperts, build_experts
 class DenseStepStats(Mapping):
     """``last_stats`` of a ``dense`` step, read from the device only when asked (a decoding step never waits on it)."""
 
-    def __init__(self, loads: torch.Tensor, n_valid: int) -> None:
+    def __init__(self, loads: torch.Tensor, n_valid: "int | torch.Tensor") -> None:
         self._loads, self._n_valid = loads, n_valid
         self._stats: Optional[dict[str, Any]] = None
 
     def _get(self) -> dict[str, Any]:
         if self._stats is None:
-            counts = self._loads.tolist()
+            counts, n_valid = self._loads.tolist(), int(self._n_valid)
             pairs = sum(counts)
             self._stats = {
-                "tokens": self._n_valid,
+                "tokens": n_valid,
                 "routed_pairs": pairs,
                 "dropped_pairs": 0,
                 "capacity": -1,
-                "routed_per_token": pairs / max(self._n_valid, 1),
+                "routed_per_token": pairs / max(n_valid, 1),
                 "expert_loads": counts,
             }
         return self._stats
@@ -114,9 +114,9 @@ class MoELayer(MoE):
             False,
             description="after drops, rescale kept weights to the token's selected mass and gate shared experts over kept columns (UniMoE-Audio)",
         )
-        dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "gathered", "dense", "loop"] = Field(
+        dispatch: Literal["auto", "fused", "grouped_mm", "xformers", "gathered", "dense", "picked", "loop"] = Field(
             "auto",
-            description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, dense or gathered for a no-grad decoding step, or the plan table's entry)",
+            description="expert dispatch plan (auto: fused on CPU, grouped_mm on CUDA, dense, picked (CPU) or gathered for a no-grad decoding step, or the plan table's entry)",
         )
         plan_table: Optional[str] = Field(
             None, max_length=4096, description="JSON plan table written by `audiomoe bench moe MODEL --tune FILE`"
@@ -198,13 +198,11 @@ class MoELayer(MoE):
             )
         item_mask = routing.item_mask
         mask = routing.mask if item_mask is None else routing.mask & item_mask[:, None]
+        if p.capacity_factor is None and self.ep_shard is None:
+            plan = self.dispatcher.plan_for(self.experts, tokens)
+            if plan in ("dense", "picked"):
+                return self._lean_step(tokens, routing, mask, item_mask, plan)
         n_valid = int(mask.shape[0] if item_mask is None else item_mask.sum())
-        if (
-            p.capacity_factor is None
-            and self.ep_shard is None
-            and self.dispatcher.plan_for(self.experts, tokens) == "dense"
-        ):
-            return self._dense_step(tokens, routing, mask, item_mask, n_valid)
         exp, tok, counts = sorted_pairs(mask, self.num_experts)
         weights, gate_mask, kept = routing.weights, mask, mask
         dropped, capacity = 0, None
@@ -247,19 +245,23 @@ class MoELayer(MoE):
         }
         return out
 
-    def _dense_step(
-        self, tokens: torch.Tensor, routing: Routing, mask: torch.Tensor, item_mask, n_valid: int
+    def _lean_step(
+        self, tokens: torch.Tensor, routing: Routing, mask: torch.Tensor, item_mask, plan: str
     ) -> torch.Tensor:
-        """Dropless combine through the ``dense`` plan: no pair is sorted (a decoding step's few ops)."""
+        """Dropless combine through the ``dense`` or ``picked`` plan: no pair is sorted, nothing read on the host
+        but ``picked``'s picks (a decoding step's few ops); the statistics are computed only when read."""
         routing.dropped = None
         weights, shared_w = self._gate_shared(tokens, routing, routing.weights, mask)
         self._record(routing, weights, mask, shared_w, tokens, item_mask)
         e = self.num_experts
         routed = mask[:, :e]
-        out = self.experts.forward_all(tokens, weights[:, :e] * routed)
-        self.dispatcher.last_plan = "dense"
+        if plan == "dense":
+            out = self.experts.forward_all(tokens, weights[:, :e] * routed)
+        else:
+            out = self.experts.forward_picked(tokens, routed, weights[:, :e])
+        self.dispatcher.last_plan = plan
         shared = self._shared_output(tokens, item_mask, shared_w)
-        self.last_stats = DenseStepStats(routed.sum(0), n_valid)
+        self.last_stats = DenseStepStats(routed.sum(0), mask.shape[0] if item_mask is None else item_mask.sum())
         return out if shared is None else out + shared
 
     def _gate_shared(self, tokens: torch.Tensor, routing: Routing, weights: torch.Tensor, gate_mask: torch.Tensor):

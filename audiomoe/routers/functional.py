@@ -31,7 +31,7 @@ def make_routing(
         mask = mask & item_mask[:, None]
         weights = weights * item_mask[:, None].to(weights.dtype)
     counts = mask.sum(0)
-    if is_generating():  # a decoding step's record is rarely read: its ids are sorted out on first read only
+    if is_generating() or not torch.is_grad_enabled():  # rarely read without training: ids sorted out on first read
         return _LazyIndicesRouting(logits, mask, weights, None, counts, dict(aux_losses or {}), item_mask)
     return Routing(logits, mask, weights, picked_indices(mask, weights), counts, dict(aux_losses or {}), item_mask)
 
@@ -91,8 +91,8 @@ def check_logits(logits: torch.Tensor, num_columns: Optional[int] = None, where:
         raise AudioMoEError(f"{where} logits must be [items, columns], got shape {tuple(logits.shape)}")
     if num_columns is not None and logits.shape[-1] != num_columns:
         raise AudioMoEError(f"{where} logits have {logits.shape[-1]} columns, expected num_experts={num_columns}")
-    bad = ~torch.isfinite(logits)
-    if bad.any():
+    if not bool(torch.isfinite(logits).all()):
+        bad = ~torch.isfinite(logits)
         n_nan = int(torch.isnan(logits).sum())
         raise AudioMoEError(
             f"{where} logits contain {n_nan} NaN and {int(bad.sum()) - n_nan} inf value(s) out of {logits.numel()}; "

@@ -188,8 +188,8 @@ class ScoredRouter(Router):
         if self.training and p.logit_noise > 0:
             logits = logits + torch.randn_like(logits) * p.logit_noise
         sel = self.selector(logits)
-        # no loss is taken while generating: the aux terms would be computed for nothing
-        aux = {} if is_generating() else self.aux_losses(logits, sel, valid)
+        # no loss is taken while generating or without autograd: the aux terms would be computed for nothing
+        aux = {} if is_generating() or not torch.is_grad_enabled() else self.aux_losses(logits, sel, valid)
         routing = make_routing(logits, sel.mask, sel.weights.to(inputs.dtype), valid, aux)
         routing.inputs = x if x.dim() == 2 else None  # what was scored: a shared gate scores the same
         routing.item_shape = tuple(inputs.shape[:-2]) if inputs.dim() == 3 else tuple(inputs.shape[:-1])

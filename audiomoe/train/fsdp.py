@@ -213,6 +213,8 @@ def apply_fsdp(
         )
     if mesh is None:
         device = next(model.parameters()).device
+        if device.type == "meta":  # a meta-built model (meta_init): the mesh lives where the process group computes
+            device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     ignored = {p for _, p, _ in expert_parameters(model)}
     ignored_ids = {id(p) for p in ignored}

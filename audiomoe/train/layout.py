@@ -52,6 +52,7 @@ class Layout:
     reduce_dtype: Optional[str] = None
     reshard_after_forward: bool = True
     prepared: bool = False
+    meta_init: bool = False
 
     @property
     def sharded(self) -> bool:
@@ -98,6 +99,32 @@ class Layout:
                 reshard_after_forward=self.reshard_after_forward,
             )
         self.prepared = True
+
+    def build_sharded(
+        self, resolved: Any, device: torch.device, checkpoint: Optional[str] = None
+    ) -> Optional[torch.nn.Module]:
+        """The model built on ``meta``, sharded (:meth:`prepare`), then given only this rank's shards; None when
+        this layout builds on CPU (unsharded, or ``meta_init: false``).
+
+        ``resolved``: the spec a rank builds (:meth:`build_spec`). ``checkpoint``: a full safetensors file to
+        read this rank's rows from (resuming); None: the seeded init, equal to :func:`build_model`'s
+        (:mod:`audiomoe.train.meta_init`).
+        """
+        if not (self.sharded and self.meta_init):
+            return None
+        from audiomoe.core.composer import build_meta
+        from audiomoe.train.meta_init import load_shards, materialize, record_build
+
+        if checkpoint is None:
+            model, program = record_build(resolved)
+        else:
+            model, program = build_meta(resolved), None
+        self.prepare(model)
+        if program is None:
+            load_shards(model, checkpoint, device)
+        else:
+            materialize(model, program, device)
+        return model
 
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """What the step loop calls: the model (one process, FSDP) or a DDP of it (rebuilt each stage: its trainable set)."""
@@ -203,7 +230,13 @@ def plan_layout(section: Any, spec: dict[str, Any], world: int) -> Layout:
             f"{world} were started; run {_CMD.format(n=need)}, or leave data_parallel unset (= world / expert_parallel)"
         )
     return Layout(
-        world, ep, bool(section.fsdp), section.param_dtype, section.reduce_dtype, section.reshard_after_forward
+        world,
+        ep,
+        bool(section.fsdp),
+        section.param_dtype,
+        section.reduce_dtype,
+        section.reshard_after_forward,
+        meta_init=bool(getattr(section, "meta_init", False)),
     )
 
 

@@ -79,6 +79,7 @@ RECIPE_KEYS = (
     "checkpoint",
     "stages",
     "compile",
+    "activation_checkpointing",
     "device",
     "distributed",
     "domains",
@@ -163,6 +164,11 @@ class Recipe(_Strict):
     log: LogSpec = Field(default_factory=LogSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     compile: bool = Field(False, description="torch.compile the backbone (and encoder) blocks")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none",
+        description="recompute each backbone block and encoder layer in backward (full), only its cheap ops "
+        "(selective: matmul and attention outputs kept), or keep every activation (none); see docs/training.md",
+    )
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     domains: Optional[dict[str, DomainSpec]] = Field(
         None, description="domain -> {tasks, proportion}: the mix of every stage naming no sampling of its own"

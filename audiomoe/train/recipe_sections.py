@@ -141,6 +141,11 @@ class DistributedSpec(_Strict):
     reshard_after_forward: bool = Field(
         True, description="FSDP: free the gathered parameters after each unit's forward"
     )
+    meta_init: bool = Field(
+        True,
+        description="EP / FSDP: build on the meta device, shard, then materialise only this rank's shards "
+        "(the seeded init or the resumed checkpoint's rows); false: build the full model on every rank first",
+    )
 
 
 class AuxWeightSpec(_Strict):

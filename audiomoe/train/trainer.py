@@ -99,20 +99,30 @@ def _recipe_from_run(path: Path, opts: RunOptions) -> Recipe:
     return opts.adjust(recipe) if opts.adjust else recipe
 
 
-def _model(recipe: Recipe, resume_from: Optional[Path], opts: RunOptions, where: str, world: int) -> tuple[Any, Layout]:
+def _model(
+    recipe: Recipe,
+    resume_from: Optional[Path],
+    opts: RunOptions,
+    where: str,
+    world: int,
+    device: Optional[torch.device] = None,
+) -> tuple[Any, Layout]:
     """The model (new, or the checkpoint's) built for the recipe's process layout, and that layout.
 
     ``model.spec`` stays the spec given (without the layout's ``expert_parallel``), so checkpoints
     and ``run.json`` are layout-free: they load in one process and resume at another layout.
     """
     layouts: list[Layout] = []
+    device = device or torch.device("cpu")  # where a meta-built model's shards are materialised
 
     def for_layout(spec: dict[str, Any]) -> dict[str, Any]:  # checked before anything is built
         layouts.append(plan_layout(recipe.distributed, resolve(spec).to_dict(), world))
         return layouts[-1].build_spec(resolve(spec).to_dict())
 
     if resume_from is not None:
-        model = load_checkpoint(resume_from, build_spec=for_layout)
+        model = _meta_resume(resume_from, for_layout, layouts, device)
+        if model is None:
+            model = load_checkpoint(resume_from, build_spec=for_layout)
         if opts.spec_given and recipe.model.resolve().to_dict() != model.spec:
             raise AudioMoEError(
                 f"'{where}' was trained from a different spec than {recipe.model.preset or 'the given spec'!r} with these --set overrides; "
@@ -122,9 +132,30 @@ def _model(recipe: Recipe, resume_from: Optional[Path], opts: RunOptions, where:
         resolved = recipe.model.resolve()
         built = for_layout(resolved.to_dict())
         memory_check(check_size(build_meta(resolved)))
-        model = build_model(resolve(built) if layouts[-1].expert_parallel > 1 else resolved)
+        first = recipe.main_stages()[0][1] if recipe.main_stages() else None
+        # a first stage with an init (from_checkpoint, from_specialists) runs it on the full model: build that
+        meta = None if first is None or first.init is not None else layouts[-1].build_sharded(resolve(built), device)
+        model = (
+            meta if meta is not None else build_model(resolve(built) if layouts[-1].expert_parallel > 1 else resolved)
+        )
         model.spec = resolved.to_dict()
     return model, layouts[-1]
+
+
+def _meta_resume(path: Path, for_layout: Callable, layouts: list, device: torch.device) -> Any:
+    """A sharded run resumed at a meta-init layout: built on ``meta``, sharded, only this rank's rows read; else None."""
+    from audiomoe.core.safe_yaml import load_yaml_file
+    from audiomoe.train.checkpoint import resolve_checkpoint
+
+    p = resolve_checkpoint(path)
+    spec = load_yaml_file(p / "spec.yaml", "checkpoint spec")
+    if not isinstance(spec, dict):
+        return None  # load_checkpoint names the problem
+    built = for_layout(spec)
+    model = layouts[-1].build_sharded(resolve(built), device, checkpoint=str(p / "model.safetensors"))
+    if model is not None:
+        model.spec = resolve(spec).to_dict()
+    return model
 
 
 def run_recipe(recipe: Optional[Recipe], opts: RunOptions) -> dict[str, Any]:
@@ -164,7 +195,7 @@ def _run(
     root: Optional[Path],
     resume_from: Optional[Path],
 ) -> dict[str, Any]:
-    model, layout = _model(recipe, resume_from, opts, str(root), dist.world)
+    model, layout = _model(recipe, resume_from, opts, str(root), dist.world, dist.device)
     spec = model.spec
     recipe = recipe.model_copy(update={"model": ModelSection(spec=spec)})  # what resumes build: the spec trained
     checkpointer = Checkpointer(dist, run, root, resume_from, model, layout, recipe.checkpoint)
@@ -178,6 +209,10 @@ def _run(
     built = {n for n, p in model.named_parameters() if p.requires_grad}
     model.to(dist.device)
     checkpointer.restore_rng(recipe.seed)
+    if recipe.activation_checkpointing != "none":  # before compile, and before the stages shard (FSDP2) or wrap (DDP)
+        from audiomoe.train.act_ckpt import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, recipe.activation_checkpointing)
     if recipe.compile:
         for part in (model.backbone, model.encoder):
             if part is not None:

@@ -131,6 +131,7 @@ CASES = [
         ("swiglu", "xformers"),
         ("swiglu", "gathered"),
         ("swiglu", "dense"),
+        ("swiglu", "picked"),
         ("mlp", "auto"),
         ("mlp", "xformers"),
         ("mlp", "dense"),
