@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.set_defaults(func=cmd_bench_moe)
 
+    from audiomoe.train.import_release import register as register_import  # import unimoe-audio DIR --out RUN
+
+    register_import(sub)
     from audiomoe.data.cli import register as register_data  # data make, data from-csv (audiomoe/data/cli.py)
 
     register_data(sub)

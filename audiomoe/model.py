@@ -13,7 +13,7 @@ against them does not depend on which parts were plugged in.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ class AudioModel(nn.Module):
         super().__init__()
         self.params = params
         self.spec: dict[str, Any] = {}
-        self.task_names = list(tasks)
+        head_of = _task_heads(tasks)
+        self.task_names = list(head_of)
         d = params.d_model
         missing: list[str] = []  # every part is tried, so one error names every missing checkpoint
         self.encoder = _built("encoder", lambda: encoder(d_model=d, task_names=self.task_names), missing)
@@ -59,7 +60,7 @@ class AudioModel(nn.Module):
             self.adapter = LinearAdapter(LinearAdapter.Params(), in_dim=width, d_model=d)
         else:
             self.adapter = adapter(in_dim=width, d_model=d)
-        self.heads = nn.ModuleDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()})
+        self.heads = HeadDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()}, head_of)
         for name, head in self.heads.items():
             if head.reads_decoder and (self.backbone is None or not self.backbone.supports_decoding):
                 got = (
@@ -199,6 +200,8 @@ class AudioModel(nn.Module):
             kwargs: dict[str, Any] = {}
             if head.accepts_prompts:
                 kwargs["prompts"] = None if batch.prompts is None else [batch.prompts[i] for i in idx]
+            if head.accepts_task:
+                kwargs["task"] = name
             source = hidden
             if name in readers:
                 kwargs["decoder"], source = self.backbone, audio
@@ -224,6 +227,46 @@ class AudioModel(nn.Module):
                 total = v if total is None else total + v
         out.loss = total
         return out
+
+
+class HeadDict(nn.ModuleDict):
+    """The heads by their key under ``tasks``; indexing (and ``in``) also takes a task name, giving the head serving it.
+
+    One head may serve several tasks (UniMoE-Audio's one codec head writes speech and music): its
+    parameters live once, under its own key (``heads.codec.*``), and ``heads["tts"]`` is that head.
+    """
+
+    def __init__(self, heads: dict[str, nn.Module], head_of: dict[str, str]) -> None:
+        super().__init__(heads)
+        self.head_of = dict(head_of)  # task name -> head key
+
+    def __getitem__(self, key: str) -> nn.Module:
+        """The head under ``key``, or the head serving task ``key``."""
+        return cast(nn.Module, self._modules[self.head_of.get(key, key)])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.head_of or key in self._modules
+
+
+def _task_heads(tasks: dict[str, Any]) -> dict[str, str]:
+    """Task name -> key of the head serving it (a head names its tasks through ``served_tasks``; default: its key)."""
+    head_of: dict[str, str] = {}
+    for key, b in tasks.items():
+        # a head class may serve several tasks (``served_tasks(params, key)``); by default its own key
+        served = b.cls.served_tasks(b.node.params, key) if hasattr(getattr(b, "cls", None), "served_tasks") else [key]
+        for t in served:
+            if t in head_of:
+                raise AudioMoEError(
+                    f"task '{t}' is served by two heads, '{head_of[t]}' and '{key}'; remove it from one of them "
+                    f"(e.g. --set tasks.{key}=null, or drop '{t}' from the tasks of head '{head_of[t]}')"
+                )
+            head_of[t] = key
+    for key in tasks:
+        if head_of.get(key, key) != key:
+            raise AudioMoEError(
+                f"'{key}' is both the key of a head and a task served by head '{head_of[key]}'; rename the head"
+            )
+    return head_of
 
 
 def _built(what: str, build: Any, missing: list[str]) -> Any:

@@ -222,7 +222,7 @@ def measure_model(model: Any, batches: Sequence[Any]) -> dict[str, Any]:
 
     labels = weak_encoder_labels(model)
     # a head that writes through the shared decoder routes in the backbone's layers: its records are those layers'
-    readers = [f"heads/{n}/decoder/" for n, h in model.heads.items() if getattr(h, "reads_decoder", False)]
+    readers = [f"heads/{t}/decoder/" for t in model.task_names if getattr(model.heads[t], "reads_decoder", False)]
     shared_layer = lambda name: next((f"backbone/{name[len(r) :]}" for r in readers if name.startswith(r)), name)
     stats = RoutingStats()
     flops = MoEFlops(model)

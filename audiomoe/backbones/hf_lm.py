@@ -147,6 +147,7 @@ def lm_and_tokenizer(
     config: Optional[Mapping[str, Any]],
     default: Mapping[str, Any],
     dtype: torch.dtype = torch.float32,
+    tokenizer: Optional[str] = None,
 ) -> tuple[torch.nn.Module, Any]:
     """An LM and its tokenizer: both from a local directory, or a random ``config`` (else ``default``) with the byte tokenizer.
 
@@ -163,11 +164,19 @@ def lm_and_tokenizer(
         ):
             return lm, None
         return lm, AutoTokenizer.from_pretrained(path, local_files_only=True)
-    tok = byte_tokenizer()
-    ids = dict(
-        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
-    )
-    return load_lm(None, config or default, dtype, **ids), tok
+    if tokenizer is None:
+        tok = byte_tokenizer()
+        ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+        return load_lm(None, config or default, dtype, **ids, eos_token_id=tok.eos_token_id), tok
+    # a random-shaped LM whose weights come later (an imported release): its own tokenizer, and a vocabulary
+    # as large as the config says (a release may keep more embedding rows than its tokenizer has ids)
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        raise MissingPretrainedError(f"tokenizer directory '{tokenizer}' does not exist (only local paths are read)")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    cfg = dict(config or default)
+    vocab = max(int(cfg.pop("vocab_size", 0)), len(tok))
+    return load_lm(None, cfg, dtype, vocab_size=vocab, pad_token_id=tok.pad_token_id), tok
 
 
 def apply_lora(lm: torch.nn.Module, lora: LoRAParams) -> torch.nn.Module:

@@ -1,1 +1,1 @@
-"""Codecs: audio <-> discrete tokens for generation targets (built-in ``mel_rvq``; DAC / EnCodec as plugins)."""
+"""Codecs: audio <-> discrete tokens for generation targets (``mel_rvq``; ``dac``, ``encodec``, ``mimi`` on transformers)."""

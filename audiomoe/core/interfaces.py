@@ -316,6 +316,8 @@ class Head(Component):
     #: True: the head reads the shared backbone's decoder; ``forward`` gets the adapted audio (not the
     #: backbone's states) and ``decoder=`` the backbone, and builds its own interleaved sequence
     reads_decoder: ClassVar[bool] = False
+    #: True: ``forward`` also gets ``task=`` its items' task (a head with a ``served_tasks(params, key)`` classmethod serves several)
+    accepts_task: ClassVar[bool] = False
     #: weight of the task term in the model's total loss (heads set it from their params)
     loss_weight: float = 1.0
 

@@ -29,6 +29,7 @@ _LAZY = {
     "builtin_corpus": "audiomoe.data.corpus.make",
     "encode_manifest": "audiomoe.data.codes",
     "corpus_codes": "audiomoe.data.codes",
+    "codec_codes": "audiomoe.data.codes",
 }
 
 __all__ = sorted(_LAZY)

@@ -5,25 +5,82 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, Optional
 
 from audiomoe.core.argtypes import int_in
+from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.limits import MAX_SEED
 
 
 def cmd_data_make(args: argparse.Namespace) -> int:
-    """Write the built-in offline corpus (wavs + manifest.jsonl + corpus.json) into DIR."""
+    """Write the built-in offline corpus (wavs + manifest.jsonl + corpus.json) into DIR; with --codec, its codes too."""
     import time
 
     from audiomoe.data.corpus.make import make_corpus
 
+    codec = _codec(args.codec, args.codec_path, args.codec_param)  # flags checked before minutes of corpus making
     t0 = time.perf_counter()
     manifest = make_corpus(args.dir, args.size, args.seed, workers=args.workers)
     info = json.loads((manifest.parent / "corpus.json").read_text(encoding="utf-8"))
     print(
         f"{manifest}: {info['clips']} clips, {info['lines']} lines, {info['hours'] * 60:.1f} min of audio in {time.perf_counter() - t0:.1f} s"
     )
+    if codec is not None:
+        _make_codes(manifest, args.codec, codec)
     return 0
+
+
+def _codec_params(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` flags as params, each value read as YAML (``bandwidth=6.0``, ``num_quantizers=8``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise AudioMoEError(f"--codec-param '{pair}': expected KEY=VALUE, e.g. --codec-param bandwidth=6.0")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _codec(name: Optional[str], path: Optional[str], pairs: list[str]) -> Any:
+    """The codec ``--codec`` names (a local checkpoint at ``--codec-path``), or None without the flag."""
+    from audiomoe.core.composer import component_builder
+
+    if name is None:
+        if path is not None or pairs:
+            raise AudioMoEError("--codec-path and --codec-param need --codec NAME (e.g. --codec dac --codec-path DIR)")
+        return None
+    params = _codec_params(pairs)
+    if name == "mel_rvq":
+        if path is not None or set(params) - {"num_codebooks", "codebook_size"}:
+            raise AudioMoEError(
+                "--codec mel_rvq is fitted on the corpus: it takes no --codec-path, and only "
+                "--codec-param num_codebooks=K / codebook_size=V (the layout training asks for)"
+            )
+    elif path is None:
+        raise AudioMoEError(
+            f"--codec {name} needs --codec-path DIR: a local directory with its weights in Hugging Face layout "
+            "(save_pretrained, or a snapshot of the released checkpoint); audiomoe never downloads"
+        )
+    else:
+        params["pretrained"] = path
+    return component_builder("codec", {"name": name, "params": params})()
+
+
+def _make_codes(manifest: Any, name: str, codec: Any) -> None:
+    """Encode the corpus's codec tasks with ``codec`` (mel_rvq: fitted first), cached beside the corpus."""
+    from audiomoe.data.codes import codec_codes, corpus_codes
+    from audiomoe.data.corpus.make import CODE_TASKS
+
+    if name == "mel_rvq":  # the layout-named cache training reads (codes-k<K>-v<V>)
+        out = corpus_codes(manifest, codec.num_codebooks, codec.codebook_size, tasks=CODE_TASKS)
+    else:
+        out = codec_codes(manifest, codec, tasks=CODE_TASKS)
+    print(
+        f"{out}: {', '.join(CODE_TASKS)} as {name} codes ({codec.num_codebooks} codebooks x {codec.codebook_size}, "
+        f"{codec.frame_rate:g} frames/s at {codec.sample_rate} Hz)"
+    )
 
 
 def cmd_data_from_csv(args: argparse.Namespace) -> int:
@@ -75,6 +132,16 @@ def register(sub: Any) -> None:
     )
     q.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="same seed, same bytes")
     q.add_argument("--workers", type=int_in(1, 256), default=2, help="processes")
+    q.add_argument(
+        "--codec",
+        default=None,
+        metavar="NAME",
+        help="also write the codec tasks' codes with this codec (mel_rvq, dac, encodec, mimi), cached beside the corpus",
+    )
+    q.add_argument("--codec-path", default=None, metavar="DIR", help="the codec's local weights (Hugging Face layout)")
+    q.add_argument(
+        "--codec-param", action="append", default=[], metavar="KEY=VALUE", help="a codec param, e.g. bandwidth=6.0"
+    )
     q.set_defaults(func=cmd_data_make)
     q = data_sub.add_parser("from-csv", help="CSV of labels (+ folder of audio) -> JSONL manifest")
     q.add_argument("csv", metavar="CSV")

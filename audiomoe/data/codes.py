@@ -5,9 +5,10 @@
 (``codec/<name>.safetensors`` + ``codec/<name>.json`` with its params), writes the codes of every
 clip to write (the target ``{"audio": clip}``, else the item's own audio) as ``codes/<clip>.npy``
 (int16 [num_codebooks, frames]) and a manifest ``generation.jsonl`` whose targets are
-``{"codes": "codes/<clip>.npy"}``: what the loader turns into the ``[num_codebooks, frames]``
+``{"codes": "codes/<clip>.npy"}`` (and ``meta.reference_audio``, the clip's absolute path): what the loader turns into the ``[num_codebooks, frames]``
 tensors the ``codec`` and ``codec_generation`` heads take. ``corpus_codes`` does this once per
-codebook layout for the built-in corpus, cached beside it.
+codebook layout for the built-in corpus, cached beside it; ``codec_codes`` does it once with a
+ready codec (``dac``, ``encodec``, ``mimi``: nothing to fit), cached per codec and weights.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def encode_manifest(
             rel = f"codes/{Path(clip.audio).stem}.npy"
             np.save(root / rel, codes[0].numpy().astype(np.int16 if codec.codebook_size <= 32768 else np.int32))
             done[clip.audio] = rel
+        if clip is not it:  # the clip written is the target's: eval compares generated audio with it
+            it.meta = {**(it.meta or {}), "reference_audio": str(Path(clip.audio).resolve())}
         it.target = {"codes": str(root / done[clip.audio])}
     out = root / "generation.jsonl"
     write_manifest(items, out)
@@ -95,5 +98,30 @@ def corpus_codes(
     final = manifest.parent / f"codes-k{num_codebooks}-v{codebook_size}"
     return (
         build_once(final, "generation.jsonl", lambda tmp: encode_manifest(manifest, tasks, params=params, out_dir=tmp))
+        / "generation.jsonl"
+    )
+
+
+def codec_codes(manifest: str | Path, codec: Any, tasks: Sequence[str] = ("tts", "text_to_music")) -> Path:
+    """The generation manifest of ``manifest``'s ``tasks`` encoded by a ready ``codec``, made once beside it.
+
+    ``<corpus>/codes-<codec name>-<key>/generation.jsonl``, ``key`` the codec's ``cache_key()`` (a
+    hash of its params and weights: another checkpoint or bandwidth gets another folder), else a
+    hash of its params. The folder's ``codec/`` holds the codec's params and state, as
+    :func:`encode_manifest` writes them, so predict can decode with it.
+    """
+    import hashlib
+
+    manifest = Path(manifest)
+    name = getattr(getattr(codec, "audiomoe_component", None), "name", type(codec).__name__.lower())
+    key_of = getattr(codec, "cache_key", None)
+    if callable(key_of):
+        key = str(key_of())
+    else:
+        dumped = json.dumps([name, codec.params.model_dump()], sort_keys=True, default=str)
+        key = hashlib.sha256(dumped.encode()).hexdigest()[:16]
+    final = manifest.parent / f"codes-{name}-{key}"
+    return (
+        build_once(final, "generation.jsonl", lambda tmp: encode_manifest(manifest, tasks, codec=codec, out_dir=tmp))
         / "generation.jsonl"
     )

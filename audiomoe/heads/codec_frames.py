@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.core.specs import Params
+from audiomoe.core.specs import ComponentSpec, Params
 from audiomoe.heads.functional import apply_delay_pattern, revert_delay_pattern, sample_logits
 
 
@@ -41,6 +41,12 @@ class CodecFrameParams(Params):
     top_k: int = Field(0, ge=0, le=65536, description="keep the k most likely codes (0: off)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1: off)")
     loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="weight of this head's loss in the total loss")
+    out_bias: bool = Field(True, description="the K x V output layer has a bias (UniMoE-Audio's codec_head has none)")
+    codec: Optional[ComponentSpec] = Field(
+        None,
+        description="the codec the codes are in (e.g. {name: dac, params: {pretrained: DIR}}): the built-in corpus's "
+        "codes are made with it, predict / eval decode with it; None = mel_rvq fitted on the corpus for this layout",
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> "CodecFrameParams":
@@ -83,7 +89,7 @@ class CodecFrames(nn.Module):
         self.eos, self.pad, self.bos = top, top + 1, top + 2
         self.vocab = top + 3
         self.embed = nn.ModuleList(nn.Embedding(self.vocab, d_model) for _ in range(k))
-        self.out = nn.Linear(d_model, k * self.vocab)
+        self.out = nn.Linear(d_model, k * self.vocab, bias=p.out_bias)
         allowed = torch.zeros(k, self.vocab, dtype=torch.bool)  # ids each codebook may emit
         for i, s in enumerate(self.sizes):
             allowed[i, :s] = True

@@ -13,6 +13,13 @@ frame per decoder call (``use_cache=False`` re-runs the whole sequence each fram
 the benchmark). An optional ``prompt`` template (``"Say: {text}"``) puts the item's text
 (``AudioBatch.prompts``: a string, or a mapping of the template's fields) before the audio; it
 needs a backbone with a tokenizer.
+
+One codec space (UniMoE-Audio): with ``tasks`` (``{tts: "Speak: {text}", text_to_music: "Play:
+{text}"}``) one head serves every task named there, with one set of codebook embeddings and one
+``K x V`` output layer; the task is part of each item's prompt, as UniMoE-Audio's
+``<|SPEECH_START|>`` / ``<|MUSIC_START|>`` markers: a learned task token opens the prefix
+``[task token | the task's prompt tokens | audio soft tokens]`` (``task_token: false`` leaves the
+task to the templates' own text). The model passes each task's items with ``task=`` its name.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
+from torch import nn
 
 from audiomoe.core.decoding import positions_from_mask
 from audiomoe.core.errors import AudioMoEError
@@ -44,6 +52,7 @@ class CodecHead(CodecFrames, Head):
     """Delayed multi-codebook codec frames written by the shared decoder; KV-cached sampling."""
 
     accepts_prompts = True
+    accepts_task = True
     predicts_cheaply = False
     reads_decoder = True
 
@@ -51,20 +60,53 @@ class CodecHead(CodecFrames, Head):
         prompt: Optional[str] = Field(
             None, max_length=4096, description="text template before the audio ('{text}' etc.; needs a tokenizer)"
         )
+        tasks: Optional[dict[str, Optional[str]]] = Field(
+            None,
+            description="one codec space: the tasks this head serves, each with its prompt template (null: 'prompt'); "
+            "None: only the task it is keyed under",
+        )
+        task_token: bool = Field(
+            True, description="with 'tasks': a learned token per task opens the prompt (UniMoE-Audio's task markers)"
+        )
+
+        @field_validator("tasks")
+        @classmethod
+        def _some_tasks(cls, tasks: Optional[dict[str, Optional[str]]]) -> Optional[dict[str, Optional[str]]]:
+            if tasks is not None and (not tasks or any(not t for t in tasks)):
+                raise ValueError(f"tasks must name at least one task, each non-empty, got {sorted(tasks)}")
+            return tasks
+
+    @classmethod
+    def served_tasks(cls, params: Any, key: str) -> list[str]:
+        """The tasks named in ``params.tasks`` (one codec space), else the head's own key."""
+        return list(params.tasks) if params.tasks else [key]
 
     def __init__(self, params: Params, *, d_model: int) -> None:
         super().__init__(params)
-        self._setup_frames(self.params, d_model)
+        p = self.params
+        self._setup_frames(p, d_model)
+        self.task_list = list(p.tasks or [])
+        # one learned row per task: what tells the shared output layer which domain to write
+        self.task_embed = nn.Embedding(len(self.task_list), d_model) if self.task_list and p.task_token else None
 
-    def _prompt_embeds(self, decoder: Any, fields: dict[str, Any], i: int) -> torch.Tensor:
+    def _template(self, task: Optional[str]) -> Optional[str]:
+        if not self.task_list:
+            return self.params.prompt
+        if task not in self.task_list:
+            raise AudioMoEError(
+                f"this codec head serves tasks {self.task_list} and was asked for task {task!r}: pass task= one of them "
+                "(AudioModel does for each task's items)"
+            )
+        own = (self.params.tasks or {})[task]
+        return self.params.prompt if own is None else own
+
+    def _prompt_embeds(self, decoder: Any, template: str, fields: dict[str, Any], i: int) -> torch.Tensor:
         tok = decoder.tokenizer
         if tok is None:
-            raise AudioMoEError(
-                f"codec head prompt {self.params.prompt!r} needs a backbone with a tokenizer (causal_lm)"
-            )
+            raise AudioMoEError(f"codec head prompt {template!r} needs a backbone with a tokenizer (causal_lm)")
         fields = {"text": fields.get("question", "")} | fields
         try:
-            text = self.params.prompt.format(**fields)
+            text = template.format(**fields)
         except KeyError as exc:
             raise AudioMoEError(f"codec prompt template needs the field {exc} in item {i}'s prompt") from None
         ids = torch.tensor(token_ids(tok, text), dtype=torch.long, device=self.out.weight.device)
@@ -76,15 +118,23 @@ class CodecHead(CodecFrames, Head):
         padding_mask: torch.Tensor,
         prompts: Optional[list[Any]] = None,
         decoder: Any = None,
+        task: Optional[str] = None,
     ) -> CodecPrefix:
-        """The conditioning: each item's prompt tokens (if a template is set) then its valid audio frames, left-padded."""
+        """The conditioning: [task token] then each item's prompt tokens (if a template is set) then its valid audio frames, left-padded."""
         check_decoder("codec", decoder)
+        template = self._template(task)
         fields = item_fields(prompts, features.shape[0])
+        lead = None
+        if self.task_embed is not None:
+            row = torch.tensor([self.task_list.index(task)], device=features.device)
+            lead = self.task_embed(row).to(features.dtype)
         rows = []
         for i in range(features.shape[0]):
             audio = features[i][~padding_mask[i]]
-            if self.params.prompt is not None:
-                audio = torch.cat([self._prompt_embeds(decoder, fields[i], i).to(audio.dtype), audio])
+            if template is not None:
+                audio = torch.cat([self._prompt_embeds(decoder, template, fields[i], i).to(audio.dtype), audio])
+            if lead is not None:
+                audio = torch.cat([lead, audio])
             rows.append(audio)
         length = max(r.shape[0] for r in rows)
         embeds = features.new_zeros(len(rows), length, features.shape[-1])

@@ -209,6 +209,49 @@ def _check_head(report: ConformanceReport, task: Any, context: Mapping[str, Any]
     _grads(report, task, loss, "the task loss", _aux_sum(terms.aux_losses))
 
 
+def _check_codec(report: ConformanceReport, codec: Any, context: Mapping[str, Any]) -> None:
+    """Declared rates and sizes; encode a padded batch to in-range long codes and frame lengths; decode back."""
+    for attr in ("sample_rate", "frame_rate", "num_codebooks", "codebook_size"):
+        v = getattr(codec, attr, None)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            _fail(report, f"a codec must declare a positive number '{attr}', got {v!r}")
+    sr, k, v = int(codec.sample_rate), int(codec.num_codebooks), int(codec.codebook_size)
+    per_frame = sr / float(codec.frame_rate)  # samples per frame
+    t = max(sr // 4, int(4 * per_frame))
+    g = torch.Generator().manual_seed(0)
+    x = 0.1 * torch.randn(2, t, generator=g)
+    lengths = torch.tensor([t, t - int(1.5 * per_frame)])
+    x[1, int(lengths[1]) :] = 0
+    codes, frames = codec.encode(x, lengths)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.long or codes.dim() != 3:
+        _fail(
+            report, f"encode must return codes as a long [B, K, F] tensor, got {getattr(codes, 'dtype', type(codes))}"
+        )
+    if codes.shape[:2] != (2, k):
+        _fail(report, f"codes of a batch of 2 must be [2, num_codebooks={k}, F], got {tuple(codes.shape)}")
+    if int(codes.min()) < 0 or int(codes.max()) >= v:
+        _fail(report, f"codes must lie in [0, codebook_size={v}), got [{int(codes.min())}, {int(codes.max())}]")
+    f = codes.shape[-1]
+    if abs(f - t / per_frame) > 1.5:
+        _fail(
+            report,
+            f"{t} samples at {sr} Hz give {f} frames; frame_rate {codec.frame_rate} says about {t / per_frame:.1f}",
+        )
+    fl = [int(n) for n in frames]
+    if len(fl) != 2 or fl[0] != f or not 1 <= fl[1] < fl[0]:
+        _fail(report, f"frame lengths must be [B] with the longest item filling all {f} frames, got {fl}")
+    again, _ = codec.encode(x, lengths)
+    if not torch.equal(codes, again):
+        _fail(report, "encode must be deterministic (the same audio gives the same codes)")
+    wav = codec.decode(codes)
+    if not isinstance(wav, torch.Tensor) or not wav.is_floating_point() or wav.dim() != 2 or wav.shape[0] != 2:
+        _fail(report, f"decode must return float waveforms [B, T], got {getattr(wav, 'shape', type(wav))}")
+    _finite(report, wav, "decoded audio")
+    if abs(wav.shape[1] - f * per_frame) > 2 * per_frame:
+        _fail(report, f"{f} frames decode to {wav.shape[1]} samples; expected about {f * per_frame:.0f} at {sr} Hz")
+    report.ok(f"codes [2, {k}, {f}] in [0, {v}), frame lengths {fl}, decoded to {wav.shape[1]} samples at {sr} Hz")
+
+
 _CHECKS: dict[str, Callable[..., None]] = {
     "encoder": lambda r, m, c: _check_encoder(r, m, c),
     "router": _check_router,
@@ -218,4 +261,5 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "adapter": _check_adapter,
     "backbone": _check_backbone,
     "head": _check_head,
+    "codec": _check_codec,
 }

@@ -357,6 +357,12 @@ def register(sub: Any) -> None:
     q.add_argument(
         "--json", default=None, metavar="FILE", help="where to write the JSON report [RUN_DIR/eval-SPLIT.json]"
     )
+    q.add_argument(
+        "--asr-run",
+        default=None,
+        metavar="RUN",
+        help="a run with an 'asr' head that transcribes generated speech: codec tasks get asr_wer [the model's own asr head]",
+    )
     q.set_defaults(func=cmd_eval)
 
     r = sub.add_parser(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -23,6 +24,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_items=args.max_items,
         device=args.device,
         max_seconds=args.max_seconds,
+        asr_run=args.asr_run,
     )
     write_text(path, json.dumps(report, indent=2), what="--json")
     print(f"{ckpt} on {report['data']} ({args.split}):\n")
@@ -51,4 +53,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in rows:
         extra = "".join(f"  {k}: {r[k]}" for k in ("codes", "wav", "window_seconds") if r.get(k))
         print(f"{r['audio']}  [{r['task']}]  {r['prediction']}{extra}")
+    pages = sorted({str(Path(r["wav"]).parent / "index.html") for r in rows if r.get("wav")})
+    for page in pages:
+        print(f"listen: {page}")
     return 0

@@ -140,16 +140,23 @@ def _tones(
 
 
 def corpus_paths(model: Any, manifest: str, tasks: Sequence[str]) -> dict[str, str]:
-    """The manifest each task reads in the built-in corpus: the corpus itself, or (codec-code tasks) its codes for the head's layout."""
-    from audiomoe.data.codes import corpus_codes
-    from audiomoe.data.corpus.make import CODE_TASKS
+    """The manifest each task reads in the built-in corpus: the corpus itself, or (codec-code tasks) its codes.
 
-    out = {}
+    Codes are those of the head's ``codec`` (``codes-<codec>-<key>/``, :func:`audiomoe.data.codes.codec_codes`),
+    else of ``mel_rvq`` fitted for the head's layout (``codes-k<K>-v<V>/``); each made once beside the corpus.
+    """
+    from audiomoe.data.codes import codec_codes, corpus_codes
+    from audiomoe.data.corpus.make import CODE_TASKS
+    from audiomoe.train.codec_audio import head_codec
+
+    out: dict[str, str] = {}
+    made: dict[int, str] = {}  # one codes folder per head (one codec head may serve tts and text_to_music)
     for t in tasks:
         if t not in CODE_TASKS:
             out[t] = manifest
             continue
-        p = getattr(model.heads[t], "params", None)
+        head = model.heads[t]
+        p = getattr(head, "params", None)
         k, size = getattr(p, "num_codebooks", None), getattr(p, "codebook_size", None)
         sizes = set(size) if isinstance(size, list) else {size}
         if k is None or None in sizes:
@@ -157,11 +164,18 @@ def corpus_paths(model: Any, manifest: str, tasks: Sequence[str]) -> dict[str, s
                 f"corpus task '{t}' has codec-code targets, but head '{t}' ({_head_kind(model, t)}) takes none; "
                 "give it a codec head (codec or codec_generation) or drop it"
             )
+        if id(head) in made:
+            out[t] = made[id(head)]
+            continue
+        codec = head_codec(head, t)
+        if codec is not None:
+            out[t] = made[id(head)] = str(codec_codes(manifest, codec, tasks=CODE_TASKS))
+            continue
         if len(sizes) != 1:
             raise AudioMoEError(
                 f"head '{t}' has codebooks of sizes {sorted(sizes)}; the corpus's codec (mel_rvq) writes one size for all"
             )
-        out[t] = str(corpus_codes(manifest, int(k), int(sizes.pop()), tasks=CODE_TASKS))
+        out[t] = made[id(head)] = str(corpus_codes(manifest, int(k), int(sizes.pop()), tasks=CODE_TASKS))
     return out
 
 

@@ -136,12 +136,15 @@ def evaluate_checkpoint(
     tone_batches: int = 8,
     seed: int = 0,
     max_seconds: float = DEFAULT_MAX_SECONDS,
+    asr_run: Optional[str] = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint per task and per dataset: ``{"tasks": {...}, "datasets": {...}, "items": {...}}``.
 
     ``data="auto"``: the data the checkpoint's run trained on when it recorded one, else the corpus or tones.
     Clips longer than ``max_seconds`` are cropped (a window, seed 0) for clip-level heads only; a longer
     clip of any other head (a transcript, an answer, codes) is refused before the model runs, naming it.
+    Codec tasks get ``mel_distance`` (and, with an ASR head in the model or ``asr_run``, ``asr_wer`` of the
+    generated speech): :func:`audiomoe.train.codec_audio.codec_scores`.
     """
     from audiomoe.train.checkpoint import load_checkpoint
     from audiomoe.train.distributed import pick_device
@@ -153,6 +156,7 @@ def evaluate_checkpoint(
         data = recorded_data(checkpoint) or "auto"
     model = load_checkpoint(checkpoint).to(pick_device(device)).eval()
     groups: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
+    generated: dict[str, list[tuple[Any, Any, Any]]] = {}
     if data == "tones" or (data == "auto" and not _corpus_model(model)):
         from audiomoe.train.data import build_data
 
@@ -165,7 +169,8 @@ def evaluate_checkpoint(
                     groups.setdefault((name, "tones"), []).append((pred, batch.targets[i]))
     else:  # the first max_items of every task: a multi-task model is evaluated on each of its heads
         items = pick_items(_items(model, data, split), max_items)
-        for name, triples in predict_items(model, items, batch_size, max_seconds, "eval").items():
+        generated = predict_items(model, items, batch_size, max_seconds, "eval")
+        for name, triples in generated.items():
             for pred, target, item in triples:
                 groups.setdefault((name, item.dataset or "data"), []).append((pred, target))
     report: dict[str, Any] = {
@@ -192,6 +197,16 @@ def evaluate_checkpoint(
                 d: {**task_metrics(head, groups[(task, d)], model.device), "items": len(groups[(task, d)])}
                 for d in keys
             }
+    from audiomoe.train.checkpoint import resolve_checkpoint
+    from audiomoe.train.codec_audio import codec_scores
+
+    asr = load_checkpoint(str(resolve_checkpoint(asr_run))).to(model.device).eval() if asr_run else None
+    asr = asr if asr is not None else (model if "asr" in model.task_names else None)
+    for task, sc in codec_scores(model, generated, asr).items():  # generated audio vs the reference clip
+        report["tasks"][task]["mel_distance"] = sc["mel_distance"]
+        if "asr_wer" in sc:
+            report["tasks"][task]["asr_wer"] = sc["asr_wer"]
+        report["interval"].setdefault(task, {})["mel_distance"] = sc["interval"]
     return report
 
 
@@ -209,7 +224,13 @@ def format_report(report: dict[str, Any]) -> str:
         [t, str(report["items"][t])] + [f"{m[k]:.4f}" if k in m else "-" for k in names]
         for t, m in report["tasks"].items()
     ]
-    if report.get("interval"):  # accuracy's 95% interval and the rate of always answering the most frequent label
+    others = sorted({m for iv in report.get("interval", {}).values() for m in iv if m != "accuracy"})
+    for m in others:  # e.g. mel_distance of generated audio: its mean's 95% interval
+        head.append(f"{m} 95% interval")
+        for row, t in zip(rows, report["tasks"]):
+            iv = report["interval"].get(t, {}).get(m)
+            row.append(f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv and iv[0] == iv[0] else "-")
+    if any("accuracy" in iv for iv in report.get("interval", {}).values()):  # and the majority-label rate
         head += ["accuracy 95% interval", "chance"]
         for row, t in zip(rows, report["tasks"]):
             iv, ch = report["interval"].get(t, {}).get("accuracy"), report["chance"].get(t, {}).get("accuracy")

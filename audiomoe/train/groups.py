@@ -58,8 +58,11 @@ def named_groups(model: nn.Module) -> dict[str, set[str]]:
     for name in ("adapter", "backbone", "heads"):
         groups[name] = _under(model, [name]) if name in mods else set()
     groups["lora"] = {n for n, _ in model.named_parameters() if "lora_" in n}
-    for task in getattr(model, "task_names", []):
-        groups[f"heads.{task}"] = _under(model, [f"heads.{task}"])
+    heads = getattr(model, "heads", None)
+    for key in heads.keys() if heads is not None else []:
+        groups[f"heads.{key}"] = _under(model, [f"heads.{key}"])
+    for task in getattr(model, "task_names", []):  # a task served by a shared head: that head's parameters
+        groups.setdefault(f"heads.{task}", groups.get(f"heads.{getattr(heads, 'head_of', {}).get(task, task)}", set()))
     return {k: v for k, v in groups.items() if v}
 
 

@@ -4,8 +4,9 @@ Each file is decoded and resampled as the loader does, then run through every he
 with an optional ``--prompt`` (the question to answer, the text to speak). Classification heads
 give label names, text and CTC heads text, codec heads codes ``[K, T]`` saved as ``.npy`` and, with
 a fitted codec, decoded to a ``.wav`` you can listen to. The codec defaults to the one the built-in
-corpus's codes for the head's layout were made with (``codes-k<K>-v<V>/codec/``), so a model trained
-on ``builtin`` speaks without flags. A file longer than ``--max-seconds`` (30 s) is cropped to one window
+corpus's codes for the head's layout were made with (``codes-k<K>-v<V>/codec/``), or the head's own
+``codec`` param (e.g. ``dac``), so a model trained on ``builtin`` speaks without flags; the WAVs get a
+listening page, ``index.html`` beside them. A file longer than ``--max-seconds`` (30 s) is cropped to one window
 for clip-level heads (read alone from disk) and refused up front for the others, naming the flag.
 """
 
@@ -124,7 +125,7 @@ def predict_files(
     refuse_long_clips(model, clips, max_seconds, "predict")
     out = Path(out_dir) if out_dir else ckpt.parent / "predictions"
     sr = int(model.encoder.sample_rate)
-    codecs: dict[str, Any] = {}
+    codecs: dict[Any, Any] = {}
     rows = []
     for path in files:
         crop = seconds[path] > max_seconds  # then every chosen head is clip-level (the others were refused)
@@ -147,15 +148,18 @@ def predict_files(
             if (
                 isinstance(pred, list) and pred and isinstance(pred[0], torch.Tensor) and pred[0].dim() == 2
             ):  # codec codes [K, T]
-                row.update(_write_codes(pred[0], head, task, Path(path).stem, out, codec, codecs))
+                row.update(_write_codes(pred[0], head, task, Path(path).stem, out, codec, codecs), prompt=prompt)
             else:
                 row["prediction"] = _shown(head, pred)
             rows.append(row)
+    from audiomoe.train.codec_audio import write_listening_page
+
+    write_listening_page(rows, out)  # index.html beside the WAVs, when a codec head wrote any
     return rows
 
 
 def _write_codes(
-    codes: torch.Tensor, head: Any, task: str, stem: str, out: Path, codec: Optional[str], cache: dict[str, Any]
+    codes: torch.Tensor, head: Any, task: str, stem: str, out: Path, codec: Optional[str], cache: dict[Any, Any]
 ) -> dict[str, Any]:
     """Save codes (and, with a codec, their audio); return the row's fields."""
     import soundfile as sf
@@ -164,13 +168,21 @@ def _write_codes(
     npy = out / f"{stem}.{task}.npy"
     np.save(npy, codes.cpu().numpy())
     row: dict[str, Any] = {"prediction": f"{codes.shape[0]} x {codes.shape[1]} codes", "codes": str(npy)}
-    where = codec or corpus_codec(head)
+    from audiomoe.train.codec_audio import head_codec
+
+    c = None
+    if codec is None:  # the head's own codec (its ``codec`` param), built once per head
+        if id(head) not in cache:
+            cache[id(head)] = head_codec(head, task)
+        c = cache[id(head)]
+    where = f"{head.params.codec.name} (head '{task}')" if c is not None else (codec or corpus_codec(head))
     if where is None:
         row["wav"] = None  # no fitted codec known for this layout: pass --codec DIR
         return row
-    if str(where) not in cache:
-        cache[str(where)] = load_codec(where)
-    c = cache[str(where)]
+    if c is None:
+        if str(where) not in cache:
+            cache[str(where)] = load_codec(where)
+        c = cache[str(where)]
     if (c.num_codebooks, c.codebook_size) != (codes.shape[0], head.params.codebook_size):
         raise AudioMoEError(
             f"codec '{where}' writes {c.num_codebooks} x {c.codebook_size} codes, head '{task}' {codes.shape[0]} x {head.params.codebook_size}"

@@ -106,7 +106,7 @@ def test_codec_heads_read_codes_of_the_voice_prompted_pairs_made_once_for_their_
     from audiomoe.data import read_manifest
     from audiomoe.train.data import corpus_paths
 
-    model = audiomoe.compose("unimoe-audio-tiny", SMALL_CODEC)
+    model = audiomoe.compose("unimoe-audio-tiny", [s.replace("tasks.tts.", "tasks.codec.") for s in SMALL_CODEC])
     paths = corpus_paths(model, str(tiny_corpus), ["tts"])
     gen = paths["tts"]
     assert gen.endswith("codes-k4-v16/generation.jsonl")

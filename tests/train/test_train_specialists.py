@@ -157,7 +157,7 @@ def test_the_curriculum_trains_specialists_then_warms_up_gates_on_the_moe_built_
 
 def test_a_causal_lm_moe_is_built_from_dense_lm_specialists():
     """UniMoE-Audio's own case: a Qwen2-style LM upcycled; its routed experts are the dense LMs' FFN slices."""
-    over = ["tasks.tts=null", "tasks.cls=classification", "tasks.cls.num_classes=3"]
+    over = ["tasks.codec=null", "tasks.cls=classification", "tasks.cls.num_classes=3"]
     spec = audiomoe.compose("unimoe-audio-tiny", over).spec
     dense = dense_overrides(spec, 2)
     assert dense[-1] == "backbone.moe.expert.d_ff=128"  # 8 experts x 32 over 2 specialists: the LM's whole FFN
