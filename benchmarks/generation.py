@@ -36,14 +36,16 @@ BENCH = "generation"
 
 def codec_cases(frames: int, seconds: float, batch: int) -> tuple[dict, list, tuple]:
     """Timed cases (cache / no cache) for the codec head, whether both write the same codes, and the HF anchor."""
-    over = ["tasks.tts.temperature=0", f"tasks.tts.min_frames={frames}", f"tasks.tts.max_frames={frames}"]
+    # one codec head serves speech and music (UniMoE-Audio's codec space); the tts task's prompt is timed
+    over = ["tasks.codec.temperature=0", f"tasks.codec.min_frames={frames}", f"tasks.codec.max_frames={frames}"]
     model = audiomoe.compose("unimoe-audio-tiny", over).eval()
     g = torch.Generator().manual_seed(0)
     wav = 0.1 * torch.randn(batch, int(16000 * seconds), generator=g)
     with torch.no_grad():
         audio, pad, _, _ = model.adapt(wav, None, 16000)
         head = model.heads["tts"]
-        prefix = head(audio, pad, prompts=["hello there"] * batch, decoder=model.backbone)
+        task = {"task": "tts"} if head.accepts_task else {}
+        prefix = head(audio, pad, prompts=["hello there"] * batch, decoder=model.backbone, **task)
     cached = head.generate(prefix)
     same = [torch.equal(a, b) for a, b in zip(cached, head.generate(prefix, use_cache=False))]
     steps = cached[0].shape[1] + max(head.delays) + 1  # decoder calls: the frames, the delay tail, eos
