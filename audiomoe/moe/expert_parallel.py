@@ -18,7 +18,8 @@ the same two exchanges: per-expert counts first, then the token rows with variab
   data-parallel mean (divide by N, average over expert replicas).
 
 Layout: ``world = replicas x N``; EP groups are consecutive ranks ``[kN, (k+1)N)``, expert replicas are
-ranks with the same ``rank % N``. A layer built with ``expert_parallel: N`` holds every expert until
+ranks with the same ``rank % N`` (on the 2-D mesh of :mod:`audiomoe.train.mesh2d` they FSDP-shard the block
+instead of replicating it). A layer built with ``expert_parallel: N`` holds every expert until
 :func:`shard_experts` (so its init equals the one-process model's); unsharded it is the full layer.
 """
 
@@ -159,7 +160,10 @@ def ep_combine(
     wdt = next(layer.experts.parameters()).dtype  # FSDP may run the rest of the block in another dtype
     xin = rx.to(wdt)
     ones = xin.new_ones(perm.numel())
-    ry = layer.dispatcher(xin, None, local_exp[perm], perm, recv_2d.sum(0).tolist(), ones, layer.experts)
+    args = (xin, None, local_exp[perm], perm, recv_2d.sum(0).tolist(), ones)
+    # experts FSDP-sharded over data parallel (audiomoe.train.mesh2d): run through their FSDP forward method
+    run = getattr(layer.experts, "ep_compute", None)
+    ry = layer.dispatcher(*args, layer.experts) if run is None else run(layer.dispatcher, *args)
     ys = AllToAll.apply(ry.to(tokens.dtype), send_splits, recv_splits, shard.group)
     out = tokens.new_zeros(tokens.shape) if base is None else base.clone()
     return out.index_add_(0, tok, ys * w_pairs.to(ys.dtype).unsqueeze(-1))
@@ -297,8 +301,13 @@ def reduce_expert_grads(model: nn.Module) -> None:
     ``optimizer.step()``: DDP averages the other parameters over all ranks; an expert's raw gradient is
     the sum of its EP group's losses, so ``/ N`` (and the replica mean) gives the same mean.
     """
+    from torch.distributed.tensor import DTensor
+
     for _, p, shard in expert_parameters(model):
         if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor):  # FSDP-sharded over the replicas (2-D mesh): its reduce-scatter took the mean
+            p.grad.div_(shard.size)
             continue
         if shard.replica_group is not None and dist.get_world_size(shard.replica_group) > 1:
             dist.all_reduce(p.grad, group=shard.replica_group)
@@ -324,20 +333,25 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
         if (g := p.grad) is not None and id(p) not in experts and not isinstance(g, DTensor)
     ]
     sq = torch.stack(plain).sum().cpu() if plain else torch.zeros((), dtype=torch.float64)
-    dts = [g for g in grads if isinstance(g, DTensor)]
+    dts = [g for p in model.parameters() if isinstance(g := p.grad, DTensor) and id(p) not in experts]
     if dts:  # FSDP shards: DTensor's norm reduces over the mesh
         sq = sq + torch.nn.utils.get_total_norm(dts).full_tensor().double().cpu().square()
-    groups: dict[int, tuple[object, list[torch.Tensor]]] = {}
+    groups: dict[tuple, tuple[object, object, list[torch.Tensor]]] = {}
     for _, p, shard in expert_parameters(model):  # a missing gradient counts as zero: every rank joins the reduce
+        g = p.grad
+        local = g.to_local() if isinstance(g, DTensor) else g  # 2-D mesh: this rank's dp chunk of its EP block
         part = (
             torch.zeros((), dtype=torch.float64, device=p.device)
-            if p.grad is None
-            else p.grad.detach().double().square().sum()
+            if local is None
+            else local.detach().double().square().sum()
         )
-        groups.setdefault(id(shard.group), (shard.group, []))[1].append(part)
-    for group, parts in groups.values():  # each EP rank holds different experts: sum over the group
+        dp = p.device_mesh.get_group() if isinstance(p, DTensor) else None
+        groups.setdefault((id(shard.group), id(dp)), (shard.group, dp, []))[2].append(part)
+    for group, dp, parts in groups.values():  # each EP rank holds different experts: sum over the group
         part = torch.stack(parts).sum()
         dist.all_reduce(part, group=group)
+        if dp is not None:  # and each dp rank a different chunk of them
+            dist.all_reduce(part, group=dp)
         sq = sq + part.cpu()
     total = sq.sqrt()
     coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))

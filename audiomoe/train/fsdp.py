@@ -12,6 +12,8 @@ Layouts:
   per step ``backward``, ``reduce_expert_grads(model)``, ``clip_grad_norm_(model, c)``, ``step``.
 - FSDP2 (+ EP): ``shard_experts(model)`` then ``apply_fsdp(model, param_dtype=..., reduce_dtype=...)``; the
   expert shards are left out of FSDP (``ignored_params``) and reduced by ``reduce_expert_grads``.
+- 2-D mesh (EP x FSDP over the data-parallel replicas): ``audiomoe.train.mesh2d.apply_2d(model, N)`` instead of
+  both calls above; the expert blocks are FSDP-sharded over their replicas.
 - Checkpoints: ``save_full_safetensors(model, path)`` (collective; rank 0 writes each expert once as
   full tensors, the keys and shapes of the one-process model) and ``load_full_safetensors(model, path)``
   (slices experts for this rank's EP block and parameters for its FSDP shard).

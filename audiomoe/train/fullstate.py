@@ -50,7 +50,8 @@ def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, tor
             out[key] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
             continue
         shard, rest = sharded[pre].ep_shard, key[len(pre) :]
-        parts = [p.cpu() for p in _gather(value.detach(), shard.group)]
+        block = value.full_tensor() if isinstance(value, DTensor) else value  # 2-D mesh: unshard over dp first
+        parts = [p.cpu() for p in _gather(block.detach(), shard.group)]
         if isinstance(sharded[pre].experts, GroupedSwiGLU):
             out[key] = torch.cat(parts)  # stacked [E/N, ...] blocks -> [E, ...]
         else:  # one module per expert: local index i on EP rank r is expert r * E/N + i
@@ -120,6 +121,13 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], stric
                         f"'{src}' holds {full.shape[0]} experts, the model {shard.num_experts}; load a checkpoint of the same num_experts"
                     )
                 full = full[shard.lo : shard.hi]
+            if isinstance(value, DTensor):  # 2-D mesh: the block FSDP-sharded over dp, sliced locally
+                full = distribute_tensor(
+                    full.to(device=value.device, dtype=value.dtype),
+                    value.device_mesh,
+                    value.placements,
+                    src_data_rank=None,
+                )
             local[key] = full
             used.add(src)
         elif key in state:
@@ -196,8 +204,8 @@ def full_optimizer_state_dict(
         entry = state["state"][idx] = {}
         for key, v in live["state"][idx].items():
             if isinstance(v, DTensor):
-                v = v.full_tensor()
-            elif id(p) in experts and torch.is_tensor(v) and v.shape == p.shape:
+                v = v.full_tensor()  # an expert's (2-D mesh): its EP block, gathered over ep below
+            if id(p) in experts and torch.is_tensor(v) and v.dim() and v.shape == p.shape:
                 v = torch.cat(_gather(v, experts[id(p)].group))
             entry[key] = v.detach().cpu().clone() if torch.is_tensor(v) else v
     if rank0_only and dist.is_initialized() and dist.get_rank() != 0:
@@ -217,9 +225,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
         p = params[int(idx)]
         out = {}
         for key, v in entry.items():
-            if torch.is_tensor(v) and isinstance(p, DTensor) and v.dim() and v.shape == p.shape:
-                v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-            elif (
+            if (
                 torch.is_tensor(v)
                 and id(p) in experts
                 and v.dim()
@@ -227,6 +233,8 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
                 and v.shape[1:] == p.shape[1:]
             ):
                 v = v[experts[id(p)].lo : experts[id(p)].hi]
+            if torch.is_tensor(v) and isinstance(p, DTensor) and v.dim() and v.shape == p.shape:
+                v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
             out[key] = v
         local["state"][idx] = out
     optimizer.load_state_dict(local)

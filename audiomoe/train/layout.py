@@ -11,7 +11,9 @@
   process and resumes at any EP size); a model without a ``backbone.moe`` block, or one whose spec
   already fixes another ``expert_parallel``, is refused. Unset, N is the spec's own (default 1);
 - ``fsdp: true`` shards every Transformer block, the encoder and the root with FSDP2
-  (``param_dtype`` / ``reduce_dtype``: ``bf16`` | ``fp32`` | null = the parameters' own).
+  (``param_dtype`` / ``reduce_dtype``: ``bf16`` | ``fp32`` | null = the parameters' own). With EP and
+  ``D > 1`` it is the 2-D ``(dp, ep)`` mesh (:mod:`audiomoe.train.mesh2d`): each EP block is itself
+  FSDP-sharded over its ``D`` replicas instead of replicated.
 
 With EP or FSDP (:attr:`Layout.sharded`) the trainer calls :meth:`Layout.prepare` once (after the
 first stage's init, before its optimizer), :meth:`Layout.wrap` per stage (DDP with the experts
@@ -64,6 +66,11 @@ class Layout:
         """Replicas of each EP group (``world / expert_parallel``)."""
         return self.world // self.expert_parallel
 
+    @property
+    def mesh_2d(self) -> bool:
+        """EP and FSDP with data replicas: the ``(dp, ep)`` mesh, each expert block FSDP-sharded over its replicas."""
+        return self.fsdp and self.expert_parallel > 1 and self.data_parallel > 1
+
     def describe(self) -> dict[str, Any]:
         """The layout for the run summary."""
         return {
@@ -89,6 +96,18 @@ class Layout:
             return
         from audiomoe.train import fsdp as parallel
 
+        if self.mesh_2d:  # experts EP x FSDP(dp), the rest FSDP over every rank (audiomoe.train.mesh2d)
+            from audiomoe.train.mesh2d import apply_2d
+
+            apply_2d(
+                model,
+                self.expert_parallel,
+                param_dtype=self.param_dtype,
+                reduce_dtype=self.reduce_dtype,
+                reshard_after_forward=self.reshard_after_forward,
+            )
+            self.prepared = True
+            return
         if self.expert_parallel > 1:
             parallel.shard_experts(model)
         if self.fsdp:

@@ -131,7 +131,11 @@ class DistributedSpec(_Strict):
     expert_parallel: Optional[int] = Field(
         None, ge=1, le=4096, description="ranks sharing the routed experts (None: the spec's, 1)"
     )
-    fsdp: bool = Field(False, description="FSDP2: shard the blocks, the encoder and the rest over every rank")
+    fsdp: bool = Field(
+        False,
+        description="FSDP2: shard the blocks, the encoder and the rest over every rank; with expert_parallel and "
+        "data_parallel > 1 each expert block is also FSDP-sharded over its data_parallel replicas (2-D mesh)",
+    )
     param_dtype: Optional[Literal["bf16", "fp32"]] = Field(
         None, description="FSDP compute dtype (None: the parameters')"
     )

@@ -409,14 +409,27 @@ def errors(rank: int) -> dict:
     return out
 
 
+def start_gloo(timeout_s: int = 120) -> int:
+    """Join the torchrun gloo group with one thread per rank; this rank's index (shared by the gloo test workers)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank()
+
+
+def finish_rank(out_dir: str, rank: int, res: dict) -> None:
+    """Write this rank's results to ``rank<R>.json``, wait for every rank, and leave the group."""
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(res, fh, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="layer,train,composed,fsdp_unused,errors")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    rank = dist.get_rank()
+    rank = start_gloo()
     res: dict = {}
     only = args.only.split(",")
     if "layer" in only:
@@ -431,10 +444,7 @@ def main() -> None:
         res["fsdp_unused"] = fsdp_unused(rank)
     if "errors" in only:
         res["errors"] = errors(rank)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
-        json.dump(res, fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(args.out, rank, res)
 
 
 if __name__ == "__main__":

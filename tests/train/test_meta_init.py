@@ -28,7 +28,11 @@ PRESETS = [p.name for p in audiomoe.list_presets() if p.name.startswith("tiny") 
 
 def torchrun(out: Path, *args: str, nproc: int = 2) -> list[dict]:
     """The worker under ``torchrun --nproc_per_node nproc`` on 127.0.0.1; each rank's results."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}"]

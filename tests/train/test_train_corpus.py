@@ -179,7 +179,7 @@ def test_the_unimoe_preset_trains_and_evaluates_tts_on_the_small_corpus(tmp_path
         "--eval-every",
         "2",
         "--eval-batches",
-        "1",
+        "2",  # one codec head serves tts and music: the first eval batch holds music only, the second tts
         "--out",
         str(tmp_path / "run"),
         "--quiet",
