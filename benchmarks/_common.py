@@ -171,3 +171,12 @@ class Report:
             with open(path, "w", encoding="utf-8") as fh:
                 for line in self.lines:
                     fh.write(json.dumps(line) + "\n")
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain-text table: ``header`` over a dashed rule, then ``rows``, columns padded to their widest cell."""
+    w = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    return "\n".join(
+        ["  ".join(h.ljust(x) for h, x in zip(header, w)), "  ".join("-" * x for x in w)]
+        + ["  ".join(str(c).ljust(x) for c, x in zip(r, w)) for r in rows]
+    )

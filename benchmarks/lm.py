@@ -41,7 +41,7 @@ import torch
 from audiomoe.core.decoding import generation_mode
 from audiomoe.core.errors import AudioMoEError
 
-from _common import Report, add_mode_flags, measure, mode_of
+from _common import Report, add_mode_flags, measure, mode_of, table
 from _lm_models import CPU_IMPLS, LMShape, build_lms, hf_name, impls_for, moe_blocks
 
 BENCH = "lm"
@@ -258,14 +258,6 @@ def rows_of(case: str, times: dict[str, float], report: Report) -> list[str]:
     return row
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    w = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    return "\n".join(
-        ["  ".join(h.ljust(x) for h, x in zip(header, w)), "  ".join("-" * x for x in w)]
-        + ["  ".join(str(c).ljust(x) for c, x in zip(r, w)) for r in rows]
-    )
-
-
 def main() -> None:
     """Run the four cases, print every model's time per case and the ratio table; JSON lines with --json."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -299,12 +291,12 @@ def main() -> None:
         results.update(layer_points(sz, args.guard))
     print("\nseconds per case and model (ms)")
     names = sorted({n for t in results.values() for n in t}, key=lambda n: (n != "audiomoe", n != "audiomoe+gen", n))
-    print(_table([[c] + [f"{t[n] * 1e3:.2f}" if n in t else "-" for n in names] for c, t in results.items()],
+    print(table([[c] + [f"{t[n] * 1e3:.2f}" if n in t else "-" for n in names] for c, t in results.items()],
                  ["case"] + names))  # fmt: skip
     rows = [rows_of(c, t, report) for c, t in results.items()]
     print("\naudiomoe against transformers' best MoE model and the dense limit (ms; ratios of medians)")
     hdr = ["case", "audiomoe", "transformers' best", "am/HF best", "am+gen/HF best", "am/dense", "HF best/dense"]
-    print(_table(rows, hdr))
+    print(table(rows, hdr))
     if args.profile:
         print("\naudiomoe MoE layer, 1-token calls (decoding shape): top ops by self CPU time")
         print(profile_layer(sz["decode"]))

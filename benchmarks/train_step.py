@@ -28,7 +28,7 @@ import torch
 import audiomoe
 from audiomoe.train.data import build_data
 
-from _common import Report, add_mode_flags, measure, mode_of
+from _common import Report, add_mode_flags, measure, mode_of, table
 
 BENCH = "train_step"
 PRESETS = {
@@ -131,14 +131,6 @@ def moe_vs_dense(report: Report, reps: int, batch_size: int, corpus: str = "buil
     return rows
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    w = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    return "\n".join(
-        ["  ".join(h.ljust(x) for h, x in zip(header, w)), "  ".join("-" * x for x in w)]
-        + ["  ".join(str(c).ljust(x) for c, x in zip(r, w)) for r in rows]
-    )
-
-
 def main() -> None:
     """Run the split and the MoE-vs-dense ratio; print tables, write JSON lines with --json."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -174,11 +166,11 @@ def main() -> None:
     print(
         f"training step split (batch {args.batch_size}, built-in {'tiny' if mode == 'smoke' else 'small'} corpus, medians in ms over {steps} steps)\n"
     )
-    print(_table(rows, ["preset", "workers", "data", "forward", "backward", "optimizer", "step", "data share"]))
+    print(table(rows, ["preset", "workers", "data", "forward", "backward", "optimizer", "step", "data share"]))
     print(
         f"\nMoE vs dense with the same active FLOPs (full training step on one batch, median of {reps}, interleaved)\n"
     )
-    print(_table(moe_vs_dense(report, reps, args.batch_size, corpus), ["case", "MoE", "dense", "ratio"]))
+    print(table(moe_vs_dense(report, reps, args.batch_size, corpus), ["case", "MoE", "dense", "ratio"]))
     report.write(args.json)
 
 

@@ -229,33 +229,23 @@ def test_full_checkpointing_at_most_half_the_activation_memory():
 
 
 def test_two_gloo_processes_with_fsdp_and_expert_parallel_match_one_process(tmp_path):
+    from test_train_distributed import ENV, RECIPE
+
     from audiomoe.train.distributed import free_port  # noqa: F401 - imported to fail early without torch.distributed
     from audiomoe.train.recipe import load_recipe
     from audiomoe.train.trainer import RunOptions, run_recipe
 
-    recipe = {
-        "name": "ac-tiny",
-        "data": "tones",
-        "batch_size": 8,
-        "model": {
-            "preset": "tiny-unimoe",
-            "overrides": [
-                "tasks.speaker=null",
-                "backbone.moe.router.unimoe_aux_weight=0.0",
-                "backbone.moe.router.unimoe_aux_weight_end=0.0",
-            ],
-        },
-        "optim": {"lr": 3e-3, "eps": 1e-6, "grad_clip": 1.0},
-        "eval": {"every": 100, "batches": 0},
-        "checkpoint": {"every": 3, "keep": 0},
-        "stages": [{"name": "a", "steps": 3}],
-    }
+    recipe = {k: v for k, v in RECIPE.items() if k not in ("log", "distributed")}  # the EP test's model and data
+    recipe.update(
+        name="ac-tiny",
+        eval={"every": 100, "batches": 0},
+        checkpoint={"every": 3, "keep": 0},
+        stages=[{"name": "a", "steps": 3}],
+    )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_recipe(load_recipe(str(path), []), RunOptions(out_dir=str(tmp_path / "one"), progress=False, device="cpu"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env = ENV
     sets = ["activation_checkpointing=full", "distributed.fsdp=true", "distributed.expert_parallel=2"]
     cmd = [sys.executable, "-m", "audiomoe", "train", str(path), "--nproc", "2", "--out", str(tmp_path / "two")]
     cmd += [a for s in sets for a in ("--set", s)] + ["--device", "cpu", "--quiet"]
