@@ -44,8 +44,14 @@ class AudioModel(nn.Module):
         d = params.d_model
         missing: list[str] = []  # every part is tried, so one error names every missing checkpoint
         self.encoder = _built("encoder", lambda: encoder(d_model=d, task_names=self.task_names), missing)
+        # Parts after the encoder start from their own seed (the spec's seed and the part's name), so two
+        # configs of a study that differ elsewhere (a router, the encoder pool) share these initial weights
+        # at one seed: their paired difference is not also a difference of random initialisation.
+        seeded = lambda part, build: _seeded(params.seed, part, build)  # noqa: E731 (a local shorthand)
         self.backbone = (
-            _built("backbone", lambda: backbone(d_model=d, task_names=self.task_names), missing)
+            seeded(
+                "backbone", lambda: _built("backbone", lambda: backbone(d_model=d, task_names=self.task_names), missing)
+            )
             if backbone is not None
             else None
         )
@@ -57,10 +63,16 @@ class AudioModel(nn.Module):
         if adapter is None:  # no adapter named: the plain linear one (identity when the widths match)
             from audiomoe.adapters.linear import LinearAdapter
 
-            self.adapter = LinearAdapter(LinearAdapter.Params(), in_dim=width, d_model=d)
+            self.adapter = seeded("adapter", lambda: LinearAdapter(LinearAdapter.Params(), in_dim=width, d_model=d))
         else:
-            self.adapter = adapter(in_dim=width, d_model=d)
-        self.heads = HeadDict({name: b(d_model=d, task_name=name) for name, b in tasks.items()}, head_of)
+            self.adapter = seeded("adapter", lambda: adapter(in_dim=width, d_model=d))
+        self.heads = HeadDict(
+            {
+                name: seeded(f"heads.{name}", lambda b=b, name=name: b(d_model=d, task_name=name))
+                for name, b in tasks.items()
+            },
+            head_of,
+        )
         for name, head in self.heads.items():
             if head.reads_decoder and (self.backbone is None or not self.backbone.supports_decoding):
                 got = (
@@ -267,6 +279,15 @@ def _task_heads(tasks: dict[str, Any]) -> dict[str, str]:
                 f"'{key}' is both the key of a head and a task served by head '{head_of[key]}'; rename the head"
             )
     return head_of
+
+
+def _seeded(seed: int, part: str, build: Any) -> Any:
+    """``build()`` under a seed drawn from ``seed`` and ``part``'s name (the caller's random state is kept)."""
+    import zlib
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((int(seed) * 1_000_003 + zlib.crc32(part.encode())) % 2**63)
+        return build()
 
 
 def _built(what: str, build: Any, missing: list[str]) -> Any:

@@ -33,6 +33,7 @@ def save_plan(plan: Plan, root: Path, meta: dict[str, Any]) -> Path:
         "metric": plan.metric,
         "measure_batches": plan.measure_batches,
         "skipped_configs": plan.skipped_configs,
+        "arm_seeds": plan.arm_seeds,
         **meta,
     }
     path = root / PLAN_FILE
@@ -62,6 +63,7 @@ def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
         data["metric"],
         data["measure_batches"],
         data.get("skipped_configs", {}),
+        data.get("arm_seeds", {}),
     )
     meta = {k: v for k, v in data.items() if k in ("title", "description", "claims", "seconds")}
     return plan, meta
@@ -172,7 +174,7 @@ def run_ablation(
     states = [run_state(r) for r in runs]
     finished, stale = states.count("done"), states.count("stale")
     print(
-        f"{len(runs)} runs ({len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {len(plan.seeds)} seed{'s' * (len(plan.seeds) != 1)}) in {root}; {finished} already finished, "
+        f"{len(runs)} runs ({len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {plan.seeds_text()}) in {root}; {finished} already finished, "
         f"{len(runs) - finished} to run with {jobs} job(s) ({launcher})",
         file=stream,
         flush=True,

@@ -13,6 +13,10 @@ seed (:func:`audiomoe.analysis.stats.paired_test`; intervals clipped to the metr
   the candidate costs more (interval above 0) or is worse by more than the margin (interval below
   ``-margin``); otherwise *not resolved*.
 
+A ``better`` claim with ``noninferior`` metrics (e.g. the majority domain's tasks, when the key metric
+is the minority's) holds only when each of those differences' interval also lies above ``-margin``;
+it does not hold when one lies below ``-margin``; otherwise it is not resolved, and says which.
+
 An entry with ``role: control`` is a *positive control*: a comparison whose effect is known to exist
 (e.g. a model against the same model with its audio withheld). It *resolves* when its interval lies
 above 0. Until every positive control resolves, the claims are *not interpreted*: a study that cannot
@@ -144,6 +148,42 @@ def _cheaper(
     return verdict, plain, measured, parts
 
 
+def _noninferior(
+    claim: Any, rows: Sequence[Mapping[str, Any]], verdict: str, plain: str
+) -> tuple[str, str, list[str], list[dict[str, Any]]]:
+    """The key metric's verdict, qualified by the ``noninferior`` metrics (module doc)."""
+    m, records, parts = claim.margin, [], []
+    for metric in claim.noninferior:
+        for ref in claim.reference:
+            t = _test(rows, claim.candidate, ref, metric)
+            lo = t.mean_diff if t.deterministic else t.ci_low
+            hi = t.mean_diff if t.deterministic else t.ci_high
+            state = "non-inferior" if lo > -m else "inferior" if hi < -m else "not shown"
+            records.append({"metric": metric, "reference": ref, **_record(ref, t, m), "state": state})
+            parts.append(f"non-inferiority {metric} {claim.candidate} - {ref}: {t.text()} ({state})")
+    worse = [f"{r['metric']} vs {r['reference']}" for r in records if r["state"] == "inferior"]
+    open_ = [f"{r['metric']} vs {r['reference']}" for r in records if r["state"] == "not shown"]
+    if verdict != "holds" or not (worse or open_):
+        if verdict == "holds":
+            plain += f" Non-inferior (low end above -{m}) on {', '.join(claim.noninferior)}."
+        return verdict, plain, parts, records
+    if worse:
+        return (
+            "does not hold",
+            f"Does not hold at this scale: {claim.candidate} is better on {claim.metric or 'the key metric'} but worse by "
+            f"more than {m} on {', '.join(worse)}.",
+            parts,
+            records,
+        )
+    return (
+        "not resolved",
+        f"Not resolved at this scale: {claim.candidate} is better on {claim.metric or 'the key metric'}, but "
+        f"non-inferiority within -{m} is not shown on {', '.join(open_)}.",
+        parts,
+        records,
+    )
+
+
 def evaluate_claim(
     claim: Any, rows: Sequence[Mapping[str, Any]], metric: str, arm_of: Mapping[str, str], skipped: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -182,6 +222,9 @@ def evaluate_claim(
     else:
         verdict, plain, cost_measured, cost_parts = _cheaper(claim, rows, key, tests)
         measured, parts = measured + cost_measured, parts + cost_parts
+    if claim.kind == "better" and getattr(claim, "noninferior", None):
+        verdict, plain, ni_parts, out["noninferiority"] = _noninferior(claim, rows, verdict, plain)
+        parts += ni_parts
     for extra in claim.also:
         for ref in claim.reference:
             parts.append(
@@ -251,6 +294,7 @@ def claims_files(verdicts: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, 
         "minimum_detectable_effect",
         "margin",
         "comparisons",
+        "noninferiority",
     )
     claims = [
         {k: v.get(k) for k in keys} | ({"raw_verdict": v["raw_verdict"]} if "raw_verdict" in v else {})

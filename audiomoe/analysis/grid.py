@@ -205,6 +205,19 @@ class Plan:
     metric: str = "mean/accuracy"
     measure_batches: int = 4
     skipped_configs: dict[str, str] = field(default_factory=dict)  # variant name -> its skipped arm
+    arm_seeds: dict[str, list[int]] = field(default_factory=dict)  # an arm's own seeds (a study's ``arms.X.seeds``)
+
+    def seeds_of(self, arm: str) -> list[int]:
+        """The seeds an arm's configs run: its own, else the plan's."""
+        return self.arm_seeds.get(arm, self.seeds)
+
+    def seeds_text(self) -> str:
+        """``4 seeds`` or, when arms differ, ``4-8 seeds (routing 4, encoders 8)``."""
+        counts = {c.arm: len(self.seeds_of(c.arm)) for c in self.configs} or {"": len(self.seeds)}
+        lo, hi = min(counts.values()), max(counts.values())
+        if lo == hi:
+            return f"{lo} seed{'s' * (lo != 1)}"
+        return f"{lo}-{hi} seeds ({', '.join(f'{a} {n}' for a, n in counts.items())})"
 
     def arm_of(self) -> dict[str, str]:
         """Every config name (run or skipped) -> its arm."""
@@ -212,4 +225,4 @@ class Plan:
 
     def runs(self, root: str | Path) -> list[Run]:
         """All runs of the plan under ``root``."""
-        return plan_runs(self.configs, self.seeds, root)
+        return [r for c in self.configs for r in plan_runs([c], self.seeds_of(c.arm), root)]

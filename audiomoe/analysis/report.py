@@ -63,7 +63,7 @@ def study_report(
     blocks.append(
         (
             "p",
-            f"{len(ok)} of {len(rows)} runs finished{when}: {len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {len(plan.seeds)} seed{'s' * (len(plan.seeds) != 1)}. "
+            f"{len(ok)} of {len(rows)} runs finished{when}: {len(plan.configs)} config{'s' * (len(plan.configs) != 1)} x {plan.seeds_text()}. "
             f"Key metric `{metric}` ({_scored_on(metric, ok)}); intervals are 95% t intervals over seeds; "
             f"differences are paired by seed."
             + (f" Chance level of `{metric}` (uniform guess) is {chance:.3f}." if chance else ""),

@@ -62,6 +62,12 @@ class ArmSpec(_Strict):
     compact_set: list[str] = Field(
         default_factory=list, description="further overrides of every variant in the compact form"
     )
+    seeds: Optional[int] = Field(
+        None,
+        ge=1,
+        le=100,
+        description="seeds of this arm (default: the study's): more for a claim that needs the power",
+    )
 
 
 class ClaimSpec(_Strict):
@@ -90,6 +96,11 @@ class ClaimSpec(_Strict):
     )
     also: list[str] = Field(
         default_factory=list, description="further metrics reported with the claim (e.g. the worst task)"
+    )
+    noninferior: list[str] = Field(
+        default_factory=list,
+        description="metrics the candidate must not lose by more than the margin for the claim to hold "
+        "(e.g. the majority domain's, when the key metric is the minority's)",
     )
 
 
@@ -249,6 +260,7 @@ def plan_study(
             model_paths[name] = str(p)
     configs: list[Config] = []
     baselines, skipped, skipped_configs = {}, {}, {}
+    arm_seeds = {}
     chosen = set(spec.compact.variants) if compact and spec.compact.variants else None
     for arm, a in spec.arms.items():
         missing = [r for r in a.requires if not exists(r)]
@@ -291,4 +303,6 @@ def plan_study(
             target, (), variants, overrides=sets, train=train, steps=arm_steps, arm=arm, variant_targets=targets
         )
         baselines[arm] = a.baseline or variants[0][0]
-    return Plan(configs, list(range(n_seeds)), baselines, skipped, spec.metric, batches, skipped_configs)
+        if a.seeds is not None and not seeds and not compact:  # --seeds and the compact form set every arm's
+            arm_seeds[arm] = list(range(a.seeds))
+    return Plan(configs, list(range(n_seeds)), baselines, skipped, spec.metric, batches, skipped_configs, arm_seeds)

@@ -44,7 +44,10 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     den = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or n correct the bound is exactly 0 (1); floating point would leave ~1e-17 on the wrong side of p
+    lo = 0.0 if correct <= 0 else max(0.0, centre - half)
+    hi = 1.0 if correct >= n else min(1.0, centre + half)
+    return lo, hi
 
 
 def pick_items(items: Sequence[Any], max_per_task: Optional[int], caps: Optional[dict[str, int]] = None) -> list[Any]:

@@ -24,6 +24,14 @@ held-out split of its tasks, with a 95% Wilson interval and chance. Every rank t
 encoders on the same (unsharded) data with the same seed; a sharded (FSDP / EP) model is refused.
 A resumed stage does not pretrain again: its checkpoint holds the pretrained weights.
 
+The key ``base`` pretrains the *base* encoder the same way (the mixture's ``encoder.base``, or a
+plain encoder ``encoder`` for the base-only comparison): MoWE-Audio's base is a pretrained, frozen
+Whisper, so a study whose base is random-init gives every arm the same pretrained base (at one seed
+a plain Whisper and the mixture's base start from the same weights and share one cached
+pretraining), and only the routers, projections, adapter and heads train afterwards::
+
+        weak_specialists: {steps: 200, encoders: {base: [language, speaker, style, event], 0: [speaker, style]}}
+
 Runs that differ only after the pretraining (a study's MoWE variants at one seed: another router,
 another fusion) would pretrain the same encoders again; with ``reuse`` (the default) the result is
 stored in the cache directory under a digest of everything it depends on (the encoder's initial
@@ -35,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,8 +60,8 @@ class WeakSpecialistsSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    encoders: dict[int, list[str]] = Field(
-        min_length=1, description="weak encoder index -> the tasks it is pretrained on"
+    encoders: dict[Union[int, Literal["base"]], list[str]] = Field(
+        min_length=1, description="weak encoder index (or 'base': the base encoder) -> the tasks it is pretrained on"
     )
     steps: int = Field(200, ge=1, le=10**6, description="optimizer steps per weak encoder")
     lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate (AdamW, warmup then cosine to 10%)")
@@ -68,23 +76,41 @@ class WeakSpecialistsSpec(BaseModel):
 
     @field_validator("encoders")
     @classmethod
-    def _tasks(cls, v: dict[int, list[str]]) -> dict[int, list[str]]:
-        bad = [k for k, tasks in v.items() if k < 0 or not tasks]
+    def _tasks(cls, v: dict[Union[int, str], list[str]]) -> dict[Union[int, str], list[str]]:
+        bad = [k for k, tasks in v.items() if (k != "base" and int(k) < 0) or not tasks]
         if bad:
-            raise ValueError(f"weak encoder(s) {bad}: give an index >= 0 and at least one task each")
-        return v
+            raise ValueError(f"weak encoder(s) {bad}: give 'base' or an index >= 0, and at least one task each")
+        return dict(sorted(v.items(), key=lambda kv: (kv[0] != "base", str(kv[0]))))  # the base first
+
+
+def _is_mixture(model: Any) -> bool:
+    return getattr(getattr(model, "encoder", None), "weak", None) is not None
+
+
+def encoder_of(model: Any, key: Union[int, str]) -> Any:
+    """The encoder a ``weak_specialists`` key names: ``weak[k]``, or for ``base`` the mixture's base / the plain encoder."""
+    if key == "base":
+        return model.encoder.base if _is_mixture(model) else model.encoder
+    return model.encoder.weak[int(key)]
+
+
+def param_prefix(model: Any, key: Union[int, str]) -> str:
+    """The parameter-name prefix of that encoder in ``model`` (what ``freeze`` drops from training)."""
+    if key == "base":
+        return "encoder.base." if _is_mixture(model) else "encoder."
+    return f"encoder.weak.{key}."
 
 
 def _mixture(model: Any, spec: WeakSpecialistsSpec, where: str) -> Any:
     enc = getattr(model, "encoder", None)
     weak = getattr(enc, "weak", None)
-    if weak is None:
+    if weak is None and any(k != "base" for k in spec.encoders):
         raise AudioMoEError(
             f"{where}.weak_specialists: the model's encoder ({type(enc).__name__}) has no weak pool; "
-            "use a mowe_mixture encoder, or remove weak_specialists"
+            "use a mowe_mixture encoder, pretrain only 'base', or remove weak_specialists"
         )
     for k, tasks in spec.encoders.items():
-        if k >= len(weak):
+        if k != "base" and int(k) >= len(weak):
             raise AudioMoEError(
                 f"{where}.weak_specialists.encoders: index {k} but the mixture has {len(weak)} weak encoders "
                 f"(0..{len(weak) - 1})"
@@ -138,7 +164,7 @@ def _batch_loss(
 
 def pretrain_one(
     model: Any,
-    k: int,
+    k: Union[int, str],
     tasks: list[str],
     spec: WeakSpecialistsSpec,
     recipe: Any,
@@ -147,7 +173,7 @@ def pretrain_one(
     workers: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train weak encoder ``k`` alone on ``tasks`` (temporary heads), then score it on their held-out split."""
+    """Train encoder ``k`` (a weak index or ``base``) alone on ``tasks`` (temporary heads), then score it held out."""
     import torch
     from torch import nn
 
@@ -155,7 +181,7 @@ def pretrain_one(
     from audiomoe.train.heldout import wilson_interval
     from audiomoe.train.recipe import StageData
 
-    enc = model.encoder.weak[k]
+    enc = encoder_of(model, k)
     device = next(model.parameters()).device
     width = int(enc.output_dim)
     probes = nn.ModuleDict({t: nn.Linear(width, int(model.heads[t].params.num_classes)) for t in tasks}).to(device)
@@ -310,24 +336,25 @@ def pretrain_weak(
     _mixture(model, spec, where)
     out = []
     with torch.random.fork_rng(devices=[]):
-        for k, tasks in sorted(spec.encoders.items()):
-            torch.manual_seed(recipe.seed * 1009 + k)
+        for k, tasks in spec.encoders.items():
+            seed = recipe.seed * 1009 + (997 if k == "base" else int(k))
+            torch.manual_seed(seed)
+            what = "the base encoder" if k == "base" else f"weak encoder {k}"
             if note is not None:
-                note(f"{where}: pretraining weak encoder {k} on {', '.join(tasks)} ({spec.steps} steps)")
-            key = _reuse_key(model.encoder.weak[k], list(tasks), spec, recipe) if spec.reuse else None
-            rep = _load_reused(model.encoder.weak[k], key) if key else None
+                note(f"{where}: pretraining {what} on {', '.join(tasks)} ({spec.steps} steps)")
+            enc = encoder_of(model, k)
+            key = _reuse_key(enc, list(tasks), spec, recipe) if spec.reuse else None
+            rep = _load_reused(enc, key) if key else None
             if rep is None:
-                rep = pretrain_one(
-                    model, k, list(tasks), spec, recipe, seed=recipe.seed * 1009 + k, workers=workers, progress=progress
-                )
+                rep = pretrain_one(model, k, list(tasks), spec, recipe, seed=seed, workers=workers, progress=progress)
                 if key:
-                    _store_reused(model.encoder.weak[k], key, rep)
+                    _store_reused(enc, key, rep)
             if note is not None:
                 accs = ", ".join(
                     f"{t} {v['accuracy']:.3f} (chance {v['chance']:.3f}, n={v['items']})"
                     for t, v in rep["heldout"].items()
                 )
-                note(f"{where}: weak encoder {k} held-out probe accuracy: {accs}")
+                note(f"{where}: {what} held-out probe accuracy: {accs}")
             out.append(rep)
     return out
 
@@ -350,6 +377,6 @@ def weak_stage(ctx: RunContext, idx: int, fresh: bool) -> dict[str, Any]:
     for earlier in recipe.stages[: idx + 1]:
         ws = getattr(earlier, "weak_specialists", None)
         if ws is not None and ws.freeze:
-            prefixes = tuple(f"encoder.weak.{k}." for k in ws.encoders)
+            prefixes = tuple(param_prefix(ctx.model, k) for k in ws.encoders)
             ctx.built.difference_update({n for n in ctx.built if n.startswith(prefixes)})
     return out

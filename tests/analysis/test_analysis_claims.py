@@ -173,3 +173,39 @@ def test_the_report_shows_the_control_first_and_no_verdict_while_it_has_not_reso
     claims = next(b for b in blocks if b[0] == "table" and b[1][1] == "claim")
     assert [r[3] for r in claims[2]] == ["not interpreted", "not interpreted"]
     assert "holds" not in " ".join(str(r[3]) for r in claims[2])
+
+
+def _two_metrics(minority: dict[str, list[float]], majority: dict[str, list[float]]) -> list[dict]:
+    merged: dict = {}
+    for metric, values in (("event/accuracy", minority), ("language/accuracy", majority)):
+        for r in _rows(values, metric):
+            merged.setdefault((r["config"], r["seed"]), {}).update(r)
+    return list(merged.values())
+
+
+def test_a_minority_gain_holds_only_with_non_inferiority_on_the_majority():
+    claim = ClaimSpec(
+        id=3,
+        text="the curriculum helps the minority",
+        kind="better",
+        candidate="a",
+        reference=["b"],
+        metric="event/accuracy",
+        noninferior=["language/accuracy"],
+        margin=0.03,
+    )
+    gain = {"a": [0.80, 0.82, 0.81, 0.83], "b": [0.50, 0.52, 0.49, 0.51]}
+
+    def verdict(majority: dict[str, list[float]]) -> dict:
+        (v,) = evaluate_claims([claim], _two_metrics(gain, majority), "mean/accuracy", {"a": "x", "b": "x"}, {})
+        return v
+
+    same = verdict({"a": [0.600, 0.610, 0.605, 0.598], "b": [0.601, 0.607, 0.604, 0.600]})
+    assert same["verdict"] == "holds" and same["noninferiority"][0]["state"] == "non-inferior"
+    worse = verdict({"a": [0.50, 0.51, 0.49, 0.50], "b": [0.60, 0.61, 0.60, 0.62]})  # -0.11: beyond the margin
+    assert worse["verdict"] == "does not hold" and "worse by more than 0.03" in worse["plain"]
+    unclear = verdict({"a": [0.55, 0.62, 0.58, 0.60], "b": [0.60, 0.60, 0.60, 0.60]})  # -0.0125, wide interval
+    assert unclear["verdict"] == "not resolved" and unclear["noninferiority"][0]["state"] == "not shown"
+    assert "non-inferiority within -0.03 is not shown on language/accuracy" in unclear["plain"]
+    claims, _ = claims_files([unclear])
+    assert claims[0]["noninferiority"][0]["metric"] == "language/accuracy"

@@ -289,3 +289,27 @@ def test_a_studys_seeds_give_different_initial_weights(tmp_path):
     pinned = expand("tiny-moe-cls", [], overrides=["seed=7"])[0]
     (run,) = plan_runs([pinned], [2], tmp_path)
     assert "seed=2" not in train_command(run)  # a config that pins its init keeps it
+
+
+def test_an_arm_can_run_more_seeds_than_the_study(tmp_path):
+    """A claim that needs the power gets more seeds in its arm only; --seeds and the compact form set every arm's."""
+    from audiomoe.analysis.ablate import load_plan, save_plan
+
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        "study: s\nseeds: 2\narms:\n  a: {target: tiny-cls, variants: {x: [], y: []}}\n"
+        "  b: {target: tiny-cls, seeds: 5, variants: {z: [], w: []}}\n"
+    )
+    spec = load_study(p)
+    plan = plan_study(spec, tmp_path, exists=lambda name: True)
+    runs = plan.runs(tmp_path)
+    per = {}
+    for r in runs:
+        per.setdefault(r.config.name, []).append(r.seed)
+    assert per == {"x": [0, 1], "y": [0, 1], "z": [0, 1, 2, 3, 4], "w": [0, 1, 2, 3, 4]}
+    assert plan.seeds_text() == "2-5 seeds (a 2, b 5)"
+    save_plan(plan, tmp_path, {})
+    again, _ = load_plan(tmp_path)
+    assert [(r.config.name, r.seed) for r in again.runs(tmp_path)] == [(r.config.name, r.seed) for r in runs]
+    assert len(plan_study(spec, tmp_path, seeds=3, exists=lambda name: True).runs(tmp_path)) == 4 * 3
+    assert len(plan_study(spec, tmp_path, compact=True, exists=lambda name: True).runs(tmp_path)) == 4 * 2

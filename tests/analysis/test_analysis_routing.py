@@ -273,7 +273,8 @@ def test_records_of_part_of_a_batch_are_attributed_to_their_own_items():
     assert set(stats["heads/tts/decoder/layer0"]["per_task"]) == {"tts"} and set(
         stats["backbone/layer0"]["per_task"]
     ) == {"emotion"}
-    assert sum(stats["heads/asr/decoder/layer0"]["per_task"]["asr"]) == pytest.approx(1.0)
+    shares = stats["heads/asr/decoder/layer0"]["per_task"]["asr"]  # rounded to 4 decimals: off by <= 5e-5 each
+    assert sum(shares) == pytest.approx(1.0, abs=5e-5 * len(shares))
 
 
 def test_a_stored_measurement_is_reused_only_for_its_version_and_checkpoint():

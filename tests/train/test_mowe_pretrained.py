@@ -156,3 +156,44 @@ def test_a_pretraining_is_reused_only_for_the_same_initial_weights_tasks_and_set
     longer, _ = run(0, WeakSpecialistsSpec(steps=4, warmup=1, encoders={1: ["pitch"]}))
     off, _ = run(0, WeakSpecialistsSpec(steps=3, warmup=1, encoders={1: ["pitch"]}, reuse=False))
     assert "reused" not in other_init and "reused" not in longer and "reused" not in off
+
+
+def test_the_base_key_pretrains_a_plain_encoder_and_the_mixture_base_as_one_cached_run(tmp_path, monkeypatch):
+    """MoWE's base is pretrained too: at one seed a plain Whisper (the base-only arm) and the mixture's base start from
+    the same weights, so the second pretraining is the first one's, loaded; the plain encoder's prefix is ``encoder.``."""
+    from audiomoe.train.weak_pretrain import WeakSpecialistsSpec, param_prefix, pretrain_weak
+
+    monkeypatch.setenv("AUDIOMOE_CACHE", str(tmp_path / "cache"))
+    rec = load_recipe(_recipe("unused"))
+    spec = WeakSpecialistsSpec(steps=3, warmup=1, encoders={"base": ["pitch"]})
+    mixture = audiomoe.compose(SPEC)
+    plain = audiomoe.compose({**SPEC, "encoder": SPEC["encoder"]["params"]["base"]})
+    assert all(torch.equal(v, plain.encoder.state_dict()[k]) for k, v in mixture.encoder.base.state_dict().items())
+    before = {k: v.clone() for k, v in mixture.encoder.base.state_dict().items()}
+    (first,) = pretrain_weak(mixture, spec, rec, "stages.0")
+    (second,) = pretrain_weak(plain, spec, rec, "stages.0")
+    assert first["encoder"] == "base" and "reused" not in first and "reused" in second
+    after = mixture.encoder.base.state_dict()
+    moved = sum(
+        float((after[k].float() - before[k].float()).abs().sum()) for k in before if before[k].is_floating_point()
+    )
+    assert moved > 1.0, "the base encoder did not train"
+    assert all(torch.equal(v, plain.encoder.state_dict()[k]) for k, v in after.items())
+    assert param_prefix(mixture, "base") == "encoder.base." and param_prefix(plain, "base") == "encoder."
+    assert param_prefix(mixture, 2) == "encoder.weak.2."
+    with pytest.raises(ValueError, match="'base' or an index"):
+        WeakSpecialistsSpec(encoders={-1: ["pitch"]})
+
+
+def test_parts_after_the_encoder_share_their_initial_weights_across_configs_at_one_seed():
+    """Two configs that differ in the encoder (another router) start their heads and adapter alike at one seed (a
+    paired study difference is not also an initialisation difference); another seed gives other weights."""
+    other_router = {
+        **SPEC,
+        "encoder": {**SPEC["encoder"], "params": {**SPEC["encoder"]["params"], "weak": [{"name": "hubert"}]}},
+    }
+    a, b, c = audiomoe.compose(SPEC), audiomoe.compose(other_router), audiomoe.compose({**SPEC, "seed": 1})
+    ha, hb, hc = (m.heads["pitch"].state_dict() for m in (a, b, c))
+    assert all(torch.equal(ha[k], hb[k]) for k in ha)
+    assert all(not torch.equal(ha[k], hc[k]) for k in ha if ha[k].numel() > 1)
+    assert sum(p.numel() for p in a.encoder.parameters()) != sum(p.numel() for p in b.encoder.parameters())

@@ -88,6 +88,8 @@ def _wait_for_write(out: Path, pid: int, timeout: float = 30.0) -> None:
 
 def _mid_write(out: Path, pid: int) -> bool:
     """The kill landed inside a checkpoint write: a temp file of that writer is left behind."""
+    if not out.is_dir():  # killed before the run directory existed (a slow start on a loaded machine)
+        return False
     return any(
         f".{pid}." in p.name or p.name.endswith(f".{pid}")
         for p in out.iterdir()
