@@ -88,7 +88,7 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
     assert "papers" in builtin_studies() and find_study("papers") == STUDIES / "papers.yaml"
     spec = load_study(STUDIES / "papers.yaml")
     plan = plan_study(spec, tmp_path, exists=lambda name: False)
-    routing = ["top_k", "top_k_ent", "top_p", "top_p_null", "top_p_null_ent", "frozen_encoder"]
+    routing = ["top_k", "top_k_ent", "top_p_null", "top_p_null_ent", "frozen_encoder"]
     encoders = ["base_only", "mowe_independent", "mowe_dependent", "mowe_combined", "mowe_two_dependent"]
     assert [c.name for c in plan.configs] == routing + encoders
     assert plan.seeds == [0, 1, 2, 3] and plan.baselines == {"routing": "top_k", "encoders": "base_only"}
@@ -122,7 +122,7 @@ def test_papers_study_variants_are_valid_model_specs(tmp_path):
     from audiomoe.analysis.launch import check_runs
 
     plan = plan_study(load_study(STUDIES / "papers.yaml"), tmp_path)
-    assert len(plan.configs) == 13 and not plan.skipped
+    assert len(plan.configs) == 12 and not plan.skipped
     check_runs(plan.runs(tmp_path))
 
 
@@ -175,7 +175,6 @@ def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_me
     assert [c.name for c in plan.configs] == spec.compact.variants
     assert plan.baselines == {"routing": "top_k", "encoders": "base_only", "curriculum": "naive"}
     left = {
-        "top_p": "routing",
         "top_k_ent": "routing",
         "top_p_null_ent": "routing",
         "frozen_encoder": "routing",
@@ -199,7 +198,7 @@ def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_me
     data["compact"]["variants"] = None  # every config, compact: the curriculum's compact steps
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     demo = plan_study(load_study(tmp_path / "s.yaml"), tmp_path, compact=True, exists=lambda name: True)
-    assert len(demo.configs) == 13 and demo.skipped == {}
+    assert len(demo.configs) == 12 and demo.skipped == {}
     cur = {c.name: c.overrides for c in demo.configs if c.arm == "curriculum"}
     assert (
         "stages.joint.steps=120" in cur["naive"] and "stages.foundation.steps=60" in cur["curriculum"]
