@@ -4,8 +4,9 @@ A claim (``claims:`` in a study file) compares a candidate config with reference
 seed (:func:`audiomoe.analysis.stats.paired_test`; intervals clipped to the metric's range):
 
 - ``better``: *holds* when every candidate - reference interval of the key metric lies above 0;
-  *does not hold* when one lies below 0; *equivalent* when every difference is inside ``±margin`` by
-  two one-sided tests (:func:`audiomoe.analysis.stats.equivalence`); otherwise *not resolved*, with
+  *does not hold* when one lies below 0, or when the candidate is shown equivalent to one reference
+  (inside ``±margin`` by two one-sided tests, :func:`audiomoe.analysis.stats.equivalence`: no gain
+  worth the name over it) but not to all; *equivalent* when every difference is inside ``±margin``; otherwise *not resolved*, with
   the minimum detectable effect of these seeds (:func:`audiomoe.analysis.stats.minimum_detectable_effect`)
   so a reader tells "underpowered" (a large MDE) from "no effect of that size";
 - ``cheaper_at_equal_quality``: *holds* when the cost difference (``cost``, e.g. MoE MFLOPs per audio
@@ -90,6 +91,8 @@ def _better_verdict(tests: Mapping[str, PairedTest], records: Sequence[dict[str,
         return "does not hold"
     if all(r["equivalent"] for r in records):
         return "equivalent"
+    if any(r["equivalent"] for r in records):  # no gain beyond the margin over one reference: it does not beat them all
+        return "does not hold"
     return "not resolved"
 
 
@@ -97,11 +100,17 @@ def _plain_better(claim: Any, verdict: str, metric: str, records: Sequence[dict[
     refs = " / ".join(claim.reference)
     mdes = [r["minimum_detectable_effect"] for r in records if r["minimum_detectable_effect"] is not None]
     mde = f"; these seeds detect a difference of {max(mdes):.3f} or more (power 0.8)" if mdes else ""
+    below = any(r["interval"] and r["interval"][1] < 0 for r in records)
+    eq = [] if below else [r["reference"] for r in records if r["equivalent"]]
     return {
         "holds": f"Holds at this scale: {claim.candidate} scores higher {metric} than {' and '.join(claim.reference)}; "
         "every interval lies above 0.",
-        "does not hold": f"Does not hold at this scale: {claim.candidate} scores lower {metric} than a reference, "
-        "with an interval below 0.",
+        "does not hold": (
+            f"Does not hold at this scale: {claim.candidate} scores lower {metric} than a reference, with an interval below 0."
+            if not eq
+            else f"Does not hold at this scale: {claim.candidate} is equivalent to {' and '.join(eq)} within ±{claim.margin} "
+            f"on {metric} (two one-sided tests), so it does not beat every reference by a meaningful margin."
+        ),
         "equivalent": f"Equivalent at this scale: {claim.candidate} and {refs} differ by less than ±{claim.margin} on {metric} "
         "(two one-sided tests).",
         "not resolved": f"Not resolved at this scale: an interval contains 0 and the difference is not shown to be within "

@@ -209,3 +209,23 @@ def test_a_minority_gain_holds_only_with_non_inferiority_on_the_majority():
     assert "non-inferiority within -0.03 is not shown on language/accuracy" in unclear["plain"]
     claims, _ = claims_files([unclear])
     assert claims[0]["noninferiority"][0]["metric"] == "language/accuracy"
+
+
+def test_a_candidate_equivalent_to_one_reference_does_not_beat_them_all():
+    """MoWE's claim 2 shape: the combined router equals one router alone within the margin (TOST) and is unclear
+    against the other: no meaningful gain over every reference, so the claim does not hold (and says which)."""
+    rows = _rows(
+        {
+            "a": [0.538, 0.521, 0.497, 0.518],
+            "b": [0.522, 0.521, 0.518, 0.524],  # a - b: -0.003, sd 0.015: inside ±0.03 by TOST
+            "c": [0.515, 0.488, 0.498, 0.442],  # a - c: +0.033, sd 0.032: interval contains 0
+        }
+    )
+    claim = ClaimSpec(id=2, text="a beats b and c", kind="better", candidate="a", reference=["b", "c"], margin=0.03)
+    (v,) = evaluate_claims([claim], rows, "mean/accuracy", {"a": "x", "b": "x", "c": "x"}, {})
+    by_ref = {r["reference"]: r for r in v["comparisons"]}
+    assert by_ref["b"]["equivalent"] and not by_ref["c"]["equivalent"] and by_ref["c"]["interval"][0] < 0
+    assert v["verdict"] == "does not hold" and "equivalent to b within ±0.03" in v["plain"]
+    alone = ClaimSpec(id=2, text="a beats c", kind="better", candidate="a", reference=["c"], margin=0.03)
+    (w,) = evaluate_claims([alone], rows, "mean/accuracy", {"a": "x", "b": "x", "c": "x"}, {})
+    assert w["verdict"] == "not resolved"  # without the equivalent reference nothing is decided
