@@ -222,7 +222,7 @@ def test_linear_topk_reads_its_old_params_and_says_so():
     with pytest.warns(DeprecationWarning, match=r"'aux_loss_weight' as 'balance_weight'"):
         got = component_builder("router", old).node.to_dict()
     assert got["name"] == "top_k" and got["params"]["balance_weight"] == 0.02
-    assert got["params"]["selector"] == _spec("top_k", k=1, normalize=True, top1="straight_through")
+    assert got["params"]["selector"] == _spec("top_k", k=1, normalize=True, top1="straight_through", dense_steps=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         spec = resolve(
@@ -238,7 +238,7 @@ def test_linear_topk_reads_its_old_params_and_says_so():
     assert any("'normalize' as 'selector.normalize'" in m for m in said), said
     r = spec["backbone"]["params"]["moe"]["params"]["router"]
     assert r["name"] == "top_k" and r["params"]["balance_weight"] == 0.3
-    assert r["params"]["selector"] == _spec("top_k", k=2, normalize=False, top1="raw")
+    assert r["params"]["selector"] == _spec("top_k", k=2, normalize=False, top1="raw", dense_steps=0)
 
 
 def test_a_state_dict_of_the_old_linear_topk_loads():
