@@ -25,7 +25,8 @@ Timing: ``_common.measure`` (cases interleaved round-robin, one warm-up round, m
 
 ``--quick``: training on 2 x 512 tokens, 32 new tokens, fewer repetitions (about two minutes);
 ``--smoke``: tiny sizes, one repetition, the same code paths and equality checks (seconds; CI).
-``--profile``: torch.profiler's top ops of audiomoe's 1-token MoE layer call.
+``--profile``: torch.profiler's top ops of audiomoe's 1-token MoE layer call, and the aten ops of one cached
+decoding step per model (batch 1 and 4; a count, steady under other load where wall times are not).
 
 Usage: python benchmarks/lm.py [--quick | --smoke] [--json FILE] [--reps N] [--threads N] [--guard] [--profile]
 """
@@ -230,6 +231,39 @@ def profile_layer(s: LMShape, calls: int = 50, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def _cached_step(m: torch.nn.Module, nxt, cache, mask, pos) -> Callable[[], None]:
+    def run() -> None:
+        m(input_ids=nxt, attention_mask=mask, cache=cache, use_cache=True, position_ids=pos)
+        cache.crop(-1)  # back to the prefix: every profiled step is the same step
+
+    return run
+
+
+def step_ops(s: LMShape, batch: int, prompt: int = 64, steps: int = 5) -> dict[str, float]:
+    """aten ops per cached greedy decoding step (one token per row after a ``prompt``-token prefill), per model.
+
+    The op count of a step is what a decoding step at these sizes costs (each op a few microseconds of
+    dispatch on CPU, a launch on GPU), and unlike wall time it does not move with other load on the machine.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    ids = torch.randint(1, s.vocab, (batch, prompt), generator=torch.Generator().manual_seed(5))
+    mask, pos = torch.ones(batch, prompt + 1, dtype=torch.long), torch.full((batch, 1), prompt)
+    for name, m in build_lms(s, impls=("eager", "batched_mm", "grouped_mm")).items():
+        with torch.no_grad():
+            first = m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            cache, nxt = first.past_key_values, first.logits[:, -1:].argmax(-1)
+
+            step = _cached_step(m, nxt, cache, mask, pos)
+            step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+        out[name] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+    return out
+
+
 def _best(times: dict[str, float]) -> tuple[str, float]:
     hf = {n: v for n, v in times.items() if "/" in n}
     name = min(hf, key=hf.get)
@@ -300,6 +334,11 @@ def main() -> None:
     if args.profile:
         print("\naudiomoe MoE layer, 1-token calls (decoding shape): top ops by self CPU time")
         print(profile_layer(sz["decode"]))
+        for b in sz["batches"]:
+            ops = step_ops(sz["decode"], b)
+            for n, v in ops.items():
+                report.emit(f"aten ops per decoding step, batch {b}", n, v, "ops")
+            print(f"aten ops per cached decoding step, batch {b}: " + ", ".join(f"{n} {v:.0f}" for n, v in ops.items()))
     report.write(args.json)
 
 

@@ -6,7 +6,7 @@ Attention goes through ``backends.attention`` (SDPA with a key-padding mask on t
 memory-efficient attention on packed sequences with a block-diagonal mask on CUDA).
 
 Decoding (``supports_decoding``): :meth:`MoEStackBackbone.decode` runs new positions of an
-interleaved sequence causally against a KV cache (one ``(k, v)`` pair per block, torch SDPA), so
+interleaved sequence causally against a KV cache (one :class:`KVBuffer` per block, written in place, torch SDPA), so
 text and codec heads generate one step per call. Positions: none by default (the encoder's states
 carry them), or rotary embeddings (``positions: rope``, RoFormer, on the real-token positions) for a
 stack used as a decoder.
@@ -56,6 +56,57 @@ def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([a * cos - b * sin, a * sin + b * cos, x[..., 2 * half :]], -1)
 
 
+class KVBuffer:
+    """One block's keys and values [B, T, H, Dh] of :meth:`MoEStackBackbone.decode`, in buffers with room to grow.
+
+    Without autograd a decoding step writes its new positions in place (no ``torch.cat`` of the whole past per
+    step, which copies it); the room doubles when full. With autograd (a teacher-forced pass) the positions are
+    concatenated as before, so no saved tensor is ever written over. Updated in place, as transformers' caches:
+    pass the cache a call returns to one next call (:meth:`select` copies, for beams).
+    """
+
+    __slots__ = ("k", "v", "n")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        self.k, self.v, self.n = k, v, n
+
+    @classmethod
+    def start(cls, k: torch.Tensor, v: torch.Tensor) -> "KVBuffer":
+        """A cache holding ``k``, ``v`` (with room for as many positions again, and at least 64, without autograd)."""
+        if torch.is_grad_enabled():
+            return cls(k, v, k.shape[1])
+        buf = cls(k, v, 0)
+        buf._grow(k.shape[1] + max(k.shape[1], 64))
+        return buf._write(k, v)
+
+    def _grow(self, cap: int) -> None:
+        b, _, h, d = self.k.shape
+        k, v = self.k.new_empty(b, cap, h, d), self.v.new_empty(b, cap, h, d)
+        k[:, : self.n], v[:, : self.n] = self.k[:, : self.n], self.v[:, : self.n]
+        self.k, self.v = k, v
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor) -> "KVBuffer":
+        n = self.n + k.shape[1]
+        self.k[:, self.n : n], self.v[:, self.n : n] = k, v
+        self.n = n
+        return self
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions ``k``, ``v`` [B, L, H, Dh]; returns every position's keys and values so far."""
+        if torch.is_grad_enabled() or self.k.requires_grad:
+            self.k, self.v = torch.cat([self.k[:, : self.n], k], 1), torch.cat([self.v[:, : self.n], v], 1)
+            self.n = self.k.shape[1]
+        else:
+            if self.n + k.shape[1] > self.k.shape[1]:
+                self._grow(max(2 * self.k.shape[1], self.n + k.shape[1]))
+            self._write(k, v)
+        return self.k[:, : self.n], self.v[:, : self.n]
+
+    def select(self, rows: torch.Tensor) -> "KVBuffer":
+        """A new cache of batch rows ``rows`` (repeats allowed), with the same room."""
+        return KVBuffer(self.k.index_select(0, rows), self.v.index_select(0, rows), self.n)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a key-padding mask; the backend decides the kernel."""
 
@@ -88,8 +139,8 @@ class SelfAttention(nn.Module):
         return self.out(out.reshape(b, n, d))
 
     def cached(
-        self, x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, past: Optional[tuple]
-    ) -> tuple[torch.Tensor, tuple]:
+        self, x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, past: Optional[KVBuffer]
+    ) -> tuple[torch.Tensor, KVBuffer]:
         """Causal attention of new positions ``x`` [B, L, D] over ``past`` keys/values and their own.
 
         ``keep`` [B, past + L] is True at real tokens. A query attends to real keys at or before its
@@ -97,8 +148,11 @@ class SelfAttention(nn.Module):
         """
         b, n, d = x.shape
         q, k, v = self._qkv(x, positions)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+        if past is None:
+            past = KVBuffer.start(k, v)
+            k, v = past.k[:, : past.n], past.v[:, : past.n]
+        else:
+            k, v = past.append(k, v)
         total = k.shape[1]
         cols = torch.arange(total, device=x.device)
         rows = cols[total - n :, None]
@@ -106,7 +160,7 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None]
         )
-        return self.out(out.transpose(1, 2).reshape(b, n, d)), (k, v)
+        return self.out(out.transpose(1, 2).reshape(b, n, d)), past
 
 
 class MoEBlock(nn.Module):
@@ -186,7 +240,7 @@ class MoEStackBackbone(Backbone):
     def decode(
         self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None
     ) -> DecoderState:
-        """Causal pass of new positions against the KV ``cache`` (a list of per-block ``(k, v)``; None: empty)."""
+        """Causal pass of new positions against the KV ``cache`` (a list of per-block :class:`KVBuffer`; None: empty)."""
         keep = attention_mask.bool()
         x, new = embeds, []
         out = DecoderState(embeds)
@@ -199,5 +253,5 @@ class MoEStackBackbone(Backbone):
         return out
 
     def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
-        """The per-block ``(k, v)`` of batch rows ``rows``."""
-        return [tuple(t.index_select(0, rows) for t in kv) for kv in cache]
+        """The per-block caches of batch rows ``rows`` (copies: the given cache is left as it is)."""
+        return [kv.select(rows) for kv in cache]

@@ -66,8 +66,22 @@ class UpcycledMLP(nn.Module):
         return y
 
 
+def upcycled_mlps(model: nn.Module) -> tuple[UpcycledMLP, ...]:
+    """The :class:`UpcycledMLP` s of ``model`` in module order, found once and kept on the model.
+
+    A decoding step is a few milliseconds and a walk over every module of the LM is a sizeable part of
+    it (twice per call, in the mask hooks). The tuple lives in the model's ``__dict__``: a deep copy maps
+    it onto the copy's own modules; :func:`upcycle_causal_lm` drops it when it replaces MLPs.
+    """
+    found = model.__dict__.get("_audiomoe_upcycled")
+    if found is None:
+        found = model.__dict__["_audiomoe_upcycled"] = tuple(m for m in model.modules() if isinstance(m, UpcycledMLP))
+    return found
+
+
 def _install_mask_hook(model: nn.Module) -> None:
     """Give every :class:`UpcycledMLP` the 2-D ``attention_mask`` of each ``model(...)`` call (once per model)."""
+    model.__dict__.pop("_audiomoe_upcycled", None)  # MLPs were (re)placed: found again on the next call
     if getattr(model, "_audiomoe_mask_hooks", None):
         return
 
@@ -77,14 +91,12 @@ def _install_mask_hook(model: nn.Module) -> None:
         mask = mask if isinstance(mask, torch.Tensor) else None
         # read once per call, not once per layer (a host sync on CUDA); only no-grad calls use it
         padded = None if mask is None or torch.is_grad_enabled() else bool((mask == 0).any())
-        for m in module.modules():
-            if isinstance(m, UpcycledMLP):
-                m.attention_mask, m.padded = mask, padded
+        for m in upcycled_mlps(module):
+            m.attention_mask, m.padded = mask, padded
 
     def after(module, _args, _kwargs, _output):
-        for m in module.modules():
-            if isinstance(m, UpcycledMLP):
-                m.attention_mask, m.padded = None, None
+        for m in upcycled_mlps(module):
+            m.attention_mask, m.padded = None, None
 
     model._audiomoe_mask_hooks = (
         model.register_forward_pre_hook(before, with_kwargs=True),

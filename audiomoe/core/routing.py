@@ -82,9 +82,12 @@ def routing_problems(r: "Routing", n: int, e: int) -> list[str]:
     ]
     if r.mask.dtype != torch.bool:
         out.append(f"routing.mask must be bool, got {r.mask.dtype}")
-    if tuple(r.counts.shape) != (e,):
-        out.append(f"routing.counts must be [E] = ({e},), got {tuple(r.counts.shape)}")
-    ids = r.__dict__.get("indices")  # a lazily computed one (decoding) is the library's own: not checked
+    # a lazily computed field (a no-grad call's record, routers.functional.LazyRouting) is the library's own: not
+    # checked, so that checking does not compute it
+    counts = r.__dict__.get("counts", r.__dict__.get("_counts"))
+    if isinstance(counts, torch.Tensor) and tuple(counts.shape) != (e,):
+        out.append(f"routing.counts must be [E] = ({e},), got {tuple(counts.shape)}")
+    ids = r.__dict__.get("indices")
     if isinstance(ids, torch.Tensor) and (ids.dim() != 2 or ids.shape[0] != n or ids.dtype.is_floating_point):
         out.append(f"routing.indices must be integer [N, K] with N = {n}, got {ids.dtype} {tuple(ids.shape)}")
     return out

@@ -91,8 +91,14 @@ def gate_shared(
     weights: torch.Tensor, logits: torch.Tensor, gate_mask: torch.Tensor, shared_logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(routed weights x sum g_dyn, shared weights g_s)`` from the joint softmax over the kept and shared columns."""
-    ct = torch.promote_types(logits.dtype, torch.float32)  # the softmax in fp32 at least
-    dyn = logits.to(ct).masked_fill(~gate_mask, float("-inf"))
-    joint = torch.cat([dyn, shared_logits.to(ct)], -1).softmax(-1)
+    # the softmax in fp32 at least (torch.promote_types with float32, decided in Python: no op per layer per step)
+    ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dyn = as_dtype(logits, ct).masked_fill(~gate_mask, float("-inf"))
+    joint = torch.cat([dyn, as_dtype(shared_logits, ct)], -1).softmax(-1)
     n = logits.shape[-1]
-    return weights * joint[:, :n].sum(-1, keepdim=True).to(weights.dtype), joint[:, n:]
+    return weights * as_dtype(joint[:, :n].sum(-1, keepdim=True), weights.dtype), joint[:, n:]
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, with no op at all when it already is (a decoding step's per-layer casts are mostly no-ops)."""
+    return t if t.dtype == dtype else t.to(dtype)

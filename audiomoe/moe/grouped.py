@@ -73,21 +73,26 @@ class GroupedSwiGLU(nn.Module):
     def forward_picked(self, x: torch.Tensor, picked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_{e picked} w_e FFN_e(x)`` [N, D]: each picked expert on its own tokens through views of the weights.
 
-        ``picked`` [N, E] bool, ``weights`` [N, E]. No weight is copied and no pair sorted; the picks are
-        read on the host (free on CPU), so this is the CPU plan of a few-token call (a decoding step).
+        ``picked`` [N, E] bool, ``weights`` [N, E]. No weight is copied; the picks are read on the host (free
+        on CPU), so this is the CPU plan of a few-token call (a decoding step): one token runs its experts
+        directly (weights as Python floats), a few tokens go through their pairs in expert order once.
+        Every row sums its experts in column order, so the output is the same whichever branch runs.
         """
-        out = x.new_zeros(x.shape)
-        w = weights.to(x.dtype)
-        every = x.shape[0] == 1  # one token: every picked expert sees all rows
-        for e in picked.any(0).nonzero().flatten().tolist():
-            if every:
-                out = out + self.expert_forward(e, x) * w[:, e : e + 1]
-                continue
-            rows = picked[:, e].nonzero().flatten()
-            out.index_add_(
-                0, rows, self.expert_forward(e, x.index_select(0, rows)) * w.index_select(0, rows)[:, e : e + 1]
-            )
-        return out
+        w = weights if weights.dtype == x.dtype else weights.to(x.dtype)
+        # one token without autograd (a Python float weight carries no gradient): picks and weights read on the
+        # host once, summed in column order
+        if x.shape[0] == 1 and not (torch.is_grad_enabled() and w.requires_grad):
+            out = None
+            for e, (hit, we) in enumerate(zip(picked.tolist()[0], w.tolist()[0])):
+                if hit:  # a Python float times a float32 tensor is the float32 product, as the tensor weight's
+                    y = self.expert_forward(e, x) * we
+                    out = y if out is None else out + y
+            return x.new_zeros(x.shape) if out is None else out
+        # a few tokens: one pass over the (expert, token) pairs in expert order (one gather, one scatter, each expert
+        # once on its rows), not a gather and a scatter per expert; a row still sums its experts in column order
+        exp, tok = picked.t().nonzero(as_tuple=True)
+        ys = self.forward_sorted(x.index_select(0, tok), picked.sum(0).tolist())
+        return x.new_zeros(x.shape).index_add_(0, tok, ys * w[tok, exp].unsqueeze(-1))
 
     def forward_all(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``sum_e w_e FFN_e(x)`` over every expert on every token (shared experts); ``weights`` [N, E] or None = 1.
@@ -98,7 +103,7 @@ class GroupedSwiGLU(nn.Module):
         g, u = F.linear(x, self.gate_up_proj.reshape(e * 2 * f, -1)).view(-1, e, 2 * f).chunk(2, dim=-1)
         act = F.silu(g) * u
         if weights is not None:  # the down projection is linear: weighting the activation weights the output
-            act = act * weights.to(act.dtype).unsqueeze(-1)
+            act = act * (weights if weights.dtype == act.dtype else weights.to(act.dtype)).unsqueeze(-1)
         return torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)
 
     @torch.no_grad()

@@ -42,20 +42,29 @@ from audiomoe.core.routing import routing_problems
 from audiomoe.core.specs import ComponentSpec, Params, Slot
 from audiomoe.moe.dispatcher import PLANS, Dispatcher, check_plan, load_plan_table, sorted_pairs
 from audiomoe.moe.expert_parallel import check_divisible, ep_combine, warn_unsharded
-from audiomoe.moe.functional import capacity_of, drop_over_capacity, gate_shared, null_drops, renormalize_after_drops
+from audiomoe.moe.functional import (
+    as_dtype,
+    capacity_of,
+    drop_over_capacity,
+    gate_shared,
+    null_drops,
+    renormalize_after_drops,
+)
 from audiomoe.moe.grouped import LoopExperts, build_experts
+from audiomoe.routers.functional import LazyRouting
 
 
 class DenseStepStats(Mapping):
     """``last_stats`` of a ``dense`` step, read from the device only when asked (a decoding step never waits on it)."""
 
-    def __init__(self, loads: torch.Tensor, n_valid: "int | torch.Tensor") -> None:
-        self._loads, self._n_valid = loads, n_valid
+    def __init__(self, routed: torch.Tensor, item_mask: Optional[torch.Tensor]) -> None:
+        self._routed, self._item_mask = routed, item_mask  # the picks [N, E]; the loads are summed when read
         self._stats: Optional[dict[str, Any]] = None
 
     def _get(self) -> dict[str, Any]:
         if self._stats is None:
-            counts, n_valid = self._loads.tolist(), int(self._n_valid)
+            n_valid = self._routed.shape[0] if self._item_mask is None else int(self._item_mask.sum())
+            counts = self._routed.sum(0).tolist()
             pairs = sum(counts)
             self._stats = {
                 "tokens": n_valid,
@@ -254,14 +263,15 @@ class MoELayer(MoE):
         weights, shared_w = self._gate_shared(tokens, routing, routing.weights, mask)
         self._record(routing, weights, mask, shared_w, tokens, item_mask)
         e = self.num_experts
-        routed = mask[:, :e]
+        # without null columns the routed part is the whole record: no slicing op
+        routed, w_routed = (mask, weights) if mask.shape[1] == e else (mask[:, :e], weights[:, :e])
         if plan == "dense":
-            out = self.experts.forward_all(tokens, weights[:, :e] * routed)
+            out = self.experts.forward_all(tokens, w_routed * routed)
         else:
-            out = self.experts.forward_picked(tokens, routed, weights[:, :e])
+            out = self.experts.forward_picked(tokens, routed, w_routed)
         self.dispatcher.last_plan = plan
         shared = self._shared_output(tokens, item_mask, shared_w)
-        self.last_stats = DenseStepStats(routed.sum(0), mask.shape[0] if item_mask is None else item_mask.sum())
+        self.last_stats = DenseStepStats(routed, item_mask)
         return out if shared is None else out + shared
 
     def _gate_shared(self, tokens: torch.Tensor, routing: Routing, weights: torch.Tensor, gate_mask: torch.Tensor):
@@ -269,15 +279,18 @@ class MoELayer(MoE):
         if self.shared_gate is None:
             return weights, None
         gate_in = routing.inputs if routing.inputs is not None and routing.inputs.shape == tokens.shape else tokens
-        shared_logits = nn.functional.linear(gate_in, self.shared_gate.weight.to(gate_in.dtype))
+        shared_logits = nn.functional.linear(gate_in, as_dtype(self.shared_gate.weight, gate_in.dtype))
         weights, shared_w = gate_shared(weights, routing.logits, gate_mask, shared_logits)
-        return weights, shared_w.to(tokens.dtype)
+        return weights, as_dtype(shared_w, tokens.dtype)
 
     def _record(
         self, routing: Routing, weights: torch.Tensor, kept: torch.Tensor, shared_w, tokens: torch.Tensor, item_mask
     ) -> None:
         """Write what was applied onto the routing record (a dropped pair contributes nothing, renormalised or not)."""
-        routing.applied = (weights * kept).detach()
+        if isinstance(routing, LazyRouting) and not torch.is_grad_enabled():  # a decoding step: only if read
+            routing.defer("applied", lambda: (weights * kept).detach())
+        else:
+            routing.applied = (weights * kept).detach()
         if self.num_shared:
             sw = tokens.new_ones(tokens.shape[0], self.num_shared) if shared_w is None else shared_w.detach()
             routing.shared_weights = sw if item_mask is None else sw * item_mask[:, None]

@@ -10,7 +10,8 @@ set, null columns counted), router z-loss, router entropy.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -30,10 +31,9 @@ def make_routing(
     if item_mask is not None:
         mask = mask & item_mask[:, None]
         weights = weights * item_mask[:, None].to(weights.dtype)
-    counts = mask.sum(0)
-    if is_generating() or not torch.is_grad_enabled():  # rarely read without training: ids sorted out on first read
-        return _LazyIndicesRouting(logits, mask, weights, None, counts, dict(aux_losses or {}), item_mask)
-    return Routing(logits, mask, weights, picked_indices(mask, weights), counts, dict(aux_losses or {}), item_mask)
+    if is_generating() or not torch.is_grad_enabled():  # rarely read without training: computed on first read
+        return LazyRouting(logits, mask, weights, None, None, dict(aux_losses or {}), item_mask)
+    return Routing(logits, mask, weights, picked_indices(mask, weights), mask.sum(0), dict(aux_losses or {}), item_mask)
 
 
 def picked_indices(mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -47,18 +47,39 @@ def picked_indices(mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(picked, order, torch.full_like(order, -1))
 
 
-class _LazyIndicesRouting(Routing):
-    """A :class:`Routing` whose ``indices`` are computed from ``mask`` and ``weights`` when first read."""
+def _lazy_field(name: str, compute: Callable[["LazyRouting"], Any]) -> property:
+    """A :class:`LazyRouting` field: a value set (or deferred with :meth:`LazyRouting.defer`) wins, else ``compute``."""
 
-    @property
-    def indices(self) -> torch.Tensor:  # type: ignore[override]  # a property here, a method on the base
-        if self.__dict__.get("_indices") is None:
-            self.__dict__["_indices"] = picked_indices(self.mask, self.weights)
-        return self.__dict__["_indices"]
+    def get(self: "LazyRouting") -> Any:
+        d = self.__dict__
+        if d.get("_" + name) is None:
+            thunk = d.pop("_defer_" + name, None)
+            d["_" + name] = thunk() if thunk is not None else compute(self)
+        return d["_" + name]
 
-    @indices.setter
-    def indices(self, value: Optional[torch.Tensor]) -> None:
-        self.__dict__["_indices"] = value
+    def set_(self: "LazyRouting", value: Any) -> None:
+        self.__dict__.pop("_defer_" + name, None)
+        self.__dict__["_" + name] = value
+
+    return property(get, set_, doc=f"``{name}``, computed when first read.")
+
+
+class LazyRouting(Routing):
+    """A :class:`Routing` of a no-grad call whose ``indices``, ``counts`` and ``applied`` are computed when first read.
+
+    A decoding step reads none of them: each would be ops per layer per step for nothing. Values are the
+    same as the eager record's (``indices`` from ``mask`` and ``weights``, ``counts`` the per-column sum of
+    ``mask``; ``applied`` as deferred by the MoE layer, else None = ``weights`` applied as is).
+    """
+
+    indices = _lazy_field("indices", lambda r: picked_indices(r.mask, r.weights))  # type: ignore[assignment]  # a property here, a field on the base
+    counts = _lazy_field("counts", lambda r: r.mask.sum(0))  # type: ignore[assignment]  # as above
+    applied = _lazy_field("applied", lambda r: None)  # type: ignore[assignment]  # as above
+
+    def defer(self, name: str, thunk: Callable[[], Any]) -> None:
+        """Compute field ``name`` with ``thunk`` when it is first read (the MoE layer's ``applied`` weights)."""
+        self.__dict__["_" + name] = None
+        self.__dict__["_defer_" + name] = thunk
 
 
 def switch_balance_loss(
@@ -91,6 +112,10 @@ def check_logits(logits: torch.Tensor, num_columns: Optional[int] = None, where:
         raise AudioMoEError(f"{where} logits must be [items, columns], got shape {tuple(logits.shape)}")
     if num_columns is not None and logits.shape[-1] != num_columns:
         raise AudioMoEError(f"{where} logits have {logits.shape[-1]} columns, expected num_experts={num_columns}")
+    # one reduction read on the host: a finite sum means finite logits; a non-finite one (NaN/inf, or a sum
+    # of huge finite logits overflowing) is looked at element by element, so the error is raised exactly as before
+    if math.isfinite(logits.sum().item()):
+        return
     if not bool(torch.isfinite(logits).all()):
         bad = ~torch.isfinite(logits)
         n_nan = int(torch.isnan(logits).sum())

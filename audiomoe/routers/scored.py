@@ -179,18 +179,20 @@ class ScoredRouter(Router):
             )
         p = self.params
         cast = getattr(self.scorer, "compute_dtype", None)  # a scorer not built on Scorer keeps the dtype
-        x = inputs if cast is None else inputs.to(cast(inputs.dtype))
+        dtype = inputs.dtype if cast is None else cast(inputs.dtype)
+        x = inputs if dtype == inputs.dtype else inputs.to(dtype)  # a no-op .to is still a dispatched op per layer
         if self.training and p.input_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - p.input_jitter, 1.0 + p.input_jitter)
         logits = self.scorer(x, frame_mask, task_ids)
         check_logits(logits, self.num_experts, f"{type(self.scorer).__name__}")
-        logits = logits.float()
+        logits = logits if logits.dtype == torch.float32 else logits.float()
         if self.training and p.logit_noise > 0:
             logits = logits + torch.randn_like(logits) * p.logit_noise
         sel = self.selector(logits)
         # no loss is taken while generating or without autograd: the aux terms would be computed for nothing
         aux = {} if is_generating() or not torch.is_grad_enabled() else self.aux_losses(logits, sel, valid)
-        routing = make_routing(logits, sel.mask, sel.weights.to(inputs.dtype), valid, aux)
+        weights = sel.weights if sel.weights.dtype == inputs.dtype else sel.weights.to(inputs.dtype)
+        routing = make_routing(logits, sel.mask, weights, valid, aux)
         routing.inputs = x if x.dim() == 2 else None  # what was scored: a shared gate scores the same
         routing.item_shape = tuple(inputs.shape[:-2]) if inputs.dim() == 3 else tuple(inputs.shape[:-1])
         return routing

@@ -79,7 +79,7 @@ class MLPScorer(Scorer):
     ) -> torch.Tensor:
         """Logits [N, E] from tokens [N, D] or pooled sequences [N, T, D]."""
         dtype = self.compute_dtype(inputs.dtype)
-        h = inputs.to(dtype)
+        h = _as(inputs, dtype)
         if h.dim() == 3:
             h = self.pool(h, item_mask)
         if self.norm is not None:
@@ -88,9 +88,14 @@ class MLPScorer(Scorer):
         for i, layer in enumerate(self.layers):
             if i:
                 h = act(h)
-            bias = None if layer.bias is None else layer.bias.to(dtype)
-            h = F.linear(h, layer.weight.to(dtype), bias)
+            bias = None if layer.bias is None else _as(layer.bias, dtype)
+            h = F.linear(h, _as(layer.weight, dtype), bias)
         return h
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; no op at all when it already is (a decoding step calls the gate once per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class LinearScorer(MLPScorer):
