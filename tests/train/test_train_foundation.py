@@ -24,11 +24,11 @@ MEMBERS = {
 }
 
 
-def _mini(stages, eval_batches: int = 1):
+def _mini(stages, eval_batches: int = 1, seed: int = 0):
     return load_recipe(
         {
             "name": "mini",
-            "model": {"preset": "tiny-unimoe"},
+            "model": {"preset": "tiny-unimoe", "overrides": [f"seed={seed}"]},
             "data": "tones",
             "batch_size": 8,
             "eval": {"batches": eval_batches, "every": 50, "final": False},
@@ -113,10 +113,10 @@ def test_the_domain_knob_sets_the_sampled_proportions(speech, sound):
     assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n), (share, p, n)  # binomial bound, 4 sd
 
 
-def _merged_error(root, task: str, batches) -> float:
+def _merged_error(root, task: str, batches, seed: int = 0) -> float:
     """Relative error of the MoE merged from ``root``'s specialists on ``task`` against the specialist trained on it."""
     members = [root / "specialists" / m for m in ("emo", "spk")]
-    model = audiomoe.compose("tiny-unimoe").eval()
+    model = audiomoe.compose("tiny-unimoe", [f"seed={seed}"]).eval()
     init = InitSpec(from_specialists=[str(p) for p in members])
     apply_init(model, init, _mini([{"name": "x", "steps": 1}]), None, "test")
     owner = load_checkpoint(members[0]).eval()
@@ -128,23 +128,23 @@ def _merged_error(root, task: str, batches) -> float:
 
 @pytest.mark.slow
 def test_a_merge_of_specialists_from_one_foundation_keeps_their_predictions(tmp_path):
-    shared = _mini(
-        [
-            {"name": "foundation", "steps": 30, "foundation": {}},
-            {
-                "name": "specialists",
-                "steps": 10,
-                "init": {"from_checkpoint": "stage:foundation"},
-                "specialists": MEMBERS,
-            },
-        ]
-    )
-    apart = _mini([{"name": "specialists", "steps": 40, "specialists": MEMBERS}])
-    run_recipe(shared, RunOptions(out_dir=str(tmp_path / "shared"), **QUIET))
-    run_recipe(apart, RunOptions(out_dir=str(tmp_path / "apart"), **QUIET))
-    model = audiomoe.compose("tiny-unimoe")
-    _, batches = build_data(model, "tones", None, batch_size=16, seed=5, eval_batches=4)  # held-out tones
-    err_shared = _merged_error(tmp_path / "shared", "emotion", batches)
-    err_apart = _merged_error(tmp_path / "apart", "emotion", batches)
-    # measured here: 0.39 against 0.60; the rest of the error is the routed FFN under fresh gates (what warm-up trains)
-    assert err_shared < 0.8 * err_apart, (err_shared, err_apart)
+    """Over 5 seeds (one seed is noise: the merged model's gates are fresh, and at seed 1 both errors are ~0.65):
+    specialists fine-tuned from one foundation merge with less error than specialists trained apart."""
+    shared_stages = [
+        {"name": "foundation", "steps": 30, "foundation": {}},
+        {"name": "specialists", "steps": 10, "init": {"from_checkpoint": "stage:foundation"}, "specialists": MEMBERS},
+    ]
+    errs = []
+    for seed in range(5):
+        run_recipe(_mini(shared_stages, seed=seed), RunOptions(out_dir=str(tmp_path / f"shared{seed}"), **QUIET))
+        apart = _mini([{"name": "specialists", "steps": 40, "specialists": MEMBERS}], seed=seed)
+        run_recipe(apart, RunOptions(out_dir=str(tmp_path / f"apart{seed}"), **QUIET))
+        model = audiomoe.compose("tiny-unimoe", [f"seed={seed}"])
+        _, batches = build_data(model, "tones", None, batch_size=16, seed=5, eval_batches=4)  # held-out tones
+        errs.append(
+            tuple(_merged_error(tmp_path / f"{k}{seed}", "emotion", batches, seed) for k in ("shared", "apart"))
+        )
+    shared, apart = (sum(e[i] for e in errs) / len(errs) for i in (0, 1))
+    # measured here: 0.56 against 0.72 (ratio 0.79), shared lower at 4 of 5 seeds; the rest of the error is the routed
+    # FFN under fresh gates (what warm-up trains)
+    assert shared < 0.85 * apart and sum(a < b for a, b in errs) >= 4, errs
