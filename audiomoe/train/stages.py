@@ -199,8 +199,19 @@ def specialist_recipe(
         start = _stage_path(stage.init.from_checkpoint or "", root, f"stages.{stage.name}")
         init = {**stage.init.model_dump(), "from_checkpoint": str(start)}
     one.update(name=member.name, data=member.data.model_dump(), specialists=None, init=init)
+    if stage.specialists.overrides is None:
+        one["freeze"] = _with_dense_gates(one["freeze"])
     raw["stages"] = [one]
     return Recipe.model_validate(raw)
+
+
+def _with_dense_gates(freeze: list[str]) -> list[str]:
+    """``freeze`` plus the dense model's one-column MoE routers: a softmax over one column is exactly 1, so they
+    get no gradient (the gradient check would warn every run) and the MoE built from the model gets fresh gates."""
+    return freeze if _DENSE_GATES in freeze else [*freeze, _DENSE_GATES]
+
+
+_DENSE_GATES = "backbone.*.router"
 
 
 def foundation_width(recipe: Recipe, index: int) -> int:
@@ -229,6 +240,8 @@ def foundation_recipe(recipe: Recipe, index: int, spec: dict[str, Any]) -> Recip
     raw["distributed"] = {**raw["distributed"], "expert_parallel": None, "data_parallel": None}
     one = stage.model_dump()
     one.update(foundation=None)
+    if stage.foundation.overrides is None:
+        one["freeze"] = _with_dense_gates(one["freeze"])
     raw["stages"] = [one]
     return Recipe.model_validate(raw)
 

@@ -70,6 +70,11 @@ def test_specialists_with_init_start_from_the_foundation_weights(tmp_path):
                 assert torch.equal(t, found[name]), f"{member}: {name} is not the foundation's"
         w = "backbone.blocks.0.attn.qkv.weight"
         assert (sp[w] - fresh.state_dict()[w]).abs().max() > 1e-3  # and the foundation is not a fresh init
+    # the dense model's one-column gates cannot learn (softmax over one column is 1): frozen, so no run warns
+    for log in [tmp_path / "run/foundation/foundation/log.jsonl", *(tmp_path / "run/specialists").glob("*/log.jsonl")]:
+        assert "got no gradient" not in log.read_text(), log
+    gate = "backbone.blocks.0.moe.router.scorer.layers.0.weight"
+    assert gate in found and torch.equal(found[gate], fresh.state_dict()[gate])
 
 
 @pytest.mark.slow
