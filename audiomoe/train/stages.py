@@ -27,7 +27,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.train.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
+from audiomoe.train.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainer_state,
+    resolve_checkpoint,
+)
 from audiomoe.train.recipe import AuxWeightSpec, InitSpec, Recipe, StageSpec
 from audiomoe.train.rundir import holds_run
 from audiomoe.train.specialists import build_from_specialists, dense_overrides, moe_layers
@@ -246,6 +252,16 @@ def foundation_recipe(recipe: Recipe, index: int, spec: dict[str, Any]) -> Recip
     return Recipe.model_validate(raw)
 
 
+def _trained_unscored(d: Path, steps: int) -> bool:
+    """A side run killed after its last step's checkpoint, before its final score and summary: it is trained
+    (resuming it would find nothing left to train and refuse)."""
+    return (
+        d.is_dir()
+        and not (d / "summary.json").is_file()
+        and max((s for s, _ in list_checkpoints(d)), default=0) >= steps
+    )
+
+
 def run_specialists(
     recipe: Recipe, index: int, root: Optional[Path], spec: dict[str, Any], run_one: Callable[[Recipe, Path, bool], Any]
 ) -> list[dict[str, Any]]:
@@ -265,6 +281,9 @@ def run_specialists(
                     {"member": m.name, "skipped": "finished", **{k: done.get(k) for k in ("final_loss", "eval_after")}}
                 )
                 continue
+        if _trained_unscored(d, st.steps):
+            out.append({"member": m.name, "skipped": "finished (stopped before its final score)"})
+            continue
         resume = d.is_dir() and holds_run(d)  # killed mid-member: continue it
         res = run_one(specialist_recipe(recipe, st, m, spec, root), d, resume)
         out.append({"member": m.name, **{k: res.get(k) for k in ("final_loss", "eval_after", "seconds")}})
@@ -284,6 +303,8 @@ def run_foundation(
         done = json.loads(summary.read_text(encoding="utf-8"))
         if done.get("steps") == st.steps:
             return {"skipped": "finished", **{k: done.get(k) for k in ("final_loss", "eval_after")}}
+    if _trained_unscored(d, st.steps):
+        return {"skipped": "finished (stopped before its final score)"}
     res = run_one(foundation_recipe(recipe, index, spec), d, d.is_dir() and holds_run(d))
     return {"dir": str(d), **{k: res.get(k) for k in ("final_loss", "eval_after", "seconds")}}
 

@@ -4,6 +4,7 @@ it, the naive baseline upcycled from the same foundation, and domain imbalance a
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
 
 import pytest
@@ -153,3 +154,28 @@ def test_a_merge_of_specialists_from_one_foundation_keeps_their_predictions(tmp_
     # measured here: 0.56 against 0.72 (ratio 0.79), shared lower at 4 of 5 seeds; the rest of the error is the routed
     # FFN under fresh gates (what warm-up trains)
     assert shared < 0.85 * apart and sum(a < b for a, b in errs) >= 4, errs
+
+
+def test_a_foundation_killed_after_its_last_checkpoint_before_its_score_resumes(tmp_path):
+    """Killed between the foundation's last checkpoint and its final score: resuming the recipe must go on from the
+    trained foundation (resuming the foundation itself finds no step left and would refuse)."""
+    recipe = _mini(
+        [
+            {"name": "foundation", "steps": 3, "foundation": {}},
+            {"name": "joint", "steps": 2, "init": {"upcycle": "stage:foundation"}},
+        ],
+        eval_batches=0,
+    )
+    root = tmp_path / "run"
+    first = run_recipe(recipe, RunOptions(out_dir=str(root), **QUIET))
+    found = root / "foundation/foundation"
+    before = load_file(str(found / "step-000003/model.safetensors"))
+    for p in (found / "summary.json", found / "heldout.json", root / "summary.json", root / "latest"):
+        p.unlink(missing_ok=True)
+    for p in root.glob("step-*"):  # the main model never got a checkpoint
+        shutil.rmtree(p)
+    res = run_recipe(recipe, RunOptions(out_dir=str(root), resume=True, **QUIET))
+    assert res["steps"] == first["steps"] == 2 and (root / "step-000002").is_dir()
+    after = load_file(str(found / "step-000003/model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # not retrained
+    assert not (found / "step-000006").exists()
