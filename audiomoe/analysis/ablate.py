@@ -34,6 +34,7 @@ def save_plan(plan: Plan, root: Path, meta: dict[str, Any]) -> Path:
         "measure_batches": plan.measure_batches,
         "skipped_configs": plan.skipped_configs,
         "arm_seeds": plan.arm_seeds,
+        "task_groups": plan.task_groups,
         **meta,
     }
     path = root / PLAN_FILE
@@ -64,6 +65,7 @@ def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
         data["measure_batches"],
         data.get("skipped_configs", {}),
         data.get("arm_seeds", {}),
+        data.get("task_groups", {}),
     )
     meta = {k: v for k, v in data.items() if k in ("title", "description", "claims", "seconds")}
     return plan, meta
@@ -197,7 +199,7 @@ def run_ablation(
         submitit_options=submitit_options,
     )
     seconds = time.perf_counter() - t0
-    collected = collect(runs, plan.baselines, root)
+    collected = collect(runs, plan.baselines, root, groups=plan.task_groups)
     _check_metric(plan.metric, collected["rows"])
     claim_objs = [_Claim(**c) for c in claim_dicts]
     verdicts = evaluate_claims(claim_objs, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
@@ -224,7 +226,7 @@ def rerender(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     plan, meta = load_plan(root)
     runs = plan.runs(root)
-    collected = collect(runs, plan.baselines, root)
+    collected = collect(runs, plan.baselines, root, groups=plan.task_groups)
     claims = [_Claim(**c) for c in meta.get("claims", [])]
     verdicts = evaluate_claims(claims, collected["rows"], plan.metric, plan.arm_of(), plan.skipped)
     write_claims(root, verdicts)

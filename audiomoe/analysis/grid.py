@@ -206,6 +206,7 @@ class Plan:
     measure_batches: int = 4
     skipped_configs: dict[str, str] = field(default_factory=dict)  # variant name -> its skipped arm
     arm_seeds: dict[str, list[int]] = field(default_factory=dict)  # an arm's own seeds (a study's ``arms.X.seeds``)
+    task_groups: dict[str, list[str]] = field(default_factory=dict)  # name -> tasks: a ``<name>/<metric>`` column
 
     def seeds_of(self, arm: str) -> list[int]:
         """The seeds an arm's configs run: its own, else the plan's."""

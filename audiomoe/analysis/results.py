@@ -21,6 +21,7 @@ from audiomoe.analysis.grid import Run
 from audiomoe.analysis.measure import MEASURE_FILE
 from audiomoe.analysis.stats import aggregate, compare
 from audiomoe.core.atomic import atomic_open
+from audiomoe.core.errors import AudioMoEError
 
 OUTCOME_FILE = "outcome.json"
 FAILED_FILE = "failed.json"
@@ -135,6 +136,22 @@ def _moe_means(measure: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def add_groups(row: dict[str, Any], groups: Mapping[str, Sequence[str]]) -> None:
+    """Add ``<group>/<metric>`` to ``row``: the mean over the group's tasks, where the run scored all of them."""
+    names = {k.split("/", 1)[1] for k in row if k.count("/") == 1 and k.split("/", 1)[0] in _tasks_in(groups)}
+    for group, tasks in groups.items():
+        for m in sorted(names):
+            vs = [row.get(f"{t}/{m}") for t in tasks]
+            if f"{group}/{m}" in row:
+                raise AudioMoEError(f"task_groups: '{group}' is also a task's name; give the group another name")
+            if all(isinstance(v, (int, float)) for v in vs):
+                row[f"{group}/{m}"] = sum(vs) / len(vs)
+
+
+def _tasks_in(groups: Mapping[str, Sequence[str]]) -> set[str]:
+    return {t for ts in groups.values() for t in ts}
+
+
 def run_row(run: Run) -> dict[str, Any]:
     """The results row of one run (status ``missing`` when it never finished training)."""
     from audiomoe.analysis.measure import train_dir
@@ -204,11 +221,20 @@ def _json(v: Any) -> Any:
 
 
 def collect(
-    runs: Sequence[Run], baselines: Mapping[str, str], root: str | Path, confidence: float = 0.95
+    runs: Sequence[Run],
+    baselines: Mapping[str, str],
+    root: str | Path,
+    confidence: float = 0.95,
+    groups: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> dict[str, Any]:
-    """Rows, aggregates and comparisons of ``runs``; written to ``root`` as ``results``, ``aggregate``, ``comparisons`` (.csv + .jsonl)."""
+    """Rows, aggregates and comparisons of ``runs``; written to ``root`` as ``results``, ``aggregate``, ``comparisons`` (.csv + .jsonl).
+
+    ``groups`` (a study's ``task_groups``) adds a ``<group>/<metric>`` column per row: the mean over its tasks.
+    """
     root = Path(root)
     rows = [run_row(r) for r in runs]
+    for row in rows:
+        add_groups(row, groups or {})
     metrics = metric_names(rows)
     cols = metrics + [k for k in ("final_loss", *COST_KEYS) if any(isinstance(r.get(k), (int, float)) for r in rows)]
     agg = aggregate(rows, cols, confidence=confidence)

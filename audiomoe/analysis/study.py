@@ -126,6 +126,10 @@ class StudySpec(_Strict):
     seeds: int = Field(3, ge=1, le=100)
     steps: int = Field(200, ge=1)
     metric: str = "mean/accuracy"
+    task_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="name -> tasks: each run also gets '<name>/<metric>', the mean over those tasks (e.g. a domain)",
+    )
     train: dict[str, Any] = Field(default_factory=dict)
     measure_batches: int = Field(4, ge=1, le=1000)
     compact: Compact = Field(default_factory=Compact)
@@ -170,6 +174,12 @@ def load_study(path: str | Path) -> StudySpec:
 
 
 def _check(spec: StudySpec, path: Any) -> None:
+    for group, tasks in spec.task_groups.items():
+        if not NAME_RE.match(group) or group in ("mean", "worst") or not tasks:
+            raise AudioMoEError(
+                f"study '{path}': task_groups.{group}: give a name of letters, digits, '_', '.', '-' (not 'mean' or "
+                "'worst') and at least one task, e.g. task_groups: {speech: [language, speaker]}"
+            )
     names: list[str] = []
     for arm, a in spec.arms.items():
         if not NAME_RE.match(arm):
@@ -305,4 +315,14 @@ def plan_study(
         baselines[arm] = a.baseline or variants[0][0]
         if a.seeds is not None and not seeds and not compact:  # --seeds and the compact form set every arm's
             arm_seeds[arm] = list(range(a.seeds))
-    return Plan(configs, list(range(n_seeds)), baselines, skipped, spec.metric, batches, skipped_configs, arm_seeds)
+    return Plan(
+        configs,
+        list(range(n_seeds)),
+        baselines,
+        skipped,
+        spec.metric,
+        batches,
+        skipped_configs,
+        arm_seeds,
+        task_groups={k: list(v) for k, v in spec.task_groups.items()},
+    )

@@ -312,3 +312,27 @@ def test_an_arm_can_run_more_seeds_than_the_study(tmp_path):
     assert [(r.config.name, r.seed) for r in again.runs(tmp_path)] == [(r.config.name, r.seed) for r in runs]
     assert len(plan_study(spec, tmp_path, seeds=3, exists=lambda name: True).runs(tmp_path)) == 4 * 3
     assert len(plan_study(spec, tmp_path, compact=True, exists=lambda name: True).runs(tmp_path)) == 4 * 2
+
+
+def test_task_groups_add_a_mean_column_per_group_and_survive_the_plan_file(tmp_path):
+    """A study's ``task_groups`` (e.g. a domain's tasks) give each run ``<group>/<metric>``: the mean over those
+    tasks, so one non-inferiority test can cover a whole majority domain."""
+    from audiomoe.analysis.ablate import load_plan, save_plan
+    from audiomoe.analysis.results import add_groups
+
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        "study: s\ntask_groups: {speech: [language, speaker]}\narms:\n  a: {target: tiny-cls, variants: {x: []}}\n"
+    )
+    plan = plan_study(load_study(p), tmp_path, exists=lambda name: True)
+    save_plan(plan, tmp_path, {})
+    assert load_plan(tmp_path)[0].task_groups == {"speech": ["language", "speaker"]}
+    row = {"language/accuracy": 0.2, "speaker/accuracy": 0.5, "event/accuracy": 0.9, "language/macro_f1": 0.1}
+    add_groups(row, plan.task_groups)
+    assert row["speech/accuracy"] == pytest.approx(0.35)
+    assert "speech/macro_f1" not in row  # speaker has no macro_f1 here: no mean over part of the group
+    with pytest.raises(AudioMoEError, match="'language' is also a task's name"):
+        add_groups({"language/accuracy": 0.2}, {"language": ["language"]})
+    p.write_text("study: s\ntask_groups: {mean: [language]}\narms:\n  a: {target: tiny-cls, variants: {x: []}}\n")
+    with pytest.raises(AudioMoEError, match=r"task_groups\.mean: give a name"):
+        load_study(p)
