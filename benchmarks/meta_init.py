@@ -10,7 +10,9 @@ high-water mark never goes down). Each rank builds ``tiny-unimoe`` at a size whe
 - ``resume``: ``build_meta``, shard, ``load_shards`` from the full safetensors file ``today`` wrote.
 
 Reported per layout and kind: the slowest rank's ``VmHWM`` (``/proc/self/status``) in total and added by the
-build (minus the mark after imports and the process group), and ``meta`` / ``resume`` over ``today``.
+build (minus the mark after imports and the process group), and ``meta`` / ``resume`` over ``today``; beside it
+the file-backed (``RssFile``) and anonymous (``RssAnon``) resident memory gained by the end of the build: the
+checkpoint is read with plain reads, not a memory map, so ``file`` stays ~0 and ``VmHWM`` counts anonymous memory.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ SIZES = {
 LAYOUTS = {"EP 2 + FSDP2": (2, True), "EP 2 (DDP)": (2, False), "FSDP2": (1, True)}
 
 
-def _hwm() -> int:
+def _status(field: str = "VmHWM") -> int:
+    """A ``/proc/self/status`` memory field in bytes: ``VmHWM`` (peak resident), ``RssAnon``, ``RssFile`` (now)."""
     with open("/proc/self/status", encoding="utf-8") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) * 1024
+        return next(int(line.split()[1]) for line in fh if line.startswith(f"{field}:")) * 1024
+
+
+def _hwm() -> int:
+    return _status("VmHWM")
 
 
 def _free_port() -> int:
@@ -71,7 +78,7 @@ def worker(rank: int, port: int, kind: str, sets: list, ep: int, fsdp: bool, ckp
     warm, prog = record_build(resolve("tiny-cls"))
     materialize(warm, prog)
     del warm, prog
-    start = _hwm()
+    start, file0, anon0 = _hwm(), _status("RssFile"), _status("RssAnon")
     if kind == "today":
         model = shard(build_model(spec))
     elif kind == "meta":
@@ -82,13 +89,13 @@ def worker(rank: int, port: int, kind: str, sets: list, ep: int, fsdp: bool, ckp
     else:
         model = shard(build_meta(spec))
         load_shards(model, ckpt)
-    peak = _hwm()
+    peak, file1, anon1 = _hwm(), _status("RssFile"), _status("RssAnon")
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters())
     if kind == "today":
         parallel.save_full_safetensors(model, ckpt)  # after the mark: the file the resume case reads
     # the gathered state (after the mark: it allocates the full model) must be equal across kinds
     check = sum(float(v.double().sum()) for v in parallel.full_state_dict(model, rank0_only=True).values())
-    queue.put((rank, start, peak, local, check))
+    queue.put((rank, start, peak, local, check, file1 - file0, anon1 - anon0))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -101,10 +108,12 @@ def run_pair(kind: str, sets: list, ep: int, fsdp: bool, ckpt: str) -> dict:
     mp.start_processes(worker, args=(_free_port(), kind, sets, ep, fsdp, ckpt, queue), nprocs=2, start_method="spawn")
     rows = sorted(queue.get() for _ in range(2))
     return {
-        "added": max(p - s for _, s, p, _, _ in rows),
-        "total": max(p for _, _, p, _, _ in rows),
+        "added": max(r[2] - r[1] for r in rows),
+        "total": max(r[2] for r in rows),
         "local": max(r[3] for r in rows),
         "check": rows[0][4],
+        "file": max(r[5] for r in rows),  # file-backed resident pages (a memory map would show here) gained
+        "anon": max(r[6] for r in rows),  # anonymous resident memory held after the build
     }
 
 
@@ -120,7 +129,7 @@ def main() -> None:
     layouts = LAYOUTS if mode != "smoke" else {"EP 2 + FSDP2": LAYOUTS["EP 2 + FSDP2"]}
     print(f"torch {torch.__version__}, 2 gloo ranks on 127.0.0.1, tiny-unimoe {' '.join(sets) or '(preset size)'}; "
           "peak host memory per rank (VmHWM, slowest rank): added by the build / total")  # fmt: skip
-    print(f"{'layout':<14} {'kind':<7} {'full MB':>8} {'local MB':>9} {'added MB':>9} {'total MB':>9} {'added/today':>12} {'total/today':>12}")  # fmt: skip
+    print(f"{'layout':<14} {'kind':<7} {'full MB':>8} {'local MB':>9} {'added MB':>9} {'total MB':>9} {'added/today':>12} {'total/today':>12} {'file MB':>8} {'anon MB':>8}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for label, (ep, fsdp) in layouts.items():
             ckpt = os.path.join(tmp, "model.safetensors")
@@ -131,9 +140,10 @@ def main() -> None:
                     raise SystemExit(f"{label} {kind}: the built weights differ from today's build")
                 ra, rt = r["added"] / res["today"]["added"], r["total"] / res["today"]["total"]
                 print(f"{label:<14} {kind:<7} {full / 2**20:>8.1f} {r['local'] / 2**20:>9.1f} {r['added'] / 2**20:>9.1f} "
-                      f"{r['total'] / 2**20:>9.1f} {ra:>11.2f}x {rt:>11.2f}x")  # fmt: skip
+                      f"{r['total'] / 2**20:>9.1f} {ra:>11.2f}x {rt:>11.2f}x {r['file'] / 2**20:>8.1f} {r['anon'] / 2**20:>8.1f}")  # fmt: skip
                 report.emit(f"{label} {kind}", "peak_added", r["added"], "bytes")
                 report.emit(f"{label} {kind}", "peak_total", r["total"], "bytes")
+                report.emit(f"{label} {kind}", "rss_file_gained", r["file"], "bytes")
                 if kind != "today":
                     report.emit(f"{label} {kind}", "added_over_today", ra, "x")
                     report.emit(f"{label} {kind}", "total_over_today", rt, "x")

@@ -42,6 +42,7 @@ from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.limits import MAX_STEPS
 from audiomoe.core.safe_yaml import load_yaml_file
 from audiomoe.train.gradcheck import first_nonfinite
+from audiomoe.train.meta_shards import ReadOnLookup, stored_tensors
 from audiomoe.train.trainer_state import decode, encode, extra_problem, meta_problem
 
 LATEST = "latest"
@@ -351,12 +352,14 @@ def load_checkpoint(path: str | os.PathLike, *, build_spec: Optional[Callable[[d
     return model
 
 
-def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+def load_trainer_state(
+    path: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer] = None, *, lazy_optimizer: bool = False
+) -> dict[str, Any]:
     """Read a checkpoint's trainer state; load it into ``optimizer``; return ``{step, rng, extra, path, optimizer}``.
 
     ``optimizer`` in the result is the saved one-process optimizer state (None when there is none), for a
     sharded run to load at its layout (:func:`audiomoe.train.fullstate.load_full_optimizer_state_dict`).
-    """
+    ``lazy_optimizer``: its tensors stay in the file (``StoredTensor``: a sharded rank reads only its rows)."""
     p = resolve_checkpoint(path)
     meta_path = p / "trainer.json"
     if not meta_path.is_file() or not (p / "trainer.safetensors").is_file():
@@ -372,9 +375,11 @@ def load_trainer_state(path: str | os.PathLike, optimizer: Optional[torch.optim.
     m = _ASIDE_RE.match(p.name)  # the aside copy of a re-save (read_latest may name it) keeps its step in its name
     problem = meta_problem(meta, step_of(p) if m is None else int(m.group(1)))
     if problem is None:
-        tensors = _read_tensors(p / "trainer.safetensors")
+        file = p / "trainer.safetensors"
+        tensors = stored_tensors(file, CheckpointError) if lazy_optimizer else _read_tensors(file)
         try:
-            saved, rng, extra = (decode(meta.get(k), tensors, k) for k in ("optimizer", "rng", "extra"))
+            saved = decode(meta.get("optimizer"), tensors, "optimizer")  # lazy: StoredTensors, read at a layout
+            rng, extra = (decode(meta.get(k), ReadOnLookup(tensors), k) for k in ("rng", "extra"))
             extra = {} if extra is None else extra
             problem = extra_problem(extra)
         except ValueError as exc:

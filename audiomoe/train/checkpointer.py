@@ -55,7 +55,10 @@ class Checkpointer:
         spec: CheckpointSpec,
     ) -> None:
         self.dist, self.run, self.root, self.model, self.layout, self.spec = dist, run, root, model, layout, spec
-        self.resumed: Optional[dict[str, Any]] = load_trainer_state(resume_from) if resume_from is not None else None
+        # the optimizer's tensors stay in the file until a stage loads them (a sharded rank: only its rows)
+        self.resumed: Optional[dict[str, Any]] = (
+            load_trainer_state(resume_from, lazy_optimizer=True) if resume_from is not None else None
+        )
         self.start = int(self.resumed["step"]) if self.resumed is not None else 0
         self.saved_extra: dict[str, Any] = (self.resumed or {}).get("extra") or {}
         self.state = self._restore_state(resume_from)
@@ -125,7 +128,7 @@ class Checkpointer:
             return
         from audiomoe.train.fullstate import load_full_optimizer_state_dict
 
-        state = load_trainer_state(path)["optimizer"]  # the one-process state
+        state = self.resumed["optimizer"]  # the one-process state, its tensors still in the file (StoredTensor)
         if state is None:
             raise CheckpointError("the checkpoint holds no optimizer state; it cannot continue a stage")
         try:

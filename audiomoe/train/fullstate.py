@@ -213,9 +213,34 @@ def full_optimizer_state_dict(
     return state
 
 
+def _read_local(v: Any, p: torch.Tensor, block: Any) -> torch.Tensor:
+    """This rank's part of a stored one-process optimizer tensor ``v`` of parameter ``p``: its expert block's rows
+    (``block``: the EP shard), then its FSDP dim-0 chunk as a DTensor laid out as ``p``; all of it otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    lo, shape = 0, tuple(v.shape)
+    if block is not None and v.dim() and shape[0] == block.num_experts and shape[1:] == tuple(p.shape[1:]):
+        lo, shape = block.lo, (block.hi - block.lo, *shape[1:])
+    if not (isinstance(p, DTensor) and v.dim() and shape == tuple(p.shape)):
+        return v.read((lo, lo + shape[0]) if v.dim() else None)
+    size, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(size[1:]) != shape[1:]:  # sharded on another dimension: the full rows, cut by distribute_tensor
+        full = v.read((lo, lo + shape[0])).to(p.device)
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    rows = v.read((lo + offset[0], lo + offset[0] + size[0]))
+    return DTensor.from_local(
+        rows.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
+
+
 @torch.no_grad()
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a one-process optimizer state (:func:`full_optimizer_state_dict`) at ``model``'s layout (no collective)."""
+    """Load a one-process optimizer state (:func:`full_optimizer_state_dict`) at ``model``'s layout (no collective).
+
+    Its tensors may be :class:`~audiomoe.train.meta_shards.StoredTensor` (``load_trainer_state(...,
+    lazy_optimizer=True)``): then only this rank's rows are read (:func:`_read_local`), never a full tensor.
+    """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     experts = _expert_blocks(model)
@@ -225,6 +250,9 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
         p = params[int(idx)]
         out = {}
         for key, v in entry.items():
+            if hasattr(v, "read"):  # a StoredTensor
+                out[key] = _read_local(v, p, experts.get(id(p)))
+                continue
             if (
                 torch.is_tensor(v)
                 and id(p) in experts

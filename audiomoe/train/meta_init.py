@@ -19,7 +19,8 @@ buffers computed from ``arange``). So the constructor is *recorded*, not re-impl
    Peak host memory is the shards plus the largest tensor alive at once (one parameter for ordinary
    constructors), not the model.
 
-A resumed run reads only this rank's rows of the checkpoint (:func:`load_shards`, ``safe_open().get_slice``).
+A resumed run reads only this rank's rows of the checkpoint (:func:`load_shards`: plain reads at their file
+offsets straight into the ``to_empty``-ed shards; no memory map, no full tensor, no staging copy).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from audiomoe.core.errors import AudioMoEError
-from audiomoe.train.meta_shards import Piece, cut, fill, model_tensors
+from audiomoe.train.meta_shards import Piece, cut, fill, model_tensors, stored_tensors
 
 _META = torch.device("meta")
 
@@ -254,7 +255,7 @@ def materialize(model: nn.Module, program: Program, device: Union[str, torch.dev
     """
     stats: dict[str, int] = {}
 
-    def get(plan: dict[str, Piece], put: Callable[[str, torch.Tensor], None]) -> None:
+    def get(plan: dict[str, Piece], put: Callable[[str, torch.Tensor], None], target: Callable) -> None:
         by_source: dict[str, list[str]] = {}
         for name, piece in plan.items():
             by_source.setdefault(piece.source, []).append(name)
@@ -269,56 +270,33 @@ def materialize(model: nn.Module, program: Program, device: Union[str, torch.dev
     return stats
 
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def load_shards(
     model: nn.Module, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
 ) -> dict[str, int]:
     """Give a meta-built, sharded ``model`` its pieces read from a full safetensors file (only those rows are read).
 
-    The file is a one-process checkpoint (``save_full_safetensors``, a run's ``model.safetensors``). Rows are
-    read with plain file reads at their offsets (safetensors: an 8-byte header length, a JSON header of
-    dtype / shape / data offsets, raw little-endian bytes), not through a memory map, whose touched pages
-    would count in this process's resident memory. Returns ``{"tensors", "bytes", "read"}`` (``read``: bytes
-    read from the file).
+    The file is a one-process checkpoint (``save_full_safetensors``, a run's ``model.safetensors``). Each piece's
+    rows are read with plain file reads (:class:`~audiomoe.train.meta_shards.StoredTensor`, no memory map) straight
+    into the rank's ``to_empty``-ed local tensor, so the peak is the rank's shards alone: no full tensor, and no
+    staging copy of a piece. Returns ``{"tensors", "bytes", "read"}`` (``read``: bytes read from the file).
     """
-    import json
-    import math
-    import struct
-
     if not os.path.isfile(path):
         raise AudioMoEError(f"checkpoint '{path}' does not exist; write one with save_full_safetensors(model, path)")
+    stored = stored_tensors(path)
     read = [0]
 
-    def get(plan: dict[str, Piece], put: Callable[[str, torch.Tensor], None]) -> None:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-            for name, piece in plan.items():
-                entry = header.get(piece.source)
-                if entry is None or piece.source == "__metadata__":
-                    continue
-                dtype, shape = _ST_DTYPES[entry["dtype"]], list(entry["shape"])
-                row = math.prod(shape[1:]) * dtype.itemsize
-                lo, hi = piece.rows if piece.rows is not None else (0, shape[0] if shape else 1)
-                buf = torch.empty((hi - lo) * row if shape else dtype.itemsize, dtype=torch.uint8)
-                fh.seek(8 + n + entry["data_offsets"][0] + lo * row)
-                if fh.readinto(memoryview(buf.numpy())) != buf.numel():
-                    raise AudioMoEError(f"'{path}' is truncated at '{piece.source}'; the checkpoint is damaged")
-                read[0] += buf.numel()
-                put(name, buf.view(dtype).reshape([hi - lo, *shape[1:]] if shape else []))
+    def get(plan: dict[str, Piece], put: Callable[[str, torch.Tensor], None], target: Callable) -> None:
+        for name, piece in plan.items():
+            src = stored.get(piece.source)
+            if src is None:
+                continue
+            dst = target(name)
+            rows = piece.rows if piece.rows is not None else ((0, src.shape[0]) if src.shape else None)
+            want = [rows[1] - rows[0], *src.shape[1:]] if rows is not None else []
+            fits = dst is not None and dst.dtype == src.dtype and list(dst.shape) == want
+            value = src.read(piece.rows, out=dst if fits else None)
+            read[0] += value.numel() * value.element_size()
+            put(name, value)
 
     stats = fill(model, device, get)
     stats["read"] = read[0]

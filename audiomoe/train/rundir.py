@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from safetensors import safe_open
-
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.safe_yaml import load_yaml_file
 from audiomoe.train.checkpoint import (
@@ -41,6 +39,7 @@ from audiomoe.train.checkpoint import (
     read_latest,
 )
 from audiomoe.train.gradcheck import first_nonfinite
+from audiomoe.train.meta_shards import stored_tensors
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl
@@ -186,15 +185,16 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     try:
         if not isinstance(load_yaml_file(path / "spec.yaml", "checkpoint spec"), dict):
             return "its spec.yaml holds no model spec mapping"
-        load_trainer_state(path)
+        load_trainer_state(path, lazy_optimizer=True)  # every rank checks: the moments stay in the file
     except AudioMoEError as exc:
         return str(exc)
-    try:  # one tensor at a time: the check never holds the whole model
-        with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
-            for key in fh.keys():
-                if first_nonfinite({key: fh.get_tensor(key)}):
-                    return f"its weight '{key}' holds NaN or inf"
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+    # a block at a time, with plain reads: a memory map's touched pages would stay resident (the whole
+    # model, in every rank's peak memory, before a sharded resume reads only its rows)
+    try:
+        for key, stored in stored_tensors(path / "model.safetensors").items():
+            if any(first_nonfinite({key: block}) for block in stored.blocks()):
+                return f"its weight '{key}' holds NaN or inf"
+    except AudioMoEError as exc:
         return f"its model.safetensors is damaged ({' '.join(str(exc).split())[:120]})"
     return None
 
