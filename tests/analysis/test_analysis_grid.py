@@ -112,8 +112,12 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
     assert [(c.name, c.target, c.steps) for c in cur] == [
         ("curriculum", "unimoe-curriculum-tiny", None),
         ("naive", "unimoe-naive-tiny", None),
+        ("naive_balanced", "unimoe-naive-tiny", None),  # claim 5: the balanced mix without specialists
     ]
+    assert cur[2].overrides[-1] == "stages.joint.data.temperature=0.0"
     assert with_recipes.skipped == {}
+    assert plan.seeds_of("routing") == list(range(8)) and plan.seeds_of("encoders") == [0, 1, 2, 3]  # claim 4's power
+    assert plan.task_groups == {"speech": ["language", "speaker", "style"]}  # claim 3's majority domain
 
 
 def test_papers_study_variants_are_valid_model_specs(tmp_path):
@@ -122,7 +126,7 @@ def test_papers_study_variants_are_valid_model_specs(tmp_path):
     from audiomoe.analysis.launch import check_runs
 
     plan = plan_study(load_study(STUDIES / "papers.yaml"), tmp_path)
-    assert len(plan.configs) == 12 and not plan.skipped
+    assert len(plan.configs) == 13 and not plan.skipped
     check_runs(plan.runs(tmp_path))
 
 
@@ -181,6 +185,7 @@ def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_me
         "mowe_independent": "encoders",
         "mowe_dependent": "encoders",
         "mowe_two_dependent": "encoders",
+        "naive_balanced": "curriculum",
     }
     assert plan.skipped_configs == {k: f"{v} (compact)" for k, v in left.items()}
     assert (
@@ -198,7 +203,7 @@ def test_compact_form_runs_only_its_variants_and_claims_on_the_others_say_not_me
     data["compact"]["variants"] = None  # every config, compact: the curriculum's compact steps
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     demo = plan_study(load_study(tmp_path / "s.yaml"), tmp_path, compact=True, exists=lambda name: True)
-    assert len(demo.configs) == 12 and demo.skipped == {}
+    assert len(demo.configs) == 13 and demo.skipped == {}
     cur = {c.name: c.overrides for c in demo.configs if c.arm == "curriculum"}
     assert (
         "stages.joint.steps=120" in cur["naive"] and "stages.foundation.steps=60" in cur["curriculum"]
