@@ -13,6 +13,7 @@ against them does not depend on which parts were plugged in.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, cast
 
 import torch
@@ -47,7 +48,7 @@ class AudioModel(nn.Module):
         # Parts after the encoder start from their own seed (the spec's seed and the part's name), so two
         # configs of a study that differ elsewhere (a router, the encoder pool) share these initial weights
         # at one seed: their paired difference is not also a difference of random initialisation.
-        seeded = lambda part, build: _seeded(params.seed, part, build)  # noqa: E731 (a local shorthand)
+        seeded = functools.partial(_seeded, params.seed)
         self.backbone = (
             seeded(
                 "backbone", lambda: _built("backbone", lambda: backbone(d_model=d, task_names=self.task_names), missing)
