@@ -96,10 +96,14 @@ def list_presets(pattern: str = "*", *, registry: Optional[Registry] = None) -> 
     return (registry or get_registry()).list_presets(pattern)
 
 
+_DEPRECATED = {"Task"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
+        if name not in _DEPRECATED:  # a deprecated alias is never cached: it warns on every use, not only the first
+            globals()[name] = value
         return value
     if name == "testing":
         return importlib.import_module("audiomoe.testing")
