@@ -10,7 +10,8 @@ are reported as ``layer<i>``). Attention is causal, with the padding mask as the
 
 Decoding (``supports_decoding``): :meth:`CausalLMBackbone.decode` runs an interleaved sequence
 ``[prompt tokens | audio soft tokens | codec embeddings]`` through the LM's decoder with its own
-KV cache (transformers' ``DynamicCache``); the text head reads the LM's tokenizer, token
+KV cache (transformers' ``DynamicCache`` for the prefix, then, for Llama / Qwen2, preallocated buffers and
+a lean step: :mod:`audiomoe.backbones.lm_step`); the text head reads the LM's tokenizer, token
 embeddings and LM head through :meth:`embed_tokens` / :meth:`text_logits`. Those two tables stay
 frozen (as in MoWE-Audio and SALMONN: the LLM's vocabulary is not retrained); decoding and
 reading text need the LM's width to be ``d_model``.
@@ -25,6 +26,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from audiomoe.backbones.hf_lm import LoRAParams, apply_lora, check_one_source, lm_and_tokenizer
+from audiomoe.backbones.lm_step import StepCache, lean_step, lean_step_supported
 from audiomoe.backbones.upcycle import UpcycledMLP, upcycle_causal_lm
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.core.interfaces import Backbone, BackboneOutput, DecoderState
@@ -92,6 +94,8 @@ class CausalLMBackbone(Backbone):
                 emb.requires_grad_(False)
         # found once: a decoding step is a few hundred microseconds, a module walk is not free
         self._upcycled = [m for m in self.lm.modules() if isinstance(m, UpcycledMLP)]
+        # decided once: later cached calls skip transformers' per-call machinery (LoRA wraps the LM: not this path)
+        self._lean = p.lora is None and lean_step_supported(self.lm.get_decoder())
         width = self.width = self.lm.config.get_text_config().hidden_size
         self.d_model = d_model
         self.into = nn.Identity() if width == d_model else nn.Linear(d_model, width)
@@ -122,15 +126,25 @@ class CausalLMBackbone(Backbone):
     def decode(
         self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None
     ) -> DecoderState:
-        """Causal pass of new positions through the LM's decoder with a KV cache (see :mod:`audiomoe.core.decoding`)."""
+        """Causal pass of new positions through the LM's decoder with a KV cache (see :mod:`audiomoe.core.decoding`).
+
+        The first call (``cache`` None) runs transformers' decoder; for a Llama / Qwen2 LM without autograd its
+        cache then moves into preallocated buffers and later calls take :func:`~audiomoe.backbones.lm_step.lean_step`
+        (the same ops, none of the per-call machinery; new positions of such a call are real tokens).
+        """
+        upcycled = self._upcycled
+        if isinstance(cache, StepCache):
+            # new positions are real: the MoE layers run unmasked (their attention_mask is None between calls)
+            h = lean_step(self.lm.get_decoder(), self.into(embeds), position_ids, cache)
+            return self._routed(upcycled, DecoderState(self.out(h), cache))
         from transformers import DynamicCache
 
+        start = cache is None
         cache = DynamicCache() if cache is None else cache
         mask = attention_mask.long()
         # nothing padded: no mask is the same attention (an all-ones mask means no padding to transformers),
         # and skips its ~150 us of mask checks per decoding step
         mask = None if bool(mask.all()) else mask
-        upcycled = self._upcycled
         for m in upcycled:  # the new positions are the mask's last columns (UpcycledMLP takes them)
             m.attention_mask = mask
         try:
@@ -144,10 +158,15 @@ class CausalLMBackbone(Backbone):
         finally:
             for m in upcycled:
                 m.attention_mask = None
-        return self._routed(upcycled, DecoderState(self.out(out.last_hidden_state), out.cache))
+        cache = out.cache
+        if start and self._lean and not torch.is_grad_enabled():
+            cache = StepCache.from_dynamic(cache, mask, self.lm.get_decoder(), out.last_hidden_state.dtype)
+        return self._routed(upcycled, DecoderState(self.out(out.last_hidden_state), cache))
 
     def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
-        """transformers' ``DynamicCache`` of batch rows ``rows`` (reordered in place, as its beam search does)."""
+        """The cache of batch rows ``rows``: a new :class:`StepCache`, or transformers' ``DynamicCache`` reordered in place."""
+        if isinstance(cache, StepCache):
+            return cache.select(rows)
         cache.reorder_cache(rows)
         return cache
 

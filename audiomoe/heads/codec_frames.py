@@ -195,40 +195,50 @@ class CodecFrames(nn.Module):
     ) -> list[torch.Tensor]:
         """Sample codes [K, T_i] per item frame by frame; ``step(frames [B, s, K])`` gives the last frame's logits [B, K, V].
 
-        ``step`` returns a new tensor each call (this loop masks ids in it in place).
+        ``step`` returns a new tensor each call (this loop masks ids in it in place) and gets a view of one
+        preallocated frame buffer (valid for that call). What the delay pattern fixes is decided on the host
+        (which codebooks are still in their delay, whether eos is allowed or forced): a step adds a few ops to
+        the decoder's and reads nothing from the device but, once a clip can have ended, whether all have.
         """
         p = params
         temperature = p.temperature if temperature is None else temperature
         top_k, top_p = (p.top_k if top_k is None else top_k), (p.top_p if top_p is None else top_p)
         max_frames = p.max_frames if max_frames is None else max_frames
-        k = len(self.sizes)
-        d = torch.tensor(self.delays, device=device)
-        frames = torch.full((b, 1, k), self.bos, dtype=torch.long, device=device)
-        ends = torch.full((b,), -1, dtype=torch.long, device=device)  # clip length T once the lead codebook emits eos
-        out_frames = []
-        for s in range(max_frames + max(self.delays) + 1):
-            last = step(frames)  # [B, K, V], a fresh tensor each step: edited in place below
-            t = s - d  # the real frame index each codebook is at
-            if s - self.delays[self.lead] < p.min_frames:
-                last[:, self.lead, self.eos] = float("-inf")
+        k, lead, dl, dmax = len(self.sizes), self.lead, self.delays[self.lead], max(self.delays)
+        steps = max_frames + dmax + 1
+        frames = torch.full((b, steps + 1, k), self.bos, dtype=torch.long, device=device)
+        # a codebook still in its delay at step s writes bos: one [K] mask per such step, made once
+        waiting = [torch.tensor([s < d for d in self.delays], device=device) for s in range(dmax)]
+        neg_d = -torch.tensor(self.delays, device=device)
+        never = torch.iinfo(torch.long).max // 2  # "no eos yet": every codebook's t - ends is then negative
+        bos, eos, pad = (
+            torch.tensor(i, device=device) for i in (self.bos, self.eos, self.pad)
+        )  # no scalar wrap per op
+        ends = torch.full((b,), never, dtype=torch.long, device=device)  # clip length T once the lead emits eos
+        soonest = min(p.min_frames, max_frames)  # no clip ends before this many frames (eos masked or forced)
+        s = -1
+        for s in range(steps):
+            last = step(frames[:, : s + 1])  # [B, K, V], a fresh tensor each step: edited in place below
+            if s - dl < p.min_frames:
+                last[:, lead, self.eos] = float("-inf")
             nxt = sample_logits(last.reshape(b * k, -1), temperature, top_k, top_p, generator).view(b, k)
-            if s - self.delays[self.lead] >= max_frames:
-                nxt[:, self.lead] = self.eos
-            nxt = torch.where(t.view(1, k) < 0, torch.full_like(nxt, self.bos), nxt)
-            newly = (ends < 0) & (nxt[:, self.lead] == self.eos) & (t[self.lead] >= 0)
-            ends = torch.where(newly, t[self.lead].expand(b), ends)
-            done = ends >= 0
-            rel = t.view(1, k) - ends.view(b, 1)
-            nxt = torch.where(done.view(b, 1) & (rel == 0), torch.full_like(nxt, self.eos), nxt)
-            nxt = torch.where(done.view(b, 1) & (rel > 0), torch.full_like(nxt, self.pad), nxt)
-            out_frames.append(nxt)
-            frames = torch.cat([frames, nxt[:, None]], 1)
-            if bool(done.all()) and bool((rel >= 0).all()):
+            if s - dl >= max_frames:
+                nxt[:, lead] = self.eos
+            if s < dmax:
+                nxt = torch.where(waiting[s], bos, nxt)
+            if s >= dl:  # the lead codebook writes real frames: its eos ends the clip at T = s - dl
+                ends = torch.where((ends == never) & (nxt[:, lead] == eos), s - dl, ends)
+                # codebook k at frame t = s - d_k: eos at t == T, pad after (rel < 0: before T, or no eos yet)
+                rel = (neg_d + s).view(1, k) - ends.view(b, 1)
+                nxt = torch.where(rel >= 0, torch.where(rel > 0, pad, eos), nxt)
+            frames[:, s + 1] = nxt
+            # done when every clip has ended and its last delayed codebook written eos (T >= soonest: not sooner)
+            if s - dmax >= soonest and bool((ends <= s - dmax).all()):
                 break
-        delayed = torch.stack(out_frames, 2)  # [B, K, S]
-        lengths = ends.clamp_min(0)
+        delayed = frames[:, 1 : s + 2].transpose(1, 2)  # [B, K, S]
+        lengths = ends.masked_fill(ends == never, 0)
         codes = revert_delay_pattern(delayed, lengths, self.delays, pad=self.pad)
-        return [codes[i, :, : int(lengths[i])] for i in range(b)]
+        return [codes[i, :, :n] for i, n in enumerate(lengths.tolist())]
 
     def metrics(self, predictions: list[torch.Tensor], targets: CodecTargets) -> Mapping[str, float]:
         """``code_accuracy``: matching codes over the longer of each pair; ``length_error``: mean |T_pred - T|."""

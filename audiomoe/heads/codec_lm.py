@@ -162,27 +162,31 @@ class CodecHead(CodecFrames, Head):
     def generate(self, outputs: CodecPrefix, *, use_cache: bool = True, **sampling: Any) -> list[torch.Tensor]:
         """Sample codes [K, T_i] per item; ``sampling``: ``temperature``, ``top_k``, ``top_p``, ``max_frames``, ``generator``."""
         dec = outputs.decoder
-        b = outputs.embeds.shape[0]
-        seq = {"embeds": outputs.embeds, "mask": outputs.real, "state": None, "fed": 0}
+        b, n = outputs.embeds.shape[:2]
+        dtype = outputs.embeds.dtype
+        most = (sampling.get("max_frames") or self.params.max_frames) + max(self.delays) + 1
+        # one mask for the whole run (prefix, then every frame real): a step passes a view, nothing is concatenated
+        full_mask = outputs.real.new_ones(b, n + most)
+        full_mask[:, :n] = outputs.real
+        seq = {"embeds": outputs.embeds, "state": None, "pos": None}
         embed, logits_of = self.frame_embedder(), self.step_logits()
 
         def step(frames: torch.Tensor) -> torch.Tensor:
-            new = embed(frames[:, seq["fed"] :]).to(outputs.embeds.dtype)
-            seq["fed"] = frames.shape[1]
-            mask = seq["mask"] = torch.cat([seq["mask"], seq["mask"].new_ones(b, new.shape[1])], 1)
-            if use_cache:
-                first = seq["state"] is None
-                x = torch.cat([seq["embeds"], new], 1) if first else new
-                # every new position is real: one past the last one (no cumsum over the whole mask per step)
-                pos = (
-                    positions_from_mask(mask)
-                    if first
-                    else seq["pos"] + torch.arange(1, x.shape[1] + 1, device=mask.device)
-                )
+            s = frames.shape[1]  # frames fed after this call
+            mask = full_mask[:, : n + s]
+            if use_cache and seq["state"] is not None:
+                new = embed(frames[:, -1:])
+                new = new if new.dtype == dtype else new.to(dtype)
+                # the new position is real: one past the last one (no cumsum over the whole mask per step)
+                seq["pos"] = pos = seq["pos"] + 1
+                seq["state"] = dec.decode(new, mask, pos, seq["state"].cache)
+            elif use_cache:  # the prefix and the bos frame: the cache starts here
+                x = torch.cat([outputs.embeds, embed(frames).to(dtype)], 1)
+                pos = positions_from_mask(mask)
                 seq["pos"] = pos[:, -1:]
-                seq["state"] = dec.decode(x, mask, pos[:, -x.shape[1] :], None if first else seq["state"].cache)
+                seq["state"] = dec.decode(x, mask, pos)
             else:  # the whole sequence again each frame: what the cache must reproduce
-                seq["embeds"] = torch.cat([seq["embeds"], new], 1)
+                seq["embeds"] = torch.cat([seq["embeds"], embed(frames[:, -1:]).to(dtype)], 1)
                 seq["state"] = dec.decode(seq["embeds"], mask, positions_from_mask(mask))
             return logits_of(seq["state"].hidden[:, -1].float())
 
