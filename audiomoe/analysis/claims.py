@@ -141,7 +141,14 @@ def _cheaper(
     else:
         verdict = "not resolved"
     cheaper, dearer = all(hi(c) < 0 for c in costs.values()), any(lo(c) > 0 for c in costs.values())
-    cost_words = "costs less" if cheaper else "costs more" if dearer else "costs about the same (interval contains 0)"
+    refs = " / ".join(claim.reference)
+    cost_words = (
+        f"costs less than {refs}"
+        if cheaper
+        else f"costs more than {refs}"
+        if dearer
+        else f"costs about the same as {refs} (interval contains 0)"
+    )
     if all(lo(t) > 0 for t in tests.values()):
         q_words = "scores higher (interval above 0)"
     elif all(lo(t) > -m for t in tests.values()):
@@ -151,8 +158,8 @@ def _cheaper(
     else:
         q_words = f"cannot be shown within the -{m} quality margin"
     plain = (
-        f"{verdict.capitalize()} at this scale: {claim.candidate} {cost_words} in {claim.cost} than "
-        f"{' / '.join(claim.reference)} and {q_words} on {metric}."
+        f"{verdict.capitalize()} at this scale: {claim.candidate} {cost_words} in {claim.cost} "
+        f"and {q_words} on {metric}."
     )
     return verdict, plain, measured, parts
 

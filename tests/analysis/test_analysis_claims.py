@@ -229,3 +229,29 @@ def test_a_candidate_equivalent_to_one_reference_does_not_beat_them_all():
     alone = ClaimSpec(id=2, text="a beats c", kind="better", candidate="a", reference=["c"], margin=0.03)
     (w,) = evaluate_claims([alone], rows, "mean/accuracy", {"a": "x", "b": "x", "c": "x"}, {})
     assert w["verdict"] == "not resolved"  # without the equivalent reference nothing is decided
+
+
+def test_a_cheaper_at_equal_quality_claim_reads_as_a_sentence_for_each_cost_outcome():
+    claim = ClaimSpec(
+        id=4,
+        text="top-p is cheaper at equal quality",
+        kind="cheaper_at_equal_quality",
+        candidate="p",
+        reference=["k"],
+        cost="moe_mflops_per_audio_s",
+        margin=0.03,
+    )
+
+    def plain(cost_p: list[float]) -> dict:
+        rows = _rows({"p": [0.50, 0.51, 0.50, 0.52], "k": [0.50, 0.50, 0.51, 0.51]})
+        for r, c in zip(rows, cost_p + [3.8] * 4):
+            r["moe_mflops_per_audio_s"] = c
+        (v,) = evaluate_claims([claim], rows, "mean/accuracy", {"p": "x", "k": "x"}, {})
+        return v
+
+    cheaper = plain([3.2, 3.3, 3.25, 3.3])
+    assert cheaper["verdict"] == "holds" and "p costs less than k in moe_mflops_per_audio_s and" in cheaper["plain"]
+    same = plain([3.0, 4.6, 3.2, 4.5])
+    assert same["verdict"] == "not resolved"
+    assert "p costs about the same as k (interval contains 0) in moe_mflops_per_audio_s and" in same["plain"]
+    assert " than k" not in same["plain"]
