@@ -312,6 +312,9 @@ def test_ctrl_c_stops_cleanly_and_names_the_last_good_checkpoint(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        # a shell that starts the suite in the background (nohup, `&`) makes it ignore SIGINT, and the child would
+        # inherit that (Python then installs no KeyboardInterrupt handler): a user's terminal delivers Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     t0 = time.monotonic()
     while not (out / "latest").exists() and time.monotonic() - t0 < 60:
