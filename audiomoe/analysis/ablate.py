@@ -35,6 +35,7 @@ def save_plan(plan: Plan, root: Path, meta: dict[str, Any]) -> Path:
         "skipped_configs": plan.skipped_configs,
         "arm_seeds": plan.arm_seeds,
         "task_groups": plan.task_groups,
+        "config_seeds": plan.config_seeds,
         **meta,
     }
     path = root / PLAN_FILE
@@ -66,6 +67,7 @@ def load_plan(root: Path) -> tuple[Plan, dict[str, Any]]:
         data.get("skipped_configs", {}),
         data.get("arm_seeds", {}),
         data.get("task_groups", {}),
+        data.get("config_seeds", {}),
     )
     meta = {k: v for k, v in data.items() if k in ("title", "description", "claims", "seconds")}
     return plan, meta

@@ -191,10 +191,14 @@ def _noninferior(
             parts,
             records,
         )
+    mdes = [
+        r["minimum_detectable_effect"] for r in records if r["state"] == "not shown" and r["minimum_detectable_effect"]
+    ]
+    mde = f"; these seeds detect a difference of {max(mdes):.3f} or more there (power 0.8)" if mdes else ""
     return (
         "not resolved",
         f"Not resolved at this scale: {claim.candidate} is better on {claim.metric or 'the key metric'}, but "
-        f"non-inferiority within -{m} is not shown on {', '.join(open_)}.",
+        f"non-inferiority within -{m} is not shown on {', '.join(open_)}{mde}.",
         parts,
         records,
     )
@@ -259,6 +263,10 @@ def evaluate_claim(
         comparisons=records,
         tests={ref: t.as_dict() for ref, t in tests.items()},
     )
+    open_ni = [r for r in out.get("noninferiority", []) if r["state"] == "not shown"]
+    if verdict == "not resolved" and open_ni:  # what keeps the claim open is the non-inferiority test: its power counts
+        mdes = [r["minimum_detectable_effect"] for r in open_ni if r["minimum_detectable_effect"] is not None]
+        out["minimum_detectable_effect"] = max(mdes) if mdes else None
     if role == "control":
         out["resolved"] = verdict == "holds"
     return out

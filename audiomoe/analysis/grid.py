@@ -207,18 +207,25 @@ class Plan:
     skipped_configs: dict[str, str] = field(default_factory=dict)  # variant name -> its skipped arm
     arm_seeds: dict[str, list[int]] = field(default_factory=dict)  # an arm's own seeds (a study's ``arms.X.seeds``)
     task_groups: dict[str, list[str]] = field(default_factory=dict)  # name -> tasks: a ``<name>/<metric>`` column
+    config_seeds: dict[str, list[int]] = field(default_factory=dict)  # a variant's own seeds (``seeds:`` in a variant)
 
-    def seeds_of(self, arm: str) -> list[int]:
-        """The seeds an arm's configs run: its own, else the plan's."""
-        return self.arm_seeds.get(arm, self.seeds)
+    def seeds_of(self, arm: str, config: str = "") -> list[int]:
+        """The seeds a config runs: its own, else its arm's, else the plan's."""
+        return self.config_seeds.get(config) or self.arm_seeds.get(arm, self.seeds)
 
     def seeds_text(self) -> str:
-        """``4 seeds`` or, when arms differ, ``4-8 seeds (routing 4, encoders 8)``."""
-        counts = {c.arm: len(self.seeds_of(c.arm)) for c in self.configs} or {"": len(self.seeds)}
-        lo, hi = min(counts.values()), max(counts.values())
+        """``4 seeds`` or, when arms or configs differ, ``4-8 seeds (routing 4-8, encoders 4)``."""
+        counts: dict[str, list[int]] = {}
+        for c in self.configs:
+            counts.setdefault(c.arm, []).append(len(self.seeds_of(c.arm, c.name)))
+        if not counts:
+            counts = {"": [len(self.seeds)]}
+        lo = min(min(v) for v in counts.values())
+        hi = max(max(v) for v in counts.values())
         if lo == hi:
             return f"{lo} seed{'s' * (lo != 1)}"
-        return f"{lo}-{hi} seeds ({', '.join(f'{a} {n}' for a, n in counts.items())})"
+        span = {a: f"{min(v)}" if min(v) == max(v) else f"{min(v)}-{max(v)}" for a, v in counts.items()}
+        return f"{lo}-{hi} seeds ({', '.join(f'{a} {n}' for a, n in span.items())})"
 
     def arm_of(self) -> dict[str, str]:
         """Every config name (run or skipped) -> its arm."""
@@ -226,4 +233,4 @@ class Plan:
 
     def runs(self, root: str | Path) -> list[Run]:
         """All runs of the plan under ``root``."""
-        return [r for c in self.configs for r in plan_runs([c], self.seeds_of(c.arm), root)]
+        return [r for c in self.configs for r in plan_runs([c], self.seeds_of(c.arm, c.name), root)]

@@ -39,6 +39,9 @@ class VariantSpec(_Strict):
     compact_set: list[str] = Field(
         default_factory=list, description="further overrides in the compact form (audiomoe demo)"
     )
+    seeds: Optional[int] = Field(
+        None, ge=1, le=100, description="seeds of this variant (default: its arm's): fewer where less power is needed"
+    )
 
 
 class ArmSpec(_Strict):
@@ -270,7 +273,7 @@ def plan_study(
             model_paths[name] = str(p)
     configs: list[Config] = []
     baselines, skipped, skipped_configs = {}, {}, {}
-    arm_seeds = {}
+    arm_seeds, config_seeds = {}, {}
     chosen = set(spec.compact.variants) if compact and spec.compact.variants else None
     for arm, a in spec.arms.items():
         missing = [r for r in a.requires if not exists(r)]
@@ -293,6 +296,8 @@ def plan_study(
                 continue
             if isinstance(v, VariantSpec):
                 variants.append((vname, v.set + (v.compact_set if compact else [])))
+                if v.seeds is not None and not seeds and not compact:
+                    config_seeds[vname] = list(range(v.seeds))
                 if v.target:
                     targets[vname] = model_paths.get(v.target, v.target)
             else:
@@ -325,4 +330,5 @@ def plan_study(
         skipped_configs,
         arm_seeds,
         task_groups={k: list(v) for k, v in spec.task_groups.items()},
+        config_seeds=config_seeds,
     )

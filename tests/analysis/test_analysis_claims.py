@@ -207,6 +207,10 @@ def test_a_minority_gain_holds_only_with_non_inferiority_on_the_majority():
     unclear = verdict({"a": [0.55, 0.62, 0.58, 0.60], "b": [0.60, 0.60, 0.60, 0.60]})  # -0.0125, wide interval
     assert unclear["verdict"] == "not resolved" and unclear["noninferiority"][0]["state"] == "not shown"
     assert "non-inferiority within -0.03 is not shown on language/accuracy" in unclear["plain"]
+    # what keeps it open is the majority test, so its power is the claim's (not the primary test's, sd 0.013)
+    ni_mde = unclear["noninferiority"][0]["minimum_detectable_effect"]
+    assert unclear["minimum_detectable_effect"] == ni_mde > 0.05
+    assert f"detect a difference of {ni_mde:.3f} or more there" in unclear["plain"]
     claims, _ = claims_files([unclear])
     assert claims[0]["noninferiority"][0]["metric"] == "language/accuracy"
 

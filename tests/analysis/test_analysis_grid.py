@@ -117,6 +117,9 @@ def test_papers_study_plans_the_paper_arms_and_skips_the_curriculum_placeholder(
     assert cur[2].overrides[-1] == "stages.joint.data.temperature=0.0"
     assert with_recipes.skipped == {}
     assert plan.seeds_of("routing") == list(range(8)) and plan.seeds_of("encoders") == [0, 1, 2, 3]  # claim 4's power
+    assert plan.seeds_of("routing", "frozen_encoder") == [0, 1, 2, 3] == plan.seeds_of("routing", "top_p_null")
+    assert with_recipes.seeds_of("curriculum", "naive") == list(range(5))  # claim 3's non-inferiority power
+    assert not compact.config_seeds  # the compact form runs every config at its own seed count
     assert plan.task_groups == {"speech": ["language", "speaker", "style"]}  # claim 3's majority domain
 
 
@@ -317,6 +320,30 @@ def test_an_arm_can_run_more_seeds_than_the_study(tmp_path):
     assert [(r.config.name, r.seed) for r in again.runs(tmp_path)] == [(r.config.name, r.seed) for r in runs]
     assert len(plan_study(spec, tmp_path, seeds=3, exists=lambda name: True).runs(tmp_path)) == 4 * 3
     assert len(plan_study(spec, tmp_path, compact=True, exists=lambda name: True).runs(tmp_path)) == 4 * 2
+
+
+def test_a_variant_can_run_fewer_seeds_than_its_arm(tmp_path):
+    """A config no claim's power rests on (a control's crippled arm) runs fewer seeds; the pairs use the common seeds."""
+    from audiomoe.analysis.ablate import load_plan, save_plan
+
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        "study: s\nseeds: 2\narms:\n  a: {target: tiny-cls, seeds: 6, variants: {x: [], y: {set: [], seeds: 3}}}\n"
+        "  b: {target: tiny-cls, variants: {z: []}}\n"
+    )
+    spec = load_study(p)
+    plan = plan_study(spec, tmp_path, exists=lambda name: True)
+    per: dict[str, list[int]] = {}
+    for r in plan.runs(tmp_path):
+        per.setdefault(r.config.name, []).append(r.seed)
+    assert per == {"x": [0, 1, 2, 3, 4, 5], "y": [0, 1, 2], "z": [0, 1]}
+    assert plan.seeds_text() == "2-6 seeds (a 3-6, b 2)"
+    save_plan(plan, tmp_path, {})
+    assert load_plan(tmp_path)[0].runs(tmp_path) == plan.runs(tmp_path)  # plan.json keeps the variant's seeds
+    assert len(plan_study(spec, tmp_path, seeds=4, exists=lambda name: True).runs(tmp_path)) == 3 * 4  # --seeds: all
+    p.write_text("study: s\narms:\n  a: {target: tiny-cls, variants: {y: {set: [], seeds: 0}}}\n")
+    with pytest.raises(AudioMoEError, match="seeds"):
+        load_study(p)
 
 
 def test_task_groups_add_a_mean_column_per_group_and_survive_the_plan_file(tmp_path):
