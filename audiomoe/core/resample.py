@@ -18,6 +18,7 @@ Accuracy: within the 0.99 rolloff of the lower Nyquist frequency the passband is
 from __future__ import annotations
 
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 from audiomoe.core.errors import AudioMoEError
@@ -59,11 +60,17 @@ def resample_audio(x: Any, orig: int, new: int) -> Any:
     if not t.is_floating_point():
         t = t.to(torch.float32)
     if orig != new:
-        import torchaudio.functional as AF
-
         o, n = resample_ratio(orig, new)
-        t = AF.resample(t, o, n)  # keeps autograd: a caller may differentiate through its input
+        t = _resampler(o, n, t.dtype, str(t.device))(t)  # keeps autograd: a caller may differentiate through its input
     return t.numpy() if as_numpy else t
+
+
+@lru_cache(maxsize=16)
+def _resampler(orig: int, new: int, dtype: Any, device: str) -> Any:
+    """torchaudio's resampler with its kernel built once: building it costs more than applying it to a short clip."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig, new, dtype=dtype).to(device)
 
 
 def resample_batch(x: Any, lengths: Any, orig: int, new: int) -> tuple[Any, Any]:

