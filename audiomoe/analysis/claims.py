@@ -156,7 +156,10 @@ def _cheaper(
     elif any(hi(t) < -m for t in tests.values()):
         q_words = f"is worse by more than {m}"
     else:
-        q_words = f"cannot be shown within the -{m} quality margin"
+        mdes = [minimum_detectable_effect(t.n, t.std_diff) for t in tests.values()]
+        finite = [d for d in mdes if math.isfinite(d)]
+        power = f" (these seeds detect a difference of {max(finite):.3f} or more, power 0.8)" if finite else ""
+        q_words = f"cannot be shown within the -{m} quality margin{power}"
     plain = (
         f"{verdict.capitalize()} at this scale: {claim.candidate} {cost_words} in {claim.cost} "
         f"and {q_words} on {metric}."

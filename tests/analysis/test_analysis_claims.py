@@ -259,3 +259,23 @@ def test_a_cheaper_at_equal_quality_claim_reads_as_a_sentence_for_each_cost_outc
     assert same["verdict"] == "not resolved"
     assert "p costs about the same as k (interval contains 0) in moe_mflops_per_audio_s and" in same["plain"]
     assert " than k" not in same["plain"]
+
+
+def test_a_cheaper_claim_whose_quality_is_open_says_what_these_seeds_can_detect():
+    """Claim 4's shape: cheaper, quality interval straddling -margin: the text gives the power of these seeds."""
+    claim = ClaimSpec(
+        id=4,
+        text="p is cheaper at equal quality",
+        kind="cheaper_at_equal_quality",
+        candidate="p",
+        reference=["k"],
+        cost="moe_mflops_per_audio_s",
+        margin=0.03,
+    )
+    rows = _rows({"p": [0.40, 0.33, 0.37, 0.30], "k": [0.36, 0.36, 0.36, 0.36]})  # -0.01, sd 0.045
+    for r in rows:
+        r["moe_mflops_per_audio_s"] = 3.2 if r["config"] == "p" else 3.8
+    (v,) = evaluate_claims([claim], rows, "mean/accuracy", {"p": "x", "k": "x"}, {})
+    assert v["verdict"] == "not resolved"
+    mde = v["minimum_detectable_effect"]
+    assert 0.08 < mde < 0.2 and f"these seeds detect a difference of {mde:.3f} or more" in v["plain"]
