@@ -235,16 +235,21 @@ def test_a_candidate_equivalent_to_one_reference_does_not_beat_them_all():
     assert w["verdict"] == "not resolved"  # without the equivalent reference nothing is decided
 
 
-def test_a_cheaper_at_equal_quality_claim_reads_as_a_sentence_for_each_cost_outcome():
-    claim = ClaimSpec(
+def _cheaper_claim() -> ClaimSpec:
+    """Claim 4's shape: candidate p cheaper than reference k at equal quality within 0.03."""
+    return ClaimSpec(
         id=4,
-        text="top-p is cheaper at equal quality",
+        text="p is cheaper at equal quality",
         kind="cheaper_at_equal_quality",
         candidate="p",
         reference=["k"],
         cost="moe_mflops_per_audio_s",
         margin=0.03,
     )
+
+
+def test_a_cheaper_at_equal_quality_claim_reads_as_a_sentence_for_each_cost_outcome():
+    claim = _cheaper_claim()
 
     def plain(cost_p: list[float]) -> dict:
         rows = _rows({"p": [0.50, 0.51, 0.50, 0.52], "k": [0.50, 0.50, 0.51, 0.51]})
@@ -263,15 +268,7 @@ def test_a_cheaper_at_equal_quality_claim_reads_as_a_sentence_for_each_cost_outc
 
 def test_a_cheaper_claim_whose_quality_is_open_says_what_these_seeds_can_detect():
     """Claim 4's shape: cheaper, quality interval straddling -margin: the text gives the power of these seeds."""
-    claim = ClaimSpec(
-        id=4,
-        text="p is cheaper at equal quality",
-        kind="cheaper_at_equal_quality",
-        candidate="p",
-        reference=["k"],
-        cost="moe_mflops_per_audio_s",
-        margin=0.03,
-    )
+    claim = _cheaper_claim()
     rows = _rows({"p": [0.40, 0.33, 0.37, 0.30], "k": [0.36, 0.36, 0.36, 0.36]})  # -0.01, sd 0.045
     for r in rows:
         r["moe_mflops_per_audio_s"] = 3.2 if r["config"] == "p" else 3.8

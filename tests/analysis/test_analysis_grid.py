@@ -298,6 +298,13 @@ def test_a_studys_seeds_give_different_initial_weights(tmp_path):
     assert "seed=2" not in train_command(run)  # a config that pins its init keeps it
 
 
+def _seeds_per_config(plan, root) -> dict[str, list[int]]:
+    per: dict[str, list[int]] = {}
+    for r in plan.runs(root):
+        per.setdefault(r.config.name, []).append(r.seed)
+    return per
+
+
 def test_an_arm_can_run_more_seeds_than_the_study(tmp_path):
     """A claim that needs the power gets more seeds in its arm only; --seeds and the compact form set every arm's."""
     from audiomoe.analysis.ablate import load_plan, save_plan
@@ -310,10 +317,7 @@ def test_an_arm_can_run_more_seeds_than_the_study(tmp_path):
     spec = load_study(p)
     plan = plan_study(spec, tmp_path, exists=lambda name: True)
     runs = plan.runs(tmp_path)
-    per = {}
-    for r in runs:
-        per.setdefault(r.config.name, []).append(r.seed)
-    assert per == {"x": [0, 1], "y": [0, 1], "z": [0, 1, 2, 3, 4], "w": [0, 1, 2, 3, 4]}
+    assert _seeds_per_config(plan, tmp_path) == {"x": [0, 1], "y": [0, 1], "z": [0, 1, 2, 3, 4], "w": [0, 1, 2, 3, 4]}
     assert plan.seeds_text() == "2-5 seeds (a 2, b 5)"
     save_plan(plan, tmp_path, {})
     again, _ = load_plan(tmp_path)
@@ -333,10 +337,7 @@ def test_a_variant_can_run_fewer_seeds_than_its_arm(tmp_path):
     )
     spec = load_study(p)
     plan = plan_study(spec, tmp_path, exists=lambda name: True)
-    per: dict[str, list[int]] = {}
-    for r in plan.runs(tmp_path):
-        per.setdefault(r.config.name, []).append(r.seed)
-    assert per == {"x": [0, 1, 2, 3, 4, 5], "y": [0, 1, 2], "z": [0, 1]}
+    assert _seeds_per_config(plan, tmp_path) == {"x": [0, 1, 2, 3, 4, 5], "y": [0, 1, 2], "z": [0, 1]}
     assert plan.seeds_text() == "2-6 seeds (a 3-6, b 2)"
     save_plan(plan, tmp_path, {})
     assert load_plan(tmp_path)[0].runs(tmp_path) == plan.runs(tmp_path)  # plan.json keeps the variant's seeds
