@@ -245,6 +245,7 @@ def evaluate_claim(
     else:
         verdict, plain, cost_measured, cost_parts = _cheaper(claim, rows, key, tests)
         measured, parts = measured + cost_measured, parts + cost_parts
+    primary = verdict
     if claim.kind == "better" and getattr(claim, "noninferior", None):
         verdict, plain, ni_parts, out["noninferiority"] = _noninferior(claim, rows, verdict, plain)
         parts += ni_parts
@@ -267,7 +268,7 @@ def evaluate_claim(
         tests={ref: t.as_dict() for ref, t in tests.items()},
     )
     open_ni = [r for r in out.get("noninferiority", []) if r["state"] == "not shown"]
-    if verdict == "not resolved" and open_ni:  # what keeps the claim open is the non-inferiority test: its power counts
+    if primary == "holds" and verdict == "not resolved" and open_ni:  # only the non-inferiority test keeps it open
         mdes = [r["minimum_detectable_effect"] for r in open_ni if r["minimum_detectable_effect"] is not None]
         out["minimum_detectable_effect"] = max(mdes) if mdes else None
     if role == "control":

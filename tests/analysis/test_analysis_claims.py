@@ -204,13 +204,22 @@ def test_a_minority_gain_holds_only_with_non_inferiority_on_the_majority():
     assert same["verdict"] == "holds" and same["noninferiority"][0]["state"] == "non-inferior"
     worse = verdict({"a": [0.50, 0.51, 0.49, 0.50], "b": [0.60, 0.61, 0.60, 0.62]})  # -0.11: beyond the margin
     assert worse["verdict"] == "does not hold" and "worse by more than 0.03" in worse["plain"]
-    unclear = verdict({"a": [0.55, 0.62, 0.58, 0.60], "b": [0.60, 0.60, 0.60, 0.60]})  # -0.0125, wide interval
+    unclear_majority = {"a": [0.55, 0.62, 0.58, 0.60], "b": [0.60, 0.60, 0.60, 0.60]}
+    unclear = verdict(unclear_majority)  # -0.0125, wide interval
     assert unclear["verdict"] == "not resolved" and unclear["noninferiority"][0]["state"] == "not shown"
     assert "non-inferiority within -0.03 is not shown on language/accuracy" in unclear["plain"]
     # what keeps it open is the majority test, so its power is the claim's (not the primary test's, sd 0.013)
     ni_mde = unclear["noninferiority"][0]["minimum_detectable_effect"]
     assert unclear["minimum_detectable_effect"] == ni_mde > 0.05
     assert f"detect a difference of {ni_mde:.3f} or more there" in unclear["plain"]
+    neither = evaluate_claims(  # the primary test is open too: the claim's power stays the primary test's
+        [claim],
+        _two_metrics({"a": [0.80, 0.50, 0.75, 0.55], "b": [0.60, 0.62, 0.61, 0.63]}, unclear_majority),
+        "mean/accuracy",
+        {"a": "x", "b": "x"},
+        {},
+    )[0]
+    assert neither["verdict"] == "not resolved" and neither["minimum_detectable_effect"] > 0.2
     claims, _ = claims_files([unclear])
     assert claims[0]["noninferiority"][0]["metric"] == "language/accuracy"
 
