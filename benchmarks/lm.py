@@ -23,7 +23,7 @@ Timing: ``_common.measure`` (cases interleaved round-robin, one warm-up round, m
 (``--threads``); a shared machine makes the figures noisy (``--guard`` drops disturbed repetitions).
 ``transformers' best`` is the fastest transformers MoE model of each row.
 
-``--quick``: training on 2 x 512 tokens, 32 new tokens, fewer repetitions (about two minutes);
+``--quick``: training on 2 x 512 tokens, 32 new tokens, fewer repetitions (decode + layer alone about five minutes on 2 cores);
 ``--smoke``: tiny sizes, one repetition, the same code paths and equality checks (seconds; CI).
 ``--profile``: torch.profiler's top ops of audiomoe's 1-token MoE layer call, and the aten ops of one cached
 decoding step per model (batch 1 and 4; a count, steady under other load where wall times are not).
