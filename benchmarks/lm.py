@@ -295,7 +295,7 @@ def rows_of(case: str, times: dict[str, float], report: Report) -> list[str]:
 def main() -> None:
     """Run the four cases, print every model's time per case and the ratio table; JSON lines with --json."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_mode_flags(ap, "smaller training batch, 32 new tokens, fewer repetitions (about two minutes)")
+    add_mode_flags(ap, "smaller training batch, 32 new tokens, fewer repetitions (decode + layer alone ~5 min)")
     ap.add_argument("--json", default=None, metavar="FILE")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of every case (default per case and mode)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads outside smoke runs (default 2)")
