@@ -298,6 +298,14 @@ def test_a_studys_seeds_give_different_initial_weights(tmp_path):
     assert "seed=2" not in train_command(run)  # a config that pins its init keeps it
 
 
+def _planned(root, text: str):
+    """(study spec, plan) of the study file ``text`` written under ``root`` (every recipe taken as present)."""
+    p = root / "s.yaml"
+    p.write_text(text)
+    spec = load_study(p)
+    return spec, plan_study(spec, root, exists=lambda name: True)
+
+
 def _seeds_per_config(plan, root) -> dict[str, list[int]]:
     per: dict[str, list[int]] = {}
     for r in plan.runs(root):
@@ -309,13 +317,11 @@ def test_an_arm_can_run_more_seeds_than_the_study(tmp_path):
     """A claim that needs the power gets more seeds in its arm only; --seeds and the compact form set every arm's."""
     from audiomoe.analysis.ablate import load_plan, save_plan
 
-    p = tmp_path / "s.yaml"
-    p.write_text(
+    spec, plan = _planned(
+        tmp_path,
         "study: s\nseeds: 2\narms:\n  a: {target: tiny-cls, variants: {x: [], y: []}}\n"
-        "  b: {target: tiny-cls, seeds: 5, variants: {z: [], w: []}}\n"
+        "  b: {target: tiny-cls, seeds: 5, variants: {z: [], w: []}}\n",
     )
-    spec = load_study(p)
-    plan = plan_study(spec, tmp_path, exists=lambda name: True)
     runs = plan.runs(tmp_path)
     assert _seeds_per_config(plan, tmp_path) == {"x": [0, 1], "y": [0, 1], "z": [0, 1, 2, 3, 4], "w": [0, 1, 2, 3, 4]}
     assert plan.seeds_text() == "2-5 seeds (a 2, b 5)"
@@ -330,13 +336,12 @@ def test_a_variant_can_run_fewer_seeds_than_its_arm(tmp_path):
     """A config no claim's power rests on (a control's crippled arm) runs fewer seeds; the pairs use the common seeds."""
     from audiomoe.analysis.ablate import load_plan, save_plan
 
-    p = tmp_path / "s.yaml"
-    p.write_text(
+    spec, plan = _planned(
+        tmp_path,
         "study: s\nseeds: 2\narms:\n  a: {target: tiny-cls, seeds: 6, variants: {x: [], y: {set: [], seeds: 3}}}\n"
-        "  b: {target: tiny-cls, variants: {z: []}}\n"
+        "  b: {target: tiny-cls, variants: {z: []}}\n",
     )
-    spec = load_study(p)
-    plan = plan_study(spec, tmp_path, exists=lambda name: True)
+    p = tmp_path / "s.yaml"
     assert _seeds_per_config(plan, tmp_path) == {"x": [0, 1, 2, 3, 4, 5], "y": [0, 1, 2], "z": [0, 1]}
     assert plan.seeds_text() == "2-6 seeds (a 3-6, b 2)"
     save_plan(plan, tmp_path, {})
