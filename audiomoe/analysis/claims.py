@@ -167,6 +167,14 @@ def _cheaper(
     return verdict, plain, measured, parts
 
 
+def _open_mde(records: Sequence[dict[str, Any]]) -> Optional[float]:
+    """The largest MDE among the non-inferiority comparisons not shown either way (None: none has one)."""
+    mdes = [
+        r["minimum_detectable_effect"] for r in records if r["state"] == "not shown" and r["minimum_detectable_effect"]
+    ]
+    return max(mdes) if mdes else None
+
+
 def _noninferior(
     claim: Any, rows: Sequence[Mapping[str, Any]], verdict: str, plain: str
 ) -> tuple[str, str, list[str], list[dict[str, Any]]]:
@@ -194,10 +202,8 @@ def _noninferior(
             parts,
             records,
         )
-    mdes = [
-        r["minimum_detectable_effect"] for r in records if r["state"] == "not shown" and r["minimum_detectable_effect"]
-    ]
-    mde = f"; these seeds detect a difference of {max(mdes):.3f} or more there (power 0.8)" if mdes else ""
+    power = _open_mde(records)
+    mde = f"; these seeds detect a difference of {power:.3f} or more there (power 0.8)" if power else ""
     return (
         "not resolved",
         f"Not resolved at this scale: {claim.candidate} is better on {claim.metric or 'the key metric'}, but "
@@ -267,10 +273,8 @@ def evaluate_claim(
         comparisons=records,
         tests={ref: t.as_dict() for ref, t in tests.items()},
     )
-    open_ni = [r for r in out.get("noninferiority", []) if r["state"] == "not shown"]
-    if primary == "holds" and verdict == "not resolved" and open_ni:  # only the non-inferiority test keeps it open
-        mdes = [r["minimum_detectable_effect"] for r in open_ni if r["minimum_detectable_effect"] is not None]
-        out["minimum_detectable_effect"] = max(mdes) if mdes else None
+    if primary == "holds" and verdict == "not resolved" and out.get("noninferiority"):  # open only by that test
+        out["minimum_detectable_effect"] = _open_mde(out["noninferiority"])
     if role == "control":
         out["resolved"] = verdict == "holds"
     return out

@@ -82,7 +82,7 @@ def predict_items(
     sr = int(model.encoder.sample_rate)
     refuse_long_clips(model, item_clips(items), max_seconds, command)
     ds = ItemDataset(list(items), sr, max_clip_seconds=max_seconds, crop_tasks=clip_level_tasks(model))
-    # batches of like length (less padding: about a third faster on the corpus), results in (task, item) order
+    # batches of like length (less padding: 6.3 -> 6.0 s on the corpus's split), results in (task, item) order
     order = sorted(range(len(items)), key=lambda i: (items[i].task, items[i].duration or 0.0, i))
     found: dict[str, list[tuple[int, tuple[Any, Any, Any]]]] = {}
     was_training, had_grad = model.training, torch.is_grad_enabled()
