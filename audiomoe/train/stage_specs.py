@@ -97,3 +97,8 @@ class FoundationSpec(Strict):
         description="model overrides making the dense variant (None: as wide as the specialists that start "
         "from it, else one per domain, else the whole MoE width; see stages.py)",
     )
+    reuse: bool = Field(
+        True,
+        description="copy a foundation trained from the same recipe, spec, data, code and device from "
+        "$AUDIOMOE_CACHE/foundations instead of training it again (see foundation_cache.py)",
+    )

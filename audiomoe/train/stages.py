@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from audiomoe.core.errors import AudioMoEError
+from audiomoe.train import foundation_cache
 from audiomoe.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -291,9 +292,17 @@ def run_specialists(
 
 
 def run_foundation(
-    recipe: Recipe, index: int, root: Optional[Path], spec: dict[str, Any], run_one: Callable[[Recipe, Path, bool], Any]
+    recipe: Recipe,
+    index: int,
+    root: Optional[Path],
+    spec: dict[str, Any],
+    run_one: Callable[[Recipe, Path, bool], Any],
+    device: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Train (or resume, or skip when finished) the dense model of foundation stage ``index``."""
+    """Train (or resume, or skip when finished, or copy from the cache) the dense model of foundation stage ``index``.
+
+    ``device``: where it trains, single-process; ``None`` never reuses a stored foundation (foundation_cache.py).
+    """
     st = recipe.stages[index]
     if root is None:
         raise AudioMoEError(f"stages.{index} ({st.name}) trains a foundation into a run directory: give --out DIR")
@@ -305,7 +314,15 @@ def run_foundation(
             return {"skipped": "finished", **{k: done.get(k) for k in ("final_loss", "eval_after")}}
     if _trained_unscored(d, st.steps):
         return {"skipped": "finished (stopped before its final score)"}
-    res = run_one(foundation_recipe(recipe, index, spec), d, d.is_dir() and holds_run(d))
+    sub = foundation_recipe(recipe, index, spec)
+    assert st.foundation is not None
+    key = foundation_cache.reuse_key(sub, spec, device) if st.foundation.reuse and device is not None else None
+    done = foundation_cache.restore(key, d) if key else None
+    if done is not None:
+        return {"dir": str(d), "reused": done["reused"], **{k: done.get(k) for k in ("final_loss", "eval_after")}}
+    res = run_one(sub, d, d.is_dir() and holds_run(d))
+    if key:
+        foundation_cache.store(key, d)
     return {"dir": str(d), **{k: res.get(k) for k in ("final_loss", "eval_after", "seconds")}}
 
 

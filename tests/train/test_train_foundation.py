@@ -3,9 +3,11 @@ it, the naive baseline upcycled from the same foundation, and domain imbalance a
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +181,33 @@ def test_a_foundation_killed_after_its_last_checkpoint_before_its_score_resumes(
     after = load_file(str(found / "step-000003/model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)  # not retrained
     assert not (found / "step-000006").exists()
+
+
+def test_a_foundation_is_trained_once_and_copied_into_a_run_that_would_train_it_alike(tmp_path, monkeypatch):
+    """A curriculum and its naive baseline at one seed train the same foundation: the second copies the first's.
+    The copy must give the very run that training it again gives; another seed, or ``reuse: false``, trains."""
+    monkeypatch.setenv("AUDIOMOE_CACHE", str(tmp_path / "cache"))
+
+    def run(out: str, seed: int = 0, joint_steps: int = 2, reuse: bool = True):
+        stages = [
+            {"name": "foundation", "steps": 3, "foundation": {"reuse": reuse}},
+            {"name": "joint", "steps": joint_steps, "init": {"upcycle": "stage:foundation"}},
+        ]
+        recipe = _mini(stages, eval_batches=0, seed=seed).model_copy(update={"name": out})
+        res = run_recipe(recipe, RunOptions(out_dir=str(tmp_path / out), **QUIET))
+        return res["stages"][0]["foundation"], load_file(str(Path(res["checkpoint"]) / "model.safetensors"))
+
+    stored = tmp_path / "cache" / "foundations"
+    first, _ = run("curriculum")
+    assert "reused" not in first and len(list(stored.iterdir())) == 1
+    # another recipe name and a longer joint stage: only what comes after the foundation differs
+    again, weights = run("naive", joint_steps=3)
+    assert again["reused"] == str(next(stored.iterdir())) and again["final_loss"] == first["final_loss"]
+    copied = tmp_path / "naive/foundation/foundation"
+    assert json.loads((copied / "summary.json").read_text())["checkpoint"] == str(copied / "step-000003")
+    assert not list(copied.glob(".lock"))
+    trained, want = run("naive-trained", joint_steps=3, reuse=False)
+    assert "reused" not in trained and len(list(stored.iterdir())) == 1
+    assert set(weights) == set(want) and all(torch.equal(weights[k], want[k]) for k in want)
+    other, _ = run("seed1", seed=1)
+    assert "reused" not in other and len(list(stored.iterdir())) == 2
