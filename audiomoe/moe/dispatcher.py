@@ -41,13 +41,12 @@ import os
 from typing import Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from audiomoe.core.errors import AudioMoEError
 from audiomoe.moe.backends import resolve_backend
 from audiomoe.moe.fused import FusedSwiGLUMoE
-from audiomoe.moe.grouped import GroupedSwiGLU
+from audiomoe.moe.grouped import GroupedSwiGLU, grouped_mm_usable
 
 log = logging.getLogger("audiomoe.experts")
 PLANS = ("fused", "grouped_mm", "xformers", "gathered", "dense", "picked", "loop")
@@ -67,14 +66,6 @@ def sorted_pairs(mask: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, tor
     """
     exp, tok = mask[:, :num_routed].t().nonzero(as_tuple=True)
     return exp, tok, torch.bincount(exp, minlength=num_routed)
-
-
-def grouped_mm_usable(d_model: int, d_ff: int, dtype: torch.dtype) -> bool:
-    """Whether ``F.grouped_mm`` exists and the shapes meet its 16-byte stride rule."""
-    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    size = torch.empty((), dtype=dtype).element_size()
-    return (d_model * size) % 16 == 0 and (d_ff * size) % 16 == 0
 
 
 def plan_key(device: torch.device, dtype: torch.dtype, experts: nn.Module) -> str:
