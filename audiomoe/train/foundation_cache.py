@@ -27,8 +27,8 @@ _DETERMINISTIC_DATA = ("auto", "builtin", "tones")
 
 
 @functools.lru_cache(maxsize=1)
-def _source_digest() -> str:
-    """Digest of this package's Python and YAML files (a foundation trained by other code is another foundation)."""
+def source_digest() -> str:
+    """Digest of this package's Python and YAML files: a result cached by other code is another result."""
     import audiomoe
 
     root = Path(audiomoe.__file__).parent
@@ -49,7 +49,7 @@ def reuse_key(sub: Any, spec: dict[str, Any], device: str) -> Optional[str]:
         return None
     raw = sub.model_dump(mode="json", exclude={"name", "summary"})
     raw["stages"] = [{k: v for k, v in st.items() if k != "name"} for st in raw["stages"]]
-    what = {"recipe": raw, "spec": spec, "corpus": VERSION, "code": _source_digest()}
+    what = {"recipe": raw, "spec": spec, "corpus": VERSION, "code": source_digest()}
     what.update(torch=torch.__version__, device=device)
     return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
 

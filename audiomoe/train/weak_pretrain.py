@@ -35,8 +35,8 @@ pretraining), and only the routers, projections, adapter and heads train afterwa
 Runs that differ only after the pretraining (a study's MoWE variants at one seed: another router,
 another fusion) would pretrain the same encoders again; with ``reuse`` (the default) the result is
 stored in the cache directory under a digest of everything it depends on (the encoder's initial
-weights, its tasks, these settings, the seed, the data choice and the corpus version) and loaded
-by the next run that asks for the same: any difference in those gives another digest.
+weights, its tasks, these settings, the seed, the data choice, the corpus version and this package's
+source) and loaded by the next run that asks for the same: any difference in those gives another digest.
 """
 
 from __future__ import annotations
@@ -256,6 +256,7 @@ def _reuse_key(enc: Any, tasks: list[str], spec: WeakSpecialistsSpec, recipe: An
     import torch
 
     from audiomoe.data.corpus.make import VERSION
+    from audiomoe.train import foundation_cache
 
     h = hashlib.blake2b(digest_size=20)
     for name, t in sorted(enc.state_dict().items()):
@@ -270,6 +271,7 @@ def _reuse_key(enc: Any, tasks: list[str], spec: WeakSpecialistsSpec, recipe: An
                 "batch": recipe.batch_size,
                 "data": recipe.data,
                 "corpus": VERSION,
+                "code": foundation_cache.source_digest(),  # other pretraining code: another pretraining
             },
             sort_keys=True,
             default=str,

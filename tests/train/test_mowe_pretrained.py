@@ -156,6 +156,10 @@ def test_a_pretraining_is_reused_only_for_the_same_initial_weights_tasks_and_set
     longer, _ = run(0, WeakSpecialistsSpec(steps=4, warmup=1, encoders={1: ["pitch"]}))
     off, _ = run(0, WeakSpecialistsSpec(steps=3, warmup=1, encoders={1: ["pitch"]}, reuse=False))
     assert "reused" not in other_init and "reused" not in longer and "reused" not in off
+    # other code (an edited pretraining loop) trains anew: the key covers the package's source
+    monkeypatch.setattr("audiomoe.train.foundation_cache.source_digest", lambda: "edited")
+    edited, _ = run(0)
+    assert "reused" not in edited
 
 
 def test_the_base_key_pretrains_a_plain_encoder_and_the_mixture_base_as_one_cached_run(tmp_path, monkeypatch):
