@@ -128,7 +128,7 @@ def _generate(m: torch.nn.Module, ids: torch.Tensor, new: int, gen_mode: bool = 
     mask = torch.ones_like(ids)
     kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, use_cache=True)
     if past is not None:  # generate extends the cache in place: each call its own copy (the same cost for every model)
-        kwargs["past_key_values"] = copy.deepcopy(past)
+        kwargs["cache"] = copy.deepcopy(past)
     if gen_mode:
         with generation_mode():
             return m.generate(ids, **kwargs)
