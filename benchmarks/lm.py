@@ -121,7 +121,7 @@ def train_point(s: LMShape, bt: tuple[int, int], reps: int, guard: bool) -> dict
 def _prefix_cache(m: torch.nn.Module, ids: torch.Tensor):
     """The KV cache of ``ids`` but its last token (``generate`` then runs that token and the new ones only)."""
     with torch.no_grad():
-        return m(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), use_cache=True).past_key_values
+        return m(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), use_cache=True).cache
 
 
 def _generate(m: torch.nn.Module, ids: torch.Tensor, new: int, gen_mode: bool = False, past=None):
@@ -264,7 +264,7 @@ def step_ops(s: LMShape, batch: int, prompt: int = 64, steps: int = 5) -> dict[s
     for name, m in build_lms(s, impls=("eager", "batched_mm", "grouped_mm")).items():
         with torch.no_grad():
             first = m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-            cache, nxt = first.past_key_values, first.logits[:, -1:].argmax(-1)
+            cache, nxt = first.cache, first.logits[:, -1:].argmax(-1)
 
             step = _cached_step(m, nxt, cache, mask, pos)
             step()
