@@ -14,8 +14,9 @@ Cases (full run; hidden 512, 4 layers, 8 heads / 2 KV heads, vocabulary 4096):
      (loss and every gradient checked equal first);
   2. greedy decoding (``generate(do_sample=False)``, prompt 256, 128 new tokens, batch 1 and 4) at hidden
      256, 4 layers, 8 experts x 512, each call from a copy of the prompt's KV cache (all but its last token,
-     built once, untimed): ms per token ``(t(128 new) - t(1 new)) / 127``, generated ids checked equal; ``audiomoe+gen`` is audiomoe's model inside
-     ``audiomoe.core.decoding.generation_mode()`` (what audiomoe's own heads enter);
+     built once, untimed): ms per token ``(t(128 new) - t(1 new)) / 127``, generated ids checked equal;
+     ``audiomoe+gen`` is audiomoe's model inside ``audiomoe.core.decoding.generation_mode()`` (what
+     audiomoe's own heads enter);
   3. prefill: one forward of the 256-token prompt with a KV cache, batch 1 and 4 (the decoding model);
   4. one MoE layer call (no grad) at 1 token (decoding model) and at 1 and 4096 tokens (8 x 512 at hidden
      512): audiomoe's ``MoELayer`` vs ``MixtralSparseMoeBlock`` / ``Qwen2MoeSparseMoeBlock``.

@@ -17,10 +17,10 @@ import functools
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from audiomoe.data.atomic import build_once
 from audiomoe.train.rundir import LOCK_FILE
 
 _DETERMINISTIC_DATA = ("auto", "builtin", "tones")
@@ -66,34 +66,31 @@ def restore(key: str, d: Path) -> Optional[dict[str, Any]]:
     src = cache_dir() / key
     if not (src / "summary.json").is_file() or d.exists():
         return None
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}."))
-    try:  # copied beside it, then renamed: a crash leaves no half foundation that would look finished
+
+    def copy(tmp: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         summary = json.loads((tmp / "summary.json").read_text(encoding="utf-8"))
         if summary.get("checkpoint"):  # the stored run's absolute path: point it at this copy
             summary["checkpoint"] = str(d / Path(summary["checkpoint"]).name)
         summary["reused"] = str(src)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        tmp.rename(d)
+
+    try:  # built beside it, then renamed: a crash leaves no half foundation that would look finished
+        build_once(d, "summary.json", copy)
+        return json.loads((d / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # damaged or vanished entry: train
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return summary
 
 
 def store(key: str, d: Path) -> None:
     """Keep the finished foundation run ``d`` under ``key`` (atomically; a concurrent store of the same wins)."""
-    final = cache_dir() / key
-    if final.exists() or not (d / "summary.json").is_file():
+    if not (d / "summary.json").is_file():
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}."))
     try:
-        shutil.copytree(d, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_FILE))
-        tmp.rename(final)
-    except OSError:  # another run stored the same meanwhile, or the disk is full: training already succeeded
+        build_once(
+            cache_dir() / key,
+            "summary.json",
+            lambda tmp: shutil.copytree(d, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_FILE)),
+        )
+    except OSError:  # the disk is full, say: training already succeeded, only the copy is lost
         pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

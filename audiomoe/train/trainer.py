@@ -282,11 +282,10 @@ def _side_run(ctx: RunContext, idx: int) -> dict[str, Any]:
         )
         return run_recipe(sub, o)
 
-    kind = "foundation" if st.foundation else "specialists"
     if st.foundation is None:
-        return {"name": st.name, kind: run_specialists(ctx.recipe, idx, ctx.root, ctx.model.spec, one)}
+        return {"name": st.name, "specialists": run_specialists(ctx.recipe, idx, ctx.root, ctx.model.spec, one)}
     device = str(ctx.dist.device) if ctx.dist.world == 1 else None  # a stored foundation is one process's
-    return {"name": st.name, kind: run_foundation(ctx.recipe, idx, ctx.root, ctx.model.spec, one, device)}
+    return {"name": st.name, "foundation": run_foundation(ctx.recipe, idx, ctx.root, ctx.model.spec, one, device)}
 
 
 def _finish(ctx: RunContext, run: Optional[RunDir], summary: dict[str, Any], t0: float) -> dict[str, Any]:

@@ -302,24 +302,18 @@ def _load_reused(enc: Any, key: str) -> Optional[dict[str, Any]]:
 
 def _store_reused(enc: Any, key: str, report: dict[str, Any]) -> None:
     import json
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
-    final = _reuse_dir() / key
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{key}.")
-    try:  # a whole directory renamed into place: a reader sees all of it or nothing
+    from audiomoe.data.atomic import build_once
+
+    def write(tmp: Any) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}, f"{tmp}/encoder.safetensors")
         with open(f"{tmp}/report.json", "w", encoding="utf-8") as fh:
             json.dump(report, fh)
-        try:
-            (final.parent / tmp).rename(final)
-        except OSError:  # another run stored the same meanwhile: theirs is as good
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # a whole directory renamed into place: a reader sees all of it or nothing; a concurrent store of the same wins
+    build_once(_reuse_dir() / key, "report.json", write)
 
 
 def pretrain_weak(
